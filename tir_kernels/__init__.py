@@ -1,0 +1,80 @@
+"""TIR kernel factories for the paged KV cache: ``(config, target) -> PrimFunc``.
+
+Every public factory here picks the variant scheduled for the target's kind (LLVM CPU
+today; CUDA variants plug in through :func:`_variants_for`). Kernels know nothing of models.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tvm
+from tvm.target import Target
+
+from . import cache_ops, paged_attention
+from .config import SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout
+
+__all__ = [
+    "AttentionConfig",
+    "CacheLayout",
+    "SUPPORTED_CACHE_DTYPES",
+    "append_kv",
+    "copy_blocks",
+    "lookup_kv",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "target_kind",
+]
+
+_CPU_VARIANTS: dict[str, Callable] = {
+    "append_kv": cache_ops.append_kv,
+    "lookup_kv": cache_ops.lookup_kv,
+    "copy_blocks": cache_ops.copy_blocks,
+    "paged_decode_attention": paged_attention.paged_decode_attention,
+    "paged_prefill_attention": paged_attention.paged_prefill_attention,
+}
+
+
+def target_kind(target: Target | str | dict | None) -> str:
+    """Kind name of ``target`` (``"llvm"`` when None: the CPU is the default target)."""
+    if target is None:
+        return "llvm"
+    if not isinstance(target, Target):
+        target = Target(target)
+    return target.kind.name
+
+
+def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
+    kind = target_kind(target)
+    if kind in ("llvm", "c"):
+        return _CPU_VARIANTS
+    raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm'")
+
+
+def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
+    return _variants_for(target)[name](config)
+
+
+def append_kv(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
+    """In-place scatter of new K/V tokens into one layer's pool (see ``cache_ops.append_kv``)."""
+    return _make("append_kv", layout, target)
+
+
+def lookup_kv(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
+    """Gather sequences' K/V into contiguous tensors (see ``cache_ops.lookup_kv``)."""
+    return _make("lookup_kv", layout, target)
+
+
+def copy_blocks(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
+    """In-place copy of whole pool blocks, for copy-on-write (see ``cache_ops.copy_blocks``)."""
+    return _make("copy_blocks", layout, target)
+
+
+def paged_decode_attention(config: AttentionConfig, target=None) -> tvm.tirx.PrimFunc:
+    """Attention of uniform queries ``[batch, q_len, Hq, D]`` over the paged pool."""
+    return _make("paged_decode_attention", config, target)
+
+
+def paged_prefill_attention(config: AttentionConfig, target=None) -> tvm.tirx.PrimFunc:
+    """Attention of ragged queries ``[total_q, Hq, D]`` (with ``q_indptr``) over the paged pool."""
+    return _make("paged_prefill_attention", config, target)

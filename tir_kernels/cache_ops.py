@@ -1,0 +1,109 @@
+"""Paged-pool data movement kernels for LLVM CPU targets: append (scatter), lookup (gather), block copy.
+
+All three work on one layer's pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``
+and keep every batch/token/block dimension symbolic.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+
+from .config import CacheLayout
+
+
+def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
+    """Scatter new K/V rows into the pool **in place**: ``(cache, keys, values, slot_mapping)``.
+
+    ``keys``/``values`` are ``[num_tokens, num_kv_heads, head_dim]``; token ``t`` goes to slot
+    ``slot_mapping[t] = block * block_size + offset``; slot ``-1`` skips the token.
+    """
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+
+    @T.prim_func
+    def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_append_kv"})
+        NB = T.int64()
+        NT = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        keys = T.match_buffer(k_h, (NT, H, D), dtype)
+        values = T.match_buffer(v_h, (NT, H, D), dtype)
+        slot_mapping = T.match_buffer(slot_h, (NT,), "int32")
+        for t in T.parallel(NT):
+            if slot_mapping[t] >= 0:
+                blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
+                off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
+                for h in range(H):
+                    for d in T.vectorized(D):
+                        cache[blk, 0, h, off, d] = keys[t, h, d]
+                    for d in T.vectorized(D):
+                        cache[blk, 1, h, off, d] = values[t, h, d]
+
+    return append
+
+
+def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
+    """Gather each sequence's K/V into contiguous tensors (destination-passing style).
+
+    ``(cache, block_table, seq_lens, out_keys, out_values)``; outputs are
+    ``[batch, max_blocks * block_size, num_kv_heads, head_dim]`` with zeros past ``seq_lens[b]``.
+    """
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+
+    @T.prim_func
+    def lookup(cache_h: T.handle, table_h: T.handle, lens_h: T.handle, ok_h: T.handle, ov_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_lookup_kv"})
+        NB = T.int64()
+        B = T.int64()
+        MB = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        block_table = T.match_buffer(table_h, (B, MB), "int32")
+        seq_lens = T.match_buffer(lens_h, (B,), "int32")
+        out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype)
+        out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype)
+        for task in T.parallel(B * MB):
+            b: T.int64 = task // MB
+            i: T.int64 = task % MB
+            for o in range(BS):
+                if i * BS + o < T.Cast("int64", seq_lens[b]):
+                    blk: T.int64 = T.Cast("int64", block_table[b, i])
+                    for h in range(H):
+                        for d in T.vectorized(D):
+                            out_k[b, i * BS + o, h, d] = cache[blk, 0, h, o, d]
+                        for d in T.vectorized(D):
+                            out_v[b, i * BS + o, h, d] = cache[blk, 1, h, o, d]
+                else:
+                    for h in range(H):
+                        for d in T.vectorized(D):
+                            out_k[b, i * BS + o, h, d] = T.Cast(dtype, T.float32(0))
+                        for d in T.vectorized(D):
+                            out_v[b, i * BS + o, h, d] = T.Cast(dtype, T.float32(0))
+
+    return lookup
+
+
+def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
+    """Copy whole blocks inside the pool **in place**: ``(cache, src, dst)``, ``cache[dst[i]] = cache[src[i]]``.
+
+    Used for copy-on-write of a shared, partially filled block. ``dst`` blocks must be distinct
+    and must not appear in ``src``.
+    """
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+
+    @T.prim_func
+    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
+        NB = T.int64()
+        N = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        src = T.match_buffer(src_h, (N,), "int32")
+        dst = T.match_buffer(dst_h, (N,), "int32")
+        for task in T.parallel(N * 2 * H):
+            i: T.int64 = task // (2 * H)
+            kv: T.int64 = task // H % 2
+            h: T.int64 = task % H
+            for o in range(BS):
+                for d in T.vectorized(D):
+                    cache[T.Cast("int64", dst[i]), kv, h, o, d] = cache[T.Cast("int64", src[i]), kv, h, o, d]
+
+    return copy

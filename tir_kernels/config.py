@@ -1,0 +1,75 @@
+"""Kernel configurations: the static facts a TIR kernel factory specialises on.
+
+Kernels know nothing of models: a factory takes one of these small frozen records (and a
+target) and returns a PrimFunc whose batch/token/block dimensions stay symbolic, so one
+build serves every step of every sequence mix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: Cache dtypes the kernels accept (the storage dtype of the paged pool).
+SUPPORTED_CACHE_DTYPES = ("float16", "float32")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shape facts of one layer's paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``.
+
+    ``num_blocks`` is not part of the layout: it stays symbolic in every kernel.
+    """
+
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        _check_positive("num_kv_heads", self.num_kv_heads)
+        _check_positive("head_dim", self.head_dim)
+        _check_positive("block_size", self.block_size)
+        if self.dtype not in SUPPORTED_CACHE_DTYPES:
+            raise ValueError(
+                f"cache dtype {self.dtype!r} is not supported; choose one of {SUPPORTED_CACHE_DTYPES}"
+            )
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Static facts of one paged-attention kernel: cache layout, query heads and masking."""
+
+    layout: CacheLayout
+    num_qo_heads: int
+    scale: float
+    causal: bool = True
+    sliding_window: int = 0
+    sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("num_qo_heads", self.num_qo_heads)
+        if self.num_qo_heads % self.layout.num_kv_heads:
+            raise ValueError(
+                f"num_qo_heads ({self.num_qo_heads}) must be a multiple of "
+                f"num_kv_heads ({self.layout.num_kv_heads})"
+            )
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {self.scale!r}")
+        if self.sliding_window < 0 or self.sink_tokens < 0:
+            raise ValueError(
+                f"sliding_window ({self.sliding_window}) and sink_tokens ({self.sink_tokens}) "
+                "must be >= 0"
+            )
+        if self.sink_tokens and not self.sliding_window:
+            raise ValueError("sink_tokens only make sense with a sliding_window > 0")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one KV head (1 = MHA, num_qo_heads = MQA)."""
+        return self.num_qo_heads // self.layout.num_kv_heads
