@@ -1,0 +1,71 @@
+"""Argument checks shared by the ``llm`` operators' type inference.
+
+Every failure raises :class:`LLMOpError` naming the operator and the argument, at
+IR-construction time (BlockBuilder normalisation runs type inference).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tvm import relax, tirx
+
+
+class LLMOpError(ValueError):
+    """Bad arguments to an ``llm.*`` operator (wrong rank, shape, dtype or attribute)."""
+
+
+def tensor_type(op: str, arg_name: str, expr: relax.Expr, ndim: int | Sequence[int]) -> relax.TensorType:
+    """The TensorType of ``expr``, checked to be a tensor of known shape and the given rank(s)."""
+    ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType):
+        raise LLMOpError(f"{op}: argument '{arg_name}' must be a tensor, got {ty}")
+    if ty.ndim not in ranks or ty.shape is None:
+        want = " or ".join(str(r) for r in ranks)
+        got = "unknown rank" if ty.ndim < 0 else f"rank {ty.ndim}"
+        raise LLMOpError(f"{op}: argument '{arg_name}' must have rank {want} with a known shape, got {got}")
+    return ty
+
+
+def shape_of(ty: relax.TensorType) -> list:
+    """The shape of a TensorType as a list of PrimExprs."""
+    return list(ty.shape.values)
+
+
+def static_int(expr) -> int | None:
+    """The value of a constant dimension, or None when it is symbolic."""
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def require_dtype(op: str, arg_name: str, ty: relax.TensorType, dtypes: Sequence[str]) -> None:
+    """Fail unless ``ty.dtype`` is one of ``dtypes``."""
+    if ty.dtype not in dtypes:
+        raise LLMOpError(f"{op}: argument '{arg_name}' must have dtype {' or '.join(dtypes)}, got {ty.dtype}")
+
+
+def require_same_dim(op: str, what: str, a, a_desc: str, b, b_desc: str) -> None:
+    """Fail when two dimensions are provably different (two distinct constants)."""
+    va, vb = static_int(a), static_int(b)
+    if va is not None and vb is not None and va != vb:
+        raise LLMOpError(f"{op}: {what} mismatch: {a_desc} is {va} but {b_desc} is {vb}")
+
+
+def require_static(op: str, arg_name: str, dim, what: str) -> int:
+    """The constant value of a dimension that kernels specialise on (heads, head_dim, block size)."""
+    value = static_int(dim)
+    if value is None:
+        raise LLMOpError(f"{op}: {what} of '{arg_name}' must be a constant, got symbolic {dim}")
+    return value
+
+
+def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
+    """Check a paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
+    ty = tensor_type(op, "kv_cache", expr, 5)
+    two = static_int(shape_of(ty)[1])
+    if two is not None and two != 2:
+        raise LLMOpError(
+            f"{op}: argument 'kv_cache' must be [num_blocks, 2, num_kv_heads, block_size, head_dim] "
+            f"(dim 1 = K/V), got dim 1 = {two}"
+        )
+    return ty

@@ -1,0 +1,53 @@
+"""``llm.append_kv``: write new K/V tokens into a layer's paged pool, in place."""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from .. import tir_kernels
+from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, tensor_type
+from ._legalize import add_kernel, cache_layout, current_target, layout_tag
+from ._registry import get_op, register_op
+
+_OP = "llm.append_kv"
+
+
+def append_kv(kv_cache: relax.Expr, keys: relax.Expr, values: relax.Expr, slot_mapping: relax.Expr) -> relax.Call:
+    """Build ``llm.append_kv(kv_cache, keys, values, slot_mapping) -> kv_cache``.
+
+    ``kv_cache`` ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` is updated in place
+    (the result aliases it); ``keys``/``values`` are ``[num_tokens, num_kv_heads, head_dim]``;
+    ``slot_mapping`` int32 ``[num_tokens]`` holds ``block * block_size + offset`` or ``-1`` (skip).
+    """
+    return relax.Call(get_op("append_kv"), [kv_cache, keys, values, slot_mapping])
+
+
+def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
+    if len(call.args) != 4:
+        raise LLMOpError(f"{_OP}: expects 4 arguments (kv_cache, keys, values, slot_mapping), got {len(call.args)}")
+    cache_expr, keys_expr, values_expr, slots_expr = call.args
+    cache = cache_type(_OP, cache_expr)
+    _, _, heads, _, dim = shape_of(cache)
+    for name, expr in (("keys", keys_expr), ("values", values_expr)):
+        ty = tensor_type(_OP, name, expr, 3)
+        tokens, kv_heads, head_dim = shape_of(ty)
+        if ty.dtype != cache.dtype:
+            raise LLMOpError(f"{_OP}: dtype mismatch: '{name}' is {ty.dtype} but 'kv_cache' is {cache.dtype}")
+        require_same_dim(_OP, "num_kv_heads", kv_heads, f"'{name}' dim 1", heads, "'kv_cache' dim 2")
+        require_same_dim(_OP, "head_dim", head_dim, f"'{name}' dim 2", dim, "'kv_cache' dim 4")
+    keys, values = keys_expr.ty, values_expr.ty
+    require_same_dim(_OP, "num_tokens", shape_of(values)[0], "'values' dim 0", shape_of(keys)[0], "'keys' dim 0")
+    slots = tensor_type(_OP, "slot_mapping", slots_expr, 1)
+    require_dtype(_OP, "slot_mapping", slots, ["int32"])
+    require_same_dim(_OP, "num_tokens", shape_of(slots)[0], "'slot_mapping' dim 0", shape_of(keys)[0], "'keys' dim 0")
+    return relax.TensorType(cache.shape, cache.dtype)
+
+
+def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    layout = cache_layout(_OP, call.args[0].ty)
+    kernel = tir_kernels.append_kv(layout, current_target())
+    gv = add_kernel(bb, kernel, f"llmir_append_kv_{layout_tag(layout)}")
+    return relax.call_tir_inplace(gv, list(call.args), inplace_indices=[0], out_ty=call.args[0].ty)
+
+
+register_op("append_kv", _infer, _legalize, append_kv)

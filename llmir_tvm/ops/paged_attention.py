@@ -1,0 +1,126 @@
+"""``llm.paged_attention``: attention of new queries over a layer's paged KV pool."""
+
+from __future__ import annotations
+
+import math
+
+from tvm import relax
+
+from .. import tir_kernels
+from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, static_int, tensor_type
+from ._legalize import add_kernel, cache_layout, current_target, layout_tag
+from ._registry import get_op, register_op
+from .lookup_kv import _check_tables
+
+_OP = "llm.paged_attention"
+
+
+def paged_attention(
+    q: relax.Expr,
+    kv_cache: relax.Expr,
+    block_table: relax.Expr,
+    seq_lens: relax.Expr,
+    q_indptr: relax.Expr | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    sliding_window: int = 0,
+    sink_tokens: int = 0,
+) -> relax.Call:
+    """Build ``llm.paged_attention(q, kv_cache, block_table, seq_lens[, q_indptr]) -> out``.
+
+    ``q`` is uniform ``[batch, q_len, num_qo_heads, head_dim]`` (decode: ``q_len = 1``) or, with
+    ``q_indptr`` int32 ``[batch + 1]``, ragged ``[total_q, num_qo_heads, head_dim]``. The output
+    has ``q``'s shape and dtype. Query ``j`` of a sequence with ``q_len`` new tokens sits at
+    position ``seq_len - q_len + j``; ``causal`` limits it to KV positions ``<= pos``; a
+    ``sliding_window`` W with ``sink_tokens`` S limits it to ``(pos - W, pos]`` plus ``[0, S)``.
+    ``scale`` defaults to ``1 / sqrt(head_dim)``.
+    """
+    if scale is None:
+        q_ty = q.ty
+        if not isinstance(q_ty, relax.TensorType) or q_ty.shape is None or static_int(q_ty.shape[-1]) is None:
+            raise LLMOpError(f"{_OP}: head_dim of 'q' is unknown here; pass scale= explicitly")
+        scale = 1.0 / math.sqrt(static_int(q_ty.shape[-1]))
+    attrs = {
+        "scale": float(scale),
+        "causal": bool(causal),
+        "sliding_window": int(sliding_window),
+        "sink_tokens": int(sink_tokens),
+    }
+    args = [q, kv_cache, block_table, seq_lens] + ([] if q_indptr is None else [q_indptr])
+    return relax.Call(get_op("paged_attention"), args, attrs=attrs)
+
+
+def _script_builder(q, kv_cache, block_table, seq_lens, q_indptr=None, **attrs):
+    """TVMScript entry ``R.llm.paged_attention(...)``: attributes are taken as printed."""
+    return paged_attention(q, kv_cache, block_table, seq_lens, q_indptr, **attrs)
+
+
+def _attrs(call: relax.Call) -> dict:
+    if call.attrs is None:
+        raise LLMOpError(f"{_OP}: missing attributes scale, causal, sliding_window, sink_tokens")
+    names = ("scale", "causal", "sliding_window", "sink_tokens")
+    missing = [n for n in names if n not in call.attrs.keys()]
+    if missing:
+        raise LLMOpError(f"{_OP}: missing attribute(s) {', '.join(missing)}")
+    attrs = {n: call.attrs[n] for n in names}
+    scale = attrs["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise LLMOpError(f"{_OP}: attribute 'scale' must be a positive finite number, got {scale!r}")
+    for name in ("sliding_window", "sink_tokens"):
+        value = attrs[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LLMOpError(f"{_OP}: attribute '{name}' must be an int >= 0, got {value!r}")
+    if attrs["sink_tokens"] and not attrs["sliding_window"]:
+        raise LLMOpError(f"{_OP}: attribute 'sink_tokens' ({attrs['sink_tokens']}) needs a sliding_window > 0")
+    if not isinstance(attrs["causal"], bool):
+        raise LLMOpError(f"{_OP}: attribute 'causal' must be a bool, got {attrs['causal']!r}")
+    return attrs
+
+
+def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
+    if len(call.args) not in (4, 5):
+        raise LLMOpError(
+            f"{_OP}: expects 4 or 5 arguments (q, kv_cache, block_table, seq_lens[, q_indptr]), got {len(call.args)}"
+        )
+    _attrs(call)
+    ragged = len(call.args) == 5
+    q = tensor_type(_OP, "q", call.args[0], 3 if ragged else 4)
+    cache = cache_type(_OP, call.args[1])
+    table, lens = _check_tables(_OP, call.args[2], call.args[3])
+    if q.dtype != cache.dtype:
+        raise LLMOpError(f"{_OP}: dtype mismatch: 'q' is {q.dtype} but 'kv_cache' is {cache.dtype}")
+    q_shape, (_, _, kv_heads, _, head_dim) = shape_of(q), shape_of(cache)
+    require_same_dim(_OP, "head_dim", q_shape[-1], "'q' last dim", head_dim, "'kv_cache' dim 4")
+    hq, hkv = static_int(q_shape[-2]), static_int(kv_heads)
+    if hq is not None and hkv is not None and hq % hkv:
+        raise LLMOpError(
+            f"{_OP}: num_qo_heads of 'q' ({hq}) must be a multiple of num_kv_heads of 'kv_cache' ({hkv})"
+        )
+    if ragged:
+        indptr = tensor_type(_OP, "q_indptr", call.args[4], 1)
+        require_dtype(_OP, "q_indptr", indptr, ["int32"])
+        require_same_dim(
+            _OP, "batch", shape_of(indptr)[0], "'q_indptr' dim 0", shape_of(lens)[0] + 1, "'seq_lens' dim 0 + 1"
+        )
+    else:
+        require_same_dim(_OP, "batch", q_shape[0], "'q' dim 0", shape_of(table)[0], "'block_table' dim 0")
+    return relax.TensorType(q.shape, q.dtype)
+
+
+def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    attrs = _attrs(call)
+    layout = cache_layout(_OP, call.args[1].ty)
+    num_qo_heads = static_int(shape_of(call.args[0].ty)[-2])
+    if num_qo_heads is None:
+        raise LLMOpError(f"{_OP}: num_qo_heads of 'q' must be a constant to build a kernel")
+    config = tir_kernels.AttentionConfig(layout=layout, num_qo_heads=num_qo_heads, **attrs)
+    ragged = len(call.args) == 5
+    factory = tir_kernels.paged_prefill_attention if ragged else tir_kernels.paged_decode_attention
+    kernel = factory(config, current_target())
+    name = f"llmir_paged_{'prefill' if ragged else 'decode'}_q{num_qo_heads}_{layout_tag(layout)}"
+    gv = add_kernel(bb, kernel, name)
+    return relax.call_tir(gv, list(call.args), out_ty=call.ty)
+
+
+register_op("paged_attention", _infer, _legalize, _script_builder)
