@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import tvm_ffi
 from tvm import relax, tirx
 
 
+#: Pool dtypes the operators accept; which of them a target's kernels support is checked at legalization.
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@tvm_ffi.error.register_error
 class LLMOpError(ValueError):
-    """Bad arguments to an ``llm.*`` operator (wrong rank, shape, dtype or attribute)."""
+    """Bad arguments to an ``llm.*`` operator (wrong rank, shape, dtype or attribute).
+
+    Registered with tvm_ffi so that it keeps its type when raised inside type inference.
+    """
 
 
 def tensor_type(op: str, arg_name: str, expr: relax.Expr, ndim: int | Sequence[int]) -> relax.TensorType:
@@ -40,7 +49,7 @@ def static_int(expr) -> int | None:
 
 def require_dtype(op: str, arg_name: str, ty: relax.TensorType, dtypes: Sequence[str]) -> None:
     """Fail unless ``ty.dtype`` is one of ``dtypes``."""
-    if ty.dtype not in dtypes:
+    if str(ty.dtype) not in dtypes:
         raise LLMOpError(f"{op}: argument '{arg_name}' must have dtype {' or '.join(dtypes)}, got {ty.dtype}")
 
 
@@ -62,6 +71,7 @@ def require_static(op: str, arg_name: str, dim, what: str) -> int:
 def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
     """Check a paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
     ty = tensor_type(op, "kv_cache", expr, 5)
+    require_dtype(op, "kv_cache", ty, CACHE_DTYPES)
     two = static_int(shape_of(ty)[1])
     if two is not None and two != 2:
         raise LLMOpError(

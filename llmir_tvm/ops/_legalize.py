@@ -22,7 +22,7 @@ def cache_layout(op: str, cache_ty: relax.TensorType) -> tir_kernels.CacheLayout
             num_kv_heads=require_static(op, "kv_cache", heads, "num_kv_heads (dim 2)"),
             head_dim=require_static(op, "kv_cache", dim, "head_dim (dim 4)"),
             block_size=require_static(op, "kv_cache", block, "block_size (dim 3)"),
-            dtype=cache_ty.dtype,
+            dtype=str(cache_ty.dtype),
         )
     except ValueError as err:
         if isinstance(err, LLMOpError):
