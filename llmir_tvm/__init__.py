@@ -13,8 +13,15 @@ TVM's runtime is installed (no ``tvm.relax``):
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# TVM's CPU thread pool sizes itself from the cores it detects, which is 1 on some virtual
+# machines with 2 usable cores; it reads TVM_NUM_THREADS when the pool first starts (at the
+# first parallel kernel), so defaulting it here to the usable cores makes kernels use them.
+# A value set by the user wins.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 _SUBMODULES = ("ops", "tir_kernels", "passes", "runtime", "reference")
 

@@ -17,6 +17,7 @@ import tvm
 from tvm import relax, tirx
 
 from llmir_tvm import ops
+from llmir_tvm.target import resolve_target
 from llmir_tvm.reference import RandomPagedCache, attention_ref
 
 
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     vm = relax.VirtualMachine(
-        tvm.compile(build_step_module(hq, hkv, args.head_dim, args.page_size, args.dtype), target="llvm"), tvm.cpu()
+        tvm.compile(build_step_module(hq, hkv, args.head_dim, args.page_size, args.dtype), target=resolve_target("llvm")), tvm.cpu()
     )
-    print(f"built llm.append_kv + llm.paged_attention for llvm in {time.perf_counter() - t0:.1f} s")
+    print(f"built llm.append_kv + llm.paged_attention for the host CPU in {time.perf_counter() - t0:.1f} s")
 
     # Full sequences (prefix + new prefill tokens + one decode token) laid out at random in the pool.
     lens = rng.integers(args.prefill + 1, args.max_len, size=args.batch, endpoint=True)

@@ -15,7 +15,10 @@ import tvm
 import tvm.testing
 
 from llmir_tvm import tir_kernels
+from llmir_tvm.target import resolve_target
 from reference import RandomPagedCache, attention_ref
+
+HOST = resolve_target("llvm")  # host CPU (AVX-512 / F16C where present): what users get
 
 KV_LENS = [1, 15, 16, 17, 54, 97, 512, 2048]
 PAGE_SIZES = [1, 8, 16, 32]
@@ -28,7 +31,7 @@ GRID = list(itertools.product(PAGE_SIZES, HEAD_DIMS, HEADS, DTYPES))
 
 
 def _build(factory, cfg):
-    return tvm.tirx.build(factory(cfg, "llvm"), target="llvm")
+    return tvm.tirx.build(factory(cfg, HOST), target=HOST)
 
 
 def _config(heads, head_dim, page, dtype, causal=True, window=0, sinks=0):

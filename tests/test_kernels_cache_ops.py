@@ -7,11 +7,14 @@ import pytest
 import tvm
 
 from llmir_tvm import tir_kernels
-from reference import RandomPagedCache
+from llmir_tvm.target import resolve_target
+from reference import RandomPagedCache, attention_ref
+
+HOST = resolve_target("llvm")  # host CPU (AVX-512 / F16C where present): what users get
 
 
 def _build(factory, layout):
-    return tvm.tirx.build(factory(layout, "llvm"), target="llvm")
+    return tvm.tirx.build(factory(layout, HOST), target=HOST)
 
 
 @pytest.mark.parametrize("page", [1, 8, 16, 32])
@@ -93,3 +96,29 @@ def test_bad_attention_config():
         tir_kernels.AttentionConfig(layout, num_qo_heads=9, scale=0.125, sink_tokens=4)
     with pytest.raises(ValueError, match="no llmir kernels for target kind 'rocm'"):
         tir_kernels.append_kv(layout, {"kind": "rocm"})
+
+
+def _misaligned(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` that starts 4 bytes past a 64-byte boundary."""
+    raw = np.empty(array.nbytes + 128, np.uint8)
+    start = (64 - raw.ctypes.data % 64) % 64 + 4
+    view = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    view[...] = array
+    return view
+
+
+def test_host_kernels_accept_misaligned_arrays(rng):
+    # Host-tuned (AVX-512) code must not assume 64-byte aligned buffers: this used to segfault.
+    layout = tir_kernels.CacheLayout(2, 64, 16, "float32")
+    cache = RandomPagedCache(rng, [40, 17], 2, 64, 16, "float32")
+    pool = _misaligned(cache.pool)
+    keys, values = (_misaligned(rng.standard_normal((3, 2, 64)).astype("float32")) for _ in range(2))
+    block = int(cache.block_table[0, 2])  # holds positions 32..47 of sequence 0
+    slots = _misaligned(np.array([block * 16 + 8, -1, block * 16 + 9], "int32"))
+    _build(tir_kernels.append_kv, layout)(pool, keys, values, slots)
+    assert np.array_equal(pool[block, 0, :, 8], keys[0]) and np.array_equal(pool[block, 1, :, 9], values[2])
+    cfg = tir_kernels.AttentionConfig(layout, 8, 0.125)
+    q = _misaligned(rng.standard_normal((2, 1, 8, 64)).astype("float32"))
+    out = _misaligned(np.zeros((2, 1, 8, 64), "float32"))
+    _build(tir_kernels.paged_decode_attention, cfg)(q, _misaligned(cache.pool), cache.block_table, cache.seq_lens_array, out)
+    np.testing.assert_allclose(out[1], attention_ref(q[1], cache.keys[1], cache.values[1], scale=0.125), rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .config import CacheLayout
+from .config import CacheLayout, element_bytes
 
 
 def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
@@ -19,16 +19,17 @@ def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     ``slot_mapping[t] = block * block_size + offset``; slot ``-1`` skips the token.
     """
     H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
 
     @T.prim_func
     def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_append_kv"})
         NB = T.int64()
         NT = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        keys = T.match_buffer(k_h, (NT, H, D), dtype)
-        values = T.match_buffer(v_h, (NT, H, D), dtype)
-        slot_mapping = T.match_buffer(slot_h, (NT,), "int32")
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        keys = T.match_buffer(k_h, (NT, H, D), dtype, align=ALIGN)
+        values = T.match_buffer(v_h, (NT, H, D), dtype, align=ALIGN)
+        slot_mapping = T.match_buffer(slot_h, (NT,), "int32", align=4)
         for t in T.parallel(NT):
             if slot_mapping[t] >= 0:
                 blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
@@ -49,6 +50,7 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     ``[batch, max_blocks * block_size, num_kv_heads, head_dim]`` with zeros past ``seq_lens[b]``.
     """
     H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
 
     @T.prim_func
     def lookup(cache_h: T.handle, table_h: T.handle, lens_h: T.handle, ok_h: T.handle, ov_h: T.handle):
@@ -56,11 +58,11 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         NB = T.int64()
         B = T.int64()
         MB = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        block_table = T.match_buffer(table_h, (B, MB), "int32")
-        seq_lens = T.match_buffer(lens_h, (B,), "int32")
-        out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype)
-        out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype, align=ALIGN)
+        out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype, align=ALIGN)
         for task in T.parallel(B * MB):
             b: T.int64 = task // MB
             i: T.int64 = task % MB
@@ -89,15 +91,16 @@ def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     and must not appear in ``src``.
     """
     H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
 
     @T.prim_func
     def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
         NB = T.int64()
         N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        src = T.match_buffer(src_h, (N,), "int32")
-        dst = T.match_buffer(dst_h, (N,), "int32")
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        src = T.match_buffer(src_h, (N,), "int32", align=4)
+        dst = T.match_buffer(dst_h, (N,), "int32", align=4)
         for task in T.parallel(N * 2 * H):
             i: T.int64 = task // (2 * H)
             kv: T.int64 = task // H % 2

@@ -8,10 +8,22 @@ build serves every step of every sequence mix.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass
 
-#: Cache dtypes the kernels accept (the storage dtype of the paged pool).
-SUPPORTED_CACHE_DTYPES = ("float16", "float32")
+#: Cache dtypes the kernels accept (the storage dtype of the paged pool). "bfloat16" is served
+#: by the CUDA kernels only; the dispatcher rejects it for CPU targets.
+SUPPORTED_CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def element_bytes(dtype: str) -> int:
+    """Bytes of one element: the buffer alignment CPU kernels assume.
+
+    TVM assumes 64-byte aligned buffers by default and emits aligned vector loads, which
+    crash on arrays that are not (a numpy slice, say); kernels declare element alignment.
+    """
+    return np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -19,32 +19,40 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-from .config import AttentionConfig
+from .config import AttentionConfig, element_bytes
 
 #: KV positions scored per online-softmax step (one rescale of the accumulator per chunk).
 KV_CHUNK = 16
 _NEG_INF = -3.0e38
 
 
+def _vector_lanes(head_dim: int) -> int:
+    """fp32 lanes of the partial dot products: the widest of 16/8/4/2/1 dividing head_dim."""
+    return next(v for v in (16, 8, 4, 2, 1) if head_dim % v == 0)
+
+
 def _attention_body(cfg: AttentionConfig):
-    """Return the T.macro computing one (batch, query position, kv head) task."""
+    """Return the T.macro computing one (query row, kv head) task for all its group's heads."""
     lay = cfg.layout
     G, D, BS = cfg.group_size, lay.head_dim, lay.block_size
+    VL = _vector_lanes(D)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
 
     @T.macro
     def body(q_rows, out_rows, row, cache, block_table, seq_len, pos, b, hk):
         qf = T.alloc_buffer((G, D), "float32", scope="local")
         acc = T.alloc_buffer((G, D), "float32", scope="local")
+        part = T.alloc_buffer((G, VL), "float32", scope="local")
         score = T.alloc_buffer((G, KV_CHUNK), "float32", scope="local")
         mx = T.alloc_buffer((G,), "float32", scope="local")
         den = T.alloc_buffer((G,), "float32", scope="local")
         rescale = T.alloc_buffer((G,), "float32", scope="local")
-        slot = T.alloc_buffer((KV_CHUNK,), "int64", scope="local")
-        for g, d in T.grid(G, D):
-            qf[g, d] = T.Cast("float32", q_rows[row, hk * G + g, d]) * T.float32(scale)
-            acc[g, d] = T.float32(0)
+        blk = T.alloc_buffer((KV_CHUNK,), "int64", scope="local")
+        off = T.alloc_buffer((KV_CHUNK,), "int64", scope="local")
         for g in range(G):
+            for d in T.vectorized(D):
+                qf[g, d] = T.Cast("float32", q_rows[row, hk * G + g, d]) * T.float32(scale)
+                acc[g, d] = T.float32(0)
             mx[g] = T.float32(_NEG_INF)
             den[g] = T.float32(0)
         # Visible positions as one virtual range: sinks [0, n_sink) then [lo, hi).
@@ -57,34 +65,43 @@ def _attention_body(cfg: AttentionConfig):
             for i in range(cnt):
                 t: T.int64 = c * KV_CHUNK + i
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-                slot[i] = T.Cast("int64", block_table[b, p // BS]) * BS + p % BS
+                blk[i] = T.Cast("int64", block_table[b, p // BS])
+                off[i] = p % BS
             for g in range(G):
                 rescale[g] = mx[g]
+            # Scores: fp32 vector partial sums over head_dim, one horizontal sum per (head, key).
             for i in range(cnt):
                 for g in range(G):
+                    for v in T.vectorized(VL):
+                        part[g, v] = T.float32(0)
+                for do in range(D // VL):
+                    for g in range(G):
+                        for v in T.vectorized(VL):
+                            part[g, v] = part[g, v] + qf[g, do * VL + v] * T.Cast(
+                                "float32", cache[blk[i], 0, hk, off[i], do * VL + v]
+                            )
+                for g in range(G):
                     score[g, i] = T.float32(0)
-                    for d in range(D):
-                        score[g, i] = score[g, i] + qf[g, d] * T.Cast(
-                            "float32", cache[slot[i] // BS, 0, hk, slot[i] % BS, d]
-                        )
+                    for v in range(VL):
+                        score[g, i] = score[g, i] + part[g, v]
                     mx[g] = T.max(mx[g], score[g, i])
+            # One rescale of the accumulator per chunk, then the chunk's weighted values.
             for g in range(G):
                 rescale[g] = T.exp(rescale[g] - mx[g])
                 den[g] = den[g] * rescale[g]
-                for d in range(D):
+                for d in T.vectorized(D):
                     acc[g, d] = acc[g, d] * rescale[g]
             for i in range(cnt):
                 for g in range(G):
                     score[g, i] = T.exp(score[g, i] - mx[g])
                     den[g] = den[g] + score[g, i]
-                    for d in range(D):
-                        acc[g, d] = acc[g, d] + score[g, i] * T.Cast(
-                            "float32", cache[slot[i] // BS, 1, hk, slot[i] % BS, d]
-                        )
-        for g, d in T.grid(G, D):
-            out_rows[row, hk * G + g, d] = T.Cast(
-                out_rows.dtype, T.if_then_else(den[g] > T.float32(0), acc[g, d] / den[g], T.float32(0))
-            )
+                    for d in T.vectorized(D):
+                        acc[g, d] = acc[g, d] + score[g, i] * T.Cast("float32", cache[blk[i], 1, hk, off[i], d])
+        for g in range(G):
+            for d in T.vectorized(D):
+                out_rows[row, hk * G + g, d] = T.Cast(
+                    out_rows.dtype, T.if_then_else(den[g] > T.float32(0), acc[g, d] / den[g], T.float32(0))
+                )
 
     return body
 
@@ -97,6 +114,7 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     body = _attention_body(cfg)
 
     @T.prim_func
@@ -106,11 +124,11 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         L = T.int64()
         NB = T.int64()
         MB = T.int64()
-        q = T.match_buffer(q_h, (B, L, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        block_table = T.match_buffer(table_h, (B, MB), "int32")
-        seq_lens = T.match_buffer(lens_h, (B,), "int32")
-        out = T.match_buffer(out_h, (B, L, Hq, D), dtype)
+        q = T.match_buffer(q_h, (B, L, Hq, D), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        out = T.match_buffer(out_h, (B, L, Hq, D), dtype, align=ALIGN)
         for task in T.parallel(B * L * H):
             b: T.int64 = task // (L * H)
             j: T.int64 = task // H % L
@@ -130,6 +148,7 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     body = _attention_body(cfg)
 
     @T.prim_func
@@ -142,12 +161,12 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         NB = T.int64()
         MB = T.int64()
         B1 = T.int64()
-        q = T.match_buffer(q_h, (NQ, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        block_table = T.match_buffer(table_h, (B, MB), "int32")
-        seq_lens = T.match_buffer(lens_h, (B,), "int32")
-        q_indptr = T.match_buffer(indptr_h, (B1,), "int32")
-        out = T.match_buffer(out_h, (NQ, Hq, D), dtype)
+        q = T.match_buffer(q_h, (NQ, Hq, D), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
+        seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
+        q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
+        out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
         for task in T.parallel(NQ * H):
             row: T.int64 = task // H
             owner = T.alloc_buffer((1,), "int64", scope="local")

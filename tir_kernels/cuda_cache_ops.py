@@ -1,0 +1,153 @@
+"""Paged-pool data movement kernels for CUDA targets: append (scatter), lookup (gather), block copy.
+
+Same signatures, global symbols and semantics as :mod:`.cache_ops` (the CPU variants). Every
+thread moves one 128-bit vector of a K row and the matching vector of the V row, so all global
+accesses are 16-byte wide and consecutive threads touch consecutive addresses of a row.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from .config import CacheLayout
+from .cuda_common import check_cuda_layout, cuda_target_info, next_pow2, vector_width
+
+#: Most threads of one block of the data movement kernels.
+MAX_THREADS = 256
+
+
+def _threads_for(chunks: int) -> int:
+    """Threads per block for ``chunks`` independent vectors: a power of two in [32, MAX_THREADS]."""
+    return max(32, min(MAX_THREADS, next_pow2(chunks)))
+
+
+def append_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
+    """Scatter new K/V rows into the pool **in place**: ``(cache, keys, values, slot_mapping)``.
+
+    ``keys``/``values`` are ``[num_tokens, num_kv_heads, head_dim]``; token ``t`` goes to slot
+    ``slot_mapping[t] = block * block_size + offset``; slot ``-1`` skips the token.
+    Grid: one block row per token, threads over (head, 128-bit chunk of head_dim).
+    """
+    check_cuda_layout(layout)
+    cuda_target_info(target)
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    VEC = vector_width(dtype)
+    C = D // VEC  # vectors per row
+    CH = H * C  # vectors per token (per K or V)
+    NTH = _threads_for(CH)
+    NY = (CH + NTH - 1) // NTH
+
+    @T.prim_func
+    def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_append_kv"})
+        NB = T.int64()
+        NT = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        keys = T.match_buffer(k_h, (NT, H, D), dtype)
+        values = T.match_buffer(v_h, (NT, H, D), dtype)
+        slot_mapping = T.match_buffer(slot_h, (NT,), "int32")
+        for t in T.thread_binding(NT, thread="blockIdx.x"):
+            for cy in T.thread_binding(NY, thread="blockIdx.y"):
+                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                    c: T.let[T.int32] = cy * NTH + tx
+                    slot: T.let[T.int32] = slot_mapping[t]
+                    if slot >= 0 and c < CH:
+                        blk: T.let[T.int64] = T.Cast("int64", slot // BS)
+                        off: T.let[T.int32] = slot % BS
+                        h: T.let[T.int32] = c // C
+                        e: T.let[T.int32] = c % C
+                        for v in T.vectorized(VEC):
+                            cache[blk, 0, h, off, e * VEC + v] = keys[t, h, e * VEC + v]
+                        for v in T.vectorized(VEC):
+                            cache[blk, 1, h, off, e * VEC + v] = values[t, h, e * VEC + v]
+
+    return append
+
+
+def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
+    """Gather each sequence's K/V into contiguous tensors (destination-passing style).
+
+    ``(cache, block_table, seq_lens, out_keys, out_values)``; outputs are
+    ``[batch, max_blocks * block_size, num_kv_heads, head_dim]`` with zeros past ``seq_lens[b]``.
+    Grid: ``blockIdx.y`` is the sequence, ``blockIdx.x`` walks its (position, head, chunk) vectors.
+    """
+    check_cuda_layout(layout)
+    cuda_target_info(target)
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    VEC = vector_width(dtype)
+    C = D // VEC
+    CH = H * C  # vectors per position
+    NTH = _threads_for(CH * BS)
+
+    @T.prim_func
+    def lookup(cache_h: T.handle, table_h: T.handle, lens_h: T.handle, ok_h: T.handle, ov_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_lookup_kv"})
+        NB = T.int64()
+        B = T.int64()
+        MB = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        block_table = T.match_buffer(table_h, (B, MB), "int32")
+        seq_lens = T.match_buffer(lens_h, (B,), "int32")
+        out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype)
+        out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype)
+        for bx in T.thread_binding((MB * BS * CH + NTH - 1) // NTH, thread="blockIdx.x"):
+            for b in T.thread_binding(B, thread="blockIdx.y"):
+                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                    i: T.let[T.int64] = bx * NTH + tx
+                    if i < MB * BS * CH:
+                        p: T.let[T.int64] = i // CH
+                        h: T.let[T.int32] = T.Cast("int32", i % CH) // C
+                        e: T.let[T.int32] = T.Cast("int32", i % C)
+                        if p < T.Cast("int64", seq_lens[b]):
+                            blk: T.let[T.int64] = T.Cast("int64", block_table[b, p // BS])
+                            for v in T.vectorized(VEC):
+                                out_k[b, p, h, e * VEC + v] = cache[blk, 0, h, p % BS, e * VEC + v]
+                            for v in T.vectorized(VEC):
+                                out_v[b, p, h, e * VEC + v] = cache[blk, 1, h, p % BS, e * VEC + v]
+                        else:
+                            for v in T.vectorized(VEC):
+                                out_k[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
+                            for v in T.vectorized(VEC):
+                                out_v[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
+
+    return lookup
+
+
+def copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
+    """Copy whole blocks inside the pool **in place**: ``(cache, src, dst)``, ``cache[dst[i]] = cache[src[i]]``.
+
+    ``dst`` blocks must be distinct and must not appear in ``src``. A pool block
+    ``[2, H, block_size, D]`` is contiguous, so each pair is one 128-bit-vector memcpy:
+    ``blockIdx.x`` is the pair, ``blockIdx.y`` walks its vectors.
+    """
+    check_cuda_layout(layout)
+    cuda_target_info(target)
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+    VEC = vector_width(dtype)
+    BLOCK = 2 * H * BS * D  # elements of one pool block
+    CB = BLOCK // VEC
+    NTH = _threads_for(CB)
+    NX = (CB + NTH - 1) // NTH
+
+    @T.prim_func
+    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
+        NB = T.int64()
+        N = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        src = T.match_buffer(src_h, (N,), "int32")
+        dst = T.match_buffer(dst_h, (N,), "int32")
+        flat = T.decl_buffer((NB * BLOCK,), dtype, data=cache.data)
+        for i in T.thread_binding(N, thread="blockIdx.x"):
+            for bx in T.thread_binding(NX, thread="blockIdx.y"):
+                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                    c: T.let[T.int64] = T.Cast("int64", bx * NTH + tx)
+                    if c < CB:
+                        blk_s: T.let[T.int64] = T.Cast("int64", src[i])
+                        blk_d: T.let[T.int64] = T.Cast("int64", dst[i])
+                        for v in T.vectorized(VEC):
+                            flat[blk_d * BLOCK + c * VEC + v] = flat[blk_s * BLOCK + c * VEC + v]
+
+    return copy
