@@ -9,9 +9,12 @@ Semantics (shared by every form and target):
   ``(pos - W, pos]`` plus ``[0, S)``; a query that sees nothing returns zeros;
 - softmax runs in fp32 with an online (running max) update, one KV chunk at a time.
 
-Each task of the parallel loop is one (query row, KV head): the ``group_size`` query heads
-sharing that KV head are processed together, so every K/V row is read once per query row.
-Only slots below ``seq_len`` are ever read: unused slots of a block may hold anything.
+Work split: a task of the parallel loop is a *tile* of consecutive query rows of one
+sequence times one KV head; its query vectors are ``rows x group_size`` (the query heads that
+share the KV head). Per chunk of ``KV_CHUNK`` positions the task transposes K into fp32
+``[head_dim, KV_CHUNK]`` once and computes every score with broadcast FMAs along the chunk
+(no horizontal sums), then accumulates V rows along head_dim. Each K/V row is thus read once
+per tile. Only slots below ``seq_len`` are ever read: unused slots may hold anything.
 """
 
 from __future__ import annotations
@@ -20,56 +23,75 @@ import tvm
 from tvm.script import tirx as T
 
 from .config import AttentionConfig, element_bytes
+from .fast_math import exp_nonpositive
 
-#: KV positions scored per online-softmax step (one rescale of the accumulator per chunk).
+#: KV positions per online-softmax step: one fp32 vector of scores per query vector.
 KV_CHUNK = 16
+#: Upper bound on query vectors (rows x group heads) per task, keeping its fp32 state in L1.
+MAX_QUERY_VECTORS = 32
 _NEG_INF = -3.0e38
 
 
 def _vector_lanes(head_dim: int) -> int:
-    """fp32 lanes of the partial dot products: the widest of 16/8/4/2/1 dividing head_dim."""
+    """fp32 lanes of the decode kernel's partial dot products: the widest of 16/8/4/2/1 dividing head_dim."""
     return next(v for v in (16, 8, 4, 2, 1) if head_dim % v == 0)
 
 
-def _attention_body(cfg: AttentionConfig):
-    """Return the T.macro computing one (query row, kv head) task for all its group's heads."""
+def rows_per_tile(cfg: AttentionConfig) -> int:
+    """Query rows per task: as many as fit ``MAX_QUERY_VECTORS`` with the group's heads."""
+    return max(1, MAX_QUERY_VECTORS // cfg.group_size)
+
+
+def _visible_range(causal: bool, W: int, S: int, first_pos, last_pos, seq_len):
+    """Positions rows ``first_pos..last_pos`` may see, as (n_sink, lo, n_visible).
+
+    The virtual index ``t`` of ``[0, n_visible)`` is position ``t`` while ``t < n_sink`` (sink
+    tokens), then ``lo + t - n_sink``: sinks ``[0, n_sink)`` followed by ``[lo, hi)``.
+    """
+    hi = T.min(last_pos + 1, seq_len) if causal else seq_len
+    lo = T.max(first_pos - W + 1, T.int64(0)) if W > 0 else T.int64(0)
+    n_sink = T.min(T.int64(S), lo) if W > 0 else T.int64(0)
+    return n_sink, lo, n_sink + T.max(hi - lo, T.int64(0))
+
+
+def _decode_body(cfg: AttentionConfig):
+    """The T.macro attending ONE query row with the ``group_size`` heads of KV head ``hk``.
+
+    Memory-bound: every K/V row is read once and used straight from the pool; scores are fp32
+    vector partial dot products along head_dim with one horizontal sum per (head, key).
+    """
     lay = cfg.layout
-    G, D, BS = cfg.group_size, lay.head_dim, lay.block_size
+    G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
     VL = _vector_lanes(D)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
 
     @T.macro
-    def body(q_rows, out_rows, row, cache, block_table, seq_len, pos, b, hk):
+    def body(q_rows, out_rows, row, pos, seq_len, cache, block_table, b, hk):
         qf = T.alloc_buffer((G, D), "float32", scope="local")
         acc = T.alloc_buffer((G, D), "float32", scope="local")
         part = T.alloc_buffer((G, VL), "float32", scope="local")
-        score = T.alloc_buffer((G, KV_CHUNK), "float32", scope="local")
+        score = T.alloc_buffer((G, CH), "float32", scope="local")
         mx = T.alloc_buffer((G,), "float32", scope="local")
         den = T.alloc_buffer((G,), "float32", scope="local")
-        rescale = T.alloc_buffer((G,), "float32", scope="local")
-        blk = T.alloc_buffer((KV_CHUNK,), "int64", scope="local")
-        off = T.alloc_buffer((KV_CHUNK,), "int64", scope="local")
+        fix = T.alloc_buffer((G,), "float32", scope="local")
+        blk = T.alloc_buffer((CH,), "int64", scope="local")
+        off = T.alloc_buffer((CH,), "int64", scope="local")
         for g in range(G):
             for d in T.vectorized(D):
                 qf[g, d] = T.Cast("float32", q_rows[row, hk * G + g, d]) * T.float32(scale)
                 acc[g, d] = T.float32(0)
             mx[g] = T.float32(_NEG_INF)
             den[g] = T.float32(0)
-        # Visible positions as one virtual range: sinks [0, n_sink) then [lo, hi).
-        hi: T.int64 = T.min(pos + 1, seq_len) if causal else seq_len
-        lo: T.int64 = T.max(pos - W + 1, T.int64(0)) if W > 0 else T.int64(0)
-        n_sink: T.int64 = T.min(T.int64(S), lo) if W > 0 else T.int64(0)
-        n_vis: T.int64 = n_sink + T.max(hi - lo, T.int64(0))
-        for c in range((n_vis + KV_CHUNK - 1) // KV_CHUNK):
-            cnt: T.int64 = T.min(T.int64(KV_CHUNK), n_vis - c * KV_CHUNK)
+        n_sink, lo, n_vis = _visible_range(causal, W, S, pos, pos, seq_len)
+        for c in range((n_vis + CH - 1) // CH):
+            cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(cnt):
-                t: T.int64 = c * KV_CHUNK + i
+                t: T.int64 = c * CH + i
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                 blk[i] = T.Cast("int64", block_table[b, p // BS])
                 off[i] = p % BS
             for g in range(G):
-                rescale[g] = mx[g]
-            # Scores: fp32 vector partial sums over head_dim, one horizontal sum per (head, key).
+                fix[g] = mx[g]
             for i in range(cnt):
                 for g in range(G):
                     for v in T.vectorized(VL):
@@ -85,16 +107,18 @@ def _attention_body(cfg: AttentionConfig):
                     for v in range(VL):
                         score[g, i] = score[g, i] + part[g, v]
                     mx[g] = T.max(mx[g], score[g, i])
-            # One rescale of the accumulator per chunk, then the chunk's weighted values.
             for g in range(G):
-                rescale[g] = T.exp(rescale[g] - mx[g])
-                den[g] = den[g] * rescale[g]
+                fix[g] = exp_nonpositive(fix[g] - mx[g])
+                den[g] = den[g] * fix[g]
                 for d in T.vectorized(D):
-                    acc[g, d] = acc[g, d] * rescale[g]
+                    acc[g, d] = acc[g, d] * fix[g]
+            for g in range(G):
+                for i in T.vectorized(CH):
+                    score[g, i] = exp_nonpositive(score[g, i] - mx[g])
+                for i in range(cnt):
+                    den[g] = den[g] + score[g, i]
             for i in range(cnt):
                 for g in range(G):
-                    score[g, i] = T.exp(score[g, i] - mx[g])
-                    den[g] = den[g] + score[g, i]
                     for d in T.vectorized(D):
                         acc[g, d] = acc[g, d] + score[g, i] * T.Cast("float32", cache[blk[i], 1, hk, off[i], d])
         for g in range(G):
@@ -102,6 +126,103 @@ def _attention_body(cfg: AttentionConfig):
                 out_rows[row, hk * G + g, d] = T.Cast(
                     out_rows.dtype, T.if_then_else(den[g] > T.float32(0), acc[g, d] / den[g], T.float32(0))
                 )
+
+    return body
+
+
+def _tile_body(cfg: AttentionConfig):
+    """The T.macro attending rows ``[row0, row0 + nrows)`` of sequence ``b`` with KV head ``hk``.
+
+    Compute-bound: K of a chunk is transposed once into fp32 ``[head_dim, KV_CHUNK]``; each
+    query vector's scores are a vector accumulator of broadcast FMAs (``UNROLL`` vectors at a
+    time to hide FMA latency); masks and exp run along the chunk; V rows accumulate along
+    head_dim into every query vector of the tile.
+    """
+    lay = cfg.layout
+    G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
+    NV = rows_per_tile(cfg) * G
+    U = next(u for u in (4, 2, 1) if NV % u == 0)
+    causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
+
+    @T.macro
+    def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, block_table, b, hk):
+        qf = T.alloc_buffer((NV, D), "float32", scope="local")
+        acc = T.alloc_buffer((NV, D), "float32", scope="local")
+        kt = T.alloc_buffer((D, CH), "float32", scope="local")
+        prob = T.alloc_buffer((NV, CH), "float32", scope="local")
+        sacc = T.alloc_buffer((U,), f"float32x{CH}", scope="local")
+        mx = T.alloc_buffer((NV,), "float32", scope="local")
+        den = T.alloc_buffer((NV,), "float32", scope="local")
+        blk = T.alloc_buffer((CH,), "int64", scope="local")
+        off = T.alloc_buffer((CH,), "int64", scope="local")
+        kpos = T.alloc_buffer((CH,), "int64", scope="local")
+        nv: T.int64 = nrows * G
+        for r in range(nrows):
+            for g in range(G):
+                for d in T.vectorized(D):
+                    qf[r * G + g, d] = T.Cast("float32", q_rows[row0 + r, hk * G + g, d]) * T.float32(scale)
+        for v in range(nv, (nv + U - 1) // U * U):  # padding vectors of the last unrolled group
+            for d in T.vectorized(D):
+                qf[v, d] = T.float32(0)
+        for v in range(nv):
+            for d in T.vectorized(D):
+                acc[v, d] = T.float32(0)
+            mx[v] = T.float32(_NEG_INF)
+            den[v] = T.float32(0)
+        n_sink, lo, n_vis = _visible_range(causal, W, S, pos0, pos0 + nrows - 1, seq_len)
+        for c in range((n_vis + CH - 1) // CH):
+            cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
+            for i in range(T.int64(CH)):
+                t: T.int64 = c * CH + i
+                kpos[i] = T.if_then_else(i < cnt, T.if_then_else(t < n_sink, t, lo + t - n_sink), T.int64(-1))
+            for i in range(cnt):
+                blk[i] = T.Cast("int64", block_table[b, kpos[i] // BS])
+                off[i] = kpos[i] % BS
+                for d in range(D):
+                    kt[d, i] = T.Cast("float32", cache[blk[i], 0, hk, off[i], d])
+            for i in range(cnt, T.int64(CH)):
+                for d in range(D):
+                    kt[d, i] = T.float32(0)
+            for vu in range((nv + U - 1) // U):
+                for u in T.unroll(U):
+                    sacc[u] = T.Broadcast(T.float32(0), CH)
+                for d in range(D):
+                    for u in T.unroll(U):
+                        sacc[u] = sacc[u] + T.Broadcast(qf[vu * U + u, d], CH) * kt[d, T.Ramp(0, 1, CH)]
+                for u in T.unroll(U):
+                    prob[vu * U + u, T.Ramp(0, 1, CH)] = sacc[u]
+            for v in range(nv):
+                pos: T.int64 = pos0 + v // G
+                for i in T.vectorized(CH):
+                    prob[v, i] = T.if_then_else(
+                        kpos[i] >= 0
+                        and (not causal or kpos[i] <= pos)
+                        and (W == 0 or kpos[i] > pos - W or kpos[i] < S),
+                        prob[v, i],
+                        T.float32(_NEG_INF),
+                    )
+                m_old: T.float32 = mx[v]
+                for i in range(CH):
+                    mx[v] = T.max(mx[v], prob[v, i])
+                fix: T.float32 = exp_nonpositive(m_old - mx[v])
+                for d in T.vectorized(D):
+                    acc[v, d] = acc[v, d] * fix
+                den[v] = den[v] * fix
+                for i in T.vectorized(CH):
+                    prob[v, i] = T.if_then_else(prob[v, i] > T.float32(_NEG_INF), exp_nonpositive(prob[v, i] - mx[v]), T.float32(0))
+                for i in range(CH):
+                    den[v] = den[v] + prob[v, i]
+            for v in range(nv):
+                for i in range(cnt):
+                    for d in T.vectorized(D):
+                        acc[v, d] = acc[v, d] + prob[v, i] * T.Cast("float32", cache[blk[i], 1, hk, off[i], d])
+        for r in range(nrows):
+            for g in range(G):
+                for d in T.vectorized(D):
+                    out_rows[row0 + r, hk * G + g, d] = T.Cast(
+                        out_rows.dtype,
+                        T.if_then_else(den[r * G + g] > T.float32(0), acc[r * G + g, d] / den[r * G + g], T.float32(0)),
+                    )
 
     return body
 
@@ -115,7 +236,7 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
-    body = _attention_body(cfg)
+    body = _decode_body(cfg)
 
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
@@ -129,13 +250,13 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype, align=ALIGN)
+        q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data, align=ALIGN)
+        out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
         for task in T.parallel(B * L * H):
             b: T.int64 = task // (L * H)
             j: T.int64 = task // H % L
             seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-            q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data)
-            out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data)
-            body(q_rows, out_rows, task // H, cache, block_table, seq_len, seq_len - L + j, b, task % H)
+            body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, block_table, b, task % H)
 
     return paged_decode
 
@@ -145,11 +266,14 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
 
     Sequence ``b`` owns query rows ``[q_indptr[b], q_indptr[b+1])`` (chunked prefill, mixed
     prefill + decode batches). Signature: ``(q, cache, block_table, seq_lens, q_indptr, out)``.
+    A task takes ``rows_per_tile`` consecutive rows; where they span sequences it handles
+    each sequence's share in turn. Rows owned by no sequence are zero.
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
-    body = _attention_body(cfg)
+    QT = rows_per_tile(cfg)
+    body = _tile_body(cfg)
 
     @T.prim_func
     def paged_prefill(
@@ -167,21 +291,21 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
-        for task in T.parallel(NQ * H):
-            row: T.int64 = task // H
-            owner = T.alloc_buffer((1,), "int64", scope="local")
-            owner[0] = T.int64(-1)
-            for i in range(B):
-                if T.Cast("int64", q_indptr[i]) <= row and row < T.Cast("int64", q_indptr[i + 1]):
-                    owner[0] = i
-            if owner[0] >= 0:
-                b: T.int64 = owner[0]
-                seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-                q_len: T.int64 = T.Cast("int64", q_indptr[b + 1] - q_indptr[b])
-                pos: T.int64 = seq_len - q_len + row - T.Cast("int64", q_indptr[b])
-                body(q, out, row, cache, block_table, seq_len, pos, b, task % H)
-            else:
-                for h, d in T.grid(Hq, D):
-                    out[row, h, d] = T.Cast(dtype, T.float32(0))
+        for task in T.parallel((NQ + QT - 1) // QT * H):
+            t0: T.int64 = task // H * QT
+            t1: T.int64 = T.min(t0 + QT, NQ)
+            hk: T.int64 = task % H
+            for r in range(t0, t1):  # rows outside every sequence stay zero
+                for g in range(Hq // H):
+                    for d in T.vectorized(D):
+                        out[r, hk * (Hq // H) + g, d] = T.Cast(dtype, T.float32(0))
+            for b in range(B):
+                s0: T.int64 = T.max(T.Cast("int64", q_indptr[b]), t0)
+                s1: T.int64 = T.min(T.Cast("int64", q_indptr[b + 1]), t1)
+                if s0 < s1:
+                    seq_len: T.int64 = T.Cast("int64", seq_lens[b])
+                    first_pos: T.int64 = seq_len - T.Cast("int64", q_indptr[b + 1] - q_indptr[b])
+                    body(q, out, s0, s1 - s0, first_pos + s0 - T.Cast("int64", q_indptr[b]), seq_len,
+                         cache, block_table, b, hk)
 
     return paged_prefill
