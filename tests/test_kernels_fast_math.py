@@ -13,9 +13,9 @@ from llmir_tvm.tir_kernels.fast_math import exp_nonpositive
 @T.prim_func
 def _exp_kernel(a_h: T.handle, b_h: T.handle):
     n = T.int64()
-    a = T.match_buffer(a_h, (n * 16,), "float32", align=4)
-    b = T.match_buffer(b_h, (n * 16,), "float32", align=4)
-    for i0 in range(n):
+    a = T.match_buffer(a_h, (n,), "float32", align=4)
+    b = T.match_buffer(b_h, (n,), "float32", align=4)
+    for i0 in range(n // 16):
         for i in T.vectorized(16):
             b[i0 * 16 + i] = exp_nonpositive(a[i0 * 16 + i])
 
