@@ -1,1 +1,21 @@
-"""x"""
+"""Runtime of the paged KV cache: block allocator and PagedKVCache, exposed as ``llmir.kv_cache.*``.
+
+This package imports only numpy, ``tvm.runtime`` and ``tvm_ffi`` so it runs where only
+TVM's runtime is installed; its kernels arrive already compiled (see
+``llmir_tvm.kernel_library.build_cache_kernels``). Importing it registers the global functions.
+"""
+
+from .allocator import BlockAllocator, KVCacheOutOfBlocks
+from .kv_cache import PagedKVCache, StepTensors, block_hash
+from .packed import GLOBAL_FUNCTION_PREFIX, global_function_names, register_global_functions
+
+__all__ = [
+    "BlockAllocator",
+    "GLOBAL_FUNCTION_PREFIX",
+    "KVCacheOutOfBlocks",
+    "PagedKVCache",
+    "StepTensors",
+    "block_hash",
+    "global_function_names",
+    "register_global_functions",
+]
