@@ -136,3 +136,15 @@ def test_relax_function_drives_the_cache_through_call_packed(kernels):
     assert int(length) == 4
     assert stats["cow_copies"] == 1 and stats["blocks_used"] == 4 and stats["num_sequences"] == 3
     assert cache.sequence_blocks(0).tolist() == [0, 1] and cache.sequence_blocks(2).tolist() == [3]
+
+
+def test_readme_runtime_example_runs_and_prints_what_it_says(capsys):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Runtime API") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"^# (\[\[.*)$", code, re.M).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == expected
