@@ -799,3 +799,24 @@ def test_stats_waste_and_tokens_exact(k32):
     assert st["internal_waste_pct"] == pytest.approx(100 * 3 / 16)
     assert st["sequence_tokens"] == 16 and st["num_sequences"] == 3
     h.check_invariants()
+
+
+def test_device_copy_path_reuses_step_buffers(k32, monkeypatch):
+    """The non-CPU path (copy into reused device buffers), forced on the CPU device."""
+    import llmir_tvm.runtime.kv_cache as kvc
+
+    monkeypatch.setattr(kvc, "_DL_CPU", -1)
+    h = make(k32, num_blocks=32)
+    rng = np.random.default_rng(14)
+    for s in range(3):
+        h.add(s)
+    h.step({0: toks(rng, 5), 1: toks(rng, 2), 2: []})
+    first = h.step({s: toks(rng, 1) for s in range(3)})
+    slots = first.slot_mapping.numpy().copy()
+    second = h.step({s: toks(rng, 1) for s in range(3)})
+    # same shapes -> the same device tensors, refilled with this step's values
+    assert second.slot_mapping.same_as(first.slot_mapping) and second.seq_lens.same_as(first.seq_lens)
+    np.testing.assert_array_equal(second.seq_lens.numpy(), [7, 4, 2])
+    np.testing.assert_array_equal(second.slot_mapping.numpy(), slots + 1)
+    h.check_contents()
+    h.check_invariants()

@@ -35,6 +35,8 @@ _POOL_DTYPES = ("float16", "float32")
 _ALIGN = 16
 #: DLPack device type of the host CPU.
 _DL_CPU = 1
+#: Device-side step tensors kept for reuse, keyed by (role, shape), on non-CPU devices.
+_MAX_STEP_BUFFERS = 64
 
 
 class StepTensors(NamedTuple):
@@ -182,6 +184,7 @@ class PagedKVCache:
         self._tokens = np.zeros((cap_rows, cap_cols * self.block_size), dtype=np.int32)
         self._hashes: list[list[bytes]] = [[] for _ in range(cap_rows)]
         self._step: _Step | None = None
+        self._step_buffers: dict[tuple[int, tuple[int, ...]], tvm.runtime.Tensor] = {}
         self._cow_copies = 0
         self._prefix_queries = 0
         self._prefix_query_tokens = 0
@@ -401,8 +404,9 @@ class PagedKVCache:
         with ``token_ids``) appends. Blocks are allocated as needed and pending copy-on-write
         copies run here, on every layer's pool. Returns int32 device tensors: ``slot_mapping
         [num_tokens]``, ``block_table [batch, max_blocks]``, ``seq_lens [batch]`` (lengths
-        after this step), ``q_indptr [batch + 1]``. On any error nothing changes. Every
-        begin_forward must be closed by :meth:`end_forward`.
+        after this step), ``q_indptr [batch + 1]``; they stay valid until the next
+        begin_forward (on GPUs they are reused device buffers). On any error nothing changes.
+        Every begin_forward must be closed by :meth:`end_forward`.
         """
         self._check_no_step("begin_forward")
         ids = _int_array(seq_ids, "seq_ids").tolist()
@@ -789,5 +793,17 @@ class PagedKVCache:
             return StepTensors(
                 *(tvm.runtime.from_dlpack(v) if v.size else tvm.runtime.empty(v.shape, "int32", self.device) for v in views)
             )
-        return StepTensors(*(tvm.runtime.tensor(v, self.device) for v in views))
+        return StepTensors(*(self._device_buffer(role, v) for role, v in enumerate(views)))
+
+    def _device_buffer(self, role: int, host: np.ndarray) -> tvm.runtime.Tensor:
+        """Copy ``host`` into a reused device tensor of its shape (device allocation costs more than the copy)."""
+        key = (role, host.shape)
+        buf = self._step_buffers.get(key)
+        if buf is None:
+            if len(self._step_buffers) >= _MAX_STEP_BUFFERS:
+                self._step_buffers.clear()
+            buf = self._step_buffers[key] = tvm.runtime.empty(host.shape, "int32", self.device)
+        if host.size:
+            buf.copyfrom(host)
+        return buf
 
