@@ -1,0 +1,256 @@
+"""Find attention subgraphs in a Relax function: ``softmax(scale * Q·Kᵀ [+ mask]) · V``.
+
+Imported graphs spell attention in many ways (eager matmul chains, decomposed SDPA with the
+scale split over Q and K, GQA ``repeat_kv`` as expand/broadcast/reshape, fp16 softmax in fp32,
+a ``where`` that zeroes fully-masked rows). The matcher walks from each ``softmax`` through
+*layout* ops (reshape, permute, broadcast, expand, squeeze, astype) and scalar scalings to the
+tensors that really carry Q, K and V, and reports where their head/sequence/dim axes are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.ir import Op
+
+_LAYOUT_OPS = {
+    "relax.reshape",
+    "relax.permute_dims",
+    "relax.broadcast_to",
+    "relax.expand_dims",
+    "relax.squeeze",
+    "relax.astype",
+}
+_SCALE_OPS = {"relax.multiply", "relax.divide"}
+
+
+class AttentionMatchError(ValueError):
+    """An attention-like subgraph that cannot be converted (names the function and the op)."""
+
+
+def op_name(expr: relax.Expr) -> str | None:
+    """Name of the op a call expression applies, or None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, Op):
+        return expr.op.name
+    return None
+
+
+def scalar_constant(expr: relax.Expr) -> float | None:
+    """The value of a constant whose elements are all equal, else None."""
+    if isinstance(expr, tvm.ir.GenericConst):
+        data = expr.value.numpy()
+        if data.size and np.all(data == data.flat[0]):
+            return float(data.flat[0])
+    return None
+
+
+@dataclass
+class TensorAxes:
+    """Where the head, sequence and head-dim axes of an attention operand are (None = absent)."""
+
+    tensor: relax.Expr
+    head_axis: int | None
+    seq_axis: int
+    dim_axis: int
+
+    @property
+    def num_heads(self) -> int:
+        """Heads in this tensor (1 when it has no head axis)."""
+        if self.head_axis is None:
+            return 1
+        return int(self.tensor.ty.shape[self.head_axis])
+
+    @property
+    def seq_len(self):
+        """The (symbolic) sequence length."""
+        return self.tensor.ty.shape[self.seq_axis]
+
+
+@dataclass
+class KVSource:
+    """Where K or V come from: new tokens only, or ``concat(past_cache_param, new)``."""
+
+    new: TensorAxes
+    past_param: relax.Var | None = None
+
+
+@dataclass
+class AttentionMatch:
+    """One attention subgraph of a function, with the tensors the paged ops will consume."""
+
+    softmax: relax.Var
+    output: relax.Var
+    q: TensorAxes
+    k: KVSource
+    v: KVSource
+    scale: float
+    mask: relax.Expr | None
+    head_dim: int
+    extra_vars: list = field(default_factory=list)
+
+
+def _has_axis(expr: relax.Expr, size: int) -> bool:
+    """Whether ``expr`` is a tensor with an axis of the constant ``size``."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return False
+    return any(isinstance(d, tirx.IntImm) and int(d.value) == size for d in ty.shape.values)
+
+
+class _Bindings:
+    """Var -> bound value for every binding of a function, plus users of each var."""
+
+    def __init__(self, func: relax.Function):
+        self.value: dict = {}
+        self.order: list = []
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                self.value[binding.var] = binding.value
+                self.order.append(binding.var)
+        self.params = set(func.params)
+
+    def producer(self, expr: relax.Expr) -> relax.Expr | None:
+        return self.value.get(expr) if isinstance(expr, relax.Var) else None
+
+
+def _axes_of(expr: relax.Expr, head_dim: int, what: str, fname: str) -> TensorAxes:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise AttentionMatchError(f"{fname}: {what} of an attention has no known shape")
+    dims = list(ty.shape.values)
+    const = [int(d.value) if isinstance(d, tirx.IntImm) else None for d in dims]
+    if const[-1] != head_dim:
+        raise AttentionMatchError(
+            f"{fname}: {what} of an attention has shape {dims}; expected head_dim {head_dim} as its last axis"
+        )
+    symbolic = [i for i, c in enumerate(const[:-1]) if c is None]
+    if len(symbolic) != 1:
+        raise AttentionMatchError(
+            f"{fname}: {what} of an attention has shape {dims}; expected exactly one symbolic (sequence) axis"
+        )
+    others = [i for i, c in enumerate(const[:-1]) if c is not None and c != 1]
+    if len(others) > 1:
+        raise AttentionMatchError(f"{fname}: {what} of an attention has shape {dims}; batch size must be 1")
+    return TensorAxes(expr, others[0] if others else None, symbolic[0], len(dims) - 1)
+
+
+class AttentionMatcher:
+    """Finds every attention subgraph of one function (see module docstring)."""
+
+    def __init__(self, func: relax.Function, fname: str):
+        self.func, self.fname = func, fname
+        self.b = _Bindings(func)
+
+    def _strip(self, expr: relax.Expr, head_dim: int | None = None) -> tuple[relax.Expr, float]:
+        """Follow layout ops and scalar scalings back from ``expr``; return (source, scale).
+
+        With ``head_dim``, stop before a layout op whose input has no axis of ``head_dim``
+        (the reshape that splits a projection into heads): that is where the heads live.
+        """
+        scale = 1.0
+        while True:
+            value = self.b.producer(expr)
+            name = op_name(value)
+            if name in _LAYOUT_OPS and head_dim is not None and not _has_axis(value.args[0], head_dim):
+                return expr, scale
+            if name in _LAYOUT_OPS:
+                expr = value.args[0]
+            elif name in _SCALE_OPS and scalar_constant(value.args[1]) is not None:
+                c = scalar_constant(value.args[1])
+                scale = scale * c if name == "relax.multiply" else scale / c
+                expr = value.args[0]
+            elif name == "relax.multiply" and scalar_constant(value.args[0]) is not None:
+                scale *= scalar_constant(value.args[0])
+                expr = value.args[1]
+            else:
+                return expr, scale
+
+    def _leads_to(self, expr: relax.Expr, target: relax.Var) -> bool:
+        """Whether ``expr`` is ``target`` seen through layout ops and a fully-masked-row ``where``."""
+        while True:
+            if expr.same_as(target):
+                return True
+            value = self.b.producer(expr)
+            name = op_name(value)
+            if name in _LAYOUT_OPS:
+                expr = value.args[0]
+            elif name == "relax.where":
+                expr = value.args[2]  # where(all_masked_row, 0, probs): rows seeing nothing are 0
+            else:
+                return False
+
+    def _kv_source(self, expr: relax.Expr, head_dim: int, what: str) -> KVSource:
+        value = self.b.producer(expr)
+        if op_name(value) == "relax.concat":
+            parts = list(value.args[0].fields) if isinstance(value.args[0], relax.Tuple) else None
+            if parts and len(parts) == 2 and parts[0] in self.b.params:
+                new = _axes_of(parts[1], head_dim, f"new {what}", self.fname)
+                axis = int(value.attrs.axis)
+                if axis % len(parts[1].ty.shape) != new.seq_axis:
+                    raise AttentionMatchError(
+                        f"{self.fname}: {what} cache concat along axis {axis} is not the sequence axis"
+                    )
+                return KVSource(new, past_param=parts[0])
+        return KVSource(_axes_of(expr, head_dim, what, self.fname))
+
+    def find(self) -> list[AttentionMatch]:
+        """All attention subgraphs in binding order; raises on attention-like graphs it cannot convert."""
+        matches = []
+        for var in self.b.order:
+            value = self.b.value[var]
+            if op_name(value) == "relax.nn.softmax":
+                matches.append(self._match_softmax(var, value))
+            elif op_name(value) in ("relax.nn.attention", "relax.nn.attention_bias", "relax.nn.attention_var_len"):
+                raise AttentionMatchError(
+                    f"{self.fname}: cannot convert {op_name(value)} (import with decomposition so attention "
+                    "is a matmul/softmax chain)"
+                )
+        return matches
+
+    def _match_softmax(self, var: relax.Var, call: relax.Call) -> AttentionMatch:
+        axis = int(call.attrs.axis)
+        if axis not in (-1, len(call.args[0].ty.shape) - 1):
+            raise AttentionMatchError(f"{self.fname}: softmax {var.name} is not over the last axis")
+        scores, scale, mask = call.args[0], 1.0, None
+        scores, s = self._strip(scores)
+        scale *= s
+        value = self.b.producer(scores)
+        if op_name(value) == "relax.add":
+            lhs, rhs = value.args
+            lhs_src, ls = self._strip(lhs)
+            if op_name(self.b.producer(lhs_src)) == "relax.matmul":
+                scores, mask, scale = lhs_src, rhs, scale * ls
+            else:
+                rhs_src, rs = self._strip(rhs)
+                scores, mask, scale = rhs_src, lhs, scale * rs
+        value = self.b.producer(scores)
+        if op_name(value) != "relax.matmul":
+            raise AttentionMatchError(
+                f"{self.fname}: softmax {var.name} does not follow a Q·Kᵀ matmul (found {op_name(value) or 'a parameter'})"
+            )
+        head_dim = int(value.args[0].ty.shape[-1])
+        q_src, qs = self._strip(value.args[0], head_dim)
+        k_expr, ks = self._strip(value.args[1], head_dim)
+        scale *= qs * ks
+        output, v_expr = None, None
+        for other in self.b.order:
+            cand = self.b.value[other]
+            if op_name(cand) == "relax.matmul" and self._leads_to(cand.args[0], var):
+                output, v_expr = other, self._strip(cand.args[1], head_dim)[0]
+                break
+        if output is None:
+            raise AttentionMatchError(f"{self.fname}: softmax {var.name} is not followed by a P·V matmul")
+        q = _axes_of(q_src, head_dim, "Q", self.fname)
+        k = self._kv_source(k_expr, head_dim, "K")
+        v = self._kv_source(v_expr, head_dim, "V")
+        if (k.past_param is None) != (v.past_param is None):
+            raise AttentionMatchError(f"{self.fname}: only one of K and V of softmax {var.name} comes from a cache")
+        if k.new.num_heads != v.new.num_heads or q.num_heads % k.new.num_heads:
+            raise AttentionMatchError(
+                f"{self.fname}: attention at softmax {var.name} has {q.num_heads} query heads and "
+                f"{k.new.num_heads}/{v.new.num_heads} K/V heads (query heads must be a multiple)"
+            )
+        return AttentionMatch(var, output, q, k, v, scale, mask, head_dim)

@@ -1,0 +1,156 @@
+"""Decide what an imported attention mask means by evaluating it on probe inputs.
+
+Imported decoders build their masks from position ids and padding masks through dozens of
+ops (arange/compare/cumsum/where). Rather than pattern-match them, we compile the mask's
+subgraph alone, run it for a probe sequence of positions ``0..n-1`` and classify the result
+as non-causal, causal, or causal with a sliding window. Anything else is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .attention_match import AttentionMatchError
+
+#: Makes the probe inputs of a function: (probe length, parameter) -> numpy value.
+ProbeInputs = Callable[[int, relax.Var], np.ndarray]
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    """What a mask allows: causal or not, and a sliding window (0 = none)."""
+
+    causal: bool
+    sliding_window: int = 0
+
+
+def default_probe_inputs(length: int, param: relax.Var) -> np.ndarray:
+    """Probe values by parameter name: positions ``arange``, masks all ones, anything else zeros."""
+    ty = param.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        raise AttentionMatchError(f"cannot probe the attention mask: input '{param.name}' is not a tensor")
+    shape = [length if not isinstance(d, tvm.tirx.IntImm) else int(d.value) for d in ty.shape.values]
+    name = param.name.lower()
+    if "position" in name:
+        return np.broadcast_to(np.arange(length), shape).astype(str(ty.dtype))
+    if "mask" in name:
+        return np.ones(shape, dtype=str(ty.dtype))
+    return np.zeros(shape, dtype=str(ty.dtype))
+
+
+def _copy_expr(expr, remap: Mapping):
+    """``expr`` with variables replaced through ``remap`` (enough for mask subgraphs)."""
+    if isinstance(expr, relax.Var):
+        return remap.get(expr, expr)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([_copy_expr(f, remap) for f in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(_copy_expr(expr.tuple_value, remap), expr.index)
+    if isinstance(expr, relax.Call):
+        args = [_copy_expr(a, remap) for a in expr.args]
+        if expr.op.same_as(tvm.ir.Op.get("relax.strided_slice")):
+            args[1] = _positive_axes(args[1], args[0])
+        if expr.op.same_as(tvm.ir.Op.get("relax.cumsum")) and str(getattr(args[0].ty, "dtype", "")) == "bool":
+            args[0] = relax.op.astype(args[0], "int32")  # LLVM codegen cannot add bools
+        return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
+    return expr
+
+
+def _positive_axes(axes: relax.Expr, data: relax.Expr) -> relax.Expr:
+    """strided_slice axes made non-negative (TVM's legalization rejects ``axes=(-1,)``)."""
+    ndim = getattr(data.ty, "ndim", -1)
+    if ndim < 0 or not isinstance(axes, relax.Tuple):
+        return axes
+    fixed = [tvm.tirx.IntImm(str(a.ty), int(a.value) % ndim) if isinstance(a, tvm.tirx.IntImm) else a for a in axes.fields]
+    return relax.Tuple(fixed)
+
+
+def _mask_function(func: relax.Function, mask: relax.Expr) -> tuple[relax.Function, list]:
+    """A function computing only ``mask``, and the original parameters it takes."""
+    bound = {}
+    order = []
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            bound[binding.var] = binding.value
+            order.append(binding.var)
+    needed, params, stack = set(), set(), [mask]
+    while stack:
+        expr = stack.pop()
+        for var in relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]:
+            if var in bound and var not in needed:
+                needed.add(var)
+                stack.append(bound[var])
+            elif var in func.params:
+                params.add(var)
+    params = [p for p in func.params if p in params]
+    new_params = [relax.Var(p.name, p.ty) for p in params]
+    remap = dict(zip(params, new_params))
+    bb = relax.BlockBuilder()
+    with bb.function("mask_probe", new_params):
+        with bb.dataflow():
+            for var in order:
+                if var in needed:
+                    remap[var] = bb.emit(_copy_expr(bound[var], remap), name_hint=var.name)
+            out = bb.emit_output(_copy_expr(mask, remap))
+        bb.emit_func_output(out)
+    return bb.get()["mask_probe"], params
+
+
+def _reemit(func: relax.Function) -> relax.Function:
+    """``func`` with every binding normalised again, so types are re-inferred from its inputs."""
+    new_params = [relax.Var(p.name, p.ty) for p in func.params]
+    remap = dict(zip(func.params, new_params))
+    bb = relax.BlockBuilder()
+    with bb.function("mask_probe", new_params):
+        with bb.dataflow():
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    remap[binding.var] = bb.emit(_copy_expr(binding.value, remap), name_hint=binding.var.name)
+            out = bb.emit_output(_copy_expr(func.body.body, remap))
+        bb.emit_func_output(out)
+    return bb.get()["mask_probe"]
+
+
+def evaluate_mask(func: relax.Function, mask: relax.Expr, length: int, probe_inputs: ProbeInputs) -> np.ndarray:
+    """The value of ``mask`` when ``func`` runs on a probe sequence of ``length`` tokens.
+
+    Symbolic dimensions are bound to ``length`` and every type re-inferred first: imported
+    mask code often has data-dependent shapes that TVM only compiles once they are concrete.
+    """
+    probe, params = _mask_function(func, mask)
+    symbolic = {v: length for v in relax.analysis.defined_symbolic_vars(probe)}
+    bound = relax.transform.BindSymbolicVars(symbolic)(tvm.IRModule({"mask_probe": probe}))
+    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound["mask_probe"])}), target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    return vm["mask_probe"](*[probe_inputs(length, p) for p in params]).numpy()
+
+
+def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:
+    """Classify a probe mask (boolean, or additive 0 / very negative) over ``length`` positions."""
+    values = np.asarray(values)
+    if values.shape[-2:] != (length, length):
+        raise AttentionMatchError(f"{where}: attention mask has shape {values.shape}, not [..., {length}, {length}]")
+    flat = values.reshape(-1, length, length)
+    if not all(np.array_equal(flat[0], f) for f in flat[1:]):
+        raise AttentionMatchError(f"{where}: attention mask differs between heads or batch rows")
+    m = flat[0]
+    if m.dtype == bool:
+        allowed = m
+    else:
+        allowed = m > -1e4
+        if np.any(m[allowed] != 0):
+            raise AttentionMatchError(f"{where}: attention bias is not a 0 / -inf mask (e.g. ALiBi); not supported")
+    i, j = np.indices((length, length))
+    if allowed.all():
+        return MaskKind(causal=False)
+    if np.array_equal(allowed, j <= i):
+        return MaskKind(causal=True)
+    window = int(allowed.sum(axis=1).max())
+    if np.array_equal(allowed, (j <= i) & (j > i - window)):
+        return MaskKind(causal=True, sliding_window=window)
+    raise AttentionMatchError(f"{where}: attention mask is neither causal, sliding-window nor full")

@@ -1,0 +1,223 @@
+"""PagedAttentionRewrite: attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``.
+
+Every attention of a function (found by :mod:`.attention_match`) is replaced by two calls on
+a paged pool of its own layer: the attention's new K/V tokens are appended in place, and the
+queries attend over the pool in the ragged form. The function's signature gains the pools
+(``kv_cache_<layer>``) and the step tensors the runtime hands out (``slot_mapping``,
+``block_table``, ``seq_lens``, ``q_indptr``). Contiguous caches (``concat(past, new)`` with
+``past`` a parameter and the concat returned as a ``present`` output) are dropped: the pool
+replaces them. The mask is evaluated on probe inputs and becomes the op's ``causal`` /
+``sliding_window`` attributes. An attention-like graph that cannot be converted raises
+:class:`AttentionMatchError` naming the function and the op, so no half-paged model is made.
+
+The imported graph must use batch 1 with the tokens of the step along its sequence axis (the
+engine flattens every sequence of a step into that axis; ``q_indptr`` tells them apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from llmir_tvm import ops
+
+from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes
+from .mask_probe import MaskKind, ProbeInputs, classify_mask, default_probe_inputs, evaluate_mask
+
+#: Function attribute describing the paged KV cache a rewritten function expects.
+KV_ATTR = "llmir.kv_cache"
+STEP_PARAMS = ("slot_mapping", "block_table", "seq_lens", "q_indptr")
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """The pool of one attention layer."""
+
+    num_kv_heads: int
+    head_dim: int
+    num_qo_heads: int
+    causal: bool
+    sliding_window: int
+
+
+def _to_rows(bb: relax.BlockBuilder, t: relax.Expr, axes: TensorAxes, seq_len, dtype: str) -> relax.Expr:
+    """``t`` as ``[seq, heads, head_dim]`` (layout ops only, plus a cast to ``dtype``)."""
+    rank = len(t.ty.shape)
+    core = [axes.seq_axis] + ([axes.head_axis] if axes.head_axis is not None else []) + [axes.dim_axis]
+    order = core + [i for i in range(rank) if i not in core]
+    if order != list(range(rank)):
+        t = bb.emit(relax.op.permute_dims(t, order))
+    head_dim = int(axes.tensor.ty.shape[axes.dim_axis])
+    t = bb.emit(relax.op.reshape(t, [seq_len, axes.num_heads, head_dim]))
+    if str(t.ty.dtype) != dtype:
+        t = bb.emit(relax.op.astype(t, dtype))
+    return t
+
+
+def _from_rows(bb: relax.BlockBuilder, rows: relax.Expr, target: relax.TensorType, head_dim: int, fname: str) -> relax.Expr:
+    """``rows [seq, heads, head_dim]`` rearranged into the shape and dtype of ``target``."""
+    dims = list(target.shape.values)
+    const = [int(d.value) if isinstance(d, tirx.IntImm) else None for d in dims]
+    seq_axis = next(i for i, c in enumerate(const) if c is None)
+    head_axes = [i for i, c in enumerate(const[:-1]) if c not in (None, 1)]
+    where = {"s": seq_axis, "h": head_axes[0] if head_axes else -1, "d": len(dims) - 1}
+    order = sorted(range(3), key=lambda a: where["shd"[a]])  # rows axes in the target's order
+    if order != [0, 1, 2]:
+        rows = bb.emit(relax.op.permute_dims(rows, order))
+    out = bb.emit(relax.op.reshape(rows, dims))
+    if str(out.ty.dtype) != str(target.dtype):
+        out = bb.emit(relax.op.astype(out, str(target.dtype)))
+    return out
+
+
+@mutator
+class _PagedRewriter(PyExprMutator):
+    """Replaces each match's P·V output by the paged ops; drops ``present`` outputs."""
+
+    def __init__(self, mod, matches, layers, pools, step, kv_dtype, fname, present_vars):
+        super().__init__(mod)
+        self.by_output = {m.output: (i, m) for i, m in enumerate(matches)}
+        self.layers, self.pools, self.step, self.kv_dtype = layers, pools, step, kv_dtype
+        self.fname, self.present = fname, present_vars
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.by_output:
+            layer, match = self.by_output[binding.var]
+            self.set_var_remap(binding.var, self._emit_paged(layer, match, binding.var))
+            return
+        value = binding.value
+        if isinstance(value, relax.Tuple) and any(f in self.present for f in value.fields):
+            kept = [self.visit_expr(f) for f in value.fields if f not in self.present]
+            new = kept[0] if len(kept) == 1 else relax.Tuple(kept)
+            self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
+            return
+        super().visit_var_binding_(binding)
+
+    def _emit_paged(self, layer: int, m: AttentionMatch, out_var: relax.Var) -> relax.Expr:
+        bb, dtype, info = self.builder_, self.kv_dtype, self.layers[layer]
+        slot_mapping, block_table, seq_lens, q_indptr = self.step
+        seq = m.q.seq_len
+
+        def rows(axes: TensorAxes) -> relax.Expr:
+            moved = TensorAxes(self.visit_expr(axes.tensor), axes.head_axis, axes.seq_axis, axes.dim_axis)
+            return _to_rows(bb, moved.tensor, axes, seq, dtype)
+
+        q, k, v = rows(m.q), rows(m.k.new), rows(m.v.new)
+        pool = bb.emit(ops.append_kv(self.pools[layer], k, v, slot_mapping), name_hint=f"kv_cache_{layer}_appended")
+        out = bb.emit(
+            ops.paged_attention(
+                q, pool, block_table, seq_lens, q_indptr,
+                scale=m.scale, causal=info.causal, sliding_window=info.sliding_window,
+            )
+        )
+        return _from_rows(bb, out, out_var.ty, m.head_dim, self.fname)
+
+
+def _present_outputs(func: relax.Function, matches: list[AttentionMatch]) -> set:
+    """Vars of the returned tuple that are (layouts of) cache concats, i.e. ``present`` outputs."""
+    matcher = AttentionMatcher(func, "")
+    concats = set()
+    for var in matcher.b.order:
+        value = matcher.b.value[var]
+        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.concat")):
+            parts = value.args[0]
+            if isinstance(parts, relax.Tuple) and parts.fields[0] in {
+                s.past_param for m in matches for s in (m.k, m.v) if s.past_param is not None
+            }:
+                concats.add(var)
+    present = set()
+    for var in matcher.b.order:
+        value = matcher.b.value[var]
+        if isinstance(value, relax.Tuple):
+            for f in value.fields:
+                if matcher._strip(f)[0] in concats:
+                    present.add(f)
+    return present
+
+
+@tvm.transform.module_pass(opt_level=0, name="PagedAttentionRewrite")
+class PagedAttentionRewrite:
+    """Rewrite every attention of every Relax function into paged ``llm.*`` ops (see module doc).
+
+    Parameters: ``page_size`` tokens per block; ``kv_dtype`` pool dtype (default: the query
+    dtype); ``probe_len`` tokens used to evaluate masks (must exceed any sliding window);
+    ``probe_inputs(length, param)`` makes the probe value of an input (default: positions are
+    ``arange``, masks ones, others zeros).
+    """
+
+    def __init__(self, page_size: int = 16, kv_dtype: str | None = None, probe_len: int = 16,
+                 probe_inputs: ProbeInputs | None = None):
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        self.page_size, self.kv_dtype, self.probe_len = page_size, kv_dtype, probe_len
+        self.probe_inputs = probe_inputs or default_probe_inputs
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                matches = AttentionMatcher(func, gv.name_hint).find()
+                if matches:
+                    result[gv] = self._rewrite(result, gv.name_hint, func, matches)
+        return result
+
+    def _mask_kind(self, func, m: AttentionMatch, fname: str, cache: dict) -> MaskKind:
+        if m.mask is None:
+            return MaskKind(causal=False)
+        if m.mask not in cache:
+            values = evaluate_mask(func, m.mask, self.probe_len, self.probe_inputs)
+            cache[m.mask] = classify_mask(values, self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
+        return cache[m.mask]
+
+    def _rewrite(self, mod, fname: str, func: relax.Function, matches: list[AttentionMatch]) -> relax.Function:
+        dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
+        masks: dict = {}
+        layers = []
+        for m in matches:
+            kind = self._mask_kind(func, m, fname, masks)
+            layers.append(LayerCache(m.k.new.num_heads, m.head_dim, m.q.num_heads, kind.causal, kind.sliding_window))
+        seq = matches[0].q.seq_len
+        num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
+        pools = [
+            relax.Var(f"kv_cache_{i}", relax.TensorType((num_blocks, 2, l.num_kv_heads, self.page_size, l.head_dim), dtype))
+            for i, l in enumerate(layers)
+        ]
+        step = [
+            relax.Var("slot_mapping", relax.TensorType((seq,), "int32")),
+            relax.Var("block_table", relax.TensorType((batch, max_blocks), "int32")),
+            relax.Var("seq_lens", relax.TensorType((batch,), "int32")),
+            relax.Var("q_indptr", relax.TensorType((batch + 1,), "int32")),
+        ]
+        past = {s.past_param for m in matches for s in (m.k, m.v) if s.past_param is not None}
+        present = _present_outputs(func, matches)
+        widened = relax.Function(list(func.params) + pools + step, func.body, None, func.is_pure, func.attrs)
+        rewriter = _PagedRewriter(mod, matches, layers, pools, step, dtype, fname, present)
+        new = rewriter.visit_expr(widened)
+        new = relax.transform.DeadCodeElimination()(tvm.IRModule({"f": new}))["f"]
+        used = set(relax.analysis.free_vars(new.body))
+        if used & past:
+            names = ", ".join(sorted(p.name for p in used & past))
+            raise AttentionMatchError(f"{fname}: cache input(s) {names} are used outside the attention; cannot page them")
+        attrs = dict(func.attrs) if func.attrs is not None else {}
+        # Inputs first, then pools and step tensors, then weights (when the import marks them).
+        num_inputs = int(attrs.get("num_input", len(func.params)))
+        inputs = [p for p in func.params[:num_inputs] if p not in past]
+        params = inputs + pools + step + list(func.params[num_inputs:])
+        attrs[KV_ATTR] = {
+            "page_size": self.page_size,
+            "dtype": dtype,
+            "num_layers": len(layers),
+            "num_kv_heads": [l.num_kv_heads for l in layers],
+            "num_qo_heads": [l.num_qo_heads for l in layers],
+            "head_dim": [l.head_dim for l in layers],
+            "sliding_window": [l.sliding_window for l in layers],
+            "causal": [int(l.causal) for l in layers],
+        }
+        if "num_input" in attrs:
+            attrs["num_input"] = len(inputs) + len(pools) + len(step)
+        new_params = {p: q for p, q in zip(func.params + pools + step, new.params)}
+        return relax.Function([new_params[p] for p in params], new.body, None, new.is_pure,
+                              tvm.ir.make_node("ir.DictAttrs", **attrs))
