@@ -19,7 +19,7 @@ went back to the pool; the entry holds 0). Everything else is *held* (one refere
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import tvm.runtime
