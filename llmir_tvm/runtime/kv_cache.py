@@ -705,8 +705,8 @@ class PagedKVCache:
             return
         r = rows[wmask]
         dead = np.maximum(0, (self._len[r] + 1 - window[wmask]) // self.block_size)
-        todo = dead > self._live[r]
-        for row, upto in zip(r[todo].tolist(), dead[todo].tolist()):
+        moved = dead > self._live[r]
+        for row, upto in zip(r[moved].tolist(), dead[moved].tolist()):
             lo = int(self._live[row])
             self.allocator.decref(self._table[row, lo:upto])
             self._table[row, lo:upto] = 0
