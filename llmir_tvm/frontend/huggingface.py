@@ -1,0 +1,78 @@
+"""Hugging Face causal LMs (Llama / Qwen2 / Mistral / GPT-2 families) through ``torch.export``.
+
+The model is wrapped to take ``(input_ids [1, n], position_ids [1, n])`` and return logits,
+without a cache (the KV passes add the paged one), and exported with a dynamic token axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .imported import ImportedModel, ModelImportError
+from .torch_program import import_exported_program
+
+
+def _load(model: Any) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model, None
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise ModelImportError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelImportError(f"cannot load a causal LM from {path}: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return loaded, tokenizer
+
+
+def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
+    """Import a ``PreTrainedModel`` or a model directory (config.json + weights)."""
+    import torch
+
+    hf, loaded_tokenizer = _load(model)
+    config = hf.config
+    if getattr(config, "is_encoder_decoder", False) or hf.get_output_embeddings() is None:
+        raise ModelImportError(f"{type(hf).__name__} is not a decoder-only causal LM")
+    hf = hf.eval().float()
+
+    class Step(torch.nn.Module):
+        """One step over ``[1, n]`` tokens at the given positions, no cache."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids):
+            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    max_len = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 4096))
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    tokens = torch.export.Dim("num_tokens", min=2, max=max_len)
+    with torch.no_grad():
+        try:
+            program = torch.export.export(
+                Step(hf), example, dynamic_shapes={"input_ids": {1: tokens}, "position_ids": {1: tokens}}
+            )
+        except Exception as err:  # torch.export raises many types; report the model, not torch internals
+            raise ModelImportError(f"torch.export failed for {type(hf).__name__}: {str(err).splitlines()[0]}") from err
+    window = getattr(config, "sliding_window", None) or 0
+    if getattr(config, "use_sliding_window", True) is False:
+        window = 0
+    eos = config.eos_token_id if config.eos_token_id is not None else []
+    return import_exported_program(
+        program,
+        name=getattr(config, "name_or_path", None) or type(hf).__name__,
+        tokenizer=tokenizer or loaded_tokenizer,
+        eos_token_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])],
+        max_seq_len=max_len,
+        sliding_window=int(window),
+        vocab_size=int(config.vocab_size),
+    )

@@ -1,0 +1,39 @@
+"""``torch.export`` programs and ``torch.nn.Module`` + example inputs → Relax."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .imported import ImportedModel, ModelImportError
+
+
+def import_exported_program(program: Any, *, name: str = "exported_program", **meta) -> ImportedModel:
+    """Import an ``ExportedProgram`` whose inputs are ``(input_ids [1, n], position_ids [1, n])``.
+
+    TVM's importer runs with decomposition (SDPA becomes a matmul/softmax chain the KV passes
+    understand) and keeps weights as parameters, detached into ``ImportedModel.params``.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    try:
+        mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    except Exception as err:  # the importer raises assertion/attribute errors on unsupported ops
+        raise ModelImportError(f"cannot import {name} into Relax: {str(err).splitlines()[0]}") from err
+    mod, params = relax.frontend.detach_params(mod)
+    weights = [p.numpy() for p in params.get("main", [])]
+    return ImportedModel(mod=mod, params=weights, name=name, **meta)
+
+
+def import_torch_module(module: Any, example_inputs: tuple, **meta) -> ImportedModel:
+    """Export ``module(input_ids, position_ids) -> logits`` with a dynamic token axis, then import it."""
+    import torch
+
+    if not isinstance(example_inputs, tuple) or len(example_inputs) != 2:
+        raise ModelImportError("example_inputs must be (input_ids [1, n], position_ids [1, n])")
+    tokens = torch.export.Dim("num_tokens", min=2, max=meta.get("max_seq_len", 4096))
+    names = list(inspect.signature(module.forward).parameters)[:2]
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), example_inputs, dynamic_shapes={n: {1: tokens} for n in names})
+    return import_exported_program(program, name=type(module).__name__, **meta)
