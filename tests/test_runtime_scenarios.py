@@ -820,3 +820,22 @@ def test_device_copy_path_reuses_step_buffers(k32, monkeypatch):
     np.testing.assert_array_equal(second.slot_mapping.numpy(), slots + 1)
     h.check_contents()
     h.check_invariants()
+
+
+def test_prefix_caching_disabled(k32):
+    h = make(k32, num_blocks=16, enable_prefix_caching=False)
+    rng = np.random.default_rng(15)
+    p = toks(rng, 9)
+    assert h.add(1, p) == 0
+    h.step({1: p})
+    assert h.cache.match_prefix(p) == 0 and h.add(2, p) == 0  # nothing is ever hashed
+    h.step({2: p})
+    h.fork(1, 3, 6)
+    h.step({3: toks(rng, 5), 1: toks(rng, 1)})
+    assert h.cache.stats()["cow_copies"] == 1
+    h.check_contents()
+    h.check_invariants()
+    for s in (1, 2, 3):
+        h.remove(s)
+    st = h.cache.stats()
+    assert (st["blocks_free"], st["blocks_cached"], st["prefix_queries"]) == (16, 0, 0)

@@ -181,7 +181,9 @@ class PagedKVCache:
         self._sinks = np.zeros(cap_rows, dtype=np.int64)
         self._tracks = np.zeros(cap_rows, dtype=bool)
         self._table = np.zeros((cap_rows, cap_cols), dtype=np.int32)
-        self._tokens = np.zeros((cap_rows, cap_cols * self.block_size), dtype=np.int32)
+        # Token history of each row, kept only with prefix caching (blocks are hashed as they fill).
+        self._tok_cols = self.block_size if self.enable_prefix_caching else 0
+        self._tokens = np.zeros((cap_rows, cap_cols * self._tok_cols), dtype=np.int32)
         self._hashes: list[list[bytes]] = [[] for _ in range(cap_rows)]
         self._step: _Step | None = None
         self._step_buffers: dict[tuple[int, tuple[int, ...]], tvm.runtime.Tensor] = {}
@@ -206,7 +208,7 @@ class PagedKVCache:
         return self._step is not None
 
     def sequence_ids(self) -> list[int]:
-        """Ids of the live sequences, in insertion order of their rows."""
+        """Ids of the live sequences (in the order of their internal rows)."""
         return [s for s in self._seq_of_row if s is not None]
 
     def has_sequence(self, seq_id: int) -> bool:
@@ -669,7 +671,7 @@ class PagedKVCache:
             cols *= 2
         table = np.zeros((self._table.shape[0], cols), dtype=np.int32)
         table[:, : self._table.shape[1]] = self._table
-        tokens = np.zeros((self._tokens.shape[0], cols * self.block_size), dtype=np.int32)
+        tokens = np.zeros((self._tokens.shape[0], cols * self._tok_cols), dtype=np.int32)
         tokens[:, : self._tokens.shape[1]] = self._tokens
         self._table, self._tokens = table, tokens
 
