@@ -1,9 +1,11 @@
 """KV-cache passes (each a ``tvm.transform.Pass``), installed as ``llmir_tvm.passes``.
 
-- :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``.
+- :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``;
+- :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime.
 """
 
 from .attention_match import AttentionMatchError
+from .blockify_kv_cache import BlockifyKVCache
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 
-__all__ = ["AttentionMatchError", "KV_ATTR", "PagedAttentionRewrite"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "PagedAttentionRewrite"]
