@@ -8,6 +8,10 @@ TVM's runtime is installed (no ``tvm.relax``):
 - :mod:`llmir_tvm.passes` — KV-cache passes;
 - :mod:`llmir_tvm.runtime` — block allocator and paged KV cache;
 - :mod:`llmir_tvm.reference` — independent numpy references.
+
+Public entry points: ``llmir_tvm.compile(model, target=..., kv=KVCacheConfig(...))`` →
+``CompiledModel`` (``.save(dir)`` / ``llmir_tvm.load(dir)``), and
+``llmir_tvm.Engine(compiled).generate(prompts, ...)``.
 """
 
 from __future__ import annotations
@@ -23,10 +27,25 @@ __version__ = "0.1.0"
 # A value set by the user wins.
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
-_SUBMODULES = ("ops", "tir_kernels", "passes", "runtime", "reference")
+_SUBMODULES = ("ops", "tir_kernels", "passes", "runtime", "reference", "frontend", "engine")
+#: Public names, by the module that defines them (imported on first use).
+_PUBLIC = {
+    "compile": "build",
+    "kv_pipeline": "build",
+    "KVCacheConfig": "config",
+    "CompiledModel": "model",
+    "load": "model",
+    "Engine": "engine",
+    "SamplingParams": "engine",
+    "GenerationResult": "engine",
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

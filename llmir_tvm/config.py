@@ -1,0 +1,67 @@
+"""User-facing configuration of the paged KV cache (no TVM imports: usable anywhere)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"2GB"``, ``"512MiB"`` or ``"1e9"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"memory size must be bytes or a string like '2GB', got {value!r}")
+    if isinstance(value, int):
+        amount = value
+    else:
+        match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot read memory size {value!r}; use bytes or e.g. '2GB', '512MiB'")
+        amount = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if amount <= 0:
+        raise ValueError(f"memory size must be positive, got {value!r}")
+    return amount
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """How the compiled model's KV cache is laid out and sized.
+
+    ``page_size``: tokens per block (a power of two). ``dtype``: pool dtype (default: the
+    model's). ``num_blocks`` or ``memory_budget`` (bytes or ``"2GB"``) size the pool; with
+    neither, the pool gets ``DEFAULT_BUDGET``. ``max_seq_len``: longest sequence accepted
+    (default: the model's context length).
+    """
+
+    page_size: int = 16
+    dtype: str | None = None
+    num_blocks: int | None = None
+    memory_budget: int | str | None = None
+    max_seq_len: int | None = None
+
+    DEFAULT_BUDGET = 512 * 2**20
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.page_size, int) or self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size!r}")
+        if self.dtype not in (None, "float16", "float32"):
+            raise ValueError(f"KV dtype {self.dtype!r} is not supported; choose float16 or float32")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
+        if self.num_blocks is not None and self.memory_budget is not None:
+            raise ValueError("give num_blocks or memory_budget, not both")
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be a positive int, got {self.max_seq_len!r}")
+
+    def blocks_for(self, bytes_per_block: int) -> int:
+        """Pool size in blocks: ``num_blocks``, or as many blocks as the budget holds."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        budget = parse_bytes(self.memory_budget) if self.memory_budget is not None else self.DEFAULT_BUDGET
+        blocks = budget // bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"memory budget {budget} bytes holds no block of {bytes_per_block} bytes")
+        return int(blocks)

@@ -1,0 +1,95 @@
+"""A compiled model: its executable, weights and KV-cache facts; saved and loaded as a folder.
+
+Only ``tvm.runtime`` is used, so :func:`load` works where only TVM's runtime is installed.
+Folder layout: ``model.so`` (the VM executable with the cache kernels), ``params.npz`` (weights
+in parameter order), ``model.json`` (KV-cache layout and generation facts) and, when the model
+has one, ``tokenizer/`` (a Hugging Face tokenizer, loaded if ``transformers`` is installed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm.runtime
+
+#: Global symbols of the cache kernels embedded in every compiled model.
+CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
+
+
+@dataclass
+class ModelInfo:
+    """What the runtime and the engine need to know about a compiled model."""
+
+    name: str
+    target: str
+    num_layers: int
+    num_kv_heads: int
+    num_qo_heads: int
+    head_dim: int
+    page_size: int
+    kv_dtype: str
+    num_blocks: int
+    max_seq_len: int
+    vocab_size: int
+    eos_token_ids: list[int] = field(default_factory=list)
+    sliding_window: int = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Pool bytes of one block over all layers (K and V)."""
+        item = np.dtype(self.kv_dtype).itemsize
+        return self.num_layers * 2 * self.num_kv_heads * self.page_size * self.head_dim * item
+
+
+class CompiledModel:
+    """The output of ``llmir_tvm.compile``: run it with ``llmir_tvm.Engine(compiled)``."""
+
+    def __init__(self, executable: Any, params: list[np.ndarray], info: ModelInfo, tokenizer: Any = None):
+        self.executable = executable
+        self.params = params
+        self.info = info
+        self.tokenizer = tokenizer
+
+    @property
+    def module(self) -> tvm.runtime.Module:
+        """The runtime module (VM executable) holding ``prefill``, ``decode`` and the cache kernels."""
+        return getattr(self.executable, "mod", self.executable)
+
+    def cache_kernels(self) -> dict:
+        """The embedded cache kernels by global symbol, for ``llmir_tvm.runtime.PagedKVCache``."""
+        return {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the model folder (see module docstring); returns its path."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(path / "model.so"))
+        np.savez(path / "params.npz", *self.params)
+        (path / "model.json").write_text(json.dumps(asdict(self.info), indent=2))
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path / "tokenizer")
+        return path
+
+
+def load(directory: str | Path) -> CompiledModel:
+    """Load a folder written by :meth:`CompiledModel.save` (no recompilation)."""
+    path = Path(directory)
+    for name in ("model.so", "params.npz", "model.json"):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"{path} is not a compiled llmir-tvm model: {name} is missing")
+    info = ModelInfo(**json.loads((path / "model.json").read_text()))
+    with np.load(path / "params.npz") as archive:
+        params = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    tokenizer = None
+    if (path / "tokenizer").exists():
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        except ImportError:
+            tokenizer = None
+    return CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
