@@ -100,6 +100,13 @@ def _has_axis(expr: relax.Expr, size: int) -> bool:
     return any(isinstance(d, tirx.IntImm) and int(d.value) == size for d in ty.shape.values)
 
 
+def emit_like(bb: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> relax.Var:
+    """Emit ``value`` as a replacement for ``like``: a dataflow output if ``like`` was one."""
+    if isinstance(like, relax.DataflowVar):
+        return bb.emit(value, name_hint=like.name)
+    return bb.emit_output(value, name_hint=like.name)
+
+
 class _Bindings:
     """Var -> bound value for every binding of a function, plus users of each var."""
 

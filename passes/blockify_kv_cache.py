@@ -21,7 +21,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from llmir_tvm import ops
 
-from .attention_match import AttentionMatchError, op_name
+from .attention_match import AttentionMatchError, emit_like, op_name
 from .paged_attention_rewrite import KV_ATTR
 
 _PAGED = "relax.llm.paged_attention"
@@ -75,7 +75,7 @@ class _PrefillLogits(PyExprMutator):
         out_ty = binding.var.ty
         if out_ty.ndim != 3:
             raise AttentionMatchError(f"BlockifyKVCache: the function must return logits [1, tokens, vocab], got {out_ty}")
-        self.set_var_remap(binding.var, bb.emit(new, name_hint=binding.var.name))
+        self.set_var_remap(binding.var, emit_like(bb, new, binding.var))
 
 
 @mutator
@@ -93,7 +93,7 @@ class _UniformDecode(PyExprMutator):
         q4 = bb.emit(relax.op.reshape(q, [tokens, 1, heads, dim]))
         attrs = {k: value.attrs[k] for k in value.attrs.keys()}
         out = bb.emit(ops.paged_attention(q4, cache, table, lens, **attrs))
-        self.set_var_remap(binding.var, bb.emit(relax.op.reshape(out, [tokens, heads, dim]), name_hint=binding.var.name))
+        self.set_var_remap(binding.var, emit_like(bb, relax.op.reshape(out, [tokens, heads, dim]), binding.var))
 
 
 def _replace_params(func: relax.Function, new_params: list, body, attrs: dict) -> relax.Function:
@@ -119,7 +119,8 @@ class BlockifyKVCache:
                 continue
             base = "" if gv.name_hint == "main" else gv.name_hint + "_"
             for name, make in ((base + "prefill", self._prefill), (base + "decode", self._decode)):
-                new = make(mod, func)
+                # Each entry point gets its own variables: functions may not share symbolic vars.
+                new = make(mod, relax.utils.copy_with_new_vars(func))
                 if "global_symbol" in new.attrs:
                     new = new.with_attr("global_symbol", name)
                 result[tvm.ir.GlobalVar(name)] = new

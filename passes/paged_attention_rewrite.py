@@ -24,7 +24,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from llmir_tvm import ops
 
-from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes
+from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like
 from .mask_probe import MaskKind, ProbeInputs, classify_mask, default_probe_inputs, evaluate_mask
 
 #: Function attribute describing the paged KV cache a rewritten function expects.
@@ -47,9 +47,8 @@ def _to_rows(bb: relax.BlockBuilder, t: relax.Expr, axes: TensorAxes, seq_len, d
     """``t`` as ``[seq, heads, head_dim]`` (layout ops only, plus a cast to ``dtype``)."""
     rank = len(t.ty.shape)
     core = [axes.seq_axis] + ([axes.head_axis] if axes.head_axis is not None else []) + [axes.dim_axis]
-    order = core + [i for i in range(rank) if i not in core]
-    if order != list(range(rank)):
-        t = bb.emit(relax.op.permute_dims(t, order))
+    if core != sorted(core):  # otherwise only unit (batch) axes are out of place: a reshape suffices
+        t = bb.emit(relax.op.permute_dims(t, core + [i for i in range(rank) if i not in core]))
     head_dim = int(axes.tensor.ty.shape[axes.dim_axis])
     t = bb.emit(relax.op.reshape(t, [seq_len, axes.num_heads, head_dim]))
     if str(t.ty.dtype) != dtype:
@@ -57,8 +56,8 @@ def _to_rows(bb: relax.BlockBuilder, t: relax.Expr, axes: TensorAxes, seq_len, d
     return t
 
 
-def _from_rows(bb: relax.BlockBuilder, rows: relax.Expr, target: relax.TensorType, head_dim: int, fname: str) -> relax.Expr:
-    """``rows [seq, heads, head_dim]`` rearranged into the shape and dtype of ``target``."""
+def _from_rows(bb: relax.BlockBuilder, rows: relax.Expr, target: relax.TensorType) -> relax.Expr:
+    """``rows [seq, heads, head_dim]`` rearranged into the shape and dtype of ``target`` (not yet emitted)."""
     dims = list(target.shape.values)
     const = [int(d.value) if isinstance(d, tirx.IntImm) else None for d in dims]
     seq_axis = next(i for i, c in enumerate(const) if c is None)
@@ -67,10 +66,9 @@ def _from_rows(bb: relax.BlockBuilder, rows: relax.Expr, target: relax.TensorTyp
     order = sorted(range(3), key=lambda a: where["shd"[a]])  # rows axes in the target's order
     if order != [0, 1, 2]:
         rows = bb.emit(relax.op.permute_dims(rows, order))
-    out = bb.emit(relax.op.reshape(rows, dims))
-    if str(out.ty.dtype) != str(target.dtype):
-        out = bb.emit(relax.op.astype(out, str(target.dtype)))
-    return out
+    if str(rows.ty.dtype) != str(target.dtype):
+        rows = bb.emit(relax.op.astype(rows, str(target.dtype)))
+    return relax.op.reshape(rows, dims)
 
 
 @mutator
@@ -86,13 +84,14 @@ class _PagedRewriter(PyExprMutator):
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         if binding.var in self.by_output:
             layer, match = self.by_output[binding.var]
-            self.set_var_remap(binding.var, self._emit_paged(layer, match, binding.var))
+            out = self._emit_paged(layer, match, binding.var)
+            self.set_var_remap(binding.var, emit_like(self.builder_, out, binding.var))
             return
         value = binding.value
         if isinstance(value, relax.Tuple) and any(f in self.present for f in value.fields):
             kept = [self.visit_expr(f) for f in value.fields if f not in self.present]
             new = kept[0] if len(kept) == 1 else relax.Tuple(kept)
-            self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
+            self.set_var_remap(binding.var, emit_like(self.builder_, new, binding.var))
             return
         super().visit_var_binding_(binding)
 
@@ -113,7 +112,7 @@ class _PagedRewriter(PyExprMutator):
                 scale=m.scale, causal=info.causal, sliding_window=info.sliding_window,
             )
         )
-        return _from_rows(bb, out, out_var.ty, m.head_dim, self.fname)
+        return _from_rows(bb, out, out_var.ty)
 
 
 def _present_outputs(func: relax.Function, matches: list[AttentionMatch]) -> set:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import tvm.runtime
@@ -100,9 +100,14 @@ class Engine:
         self,
         prompts: str | Sequence[int] | Iterable[str | Sequence[int]],
         sampling_params: SamplingParams | None = None,
+        *,
+        on_step: Callable[[int], None] | None = None,
         **overrides,
     ) -> list[GenerationResult]:
-        """Generate for a batch of prompts (text or token ids); ``overrides`` set SamplingParams fields."""
+        """Generate for a batch of prompts (text or token ids); ``overrides`` set SamplingParams fields.
+
+        ``on_step(new_tokens)`` is called after every model step (progress bars).
+        """
         params = sampling_params or SamplingParams(**overrides)
         if sampling_params is not None and overrides:
             params = SamplingParams(**{**params.__dict__, **overrides})
@@ -131,6 +136,8 @@ class Engine:
             prefill_seconds = time.perf_counter() - start
             for i, row in enumerate(logits):
                 self._accept(i, sample(row, params, rng), outputs, finish, params, stop_ids)
+            if on_step:
+                on_step(len(logits))
             start = time.perf_counter()
             while True:
                 active = [i for i, f in enumerate(finish) if f is None]
@@ -143,6 +150,8 @@ class Engine:
                 self.cache.end_forward()
                 for i, row in zip(active, logits):
                     self._accept(i, sample(row, params, rng), outputs, finish, params, stop_ids)
+                if on_step:
+                    on_step(len(active))
             decode_seconds = time.perf_counter() - start
         finally:
             if self.cache.in_step:

@@ -69,7 +69,7 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
     eos = config.eos_token_id if config.eos_token_id is not None else []
     return import_exported_program(
         program,
-        name=getattr(config, "name_or_path", None) or type(hf).__name__,
+        name=Path(getattr(config, "name_or_path", "") or type(hf).__name__).name,
         tokenizer=tokenizer or loaded_tokenizer,
         eos_token_ids=[int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])],
         max_seq_len=max_len,
