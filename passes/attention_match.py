@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.ir import Op
 
@@ -27,6 +28,7 @@ _LAYOUT_OPS = {
 _SCALE_OPS = {"relax.multiply", "relax.divide"}
 
 
+@tvm_ffi.error.register_error
 class AttentionMatchError(ValueError):
     """An attention-like subgraph that cannot be converted (names the function and the op)."""
 
@@ -107,6 +109,17 @@ def emit_like(bb: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> rel
     return bb.emit_output(value, name_hint=like.name)
 
 
+def _keeps_query_key_axes(call: relax.Call) -> bool:
+    """Whether a layout op leaves the last two axes (queries, keys) of attention scores alone."""
+    src, out = call.args[0].ty, call.ty
+    if not isinstance(src, relax.TensorType) or src.shape is None or out.shape is None or src.ndim < 2 or out.ndim < 2:
+        return False
+    if op_name(call) == "relax.permute_dims":
+        axes = call.attrs.axes  # None reverses every axis, swapping queries and keys
+        return axes is not None and [int(a) for a in axes[-2:]] == [src.ndim - 2, src.ndim - 1]
+    return all(tvm_ffi.structural_equal(a, b) for a, b in zip(src.shape.values[-2:], out.shape.values[-2:]))
+
+
 class _Bindings:
     """Var -> bound value for every binding of a function, plus users of each var."""
 
@@ -151,17 +164,20 @@ class AttentionMatcher:
         self.func, self.fname = func, fname
         self.b = _Bindings(func)
 
-    def _strip(self, expr: relax.Expr, head_dim: int | None = None) -> tuple[relax.Expr, float]:
+    def _strip(self, expr: relax.Expr, head_dim: int | None = None, scores: bool = False) -> tuple[relax.Expr, float]:
         """Follow layout ops and scalar scalings back from ``expr``; return (source, scale).
 
         With ``head_dim``, stop before a layout op whose input has no axis of ``head_dim``
         (the reshape that splits a projection into heads): that is where the heads live.
+        With ``scores``, only follow layout ops that keep the last two (query, key) axes.
         """
         scale = 1.0
         while True:
             value = self.b.producer(expr)
             name = op_name(value)
             if name in _LAYOUT_OPS and head_dim is not None and not _has_axis(value.args[0], head_dim):
+                return expr, scale
+            if name in _LAYOUT_OPS and scores and not _keeps_query_key_axes(value):
                 return expr, scale
             if name in _LAYOUT_OPS:
                 expr = value.args[0]
@@ -203,12 +219,23 @@ class AttentionMatcher:
                 return KVSource(new, past_param=parts[0])
         return KVSource(_axes_of(expr, head_dim, what, self.fname))
 
+    def _pv_matmul(self, softmax: relax.Var) -> relax.Var | None:
+        """The matmul consuming the probabilities of ``softmax`` (through layout ops), if any."""
+        for var in self.b.order:
+            value = self.b.value[var]
+            if op_name(value) == "relax.matmul" and self._leads_to(value.args[0], softmax):
+                return var
+        return None
+
     def find(self) -> list[AttentionMatch]:
-        """All attention subgraphs in binding order; raises on attention-like graphs it cannot convert."""
+        """All attention subgraphs in binding order; raises on attention-like graphs it cannot convert.
+
+        Attention-like = a softmax whose probabilities feed a matmul; other softmaxes are left alone.
+        """
         matches = []
         for var in self.b.order:
             value = self.b.value[var]
-            if op_name(value) == "relax.nn.softmax":
+            if op_name(value) == "relax.nn.softmax" and self._pv_matmul(var) is not None:
                 matches.append(self._match_softmax(var, value))
             elif op_name(value) in ("relax.nn.attention", "relax.nn.attention_bias", "relax.nn.attention_var_len"):
                 raise AttentionMatchError(
@@ -222,16 +249,16 @@ class AttentionMatcher:
         if axis not in (-1, len(call.args[0].ty.shape) - 1):
             raise AttentionMatchError(f"{self.fname}: softmax {var.name} is not over the last axis")
         scores, scale, mask = call.args[0], 1.0, None
-        scores, s = self._strip(scores)
+        scores, s = self._strip(scores, scores=True)
         scale *= s
         value = self.b.producer(scores)
         if op_name(value) == "relax.add":
             lhs, rhs = value.args
-            lhs_src, ls = self._strip(lhs)
+            lhs_src, ls = self._strip(lhs, scores=True)
             if op_name(self.b.producer(lhs_src)) == "relax.matmul":
                 scores, mask, scale = lhs_src, rhs, scale * ls
             else:
-                rhs_src, rs = self._strip(rhs)
+                rhs_src, rs = self._strip(rhs, scores=True)
                 scores, mask, scale = rhs_src, lhs, scale * rs
         value = self.b.producer(scores)
         if op_name(value) != "relax.matmul":
@@ -242,14 +269,8 @@ class AttentionMatcher:
         q_src, qs = self._strip(value.args[0], head_dim)
         k_expr, ks = self._strip(value.args[1], head_dim)
         scale *= qs * ks
-        output, v_expr = None, None
-        for other in self.b.order:
-            cand = self.b.value[other]
-            if op_name(cand) == "relax.matmul" and self._leads_to(cand.args[0], var):
-                output, v_expr = other, self._strip(cand.args[1], head_dim)[0]
-                break
-        if output is None:
-            raise AttentionMatchError(f"{self.fname}: softmax {var.name} is not followed by a P·V matmul")
+        output = self._pv_matmul(var)
+        v_expr = self._strip(self.b.value[output].args[1], head_dim)[0]
         q = _axes_of(q_src, head_dim, "Q", self.fname)
         k = self._kv_source(k_expr, head_dim, "K")
         v = self._kv_source(v_expr, head_dim, "V")

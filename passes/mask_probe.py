@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .attention_match import AttentionMatchError
@@ -116,18 +117,37 @@ def _reemit(func: relax.Function) -> relax.Function:
     return bb.get()["mask_probe"]
 
 
-def evaluate_mask(func: relax.Function, mask: relax.Expr, length: int, probe_inputs: ProbeInputs) -> np.ndarray:
-    """The value of ``mask`` when ``func`` runs on a probe sequence of ``length`` tokens.
+class MaskEvaluator:
+    """Evaluates masks of one function, compiling each distinct mask subgraph once.
+
+    Imported graphs often rebuild the same mask for every layer; subgraphs are compared by
+    structural hash, so a 30-layer model compiles its mask probe once, not 30 times.
+    """
+
+    def __init__(self, func: relax.Function, length: int, probe_inputs: ProbeInputs):
+        self.func, self.length, self.probe_inputs = func, length, probe_inputs
+        self._done: dict = {}
+
+    def __call__(self, mask: relax.Expr) -> np.ndarray:
+        """The value of ``mask`` on the probe sequence."""
+        probe, params = _mask_function(self.func, mask)
+        key = (tvm_ffi.structural_hash(probe, map_free_vars=True), tuple(p.name for p in params))
+        if key not in self._done:
+            self._done[key] = _run_probe(probe, params, self.length, self.probe_inputs)
+        return self._done[key]
+
+
+def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs) -> np.ndarray:
+    """Compile and run a mask function on probe inputs.
 
     Symbolic dimensions are bound to ``length`` and every type re-inferred first: imported
     mask code often has data-dependent shapes that TVM only compiles once they are concrete.
     """
-    probe, params = _mask_function(func, mask)
     symbolic = {v: length for v in relax.analysis.defined_symbolic_vars(probe)}
     bound = relax.transform.BindSymbolicVars(symbolic)(tvm.IRModule({"mask_probe": probe}))
     exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound["mask_probe"])}), target="llvm")
     vm = relax.VirtualMachine(exe, tvm.cpu())
-    return vm["mask_probe"](*[probe_inputs(length, p) for p in params]).numpy()
+    return vm["mask_probe"](*[np.ascontiguousarray(probe_inputs(length, p)) for p in params]).numpy()
 
 
 def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:

@@ -25,7 +25,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from llmir_tvm import ops
 
 from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like
-from .mask_probe import MaskKind, ProbeInputs, classify_mask, default_probe_inputs, evaluate_mask
+from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
 
 #: Function attribute describing the paged KV cache a rewritten function expects.
 KV_ATTR = "llmir.kv_cache"
@@ -163,20 +163,17 @@ class PagedAttentionRewrite:
                     result[gv] = self._rewrite(result, gv.name_hint, func, matches)
         return result
 
-    def _mask_kind(self, func, m: AttentionMatch, fname: str, cache: dict) -> MaskKind:
+    def _mask_kind(self, m: AttentionMatch, fname: str, evaluate: MaskEvaluator) -> MaskKind:
         if m.mask is None:
             return MaskKind(causal=False)
-        if m.mask not in cache:
-            values = evaluate_mask(func, m.mask, self.probe_len, self.probe_inputs)
-            cache[m.mask] = classify_mask(values, self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
-        return cache[m.mask]
+        return classify_mask(evaluate(m.mask), self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
 
     def _rewrite(self, mod, fname: str, func: relax.Function, matches: list[AttentionMatch]) -> relax.Function:
         dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
-        masks: dict = {}
+        evaluate = MaskEvaluator(func, self.probe_len, self.probe_inputs)
         layers = []
         for m in matches:
-            kind = self._mask_kind(func, m, fname, masks)
+            kind = self._mask_kind(m, fname, evaluate)
             layers.append(LayerCache(m.k.new.num_heads, m.head_dim, m.q.num_heads, kind.causal, kind.sliding_window))
         seq = matches[0].q.seq_len
         num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
