@@ -164,6 +164,37 @@ class Engine:
             for tokens, out, reason in zip(token_lists, outputs, finish)
         ]
 
+    def score(self, tokens: Sequence[int], prefill_len: int | None = None) -> np.ndarray:
+        """Logits ``[len(tokens), vocab]`` of every position under teacher forcing.
+
+        The first ``prefill_len`` tokens (default: all) go through one prefill step, the rest
+        through one decode step each, so both entry points are exercised (perplexity, tests).
+        """
+        tokens = self._tokens(tokens)
+        prefill_len = len(tokens) if prefill_len is None else int(prefill_len)
+        if not 1 <= prefill_len <= len(tokens):
+            raise ValueError(f"prefill_len must be in [1, {len(tokens)}], got {prefill_len}")
+        self._check_fits([tokens], SamplingParams(max_new_tokens=1))
+        seq = next(self._ids)
+        rows = []
+        try:
+            self.cache.add_sequence(seq)
+            step = self.cache.begin_forward([seq], [prefill_len])
+            head = np.array(tokens[:prefill_len])
+            everything = tvm.runtime.tensor(np.arange(prefill_len, dtype="int32"), self.device)
+            rows.append(self._run("prefill", head, np.arange(prefill_len), step, [step.q_indptr, everything]))
+            self.cache.end_forward()
+            for pos in range(prefill_len, len(tokens)):
+                step = self.cache.begin_forward([seq], [1])
+                rows.append(self._run("decode", np.array(tokens[pos : pos + 1]), np.array([pos]), step, []))
+                self.cache.end_forward()
+        finally:
+            if self.cache.in_step:
+                self.cache.end_forward()
+            if self.cache.has_sequence(seq):
+                self.cache.remove_sequence(seq)
+        return np.concatenate(rows)
+
     def _text(self, tokens: list[int], params: SamplingParams) -> str | None:
         if self.tokenizer is None:
             return None
