@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import tvm
 
 from .config import KVCacheConfig
@@ -13,16 +14,29 @@ from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, BlockifyKVCache, PagedAttentionRewrite
+from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
 
 
-def kv_pipeline(kv: KVCacheConfig = KVCacheConfig(), *, probe_len: int = 16) -> tvm.transform.Sequential:
+def kv_pipeline(
+    kv: KVCacheConfig = KVCacheConfig(), *, probe_len: int = 16, probe_inputs: ProbeInputs | None = None
+) -> tvm.transform.Sequential:
     """The KV-cache passes in order: PagedAttentionRewrite, then BlockifyKVCache."""
-    return tvm.transform.Sequential(
-        [PagedAttentionRewrite(page_size=kv.page_size, kv_dtype=kv.dtype, probe_len=probe_len), BlockifyKVCache()],
-        name="llmir_kv_pipeline",
-    )
+    rewrite = PagedAttentionRewrite(page_size=kv.page_size, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
+    return tvm.transform.Sequential([rewrite, BlockifyKVCache()], name="llmir_kv_pipeline")
+
+
+def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
+    """Mask probe inputs: the model's own weights (masks may read lifted constants), defaults otherwise."""
+    func = imported.mod["main"]
+    first_weight = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else len(func.params)
+    weights = {p.name: v for p, v in zip(func.params[first_weight:], imported.params)}
+
+    def probe(length: int, param) -> np.ndarray:
+        return weights[param.name] if param.name in weights else default_probe_inputs(length, param)
+
+    return probe
 
 
 def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, target) -> ModelInfo:
@@ -79,7 +93,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     mod = imported.mod
-    for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len).passes, start=1):
+    for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported)).passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
         stages.append((f"{i}_{kv_pass.info.name}", mod))
@@ -87,7 +101,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         folder = Path(dump_ir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
-            (folder / f"{name}.py").write_text(stage.script(show_meta=False))
+            (folder / f"{name}.py").write_text(stage.script())
     info = _model_info(imported, mod, kv, target)
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from .imported import ImportedModel, ModelImportError
+from .lift_constants import lift_constants
 
 
 def import_exported_program(program: Any, *, name: str = "exported_program", **meta) -> ImportedModel:
@@ -22,7 +23,7 @@ def import_exported_program(program: Any, *, name: str = "exported_program", **m
     except Exception as err:  # the importer raises assertion/attribute errors on unsupported ops
         raise ModelImportError(f"cannot import {name} into Relax: {str(err).splitlines()[0]}") from err
     mod, params = relax.frontend.detach_params(mod)
-    weights = [p.numpy() for p in params.get("main", [])]
+    mod, weights = lift_constants(mod, [p.numpy() for p in params.get("main", [])])
     return ImportedModel(mod=mod, params=weights, name=name, **meta)
 
 

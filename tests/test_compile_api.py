@@ -1,0 +1,124 @@
+"""The build API and scripts: IR dumps that parse back, clear errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import llmir_tvm
+from llmir_tvm.frontend import ModelImportError
+from llmir_tvm.passes import AttentionMatchError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_llama(**overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(LlamaConfig(**(config | overrides))).eval()
+
+
+def test_dump_ir_writes_every_stage_and_each_parses_back(tmp_path):
+    llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32), dump_ir=tmp_path)
+    dumps = sorted(p.name for p in tmp_path.glob("*.py"))
+    assert dumps == ["0_imported.py", "1_PagedAttentionRewrite.py", "2_BlockifyKVCache.py"]
+    for dump in dumps:
+        text = (tmp_path / dump).read_text()
+        mod = tvm.script.from_source(text)
+        assert mod.script() == text, dump  # prints back identically: nothing lost
+    final = (tmp_path / "2_BlockifyKVCache.py").read_text()
+    assert final.count("R.llm.paged_attention(") == 4 and "def prefill(" in final and "def decode(" in final
+
+
+def test_compile_model_script_saves_a_loadable_model(tmp_path):
+    model_dir = tmp_path / "hf"
+    _tiny_llama().save_pretrained(model_dir)
+    out = tmp_path / "compiled"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts/compile_model.py"), "--model", str(model_dir), "--page-size", "8",
+         "--num-blocks", "64", "-o", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    info = json.loads((out / "model.json").read_text())
+    assert (info["num_layers"], info["num_kv_heads"], info["page_size"], info["num_blocks"]) == (2, 2, 8, 64)
+    result = llmir_tvm.Engine(llmir_tvm.load(out)).generate([[1, 2, 3]], max_new_tokens=4)[0]
+    assert len(result.token_ids) == 4
+
+
+def test_missing_and_corrupt_model_directories(tmp_path):
+    with pytest.raises(ModelImportError, match="does not exist"):
+        llmir_tvm.compile(tmp_path / "nowhere")
+    with pytest.raises(ModelImportError, match="not a Hugging Face model directory"):
+        llmir_tvm.compile(tmp_path)
+    (tmp_path / "config.json").write_text("{ this is not json")
+    with pytest.raises(ModelImportError, match="cannot load a causal LM from"):
+        llmir_tvm.compile(tmp_path)
+
+
+def test_unsupported_attention_variant_is_refused_with_the_op_named():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()  # ALiBi
+    with pytest.raises(AttentionMatchError, match=r"main: softmax \w+ does not follow a Q·Kᵀ matmul \(found relax\.\w+\)"):
+        llmir_tvm.compile(bloom)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    compiled = llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=12))
+    return llmir_tvm.Engine(compiled)
+
+
+def test_prompts_longer_than_the_context_or_the_pool_are_refused(engine):
+    with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ max_new_tokens 8 exceeds the model's max_seq_len 64"):
+        engine.generate([list(range(1, 61))], max_new_tokens=8)
+    with pytest.raises(ValueError, match=r"3 prompts need up to 15 KV blocks of 8 tokens; the pool has 12 available"):
+        engine.generate([list(range(1, 33))] * 3, max_new_tokens=8)
+    assert engine.cache.stats()["num_sequences"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-2), "top_k must be an int >= 0"),
+    ],
+)
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llmir_tvm.SamplingParams(**kwargs)
+
+
+def test_bad_prompts_and_kv_config(engine):
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 128\)"):
+        engine.generate([[5, 500]])
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.generate("hello")
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        llmir_tvm.KVCacheConfig(page_size=12)
+    with pytest.raises(ValueError, match="cannot read memory size"):
+        llmir_tvm.KVCacheConfig(memory_budget="lots")
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    params = llmir_tvm.SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    first = engine.generate([[1, 2, 3], [4, 5]], params)
+    again = engine.generate([[1, 2, 3], [4, 5]], params)
+    assert [r.token_ids for r in first] == [r.token_ids for r in again]
+    assert all(0 <= t < 128 for r in first for t in r.token_ids)
