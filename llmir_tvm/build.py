@@ -13,7 +13,7 @@ from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
-from .passes import KV_ATTR, BlockifyKVCache, PagedAttentionRewrite
+from .passes import KV_ATTR, BlockifyKVCache, OffloadDenseToBLAS, PagedAttentionRewrite
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
@@ -102,6 +102,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
+    if target.kind.name == "llvm":
+        note("OffloadDenseToBLAS")
+        mod = OffloadDenseToBLAS()(mod)
     info = _model_info(imported, mod, kv, target)
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())

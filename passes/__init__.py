@@ -1,11 +1,13 @@
 """KV-cache passes (each a ``tvm.transform.Pass``), installed as ``llmir_tvm.passes``.
 
 - :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``;
-- :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime.
+- :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
+- :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets).
 """
 
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
+from .dense_offload import OffloadDenseToBLAS
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "PagedAttentionRewrite"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "OffloadDenseToBLAS", "PagedAttentionRewrite"]

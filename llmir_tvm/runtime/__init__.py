@@ -2,15 +2,18 @@
 
 This package imports only numpy, ``tvm.runtime`` and ``tvm_ffi`` so it runs where only
 TVM's runtime is installed; its kernels arrive already compiled (see
-``llmir_tvm.kernel_library.build_cache_kernels``). Importing it registers the global functions.
+``llmir_tvm.kernel_library.build_cache_kernels``). Importing it registers the global functions,
+including the BLAS-backed dense layers compiled models call (``llmir.blas.*``).
 """
 
+from . import blas
 from .allocator import BlockAllocator, KVCacheOutOfBlocks
 from .kv_cache import PagedKVCache, StepTensors, block_hash
 from .packed import GLOBAL_FUNCTION_PREFIX, global_function_names, register_global_functions
 
 __all__ = [
     "BlockAllocator",
+    "blas",
     "GLOBAL_FUNCTION_PREFIX",
     "KVCacheOutOfBlocks",
     "PagedKVCache",
