@@ -16,7 +16,7 @@ import tvm.testing
 
 from llmir_tvm import tir_kernels
 from llmir_tvm.target import resolve_target
-from reference import RandomPagedCache, attention_ref
+from llmir_tvm.reference import RandomPagedCache, attention_ref
 
 HOST = resolve_target("llvm")  # host CPU (AVX-512 / F16C where present): what users get
 

@@ -9,7 +9,7 @@ import tvm.testing
 from tvm import relax, tirx
 
 from llmir_tvm import ops
-from reference import RandomPagedCache, attention_ref
+from llmir_tvm.reference import RandomPagedCache, attention_ref
 
 
 def _vm(params, body):

@@ -13,7 +13,7 @@ from tvm.script import relax as R
 
 import llmir_tvm.ops
 from llmir_tvm import ops
-from reference import RandomPagedCache, attention_ref
+from llmir_tvm.reference import RandomPagedCache, attention_ref
 
 
 def _module_with_every_op():

@@ -15,7 +15,7 @@ import tvm
 from llmir_tvm import tir_kernels as tk
 from llmir_tvm.kernel_library import build_cache_kernels
 from llmir_tvm.runtime import KVCacheOutOfBlocks, PagedKVCache
-from reference import attention_ref
+from llmir_tvm.reference import attention_ref
 
 LAYERS, HEADS, QO_HEADS, HEAD_DIM, BS = 2, 2, 4, 16, 4
 
