@@ -122,10 +122,13 @@ class MaskEvaluator:
 
     Imported graphs often rebuild the same mask for every layer; subgraphs are compared by
     structural hash, so a 30-layer model compiles its mask probe once, not 30 times.
+    ``sizes`` fixes some symbolic sizes (e.g. a contiguous cache's past length → 0); every
+    other one is probed at ``length``.
     """
 
-    def __init__(self, func: relax.Function, length: int, probe_inputs: ProbeInputs):
+    def __init__(self, func: relax.Function, length: int, probe_inputs: ProbeInputs, sizes: Mapping | None = None):
         self.func, self.length, self.probe_inputs = func, length, probe_inputs
+        self.sizes = dict(sizes or {})
         self._done: dict = {}
 
     def __call__(self, mask: relax.Expr) -> np.ndarray:
@@ -133,21 +136,34 @@ class MaskEvaluator:
         probe, params = _mask_function(self.func, mask)
         key = (tvm_ffi.structural_hash(probe, map_free_vars=True), tuple(p.name for p in params))
         if key not in self._done:
-            self._done[key] = _run_probe(probe, params, self.length, self.probe_inputs)
+            self._done[key] = _run_probe(probe, params, self.length, self.probe_inputs, self.sizes)
         return self._done[key]
 
 
-def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs) -> np.ndarray:
+def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs,
+               sizes: Mapping | None = None) -> np.ndarray:
     """Compile and run a mask function on probe inputs.
 
-    Symbolic dimensions are bound to ``length`` and every type re-inferred first: imported
-    mask code often has data-dependent shapes that TVM only compiles once they are concrete.
+    Symbolic dimensions are bound to ``length`` (those in ``sizes`` to their value there, e.g. a
+    contiguous cache's past length to 0) and every type re-inferred first: imported mask code
+    often has data-dependent shapes that TVM only compiles once they are concrete. A mask may
+    name a size only through the shape of an input it does not read (the past length), so
+    free symbolic variables are bound too.
     """
-    symbolic = {v: length for v in relax.analysis.defined_symbolic_vars(probe)}
-    bound = relax.transform.BindSymbolicVars(symbolic)(tvm.IRModule({"mask_probe": probe}))
-    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound["mask_probe"])}), target="llvm")
+    sizes = sizes or {}
+    free = list(relax.analysis.free_symbolic_vars(probe))
+    extra = []
+    if free:  # define them through a shape parameter, so that they can be bound like the others
+        holder = relax.Var("probe_sizes", relax.ShapeType(free))
+        probe = relax.Function(list(probe.params) + [holder], probe.body, None, probe.is_pure, probe.attrs)
+        extra = [tvm_ffi.Shape([sizes.get(v, length) for v in free])]
+    symbolic = {v: sizes.get(v, length) for v in relax.analysis.defined_symbolic_vars(probe)}
+    bound = probe.bind_symbolic_vars(symbolic) if symbolic else probe
+    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound)}), target="llvm")
     vm = relax.VirtualMachine(exe, tvm.cpu())
-    return vm["mask_probe"](*[np.ascontiguousarray(probe_inputs(length, p)) for p in params]).numpy()
+    # Probe values are made for the parameters with their bound (concrete) shapes.
+    values = [np.asarray(probe_inputs(length, p), order="C") for p in bound.params[: len(params)]]
+    return vm["mask_probe"](*values, *extra).numpy()
 
 
 def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:

@@ -137,6 +137,18 @@ def _present_outputs(func: relax.Function, matches: list[AttentionMatch]) -> set
     return present
 
 
+def _empty_past_sizes(matches: list[AttentionMatch]) -> dict:
+    """Symbolic past lengths of contiguous caches → 0: masks are probed on a first step (no past)."""
+    sizes = {}
+    for m in matches:
+        for source in (m.k, m.v):
+            if source.past_param is not None:
+                dim = source.past_param.ty.shape.values[source.new.seq_axis]
+                if isinstance(dim, tirx.Var):
+                    sizes[dim] = 0
+    return sizes
+
+
 @tvm.transform.module_pass(opt_level=0, name="PagedAttentionRewrite")
 class PagedAttentionRewrite:
     """Rewrite every attention of every Relax function into paged ``llm.*`` ops (see module doc).
@@ -170,7 +182,7 @@ class PagedAttentionRewrite:
 
     def _rewrite(self, mod, fname: str, func: relax.Function, matches: list[AttentionMatch]) -> relax.Function:
         dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
-        evaluate = MaskEvaluator(func, self.probe_len, self.probe_inputs)
+        evaluate = MaskEvaluator(func, self.probe_len, self.probe_inputs, sizes=_empty_past_sizes(matches))
         layers = []
         for m in matches:
             kind = self._mask_kind(m, fname, evaluate)
