@@ -10,7 +10,8 @@ from .imported import ImportedModel, ModelImportError
 
 def import_model(model: Any, example_inputs: tuple | None = None, tokenizer: Any = None) -> ImportedModel:
     """Import ``model``: ``"default"``, a Hugging Face directory or ``PreTrainedModel``, an
-    ``ExportedProgram``, or a ``torch.nn.Module`` with ``example_inputs=(input_ids, position_ids)``.
+    ``ExportedProgram``, a ``torch.nn.Module`` with ``example_inputs=(input_ids, position_ids)``,
+    or an ONNX decoder (a ``.onnx`` file or an ``onnx.ModelProto``).
     """
     if isinstance(model, (str, Path)):
         if str(model) == "default":
@@ -24,12 +25,20 @@ def import_model(model: Any, example_inputs: tuple | None = None, tokenizer: Any
             from .huggingface import import_huggingface
 
             return import_huggingface(path, tokenizer)
-        raise ModelImportError(f"{path}: expected a Hugging Face model directory")
+        if path.suffix.lower() == ".onnx":
+            from .onnx_model import import_onnx
+
+            return import_onnx(path, tokenizer=tokenizer)
+        raise ModelImportError(f"{path}: expected a Hugging Face model directory or an .onnx file")
     type_name = type(model).__module__ + "." + type(model).__name__
     if type_name.startswith("transformers."):
         from .huggingface import import_huggingface
 
         return import_huggingface(model, tokenizer)
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        from .onnx_model import import_onnx
+
+        return import_onnx(model, tokenizer=tokenizer)
     if type(model).__name__ == "ExportedProgram":
         from .torch_program import import_exported_program
 

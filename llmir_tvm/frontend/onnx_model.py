@@ -1,0 +1,542 @@
+"""ONNX decoders → Relax through ``tvm.relax.frontend.onnx.from_onnx``.
+
+Two export styles are accepted:
+
+- **no cache**: inputs ``input_ids [batch, tokens]`` and optionally ``position_ids`` and
+  ``attention_mask``; one output, the logits ``[batch, tokens, vocab]``;
+- **contiguous cache** (the usual decoder export): also past K/V inputs
+  ``[batch, kv_heads, past, head_dim]`` (one per layer and kind) that the graph concatenates
+  with the new K/V, and one ``present`` output per past input after the logits.
+
+The graph is specialised to the convention of every frontend: batch 1 with a dynamic token
+axis (``num_tokens``), inputs ``(input_ids, position_ids, *past, *weights)``. The past length
+is the symbolic ``past_len``; :class:`~llmir_tvm.passes.PagedAttentionRewrite` later replaces
+each ``concat(past, new)`` by the paged pool and drops the past inputs and ``present`` outputs.
+
+``attention_mask`` is not an input of the result: the engine lays every sequence of a step
+contiguously along the token axis (``q_indptr`` separates them) and never pads, so the mask
+of one unpadded sequence is all ones; it is built inside the graph as ``ones([1, past_len +
+num_tokens])``. After paging, the attention mask subgraph is replaced by the ``causal`` /
+``sliding_window`` attributes the mask probe finds. When the graph has no ``position_ids``
+input, it computes the positions as a range over the token axis (``arange(past_len,
+past_len + num_tokens)``); that range is replaced by a new ``position_ids`` input. A graph
+that derives positions from ``attention_mask`` (``cumsum``) is refused: the positions of a
+multi-sequence step cannot be recovered from an all-ones mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import tvm
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
+
+from .imported import ImportedModel, ModelImportError
+from .lift_constants import lift_constants
+from .shape_values import SizeEvaluator, resolve_computed_shapes
+
+TOKENS = "num_tokens"
+PAST = "past_len"
+_FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+_INT_TYPES = {6: "int32", 7: "int64"}
+
+
+@dataclass
+class _Signature:
+    """Roles of the graph inputs and outputs (ONNX names)."""
+    input_ids: str
+    position_ids: str | None = None
+    attention_mask: str | None = None
+    past: list[str] = field(default_factory=list)
+    logits: str = ""
+    present: list[str] = field(default_factory=list)
+
+
+def _dims(info) -> list:
+    shape = info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+def _describe(info) -> str:
+    elem = info.type.tensor_type.elem_type
+    dtype = _FLOAT_TYPES.get(elem) or _INT_TYPES.get(elem) or f"type {elem}"
+    return f"'{info.name}' ({dtype} {_dims(info)})"
+
+
+def _load(model: Any) -> tuple[Any, str, str | None]:
+    """(a private copy of the ModelProto, a name, the file path or None)."""
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        return proto, model.graph.name or "onnx_model", None
+    path = Path(model)
+    if not path.is_file():
+        raise ModelImportError(f"ONNX model {path} does not exist")
+    try:
+        proto = onnx.load(str(path))
+    except (DecodeError, OSError, ValueError, RuntimeError) as err:
+        raise ModelImportError(f"{path} is not a readable ONNX model: {_first_line(err)}") from None
+    return proto, path.stem, str(path)
+
+
+def _check(proto: Any, where: str, path: str | None) -> None:
+    """Refuse an empty or invalid model with a one-line message (the ONNX checker's first line)."""
+    if not proto.graph.node or not proto.opset_import:
+        raise ModelImportError(f"{where} is not a valid ONNX model: it has no graph nodes or no opset")
+    if path is None and proto.ByteSize() >= 2**31:  # the checker cannot serialise it; from_onnx still reads it
+        return
+    try:
+        onnx.checker.check_model(path if path is not None else proto)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        raise ModelImportError(f"{where} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
+
+
+def _signature(graph, where: str) -> _Signature:
+    """Classify the inputs/outputs of a decoder graph; raise ModelImportError on anything else."""
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    tokens, past = [], []
+    found: dict = {}
+    for info in inputs:
+        elem, rank = info.type.tensor_type.elem_type, len(info.type.tensor_type.shape.dim)
+        lower = info.name.lower()
+        if elem in _INT_TYPES and rank == 2:
+            if "position" in lower:
+                found["position_ids"] = info.name
+            elif "mask" in lower:
+                found["attention_mask"] = info.name
+            else:
+                tokens.append(info.name)
+        elif elem in _FLOAT_TYPES and rank == 4:
+            past.append(info)
+        else:
+            names = ", ".join(_describe(i) for i in inputs)
+            raise ModelImportError(
+                f"{where} is not a decoder LLM export: input {_describe(info)} is none of input_ids / "
+                f"position_ids / attention_mask [batch, tokens] or past key/values [batch, kv_heads, past, "
+                f"head_dim] (inputs: {names})"
+            )
+    if len(tokens) != 1:
+        names = ", ".join(_describe(i) for i in inputs)
+        what = "no integer token input (input_ids [batch, tokens])" if not tokens else f"several token inputs {tokens}"
+        raise ModelImportError(f"{where} is not a decoder LLM export: it has {what}; inputs: {names}")
+    for info in past:
+        dims = _dims(info)
+        if not (isinstance(dims[1], int) and dims[1] > 0 and isinstance(dims[3], int) and dims[3] > 0):
+            raise ModelImportError(
+                f"{where}: past input {_describe(info)} must be [batch, kv_heads, past, head_dim] with "
+                "static kv_heads and head_dim"
+            )
+    outputs = list(graph.output)
+    if not outputs:
+        raise ModelImportError(f"{where} has no outputs")
+    logits = outputs[0]
+    if logits.type.tensor_type.elem_type not in _FLOAT_TYPES or len(logits.type.tensor_type.shape.dim) != 3:
+        raise ModelImportError(
+            f"{where} is not a decoder LLM export: its first output {_describe(logits)} is not logits "
+            "[batch, tokens, vocab]"
+        )
+    present = outputs[1:]
+    if len(present) != len(past) or any(len(p.type.tensor_type.shape.dim) != 4 for p in present):
+        raise ModelImportError(
+            f"{where}: expected the logits and one present K/V output per past input ({len(past)}); "
+            f"outputs are {', '.join(_describe(o) for o in outputs)}"
+        )
+    return _Signature(
+        input_ids=tokens[0],
+        position_ids=found.get("position_ids"),
+        attention_mask=found.get("attention_mask"),
+        past=[p.name for p in past],
+        logits=logits.name,
+        present=[p.name for p in present],
+    )
+
+
+def _set_dims(info, dims: list) -> None:
+    shape = info.type.tensor_type.shape
+    del shape.dim[:]
+    for value in dims:
+        dim = shape.dim.add()
+        if isinstance(value, int):
+            dim.dim_value = value
+        else:
+            dim.dim_param = value
+
+
+def _specialise(proto: Any, sig: _Signature) -> None:
+    """Batch 1, a dynamic token axis and one past length for every input; drop graph value_info."""
+    kv_len = f"{PAST} + {TOKENS}" if sig.past else TOKENS
+    for info in proto.graph.input:
+        if info.name in (sig.input_ids, sig.position_ids):
+            _set_dims(info, [1, TOKENS])
+        elif info.name == sig.attention_mask:
+            _set_dims(info, [1, kv_len])
+        elif info.name in sig.past:
+            dims = _dims(info)
+            _set_dims(info, [1, dims[1], PAST, dims[3]])
+    del proto.graph.value_info[:]  # inner shapes recorded for the old (dynamic batch) signature
+
+
+def _is_weight(array: np.ndarray) -> bool:
+    """Initializers that stay parameters: floating-point tensors (scalars and shape data become constants)."""
+    return array.dtype.kind == "f" and array.size > 1
+
+
+def _ranks(proto: Any) -> dict:
+    """Rank of every value (ONNX shape inference on a copy without weight data)."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    graph = skeleton.graph
+    for tensor in list(graph.initializer):
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.initializer[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    except Exception:  # inference is only a help for the Reshape fix below
+        return {}
+    infos = list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+    return {i.name: len(i.type.tensor_type.shape.dim) for i in infos if i.type.tensor_type.HasField("shape")}
+
+
+def _prepare_nodes(proto: Any) -> None:
+    """Non-weight initializers → Constant nodes (TVM folds them); work around two importer gaps.
+
+    TVM's importer keeps every initializer a runtime parameter under ``keep_params_in_input``,
+    which hides constant shapes and scales from it. It cannot reshape the symbolic scalar sizes
+    exporters compute from ``Shape``: ``Reshape(scalar, [-1])`` becomes the equivalent
+    ``Unsqueeze(axis 0)``. It broadcasts ``ConstantOfShape``'s one-element ``value`` as given,
+    which fails for a rank-0 result: the value becomes a scalar. A one-input ``Concat`` of a graph
+    input (the legacy exporter emits one on a past input, hiding the cache concat) becomes the
+    ``Identity`` it is.
+    """
+
+    graph = proto.graph
+    constants: dict = {}
+    weights = []
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if _is_weight(array):
+            weights.append(tensor)
+        else:
+            constants[tensor.name] = array
+    ranks = _ranks(proto)
+    graph_inputs = {i.name for i in graph.input}
+    nodes = [
+        onnx.helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+        for name, array in constants.items()
+    ]
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape":
+            for attr in node.attribute:
+                if attr.name == "value" and len(attr.t.dims) == 1:  # TVM broadcasts it, so [v] breaks rank 0
+                    attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).reshape(()), attr.t.name))
+        if node.op_type == "Concat" and len(node.input) == 1 and node.input[0] in graph_inputs:
+            nodes.append(onnx.helper.make_node("Identity", list(node.input), list(node.output), name=node.name))
+            continue
+        shape = constants.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if shape is not None and shape.tolist() == [-1] and ranks.get(node.input[0]) == 0:
+            axes = node.output[0] + "__axes"
+            zero = numpy_helper.from_array(np.array([0], np.int64), axes)
+            nodes.append(onnx.helper.make_node("Constant", [], [axes], value=zero))
+            nodes.append(onnx.helper.make_node("Unsqueeze", [node.input[0], axes], list(node.output)))
+        else:
+            nodes.append(node)
+    del graph.initializer[:]
+    graph.initializer.extend(weights)
+    names = {t.name for t in weights}
+    kept_inputs = [i for i in graph.input if i.name not in constants or i.name in names]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    for line in lines:  # TVM errors end with "<Kind>Error: message" after a traceback
+        if "Error:" in line and not line.lstrip().startswith("File"):
+            return line.strip()
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def _int_scalar(expr: Any) -> Any:
+    """``expr`` as an integer PrimExpr when it is a known integer scalar (a PrimValue or a constant), else None."""
+    if isinstance(expr, tvm.ir.GenericConst):
+        data = expr.value.numpy()
+        if data.size == 1 and data.dtype.kind in "iu":
+            return tirx.IntImm("int64", int(data.ravel()[0]))
+        return None
+    if tvm.ir.is_prim_expr(expr) and str(expr.ty).startswith("int"):
+        return expr
+    return None
+
+
+@contextlib.contextmanager
+def _symbolic_range():
+    """Import ONNX ``Range`` over known integer scalars as ``R.arange(start, limit, delta)``.
+
+    TVM's converter computes every non-constant range length with tensor ops and binds it to a
+    fresh symbolic variable, so ``Range(0, num_tokens)`` loses its length: a later broadcast
+    against ``num_tokens`` then has an unknown shape and importing fails. ``R.arange`` on the
+    symbolic sizes keeps it. Ranges over run-time tensor values keep TVM's conversion.
+    """
+
+    class SymbolicRange(onnx_frontend.Range):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            values = [_int_scalar(onnx_frontend.get_constant(x, params)) for x in inputs[:3]]
+            if all(v is not None for v in values) and getattr(values[2], "value", 0) > 0:
+                ty = inputs[0].ty  # ONNX: the output has the dtype of ``start``
+                dtype = str(ty.dtype) if isinstance(ty, relax.TensorType) else str(ty)
+                return relax.op.arange(values[0], values[1], values[2], dtype=dtype)
+            return super()._impl_v12(bb, inputs, attr, params)
+
+    original = onnx_frontend._get_convert_map
+    onnx_frontend._get_convert_map = lambda: {**original(), "Range": SymbolicRange}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def _import_relax(proto: Any, where: str):
+    try:
+        with warnings.catch_warnings(), _symbolic_range():
+            warnings.simplefilter("ignore")  # input renames (past_key_values.0.key -> past_key_values_0_key)
+            mod = from_onnx(proto, keep_params_in_input=True)
+    except Exception as err:  # the importer raises many kinds (OpNotImplemented, TVMError, ValueError)
+        raise ModelImportError(f"TVM cannot import {where}: {_first_line(err)}") from err
+    return relax.frontend.detach_params(mod)
+
+
+def import_onnx(
+    model: Any,
+    *,
+    name: str | None = None,
+    tokenizer: Any = None,
+    eos_token_ids: list[int] | None = None,
+    max_seq_len: int = 4096,
+    sliding_window: int = 0,
+) -> ImportedModel:
+    """Import an ONNX decoder (a ``.onnx`` path or an ``onnx.ModelProto``); see the module docstring.
+
+    ONNX files carry no tokenizer or generation config: pass ``tokenizer``, ``eos_token_ids``,
+    ``max_seq_len`` (context length) and ``sliding_window`` (largest window, to size the mask
+    probe) when known.
+    """
+    proto, default_name, path = _load(model)
+    where = path or f"ONNX model '{default_name}'"
+    _check(proto, where, path)
+    sig = _signature(proto.graph, where)
+    _specialise(proto, sig)
+    _prepare_nodes(proto)
+    mod, params = _import_relax(proto, where)
+    initializers = {t.name for t in proto.graph.initializer}
+    input_names = [i.name for i in proto.graph.input if i.name not in initializers]
+    func = _to_convention(mod["main"], sig, input_names, where)
+
+    mod = tvm.IRModule({"main": func}, attrs=mod.attrs)
+    try:
+        relax.analysis.well_formed(mod)
+    except Exception as err:
+        raise ModelImportError(f"{where}: the imported graph is not well formed: {_first_line(err)}") from err
+    logits = func.ret_ty.fields[0] if isinstance(func.ret_ty, relax.TupleType) else func.ret_ty
+    vocab = logits.shape.values[-1]
+    if not isinstance(vocab, tvm.tirx.IntImm):
+        raise ModelImportError(f"{where}: the logits' vocabulary axis must be static, got {logits}")
+    mod, weights = lift_constants(mod, [p.numpy() for p in params.get("main", [])])
+    return ImportedModel(
+        mod=mod,
+        params=weights,
+        name=name or default_name,
+        tokenizer=tokenizer,
+        eos_token_ids=list(eos_token_ids or []),
+        max_seq_len=max_seq_len,
+        sliding_window=sliding_window,
+        vocab_size=int(vocab),
+    )
+
+
+def _to_convention(func, sig: _Signature, input_names: list[str], where: str):
+    """``main(input_ids, position_ids, *past, *weights)`` with the mask built inside (see module doc).
+
+    ``input_names``: the ONNX names of the function's input parameters, in order.
+    """
+
+    func = resolve_computed_shapes(func)
+    num_input = int(func.attrs["num_input"])
+    by_name = dict(zip(input_names, func.params[:num_input]))
+    ids = by_name[sig.input_ids]
+    tokens = ids.ty.shape.values[1]
+    new_ids = relax.Var("input_ids", relax.TensorType([1, tokens], "int64"))
+    positions = relax.Var("position_ids", relax.TensorType([1, tokens], "int64"))
+    # The engine feeds int64 ids and positions: other integer inputs are cast inside the graph.
+    prologue: dict = {}  # old input -> the value it takes before the first binding
+    params_map: dict = {}  # old input -> the new parameter replacing it
+    for old_name, new in ((sig.input_ids, new_ids), (sig.position_ids, positions)):
+        if old_name is None:
+            continue
+        old = by_name[old_name]
+        if str(old.ty.dtype) == "int64":
+            params_map[old] = new
+        else:
+            prologue[old] = relax.op.astype(new, str(old.ty.dtype))
+    replace = {}
+    if sig.attention_mask is not None:
+        mask = by_name[sig.attention_mask]
+        prologue[mask] = relax.op.ones(relax.ShapeExpr(list(mask.ty.shape.values)), str(mask.ty.dtype))
+        if sig.position_ids is None and _reaches(func, mask, "relax.cumsum"):
+            raise ModelImportError(
+                f"{where}: the graph derives token positions from attention_mask (cumsum); export it with a "
+                "position_ids input"
+            )
+    if sig.position_ids is None:
+        first = by_name[sig.past[0]].ty.shape.values[2] if sig.past else 0
+        replace = _position_ranges(func, tokens, positions, first)
+        if not replace:
+            raise ModelImportError(
+                f"{where}: the graph has no position_ids input and no range over the token axis to take the "
+                "positions from; export it with a position_ids input"
+            )
+    past = [by_name[n] for n in sig.past]
+    weights = list(func.params[num_input:])
+    new_params = [new_ids, positions] + [params_map.get(p, p) for p in past] + weights
+    attrs = {k: func.attrs[k] for k in func.attrs.keys()}
+    attrs["num_input"] = 2 + len(past)
+    return _rebuild(func, new_params, params_map, prologue, replace, attrs)
+
+
+def _users(func) -> dict:
+    users: dict = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            for var in relax.analysis.free_vars(binding.value):
+                users.setdefault(var, []).append(binding)
+    return users
+
+
+def _reaches(func, start, op_name: str) -> bool:
+    """Whether a value computed from ``start`` feeds a call of ``op_name``."""
+    users = _users(func)
+    stack, seen = [start], set()
+    while stack:
+        var = stack.pop()
+        for binding in users.get(var, []):
+            value = binding.value
+            if getattr(getattr(value, "op", None), "name", None) == op_name:
+                return True
+            if binding.var not in seen:
+                seen.add(binding.var)
+                stack.append(binding.var)
+    return False
+
+
+def _position_ranges(func, tokens, positions, first_position) -> dict:
+    """Bindings that hold the positions of the step's tokens → a replacement reading ``position_ids``.
+
+    A graph without a ``position_ids`` input computes them as a range over the token axis
+    starting at the past length: ``arange(past, past + n)``, or ``arange(0, n) + past`` (in any
+    dtype, through casts and unit scalings). Every 1-D binding of ``n`` elements whose value is
+    provably ``first_position + i`` is such a range; ranges starting elsewhere are left alone.
+    """
+
+    sizes = SizeEvaluator(func).evaluate_bindings(func)
+    analyzer = sizes.analyzer
+    offsets: dict = {}  # var -> PrimExpr o such that var[i] == o + i for i < tokens
+
+    def scalar(expr):
+        value = sizes.eval(expr)
+        return value.elements[0] if value is not None and len(value.elements) == 1 else None
+
+    def integral(expr):
+        if isinstance(expr, tirx.FloatImm) and float(expr.value).is_integer():
+            return tirx.IntImm("int64", int(expr.value))
+        return expr if tvm.ir.is_prim_expr(expr) and str(expr.ty).startswith("int") else None
+
+    one = tirx.IntImm("int64", 1)
+    if isinstance(first_position, int):
+        first_position = tirx.IntImm("int64", first_position)
+    replace = {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            var, value = binding.var, binding.value
+            name = getattr(getattr(value, "op", None), "name", None)
+            args = list(getattr(value, "args", []))
+            offset = None
+            if name == "relax.arange" and len(args) == 3:
+                begin, end, step = (integral(a) for a in args)
+                if all(x is not None for x in (begin, end, step)):
+                    if analyzer.can_prove_equal(step, one) and analyzer.can_prove_equal(end - begin, tokens):
+                        offset = begin
+            elif name == "relax.astype" and isinstance(args[0], relax.Var) and args[0] in offsets:
+                offset = offsets[args[0]]
+            elif name in ("relax.add", "relax.subtract", "relax.multiply") and len(args) == 2:
+                for seq, other in ((args[0], args[1]), (args[1], args[0])):
+                    if not isinstance(seq, relax.Var) or seq not in offsets:
+                        continue
+                    c = scalar(other)
+                    if name == "relax.multiply" and _unit(other):
+                        offset = offsets[seq]
+                    elif c is not None and name == "relax.add":
+                        offset = offsets[seq] + c
+                    elif c is not None and name == "relax.subtract" and seq is args[0]:
+                        offset = offsets[seq] - c
+                    break
+            ty = var.ty
+            if offset is None or not isinstance(ty, relax.TensorType) or ty.ndim != 1:
+                continue
+            offsets[var] = analyzer.simplify(offset)
+            if analyzer.can_prove_equal(offsets[var], first_position):
+                dtype = str(ty.dtype)
+                flat = relax.op.reshape(positions, relax.ShapeExpr([tokens]))
+                replace[var] = flat if dtype == "int64" else relax.op.astype(flat, dtype)
+    return replace
+
+
+def _unit(expr) -> bool:
+    if isinstance(expr, tvm.ir.GenericConst):
+        data = expr.value.numpy()
+        return data.size == 1 and data.ravel()[0] == 1
+    return False
+
+
+def _rebuild(func, new_params, params_map, prologue, replace, attrs):
+    """The function over ``new_params``: old inputs renamed (``params_map``), bound to ``prologue``
+    values before the first binding, and the bindings in ``replace`` given new values."""
+
+    @mutator
+    class _Rebinder(PyExprMutator):
+        def __init__(self):
+            super().__init__()
+            self.started = False
+
+        def visit_var_binding_(self, binding):
+            if not self.started:
+                self.started = True
+                for old, value in prologue.items():
+                    new = self.builder_.emit(value, name_hint=old.name)
+                    self.set_var_remap(old, new)
+            if binding.var in replace:
+                new = self.builder_.emit(replace[binding.var], name_hint=binding.var.name)
+                if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
+                    self.set_var_remap(binding.var, new)
+                else:
+                    self.set_var_remap(binding.var, self.builder_.emit_output(new, name_hint=binding.var.name))
+                return
+            super().visit_var_binding_(binding)
+
+    rebinder = _Rebinder()
+    for old, new in params_map.items():
+        rebinder.set_var_remap(old, new)
+    body = rebinder.visit_expr(relax.Function(new_params, func.body, func.ret_ty, func.is_pure))
+    return relax.Function(new_params, body.body, None, func.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
