@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="default", help="'default', or a Hugging Face model directory")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="'default' (the default), or a Hugging Face model directory")
+    source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX decoder export (.onnx); docs/frontends.md")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="llvm = the host CPU")
     parser.add_argument("--arch", default="sm_90a", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90a)")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV block (a power of two)")
@@ -26,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--memory-budget", default=None, help="KV pool budget, e.g. 2GB or 512MiB")
     parser.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's context)")
     parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
-    parser.add_argument("-o", "--output", default="compiled/default", help="output folder")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
     args = parser.parse_args(argv)
+    if args.onnx is not None and not args.onnx.lower().endswith(".onnx"):
+        parser.error(f"--onnx expects a .onnx file, got {args.onnx}")
+    model = args.onnx or args.model or "default"
+    output = args.output or (str(Path("compiled") / Path(args.onnx).stem) if args.onnx else "compiled/default")
 
     import llmir_tvm
     from llmir_tvm.frontend import ModelImportError
@@ -49,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                 if stage != "import":
                     bar.update(1)
         try:
-            compiled = llmir_tvm.compile(args.model, target=target, kv=kv, dump_ir=args.dump_ir, progress=progress)
+            compiled = llmir_tvm.compile(model, target=target, kv=kv, dump_ir=args.dump_ir, progress=progress)
         except (ModelImportError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         bar.update(1)
-    path = compiled.save(args.output)
+    path = compiled.save(output)
     info = compiled.info
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
