@@ -33,7 +33,8 @@ def _bindings(func: relax.Function) -> dict:
 
 
 def _lm_head(func: relax.Function):
-    """(returned var, matmul producing the logits) when the output is ``layout(matmul(x [n, h], w))``."""
+    """(returned var, matmul producing the logits) when the output is ``layout(matmul(x, w))`` with
+    ``x`` of ``[n, h]`` or ``[1, n, h]`` tokens (the token axis is the one the rows are taken from)."""
     bound = _bindings(func)
     ret = func.body.body
     expr = ret
@@ -43,11 +44,24 @@ def _lm_head(func: relax.Function):
             expr = value
         elif op_name(value) in _LAYOUT:
             expr = value.args[0]
-        elif op_name(value) == "relax.matmul" and len(value.args[0].ty.shape) == 2:
+        elif op_name(value) == "relax.matmul" and _token_axis(value.args[0]) is not None:
             return ret, value
         else:
             break
     return ret, None
+
+
+def _token_axis(x: relax.Expr) -> int | None:
+    """The row axis of an LM-head input: 0 for ``[n, h]``, 1 for ``[1, n, h]``, else None."""
+    ty = x.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = list(ty.shape.values)
+    if len(dims) == 2:
+        return 0
+    if len(dims) == 3 and isinstance(dims[0], tirx.IntImm) and int(dims[0].value) == 1:
+        return 1
+    return None
 
 
 @mutator
@@ -65,9 +79,10 @@ class _PrefillLogits(PyExprMutator):
         bb = self.builder_
         num = self.positions.ty.shape[0]
         if self.head is not None:
-            rows = bb.emit(relax.op.take(self.visit_expr(self.head.args[0]), self.positions, axis=0))
+            hidden = self.visit_expr(self.head.args[0])
+            rows = bb.emit(relax.op.take(hidden, self.positions, axis=_token_axis(hidden)))
             logits = bb.emit(relax.op.matmul(rows, self.visit_expr(self.head.args[1]), out_dtype=self.head.attrs.out_dtype))
-            vocab = logits.ty.shape[1]
+            vocab = logits.ty.shape[-1]
             new = relax.op.reshape(logits, [1, num, vocab])
         else:  # unknown head: compute all rows, then select
             full = self.visit_expr(binding.value)

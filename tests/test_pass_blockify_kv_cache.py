@@ -122,3 +122,42 @@ class NotPaged:
 def test_requires_paged_functions():
     with pytest.raises(AttentionMatchError, match="no 'q_indptr' parameter; run PagedAttentionRewrite first"):
         BlockifyKVCache()(NotPaged)
+
+
+@I.ir_module
+class Head3D:
+    @R.function
+    def main(x: R.Tensor((1, "n", 16), "float32"), kv_cache_0: R.Tensor(("nb", 2, 1, 16, 16), "float32"),
+             slot_mapping: R.Tensor(("n",), "int32"), block_table: R.Tensor(("b", "mb"), "int32"),
+             seq_lens: R.Tensor(("b",), "int32"), q_indptr: R.Tensor(("b + 1",), "int32"),
+             w_head: R.Tensor((16, 10), "float32")):
+        R.func_attr({"llmir.kv_cache": KV})
+        n = T.int64()
+        with R.dataflow():
+            q = R.reshape(x, R.shape([n, 1, 16]))
+            kv = R.llm.append_kv(kv_cache_0, q, q, slot_mapping)
+            a = R.llm.paged_attention(q, kv, block_table, seq_lens, q_indptr, scale=0.25, causal=True, sliding_window=0, sink_tokens=0)
+            h = R.reshape(a, R.shape([1, n, 16]))
+            out = R.matmul(h, w_head)  # an LM head on [1, tokens, hidden] (ONNX exports)
+            R.output(out)
+        return out
+
+
+def test_lm_head_on_three_dim_hidden_states_runs_on_selected_rows_only(rng):
+    prefill = BlockifyKVCache()(Head3D)["prefill"]
+    text = prefill.script()
+    assert "R.take(h, logit_positions, axis=1" in text and "R.matmul(h, w_head" not in text
+    vm = relax.VirtualMachine(tvm.compile(tvm.IRModule({"prefill": prefill}), "llvm"), tvm.cpu())
+    x, w = rng.standard_normal((1, 3, 16)).astype("float32"), rng.standard_normal((16, 10)).astype("float32")
+    out = vm["prefill"](x, np.full((2, 2, 1, 16, 16), np.nan, "float32"), np.array([0, 1, 2], "int32"),
+                        np.array([[0]], "int32"), np.array([3], "int32"), np.array([0, 3], "int32"),
+                        np.array([2], "int32"), w).numpy()
+    full = BlockifyKVCache()(Head3D)["decode"]  # decode keeps every row: compare the last one
+    vm_d = relax.VirtualMachine(tvm.compile(tvm.IRModule({"decode": full}), "llvm"), tvm.cpu())
+    assert out.shape == (1, 1, 10)
+    # Row 2 of a 3-token prefill equals a prefill of 2 tokens followed by a decode of the 3rd.
+    pool = np.full((2, 2, 1, 16, 16), np.nan, "float32")
+    vm["prefill"](x[:, :2], pool, np.array([0, 1], "int32"), np.array([[0]], "int32"), np.array([2], "int32"),
+                  np.array([0, 2], "int32"), np.array([1], "int32"), w)
+    last = vm_d["decode"](x[:, 2:], pool, np.array([2], "int32"), np.array([[0]], "int32"), np.array([3], "int32"), w).numpy()
+    tvm.testing.assert_allclose(out[0, 0], last[0, 0], rtol=1e-5, atol=1e-5)
