@@ -1,6 +1,6 @@
-"""Generation over a compiled model's paged KV cache (imports only ``tvm.runtime``)."""
+"""Generation over a compiled model's paged KV cache with continuous batching (imports only ``tvm.runtime``)."""
 
-from .engine import Engine, GenerationResult
+from .engine import Engine, GenerationResult, SampleOutput, StreamEvent
 from .sampling import SamplingParams, sample
 
-__all__ = ["Engine", "GenerationResult", "SamplingParams", "sample"]
+__all__ = ["Engine", "GenerationResult", "SampleOutput", "SamplingParams", "StreamEvent", "sample"]

@@ -1,42 +1,160 @@
-"""Engine: generation with a compiled model over the paged KV cache of ``llmir_tvm.runtime``.
+"""Engine: continuous batching of a compiled model over the paged KV cache of ``llmir_tvm.runtime``.
 
-Static batching: every prompt of a call is prefilled in one ragged step (all sequences laid
-along the token axis), then all unfinished sequences decode one token per step. Only
-``tvm.runtime`` is used, so the engine runs where only TVM's runtime is installed.
+Requests enter a waiting queue. Every step packs, up to ``max_num_batched_tokens`` tokens, the
+next token of every running sequence and chunks of the prompts of newly admitted ones into one
+ragged ``prefill`` call (or one ``decode`` call when every sequence appends a single token).
+Prompts are matched against the runtime's prefix cache on admission (only the uncached suffix is
+computed); ``n > 1`` samples prefill their prompt once and fork it copy-on-write; a step that
+cannot get KV blocks preempts the most recently admitted sequence, which is recomputed later
+from its prompt and the tokens it had generated. Finished sequences release their blocks at
+once. Only ``tvm.runtime`` is used, so the engine runs where only TVM's runtime is installed.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
 from ..model import CompiledModel
-from ..runtime import PagedKVCache
+from ..runtime import KVCacheOutOfBlocks, PagedKVCache
 from .sampling import SamplingParams, sample
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class SampleOutput:
+    """One of the ``n`` samples of a request: generated ids, text (with a tokenizer) and why it ended."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
 
 
 @dataclass
 class GenerationResult:
-    """One request's output: generated ids (and text when a tokenizer is known), why it ended, timings."""
+    """One request's output.
+
+    ``token_ids`` / ``text`` / ``finish_reason`` are those of the first sample; ``outputs`` holds
+    all ``n``. ``finish_reason`` is ``"stop"`` (end-of-sequence id, stop id or stop string),
+    ``"length"`` (``max_new_tokens`` or the model's context) or ``"abort"`` (the request cannot
+    fit the model or the KV pool; ``error`` says why). Times are seconds since the request
+    entered the queue: ``time_to_first_token`` (None when no token came) and ``total_seconds``.
+    ``cached_prompt_tokens`` counts prompt tokens served from the prefix cache on admission.
+    """
 
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
     finish_reason: str
-    prefill_seconds: float
-    decode_seconds: float
+    time_to_first_token: float | None
+    total_seconds: float
+    outputs: list[SampleOutput] = field(default_factory=list)
+    error: str | None = None
+    cached_prompt_tokens: int = 0
+
+    @property
+    def prefill_seconds(self) -> float:
+        """Seconds until the first token (0 when none came)."""
+        return self.time_to_first_token or 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        """Seconds from the first token to the end."""
+        return self.total_seconds - self.prefill_seconds
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A token as it is generated; unpacks as ``(request_index, token_id, text)``.
+
+    ``text`` is the new text since the previous event of the same sample (held back while it
+    could still be the start of a stop string or an incomplete character; None without a
+    tokenizer). ``finish_reason`` is set on a sample's last event. A request aborted before
+    producing anything yields one event with ``token_id`` None, ``finish_reason`` ``"abort"``
+    and ``error`` set.
+    """
+
+    request_index: int
+    token_id: int | None
+    text: str | None
+    sample_index: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.request_index, self.token_id, self.text))
+
+
+class _Request:
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, arrival: float):
+        self.index, self.prompt, self.params, self.arrival = index, prompt, params, arrival
+        self.samples: list[_Seq] = []
+        self.forked = params.n == 1
+        self.first_token: float | None = None
+        self.finished: float | None = None
+        self.error: str | None = None
+        self.cached_prompt_tokens: int | None = None
+
+
+class _Seq:
+    def __init__(self, seq_id: int, request: _Request, sample_index: int, tokens: list[int]):
+        self.seq_id, self.request, self.sample_index = seq_id, request, sample_index
+        self.tokens = tokens  # prompt + generated
+        self.computed = 0  # tokens whose KV is in the cache (valid while admitted)
+        self.admitted = -1  # admission order (preemption picks the largest)
+        self.finish_reason: str | None = None
+        self.sent_text = ""
+        seed = request.params.seed
+        self.rng = np.random.default_rng(None if seed is None else [seed, sample_index])
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.request.prompt):]
 
 
 class Engine:
-    """Runs a :class:`CompiledModel`; owns its :class:`PagedKVCache` (``engine.cache``)."""
+    """Runs a :class:`CompiledModel` with continuous batching; owns its :class:`PagedKVCache` (``engine.cache``).
 
-    def __init__(self, compiled: CompiledModel, *, device: str = "cpu", num_blocks: int | None = None):
+    Parameters
+    ----------
+    compiled:
+        The model (``llmir_tvm.compile`` / ``llmir_tvm.load``).
+    device:
+        Where it runs (``"cpu"``, ``"cuda"``...).
+    num_blocks:
+        KV pool size in blocks (default: the compiled model's).
+    max_num_batched_tokens:
+        Token budget of one step (decodes count one token each; longer prompts are prefilled
+        in chunks). Capped at the model's ``max_seq_len``, the compiled token axis's bound.
+    max_num_seqs:
+        Most sequences running at once.
+    enable_prefix_caching:
+        Reuse KV blocks of identical prompt prefixes across requests.
+
+    After every call, ``step_stats`` holds one dict per model step (see :meth:`generate`).
+    """
+
+    def __init__(
+        self,
+        compiled: CompiledModel,
+        *,
+        device: str = "cpu",
+        num_blocks: int | None = None,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 256,
+        enable_prefix_caching: bool = True,
+    ):
+        for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         info = compiled.info
         self.compiled, self.info = compiled, info
         self.device = tvm.runtime.device(device, 0)
@@ -52,7 +170,11 @@ class Engine:
             device=self.device,
             kernels=compiled.cache_kernels(),
             sliding_window=info.sliding_window,
+            enable_prefix_caching=enable_prefix_caching,
         )
+        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
+        self.max_num_seqs = max_num_seqs
+        self.step_stats: list[dict[str, Any]] = []
         self._ids = itertools.count()
 
     @property
@@ -60,109 +182,49 @@ class Engine:
         """The model's tokenizer, or None."""
         return self.compiled.tokenizer
 
-    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
-            tokens = list(self.tokenizer(prompt)["input_ids"])
-        else:
-            tokens = [int(t) for t in prompt]
-        if not tokens:
-            raise ValueError("a prompt must have at least one token")
-        if min(tokens) < 0 or max(tokens) >= self.info.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.info.vocab_size}), got {min(tokens)}..{max(tokens)}")
-        return tokens
-
-    def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
-        tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
-        args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
-        args += self.cache.pools + [step.slot_mapping, step.block_table, step.seq_lens] + extra
-        return self.vm[function](*args, *self.params).numpy()[0]
-
-    def _check_fits(self, prompts: list[list[int]], params: SamplingParams) -> None:
-        for tokens in prompts:
-            if len(tokens) + params.max_new_tokens > self.info.max_seq_len:
-                raise ValueError(
-                    f"prompt of {len(tokens)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
-                    f"model's max_seq_len {self.info.max_seq_len}"
-                )
-        page = self.info.page_size
-        need = sum(-(-(len(t) + params.max_new_tokens) // page) for t in prompts)
-        stats = self.cache.stats()
-        available = int(stats["blocks_free"]) + int(stats["blocks_cached"])
-        if need > available:
-            raise ValueError(
-                f"{len(prompts)} prompts need up to {need} KV blocks of {page} tokens; the pool has {available} "
-                "available (generate fewer or shorter requests, or compile with a larger memory budget)"
-            )
-
+    # ------------------------------------------------------------------ public API
     def generate(
         self,
-        prompts: str | Sequence[int] | Iterable[str | Sequence[int]],
-        sampling_params: SamplingParams | None = None,
+        prompts: Prompt | Iterable[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         on_step: Callable[[int], None] | None = None,
-        **overrides,
+        **overrides: Any,
     ) -> list[GenerationResult]:
-        """Generate for a batch of prompts (text or token ids); ``overrides`` set SamplingParams fields.
+        """Generate for prompts (text or token ids); returns one result per prompt, in order.
 
-        ``on_step(new_tokens)`` is called after every model step (progress bars).
+        ``sampling_params`` is one :class:`SamplingParams` for all prompts or one per prompt;
+        ``overrides`` set its fields (``max_new_tokens=8``). Malformed input (empty prompt,
+        out-of-vocabulary id, text without a tokenizer) raises ValueError before anything runs;
+        a request that cannot fit the model's context or the KV pool ends with
+        ``finish_reason == "abort"`` while the others complete.
+
+        ``on_step(new_tokens)`` is called after every model step; ``engine.step_stats[-1]`` is
+        then that step's dict: ``step``, ``kind`` (prefill/decode/mixed), ``batch_size``,
+        ``num_tokens``, ``prefill_tokens``, ``decode_tokens``, ``new_tokens`` (sampled),
+        ``running``, ``waiting``, ``blocks_used``, ``blocks_free``, ``blocks_cached``,
+        ``waste_pct`` (allocated slots holding no token), ``prefix_hit_rate`` (prompt tokens
+        served from the prefix cache over prompt tokens admitted in this call),
+        ``preemptions`` (this step), ``preemptions_total``, ``seconds``.
         """
-        params = sampling_params or SamplingParams(**overrides)
-        if sampling_params is not None and overrides:
-            params = SamplingParams(**{**params.__dict__, **overrides})
-        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(next(iter(prompts)), int)) else list(prompts)
-        token_lists = [self._tokens(p) for p in batch]
-        if not token_lists:
-            return []
-        self._check_fits(token_lists, params)
-        rng = np.random.default_rng(params.seed)
-        seq_ids = [next(self._ids) for _ in token_lists]
-        outputs: list[list[int]] = [[] for _ in token_lists]
-        finish: list[str | None] = [None] * len(token_lists)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.info.eos_token_ids))
-        try:
-            start = time.perf_counter()
-            cached = [self.cache.add_sequence(s, t) for s, t in zip(seq_ids, token_lists)]
-            todo = [t[c:] for t, c in zip(token_lists, cached)]
-            step = self.cache.begin_forward(seq_ids, [len(t) for t in todo], np.concatenate(todo))
-            positions = np.concatenate([np.arange(c, c + len(t)) for c, t in zip(cached, todo)])
-            last_rows = np.cumsum([len(t) for t in todo]).astype("int32") - 1
-            logits = self._run(
-                "prefill", np.concatenate(todo), positions, step,
-                [step.q_indptr, tvm.runtime.tensor(last_rows, self.device)],
-            )
-            self.cache.end_forward()
-            prefill_seconds = time.perf_counter() - start
-            for i, row in enumerate(logits):
-                self._accept(i, sample(row, params, rng), outputs, finish, params, stop_ids)
-            if on_step:
-                on_step(len(logits))
-            start = time.perf_counter()
-            while True:
-                active = [i for i, f in enumerate(finish) if f is None]
-                if not active:
-                    break
-                last = np.array([outputs[i][-1] for i in active])
-                step = self.cache.begin_forward([seq_ids[i] for i in active], [1] * len(active), last)
-                positions = np.array([len(token_lists[i]) + len(outputs[i]) - 1 for i in active])
-                logits = self._run("decode", last, positions, step, [])
-                self.cache.end_forward()
-                for i, row in zip(active, logits):
-                    self._accept(i, sample(row, params, rng), outputs, finish, params, stop_ids)
-                if on_step:
-                    on_step(len(active))
-            decode_seconds = time.perf_counter() - start
-        finally:
-            if self.cache.in_step:
-                self.cache.end_forward()
-            for s in seq_ids:
-                if self.cache.has_sequence(s):
-                    self.cache.remove_sequence(s)
-        return [
-            GenerationResult(tokens, out, self._text(out, params), reason, prefill_seconds, decode_seconds)
-            for tokens, out, reason in zip(token_lists, outputs, finish)
-        ]
+        requests = self._requests(prompts, sampling_params, overrides)
+        for _ in self._serve(requests, on_step, want_text=False):
+            pass
+        return [self._result(r) for r in requests]
+
+    def stream(
+        self,
+        prompts: Prompt | Iterable[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **overrides: Any,
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yields a :class:`StreamEvent` per token as it comes.
+
+        Events unpack as ``(request_index, token_id, text_delta)``; the text deltas of one
+        sample concatenate to its final text. Closing the iterator early releases every sequence.
+        """
+        requests = self._requests(prompts, sampling_params, overrides)
+        yield from self._serve(requests, None, want_text=self.tokenizer is not None)
 
     def score(self, tokens: Sequence[int], prefill_len: int | None = None) -> np.ndarray:
         """Logits ``[len(tokens), vocab]`` of every position under teacher forcing.
@@ -174,7 +236,9 @@ class Engine:
         prefill_len = len(tokens) if prefill_len is None else int(prefill_len)
         if not 1 <= prefill_len <= len(tokens):
             raise ValueError(f"prefill_len must be in [1, {len(tokens)}], got {prefill_len}")
-        self._check_fits([tokens], SamplingParams(max_new_tokens=1))
+        problem = self._never_fits(tokens)
+        if problem:
+            raise ValueError(problem)
         seq = next(self._ids)
         rows = []
         try:
@@ -195,6 +259,267 @@ class Engine:
                 self.cache.remove_sequence(seq)
         return np.concatenate(rows)
 
+    # ------------------------------------------------------------------ input
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            tokens = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            tokens = [int(t) for t in prompt]
+        if not tokens:
+            raise ValueError("a prompt must have at least one token")
+        if min(tokens) < 0 or max(tokens) >= self.info.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.info.vocab_size}), got {min(tokens)}..{max(tokens)}")
+        return tokens
+
+    def _requests(self, prompts: Any, sampling_params: Any, overrides: dict) -> list[_Request]:
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))
+        )
+        batch = [prompts] if single else list(prompts)
+        token_lists = [self._tokens(p) for p in batch]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = sampling_params or SamplingParams(**overrides)
+            if sampling_params is not None and overrides:
+                params = SamplingParams(**{**params.__dict__, **overrides})
+            per_request = [params] * len(batch)
+        else:
+            per_request = list(sampling_params)
+            if len(per_request) != len(batch) or not all(isinstance(p, SamplingParams) for p in per_request):
+                raise ValueError(f"sampling_params must be one SamplingParams or {len(batch)} of them")
+            if overrides:
+                per_request = [SamplingParams(**{**p.__dict__, **overrides}) for p in per_request]
+        now = time.perf_counter()
+        return [_Request(i, t, p, now) for i, (t, p) in enumerate(zip(token_lists, per_request))]
+
+    def _never_fits(self, tokens: list[int]) -> str | None:
+        """Why a prompt can never be computed (context or pool too small), or None."""
+        if len(tokens) > self.info.max_seq_len:
+            return f"prompt of {len(tokens)} tokens exceeds the model's max_seq_len {self.info.max_seq_len}"
+        page = self.cache.block_size
+        need = -(-len(tokens) // page)
+        if need > self.cache.num_blocks:
+            return (
+                f"prompt of {len(tokens)} tokens needs {need} KV blocks of {page} tokens; the pool holds "
+                f"{self.cache.num_blocks} (compile with a larger memory budget)"
+            )
+        return None
+
+    # ------------------------------------------------------------------ scheduling loop
+    def _serve(self, requests: list[_Request], on_step: Callable[[int], None] | None, want_text: bool) -> Iterator[StreamEvent]:
+        self.step_stats = []
+        waiting: deque[_Seq] = deque()
+        running: list[_Seq] = []
+        state = {"admitted": itertools.count(), "preemptions": 0, "query": 0, "hits": 0}
+        all_seqs: list[_Seq] = []
+        try:
+            for req in requests:
+                problem = self._never_fits(req.prompt)
+                if problem:
+                    req.error = problem
+                    req.finished = time.perf_counter()
+                    yield StreamEvent(req.index, None, None, 0, "abort", problem)
+                    continue
+                seq = _Seq(next(self._ids), req, 0, list(req.prompt))
+                req.samples.append(seq)
+                all_seqs.append(seq)
+                waiting.append(seq)
+            step_no = 0
+            while waiting or running:
+                start = time.perf_counter()
+                events, record = self._step(waiting, running, all_seqs, state, want_text)
+                record.update(step=step_no, seconds=time.perf_counter() - start)
+                self.step_stats.append(record)
+                step_no += 1
+                if on_step:
+                    on_step(record["new_tokens"])
+                yield from events
+        finally:
+            if self.cache.in_step:
+                self.cache.end_forward()
+            for seq in all_seqs:
+                if self.cache.has_sequence(seq.seq_id):
+                    self.cache.remove_sequence(seq.seq_id)
+
+    def _step(self, waiting: deque, running: list, all_seqs: list, state: dict, want_text: bool) -> tuple[list, dict]:
+        cache, page = self.cache, self.cache.block_size
+        budget = self.max_num_batched_tokens
+        plan: list[list] = []  # [seq, tokens to compute]
+        for seq in running:
+            if budget == 0:
+                break
+            n = min(len(seq.tokens) - seq.computed, budget)
+            plan.append([seq, n])
+            budget -= n
+        reserve = sum(-(-(s.computed + n) // page) - (-(-s.computed // page)) for s, n in plan)
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            seq = waiting[0]
+            need = -(-len(seq.tokens) // page) - cache.match_prefix(seq.tokens) // page
+            available = cache.allocator.num_available - reserve
+            if need > available and running:
+                break
+            waiting.popleft()
+            cached = cache.add_sequence(seq.seq_id, seq.tokens)
+            if seq.request.cached_prompt_tokens is None:
+                seq.request.cached_prompt_tokens = min(cached, len(seq.request.prompt))
+                state["query"] += len(seq.request.prompt)
+                state["hits"] += seq.request.cached_prompt_tokens
+            seq.computed = cached
+            seq.admitted = next(state["admitted"])
+            running.append(seq)
+            n = min(len(seq.tokens) - cached, budget)
+            plan.append([seq, n])
+            budget -= n
+            reserve += -(-(cached + n) // page) - cached // page
+
+        events: list[StreamEvent] = []
+        preempted = 0
+        step = None
+        while plan:
+            lens = [n for _, n in plan]
+            toks = [t for s, n in plan for t in s.tokens[s.computed : s.computed + n]]
+            try:
+                step = cache.begin_forward([s.seq_id for s, _ in plan], lens, np.array(toks, dtype="int64"))
+                break
+            except KVCacheOutOfBlocks:
+                victim = max(running, key=lambda s: s.admitted)
+                running.remove(victim)
+                cache.remove_sequence(victim.seq_id)
+                plan = [p for p in plan if p[0] is not victim]
+                if not running:  # alone and still out of blocks: this sequence can never grow here
+                    victim.finish_reason = "abort"
+                    victim.request.error = (
+                        f"the KV pool ({cache.num_blocks} blocks of {page} tokens) cannot hold a sequence of "
+                        f"{len(victim.tokens)} tokens"
+                    )
+                    self._finish(victim, events, want_text, token=None)
+                    break
+                victim.computed = 0
+                victim.admitted = -1
+                waiting.appendleft(victim)
+                preempted += 1
+        state["preemptions"] += preempted
+
+        new_tokens = prefill_tokens = decode_tokens = 0
+        kind = "idle"
+        if step is not None:
+            decode_only = all(n == 1 and s.computed + 1 == len(s.tokens) for s, n in plan)
+            positions = np.concatenate([np.arange(s.computed, s.computed + n) for s, n in plan])
+            flat = np.array(toks, dtype="int64")
+            try:
+                if decode_only:
+                    logits = self._run("decode", flat, positions, step, [])
+                    sampled = [s for s, _ in plan]
+                else:
+                    ends = np.cumsum(lens) - 1
+                    done = [i for i, (s, n) in enumerate(plan) if s.computed + n == len(s.tokens)]
+                    rows = ends[done] if done else ends[:1]
+                    logit_rows = tvm.runtime.tensor(np.asarray(rows, dtype="int32"), self.device)
+                    logits = self._run("prefill", flat, positions, step, [step.q_indptr, logit_rows])
+                    sampled = [plan[i][0] for i in done]
+            finally:
+                cache.end_forward()
+            for s, n in plan:
+                if s.computed + n == len(s.tokens) and n == 1 and s.computed >= len(s.request.prompt):
+                    decode_tokens += 1
+                else:
+                    prefill_tokens += n
+                s.computed += n
+            kind = "decode" if decode_only else ("prefill" if decode_tokens == 0 else "mixed")
+            new_tokens = self._sample(sampled, logits, running, all_seqs, events, want_text, state)
+
+        stats = cache.stats()
+        record = {
+            "kind": kind,
+            "batch_size": len(plan),
+            "num_tokens": int(sum(n for _, n in plan)),
+            "prefill_tokens": prefill_tokens,
+            "decode_tokens": decode_tokens,
+            "new_tokens": new_tokens,
+            "running": len(running),
+            "waiting": len(waiting),
+            "blocks_used": stats["blocks_used"],
+            "blocks_free": stats["blocks_free"],
+            "blocks_cached": stats["blocks_cached"],
+            "waste_pct": stats["internal_waste_pct"],
+            "prefix_hit_rate": state["hits"] / state["query"] if state["query"] else 0.0,
+            "preemptions": preempted,
+            "preemptions_total": state["preemptions"],
+        }
+        return events, record
+
+    def _sample(
+        self, seqs: list[_Seq], logits: np.ndarray, running: list, all_seqs: list, events: list, want_text: bool, state: dict
+    ) -> int:
+        """Sample the next token of ``seqs`` (row i of ``logits``), fork n > 1 requests, retire finished ones."""
+        now = time.perf_counter()
+        fresh: list[tuple[_Seq, int]] = []
+        for seq, row in zip(seqs, logits):
+            req = seq.request
+            if req.first_token is None:
+                req.first_token = now
+            fresh.append((seq, sample(row, req.params, seq.rng)))
+            if not req.forked:  # prompt prefilled once: fork it copy-on-write into the other samples
+                req.forked = True
+                for j in range(1, req.params.n):
+                    child = _Seq(next(self._ids), req, j, list(req.prompt))
+                    self.cache.fork_sequence(seq.seq_id, child.seq_id)
+                    child.computed = seq.computed
+                    child.admitted = next(state["admitted"])
+                    req.samples.append(child)
+                    all_seqs.append(child)
+                    running.append(child)
+                    fresh.append((child, sample(row, req.params, child.rng)))
+        for seq, token in fresh:
+            self._append(seq, token, events, want_text)
+            if seq.finish_reason is not None:
+                running.remove(seq)
+                self.cache.remove_sequence(seq.seq_id)
+        return len(fresh)
+
+    # ------------------------------------------------------------------ per-token bookkeeping
+    def _append(self, seq: _Seq, token: int, events: list, want_text: bool) -> None:
+        params = seq.request.params
+        seq.tokens.append(token)
+        out = seq.output
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.info.eos_token_ids))
+        if token in stop_ids:
+            seq.finish_reason = "stop"
+        elif params.stop and self.tokenizer is not None and any(
+            s in self.tokenizer.decode(out, skip_special_tokens=True) for s in params.stop
+        ):
+            seq.finish_reason = "stop"
+        elif len(out) >= params.max_new_tokens or len(seq.tokens) >= self.info.max_seq_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self._finish(seq, events, want_text, token)
+            return
+        events.append(StreamEvent(seq.request.index, token, self._delta(seq, final=False) if want_text else None, seq.sample_index))
+
+    def _finish(self, seq: _Seq, events: list, want_text: bool, token: int | None) -> None:
+        req = seq.request
+        delta = self._delta(seq, final=True) if want_text else None
+        events.append(StreamEvent(req.index, token, delta, seq.sample_index, seq.finish_reason, req.error))
+        if all(s.finish_reason is not None for s in req.samples) and (req.forked or seq.finish_reason == "abort"):
+            req.finished = time.perf_counter()
+
+    def _delta(self, seq: _Seq, final: bool) -> str:
+        """New text of a sample since its last event (holding back a possible stop-string start)."""
+        text = self._text(seq.output, seq.request.params) or ""
+        if not final:
+            if text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            hold = max((len(s) for s in seq.request.params.stop), default=1) - 1
+            if hold:
+                text = text[: max(len(seq.sent_text), len(text) - hold)]
+        if not text.startswith(seq.sent_text):  # the tokenizer re-segmented earlier text: send nothing new
+            return ""
+        delta, seq.sent_text = text[len(seq.sent_text):], text
+        return delta
+
     def _text(self, tokens: list[int], params: SamplingParams) -> str | None:
         if self.tokenizer is None:
             return None
@@ -205,13 +530,23 @@ class Engine:
                 text = text[:cut]
         return text
 
-    def _accept(self, i: int, token: int, outputs, finish, params: SamplingParams, stop_ids: set) -> None:
-        outputs[i].append(token)
-        if token in stop_ids:
-            finish[i] = "stop"
-        elif params.stop and self.tokenizer is not None and any(
-            s in self.tokenizer.decode(outputs[i], skip_special_tokens=True) for s in params.stop
-        ):
-            finish[i] = "stop"
-        elif len(outputs[i]) >= params.max_new_tokens:
-            finish[i] = "length"
+    def _result(self, req: _Request) -> GenerationResult:
+        end = req.finished if req.finished is not None else time.perf_counter()
+        outputs = [SampleOutput(s.output, self._text(s.output, req.params), s.finish_reason or "abort") for s in req.samples]
+        if not outputs:
+            outputs = [SampleOutput([], self._text([], req.params), "abort") for _ in range(req.params.n)]
+        elif req.error and len(outputs) < req.params.n:  # aborted before forking
+            outputs += [SampleOutput([], self._text([], req.params), "abort") for _ in range(req.params.n - len(outputs))]
+        first = outputs[0]
+        ttft = None if req.first_token is None else req.first_token - req.arrival
+        return GenerationResult(
+            list(req.prompt), first.token_ids, first.text, first.finish_reason, ttft, end - req.arrival,
+            outputs, req.error, req.cached_prompt_tokens or 0,
+        )
+
+    # ------------------------------------------------------------------ model call
+    def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
+        tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
+        args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
+        args += self.cache.pools + [step.slot_mapping, step.block_table, step.seq_lens] + extra
+        return self.vm[function](*args, *self.params).numpy()[0]

@@ -11,7 +11,11 @@ import numpy as np
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable
     those filters; generation stops at ``max_new_tokens``, an end-of-sequence id of the model
-    (unless ``ignore_eos``), one of ``stop_token_ids``, or when the text ends with one of ``stop``."""
+    (unless ``ignore_eos``), one of ``stop_token_ids``, or when the text contains one of ``stop``
+    (the text is cut before it). ``n`` independent samples are drawn per prompt (the prompt is
+    prefilled once and its KV blocks are shared). With a ``seed``, sample ``j`` of a request draws
+    from its own generator seeded by ``(seed, j)``, so a request's samples depend only on its
+    prompt and parameters, not on what it is batched with."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -21,8 +25,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an int >= 0, got {self.seed!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) or self.temperature < 0:
