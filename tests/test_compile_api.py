@@ -80,11 +80,15 @@ def engine():
     return llmir_tvm.Engine(compiled)
 
 
-def test_prompts_longer_than_the_context_or_the_pool_are_refused(engine):
-    with pytest.raises(ValueError, match=r"prompt of 60 tokens \+ max_new_tokens 8 exceeds the model's max_seq_len 64"):
-        engine.generate([list(range(1, 61))], max_new_tokens=8)
-    with pytest.raises(ValueError, match=r"3 prompts need up to 15 KV blocks of 8 tokens; the pool has 12 available"):
-        engine.generate([list(range(1, 33))] * 3, max_new_tokens=8)
+def test_requests_longer_than_the_context_abort_alone_and_the_pool_queues_the_rest(engine):
+    too_long, at_limit, fits = list(range(1, 66)), list(range(1, 61)), list(range(1, 33))
+    results = engine.generate([too_long, at_limit, fits, fits, fits], max_new_tokens=8, ignore_eos=True)
+    assert results[0].finish_reason == "abort" and results[0].token_ids == []
+    assert "prompt of 65 tokens exceeds the model's max_seq_len 64" in results[0].error
+    assert results[1].finish_reason == "length" and len(results[1].token_ids) == 4  # 60 + 4 = context of 64
+    # 3 x 40 tokens need 15 blocks of 8 but the pool has 12: the engine queues / preempts instead of failing
+    assert [len(r.token_ids) for r in results[2:]] == [8, 8, 8]
+    assert results[2].token_ids == results[3].token_ids == results[4].token_ids
     assert engine.cache.stats()["num_sequences"] == 0
 
 
@@ -122,3 +126,64 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     again = engine.generate([[1, 2, 3], [4, 5]], params)
     assert [r.token_ids for r in first] == [r.token_ids for r in again]
     assert all(0 <= t < 128 for r in first for t in r.token_ids)
+
+
+class TinyDecoder(torch.nn.Module):
+    """A hand-written decoder (not transformers): embedding, causal SDPA with RoPE-free positions, head."""
+
+    def __init__(self, vocab=50, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(64, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids, position_ids):
+        x = self.embed(input_ids) + self.pos(position_ids)
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.out(a.transpose(1, 2).reshape(b, n, d)))
+
+
+def _greedy_torch(module, prompt, steps):
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.tensor([tokens])
+            tokens.append(int(module(ids, torch.arange(len(tokens))[None])[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("form", ["module", "exported_program"])
+def test_torch_module_and_exported_program(form):
+    torch.manual_seed(0)
+    module = TinyDecoder().eval()
+    example = (torch.zeros((1, 4), dtype=torch.int64), torch.arange(4)[None])
+    kv = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32)
+    if form == "module":
+        compiled = llmir_tvm.compile(module, example_inputs=example, kv=kv)
+    else:
+        n = torch.export.Dim("n", min=2, max=64)
+        program = torch.export.export(module, example, dynamic_shapes={"input_ids": {1: n}, "position_ids": {1: n}})
+        compiled = llmir_tvm.compile(program, kv=kv)
+    assert (compiled.info.num_layers, compiled.info.num_kv_heads, compiled.info.head_dim) == (1, 4, 8)
+    results = llmir_tvm.Engine(compiled).generate([[3, 1, 4, 1, 5], [9, 2]], max_new_tokens=10)
+    assert results[0].token_ids == _greedy_torch(module, [3, 1, 4, 1, 5], 10)
+    assert results[1].token_ids == _greedy_torch(module, [9, 2], 10)
+
+
+def test_float16_kv_cache_for_a_float32_model():
+    model = _tiny_llama()
+    compiled = llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="float16"))
+    assert compiled.info.kv_dtype == "float16"
+    engine = llmir_tvm.Engine(compiled)
+    assert str(engine.cache.pool(0).dtype) == "float16"
+    tokens = list(range(5, 25))
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    ours = engine.score(tokens, prefill_len=10)
+    assert np.abs(ours - ref).max() < 2e-2  # K/V rounded to fp16, everything else fp32
+    assert np.abs(ours - ref).max() > 0  # and it really is a different (rounded) cache
