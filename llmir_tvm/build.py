@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 import tvm
+from tvm import relax
 
 from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
@@ -39,6 +40,15 @@ def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
     return probe
 
 
+def _vocab_from_logits(mod: tvm.IRModule) -> int:
+    """Vocabulary size read off the logits ``[1, tokens, vocab]`` that ``decode`` returns."""
+    ret = mod["decode"].ret_ty
+    last = ret.shape.values[-1] if isinstance(ret, relax.TensorType) and ret.shape is not None else None
+    if not isinstance(last, tvm.tirx.IntImm):
+        raise ValueError(f"cannot tell the vocabulary size from the model's output type {ret}")
+    return int(last.value)
+
+
 def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, target) -> ModelInfo:
     attrs = mod["prefill"].attrs[KV_ATTR]
     heads, qo_heads, dims = (sorted(set(int(x) for x in attrs[k])) for k in ("num_kv_heads", "num_qo_heads", "head_dim"))
@@ -61,7 +71,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         kv_dtype=str(attrs["dtype"]),
         num_blocks=0,
         max_seq_len=int(max_seq_len),
-        vocab_size=imported.vocab_size,
+        vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
         sliding_window=windows[0],
     )
