@@ -43,13 +43,15 @@ def test_dump_ir_writes_every_stage_and_each_parses_back(tmp_path):
 def test_compile_model_script_saves_a_loadable_model(tmp_path):
     model_dir = tmp_path / "hf"
     _tiny_llama().save_pretrained(model_dir)
-    out = tmp_path / "compiled"
+    out, dumps = tmp_path / "compiled", tmp_path / "ir"
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts/compile_model.py"), "--model", str(model_dir), "--page-size", "8",
-         "--num-blocks", "64", "-o", str(out)],
+         "--num-blocks", "64", "--dump-ir", str(dumps), "-o", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    for stage in ("0_imported", "1_PagedAttentionRewrite", "2_BlockifyKVCache"):
+        tvm.script.from_source((dumps / f"{stage}.py").read_text())
     info = json.loads((out / "model.json").read_text())
     assert (info["num_layers"], info["num_kv_heads"], info["page_size"], info["num_blocks"]) == (2, 2, 8, 64)
     result = llmir_tvm.Engine(llmir_tvm.load(out)).generate([[1, 2, 3]], max_new_tokens=4)[0]
