@@ -3,7 +3,9 @@
 
 --model takes a folder written by scripts/compile_model.py, a Hugging Face model directory, or
 'default' (the built-in SmolLM2-135M-Instruct, compiled on the fly for the host CPU). Prints
-the generated text, tokens/s and the KV-cache statistics.
+the generated text, tokens/s and the KV-cache statistics; the progress bar shows the
+scheduler's per-step statistics. --interactive starts a chat (the tokenizer's chat template),
+streaming the reply token by token.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     parser.add_argument("--page-size", type=int, default=16, help="when compiling on the fly")
+    parser.add_argument("--interactive", action="store_true", help="chat REPL with streamed replies")
     args = parser.parse_args(argv)
 
     import llmir_tvm
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = llmir_tvm.SamplingParams(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed,
+            top_p=args.top_p, seed=args.seed, n=args.n,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -56,35 +61,92 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"model ready in {time.perf_counter() - start:.1f} s: {compiled.info.name}")
-    engine = llmir_tvm.Engine(compiled)
+    try:
+        engine = llmir_tvm.Engine(compiled, max_num_batched_tokens=args.max_num_batched_tokens)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.interactive:
+        return chat(engine, params)
     prompts = args.prompt or DEFAULT_PROMPTS
     peak = {}
 
-    with tqdm(total=len(prompts) * args.max_new_tokens, desc="generate", unit="tok") as bar:
+    with tqdm(total=len(prompts) * args.n * args.max_new_tokens, desc="generate", unit="tok") as bar:
         def on_step(new_tokens: int) -> None:
             bar.update(new_tokens)
-            stats = engine.cache.stats()
-            if stats["blocks_used"] >= peak.get("blocks_used", -1):
-                peak.update(stats)
+            step = engine.step_stats[-1]
+            bar.set_postfix(step_postfix(step), refresh=False)
+            if step["blocks_used"] >= peak.get("blocks_used", -1):
+                peak.update(step)
+        start = time.perf_counter()
         try:
             results = engine.generate(prompts, params, on_step=on_step)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        seconds = time.perf_counter() - start
     for prompt, result in zip(prompts, results):
-        shown = result.text if result.text is not None else result.token_ids
-        print(f"\n> {prompt}\n{shown}  [{len(result.token_ids)} tokens, {result.finish_reason}]")
-    generated = sum(len(r.token_ids) for r in results)
-    seconds = results[0].prefill_seconds + results[0].decode_seconds
+        for output in result.outputs:
+            shown = output.text if output.text is not None else output.token_ids
+            print(f"\n> {prompt}\n{shown}  [{len(output.token_ids)} tokens, {output.finish_reason}]")
+        if result.error:
+            print(f"  error: {result.error}")
+    generated = sum(len(o.token_ids) for r in results for o in r.outputs)
+    ttft = [r.time_to_first_token for r in results if r.time_to_first_token is not None]
     print(f"\n{generated} tokens in {seconds:.2f} s: {generated / seconds:.1f} tokens/s "
-          f"(prefill {results[0].prefill_seconds * 1e3:.0f} ms, batch {len(prompts)})")
-    print(
-        f"KV cache at peak: {peak['blocks_used']} of {peak['blocks_total']} blocks used "
-        f"({compiled.info.page_size} tokens each), {peak['tokens_stored']} tokens stored, "
-        f"internal waste {peak['internal_waste_pct']:.1f}%"
-    )
+          f"({len(engine.step_stats)} steps, batch {len(prompts)} x {args.n}, "
+          f"mean time to first token {1e3 * sum(ttft) / max(len(ttft), 1):.0f} ms)")
+    if peak:
+        print(
+            f"KV cache at peak: {peak['blocks_used']} of {engine.cache.num_blocks} blocks used "
+            f"({compiled.info.page_size} tokens each), internal waste {peak['waste_pct']:.1f}%, "
+            f"prefix hit rate {100 * engine.step_stats[-1]['prefix_hit_rate']:.0f}%, "
+            f"preemptions {engine.step_stats[-1]['preemptions_total']}"
+        )
     return 0
 
+
+def step_postfix(step: dict) -> dict:
+    """The tqdm postfix of one scheduler step."""
+    return {
+        "batch": step["batch_size"],
+        "tok": f"{step['prefill_tokens']}p+{step['decode_tokens']}d",
+        "blocks": f"{step['blocks_used']}u/{step['blocks_free']}f/{step['blocks_cached']}c",
+        "waste": f"{step['waste_pct']:.0f}%",
+        "hit": f"{100 * step['prefix_hit_rate']:.0f}%",
+        "preempt": step["preemptions_total"],
+    }
+
+
+def chat(engine, params, read=input, write=None) -> int:
+    """Chat REPL: each user line is added to the conversation, rendered with the tokenizer's chat
+    template and answered with a streamed reply. Empty line, 'exit' or end of input quits."""
+    write = write or (lambda text: print(text, end="", flush=True))
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+        print("error: --interactive needs a model with a chat tokenizer", file=sys.stderr)
+        return 2
+    messages: list[dict] = []
+    write("chat with the model (empty line or 'exit' quits)\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            break
+        if not line or line == "exit":
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        reply = ""
+        write("bot> ")
+        for event in engine.stream([ids], params):
+            if event.error:
+                write(f"[error: {event.error}]")
+            reply += event.text or ""
+            write(event.text or "")
+        write("\n")
+        messages.append({"role": "assistant", "content": reply})
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
