@@ -1,17 +1,19 @@
 """TIR kernel factories for the paged KV cache: ``(config, target) -> PrimFunc``.
 
-Every public factory here picks the variant scheduled for the target's kind (LLVM CPU
-today; CUDA variants plug in through :func:`_variants_for`). Kernels know nothing of models.
+Every public factory here picks the variant scheduled for the target's kind: LLVM CPU
+(``cache_ops``, ``paged_attention``) or CUDA sm_80+ (``cuda_cache_ops``, ``cuda_attention``),
+through :func:`_variants_for`. Kernels know nothing of models.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import tvm
 from tvm.target import Target
 
-from . import cache_ops, paged_attention
+from . import cache_ops, cuda_attention, cuda_cache_ops, paged_attention
 from .config import SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout
 
 __all__ = [
@@ -35,6 +37,19 @@ _CPU_VARIANTS: dict[str, Callable] = {
 }
 
 
+# CUDA factories take ``(config, target)``: the architecture picks tiles and split counts.
+_CUDA_VARIANTS: dict[str, Callable] = {
+    "append_kv": cuda_cache_ops.append_kv,
+    "lookup_kv": cuda_cache_ops.lookup_kv,
+    "copy_blocks": cuda_cache_ops.copy_blocks,
+    "paged_decode_attention": cuda_attention.paged_decode_attention,
+    "paged_prefill_attention": cuda_attention.paged_prefill_attention,
+}
+
+#: Cache dtypes the CPU (LLVM) kernels accept; bfloat16 is CUDA-only.
+CPU_CACHE_DTYPES = ("float16", "float32")
+
+
 def target_kind(target: Target | str | dict | None) -> str:
     """Kind name of ``target`` (``"llvm"`` when None: the CPU is the default target)."""
     if target is None:
@@ -48,10 +63,19 @@ def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
     kind = target_kind(target)
     if kind in ("llvm", "c"):
         return _CPU_VARIANTS
-    raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm'")
+    if kind == "cuda":
+        tgt = target if isinstance(target, Target) else Target(target)
+        return {name: functools.partial(fn, target=tgt) for name, fn in _CUDA_VARIANTS.items()}
+    raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm', 'cuda'")
 
 
 def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
+    layout = config.layout if isinstance(config, AttentionConfig) else config
+    if target_kind(target) in ("llvm", "c") and layout.dtype not in CPU_CACHE_DTYPES:
+        raise ValueError(
+            f"cache dtype {layout.dtype!r} is supported by the CUDA kernels only; "
+            f"CPU (llvm) kernels accept {CPU_CACHE_DTYPES}"
+        )
     return _variants_for(target)[name](config)
 
 

@@ -48,20 +48,21 @@ def append_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         keys = T.match_buffer(k_h, (NT, H, D), dtype)
         values = T.match_buffer(v_h, (NT, H, D), dtype)
         slot_mapping = T.match_buffer(slot_h, (NT,), "int32")
-        for t in T.thread_binding(NT, thread="blockIdx.x"):
-            for cy in T.thread_binding(NY, thread="blockIdx.y"):
-                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                    c: T.let[T.int32] = cy * NTH + tx
-                    slot: T.let[T.int32] = slot_mapping[t]
-                    if slot >= 0 and c < CH:
-                        blk: T.let[T.int64] = T.Cast("int64", slot // BS)
-                        off: T.let[T.int32] = slot % BS
-                        h: T.let[T.int32] = c // C
-                        e: T.let[T.int32] = c % C
-                        for v in T.vectorized(VEC):
-                            cache[blk, 0, h, off, e * VEC + v] = keys[t, h, e * VEC + v]
-                        for v in T.vectorized(VEC):
-                            cache[blk, 1, h, off, e * VEC + v] = values[t, h, e * VEC + v]
+        if NT > 0:  # a CUDA launch needs at least one block
+            for t in T.thread_binding(NT, thread="blockIdx.x"):
+                for cy in T.thread_binding(NY, thread="blockIdx.y"):
+                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                        c: T.int32 = cy * NTH + tx
+                        slot: T.int32 = slot_mapping[t]
+                        if slot >= 0 and c < CH:
+                            blk: T.int32 = T.truncdiv(slot, BS)
+                            off: T.int32 = T.truncmod(slot, BS)
+                            h: T.int32 = T.truncdiv(c, C)
+                            e: T.int32 = T.truncmod(c, C)
+                            for v in T.vectorized(VEC):
+                                cache[blk, 0, h, off, e * VEC + v] = keys[t, h, e * VEC + v]
+                            for v in T.vectorized(VEC):
+                                cache[blk, 1, h, off, e * VEC + v] = values[t, h, e * VEC + v]
 
     return append
 
@@ -92,25 +93,26 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype)
         out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype)
-        for bx in T.thread_binding((MB * BS * CH + NTH - 1) // NTH, thread="blockIdx.x"):
-            for b in T.thread_binding(B, thread="blockIdx.y"):
-                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                    i: T.let[T.int64] = bx * NTH + tx
-                    if i < MB * BS * CH:
-                        p: T.let[T.int64] = i // CH
-                        h: T.let[T.int32] = T.Cast("int32", i % CH) // C
-                        e: T.let[T.int32] = T.Cast("int32", i % C)
-                        if p < T.Cast("int64", seq_lens[b]):
-                            blk: T.let[T.int64] = T.Cast("int64", block_table[b, p // BS])
-                            for v in T.vectorized(VEC):
-                                out_k[b, p, h, e * VEC + v] = cache[blk, 0, h, p % BS, e * VEC + v]
-                            for v in T.vectorized(VEC):
-                                out_v[b, p, h, e * VEC + v] = cache[blk, 1, h, p % BS, e * VEC + v]
-                        else:
-                            for v in T.vectorized(VEC):
-                                out_k[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
-                            for v in T.vectorized(VEC):
-                                out_v[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
+        if B > 0 and MB > 0:  # a CUDA launch needs at least one block
+            for bx in T.thread_binding((MB * BS * CH + NTH - 1) // NTH, thread="blockIdx.x"):
+                for b in T.thread_binding(B, thread="blockIdx.y"):
+                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                        i: T.int64 = bx * NTH + tx
+                        if i < MB * BS * CH:
+                            p: T.int64 = i // CH
+                            h: T.int32 = T.truncdiv(T.Cast("int32", i % CH), C)
+                            e: T.int32 = T.Cast("int32", i % C)
+                            if p < T.Cast("int64", seq_lens[b]):
+                                blk: T.int32 = block_table[b, p // BS]
+                                for v in T.vectorized(VEC):
+                                    out_k[b, p, h, e * VEC + v] = cache[blk, 0, h, p % BS, e * VEC + v]
+                                for v in T.vectorized(VEC):
+                                    out_v[b, p, h, e * VEC + v] = cache[blk, 1, h, p % BS, e * VEC + v]
+                            else:
+                                for v in T.vectorized(VEC):
+                                    out_k[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
+                                for v in T.vectorized(VEC):
+                                    out_v[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
 
     return lookup
 
@@ -140,14 +142,15 @@ def copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         src = T.match_buffer(src_h, (N,), "int32")
         dst = T.match_buffer(dst_h, (N,), "int32")
         flat = T.decl_buffer((NB * BLOCK,), dtype, data=cache.data)
-        for i in T.thread_binding(N, thread="blockIdx.x"):
-            for bx in T.thread_binding(NX, thread="blockIdx.y"):
-                for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                    c: T.let[T.int64] = T.Cast("int64", bx * NTH + tx)
-                    if c < CB:
-                        blk_s: T.let[T.int64] = T.Cast("int64", src[i])
-                        blk_d: T.let[T.int64] = T.Cast("int64", dst[i])
-                        for v in T.vectorized(VEC):
-                            flat[blk_d * BLOCK + c * VEC + v] = flat[blk_s * BLOCK + c * VEC + v]
+        if N > 0:  # a CUDA launch needs at least one block
+            for i in T.thread_binding(N, thread="blockIdx.x"):
+                for bx in T.thread_binding(NX, thread="blockIdx.y"):
+                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                        c: T.int32 = bx * NTH + tx
+                        if c < CB:
+                            blk_s: T.int64 = T.Cast("int64", src[i])
+                            blk_d: T.int64 = T.Cast("int64", dst[i])
+                            for v in T.vectorized(VEC):
+                                flat[blk_d * BLOCK + c * VEC + v] = flat[blk_s * BLOCK + c * VEC + v]
 
     return copy

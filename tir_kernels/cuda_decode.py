@@ -41,20 +41,38 @@ class DecodeTiling:
 
     threads: int = 128  #: threads per block
     rows_per_group: int = 4  #: KV rows each row group loads per step (R)
-    waves: int = 4  #: blocks to aim for, in units of SM count x blocks_per_sm
-    blocks_per_sm: int = 4  #: resident blocks per SM assumed by the split rule
-    min_chunk: int = 256  #: fewest KV positions per split
-    max_splits: int = 128  #: most splits per unit
+    waves: int = 2  #: most blocks, in units of SM count x blocks_per_sm (whole waves)
+    blocks_per_sm: int = 4  #: resident blocks per SM the split rule assumes (halved for groups of 8 heads)
+    min_chunk: int = 64  #: fewest KV positions per split
+    max_splits: int = 64  #: most splits per unit
     max_group: int = 8  #: most query heads per block (GQA group is split beyond this)
     q_in_smem: bool = True  #: keep the scaled query in shared memory (saves GP*VEC registers)
 
 
 def default_tiling(target: Target) -> DecodeTiling:
-    """Tile choice per architecture (sm_90 keeps more loads in flight than sm_80)."""
-    info = cuda_target_info(target)
-    if info.is_hopper:
-        return DecodeTiling(threads=128, rows_per_group=4, waves=4, blocks_per_sm=4)
-    return DecodeTiling(threads=128, rows_per_group=4, waves=4, blocks_per_sm=4)
+    """Tile choice for ``target``: 128 threads, 4 rows per row group in flight, <= 2 waves.
+
+    Measured on an H100 (docs/benchmarks.md): 4 rows per group beat 1 and 2 by 10-40%,
+    256 threads and registers for q lost 3-8%. sm_80 uses the same tiles (same 64K registers
+    and 4 resident blocks per SM at 128 registers per thread).
+    """
+    cuda_target_info(target)
+    return DecodeTiling()
+
+
+def split_count(units, kv_bound, sm_count: int, blocks_per_sm: int, tl: DecodeTiling):
+    """KV splits per unit: fill at most ``waves`` whole waves of resident blocks, no chunk under ``min_chunk``.
+
+    ``units`` (batch x q_len x KV heads x head groups) and ``kv_bound`` (most visible KV
+    positions of a query) may be symbolic; the result is a host-side int64 expression.
+    Rounding the block count down keeps the last wave full: e.g. on 132 SMs, batch 64 x 8
+    KV heads gets 2 splits (1024 blocks, 1.94 waves), batch 16 gets 8, batch 1 gets
+    ``min(64, kv_len / 64)``.
+    """
+    slots = sm_count * blocks_per_sm * tl.waves
+    by_sm = T.int64(slots) // T.max(units, T.int64(1))
+    by_len = (kv_bound + tl.min_chunk - 1) // tl.min_chunk
+    return T.max(T.min(T.min(by_sm, by_len), T.int64(tl.max_splits)), T.int64(1))
 
 
 def _heads_per_block(group: int, max_group: int) -> int:
@@ -82,7 +100,8 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     PAD = TX * VEC != D  # lanes past head_dim idle
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
     qscale = float(cfg.scale) * LOG2E
-    target_blocks = info.sm_count * tl.blocks_per_sm * tl.waves
+    # accumulators of more than 4 heads x 8 lanes need more than 128 registers per thread
+    BPSM = tl.blocks_per_sm if GP * VEC <= 32 else max(1, tl.blocks_per_sm // 2)
     DM = ((D + 31) // 32) * 32  # threads of the merge kernel
     FULL = 0xFFFFFFFF
     # Scaled query: registers [GP, VEC] per thread, or shared memory [GP, TX * VEC] per block.
@@ -107,142 +126,138 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
         # ---- host: split count from the symbolic shapes ----
         units: T.let[T.int64] = B * L * (H * GZ)
         kv_bound: T.let[T.int64] = T.min(MB * BS, T.int64(W + S)) if W > 0 else MB * BS
-        nsplit: T.let[T.int64] = T.max(
-            T.min(
-                T.min((T.int64(target_blocks) + units - 1) // T.max(units, T.int64(1)), T.int64(tl.max_splits)),
-                (kv_bound + tl.min_chunk - 1) // tl.min_chunk,
-            ),
-            T.int64(1),
-        )
+        nsplit: T.let[T.int64] = split_count(units, kv_bound, info.sm_count, BPSM, tl)
         ws_o = T.alloc_buffer((B * L * Hq * nsplit * D,), "float32", scope="global")
         ws_md = T.alloc_buffer((B * L * Hq * nsplit * 2,), "float32", scope="global")
         # ---- kernel 1: one block per (unit, split) ----
-        for bx in T.thread_binding(units * nsplit, thread="blockIdx.x"):
-            for ty in T.thread_binding(TY, thread="threadIdx.y"):
-                for tx in T.thread_binding(TX, thread="threadIdx.x"):
-                    qf = T.alloc_buffer((QN,), "float32", scope=QSCOPE)
-                    acc = T.alloc_local((GP * VEC,), "float32")
-                    kr = T.alloc_local((R * VEC,), dtype)
-                    vr = T.alloc_local((R * VEC,), dtype)
-                    sc = T.alloc_local((R * GP,), "float32")
-                    mx = T.alloc_local((GP,), "float32")
-                    mold = T.alloc_local((GP,), "float32")
-                    den = T.alloc_local((GP,), "float32")
-                    sm_o = T.alloc_shared((TY * GP * TX * VEC,), "float32")
-                    sm_md = T.alloc_shared((TY * GP * 2,), "float32")
-                    ns: T.int32 = T.Cast("int32", nsplit)
-                    split: T.int32 = T.truncmod(T.Cast("int32", bx), ns)
-                    unit: T.int32 = T.truncdiv(T.Cast("int32", bx), ns)
-                    gz: T.int32 = T.truncmod(unit, GZ)
-                    hk: T.int32 = T.truncmod(T.truncdiv(unit, GZ), H)
-                    bj: T.int32 = T.truncdiv(unit, GZ * H)
-                    b: T.int32 = T.truncdiv(bj, T.Cast("int32", L))
-                    j: T.int32 = T.truncmod(bj, T.Cast("int32", L))
-                    seq_len: T.int32 = seq_lens[b]
-                    pos: T.int32 = seq_len - T.Cast("int32", L) + j
-                    hi: T.int32 = T.min(pos + 1, seq_len) if causal else seq_len
-                    lo: T.int32 = T.max(pos - W + 1, 0) if W > 0 else 0
-                    n_sink: T.int32 = T.min(S, lo) if W > 0 else 0
-                    n_vis: T.int32 = n_sink + T.max(hi - lo, 0)
-                    chunk: T.int32 = T.truncdiv(n_vis + ns - 1, ns)
-                    c0: T.int32 = split * chunk
-                    c1: T.int32 = T.min(c0 + chunk, n_vis)
-                    h0: T.int32 = hk * G + gz * GP
-                    for g in T.unroll(GP):
-                        for v in T.unroll(VEC):
-                            if ty * QW == 0:
-                                if PAD:
-                                    qf[g * QG + tx * QT + v] = T.if_then_else(
-                                        tx * VEC + v < D,
-                                        T.Cast("float32", q[b, j, h0 + g, T.min(tx * VEC + v, D - 1)]) * T.float32(qscale),
-                                        T.float32(0),
+        if units > 0:  # a CUDA launch needs at least one block
+            for bx in T.thread_binding(units * nsplit, thread="blockIdx.x"):
+                for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                    for tx in T.thread_binding(TX, thread="threadIdx.x"):
+                        qf = T.alloc_buffer((QN,), "float32", scope=QSCOPE)
+                        acc = T.alloc_local((GP * VEC,), "float32")
+                        kr = T.alloc_local((R * VEC,), dtype)
+                        vr = T.alloc_local((R * VEC,), dtype)
+                        sc = T.alloc_local((R * GP,), "float32")
+                        mx = T.alloc_local((GP,), "float32")
+                        mold = T.alloc_local((GP,), "float32")
+                        den = T.alloc_local((GP,), "float32")
+                        sm_o = T.alloc_shared((TY * GP * TX * VEC,), "float32")
+                        sm_md = T.alloc_shared((TY * GP * 2,), "float32")
+                        ns: T.int32 = T.Cast("int32", nsplit)
+                        split: T.int32 = T.truncmod(T.Cast("int32", bx), ns)
+                        unit: T.int32 = T.truncdiv(T.Cast("int32", bx), ns)
+                        gz: T.int32 = T.truncmod(unit, GZ)
+                        hk: T.int32 = T.truncmod(T.truncdiv(unit, GZ), H)
+                        bj: T.int32 = T.truncdiv(unit, GZ * H)
+                        b: T.int32 = T.truncdiv(bj, T.Cast("int32", L))
+                        j: T.int32 = T.truncmod(bj, T.Cast("int32", L))
+                        seq_len: T.int32 = seq_lens[b]
+                        pos: T.int32 = seq_len - T.Cast("int32", L) + j
+                        hi: T.int32 = T.min(pos + 1, seq_len) if causal else seq_len
+                        lo: T.int32 = T.max(pos - W + 1, 0) if W > 0 else 0
+                        n_sink: T.int32 = T.min(S, lo) if W > 0 else 0
+                        n_vis: T.int32 = n_sink + T.max(hi - lo, 0)
+                        chunk: T.int32 = T.truncdiv(n_vis + ns - 1, ns)
+                        c0: T.int32 = split * chunk
+                        c1: T.int32 = T.min(c0 + chunk, n_vis)
+                        h0: T.int32 = hk * G + gz * GP
+                        for g in T.unroll(GP):
+                            for v in T.unroll(VEC):
+                                if ty * QW == 0:
+                                    if PAD:
+                                        qf[g * QG + tx * QT + v] = T.if_then_else(
+                                            tx * VEC + v < D,
+                                            T.Cast("float32", q[b, j, h0 + g, T.min(tx * VEC + v, D - 1)]) * T.float32(qscale),
+                                            T.float32(0),
+                                        )
+                                    else:
+                                        qf[g * QG + tx * QT + v] = T.Cast("float32", q[b, j, h0 + g, tx * VEC + v]) * T.float32(qscale)
+                                acc[g * VEC + v] = T.float32(0)
+                            mx[g] = T.float32(NEG_INF)
+                            den[g] = T.float32(0)
+                        T.tvm_storage_sync("shared")
+                        for st in range(T.truncdiv(T.max(c1 - c0, 0) + STEP - 1, STEP)):
+                            # -- issue all K/V loads of this step before any math --
+                            for r in T.unroll(R):
+                                t: T.int32 = c0 + st * STEP + r * TY + ty
+                                if t < c1 and (not PAD or tx * VEC < D):
+                                    p: T.int32 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+                                    blk: T.int32 = block_table[b, T.truncdiv(p, BS)]
+                                    off: T.int32 = T.truncmod(p, BS)
+                                    for v in T.vectorized(VEC):
+                                        kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
+                                    for v in T.vectorized(VEC):
+                                        vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
+                                else:
+                                    for v in T.vectorized(VEC):
+                                        kr[r * VEC + v] = T.Cast(dtype, T.float32(0))
+                                    for v in T.vectorized(VEC):
+                                        vr[r * VEC + v] = T.Cast(dtype, T.float32(0))
+                            # -- scores: partial dot per lane, xor-shuffle reduction over TX lanes --
+                            for r in T.unroll(R):
+                                for g in T.unroll(GP):
+                                    sc[r * GP + g] = T.float32(0)
+                                    for v in T.unroll(VEC):
+                                        sc[r * GP + g] = sc[r * GP + g] + qf[g * QG + tx * QT + v] * T.Cast("float32", kr[r * VEC + v])
+                                for o in T.unroll(TX.bit_length() - 1):
+                                    for g in T.unroll(GP):
+                                        sc[r * GP + g] = sc[r * GP + g] + T.tvm_warp_shuffle_xor(
+                                            T.uint32(FULL), sc[r * GP + g], (TX // 2) >> o, TX, 32
+                                        )
+                            # -- online softmax update (fp32, base 2) --
+                            for g in T.unroll(GP):
+                                mold[g] = mx[g]
+                                for r in T.unroll(R):
+                                    if c0 + st * STEP + r * TY + ty < c1:
+                                        mx[g] = T.max(mx[g], sc[r * GP + g])
+                                mold[g] = T.exp2(mold[g] - mx[g])
+                                den[g] = den[g] * mold[g]
+                                for v in T.unroll(VEC):
+                                    acc[g * VEC + v] = acc[g * VEC + v] * mold[g]
+                                for r in T.unroll(R):
+                                    sc[r * GP + g] = T.if_then_else(
+                                        c0 + st * STEP + r * TY + ty < c1, T.exp2(sc[r * GP + g] - mx[g]), T.float32(0)
+                                    )
+                                    den[g] = den[g] + sc[r * GP + g]
+                                    for v in T.unroll(VEC):
+                                        acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * T.Cast("float32", vr[r * VEC + v])
+                        # ---- merge the TY row groups of this block through shared memory ----
+                        T.tvm_storage_sync("shared")  # the merge buffers may reuse the query's
+                        for g in T.unroll(GP):
+                            for v in T.vectorized(VEC):
+                                sm_o[(ty * GP + g) * (TX * VEC) + tx * VEC + v] = acc[g * VEC + v]
+                            if tx == 0:
+                                sm_md[(ty * GP + g) * 2] = mx[g]
+                                sm_md[(ty * GP + g) * 2 + 1] = den[g]
+                        T.tvm_storage_sync("shared")
+                        for it in T.unroll((GP * D + TY * TX - 1) // (TY * TX)):
+                            idx: T.int32 = it * (TY * TX) + ty * TX + tx
+                            if idx < GP * D:
+                                g2: T.int32 = T.truncdiv(idx, D)
+                                dd: T.int32 = T.truncmod(idx, D)
+                                m_red = T.alloc_local((3,), "float32")
+                                m_red[0] = T.float32(NEG_INF)
+                                for y in T.unroll(TY):
+                                    m_red[0] = T.max(m_red[0], sm_md[(y * GP + g2) * 2])
+                                m_red[1] = T.float32(0)
+                                m_red[2] = T.float32(0)
+                                for y in T.unroll(TY):
+                                    w: T.float32 = T.exp2(sm_md[(y * GP + g2) * 2] - m_red[0])
+                                    m_red[1] = m_red[1] + w * sm_md[(y * GP + g2) * 2 + 1]
+                                    m_red[2] = m_red[2] + w * sm_o[(y * GP + g2) * (TX * VEC) + dd]
+                                if nsplit == 1:
+                                    out[b, j, h0 + g2, dd] = T.Cast(
+                                        dtype, T.if_then_else(m_red[1] > T.float32(0), m_red[2] / m_red[1], T.float32(0))
                                     )
                                 else:
-                                    qf[g * QG + tx * QT + v] = T.Cast("float32", q[b, j, h0 + g, tx * VEC + v]) * T.float32(qscale)
-                            acc[g * VEC + v] = T.float32(0)
-                        mx[g] = T.float32(NEG_INF)
-                        den[g] = T.float32(0)
-                    T.tvm_storage_sync("shared")
-                    for st in range(T.truncdiv(T.max(c1 - c0, 0) + STEP - 1, STEP)):
-                        # -- issue all loads of this step first --
-                        for r in T.unroll(R):
-                            t: T.int32 = c0 + st * STEP + r * TY + ty
-                            if t < c1 and (not PAD or tx * VEC < D):
-                                p: T.int32 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-                                blk: T.int32 = block_table[b, T.truncdiv(p, BS)]
-                                off: T.int32 = T.truncmod(p, BS)
-                                for v in T.vectorized(VEC):
-                                    kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
-                                for v in T.vectorized(VEC):
-                                    vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
-                            else:
-                                for v in T.vectorized(VEC):
-                                    kr[r * VEC + v] = T.Cast(dtype, T.float32(0))
-                                for v in T.vectorized(VEC):
-                                    vr[r * VEC + v] = T.Cast(dtype, T.float32(0))
-                        # -- scores: partial dot per lane, xor-shuffle reduction over TX lanes --
-                        for r in T.unroll(R):
-                            for g in T.unroll(GP):
-                                sc[r * GP + g] = T.float32(0)
-                                for v in T.unroll(VEC):
-                                    sc[r * GP + g] = sc[r * GP + g] + qf[g * QG + tx * QT + v] * T.Cast("float32", kr[r * VEC + v])
-                            for o in T.unroll(TX.bit_length() - 1):
-                                for g in T.unroll(GP):
-                                    sc[r * GP + g] = sc[r * GP + g] + T.tvm_warp_shuffle_xor(
-                                        T.uint32(FULL), sc[r * GP + g], (TX // 2) >> o, TX, 32
-                                    )
-                        # -- online softmax update (fp32, base 2) --
-                        for g in T.unroll(GP):
-                            mold[g] = mx[g]
-                            for r in T.unroll(R):
-                                if c0 + st * STEP + r * TY + ty < c1:
-                                    mx[g] = T.max(mx[g], sc[r * GP + g])
-                            mold[g] = T.exp2(mold[g] - mx[g])
-                            den[g] = den[g] * mold[g]
-                            for v in T.unroll(VEC):
-                                acc[g * VEC + v] = acc[g * VEC + v] * mold[g]
-                            for r in T.unroll(R):
-                                sc[r * GP + g] = T.if_then_else(
-                                    c0 + st * STEP + r * TY + ty < c1, T.exp2(sc[r * GP + g] - mx[g]), T.float32(0)
-                                )
-                                den[g] = den[g] + sc[r * GP + g]
-                                for v in T.unroll(VEC):
-                                    acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * T.Cast("float32", vr[r * VEC + v])
-                    # ---- merge the TY row groups of this block through shared memory ----
-                    for g in T.unroll(GP):
-                        for v in T.vectorized(VEC):
-                            sm_o[(ty * GP + g) * (TX * VEC) + tx * VEC + v] = acc[g * VEC + v]
-                        if tx == 0:
-                            sm_md[(ty * GP + g) * 2] = mx[g]
-                            sm_md[(ty * GP + g) * 2 + 1] = den[g]
-                    T.tvm_storage_sync("shared")
-                    for it in T.unroll((GP * D + TY * TX - 1) // (TY * TX)):
-                        idx: T.int32 = it * (TY * TX) + ty * TX + tx
-                        if idx < GP * D:
-                            g2: T.int32 = T.truncdiv(idx, D)
-                            dd: T.int32 = T.truncmod(idx, D)
-                            m_red = T.alloc_local((3,), "float32")
-                            m_red[0] = T.float32(NEG_INF)
-                            for y in T.unroll(TY):
-                                m_red[0] = T.max(m_red[0], sm_md[(y * GP + g2) * 2])
-                            m_red[1] = T.float32(0)
-                            m_red[2] = T.float32(0)
-                            for y in T.unroll(TY):
-                                w: T.float32 = T.exp2(sm_md[(y * GP + g2) * 2] - m_red[0])
-                                m_red[1] = m_red[1] + w * sm_md[(y * GP + g2) * 2 + 1]
-                                m_red[2] = m_red[2] + w * sm_o[(y * GP + g2) * (TX * VEC) + dd]
-                            if nsplit == 1:
-                                out[b, j, h0 + g2, dd] = T.Cast(
-                                    dtype, T.if_then_else(m_red[1] > T.float32(0), m_red[2] / m_red[1], T.float32(0))
-                                )
-                            else:
-                                row: T.int64 = T.Cast("int64", (bj * Hq + h0 + g2) * ns + split)
-                                ws_o[row * D + dd] = m_red[2]
-                                if dd == 0:
-                                    ws_md[row * 2] = m_red[0]
-                                    ws_md[row * 2 + 1] = m_red[1]
+                                    row: T.int64 = T.Cast("int64", (bj * Hq + h0 + g2) * ns + split)
+                                    ws_o[row * D + dd] = m_red[2]
+                                    if dd == 0:
+                                        ws_md[row * 2] = m_red[0]
+                                        ws_md[row * 2 + 1] = m_red[1]
         # ---- kernel 2: merge the splits of each (row, head) ----
-        if nsplit > 1:
+        if nsplit > 1 and units > 0:
             out_rows = T.decl_buffer((B * L * Hq, D), dtype, data=out.data)
             for rowx in T.thread_binding(B * L * Hq, thread="blockIdx.x"):
                 for dd in T.thread_binding(DM, thread="threadIdx.x"):
