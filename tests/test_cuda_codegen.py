@@ -1,0 +1,206 @@
+"""CUDA kernels without a GPU: build every kernel for sm_80 and sm_90a and check the generated source.
+
+For the whole CPU test grid (page sizes, head dims, GQA/MQA shapes, fp16 and bf16, causal /
+sliding window with sinks / non-causal) every kernel must build through the public dispatcher
+into a module whose only import is a CUDA device module holding the kernel (an unscheduled
+kernel silently stays host code), bind blocks and threads, use shared memory (attention), and
+index local arrays with constants only (a dynamically indexed local array lives in local
+memory). A representative subset is compiled with nvcc, and ptxas must report no stack frame
+and no spills under TVM's own flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import tvm
+from tvm.target import Target
+
+from llmir_tvm import tir_kernels
+
+ARCHS = ("sm_80", "sm_90a")
+PAGE_SIZES = (1, 8, 16, 32)
+HEAD_DIMS = (64, 128)
+HEADS = ((8, 8), (32, 4), (8, 1))
+DTYPES = ("float16", "bfloat16")
+#: (causal, window, sinks); the grid cycles through them so each meets every other value.
+MASKS = ((True, 0, 0), (True, 64, 4), (False, 0, 0))
+GRID = [(*cfg, MASKS[i % len(MASKS)]) for i, cfg in enumerate(itertools.product(PAGE_SIZES, HEAD_DIMS, HEADS, DTYPES))]
+ATTENTION = {"paged_decode_attention": "llmir_paged_decode", "paged_prefill_attention": "llmir_paged_prefill"}
+CACHE_OPS = {"append_kv": "llmir_append_kv", "lookup_kv": "llmir_lookup_kv", "copy_blocks": "llmir_copy_blocks"}
+#: nvcc-compiled subset: every page size, head dim, head shape, dtype and mask at least once.
+NVCC_SUBSET = [GRID[i] for i in (0, 13, 22, 35, 41, 47)]
+
+
+def _grid_id(entry) -> str:
+    page, dim, heads, dtype, (causal, window, sinks) = entry
+    mask = "causal" if causal and not window else f"w{window}s{sinks}" if window else "noncausal"
+    return f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_{dtype}_{mask}"
+
+_LOCAL_DECL = re.compile(r"^\s*alignas\(\d+\)\s+[\w:]+\s+(\w+)\[(\d+)\];", re.M)
+
+
+def _target(arch: str) -> Target:
+    return Target({"kind": "cuda", "arch": arch}, host="llvm")
+
+
+def _config(page, dim, heads, dtype, mask):
+    causal, window, sinks = mask
+    layout = tir_kernels.CacheLayout(heads[1], dim, page, dtype)
+    return tir_kernels.AttentionConfig(layout, heads[0], dim**-0.5, causal, window, sinks)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_source(kind: str, key: tuple, arch: str) -> str:
+    """Build ``kind`` for ``key`` (grid entry, or a layout tuple for cache ops); return the CUDA source."""
+    target = _target(arch)
+    factory = getattr(tir_kernels, kind)
+    if kind in ATTENTION:
+        func = factory(_config(*key), target)
+    else:
+        func = factory(tir_kernels.CacheLayout(*key), target)
+    lib = tvm.tirx.build(func, target=target)
+    assert [m.kind for m in lib.imports] == ["cuda"], f"{kind}: no CUDA device module (kernel left on the host)"
+    return lib.imports[0].inspect_source()
+
+
+def check_source(src: str, symbol: str, shared: bool) -> None:
+    """The structural checks every kernel source must pass."""
+    assert f'extern "C" __global__ void __launch_bounds__' in src
+    assert re.search(rf"__global__ void __launch_bounds__\([\d, ]+\) {symbol}_kernel\(", src), f"no {symbol}_kernel"
+    assert "blockIdx.x" in src and "threadIdx.x" in src, "blocks/threads are not bound"
+    if shared:
+        assert "__shared__" in src, "attention kernels must stage data in shared memory"
+    for name, _size in _LOCAL_DECL.findall(src):
+        if re.search(rf"__shared__\s+alignas\(\d+\)\s+[\w:]+\s+{name}\[", src):
+            continue
+        for index in re.findall(rf"\b{name}\[([^\]]*)\]", src):
+            assert index.strip().isdigit(), f"local array {name} indexed dynamically: {name}[{index}]"
+        for offset in re.findall(rf"\(\s*{name}\s*\+\s*([^)]*)\)", src):
+            assert offset.strip().isdigit(), f"local array {name} addressed dynamically: {name} + {offset}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page,dim,heads,dtype,mask", GRID, ids=[_grid_id(g) for g in GRID])
+def test_attention_kernels_build_for_the_grid(arch, page, dim, heads, dtype, mask):
+    for kind, symbol in ATTENTION.items():
+        check_source(cuda_source(kind, (page, dim, heads, dtype, mask), arch), symbol, shared=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("page,dim,kv_heads,dtype", list(itertools.product(PAGE_SIZES, HEAD_DIMS, (8, 4, 1), DTYPES)))
+def test_cache_ops_build_for_the_grid(arch, page, dim, kv_heads, dtype):
+    for kind, symbol in CACHE_OPS.items():
+        src = cuda_source(kind, (kv_heads, dim, page, dtype), arch)
+        check_source(src, symbol, shared=False)
+        assert "uint4" in src, f"{kind}: K/V must move as 128-bit vectors"
+
+
+def test_decode_is_split_kv_with_a_merge_kernel():
+    src = cuda_source("paged_decode_attention", GRID[0][:4] + (GRID[0][4],), "sm_90a")
+    kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\([\d, ]+\) (\w+)\(', src)
+    assert sorted(set(kernels)) == ["llmir_paged_decode_kernel", "llmir_paged_decode_kernel_1"]
+    assert "__shfl_xor_sync" in src, "scores are reduced across the lanes of a KV row with shuffles"
+    assert "exp2" in src
+    assert "*(uint4*)(kr_ptr" in src and "*(uint4*)(vr_ptr" in src, "K/V rows load as 128-bit vectors"
+
+
+def test_prefill_uses_dynamic_shared_memory_tiles():
+    src = cuda_source("paged_prefill_attention", GRID[1], "sm_80")
+    assert "extern __shared__" in src, "prefill tiles live in dynamic shared memory"
+    assert src.count("__syncthreads()") >= 3
+
+
+def test_unsupported_configs_are_rejected_clearly():
+    target = _target("sm_90a")
+    with pytest.raises(ValueError, match="head_dim"):
+        tir_kernels.paged_decode_attention(_config(16, 36, (8, 8), "float16", MASKS[0]), target)
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        tir_kernels.append_kv(tir_kernels.CacheLayout(8, 64, 16, "float16"), {"kind": "cuda", "arch": "sm_75"})
+    with pytest.raises(ValueError, match="CUDA kernels only"):
+        tir_kernels.append_kv(tir_kernels.CacheLayout(8, 64, 16, "bfloat16"), "llvm")
+
+
+def test_odd_head_dim_pads_lanes():
+    # head_dim 96: 12 vectors per row, padded to 16 lanes for the shuffle reduction
+    cfg = _config(16, 96, (8, 2), "float16", MASKS[1])
+    for kind, symbol in ATTENTION.items():
+        func = getattr(tir_kernels, kind)(cfg, _target("sm_80"))
+        lib = tvm.tirx.build(func, target=_target("sm_80"))
+        check_source(lib.imports[0].inspect_source(), symbol, shared=True)
+
+
+def _nvcc_flags(arch: str) -> list[str]:
+    """The flags TVM's nvcc path uses (tvm.support.nvcc), to read ptxas' resource report."""
+    from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
+
+    return ["-O3", "-arch", arch, "--use_fast_math", "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"--ptxas-options={','.join(nvcc._ptxas_option_flags())}"]
+
+
+def ptxas_report(src: str, arch: str) -> dict[str, dict[str, int]]:
+    """Compile ``src`` to a cubin with nvcc; return per kernel registers, stack and spill bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cu")
+        with open(path, "w") as f:
+            f.write(src)
+        cmd = ["nvcc", "--cubin", *_nvcc_flags(arch), "-o", os.path.join(tmp, "kernel.cubin"), path]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report, current = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            current = m.group(1)
+            report[current] = {}
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            report[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            report[current]["registers"] = int(m.group(1))
+    return report
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("entry", NVCC_SUBSET, ids=[_grid_id(g) for g in NVCC_SUBSET])
+def test_nvcc_compiles_attention_without_local_memory(arch, entry):
+    for kind, symbol in ATTENTION.items():
+        src = cuda_source(kind, entry, arch)
+        report = ptxas_report(src, arch)
+        assert f"{symbol}_kernel" in report
+        for fn, usage in report.items():
+            assert usage.get("stack") == 0 and usage.get("spill_stores") == 0, f"{kind} {fn} uses local memory: {usage}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tvm_compile_cuda_accepts_every_kernel(arch):
+    from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
+
+    for kind, symbol in {**ATTENTION, **CACHE_OPS}.items():
+        key = GRID[5] if kind in ATTENTION else (4, 64, 8, "float16")
+        with _target(arch):
+            ptx = nvcc.compile_cuda(cuda_source(kind, key, arch), target_format="ptx", arch=arch, compiler="nvcc")
+        assert f".entry {symbol}_kernel".encode() in bytes(ptx)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_compiles_cache_ops_without_local_memory(arch):
+    for kind, symbol in CACHE_OPS.items():
+        src = cuda_source(kind, (8, 128, 16, "bfloat16"), arch)
+        report = ptxas_report(src, arch)
+        assert f"{symbol}_kernel" in report
+        for fn, usage in report.items():
+            assert usage.get("stack") == 0 and usage.get("spill_stores") == 0, f"{kind} {fn} uses local memory: {usage}"
