@@ -1,0 +1,61 @@
+"""Build stage of ``benchmark.py kernels --device cuda``: compile the decode kernels into one library.
+
+For each page size: our ``llmir_decode_p{P}`` (the tiles the dispatcher picks for the arch)
+and TVM's own paged decode kernel ``tvm_decode_p{P}``
+(``tvm.relax.frontend.nn.llm._decode_kernels._attention_decode``). With ``variants`` it adds
+decode tiling variants ``llmir_decode_p{P}__{name}`` for tuning. Needs full TVM and nvcc.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .cuda_export import enable_precompile, export_cuda_library
+
+LIBRARY = "llmir_bench_kernels.so"
+
+
+def _variants(base):
+    """Decode tilings to compare with the default one (name -> DecodeTiling)."""
+    return {
+        "r2": replace(base, rows_per_group=2),
+        "chunk128": replace(base, min_chunk=128),
+    }
+
+
+def build(grid: dict, artifacts: Path, arch: str, variants: bool = False) -> Path:
+    """Compile every kernel of ``grid`` for ``arch`` into ``artifacts``; return the manifest path."""
+    enable_precompile(arch)
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode  # pylint: disable=import-outside-toplevel
+    from tvm.target import Target  # pylint: disable=import-outside-toplevel
+
+    from llmir_tvm import tir_kernels  # pylint: disable=import-outside-toplevel
+    from llmir_tvm.tir_kernels import cuda_attention, cuda_decode  # pylint: disable=import-outside-toplevel
+
+    target = Target({"kind": "cuda", "arch": arch}, host="llvm")
+    hq, hkv, dim, dtype = grid["num_qo_heads"], grid["num_kv_heads"], grid["head_dim"], grid["dtype"]
+    funcs, kernels = {}, []
+    base = cuda_attention.decode_tiling(target)
+    for page in grid["pages"]:
+        cfg = tir_kernels.AttentionConfig(tir_kernels.CacheLayout(hkv, dim, page, dtype), hq, dim**-0.5)
+        name = f"llmir_decode_p{page}"
+        funcs[name] = tir_kernels.paged_decode_attention(cfg, target)
+        kernels.append({"impl": "llmir", "page": page, "symbol": name, "tiling": asdict(base)})
+        name = f"tvm_decode_p{page}"
+        funcs[name] = _attention_decode(hkv, hq, dim, dtype, False, {}, target, page_size=page)
+        kernels.append({"impl": "tvm", "page": page, "symbol": name})
+        if variants:
+            for vname, tiling in _variants(base).items():
+                name = f"llmir_decode_p{page}__{vname}"
+                funcs[name] = cuda_decode.paged_decode_attention(cfg, target, tiling)
+                kernels.append({"impl": f"llmir:{vname}", "page": page, "symbol": name, "tiling": asdict(tiling)})
+    t0 = time.time()
+    export_cuda_library(funcs, artifacts / LIBRARY, arch)
+    manifest = {"arch": arch, "library": LIBRARY, "grid": grid, "kernels": kernels}
+    path = artifacts / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    print(f"built {len(funcs)} kernels for {arch} in {time.time() - t0:.0f} s -> {artifacts / LIBRARY}")
+    return path

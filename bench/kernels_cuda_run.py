@@ -1,0 +1,191 @@
+"""Run stage of ``benchmark.py kernels --device cuda``: time the prebuilt decode kernels on a GPU.
+
+Imports only ``tvm.runtime`` (runtime-only TVM works), torch and numpy. For every (page size,
+batch, context): a pool with every sequence at full context on randomly permuted blocks, the
+same data for our kernel, TVM's kernel (CSR page table) and torch SDPA on a contiguous cache
+(``enable_gqa``). Outputs are cross-checked, then each implementation is timed with CUDA
+events over a CUDA graph of many launches (falling back to a plain launch loop), rotating over
+enough copies of the K/V that the working set exceeds the L2 cache.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import statistics
+from pathlib import Path
+
+#: Peak HBM bandwidth (bytes/s) by device name fragment; the first match wins.
+PEAK_HBM = (("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12),
+            ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12))
+ROTATE_BYTES = 256 << 20  # working set of the rotated K/V copies (L2 is 50-60 MB)
+TARGET_MS = 25.0  # time one measurement aims for
+
+
+def _peak(name: str) -> float:
+    for key, value in PEAK_HBM:
+        if key in name:
+            return value
+    return float("nan")
+
+
+def _time(calls, torch, tvm_ffi) -> tuple[float, str]:
+    """Median seconds per call over several measurements; calls rotate over inputs."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for c in calls:
+        c()
+    end.record()
+    end.synchronize()
+    est = max(start.elapsed_time(end) / len(calls), 1e-3)  # ms per call
+    n = len(calls) * max(1, math.ceil(TARGET_MS / est / len(calls)))
+    n = min(n, max(len(calls), 4000))
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
+            for i in range(n):
+                calls[i % len(calls)]()
+        replay, method = graph.replay, "cuda_graph"
+        replay()
+    except Exception:  # noqa: BLE001  (capture unsupported: plain launches)
+        torch.cuda.synchronize()
+
+        def replay():
+            for i in range(n):
+                calls[i % len(calls)]()
+
+        method = "launch_loop"
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / n)
+    return statistics.median(samples), method
+
+
+def _copy_bandwidth(torch) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), 1 GiB."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    sec, _ = _time([lambda: dst.copy_(src)], torch, _NoFFI)
+    return 2 * src.numel() / sec
+
+
+class _NoFFI:
+    """Stand-in for tvm_ffi when timing torch-only work (graph capture needs no FFI stream)."""
+
+    @staticmethod
+    def use_torch_stream(ctx):
+        return ctx
+
+
+def _config_run(lib, kinds, page, batch, ctx, grid, torch, tvm, tvm_ffi) -> list[dict]:
+    hq, hkv, dim = grid["num_qo_heads"], grid["num_kv_heads"], grid["head_dim"]
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[grid["dtype"]]
+    esize = torch.tensor([], dtype=tdt).element_size()
+    kv_bytes = 2 * batch * ctx * hkv * dim * esize
+    rot = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
+    blocks = -(-ctx // page)
+    nblocks = rot * batch * blocks
+    gen = torch.Generator(device="cuda").manual_seed(page * 1000003 + batch * 1009 + ctx)
+    pool = torch.randn((nblocks, 2, hkv, page, dim), dtype=tdt, device="cuda", generator=gen)
+    perm = torch.randperm(nblocks, device="cuda", generator=gen).to(torch.int32)
+    tables = [perm[r * batch * blocks : (r + 1) * batch * blocks].reshape(batch, blocks).contiguous() for r in range(rot)]
+    q = torch.randn((batch, 1, hq, dim), dtype=tdt, device="cuda", generator=gen)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    scale = dim**-0.5
+    t = tvm.runtime.from_dlpack
+    out_l = torch.empty_like(q)
+    rows = []
+    # -- ours --
+    args_l = [(t(q), t(pool), t(tb), t(seq_lens), t(out_l)) for tb in tables]
+    # -- TVM's kernel: CSR page table, last-page lengths, no RoPE --
+    indptr = (torch.arange(batch + 1, device="cuda", dtype=torch.int32) * blocks).contiguous()
+    last = torch.full((batch,), ctx - (blocks - 1) * page, dtype=torch.int32, device="cuda")
+    zeros = torch.zeros((batch,), dtype=torch.int32, device="cuda")
+    q3 = q.view(batch, hq, dim)
+    out_t = torch.empty_like(q3)
+    lse = torch.empty((batch, hq), dtype=torch.float32, device="cuda")
+    args_t = [(t(q3), t(pool), t(indptr), t(tb.reshape(-1)), t(last), t(zeros), t(zeros), t(out_t), t(lse)) for tb in tables]
+    # -- torch SDPA on contiguous [B, Hkv, ctx, D] copies of the same K/V --
+    def contiguous(tb, kv):
+        g = pool[tb.long(), kv]  # [B, blocks, Hkv, page, D]
+        return g.permute(0, 2, 1, 3, 4).reshape(batch, hkv, blocks * page, dim)[:, :, :ctx].contiguous()
+
+    k0, v0 = contiguous(tables[0], 0), contiguous(tables[0], 1)
+    ks = [k0] + [k0.clone() for _ in range(rot - 1)]
+    vs = [v0] + [v0.clone() for _ in range(rot - 1)]
+    qt = q.view(batch, hq, 1, dim)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    f_l = lib[f"llmir_decode_p{page}"]
+    f_t = lib[f"tvm_decode_p{page}"]
+    f_l(*args_l[0])
+    f_t(*args_t[0], 0, 1.0, 1e4, scale)
+    ref = sdpa(qt, k0, v0, scale=scale, enable_gqa=True).view(batch, 1, hq, dim)
+    torch.cuda.synchronize()
+    err_tvm = (out_l.view(batch, hq, dim).float() - out_t.float()).abs().max().item()
+    err_sdpa = (out_l.float() - ref.float()).abs().max().item()
+    impls = {
+        "llmir": [lambda a=a: f_l(*a) for a in args_l],
+        "tvm": [lambda a=a: f_t(*a, 0, 1.0, 1e4, scale) for a in args_t],
+        "torch_sdpa": [lambda r=r: sdpa(qt, ks[r], vs[r], scale=scale, enable_gqa=True) for r in range(rot)],
+    }
+    for name in kinds:
+        if name in impls:
+            continue
+        f_v = lib[name]
+        impls[name] = [lambda a=a, f=f_v: f(*a) for a in args_l]
+    for impl, calls in impls.items():
+        sec, method = _time(calls, torch, tvm_ffi)
+        rows.append({"impl": impl, "page": page, "batch": batch, "context": ctx, "seconds": sec,
+                     "kv_bytes": kv_bytes, "bandwidth": kv_bytes / sec, "timing": method, "rotations": rot,
+                     "max_abs_diff_vs_tvm": err_tvm, "max_abs_diff_vs_sdpa": err_sdpa})
+    del pool, ks, vs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run(artifacts: Path) -> dict:
+    """Time every kernel of the manifest in ``artifacts`` over its grid; return the results dict."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    manifest = json.loads((Path(artifacts) / "manifest.json").read_text())
+    grid = manifest["grid"]
+    lib = tvm.runtime.load_module(str(Path(artifacts) / manifest["library"]))
+    name = torch.cuda.get_device_name(0)
+    props = torch.cuda.get_device_properties(0)
+    peak = _peak(name)
+    copy_bw = _copy_bandwidth(torch)
+    rows = []
+    for page in grid["pages"]:
+        variants = [k["symbol"] for k in manifest["kernels"] if k["page"] == page and ":" in k["impl"]]
+        for batch in grid["batches"]:
+            for ctx in grid["contexts"]:
+                for r in _config_run(lib, variants, page, batch, ctx, grid, torch, tvm, tvm_ffi):
+                    r["fraction_of_peak"] = r["bandwidth"] / peak
+                    rows.append(r)
+                    print(f"{r['impl']:>28s} p{page:<3d} b{batch:<3d} ctx{ctx:<6d} {r['seconds'] * 1e6:9.1f} us "
+                          f"{r['bandwidth'] / 1e12:6.3f} TB/s {r['fraction_of_peak']:6.1%}", flush=True)
+    return {
+        "benchmark": "kernels",
+        "device_kind": "cuda",
+        "device": name,
+        "sm_count": props.multi_processor_count,
+        "arch": manifest["arch"],
+        "peak_hbm_bytes_per_s": peak,
+        "measured_copy_bytes_per_s": copy_bw,
+        "date": datetime.date.today().isoformat(),
+        "grid": grid,
+        "kernels": manifest["kernels"],
+        "rows": rows,
+    }
