@@ -204,3 +204,31 @@ def test_nvcc_compiles_cache_ops_without_local_memory(arch):
         assert f"{symbol}_kernel" in report
         for fn, usage in report.items():
             assert usage.get("stack") == 0 and usage.get("spill_stores") == 0, f"{kind} {fn} uses local memory: {usage}"
+
+
+def test_relax_ops_compile_to_our_cuda_kernels():
+    """``tvm.compile`` of the ``llm.*`` ops for CUDA legalizes to these kernels, untouched by dlight."""
+    from tvm import relax, tirx  # pylint: disable=import-outside-toplevel
+
+    from llmir_tvm import ops  # pylint: disable=import-outside-toplevel
+
+    def var(name, shape, dtype="bfloat16"):
+        return relax.Var(name, relax.TensorType(shape, dtype))
+
+    b, mb, nb, n, nq = (tirx.Var(x, "int64") for x in ("b", "mb", "nb", "n", "nq"))
+    params = [var("q", (b, 1, 32, 128)), var("qr", (nq, 32, 128)), var("kv", (nb, 2, 8, 16, 128)),
+              var("bt", (b, mb), "int32"), var("sl", (b,), "int32"), var("qi", (b + 1,), "int32"),
+              var("k", (n, 8, 128)), var("v", (n, 8, 128)), var("slots", (n,), "int32")]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        q, qr, kv, bt, sl, qi, k, v, slots = params
+        kv2 = bb.emit(ops.append_kv(kv, k, v, slots))
+        dec = bb.emit(ops.paged_attention(q, kv2, bt, sl))
+        pre = bb.emit(ops.paged_attention(qr, kv2, bt, sl, qi))
+        bb.emit_func_output(relax.Tuple([dec, pre]))
+    ex = tvm.compile(bb.get(), target=_target("sm_90a"))
+    device = [m for m in ex.mod.imports[0].imports if m.kind == "cuda"]
+    assert len(device) == 1, "no CUDA device module: a kernel stayed on the host"
+    kernels = set(re.findall(r"__global__ void __launch_bounds__\([\d, ]+\) (\w+)\(", device[0].inspect_source()))
+    for prefix in ("llmir_append_kv", "llmir_paged_decode", "llmir_paged_prefill"):
+        assert any(name.startswith(prefix) for name in kernels), f"{prefix} missing from {sorted(kernels)}"

@@ -41,7 +41,7 @@ def append_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
 
     @T.prim_func
     def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_append_kv"})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_append_kv"})
         NB = T.int64()
         NT = T.int64()
         cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
@@ -84,7 +84,7 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
 
     @T.prim_func
     def lookup(cache_h: T.handle, table_h: T.handle, lens_h: T.handle, ok_h: T.handle, ov_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_lookup_kv"})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_lookup_kv"})
         NB = T.int64()
         B = T.int64()
         MB = T.int64()
@@ -135,7 +135,7 @@ def copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
 
     @T.prim_func
     def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_copy_blocks"})
         NB = T.int64()
         N = T.int64()
         cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)

@@ -113,7 +113,7 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
 
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_paged_decode"})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_paged_decode"})
         B = T.int64()
         L = T.int64()
         NB = T.int64()

@@ -94,7 +94,7 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
     def paged_prefill(
         q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, indptr_h: T.handle, out_h: T.handle
     ):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_paged_prefill"})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_paged_prefill"})
         NQ = T.int64()
         B = T.int64()
         NB = T.int64()
