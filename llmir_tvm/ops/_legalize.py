@@ -30,6 +30,16 @@ def cache_layout(op: str, cache_ty: relax.TensorType) -> tir_kernels.CacheLayout
         raise LLMOpError(f"{op}: argument 'kv_cache': {err}") from None
 
 
+def make_kernel(op: str, factory, config):
+    """``factory(config, current target)``; a config the target's kernels reject becomes an LLMOpError."""
+    try:
+        return factory(config, current_target())
+    except ValueError as err:
+        if isinstance(err, LLMOpError):
+            raise
+        raise LLMOpError(f"{op}: {err}") from None
+
+
 def add_kernel(bb: relax.BlockBuilder, prim_func, name: str) -> relax.GlobalVar:
     """Add a kernel to the module being legalized (deduplicated by structure) under ``name``."""
     return bb.add_func(prim_func.without_attr("global_symbol"), name)

@@ -6,7 +6,7 @@ from tvm import relax
 
 from .. import tir_kernels
 from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, tensor_type
-from ._legalize import add_kernel, cache_layout, current_target, layout_tag
+from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 
 _OP = "llm.lookup_kv"
@@ -43,7 +43,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
 
 def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     layout = cache_layout(_OP, call.args[0].ty)
-    kernel = tir_kernels.lookup_kv(layout, current_target())
+    kernel = make_kernel(_OP, tir_kernels.lookup_kv, layout)
     gv = add_kernel(bb, kernel, f"llmir_lookup_kv_{layout_tag(layout)}")
     return relax.call_tir(gv, list(call.args), out_ty=list(call.ty.fields))
 

@@ -8,7 +8,7 @@ from tvm import relax
 
 from .. import tir_kernels
 from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, static_int, tensor_type
-from ._legalize import add_kernel, cache_layout, current_target, layout_tag
+from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 from .lookup_kv import _check_tables
 
@@ -117,7 +117,7 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     config = tir_kernels.AttentionConfig(layout=layout, num_qo_heads=num_qo_heads, **attrs)
     ragged = len(call.args) == 5
     factory = tir_kernels.paged_prefill_attention if ragged else tir_kernels.paged_decode_attention
-    kernel = factory(config, current_target())
+    kernel = make_kernel(_OP, factory, config)
     name = f"llmir_paged_{'prefill' if ragged else 'decode'}_q{num_qo_heads}_{layout_tag(layout)}"
     gv = add_kernel(bb, kernel, name)
     return relax.call_tir(gv, list(call.args), out_ty=call.ty)
