@@ -175,6 +175,22 @@ class PagedAttentionRewrite:
                     result[gv] = self._rewrite(result, gv.name_hint, func, matches)
         return result
 
+    def _probe_for(self, func: relax.Function, fname: str) -> ProbeInputs:
+        """The probe inputs; the default refuses to invent values for weights (past ``num_input``)."""
+        if self.probe_inputs is not default_probe_inputs or func.attrs is None or "num_input" not in func.attrs:
+            return self.probe_inputs
+        weights = {p.name for p in func.params[int(func.attrs["num_input"]):]}
+
+        def probe(length: int, param: relax.Var):
+            if param.name in weights:
+                raise AttentionMatchError(
+                    f"{fname}: the attention mask reads weight '{param.name}'; pass probe_inputs that give its "
+                    "value (llmir_tvm.compile does)"
+                )
+            return default_probe_inputs(length, param)
+
+        return probe
+
     def _mask_kind(self, m: AttentionMatch, fname: str, evaluate: MaskEvaluator) -> MaskKind:
         if m.mask is None:
             return MaskKind(causal=False)
@@ -182,7 +198,7 @@ class PagedAttentionRewrite:
 
     def _rewrite(self, mod, fname: str, func: relax.Function, matches: list[AttentionMatch]) -> relax.Function:
         dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
-        evaluate = MaskEvaluator(func, self.probe_len, self.probe_inputs, sizes=_empty_past_sizes(matches))
+        evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
         layers = []
         for m in matches:
             kind = self._mask_kind(m, fname, evaluate)

@@ -62,3 +62,37 @@ def test_numerics_on_odd_shapes(n, rng):
     z = (x.astype(np.float64) @ w.T.astype(np.float64)) @ u
     tvm.testing.assert_allclose(s.numpy(), z @ z.transpose(0, 2, 1), rtol=1e-4, atol=1e-3)
     tvm.testing.assert_allclose(f.numpy().astype(np.float32), (h.astype(np.float32) @ w16.astype(np.float32)), rtol=2e-2, atol=2e-2)
+
+
+@I.ir_module
+class Squares:
+    @R.function
+    def main(x: R.Tensor((2, 3), "float32")):
+        with R.dataflow():
+            a = R.power(x, R.const(2.0, "float32"))
+            b = R.power(x, R.const(3.0, "float32"))
+            c = R.power(x, R.const(0.5, "float32"))  # not an integer power: unchanged
+            R.output(a, b, c)
+        return (a, b, c)
+
+
+@I.ir_module
+class SquaresExpected:
+    @R.function
+    def main(x: R.Tensor((2, 3), "float32")):
+        with R.dataflow():
+            a = R.multiply(x, x)
+            b = R.multiply(a, x)  # the rewriter reuses the identical x * x
+            c = R.power(x, R.const(0.5, "float32"))
+            R.output(a, b, c)
+        return (a, b, c)
+
+
+def test_simplify_power():
+    from llmir_tvm.passes import SimplifyPower
+
+    tvm.ir.assert_structural_equal(SimplifyPower()(Squares), SquaresExpected)
+    x = np.array([[-2.0, -0.5, 0.0], [1.5, 3.0, -1.0]], "float32")
+    a, b, _ = relax.VirtualMachine(tvm.compile(SimplifyPower()(Squares), "llvm"), tvm.cpu())["main"](x)
+    np.testing.assert_array_equal(a.numpy(), x * x)  # exact for negative x too (fast-math powf is not)
+    np.testing.assert_array_equal(b.numpy(), x * x * x)

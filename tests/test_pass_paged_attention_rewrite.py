@@ -174,3 +174,18 @@ def test_classify_mask_refuses_unknown_shapes_of_mask():
     i, j = np.indices((8, 8))
     with pytest.raises(AttentionMatchError, match="neither causal, sliding-window nor full"):
         classify_mask((j >= i)[None], 8, "f")
+
+
+def test_default_probe_refuses_to_guess_weights_a_mask_reads():
+    """A mask built from a weight (here a lifted -inf constant) must not be probed with zeros."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmir_tvm.frontend import import_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    imported = import_model(model)
+    with pytest.raises(AttentionMatchError, match="the attention mask reads weight 'const_"):
+        PagedAttentionRewrite()(imported.mod)
