@@ -31,7 +31,7 @@ _SUBMODULES = ("ops", "tir_kernels", "passes", "runtime", "reference", "frontend
 #: Public names, by the module that defines them (imported on first use).
 _PUBLIC = {
     "compile": "build",
-    "kv_pipeline": "build",
+    "kv_pipeline": "passes",
     "KVCacheConfig": "config",
     "CompiledModel": "model",
     "load": "model",

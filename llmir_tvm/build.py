@@ -14,18 +14,10 @@ from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
-from .passes import KV_ATTR, BlockifyKVCache, OffloadDenseToBLAS, PagedAttentionRewrite, SimplifyPower
+from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
-
-
-def kv_pipeline(
-    kv: KVCacheConfig = KVCacheConfig(), *, probe_len: int = 16, probe_inputs: ProbeInputs | None = None
-) -> tvm.transform.Sequential:
-    """The KV-cache passes in order: PagedAttentionRewrite, BlockifyKVCache, then SimplifyPower."""
-    rewrite = PagedAttentionRewrite(page_size=kv.page_size, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
-    return tvm.transform.Sequential([rewrite, BlockifyKVCache(), SimplifyPower()], name="llmir_kv_pipeline")
 
 
 def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
