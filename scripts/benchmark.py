@@ -21,6 +21,7 @@ if str(REPO) not in sys.path:
 SUBCOMMANDS = {
     "kernels": "bench.kernels",
     "serve": "bench.serve",
+    "model": "bench.model",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 
