@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``serve`` subcommand."""
     parser.add_argument("--model", default="default", help="compiled model folder or 'default' (compiled on the fly)")
     parser.add_argument("--requests", type=int, default=32, help="requests of the mixed workload (default 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest output of the mixed workload")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest output of the mixed workload (outputs are 1/2 to 1x this)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="engine step budget")
     parser.add_argument("--alloc-batch", type=int, default=64, help="decode batch of the allocator-share run")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _workload(tokenizer, count: int, max_new: int, rng: np.random.Generator) -> tuple[list[list[int]], list[int]]:
+    """``count`` prompts of 16-512 tokens (random words) and outputs of ``max_new // 2`` to ``max_new`` tokens."""
     prompts, news = [], []
     for _ in range(count):
-        words = rng.choice(WORDS, size=int(rng.integers(4, 48)))
-        prompts.append(list(tokenizer(" ".join(words))["input_ids"]))
-        news.append(int(rng.integers(max(2, max_new // 4), max_new + 1)))
+        length = int(rng.integers(16, 513))
+        words = rng.choice(WORDS, size=length)  # at least one token per word: cut to the drawn length
+        prompts.append(list(tokenizer(" ".join(words))["input_ids"])[:length])
+        news.append(int(rng.integers(max(2, max_new // 2), max_new + 1)))
     return prompts, news
 
 
