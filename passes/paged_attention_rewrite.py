@@ -24,7 +24,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from llmir_tvm import ops
 
-from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like
+from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like, op_name
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
 
 #: Function attribute describing the paged KV cache a rewritten function expects.
@@ -115,26 +115,20 @@ class _PagedRewriter(PyExprMutator):
         return _from_rows(bb, out, out_var.ty)
 
 
-def _present_outputs(func: relax.Function, matches: list[AttentionMatch]) -> set:
-    """Vars of the returned tuple that are (layouts of) cache concats, i.e. ``present`` outputs."""
-    matcher = AttentionMatcher(func, "")
+def _present_outputs(matcher: AttentionMatcher, past: set) -> set:
+    """Fields of returned tuples that are (layouts of) ``concat((past, new))``: the ``present`` outputs."""
     concats = set()
     for var in matcher.b.order:
         value = matcher.b.value[var]
-        if isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.concat")):
-            parts = value.args[0]
-            if isinstance(parts, relax.Tuple) and parts.fields[0] in {
-                s.past_param for m in matches for s in (m.k, m.v) if s.past_param is not None
-            }:
-                concats.add(var)
-    present = set()
-    for var in matcher.b.order:
-        value = matcher.b.value[var]
-        if isinstance(value, relax.Tuple):
-            for f in value.fields:
-                if matcher._strip(f)[0] in concats:
-                    present.add(f)
-    return present
+        if op_name(value) == "relax.concat" and isinstance(value.args[0], relax.Tuple) and value.args[0].fields[0] in past:
+            concats.add(var)
+    return {
+        field
+        for var in matcher.b.order
+        if isinstance(matcher.b.value[var], relax.Tuple)
+        for field in matcher.b.value[var].fields
+        if matcher._strip(field)[0] in concats
+    }
 
 
 def _empty_past_sizes(matches: list[AttentionMatch]) -> dict:
@@ -170,9 +164,10 @@ class PagedAttentionRewrite:
         result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                matches = AttentionMatcher(func, gv.name_hint).find()
+                matcher = AttentionMatcher(func, gv.name_hint)
+                matches = matcher.find()
                 if matches:
-                    result[gv] = self._rewrite(result, gv.name_hint, func, matches)
+                    result[gv] = self._rewrite(result, matcher, matches)
         return result
 
     def _probe_for(self, func: relax.Function, fname: str) -> ProbeInputs:
@@ -196,7 +191,8 @@ class PagedAttentionRewrite:
             return MaskKind(causal=False)
         return classify_mask(evaluate(m.mask), self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
 
-    def _rewrite(self, mod, fname: str, func: relax.Function, matches: list[AttentionMatch]) -> relax.Function:
+    def _rewrite(self, mod, matcher: AttentionMatcher, matches: list[AttentionMatch]) -> relax.Function:
+        func, fname = matcher.func, matcher.fname
         dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
         evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
         layers = []
@@ -216,7 +212,7 @@ class PagedAttentionRewrite:
             relax.Var("q_indptr", relax.TensorType((batch + 1,), "int32")),
         ]
         past = {s.past_param for m in matches for s in (m.k, m.v) if s.past_param is not None}
-        present = _present_outputs(func, matches)
+        present = _present_outputs(matcher, past)
         widened = relax.Function(list(func.params) + pools + step, func.body, None, func.is_pure, func.attrs)
         rewriter = _PagedRewriter(mod, matches, layers, pools, step, dtype, fname, present)
         new = rewriter.visit_expr(widened)
