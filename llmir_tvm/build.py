@@ -15,6 +15,7 @@ from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
+from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
@@ -50,8 +51,8 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     if len(set(windows)) > 1:
         raise ValueError(f"{imported.name}: layers use different sliding windows {sorted(set(windows))}")
     max_seq_len = kv.max_seq_len or imported.max_seq_len
-    if kv.max_seq_len and imported.max_seq_len and kv.max_seq_len > imported.max_seq_len:
-        raise ValueError(f"max_seq_len {kv.max_seq_len} exceeds the model's context length {imported.max_seq_len}")
+    _check_max_seq_len(imported, kv)
+    plan = module_memory_plan(mod)
     info = ModelInfo(
         name=imported.name,
         target=str(target.kind.name),
@@ -67,8 +68,16 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         eos_token_ids=list(imported.eos_token_ids),
         sliding_window=windows[0],
     )
-    info.num_blocks = kv.blocks_for(info.bytes_per_block)
+    if plan is None:
+        info.num_blocks = kv.blocks_for(info.bytes_per_block)
+    else:
+        info.num_blocks, info.memory_plan = plan.num_blocks, plan.to_attrs()
     return info
+
+
+def _check_max_seq_len(imported: ImportedModel, kv: KVCacheConfig) -> None:
+    if kv.max_seq_len and imported.max_seq_len and kv.max_seq_len > imported.max_seq_len:
+        raise ValueError(f"max_seq_len {kv.max_seq_len} exceeds the model's context length {imported.max_seq_len}")
 
 
 def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile)
@@ -94,8 +103,11 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
+    _check_max_seq_len(imported, kv)
     mod = imported.mod
-    for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported)).passes, start=1):
+    pipeline = kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), target=target,
+                           max_seq_len=imported.max_seq_len)
+    for i, kv_pass in enumerate(pipeline.passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
         stages.append((f"{i}_{kv_pass.info.name}", mod))
@@ -104,10 +116,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
+    info = _model_info(imported, mod, kv, target)
     if target.kind.name == "llvm":
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
-    info = _model_info(imported, mod, kv, target)
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())
     funcs.update(cache_kernels_irmodule(layout, target).functions_items())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .memory_plan import parse_budget
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -28,22 +30,35 @@ def parse_bytes(value: int | str) -> int:
 class KVCacheConfig:
     """How the compiled model's KV cache is laid out and sized.
 
-    ``page_size``: tokens per block (a power of two). ``dtype``: pool dtype (default: the
-    model's). ``num_blocks`` or ``memory_budget`` (bytes or ``"2GB"``) size the pool; with
-    neither, the pool gets ``DEFAULT_BUDGET``. ``max_seq_len``: longest sequence accepted
-    (default: the model's context length).
+    ``page_size``: tokens per block (a power of two; None = chosen by
+    ``KVCacheAllocationOptimization`` from ``expected_seq_lens``). ``dtype``: pool dtype
+    (default: the model's). ``num_blocks`` sizes the pool directly; ``memory_budget`` is the
+    model's whole device budget — weights + activation workspace + KV pool — in bytes, as
+    ``"2GB"``, or as a fraction of device memory (``0.5`` or ``"50%"``; ``device_memory``
+    overrides the detected size). With neither, the pool gets ``DEFAULT_BUDGET``.
+    ``max_seq_len``: longest sequence accepted (default: the model's context length).
+    ``max_batch_tokens``: tokens per step the activation workspace is planned for (default:
+    min(512, max_seq_len), the engine's default). ``expected_concurrency`` /
+    ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
+    page size and reported in the memory plan.
     """
 
-    page_size: int = 16
+    page_size: int | None = 16
     dtype: str | None = None
     num_blocks: int | None = None
-    memory_budget: int | str | None = None
+    memory_budget: int | float | str | None = None
     max_seq_len: int | None = None
+    device_memory: int | str | None = None
+    max_batch_tokens: int | None = None
+    expected_concurrency: int | None = None
+    expected_seq_lens: tuple[int, ...] | None = None
 
     DEFAULT_BUDGET = 512 * 2**20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.page_size, int) or self.page_size < 1 or self.page_size & (self.page_size - 1):
+        if self.page_size is not None and (
+            not isinstance(self.page_size, int) or self.page_size < 1 or self.page_size & (self.page_size - 1)
+        ):
             raise ValueError(f"page_size must be a power of two, got {self.page_size!r}")
         if self.dtype not in (None, "float16", "float32"):
             raise ValueError(f"KV dtype {self.dtype!r} is not supported; choose float16 or float32")
@@ -52,16 +67,27 @@ class KVCacheConfig:
         if self.num_blocks is not None and self.memory_budget is not None:
             raise ValueError("give num_blocks or memory_budget, not both")
         if self.memory_budget is not None:
-            parse_bytes(self.memory_budget)
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
-            raise ValueError(f"max_seq_len must be a positive int, got {self.max_seq_len!r}")
+            parse_budget(self.memory_budget)
+        if self.device_memory is not None and parse_budget(self.device_memory)[0] != "bytes":
+            raise ValueError(f"device_memory must be a size in bytes (e.g. '80GB'), got {self.device_memory!r}")
+        for name in ("max_seq_len", "max_batch_tokens", "expected_concurrency"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.expected_seq_lens is not None:
+            lens = self.expected_seq_lens
+            if isinstance(lens, int) and not isinstance(lens, bool):
+                lens = (lens,)
+            if not lens or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lens):
+                raise ValueError(f"expected_seq_lens must be positive ints, got {self.expected_seq_lens!r}")
+            object.__setattr__(self, "expected_seq_lens", tuple(lens))
 
     def blocks_for(self, bytes_per_block: int) -> int:
-        """Pool size in blocks: ``num_blocks``, or as many blocks as the budget holds."""
+        """Pool size in blocks without a ``memory_budget``: ``num_blocks``, or as many blocks as
+        ``DEFAULT_BUDGET`` holds (a budget is split by ``KVCacheAllocationOptimization``)."""
         if self.num_blocks is not None:
             return self.num_blocks
-        budget = parse_bytes(self.memory_budget) if self.memory_budget is not None else self.DEFAULT_BUDGET
-        blocks = budget // bytes_per_block
+        blocks = self.DEFAULT_BUDGET // bytes_per_block
         if blocks < 1:
-            raise ValueError(f"memory budget {budget} bytes holds no block of {bytes_per_block} bytes")
+            raise ValueError(f"the default KV pool budget {self.DEFAULT_BUDGET} bytes holds no block of {bytes_per_block} bytes")
         return int(blocks)

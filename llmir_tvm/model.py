@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import tvm.runtime
 
+from .memory_plan import MemoryPlan, kv_block_bytes
+
 #: Global symbols of the cache kernels embedded in every compiled model.
 CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
 
@@ -37,12 +39,13 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int = 0
+    #: ``MemoryPlan.to_attrs()`` of the compile (empty for models saved before plans existed).
+    memory_plan: dict = field(default_factory=dict)
 
     @property
     def bytes_per_block(self) -> int:
-        """Pool bytes of one block over all layers (K and V)."""
-        item = np.dtype(self.kv_dtype).itemsize
-        return self.num_layers * 2 * self.num_kv_heads * self.page_size * self.head_dim * item
+        """Pool bytes of one block over all layers (K and V): :func:`llmir_tvm.memory_plan.kv_block_bytes`."""
+        return kv_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.kv_dtype)
 
 
 class CompiledModel:
@@ -58,6 +61,10 @@ class CompiledModel:
     def module(self) -> tvm.runtime.Module:
         """The runtime module (VM executable) holding ``prefill``, ``decode`` and the cache kernels."""
         return getattr(self.executable, "mod", self.executable)
+
+    def memory_plan(self) -> MemoryPlan | None:
+        """The memory plan ``KVCacheAllocationOptimization`` computed at compile time (None if none was made)."""
+        return MemoryPlan.from_attrs(self.info.memory_plan) if self.info.memory_plan else None
 
     def cache_kernels(self) -> dict:
         """The embedded cache kernels by global symbol, for ``llmir_tvm.runtime.PagedKVCache``."""

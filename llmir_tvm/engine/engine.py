@@ -130,7 +130,7 @@ class Engine:
     device:
         Where it runs (``"cpu"``, ``"cuda"``...).
     num_blocks:
-        KV pool size in blocks (default: the compiled model's).
+        KV pool size in blocks (default: the compiled model's memory plan, ``compiled.memory_plan()``).
     max_num_batched_tokens:
         Token budget of one step (decodes count one token each; longer prompts are prefilled
         in chunks). Capped at the model's ``max_seq_len``, the compiled token axis's bound.
@@ -160,12 +160,13 @@ class Engine:
         self.device = tvm.runtime.device(device, 0)
         self.vm = VirtualMachine(compiled.module, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
+        plan = compiled.memory_plan()
         self.cache = PagedKVCache(
             num_layers=info.num_layers,
             num_kv_heads=info.num_kv_heads,
             head_dim=info.head_dim,
             block_size=info.page_size,
-            num_blocks=num_blocks or info.num_blocks,
+            num_blocks=num_blocks or (plan.num_blocks if plan is not None else info.num_blocks),
             dtype=info.kv_dtype,
             device=self.device,
             kernels=compiled.cache_kernels(),
