@@ -47,8 +47,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
         raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
     windows = [int(w) for w in attrs["sliding_window"]]
-    if len(set(windows)) > 1:
-        raise ValueError(f"{imported.name}: layers use different sliding windows {sorted(set(windows))}")
+    sinks = [int(w) for w in attrs["sink_tokens"]] if "sink_tokens" in attrs else [0] * len(windows)
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     if kv.max_seq_len and imported.max_seq_len and kv.max_seq_len > imported.max_seq_len:
         raise ValueError(f"max_seq_len {kv.max_seq_len} exceeds the model's context length {imported.max_seq_len}")
@@ -66,7 +65,12 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
         sliding_window=windows[0],
+        pool_windows=windows,
+        pool_sinks=sinks,
+        eviction=str(attrs["eviction"]) if "eviction" in attrs else "none",
     )
+    if max(windows) > info.max_seq_len:
+        raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
     info.num_blocks = kv.blocks_for(info.bytes_per_block)
     return info
 
@@ -95,7 +99,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     mod = imported.mod
-    for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported)).passes, start=1):
+    for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), layer_windows=imported.layer_windows).passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
         stages.append((f"{i}_{kv_pass.info.name}", mod))

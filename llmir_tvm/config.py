@@ -24,6 +24,27 @@ def parse_bytes(value: int | str) -> int:
     return amount
 
 
+#: Eviction policies the runtime enforces (``KVCacheConfig.eviction``).
+EVICTION_POLICIES = ("none", "streaming")
+
+
+def check_eviction(eviction: str, window: int, sink_tokens: int) -> None:
+    """Raise ValueError naming what is wrong with an eviction policy and its window / sinks."""
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"unknown eviction policy {eviction!r}; choose one of {EVICTION_POLICIES}")
+    for name, value in (("eviction_window", window), ("sink_tokens", sink_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if eviction == "none":
+        if window or sink_tokens:
+            raise ValueError(f"eviction_window={window} / sink_tokens={sink_tokens} need an eviction policy (e.g. 'streaming')")
+        return
+    if window < 1:
+        raise ValueError(f"eviction '{eviction}' needs eviction_window >= 1 recent tokens, got {window}")
+    if sink_tokens > window:
+        raise ValueError(f"sink_tokens ({sink_tokens}) must not exceed eviction_window ({window})")
+
+
 @dataclass(frozen=True)
 class KVCacheConfig:
     """How the compiled model's KV cache is laid out and sized.
@@ -31,7 +52,9 @@ class KVCacheConfig:
     ``page_size``: tokens per block (a power of two). ``dtype``: pool dtype (default: the
     model's). ``num_blocks`` or ``memory_budget`` (bytes or ``"2GB"``) size the pool; with
     neither, the pool gets ``DEFAULT_BUDGET``. ``max_seq_len``: longest sequence accepted
-    (default: the model's context length).
+    (default: the model's context length). ``eviction``: ``"none"`` or ``"streaming"``
+    (StreamingLLM: every full-attention layer keeps ``sink_tokens`` first tokens and the
+    ``eviction_window`` most recent ones; older blocks are freed during generation).
     """
 
     page_size: int = 16
@@ -39,6 +62,9 @@ class KVCacheConfig:
     num_blocks: int | None = None
     memory_budget: int | str | None = None
     max_seq_len: int | None = None
+    eviction: str = "none"
+    eviction_window: int = 0
+    sink_tokens: int = 0
 
     DEFAULT_BUDGET = 512 * 2**20
 
@@ -55,6 +81,9 @@ class KVCacheConfig:
             parse_bytes(self.memory_budget)
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
             raise ValueError(f"max_seq_len must be a positive int, got {self.max_seq_len!r}")
+        check_eviction(self.eviction, self.eviction_window, self.sink_tokens)
+        if self.max_seq_len is not None and self.eviction_window > self.max_seq_len:
+            raise ValueError(f"eviction_window {self.eviction_window} exceeds max_seq_len {self.max_seq_len}")
 
     def blocks_for(self, bytes_per_block: int) -> int:
         """Pool size in blocks: ``num_blocks``, or as many blocks as the budget holds."""

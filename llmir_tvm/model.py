@@ -37,6 +37,12 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int = 0
+    #: Window / sink tokens of each pool (empty: every pool uses ``sliding_window``); pools with
+    #: different windows make a hybrid cache (``llmir_tvm.runtime.HybridKVCache``).
+    pool_windows: list[int] = field(default_factory=list)
+    pool_sinks: list[int] = field(default_factory=list)
+    #: Eviction policy the runtime enforces (``"none"`` or ``"streaming"``).
+    eviction: str = "none"
 
     @property
     def bytes_per_block(self) -> int:

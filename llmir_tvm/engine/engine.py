@@ -23,7 +23,7 @@ import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
 from ..model import CompiledModel
-from ..runtime import KVCacheOutOfBlocks, PagedKVCache
+from ..runtime import KVCacheOutOfBlocks, create_cache
 from .sampling import SamplingParams, sample
 
 Prompt = str | Sequence[int]
@@ -160,19 +160,15 @@ class Engine:
         self.device = tvm.runtime.device(device, 0)
         self.vm = VirtualMachine(compiled.module, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
-        self.cache = PagedKVCache(
-            num_layers=info.num_layers,
-            num_kv_heads=info.num_kv_heads,
-            head_dim=info.head_dim,
-            block_size=info.page_size,
+        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
+        self.cache = create_cache(
+            info,
             num_blocks=num_blocks or info.num_blocks,
-            dtype=info.kv_dtype,
             device=self.device,
             kernels=compiled.cache_kernels(),
-            sliding_window=info.sliding_window,
             enable_prefix_caching=enable_prefix_caching,
+            max_step_tokens=self.max_num_batched_tokens,
         )
-        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
         self.max_num_seqs = max_num_seqs
         self.step_stats: list[dict[str, Any]] = []
         self._ids = itertools.count()
@@ -548,5 +544,6 @@ class Engine:
     def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
         tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
         args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
-        args += self.cache.pools + [step.slot_mapping, step.block_table, step.seq_lens] + extra
+        groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
+        args += self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
         return self.vm[function](*args, *self.params).numpy()[0]
