@@ -18,6 +18,7 @@ from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
+from .tir_kernels.slot_copy import COPY_SLOTS, copy_slots
 
 
 def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
@@ -68,6 +69,8 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         pool_windows=windows,
         pool_sinks=sinks,
         eviction=str(attrs["eviction"]) if "eviction" in attrs else "none",
+        eviction_window=int(attrs["eviction_window"]) if "eviction_window" in attrs else 0,
+        heavy_hitters=int(attrs["heavy_hitters"]) if "heavy_hitters" in attrs else 0,
     )
     if max(windows) > info.max_seq_len:
         raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
@@ -115,6 +118,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())
     funcs.update(cache_kernels_irmodule(layout, target).functions_items())
+    if info.eviction == "h2o":  # token eviction compacts slots
+        funcs[COPY_SLOTS] = copy_slots(layout)
     note("build")
     start = time.perf_counter()
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target)

@@ -25,24 +25,31 @@ def parse_bytes(value: int | str) -> int:
 
 
 #: Eviction policies the runtime enforces (``KVCacheConfig.eviction``).
-EVICTION_POLICIES = ("none", "streaming")
+EVICTION_POLICIES = ("none", "streaming", "h2o")
 
 
-def check_eviction(eviction: str, window: int, sink_tokens: int) -> None:
-    """Raise ValueError naming what is wrong with an eviction policy and its window / sinks."""
+def check_eviction(eviction: str, window: int, sink_tokens: int, heavy_hitters: int = 0) -> None:
+    """Raise ValueError naming what is wrong with an eviction policy and its window / sinks / heavy hitters."""
     if eviction not in EVICTION_POLICIES:
         raise ValueError(f"unknown eviction policy {eviction!r}; choose one of {EVICTION_POLICIES}")
-    for name, value in (("eviction_window", window), ("sink_tokens", sink_tokens)):
+    for name, value in (("eviction_window", window), ("sink_tokens", sink_tokens), ("heavy_hitters", heavy_hitters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if eviction == "none":
-        if window or sink_tokens:
-            raise ValueError(f"eviction_window={window} / sink_tokens={sink_tokens} need an eviction policy (e.g. 'streaming')")
+        if window or sink_tokens or heavy_hitters:
+            raise ValueError(
+                f"eviction_window={window} / sink_tokens={sink_tokens} / heavy_hitters={heavy_hitters} need an eviction "
+                "policy (e.g. 'streaming')"
+            )
         return
     if window < 1:
         raise ValueError(f"eviction '{eviction}' needs eviction_window >= 1 recent tokens, got {window}")
     if sink_tokens > window:
         raise ValueError(f"sink_tokens ({sink_tokens}) must not exceed eviction_window ({window})")
+    if eviction == "streaming" and heavy_hitters:
+        raise ValueError("heavy_hitters is a setting of the 'h2o' policy, not of 'streaming'")
+    if eviction == "h2o" and sink_tokens:
+        raise ValueError("the 'h2o' policy keeps heavy hitters, not sink tokens: use heavy_hitters")
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,9 @@ class KVCacheConfig:
     neither, the pool gets ``DEFAULT_BUDGET``. ``max_seq_len``: longest sequence accepted
     (default: the model's context length). ``eviction``: ``"none"`` or ``"streaming"``
     (StreamingLLM: every full-attention layer keeps ``sink_tokens`` first tokens and the
-    ``eviction_window`` most recent ones; older blocks are freed during generation).
+    ``eviction_window`` most recent ones; older blocks are freed during generation) or ``"h2o"``
+    (heavy hitters: every sequence keeps its ``eviction_window`` most recent tokens plus the
+    ``heavy_hitters`` older tokens with the largest attention weight accumulated over decode steps).
     """
 
     page_size: int = 16
@@ -65,6 +74,7 @@ class KVCacheConfig:
     eviction: str = "none"
     eviction_window: int = 0
     sink_tokens: int = 0
+    heavy_hitters: int = 0
 
     DEFAULT_BUDGET = 512 * 2**20
 
@@ -81,7 +91,7 @@ class KVCacheConfig:
             parse_bytes(self.memory_budget)
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
             raise ValueError(f"max_seq_len must be a positive int, got {self.max_seq_len!r}")
-        check_eviction(self.eviction, self.eviction_window, self.sink_tokens)
+        check_eviction(self.eviction, self.eviction_window, self.sink_tokens, self.heavy_hitters)
         if self.max_seq_len is not None and self.eviction_window > self.max_seq_len:
             raise ValueError(f"eviction_window {self.eviction_window} exceeds max_seq_len {self.max_seq_len}")
 

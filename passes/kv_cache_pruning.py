@@ -11,7 +11,10 @@ Runs after :class:`BlockifyKVCache` on every function carrying the ``llmir.kv_ca
 2. **Per-layer windows.** Each attention keeps the window its mask had (or the model config
    gives, ``layer_windows``); the eviction policy ``"streaming"`` (StreamingLLM) gives every
    full-attention layer ``window`` recent tokens plus ``sink_tokens`` sinks. A pool keeps what
-   its widest reader needs (full context if any reader has no window).
+   its widest reader needs (full context if any reader has no window). The policy ``"h2o"``
+   (heavy hitters + ``window`` recent tokens, evicted token by token by the runtime) makes the
+   ``decode`` entry point also return each cached token's attention weight, summed over heads
+   and layers (``(logits, attention_scores)``); no other policy changes what decode computes.
 3. **Hybrid cache.** Pools are grouped by ``(window, sinks)`` (:mod:`llmir_tvm.kv_groups`). Group
    0 keeps the ``slot_mapping`` / ``block_table`` inputs; every further group gets its own
    ``slot_mapping_g{k}`` / ``block_table_g{k}`` inputs (placed right after the pools), so the
@@ -21,7 +24,7 @@ Runs after :class:`BlockifyKVCache` on every function carrying the ``llmir.kv_ca
 The ``llmir.kv_cache`` attribute is rewritten to describe the pools that remain (its per-layer
 lists become per-pool lists; ``num_layers`` counts pools) and gains ``sink_tokens`` (per pool),
 ``layer_pool`` (pool read by each original layer, -1 if none), ``window_groups`` (group of each
-pool) and ``eviction`` (the policy name), which ``llmir_tvm.compile`` turns into the runtime's
+pool), ``eviction`` (the policy name), ``eviction_window`` and ``heavy_hitters``, which ``llmir_tvm.compile`` turns into the runtime's
 cache configuration.
 """
 
@@ -110,6 +113,47 @@ class _AssignGroups(PyExprMutator):
         self.set_var_remap(binding.var, emit_like(self.builder_, call, binding.var))
 
 
+@mutator
+class _AttentionScores(PyExprMutator):
+    """Adds, to a decode function, the attention weight each cached token gets, summed over layers and heads.
+
+    For every uniform ``llm.paged_attention`` the pass gathers the layer's keys
+    (``llm.lookup_kv``) and recomputes the softmax of its one query per sequence; the sum over
+    heads and layers, float32 ``[batch, max_blocks * block_size]`` (zero past ``seq_lens``), becomes
+    the function's second output. Only models compiled with the H2O policy carry this work.
+    """
+
+    def __init__(self, mod, ret: relax.Var):
+        super().__init__(mod)
+        self.ret, self.total = ret, None
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        super().visit_var_binding_(binding)
+        value = binding.value
+        if op_name(value) == _PAGED:
+            self._add_scores(*(self.visit_expr(a) for a in value.args), float(value.attrs["scale"]))
+        elif binding.var.same_as(self.ret):
+            bb = self.builder_
+            logits = self.visit_expr(binding.var)
+            scores = bb.emit_output(self.total, name_hint="attention_scores")
+            self.set_var_remap(binding.var, bb.emit_output(relax.Tuple([logits, scores]), name_hint="outputs"))
+
+    def _add_scores(self, q, cache, table, lens, scale: float) -> None:
+        bb = self.builder_
+        _, _, qo_heads, dim = q.ty.shape.values
+        kv_heads = cache.ty.shape.values[2]
+        group = int(qo_heads) // int(kv_heads)
+        keys = bb.emit(relax.TupleGetItem(bb.emit(ops.lookup_kv(cache, table, lens)), 0))
+        rows, slots = table.ty.shape.values[0], keys.ty.shape.values[1]
+        qf = bb.emit(relax.op.reshape(relax.op.astype(q, "float32"), [rows, kv_heads, group, dim]))  # a query per row
+        kf = bb.emit(relax.op.permute_dims(relax.op.astype(keys, "float32"), [0, 2, 3, 1]))
+        logits = bb.emit(relax.op.multiply(relax.op.matmul(qf, kf), relax.const(scale, "float32")))
+        valid = bb.emit(relax.op.less(relax.op.arange(slots, dtype="int32"), relax.op.reshape(lens, [rows, 1, 1, 1])))
+        masked = bb.emit(relax.op.where(valid, logits, relax.const(-1e30, "float32")))
+        weights = bb.emit(relax.op.sum(relax.op.nn.softmax(masked, axis=-1), axis=[1, 2]))
+        self.total = weights if self.total is None else bb.emit(relax.op.add(self.total, weights))
+
+
 def _pool_params(func: relax.Function, num_pools: int, fname: str) -> list[relax.Var]:
     """The pool parameters: the ``num_pools`` parameters right before ``slot_mapping``."""
     names = [p.name for p in func.params]
@@ -126,16 +170,17 @@ def _pool_params(func: relax.Function, num_pools: int, fname: str) -> list[relax
 class KVCachePruning:
     """Drop dead cache state, set per-layer windows / sinks and group pools by window (see module doc).
 
-    Parameters: ``eviction`` ``"none"`` or ``"streaming"`` (StreamingLLM: every full-attention
-    layer keeps ``sink_tokens`` first tokens and the ``window`` most recent ones);
+    Parameters: ``eviction`` ``"none"``, ``"streaming"`` (StreamingLLM: every full-attention
+    layer keeps ``sink_tokens`` first tokens and the ``window`` most recent ones) or ``"h2o"``
+    (``window`` recent tokens plus ``heavy_hitters`` heavy hitters, chosen by the runtime);
     ``layer_windows`` the sliding window of each layer from the model config (0 = full; a layer
     whose mask already has a different window is an error); ``max_seq_len`` the longest sequence
     (a window must not exceed it).
     """
 
     def __init__(self, eviction: str = "none", window: int = 0, sink_tokens: int = 0,
-                 layer_windows: Sequence[int] | None = None, max_seq_len: int | None = None):
-        check_eviction(eviction, window, sink_tokens)
+                 layer_windows: Sequence[int] | None = None, max_seq_len: int | None = None, heavy_hitters: int = 0):
+        check_eviction(eviction, window, sink_tokens, heavy_hitters)
         if max_seq_len is not None and window > max_seq_len:
             raise KVCachePruningError(f"eviction window {window} exceeds the max context length {max_seq_len}")
         if layer_windows is not None:
@@ -145,7 +190,7 @@ class KVCachePruning:
                 raise KVCachePruningError(f"layer windows must be >= 0 (0 = full attention), got {bad}")
             if max_seq_len is not None and any(w > max_seq_len for w in layer_windows):
                 raise KVCachePruningError(f"a layer window ({max(layer_windows)}) exceeds the max context length {max_seq_len}")
-        self.eviction, self.window, self.sink_tokens = eviction, window, sink_tokens
+        self.eviction, self.window, self.sink_tokens, self.heavy_hitters = eviction, window, sink_tokens, heavy_hitters
         self.layer_windows = layer_windows
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -177,6 +222,10 @@ class KVCachePruning:
         """(window, sinks) an attention applies under the eviction policy."""
         if self.eviction == "none":
             return layer_window, 0
+        if self.eviction == "h2o":
+            if layer_window or not causal:
+                raise KVCachePruningError(f"{where}: eviction 'h2o' needs causal full attention (window {layer_window})")
+            return 0, 0
         if not causal:
             raise KVCachePruningError(f"{where}: eviction '{self.eviction}' needs causal attention")
         if layer_window and layer_window <= self.window:
@@ -252,6 +301,12 @@ class KVCachePruning:
         new_kv["window_groups"] = [group_of[p] for p in live]
         new_kv["layer_pool"] = layer_pool
         new_kv["eviction"] = self.eviction
+        new_kv["eviction_window"] = self.window
+        new_kv["heavy_hitters"] = self.heavy_hitters
         attrs[KV_ATTR] = new_kv
+        if self.eviction == "h2o" and paged and all(len(b.value.args) == 4 for b in paged):  # the decode entry point
+            if not isinstance(body.body, relax.Var):
+                raise AttentionMatchError(f"KVCachePruning: {fname} must return a variable to add attention scores")
+            body = _AttentionScores(mod, body.body).visit_expr(body)
         new = relax.Function(params, body, None, func.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
         return relax.transform.DeadCodeElimination()(tvm.IRModule({"f": new}))["f"]

@@ -24,5 +24,5 @@ def kv_pipeline(
     kv = kv or KVCacheConfig()
     rewrite = PagedAttentionRewrite(page_size=kv.page_size, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
     pruning = KVCachePruning(eviction=kv.eviction, window=kv.eviction_window, sink_tokens=kv.sink_tokens,
-                             layer_windows=layer_windows, max_seq_len=kv.max_seq_len)
+                             heavy_hitters=kv.heavy_hitters, layer_windows=layer_windows, max_seq_len=kv.max_seq_len)
     return tvm.transform.Sequential([rewrite, BlockifyKVCache(), pruning, SimplifyPower()], name="llmir_kv_pipeline")

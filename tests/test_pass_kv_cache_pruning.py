@@ -26,9 +26,10 @@ def _kv(windows, **extra):
     return kv
 
 
-def _pruned(n, windows, sinks=None, groups=None, layer_pool=None, eviction="none"):
+def _pruned(n, windows, sinks=None, groups=None, layer_pool=None, eviction="none", eviction_window=0, heavy_hitters=0):
     return _kv(windows, sink_tokens=sinks or [0] * len(windows), window_groups=groups or [0] * len(windows),
-               layer_pool=layer_pool if layer_pool is not None else list(range(n)), eviction=eviction)
+               layer_pool=layer_pool if layer_pool is not None else list(range(n)), eviction=eviction,
+               eviction_window=eviction_window, heavy_hitters=heavy_hitters)
 
 
 # ---------------------------------------------------------------- hybrid: a full and a windowed layer
@@ -174,7 +175,8 @@ class StreamingExpected:
                slot_mapping_g1: R.Tensor(("b",), "int32"), block_table_g1: R.Tensor(("b", "max_blocks_g1"), "int32"),
                slot_mapping: R.Tensor(("b",), "int32"), block_table: R.Tensor(("b", "mb"), "int32"),
                seq_lens: R.Tensor(("b",), "int32"), w: R.Tensor((16, 16), "float32")):
-        R.func_attr({"llmir.kv_cache": _pruned(2, [16, 8], sinks=[4, 0], groups=[0, 1], eviction="streaming"),
+        R.func_attr({"llmir.kv_cache": _pruned(2, [16, 8], sinks=[4, 0], groups=[0, 1], eviction="streaming",
+                                                     eviction_window=16),
                      "num_input": 8})
         b = T.int64()
         with R.dataflow():
@@ -237,7 +239,10 @@ def test_model_mismatches_are_clear_errors():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"eviction": "h2o", "eviction_window": 8}, "unknown eviction policy 'h2o'"),
+        ({"eviction": "lru", "eviction_window": 8}, "unknown eviction policy 'lru'"),
+        ({"eviction": "h2o", "eviction_window": 8, "sink_tokens": 2}, "keeps heavy hitters, not sink tokens"),
+        ({"eviction": "streaming", "eviction_window": 8, "heavy_hitters": 2}, "setting of the 'h2o' policy"),
+        ({"heavy_hitters": 4}, "need an eviction policy"),
         ({"eviction": "streaming", "eviction_window": 0}, "needs eviction_window >= 1"),
         ({"eviction": "streaming", "eviction_window": 8, "sink_tokens": 9}, "must not exceed"),
         ({"eviction": "streaming", "eviction_window": 100, "max_seq_len": 50}, "exceeds max_seq_len 50"),

@@ -546,4 +546,8 @@ class Engine:
         args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
         groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
         args += self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
-        return self.vm[function](*args, *self.params).numpy()[0]
+        out = self.vm[function](*args, *self.params)
+        if not isinstance(out, tvm.runtime.Tensor):  # (logits, attention scores): an H2O model's decode
+            self.cache.record_scores(out[1].numpy())
+            out = out[0]
+        return out.numpy()[0]

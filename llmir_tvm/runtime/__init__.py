@@ -8,6 +8,7 @@ including the BLAS-backed dense layers compiled models call (``llmir.blas.*``).
 
 from . import blas
 from .allocator import BlockAllocator, KVCacheOutOfBlocks
+from .h2o_cache import H2OKVCache
 from .hybrid_cache import HybridKVCache, HybridStepTensors, create_cache
 from .kv_cache import PagedKVCache, StepTensors, block_hash
 from .packed import GLOBAL_FUNCTION_PREFIX, global_function_names, register_global_functions
@@ -16,6 +17,7 @@ __all__ = [
     "BlockAllocator",
     "blas",
     "GLOBAL_FUNCTION_PREFIX",
+    "H2OKVCache",
     "HybridKVCache",
     "HybridStepTensors",
     "KVCacheOutOfBlocks",

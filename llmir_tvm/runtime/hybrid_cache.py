@@ -24,6 +24,7 @@ import tvm.runtime
 
 from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
 from .allocator import KVCacheOutOfBlocks
+from .h2o_cache import H2OKVCache
 from .kv_cache import PagedKVCache, StepTensors
 
 __all__ = ["HybridKVCache", "HybridStepTensors", "create_cache", "group_block_counts"]
@@ -270,7 +271,8 @@ def create_cache(
     enable_prefix_caching: bool,
     max_step_tokens: int,
 ) -> PagedKVCache | HybridKVCache:
-    """The cache a compiled model needs: a :class:`PagedKVCache` when every pool shares one window, else a hybrid one.
+    """The cache a compiled model needs: a :class:`PagedKVCache` when every pool shares one window, a hybrid one
+    when they differ, an :class:`H2OKVCache` under the H2O policy.
 
     ``info`` is the model's ``ModelInfo`` (``pool_windows`` / ``pool_sinks`` per pool, or the
     single ``sliding_window`` of older models); ``num_blocks`` sizes a uniform cache, a hybrid one
@@ -281,6 +283,9 @@ def create_cache(
     groups = window_groups(windows, sinks)
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
                   dtype=info.kv_dtype, device=device, kernels=kernels)
+    if getattr(info, "eviction", "none") == "h2o":
+        return H2OKVCache(info.num_layers, num_blocks=num_blocks, heavy_hitters=info.heavy_hitters,
+                          recent_window=info.eviction_window, **common)
     if len(groups) == 1:
         return PagedKVCache(num_layers=info.num_layers, num_blocks=num_blocks, sliding_window=groups[0].sliding_window,
                             sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching, **common)
