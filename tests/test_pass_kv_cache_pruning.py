@@ -229,6 +229,16 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
         KVCachePruning(**kwargs)
 
 
+def test_h2o_adds_attention_scores_to_decode_only_and_needs_full_attention():
+    with pytest.raises(KVCachePruningError, match=r"decode layer 1: eviction 'h2o' needs causal full attention \(window 8\)"):
+        KVCachePruning(eviction="h2o", window=4, heavy_hitters=4)(Hybrid)
+    full = tvm.IRModule({"decode": Hybrid["decode"].with_attr("llmir.kv_cache", _kv([0, 0]))})
+    plain = KVCachePruning()(full)["decode"]
+    h2o = KVCachePruning(eviction="h2o", window=4, heavy_hitters=4)(full)["decode"]
+    assert "lookup_kv" not in plain.script() and "softmax" not in plain.script()  # no policy, no extra work
+    assert h2o.script().count("R.llm.lookup_kv") == 2 and len(h2o.ret_ty.fields) == 2  # (out, attention_scores)
+
+
 def test_model_mismatches_are_clear_errors():
     with pytest.raises(KVCachePruningError, match="3 layer windows given but decode has 2 attention layers"):
         KVCachePruning(layer_windows=[0, 0, 0])(Hybrid)
