@@ -19,6 +19,7 @@ from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
+from .tir_kernels.slot_copy import COPY_SLOTS, copy_slots
 
 
 def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
@@ -48,8 +49,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
         raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
     windows = [int(w) for w in attrs["sliding_window"]]
-    if len(set(windows)) > 1:
-        raise ValueError(f"{imported.name}: layers use different sliding windows {sorted(set(windows))}")
+    sinks = [int(w) for w in attrs["sink_tokens"]] if "sink_tokens" in attrs else [0] * len(windows)
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     _check_max_seq_len(imported, kv)
     plan = module_memory_plan(mod)
@@ -67,7 +67,14 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
         sliding_window=windows[0],
+        pool_windows=windows,
+        pool_sinks=sinks,
+        eviction=str(attrs["eviction"]) if "eviction" in attrs else "none",
+        eviction_window=int(attrs["eviction_window"]) if "eviction_window" in attrs else 0,
+        heavy_hitters=int(attrs["heavy_hitters"]) if "heavy_hitters" in attrs else 0,
     )
+    if max(windows) > info.max_seq_len:
+        raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
     if plan is None:
         info.num_blocks = kv.blocks_for(info.bytes_per_block)
     else:
@@ -106,7 +113,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     _check_max_seq_len(imported, kv)
     mod = imported.mod
     pipeline = kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), target=target,
-                           max_seq_len=imported.max_seq_len)
+                           max_seq_len=imported.max_seq_len, layer_windows=imported.layer_windows)
     for i, kv_pass in enumerate(pipeline.passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
@@ -123,6 +130,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())
     funcs.update(cache_kernels_irmodule(layout, target).functions_items())
+    if info.eviction == "h2o":  # token eviction compacts slots
+        funcs[COPY_SLOTS] = copy_slots(layout)
     note("build")
     start = time.perf_counter()
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target)

@@ -26,6 +26,34 @@ def parse_bytes(value: int | str) -> int:
     return amount
 
 
+#: Eviction policies the runtime enforces (``KVCacheConfig.eviction``).
+EVICTION_POLICIES = ("none", "streaming", "h2o")
+
+
+def check_eviction(eviction: str, window: int, sink_tokens: int, heavy_hitters: int = 0) -> None:
+    """Raise ValueError naming what is wrong with an eviction policy and its window / sinks / heavy hitters."""
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"unknown eviction policy {eviction!r}; choose one of {EVICTION_POLICIES}")
+    for name, value in (("eviction_window", window), ("sink_tokens", sink_tokens), ("heavy_hitters", heavy_hitters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if eviction == "none":
+        if window or sink_tokens or heavy_hitters:
+            raise ValueError(
+                f"eviction_window={window} / sink_tokens={sink_tokens} / heavy_hitters={heavy_hitters} need an eviction "
+                "policy (e.g. 'streaming')"
+            )
+        return
+    if window < 1:
+        raise ValueError(f"eviction '{eviction}' needs eviction_window >= 1 recent tokens, got {window}")
+    if sink_tokens > window:
+        raise ValueError(f"sink_tokens ({sink_tokens}) must not exceed eviction_window ({window})")
+    if eviction == "streaming" and heavy_hitters:
+        raise ValueError("heavy_hitters is a setting of the 'h2o' policy, not of 'streaming'")
+    if eviction == "h2o" and sink_tokens:
+        raise ValueError("the 'h2o' policy keeps heavy hitters, not sink tokens: use heavy_hitters")
+
+
 @dataclass(frozen=True)
 class KVCacheConfig:
     """How the compiled model's KV cache is laid out and sized.
@@ -40,7 +68,11 @@ class KVCacheConfig:
     ``max_batch_tokens``: tokens per step the activation workspace is planned for (default:
     min(512, max_seq_len), the engine's default). ``expected_concurrency`` /
     ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
-    page size and reported in the memory plan.
+    page size and reported in the memory plan. ``eviction``: ``"none"`` or ``"streaming"``
+    (StreamingLLM: every full-attention layer keeps ``sink_tokens`` first tokens and the
+    ``eviction_window`` most recent ones; older blocks are freed during generation) or ``"h2o"``
+    (heavy hitters: every sequence keeps its ``eviction_window`` most recent tokens plus the
+    ``heavy_hitters`` older tokens with the largest attention weight accumulated over decode steps).
     """
 
     page_size: int | None = 16
@@ -52,6 +84,10 @@ class KVCacheConfig:
     max_batch_tokens: int | None = None
     expected_concurrency: int | None = None
     expected_seq_lens: tuple[int, ...] | None = None
+    eviction: str = "none"
+    eviction_window: int = 0
+    sink_tokens: int = 0
+    heavy_hitters: int = 0
 
     DEFAULT_BUDGET = 512 * 2**20
 
@@ -81,6 +117,9 @@ class KVCacheConfig:
             if not lens or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lens):
                 raise ValueError(f"expected_seq_lens must be positive ints, got {self.expected_seq_lens!r}")
             object.__setattr__(self, "expected_seq_lens", tuple(lens))
+        check_eviction(self.eviction, self.eviction_window, self.sink_tokens, self.heavy_hitters)
+        if self.max_seq_len is not None and self.eviction_window > self.max_seq_len:
+            raise ValueError(f"eviction_window {self.eviction_window} exceeds max_seq_len {self.max_seq_len}")
 
     def blocks_for(self, bytes_per_block: int) -> int:
         """Pool size in blocks without a ``memory_budget``: ``num_blocks``, or as many blocks as

@@ -20,6 +20,8 @@ from .memory_plan import MemoryPlan, kv_block_bytes
 
 #: Global symbols of the cache kernels embedded in every compiled model.
 CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
+#: Cache kernels only some models embed (token-slot copy: models compiled with ``eviction="h2o"``).
+OPTIONAL_CACHE_KERNELS = ("llmir_copy_slots",)
 
 
 @dataclass
@@ -41,6 +43,15 @@ class ModelInfo:
     sliding_window: int = 0
     #: ``MemoryPlan.to_attrs()`` of the compile (empty for models saved before plans existed).
     memory_plan: dict = field(default_factory=dict)
+    #: Window / sink tokens of each pool (empty: every pool uses ``sliding_window``); pools with
+    #: different windows make a hybrid cache (``llmir_tvm.runtime.HybridKVCache``).
+    pool_windows: list[int] = field(default_factory=list)
+    pool_sinks: list[int] = field(default_factory=list)
+    #: Eviction policy the runtime enforces (``"none"``, ``"streaming"`` or ``"h2o"``), its window
+    #: of recent tokens and (H2O) the heavy hitters kept besides them.
+    eviction: str = "none"
+    eviction_window: int = 0
+    heavy_hitters: int = 0
 
     @property
     def bytes_per_block(self) -> int:
@@ -68,7 +79,10 @@ class CompiledModel:
 
     def cache_kernels(self) -> dict:
         """The embedded cache kernels by global symbol, for ``llmir_tvm.runtime.PagedKVCache``."""
-        return {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
+        kernels = {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
+        if self.info.eviction == "h2o":
+            kernels.update({name: self.module.get_function(name, query_imports=True) for name in OPTIONAL_CACHE_KERNELS})
+        return kernels
 
     def save(self, directory: str | Path) -> Path:
         """Write the model folder (see module docstring); returns its path."""

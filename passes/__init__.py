@@ -3,6 +3,7 @@
 - :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``;
 - :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
 - :class:`KVCacheAllocationOptimization` — the memory plan (weights, workspace, pool blocks, page size) from a budget;
+- :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
 - :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
@@ -12,8 +13,9 @@ from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .dense_offload import OffloadDenseToBLAS
 from .kv_allocation_optimization import KVCacheAllocationOptimization
+from .kv_cache_pruning import KVCachePruning, KVCachePruningError
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "OffloadDenseToBLAS", "PagedAttentionRewrite", "SimplifyPower", "kv_pipeline"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning", "KVCachePruningError", "OffloadDenseToBLAS", "PagedAttentionRewrite", "SimplifyPower", "kv_pipeline"]

@@ -10,6 +10,7 @@ from llmir_tvm.config import KVCacheConfig
 
 from .blockify_kv_cache import BlockifyKVCache
 from .kv_allocation_optimization import KVCacheAllocationOptimization
+from .kv_cache_pruning import KVCachePruning
 from .mask_probe import ProbeInputs
 from .paged_attention_rewrite import PagedAttentionRewrite
 from .simplify_power import SimplifyPower
@@ -17,17 +18,22 @@ from .simplify_power import SimplifyPower
 
 def kv_pipeline(
     kv: KVCacheConfig | None = None, *, probe_len: int = 16, probe_inputs: ProbeInputs | None = None,
-    target: Any = "llvm", max_seq_len: int | None = None,
+    target: Any = "llvm", max_seq_len: int | None = None, layer_windows: list[int] | None = None,
 ) -> tvm.transform.Sequential:
-    """PagedAttentionRewrite, BlockifyKVCache, SimplifyPower, then KVCacheAllocationOptimization, configured from ``kv``.
+    """PagedAttentionRewrite, BlockifyKVCache, KVCachePruning, SimplifyPower, then KVCacheAllocationOptimization.
 
-    The allocation pass needs the maximum context (``kv.max_seq_len`` or ``max_seq_len``, the
-    model's); without either it is left out. With ``kv.page_size=None`` the pools are built at
-    16 tokens per block and the allocation pass re-pages them to the page size it chooses.
+    All configured from ``kv``. ``layer_windows``: each layer's sliding window from the model
+    config (0 = full), if known. The allocation pass needs the maximum context
+    (``kv.max_seq_len`` or ``max_seq_len``, the model's); without either it is left out. With
+    ``kv.page_size=None`` the pools are built at 16 tokens per block and the allocation pass
+    re-pages them to the page size it chooses.
     """
     kv = kv or KVCacheConfig()
     rewrite = PagedAttentionRewrite(page_size=kv.page_size or 16, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
-    passes = [rewrite, BlockifyKVCache(), SimplifyPower()]
+    pruning = KVCachePruning(eviction=kv.eviction, window=kv.eviction_window, sink_tokens=kv.sink_tokens,
+                             heavy_hitters=kv.heavy_hitters, layer_windows=layer_windows,
+                             max_seq_len=kv.max_seq_len or max_seq_len)
+    passes = [rewrite, BlockifyKVCache(), pruning, SimplifyPower()]
     if kv.max_seq_len or max_seq_len:
         passes.append(KVCacheAllocationOptimization(kv, target=target, max_seq_len=max_seq_len))
     return tvm.transform.Sequential(passes, name="llmir_kv_pipeline")

@@ -86,6 +86,17 @@ def test_sliding_window_is_detected_from_the_graph(family):
     assert compiled.info.sliding_window == expected
 
 
+def test_windowed_models_hold_at_most_the_window_in_blocks(family):
+    """Blocks held per sequence stay <= ceil(W / page) + 1 once the sequence is longer than W (page 4)."""
+    model, _, engine = family
+    window = getattr(model.config, "sliding_window", None) or 0
+    if not window:
+        pytest.skip("full-attention model")
+    held = []
+    engine.generate([list(range(1, 14))], max_new_tokens=NEW_TOKENS, on_step=lambda _: held.append(engine.cache.stats()["blocks_used"]))
+    assert held[:-1] and max(held[:-1]) <= -(-window // 4) + 1 and held[-1] == 0
+
+
 def test_default_model_generates_like_transformers():
     """The built-in SmolLM2-135M-Instruct: batch of 3 prompts, up to 32 greedy tokens each, token-identical
     (both sides stop at the model's end-of-sequence token)."""

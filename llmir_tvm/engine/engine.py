@@ -23,7 +23,7 @@ import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
 from ..model import CompiledModel
-from ..runtime import KVCacheOutOfBlocks, PagedKVCache
+from ..runtime import KVCacheOutOfBlocks, create_cache
 from .sampling import SamplingParams, sample
 
 Prompt = str | Sequence[int]
@@ -161,19 +161,15 @@ class Engine:
         self.vm = VirtualMachine(compiled.module, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
         plan = compiled.memory_plan()
-        self.cache = PagedKVCache(
-            num_layers=info.num_layers,
-            num_kv_heads=info.num_kv_heads,
-            head_dim=info.head_dim,
-            block_size=info.page_size,
+        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
+        self.cache = create_cache(
+            info,
             num_blocks=num_blocks or (plan.num_blocks if plan is not None else info.num_blocks),
-            dtype=info.kv_dtype,
             device=self.device,
             kernels=compiled.cache_kernels(),
-            sliding_window=info.sliding_window,
             enable_prefix_caching=enable_prefix_caching,
+            max_step_tokens=self.max_num_batched_tokens,
         )
-        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
         self.max_num_seqs = max_num_seqs
         self.step_stats: list[dict[str, Any]] = []
         self._ids = itertools.count()
@@ -549,5 +545,10 @@ class Engine:
     def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
         tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
         args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
-        args += self.cache.pools + [step.slot_mapping, step.block_table, step.seq_lens] + extra
-        return self.vm[function](*args, *self.params).numpy()[0]
+        groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
+        args += self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
+        out = self.vm[function](*args, *self.params)
+        if not isinstance(out, tvm.runtime.Tensor):  # (logits, attention scores): an H2O model's decode
+            self.cache.record_scores(out[1].numpy())
+            out = out[0]
+        return out.numpy()[0]

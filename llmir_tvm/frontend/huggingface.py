@@ -66,6 +66,10 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
     window = getattr(config, "sliding_window", None) or 0
     if getattr(config, "use_sliding_window", True) is False:
         window = 0
+    layer_types = getattr(config, "layer_types", None)
+    layer_windows = None
+    if layer_types and window:
+        layer_windows = [int(window) if kind == "sliding_attention" else 0 for kind in layer_types]
     eos = config.eos_token_id if config.eos_token_id is not None else []
     return import_exported_program(
         program,
@@ -75,4 +79,5 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
         max_seq_len=max_len,
         sliding_window=int(window),
         vocab_size=int(config.vocab_size),
+        layer_windows=layer_windows,
     )

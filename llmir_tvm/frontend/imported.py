@@ -26,3 +26,5 @@ class ImportedModel:
     #: Largest sliding window of any layer (0 = none): masks are probed beyond it.
     sliding_window: int = 0
     vocab_size: int = 0
+    #: Sliding window of each attention layer from the model config (0 = full), when it says.
+    layer_windows: list[int] | None = None

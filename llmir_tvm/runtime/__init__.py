@@ -8,6 +8,8 @@ including the BLAS-backed dense layers compiled models call (``llmir.blas.*``).
 
 from . import blas
 from .allocator import BlockAllocator, KVCacheOutOfBlocks
+from .h2o_cache import H2OKVCache
+from .hybrid_cache import HybridKVCache, HybridStepTensors, create_cache
 from .kv_cache import PagedKVCache, StepTensors, block_hash
 from .packed import GLOBAL_FUNCTION_PREFIX, global_function_names, register_global_functions
 
@@ -15,10 +17,14 @@ __all__ = [
     "BlockAllocator",
     "blas",
     "GLOBAL_FUNCTION_PREFIX",
+    "H2OKVCache",
+    "HybridKVCache",
+    "HybridStepTensors",
     "KVCacheOutOfBlocks",
     "PagedKVCache",
     "StepTensors",
     "block_hash",
+    "create_cache",
     "global_function_names",
     "register_global_functions",
 ]

@@ -392,6 +392,16 @@ class PagedKVCache:
         self._sb[row] = self._live[row] = -(-sinks // self.block_size)
         self._release_window(np.array([row]))
 
+    def blocks_needed(self, seq_ids: Iterable[int] | np.ndarray, append_lengths: Iterable[int] | np.ndarray) -> int:
+        """Blocks :meth:`begin_forward` would take for this step (new blocks plus copy-on-write copies); changes nothing."""
+        rows = np.array([self._row(s) for s in _int_array(seq_ids, "seq_ids").tolist()], dtype=np.int64)
+        app = _int_array(append_lengths, "append_lengths")
+        if app.size != rows.size:
+            raise ValueError(f"blocks_needed: {rows.size} sequence ids but {app.size} append lengths")
+        old = self._len[rows]
+        grow = np.maximum(0, (old + app + (self.block_size - 1)) // self.block_size - self._nblk[rows])
+        return int(grow.sum()) + len(self._plan_cow(rows, old, app))
+
     def begin_forward(
         self,
         seq_ids: Iterable[int] | np.ndarray,

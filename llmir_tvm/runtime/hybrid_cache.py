@@ -1,0 +1,293 @@
+"""HybridKVCache: one PagedKVCache per window group, so local layers hold O(window) blocks.
+
+Models mixing full-attention layers with sliding-window layers (Gemma 3, Qwen2 with
+``max_window_layers``, a StreamingLLM window on some layers) cannot free a block id while any
+layer still reads it, since one block id addresses a slot in every layer's pool. The hybrid
+cache therefore gives each *window group* (:mod:`llmir_tvm.kv_groups`: the pools sharing one
+``(window, sinks)``) its own :class:`PagedKVCache`: its own block ids, pools, block tables and
+allocator. A windowed group frees blocks as they leave its window; the full-context group keeps
+everything. Every sequence exists in every group with the same length, so ``seq_lens`` and
+``q_indptr`` are shared; each step hands group ``k >= 1`` its own ``slot_mapping_g{k}`` and
+``block_table_g{k}`` (``HybridStepTensors.group_tensors``), which the compiled functions take
+right after the pools (KVCachePruning puts them there).
+
+Prefix caching is off in a hybrid cache: a prefix would have to be cached in every group at once.
+Only numpy, ``tvm.runtime`` and ``tvm_ffi`` are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import tvm.runtime
+
+from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
+from .allocator import KVCacheOutOfBlocks
+from .h2o_cache import H2OKVCache
+from .kv_cache import PagedKVCache, StepTensors
+
+__all__ = ["HybridKVCache", "HybridStepTensors", "create_cache", "group_block_counts"]
+
+
+class HybridStepTensors(NamedTuple):
+    """A step's tensors: group 0's four (as :class:`StepTensors`) plus ``(slot_mapping, block_table)`` of groups >= 1."""
+
+    slot_mapping: tvm.runtime.Tensor
+    block_table: tvm.runtime.Tensor
+    seq_lens: tvm.runtime.Tensor
+    q_indptr: tvm.runtime.Tensor
+    group_tensors: tuple
+
+
+def group_block_counts(
+    groups: Sequence[WindowGroup], num_blocks: int, page_size: int, max_seq_len: int, max_step_tokens: int
+) -> list[int]:
+    """Blocks of each group's pools, from ``num_blocks`` blocks of a uniform cache of the same bytes.
+
+    The budget (``num_blocks`` x every pool) is split so that every group holds the same number
+    of sequences of ``max_seq_len`` tokens: group ``g`` needs ``need_g`` blocks per such sequence
+    (all of it with full attention, its window plus a step's tokens otherwise), so it gets
+    ``num_blocks * pools / sum(pools_h * need_h) * need_g`` blocks, and never less than one
+    sequence's ``need_g`` (capped at ``num_blocks``).
+    """
+    need = [blocks_per_sequence(g.sliding_window, g.sink_tokens, page_size, max_seq_len, max_step_tokens) for g in groups]
+    pools = [len(g.pools) for g in groups]
+    per_sequence = sum(p * n for p, n in zip(pools, need))
+    sequences = num_blocks * sum(pools) / per_sequence
+    return [max(min(n, num_blocks), int(sequences * n)) for n in need]
+
+
+class _Availability:
+    """What the engine's admission reads of an allocator: the blocks group 0 can still hand out."""
+
+    def __init__(self, caches: list[PagedKVCache]):
+        self._caches = caches
+
+    @property
+    def num_available(self) -> int:
+        return self._caches[0].allocator.num_available
+
+
+class HybridKVCache:
+    """Paged KV cache whose pools are split into window groups, each with its own block tables.
+
+    ``pool_windows[i]`` / ``pool_sinks[i]``: window (0 = full context) and sink tokens of pool
+    ``i`` (in the order of the compiled functions' pool parameters); ``group_blocks[k]``: blocks
+    of group ``k``'s pools (see :func:`group_block_counts`). The other parameters are those of
+    :class:`PagedKVCache`. The sequence API (``add_sequence``, ``fork_sequence``, ``popn``,
+    ``begin_forward`` ...) is that of :class:`PagedKVCache`, applied to every group at once.
+    """
+
+    def __init__(
+        self,
+        pool_windows: Sequence[int],
+        pool_sinks: Sequence[int] | None,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        group_blocks: Sequence[int],
+        dtype: str = "float16",
+        device: Any = None,
+        kernels: Any = None,
+    ):
+        self.groups = window_groups(pool_windows, pool_sinks)
+        if len(group_blocks) != len(self.groups):
+            raise ValueError(f"{len(self.groups)} window groups but {len(group_blocks)} block counts")
+        self.caches = [
+            PagedKVCache(
+                len(g.pools), num_kv_heads, head_dim, block_size, int(n), dtype, device, kernels,
+                sliding_window=g.sliding_window, sink_tokens=g.sink_tokens, enable_prefix_caching=False,
+            )
+            for g, n in zip(self.groups, group_blocks)
+        ]
+        self._where = {}  # pool index -> (group, index within the group)
+        for gi, g in enumerate(self.groups):
+            for j, p in enumerate(g.pools):
+                self._where[p] = (gi, j)
+        self.num_layers = len(self._where)
+        self.block_size = int(block_size)
+        self.enable_prefix_caching = False
+        self.allocator = _Availability(self.caches)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of group 0 (the full-context group when the model has one)."""
+        return self.caches[0].num_blocks
+
+    @property
+    def pools(self) -> list[tvm.runtime.Tensor]:
+        """Every pool, in the model's pool order."""
+        return [self.pool(i) for i in range(self.num_layers)]
+
+    def pool(self, layer: int) -> tvm.runtime.Tensor:
+        """Pool tensor of one layer (pool index)."""
+        group, j = self._locate(layer)
+        return self.caches[group].pool(j)
+
+    @property
+    def in_step(self) -> bool:
+        """True between :meth:`begin_forward` and :meth:`end_forward`."""
+        return self.caches[0].in_step
+
+    # ------------------------------------------------------------------ sequences
+    def sequence_ids(self) -> list[int]:
+        """Ids of the live sequences."""
+        return self.caches[0].sequence_ids()
+
+    def has_sequence(self, seq_id: int) -> bool:
+        """Whether ``seq_id`` is a live sequence."""
+        return self.caches[0].has_sequence(seq_id)
+
+    def get_length(self, seq_id: int) -> int:
+        """KV length of a sequence."""
+        return self.caches[0].get_length(seq_id)
+
+    def sequence_blocks(self, seq_id: int) -> list[np.ndarray]:
+        """Block-table row of a sequence in each group (-1 marks blocks released by the group's window)."""
+        return [c.sequence_blocks(seq_id) for c in self.caches]
+
+    def held_blocks(self, seq_id: int) -> list[int]:
+        """Blocks a sequence holds in each group."""
+        return [int((c.sequence_blocks(seq_id) >= 0).sum()) for c in self.caches]
+
+    def add_sequence(self, seq_id: int, token_ids: Iterable[int] | np.ndarray | None = None) -> int:
+        """Start an empty sequence in every group (no prefix reuse: returns 0)."""
+        for i, cache in enumerate(self.caches):
+            try:
+                cache.add_sequence(seq_id)
+            except Exception:
+                for done in self.caches[:i]:
+                    done.remove_sequence(seq_id)
+                raise
+        return 0
+
+    def match_prefix(self, token_ids: Iterable[int] | np.ndarray) -> int:
+        """Always 0: a hybrid cache does not share prefixes."""
+        return 0
+
+    def remove_sequence(self, seq_id: int) -> None:
+        """Drop a sequence from every group."""
+        self.caches[0]._row(seq_id)  # unknown ids fail before any group changes
+        for cache in self.caches:
+            cache.remove_sequence(seq_id)
+
+    def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
+        """Fork in every group (copy-on-write per group)."""
+        for i, cache in enumerate(self.caches):
+            try:
+                cache.fork_sequence(parent_id, child_id, fork_pos)
+            except Exception:
+                for done in self.caches[:i]:
+                    done.remove_sequence(child_id)
+                raise
+
+    def popn(self, seq_id: int, n: int) -> None:
+        """Roll a sequence back by ``n`` tokens in every group (checked in every group first)."""
+        for cache in self.caches:
+            row = cache._row(seq_id)
+            length = int(cache._len[row])
+            if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 0 <= n <= length:
+                cache._check_window_reachable(row, length - int(n), f"popn({n}) on sequence {int(seq_id)}")
+        for cache in self.caches:
+            cache.popn(seq_id, n)
+
+    # ------------------------------------------------------------------ steps
+    def begin_forward(
+        self,
+        seq_ids: Iterable[int] | np.ndarray,
+        append_lengths: Iterable[int] | np.ndarray,
+        token_ids: Iterable[int] | np.ndarray | None = None,
+    ) -> HybridStepTensors:
+        """Reserve the step's slots in every group; all or nothing (see :meth:`PagedKVCache.begin_forward`)."""
+        seq_ids, append_lengths = list(seq_ids), list(append_lengths)
+        for gi, cache in enumerate(self.caches):
+            need = cache.blocks_needed(seq_ids, append_lengths)
+            if need > cache.allocator.num_available:
+                a = cache.allocator
+                raise KVCacheOutOfBlocks(need, a.num_free, a.num_cached, a.num_blocks, f"begin_forward (window group {gi})")
+        steps: list[StepTensors] = []
+        try:
+            for cache in self.caches:
+                steps.append(cache.begin_forward(seq_ids, append_lengths))
+        except Exception:  # cannot happen after the checks above; keep the groups consistent anyway
+            for cache in self.caches[: len(steps)]:
+                cache.end_forward()
+            raise
+        extra = tuple(t for s in steps[1:] for t in (s.slot_mapping, s.block_table))
+        first = steps[0]
+        return HybridStepTensors(first.slot_mapping, first.block_table, first.seq_lens, first.q_indptr, extra)
+
+    def end_forward(self) -> None:
+        """Close the step in every group (each releases what left its window)."""
+        for cache in self.caches:
+            cache.end_forward()
+
+    # ------------------------------------------------------------------ inspection
+    def stats(self) -> dict[str, int | float]:
+        """Occupancy summed over groups (as :meth:`PagedKVCache.stats`), plus ``blocks_used_g{k}`` / ``blocks_total_g{k}``.
+
+        A block of group ``k`` spans only that group's pools, so summed block counts mix sizes;
+        ``kv_bytes_used`` weighs them (bytes of used blocks over all pools).
+        """
+        per = [c.stats() for c in self.caches]
+        out: dict[str, int | float] = {k: sum(s[k] for s in per) for k in per[0] if k not in ("internal_waste_pct", "prefix_hit_rate")}
+        out["num_sequences"] = per[0]["num_sequences"]
+        out["sequence_tokens"] = per[0]["sequence_tokens"]
+        slots = out["allocated_slots"]
+        out["internal_waste_pct"] = 100.0 * (slots - out["tokens_stored"]) / slots if slots else 0.0
+        out["prefix_hit_rate"] = 0.0
+        item = np.dtype(self.caches[0].dtype).itemsize
+        block_bytes = 2 * self.caches[0].num_kv_heads * self.block_size * self.caches[0].head_dim * item
+        out["kv_bytes_used"] = sum(s["blocks_used"] * len(g.pools) * block_bytes for s, g in zip(per, self.groups))
+        for k, s in enumerate(per):
+            out[f"blocks_used_g{k}"] = s["blocks_used"]
+            out[f"blocks_total_g{k}"] = s["blocks_total"]
+        return out
+
+    def debug_get_kv(self, seq_id: int, layer: int):
+        """K and V of one pool of a sequence (see :meth:`PagedKVCache.debug_get_kv`)."""
+        group, j = self._locate(layer)
+        return self.caches[group].debug_get_kv(seq_id, j)
+
+    def _locate(self, layer: Any) -> tuple[int, int]:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in self._where:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return self._where[int(layer)]
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"window={g.sliding_window} sinks={g.sink_tokens} pools={list(g.pools)} blocks={c.num_blocks}"
+                           for g, c in zip(self.groups, self.caches))
+        return f"HybridKVCache({groups})"
+
+
+def create_cache(
+    info: Any,
+    *,
+    num_blocks: int,
+    device: Any,
+    kernels: Any,
+    enable_prefix_caching: bool,
+    max_step_tokens: int,
+) -> PagedKVCache | HybridKVCache:
+    """The cache a compiled model needs: a :class:`PagedKVCache` when every pool shares one window, a hybrid one
+    when they differ, an :class:`H2OKVCache` under the H2O policy.
+
+    ``info`` is the model's ``ModelInfo`` (``pool_windows`` / ``pool_sinks`` per pool, or the
+    single ``sliding_window`` of older models); ``num_blocks`` sizes a uniform cache, a hybrid one
+    splits the same bytes (:func:`group_block_counts`).
+    """
+    windows = list(getattr(info, "pool_windows", None) or [info.sliding_window] * info.num_layers)
+    sinks = list(getattr(info, "pool_sinks", None) or [0] * len(windows))
+    groups = window_groups(windows, sinks)
+    common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
+                  dtype=info.kv_dtype, device=device, kernels=kernels)
+    if getattr(info, "eviction", "none") == "h2o":
+        return H2OKVCache(info.num_layers, num_blocks=num_blocks, heavy_hitters=info.heavy_hitters,
+                          recent_window=info.eviction_window, **common)
+    if len(groups) == 1:
+        return PagedKVCache(num_layers=info.num_layers, num_blocks=num_blocks, sliding_window=groups[0].sliding_window,
+                            sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching, **common)
+    counts = group_block_counts(groups, num_blocks, info.page_size, info.max_seq_len, max_step_tokens)
+    return HybridKVCache(windows, sinks, group_blocks=counts, **common)
