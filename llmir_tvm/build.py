@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,7 @@ from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
+from .kv_dtypes import is_quantized
 from .tir_kernels import CacheLayout
 
 
@@ -52,6 +54,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     if kv.max_seq_len and imported.max_seq_len and kv.max_seq_len > imported.max_seq_len:
         raise ValueError(f"max_seq_len {kv.max_seq_len} exceeds the model's context length {imported.max_seq_len}")
+    layer_dtypes = [str(d) for d in attrs["layer_dtypes"]] if "layer_dtypes" in attrs else []
     info = ModelInfo(
         name=imported.name,
         target=str(target.kind.name),
@@ -66,9 +69,37 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
         sliding_window=windows[0],
+        layer_kv_dtypes=layer_dtypes if str(attrs["dtype"]) == "mixed" else [],
     )
     info.num_blocks = kv.blocks_for(info.bytes_per_block)
     return info
+
+
+def _choose_precision(model: Any, imported: ImportedModel, kv: KVCacheConfig):
+    """The per-layer plan of ``kv_dtype="auto"`` (see ``llmir_tvm.kv_precision``)."""
+    from .kv_precision import calibration_model, calibration_tokens, choose_layer_dtypes
+
+    torch_model = calibration_model(model)
+    tokens = calibration_tokens(imported.tokenizer, imported.vocab_size or int(torch_model.config.vocab_size))
+    return choose_layer_dtypes(
+        torch_model, tokens, max_kl=kv.auto_max_kl, quant_dtype=kv.auto_quant_dtype, keep_dtype=kv.auto_keep_dtype
+    )
+
+
+def _cache_kernels(info: ModelInfo, mod: tvm.IRModule, target) -> tvm.IRModule:
+    """The runtime's cache kernels: one set for a uniform pool dtype; per dtype (suffixed) when mixed."""
+    kv_attrs = mod["prefill"].attrs[KV_ATTR]
+    compute = str(kv_attrs["compute_dtype"]) if "compute_dtype" in kv_attrs else info.kv_dtypes[0]
+
+    def layout(dtype: str) -> CacheLayout:
+        return CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype,
+                           compute if is_quantized(dtype) else None)
+
+    funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
+    if info.layer_kv_dtypes:
+        for dtype in sorted(set(info.layer_kv_dtypes)):
+            funcs.update(cache_kernels_irmodule(layout(dtype), target, suffix=f"_{dtype}").functions_items())
+    return tvm.IRModule(funcs)
 
 
 def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile)
@@ -95,6 +126,12 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     mod = imported.mod
+    plan = None
+    if kv.dtype == "auto":
+        note("KV precision calibration")
+        plan = _choose_precision(model, imported, kv)
+        print(plan.summary())
+        kv = dataclasses.replace(kv, dtype=tuple(plan.layer_dtypes))
     for i, kv_pass in enumerate(kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported)).passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
@@ -108,9 +145,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     info = _model_info(imported, mod, kv, target)
-    layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
+    if plan is not None:
+        info.kv_precision_plan = plan.as_dict()
     funcs = dict(mod.functions_items())
-    funcs.update(cache_kernels_irmodule(layout, target).functions_items())
+    funcs.update(_cache_kernels(info, mod, target).functions_items())
     note("build")
     start = time.perf_counter()
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target)

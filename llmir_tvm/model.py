@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import tvm.runtime
 
+from .kv_dtypes import pool_row_bytes
+
 #: Global symbols of the cache kernels embedded in every compiled model.
 CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
 
@@ -37,12 +39,21 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int = 0
+    #: Pool dtype of each layer when they differ (mixed precision, ``kv_dtype="auto"``); empty:
+    #: every layer uses ``kv_dtype``.
+    layer_kv_dtypes: list[str] = field(default_factory=list)
+    #: How the per-layer dtypes were chosen (``kv_dtype="auto"``): budget, sensitivities, plan.
+    kv_precision_plan: dict = field(default_factory=dict)
+
+    @property
+    def kv_dtypes(self) -> list[str]:
+        """The pool dtype of every layer."""
+        return list(self.layer_kv_dtypes) if self.layer_kv_dtypes else [self.kv_dtype] * self.num_layers
 
     @property
     def bytes_per_block(self) -> int:
-        """Pool bytes of one block over all layers (K and V)."""
-        item = np.dtype(self.kv_dtype).itemsize
-        return self.num_layers * 2 * self.num_kv_heads * self.page_size * self.head_dim * item
+        """Pool bytes of one block over all layers (K and V; quantized rows include their scales)."""
+        return sum(2 * self.num_kv_heads * self.page_size * pool_row_bytes(d, self.head_dim) for d in self.kv_dtypes)
 
 
 class CompiledModel:
@@ -61,7 +72,12 @@ class CompiledModel:
 
     def cache_kernels(self) -> dict:
         """The embedded cache kernels by global symbol, for ``llmir_tvm.runtime.PagedKVCache``."""
-        return {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
+        kernels = {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
+        if self.info.layer_kv_dtypes:  # mixed precision: one set per dtype, suffixed with it
+            for dtype in sorted(set(self.info.layer_kv_dtypes)):
+                for name in CACHE_KERNELS:
+                    kernels[f"{name}_{dtype}"] = self.module.get_function(f"{name}_{dtype}", query_imports=True)
+        return kernels
 
     def save(self, directory: str | Path) -> Path:
         """Write the model folder (see module docstring); returns its path."""

@@ -166,7 +166,7 @@ class Engine:
             head_dim=info.head_dim,
             block_size=info.page_size,
             num_blocks=num_blocks or info.num_blocks,
-            dtype=info.kv_dtype,
+            dtype=info.kv_dtypes if info.layer_kv_dtypes else info.kv_dtype,
             device=self.device,
             kernels=compiled.cache_kernels(),
             sliding_window=info.sliding_window,
