@@ -40,12 +40,31 @@ def decode_fp8_e4m3(byte):
     return T.Select((b & T.uint32(0x78)) == T.uint32(0), sub, normal)
 
 
-def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d):
-    """float32 of pool element ``[blk, kv, h, off, d]`` **before** the row scale (float pools: the value)."""
+def decode_fp8_e4m3_fast(byte):
+    """float32 of a float8_e4m3fn bit pattern in four vector ops: the magnitude bits moved into
+    float32 position (``<< 20``) read as a float32 that is ``2**-120`` times the value, then scaled.
+
+    Exact for normal e4m3 numbers; e4m3 subnormals become float32 denormals first, so they are
+    exact too unless the CPU flushes denormals (then they read 0: at most ``2**-6 / 448`` of the
+    row's absmax, far below float8's own 2**-4 relative rounding). Used by attention; the lookup
+    kernel uses the exact :func:`decode_fp8_e4m3`.
+    """
+    b = T.Cast("uint32", byte)
+    bits = T.shift_left(b & T.uint32(0x80), T.uint32(24)) | T.shift_left(b & T.uint32(0x7F), T.uint32(20))
+    return T.reinterpret("float32", bits) * T.float32(2.0**120)
+
+
+def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = False):
+    """float32 of pool element ``[blk, kv, h, off, d]`` **before** the row scale (float pools: the value).
+
+    ``exact``: decode float8 with :func:`decode_fp8_e4m3` (branch-free selects) instead of the
+    faster :func:`decode_fp8_e4m3_fast`.
+    """
     if dtype == "int8":
         return T.Cast("float32", pool[blk, kv, h, off, d])
     if dtype == "float8_e4m3fn":
-        return decode_fp8_e4m3(pool_bytes[blk, kv, h, off, d])
+        byte = pool_bytes[blk, kv, h, off, d]
+        return decode_fp8_e4m3(byte) if exact else decode_fp8_e4m3_fast(byte)
     return T.Cast("float32", pool[blk, kv, h, off, d])
 
 
@@ -84,4 +103,4 @@ def quantize_row_macro(dtype: str, head_dim: int):
     return write_row
 
 
-__all__ = ["QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "element", "quantize_row_macro", "row_scale", "scale_or_one"]
+__all__ = ["QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "element", "quantize_row_macro", "row_scale", "scale_or_one"]

@@ -78,9 +78,9 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
                         ks: T.float32 = row_scale(cache_b, blk, 0, h, o, D)
                         vs: T.float32 = row_scale(cache_b, blk, 1, h, o, D)
                         for d in T.vectorized(D):
-                            out_k[b, i * BS + o, h, d] = element(dtype, cache, cache_b, blk, 0, h, o, d) * ks
+                            out_k[b, i * BS + o, h, d] = element(dtype, cache, cache_b, blk, 0, h, o, d, exact=True) * ks
                         for d in T.vectorized(D):
-                            out_v[b, i * BS + o, h, d] = element(dtype, cache, cache_b, blk, 1, h, o, d) * vs
+                            out_v[b, i * BS + o, h, d] = element(dtype, cache, cache_b, blk, 1, h, o, d, exact=True) * vs
                 else:
                     for h in range(H):
                         for d in T.vectorized(D):
