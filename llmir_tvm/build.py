@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +14,7 @@ from tvm import relax
 from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
+from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.kv_allocation_optimization import module_memory_plan
@@ -53,6 +55,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     _check_max_seq_len(imported, kv)
     plan = module_memory_plan(mod)
+    layer_dtypes = [str(d) for d in attrs["layer_dtypes"]] if "layer_dtypes" in attrs else []
     info = ModelInfo(
         name=imported.name,
         target=str(target.kind.name),
@@ -72,6 +75,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         eviction=str(attrs["eviction"]) if "eviction" in attrs else "none",
         eviction_window=int(attrs["eviction_window"]) if "eviction_window" in attrs else 0,
         heavy_hitters=int(attrs["heavy_hitters"]) if "heavy_hitters" in attrs else 0,
+        layer_kv_dtypes=layer_dtypes if str(attrs["dtype"]) == "mixed" else [],
     )
     if max(windows) > info.max_seq_len:
         raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
@@ -85,6 +89,33 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
 def _check_max_seq_len(imported: ImportedModel, kv: KVCacheConfig) -> None:
     if kv.max_seq_len and imported.max_seq_len and kv.max_seq_len > imported.max_seq_len:
         raise ValueError(f"max_seq_len {kv.max_seq_len} exceeds the model's context length {imported.max_seq_len}")
+
+
+def _choose_precision(model: Any, imported: ImportedModel, kv: KVCacheConfig):
+    """The per-layer plan of ``kv_dtype="auto"`` (see ``llmir_tvm.kv_precision``)."""
+    from .kv_precision import calibration_model, calibration_tokens, choose_layer_dtypes
+
+    torch_model = calibration_model(model)
+    tokens = calibration_tokens(imported.tokenizer, imported.vocab_size or int(torch_model.config.vocab_size))
+    return choose_layer_dtypes(
+        torch_model, tokens, max_kl=kv.auto_max_kl, quant_dtype=kv.auto_quant_dtype, keep_dtype=kv.auto_keep_dtype
+    )
+
+
+def _cache_kernels(info: ModelInfo, mod: tvm.IRModule, target) -> tvm.IRModule:
+    """The runtime's cache kernels: one set for a uniform pool dtype; per dtype (suffixed) when mixed."""
+    kv_attrs = mod["prefill"].attrs[KV_ATTR]
+    compute = str(kv_attrs["compute_dtype"]) if "compute_dtype" in kv_attrs else info.kv_dtypes[0]
+
+    def layout(dtype: str) -> CacheLayout:
+        return CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype,
+                           compute if is_quantized(dtype) else None)
+
+    funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
+    if info.layer_kv_dtypes:
+        for dtype in sorted(set(info.layer_kv_dtypes)):
+            funcs.update(cache_kernels_irmodule(layout(dtype), target, suffix=f"_{dtype}").functions_items())
+    return tvm.IRModule(funcs)
 
 
 def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile)
@@ -112,6 +143,12 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)
     mod = imported.mod
+    plan = None
+    if kv.dtype == "auto":
+        note("KV precision calibration")
+        plan = _choose_precision(model, imported, kv)
+        print(plan.summary())
+        kv = dataclasses.replace(kv, dtype=tuple(plan.layer_dtypes))
     pipeline = kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), target=target,
                            max_seq_len=imported.max_seq_len, layer_windows=imported.layer_windows)
     for i, kv_pass in enumerate(pipeline.passes, start=1):
@@ -124,14 +161,18 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
     info = _model_info(imported, mod, kv, target)
+    if plan is not None:
+        info.kv_precision_plan = plan.as_dict()
+    if info.eviction == "h2o" and any(is_quantized(d) for d in info.kv_dtypes):
+        raise ValueError(f"eviction='h2o' compacts token slots of float pools; it does not support the quantized "
+                         f"KV dtypes {sorted(set(info.kv_dtypes))} yet: use eviction='streaming' or a float KV dtype")
     if target.kind.name == "llvm":
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
-    layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())
-    funcs.update(cache_kernels_irmodule(layout, target).functions_items())
+    funcs.update(_cache_kernels(info, mod, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots
-        funcs[COPY_SLOTS] = copy_slots(layout)
+        funcs[COPY_SLOTS] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype))
     note("build")
     start = time.perf_counter()
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target)

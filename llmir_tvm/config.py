@@ -60,7 +60,12 @@ class KVCacheConfig:
 
     ``page_size``: tokens per block (a power of two; None = chosen by
     ``KVCacheAllocationOptimization`` from ``expected_seq_lens``). ``dtype``: pool dtype
-    (default: the model's). ``num_blocks`` sizes the pool directly; ``memory_budget`` is the
+    (default: the model's): ``float16``, ``float32``, quantized ``int8`` / ``float8_e4m3fn``
+    (symmetric, one float16 scale per token per KV head, computed on write), a tuple with one
+    dtype per layer, or ``"auto"``: per-layer mixed precision chosen by measured sensitivity —
+    layers are quantized to ``auto_quant_dtype`` least sensitive first while the estimated mean
+    KL divergence of the next-token distributions (vs the full-precision cache) stays within
+    ``auto_max_kl``; the other layers keep ``auto_keep_dtype``. ``num_blocks`` sizes the pool directly; ``memory_budget`` is the
     model's whole device budget — weights + activation workspace + KV pool — in bytes, as
     ``"2GB"``, or as a fraction of device memory (``0.5`` or ``"50%"``; ``device_memory``
     overrides the detected size). With neither, the pool gets ``DEFAULT_BUDGET``.
@@ -88,16 +93,35 @@ class KVCacheConfig:
     eviction_window: int = 0
     sink_tokens: int = 0
     heavy_hitters: int = 0
+    auto_max_kl: float = 0.01
+    auto_quant_dtype: str = "int8"
+    auto_keep_dtype: str = "float16"
 
     DEFAULT_BUDGET = 512 * 2**20
+    #: Pool dtypes accepted by name (besides ``"auto"`` and per-layer tuples of them).
+    KV_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
 
     def __post_init__(self) -> None:
         if self.page_size is not None and (
             not isinstance(self.page_size, int) or self.page_size < 1 or self.page_size & (self.page_size - 1)
         ):
             raise ValueError(f"page_size must be a power of two, got {self.page_size!r}")
-        if self.dtype not in (None, "float16", "float32"):
-            raise ValueError(f"KV dtype {self.dtype!r} is not supported; choose float16 or float32")
+        if isinstance(self.dtype, list):
+            object.__setattr__(self, "dtype", tuple(self.dtype))
+        names = self.dtype if isinstance(self.dtype, tuple) else (self.dtype,)
+        if not names or any(d not in (None, "auto", *self.KV_DTYPES) for d in names) or (
+            isinstance(self.dtype, tuple) and any(d in (None, "auto") for d in names)
+        ):
+            raise ValueError(
+                f"KV dtype {self.dtype!r} is not supported; choose one of {self.KV_DTYPES}, 'auto', "
+                "or a tuple with one of them per layer"
+            )
+        if self.auto_quant_dtype not in ("int8", "float8_e4m3fn"):
+            raise ValueError(f"auto_quant_dtype must be 'int8' or 'float8_e4m3fn', got {self.auto_quant_dtype!r}")
+        if self.auto_keep_dtype not in ("float16", "float32"):
+            raise ValueError(f"auto_keep_dtype must be 'float16' or 'float32', got {self.auto_keep_dtype!r}")
+        if isinstance(self.auto_max_kl, bool) or not isinstance(self.auto_max_kl, (int, float)) or not self.auto_max_kl >= 0:
+            raise ValueError(f"auto_max_kl must be a number >= 0, got {self.auto_max_kl!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
         if self.num_blocks is not None and self.memory_budget is not None:

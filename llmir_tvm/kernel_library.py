@@ -19,12 +19,16 @@ __all__ = ["CACHE_KERNEL_NAMES", "build_cache_kernels", "cache_kernels_irmodule"
 CACHE_KERNEL_NAMES = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
 
 
-def cache_kernels_irmodule(layout: CacheLayout, target: Target | str | dict | None = "llvm") -> tvm.IRModule:
-    """IRModule of the append, lookup and block-copy PrimFuncs for ``layout``, one GlobalVar per global symbol."""
+def cache_kernels_irmodule(layout: CacheLayout, target: Target | str | dict | None = "llvm", suffix: str = "") -> tvm.IRModule:
+    """IRModule of the append, lookup and block-copy PrimFuncs for ``layout``, one GlobalVar per global symbol.
+
+    ``suffix`` is appended to every name (mixed-precision models carry one set per pool dtype,
+    named ``llmir_copy_blocks_int8`` etc.; see ``PagedKVCache``).
+    """
     funcs = {
-        "llmir_append_kv": tir_kernels.append_kv(layout, target),
-        "llmir_lookup_kv": tir_kernels.lookup_kv(layout, target),
-        "llmir_copy_blocks": tir_kernels.copy_blocks(layout, target),
+        f"llmir_append_kv{suffix}": tir_kernels.append_kv(layout, target),
+        f"llmir_lookup_kv{suffix}": tir_kernels.lookup_kv(layout, target),
+        f"llmir_copy_blocks{suffix}": tir_kernels.copy_blocks(layout, target),
     }
     for name, func in funcs.items():
         symbol = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None

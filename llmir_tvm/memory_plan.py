@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .kv_dtypes import pool_row_bytes
+
 #: Module attribute holding the plan (``MemoryPlan.to_attrs()``).
 PLAN_ATTR = "llmir.memory_plan"
 #: Page sizes the pass chooses from when none is given (powers of two; every kernel takes them).
@@ -37,17 +39,29 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str) -> int:
-    """Pool bytes of one block over all layers (K and V): the single source of this number.
+def layer_dtypes(dtype: str | Sequence[str], num_layers: int) -> list[str]:
+    """Each layer's pool dtype from one dtype or a per-layer sequence (mixed precision)."""
+    if isinstance(dtype, str):
+        return [dtype] * num_layers
+    dtypes = [str(d) for d in dtype]
+    if len(dtypes) != num_layers:
+        raise ValueError(f"{len(dtypes)} per-layer KV dtypes given for {num_layers} layers")
+    return dtypes
+
+
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str | Sequence[str]) -> int:
+    """Pool bytes of one block over all layers (K and V; quantized rows with their scales): the single
+    source of this number. ``dtype`` is one pool dtype or one per layer.
 
     ``ModelInfo.bytes_per_block``, the memory plan and the pool-size checks all call it.
     """
-    return num_layers * layer_block_bytes(num_kv_heads, head_dim, page_size, dtype)
+    return sum(layer_block_bytes(num_kv_heads, head_dim, page_size, d) for d in layer_dtypes(dtype, num_layers))
 
 
 def layer_block_bytes(num_kv_heads: int, head_dim: int, page_size: int, dtype: str) -> int:
-    """Bytes of one block of one layer's pool: ``2 (K, V) x kv_heads x page_size x head_dim x itemsize``."""
-    return 2 * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
+    """Bytes of one block of one layer's pool: ``2 (K, V) x kv_heads x page_size x`` the bytes of a pool row
+    (``head_dim`` values, plus the scale of a quantized row: :func:`llmir_tvm.kv_dtypes.pool_row_bytes`)."""
+    return 2 * num_kv_heads * page_size * pool_row_bytes(dtype, head_dim)
 
 
 def parse_budget(value: int | float | str) -> tuple[str, float]:
@@ -135,9 +149,11 @@ def blocks_per_sequence(seq_len: int, page_size: int, sliding_window: int = 0) -
     return blocks
 
 
-def aligned_pool_bytes(num_blocks: int, num_layers: int, layer_bytes: int, alignment: int = POOL_ALIGNMENT) -> int:
-    """Bytes of ``num_layers`` pool tensors of ``num_blocks`` blocks, each padded to ``alignment``."""
-    return num_layers * (-(-num_blocks * layer_bytes // alignment) * alignment)
+def aligned_pool_bytes(num_blocks: int, num_layers: int, layer_bytes: int | Sequence[int], alignment: int = POOL_ALIGNMENT) -> int:
+    """Bytes of ``num_layers`` pool tensors of ``num_blocks`` blocks, each padded to ``alignment``
+    (``layer_bytes``: bytes of one block of one layer, or one such number per layer)."""
+    per_layer = [layer_bytes] * num_layers if isinstance(layer_bytes, (int, np.integer)) else list(layer_bytes)
+    return sum(-(-num_blocks * int(b) // alignment) * alignment for b in per_layer)
 
 
 class PoolDoesNotFit(ValueError):
@@ -220,7 +236,7 @@ def plan_memory(
     head_dim: int,
     page_size: int,
     page_size_source: str,
-    kv_dtype: str,
+    kv_dtype: str | Sequence[str],
     weights_bytes: int,
     workspace_bytes: int,
     max_batch_tokens: int,
@@ -239,8 +255,11 @@ def plan_memory(
     naming the numbers when a budget cannot hold the weights, the workspace and one sequence of
     ``max_seq_len`` tokens.
     """
-    layer_bytes = layer_block_bytes(num_kv_heads, head_dim, page_size, kv_dtype)
-    block = kv_block_bytes(num_layers, num_kv_heads, head_dim, page_size, kv_dtype)
+    dtypes = layer_dtypes(kv_dtype, num_layers)
+    layer_bytes = [layer_block_bytes(num_kv_heads, head_dim, page_size, d) for d in dtypes]
+    block = sum(layer_bytes)
+    if not isinstance(kv_dtype, str):  # mixed precision: name the mix, e.g. "mixed (float16 x2, int8 x28)"
+        kv_dtype = "mixed (" + ", ".join(f"{d} x{dtypes.count(d)}" for d in sorted(set(dtypes))) + ")"
     per_seq = blocks_per_sequence(max_seq_len, page_size, sliding_window)
     if budget_bytes is not None:
         free = budget_bytes - weights_bytes - workspace_bytes

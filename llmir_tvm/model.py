@@ -52,11 +52,22 @@ class ModelInfo:
     eviction: str = "none"
     eviction_window: int = 0
     heavy_hitters: int = 0
+    #: Pool dtype of each layer when they differ (mixed precision, ``kv_dtype="auto"``); empty:
+    #: every layer uses ``kv_dtype``.
+    layer_kv_dtypes: list[str] = field(default_factory=list)
+    #: How the per-layer dtypes were chosen (``kv_dtype="auto"``): budget, sensitivities, plan.
+    kv_precision_plan: dict = field(default_factory=dict)
+
+    @property
+    def kv_dtypes(self) -> list[str]:
+        """The pool dtype of every layer."""
+        return list(self.layer_kv_dtypes) if self.layer_kv_dtypes else [self.kv_dtype] * self.num_layers
 
     @property
     def bytes_per_block(self) -> int:
-        """Pool bytes of one block over all layers (K and V): :func:`llmir_tvm.memory_plan.kv_block_bytes`."""
-        return kv_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.kv_dtype)
+        """Pool bytes of one block over all layers (K and V; quantized rows include their scales):
+        :func:`llmir_tvm.memory_plan.kv_block_bytes`."""
+        return kv_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.kv_dtypes)
 
 
 class CompiledModel:
@@ -82,6 +93,10 @@ class CompiledModel:
         kernels = {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
         if self.info.eviction == "h2o":
             kernels.update({name: self.module.get_function(name, query_imports=True) for name in OPTIONAL_CACHE_KERNELS})
+        if self.info.layer_kv_dtypes:  # mixed precision: one set per dtype, suffixed with it
+            for dtype in sorted(set(self.info.layer_kv_dtypes)):
+                for name in CACHE_KERNELS:
+                    kernels[f"{name}_{dtype}"] = self.module.get_function(f"{name}_{dtype}", query_imports=True)
         return kernels
 
     def save(self, directory: str | Path) -> Path:

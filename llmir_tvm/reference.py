@@ -74,3 +74,73 @@ class RandomPagedCache:
     @property
     def seq_lens_array(self) -> np.ndarray:
         return np.asarray(self.seq_lens, dtype=np.int32)
+
+
+#: Largest quantized magnitude per quantized cache dtype (the row's absmax maps to it).
+QUANT_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+
+
+def quantize_rows(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Quantized pool rows of ``x [..., head_dim]`` as bytes ``[..., head_dim + 2]`` (the pool layout).
+
+    Symmetric, one float16 scale per row (``absmax / QUANT_MAX``, stored little-endian after
+    the values); int8 rounds half to even, float8_e4m3fn rounds to nearest. A row holding NaN
+    gets a NaN scale (so a kernel reading it returns NaN: poisoned slots stay visible).
+    """
+    import ml_dtypes
+
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.minimum(amax / QUANT_MAX[dtype], 65504.0).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = np.where(s32 > 0, x / np.where(s32 > 0, s32, 1), 0.0)
+    y = np.nan_to_num(y, nan=0.0)
+    if dtype == "int8":
+        q = np.clip(np.rint(y), -127, 127).astype(np.int8).view(np.uint8)
+    elif dtype == "float8_e4m3fn":
+        q = np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    else:
+        raise ValueError(f"{dtype!r} is not a quantized cache dtype; choose one of {tuple(QUANT_MAX)}")
+    scale_bytes = np.ascontiguousarray(scale.astype("<f2")).view(np.uint8)
+    return np.concatenate([q, scale_bytes], axis=-1)
+
+
+def dequantize_rows(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values ``[..., head_dim]`` of quantized pool rows ``[..., head_dim + 2]`` (uint8 view)."""
+    import ml_dtypes
+
+    rows = np.ascontiguousarray(np.asarray(rows).view(np.uint8))
+    scale = rows[..., -2:].copy().view("<f2").astype(np.float32)
+    if dtype == "int8":
+        values = rows[..., :-2].view(np.int8).astype(np.float32)
+    elif dtype == "float8_e4m3fn":
+        values = rows[..., :-2].copy().view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    else:
+        raise ValueError(f"{dtype!r} is not a quantized cache dtype; choose one of {tuple(QUANT_MAX)}")
+    return values * scale
+
+
+def pool_dtype(dtype: str):
+    """The numpy dtype of a pool of ``dtype`` (ml_dtypes' float8_e4m3fn for fp8)."""
+    if dtype == "float8_e4m3fn":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.float8_e4m3fn)
+    return np.dtype(dtype)
+
+
+class QuantizedPagedCache(RandomPagedCache):
+    """A :class:`RandomPagedCache` drawn in float32 and stored quantized (``int8`` / ``float8_e4m3fn``).
+
+    ``pool`` is the quantized pool ``[num_blocks, 2, Hkv, block_size, head_dim + 2]`` (unused
+    slots carry NaN scales); ``keys`` / ``values`` stay the unquantized draws and
+    ``deq_keys`` / ``deq_values`` are what the pool holds, dequantized.
+    """
+
+    def __init__(self, rng, seq_lens, num_kv_heads, head_dim, block_size, dtype, spare_blocks=3):
+        super().__init__(rng, seq_lens, num_kv_heads, head_dim, block_size, "float32", spare_blocks)
+        self.float_pool = self.pool
+        self.pool = quantize_rows(self.float_pool, dtype).view(pool_dtype(dtype))
+        self.deq_keys = [dequantize_rows(quantize_rows(k, dtype), dtype) for k in self.keys]
+        self.deq_values = [dequantize_rows(quantize_rows(v, dtype), dtype) for v in self.values]

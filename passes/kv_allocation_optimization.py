@@ -213,6 +213,8 @@ class KVCacheAllocationOptimization:
                              "run PagedAttentionRewrite and BlockifyKVCache first")
         geometry = funcs[0][1].attrs[KV_ATTR]
         num_layers, dtype = int(geometry["num_layers"]), str(geometry["dtype"])
+        if "layer_dtypes" in geometry:  # mixed precision: one pool dtype per layer
+            dtype = [str(d) for d in geometry["layer_dtypes"]]
         heads = sorted({int(h) for h in geometry["num_kv_heads"]})
         dims = sorted({int(d) for d in geometry["head_dim"]})
         windows = sorted({int(w) for w in geometry["sliding_window"]})

@@ -23,6 +23,7 @@ from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from llmir_tvm import ops
+from llmir_tvm.kv_dtypes import check_kv_dtype, is_quantized, pool_row_elems
 
 from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like, op_name
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
@@ -96,7 +97,7 @@ class _PagedRewriter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _emit_paged(self, layer: int, m: AttentionMatch, out_var: relax.Var) -> relax.Expr:
-        bb, dtype, info = self.builder_, self.kv_dtype, self.layers[layer]
+        bb, dtype, info = self.builder_, self.kv_dtype[layer], self.layers[layer]
         slot_mapping, block_table, seq_lens, q_indptr = self.step
         seq = m.q.seq_len
 
@@ -148,7 +149,8 @@ class PagedAttentionRewrite:
     """Rewrite every attention of every Relax function into paged ``llm.*`` ops (see module doc).
 
     Parameters: ``page_size`` tokens per block; ``kv_dtype`` pool dtype (default: the query
-    dtype); ``probe_len`` tokens used to evaluate masks (must exceed any sliding window);
+    dtype), or a list of one per layer; quantized pools (``int8``, ``float8_e4m3fn``) get rows of
+    ``head_dim + 2`` (values, then the row's float16 scale) and meet the model's own float K/V; ``probe_len`` tokens used to evaluate masks (must exceed any sliding window);
     ``probe_inputs(length, param)`` makes the probe value of an input (default: positions are
     ``arange``, masks ones, others zeros).
     """
@@ -157,6 +159,9 @@ class PagedAttentionRewrite:
                  probe_inputs: ProbeInputs | None = None):
         if page_size < 1 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if kv_dtype is not None:
+            for d in [kv_dtype] if isinstance(kv_dtype, str) else kv_dtype:
+                check_kv_dtype(d)
         self.page_size, self.kv_dtype, self.probe_len = page_size, kv_dtype, probe_len
         self.probe_inputs = probe_inputs or default_probe_inputs
 
@@ -193,7 +198,16 @@ class PagedAttentionRewrite:
 
     def _rewrite(self, mod, matcher: AttentionMatcher, matches: list[AttentionMatch]) -> relax.Function:
         func, fname = matcher.func, matcher.fname
-        dtype = self.kv_dtype or str(matches[0].q.tensor.ty.dtype)
+        compute = str(matches[0].q.tensor.ty.dtype)
+        if self.kv_dtype is None or isinstance(self.kv_dtype, str):
+            layer_dtypes = [self.kv_dtype or compute] * len(matches)
+        elif len(self.kv_dtype) != len(matches):
+            raise ValueError(f"{fname}: kv_dtype lists {len(self.kv_dtype)} layers but the model has {len(matches)}")
+        else:
+            layer_dtypes = [str(d) for d in self.kv_dtype]
+        # K/V rows are cast to a float pool's dtype; a quantized pool takes the model's float rows.
+        row_dtypes = [compute if is_quantized(d) else d for d in layer_dtypes]
+        dtype = layer_dtypes[0] if len(set(layer_dtypes)) == 1 else "mixed"
         evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
         layers = []
         for m in matches:
@@ -202,8 +216,11 @@ class PagedAttentionRewrite:
         seq = matches[0].q.seq_len
         num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
         pools = [
-            relax.Var(f"kv_cache_{i}", relax.TensorType((num_blocks, 2, l.num_kv_heads, self.page_size, l.head_dim), dtype))
-            for i, l in enumerate(layers)
+            relax.Var(
+                f"kv_cache_{i}",
+                relax.TensorType((num_blocks, 2, l.num_kv_heads, self.page_size, pool_row_elems(d, l.head_dim)), d),
+            )
+            for i, (l, d) in enumerate(zip(layers, layer_dtypes))
         ]
         step = [
             relax.Var("slot_mapping", relax.TensorType((seq,), "int32")),
@@ -214,7 +231,7 @@ class PagedAttentionRewrite:
         past = {s.past_param for m in matches for s in (m.k, m.v) if s.past_param is not None}
         present = _present_outputs(matcher, past)
         widened = relax.Function(list(func.params) + pools + step, func.body, None, func.is_pure, func.attrs)
-        rewriter = _PagedRewriter(mod, matches, layers, pools, step, dtype, fname, present)
+        rewriter = _PagedRewriter(mod, matches, layers, pools, step, row_dtypes, fname, present)
         new = rewriter.visit_expr(widened)
         new = relax.transform.DeadCodeElimination()(tvm.IRModule({"f": new}))["f"]
         used = set(relax.analysis.free_vars(new.body))
@@ -236,6 +253,9 @@ class PagedAttentionRewrite:
             "sliding_window": [l.sliding_window for l in layers],
             "causal": [int(l.causal) for l in layers],
         }
+        if dtype == "mixed" or is_quantized(dtype):  # per-layer pool dtypes and the model's float dtype
+            attrs[KV_ATTR]["layer_dtypes"] = layer_dtypes
+            attrs[KV_ATTR]["compute_dtype"] = compute
         if "num_input" in attrs:
             attrs["num_input"] = len(inputs) + len(pools) + len(step)
         new_params = {p: q for p, q in zip(func.params + pools + step, new.params)}

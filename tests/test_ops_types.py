@@ -146,8 +146,10 @@ def test_lookup_kv_errors():
 
 def test_unsupported_cache_dtype_is_rejected():
     bt, sl = tables()
-    with pytest.raises(LLMOpError, match="'kv_cache' must have dtype float16 or bfloat16 or float32, got int8"):
-        infer(ops.lookup_kv(var("kv_cache", (NB, 2, 2, 16, 64), "int8"), bt, sl))
+    with pytest.raises(
+        LLMOpError, match="'kv_cache' must have dtype float16 or bfloat16 or float32 or int8 or float8_e4m3fn, got uint8"
+    ):
+        infer(ops.lookup_kv(var("kv_cache", (NB, 2, 2, 16, 64), "uint8"), bt, sl))
 
 
 def test_dtype_without_cpu_kernels_fails_at_legalization():

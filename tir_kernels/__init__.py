@@ -13,12 +13,13 @@ from typing import Callable
 import tvm
 from tvm.target import Target
 
-from . import cache_ops, cuda_attention, cuda_cache_ops, paged_attention
-from .config import SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout
+from . import cache_ops, cuda_attention, cuda_cache_ops, paged_attention, quant_cache_ops
+from .config import QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized
 
 __all__ = [
     "AttentionConfig",
     "CacheLayout",
+    "QUANTIZED_CACHE_DTYPES",
     "SUPPORTED_CACHE_DTYPES",
     "append_kv",
     "copy_blocks",
@@ -46,8 +47,15 @@ _CUDA_VARIANTS: dict[str, Callable] = {
     "paged_prefill_attention": cuda_attention.paged_prefill_attention,
 }
 
+#: Quantized pools' data movement kernels on CPU (attention kernels handle every dtype).
+_CPU_QUANT_VARIANTS: dict[str, Callable] = {
+    "append_kv": quant_cache_ops.append_kv,
+    "lookup_kv": quant_cache_ops.lookup_kv,
+    "copy_blocks": quant_cache_ops.copy_blocks,
+}
+
 #: Cache dtypes the CPU (LLVM) kernels accept; bfloat16 is CUDA-only.
-CPU_CACHE_DTYPES = ("float16", "float32")
+CPU_CACHE_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
 
 
 def target_kind(target: Target | str | dict | None) -> str:
@@ -71,11 +79,14 @@ def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
 
 def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
     layout = config.layout if isinstance(config, AttentionConfig) else config
-    if target_kind(target) in ("llvm", "c") and layout.dtype not in CPU_CACHE_DTYPES:
-        raise ValueError(
-            f"cache dtype {layout.dtype!r} is supported by the CUDA kernels only; "
-            f"CPU (llvm) kernels accept {CPU_CACHE_DTYPES}"
-        )
+    cpu = target_kind(target) in ("llvm", "c")
+    for what, dtype in (("cache dtype", layout.dtype), ("compute dtype", layout.compute_dtype)):
+        if cpu and dtype not in CPU_CACHE_DTYPES:
+            raise ValueError(
+                f"{what} {dtype!r} is supported by the CUDA kernels only; CPU (llvm) kernels accept {CPU_CACHE_DTYPES}"
+            )
+    if cpu and is_quantized(layout.dtype) and name in _CPU_QUANT_VARIANTS:
+        return _CPU_QUANT_VARIANTS[name](config)
     return _variants_for(target)[name](config)
 
 

@@ -14,7 +14,32 @@ from dataclasses import dataclass
 
 #: Cache dtypes the kernels accept (the storage dtype of the paged pool). "bfloat16" is served
 #: by the CUDA kernels only; the dispatcher rejects it for CPU targets.
-SUPPORTED_CACHE_DTYPES = ("float16", "bfloat16", "float32")
+SUPPORTED_CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
+
+#: Quantized pool dtypes. A quantized pool row (one token of one KV head, K or V) holds
+#: ``head_dim`` quantized values followed by ``SCALE_ELEMS`` bytes: the row's float16 scale,
+#: little-endian. The value is ``q * scale`` (int8: symmetric, ``scale = absmax / 127``;
+#: float8_e4m3fn: ``scale = absmax / 448``), the scale computed on write, per token per KV head.
+QUANTIZED_CACHE_DTYPES = ("int8", "float8_e4m3fn")
+#: Pool elements (one byte each) holding a quantized row's float16 scale.
+SCALE_ELEMS = 2
+#: Float dtypes the model side of a quantized cache may use (keys/values in, queries, outputs).
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def is_quantized(dtype: str) -> bool:
+    """True for pool dtypes that store quantized values plus per-row scales."""
+    return str(dtype) in QUANTIZED_CACHE_DTYPES
+
+
+def pool_row_elems(dtype: str, head_dim: int) -> int:
+    """Last dimension of a pool of ``dtype``: ``head_dim``, plus the scale bytes when quantized."""
+    return head_dim + SCALE_ELEMS if is_quantized(dtype) else head_dim
+
+
+def pool_row_bytes(dtype: str, head_dim: int) -> int:
+    """Bytes of one pool row (one token, one KV head, K or V), scales included."""
+    return pool_row_elems(dtype, head_dim) * element_bytes(dtype)
 
 
 def element_bytes(dtype: str) -> int:
@@ -23,7 +48,9 @@ def element_bytes(dtype: str) -> int:
     TVM assumes 64-byte aligned buffers by default and emits aligned vector loads, which
     crash on arrays that are not (a numpy slice, say); kernels declare element alignment.
     """
-    return np.dtype(dtype).itemsize if dtype != "bfloat16" else 2
+    if dtype == "bfloat16":
+        return 2
+    return 1 if is_quantized(dtype) else np.dtype(dtype).itemsize
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -35,13 +62,18 @@ def _check_positive(name: str, value: int) -> None:
 class CacheLayout:
     """Shape facts of one layer's paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``.
 
-    ``num_blocks`` is not part of the layout: it stays symbolic in every kernel.
+    ``num_blocks`` is not part of the layout: it stays symbolic in every kernel. Quantized
+    dtypes (``QUANTIZED_CACHE_DTYPES``) have ``head_dim + SCALE_ELEMS`` pool elements per row
+    (see :func:`pool_row_elems`); ``compute_dtype`` is then the float dtype of the keys/values
+    written, the queries and the attention output (default float32); for float pools it is
+    the pool dtype.
     """
 
     num_kv_heads: int
     head_dim: int
     block_size: int
     dtype: str
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _check_positive("num_kv_heads", self.num_kv_heads)
@@ -51,6 +83,22 @@ class CacheLayout:
             raise ValueError(
                 f"cache dtype {self.dtype!r} is not supported; choose one of {SUPPORTED_CACHE_DTYPES}"
             )
+        if self.compute_dtype is None:
+            object.__setattr__(self, "compute_dtype", "float32" if is_quantized(self.dtype) else self.dtype)
+        elif not is_quantized(self.dtype) and self.compute_dtype != self.dtype:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} must equal the float cache dtype {self.dtype!r}")
+        elif self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {self.compute_dtype!r} is not supported; choose one of {COMPUTE_DTYPES}")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the pool stores quantized rows with per-row scales."""
+        return is_quantized(self.dtype)
+
+    @property
+    def row_elems(self) -> int:
+        """Last dimension of the pool tensor (``head_dim``, plus the scale bytes when quantized)."""
+        return pool_row_elems(self.dtype, self.head_dim)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
+from .kv_quant import element, row_scale
 
 #: KV positions per online-softmax step: one fp32 vector of scores per query vector.
 KV_CHUNK = 16
@@ -64,9 +65,10 @@ def _decode_body(cfg: AttentionConfig):
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
     VL = _vector_lanes(D)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
+    dt, quant = lay.dtype, lay.quantized
 
     @T.macro
-    def body(q_rows, out_rows, row, pos, seq_len, cache, block_table, b, hk):
+    def body(q_rows, out_rows, row, pos, seq_len, cache, cache_b, block_table, b, hk):
         qf = T.alloc_buffer((G, D), "float32", scope="local")
         acc = T.alloc_buffer((G, D), "float32", scope="local")
         part = T.alloc_buffer((G, VL), "float32", scope="local")
@@ -76,6 +78,8 @@ def _decode_body(cfg: AttentionConfig):
         fix = T.alloc_buffer((G,), "float32", scope="local")
         blk = T.alloc_buffer((CH,), "int64", scope="local")
         off = T.alloc_buffer((CH,), "int64", scope="local")
+        ksc = T.alloc_buffer((CH,), "float32", scope="local")  # row scales (quantized pools only)
+        vsc = T.alloc_buffer((CH,), "float32", scope="local")
         for g in range(G):
             for d in T.vectorized(D):
                 qf[g, d] = T.Cast("float32", q_rows[row, hk * G + g, d]) * T.float32(scale)
@@ -90,6 +94,9 @@ def _decode_body(cfg: AttentionConfig):
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                 blk[i] = T.Cast("int64", block_table[b, p // BS])
                 off[i] = p % BS
+                if quant:
+                    ksc[i] = row_scale(cache_b, blk[i], 0, hk, off[i], D)
+                    vsc[i] = row_scale(cache_b, blk[i], 1, hk, off[i], D)
             for g in range(G):
                 fix[g] = mx[g]
             for i in range(cnt):
@@ -99,13 +106,15 @@ def _decode_body(cfg: AttentionConfig):
                 for do in range(D // VL):
                     for g in range(G):
                         for v in T.vectorized(VL):
-                            part[g, v] = part[g, v] + qf[g, do * VL + v] * T.Cast(
-                                "float32", cache[blk[i], 0, hk, off[i], do * VL + v]
+                            part[g, v] = part[g, v] + qf[g, do * VL + v] * element(
+                                dt, cache, cache_b, blk[i], 0, hk, off[i], do * VL + v
                             )
                 for g in range(G):
                     score[g, i] = T.float32(0)
                     for v in range(VL):
                         score[g, i] = score[g, i] + part[g, v]
+                    if quant:
+                        score[g, i] = score[g, i] * ksc[i]
                     mx[g] = T.max(mx[g], score[g, i])
             for g in range(G):
                 fix[g] = exp_nonpositive(fix[g] - mx[g])
@@ -117,10 +126,14 @@ def _decode_body(cfg: AttentionConfig):
                     score[g, i] = exp_nonpositive(score[g, i] - mx[g])
                 for i in range(cnt):
                     den[g] = den[g] + score[g, i]
+            if quant:
+                for g in range(G):
+                    for i in range(cnt):
+                        score[g, i] = score[g, i] * vsc[i]
             for i in range(cnt):
                 for g in range(G):
                     for d in T.vectorized(D):
-                        acc[g, d] = acc[g, d] + score[g, i] * T.Cast("float32", cache[blk[i], 1, hk, off[i], d])
+                        acc[g, d] = acc[g, d] + score[g, i] * element(dt, cache, cache_b, blk[i], 1, hk, off[i], d)
         for g in range(G):
             for d in T.vectorized(D):
                 out_rows[row, hk * G + g, d] = T.Cast(
@@ -143,9 +156,10 @@ def _tile_body(cfg: AttentionConfig):
     NV = rows_per_tile(cfg) * G
     U = next(u for u in (4, 2, 1) if NV % u == 0)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
+    dt, quant = lay.dtype, lay.quantized
 
     @T.macro
-    def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, block_table, b, hk):
+    def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, cache_b, block_table, b, hk):
         qf = T.alloc_buffer((NV, D), "float32", scope="local")
         acc = T.alloc_buffer((NV, D), "float32", scope="local")
         kt = T.alloc_buffer((D, CH), "float32", scope="local")
@@ -156,6 +170,7 @@ def _tile_body(cfg: AttentionConfig):
         blk = T.alloc_buffer((CH,), "int64", scope="local")
         off = T.alloc_buffer((CH,), "int64", scope="local")
         kpos = T.alloc_buffer((CH,), "int64", scope="local")
+        vsc = T.alloc_buffer((CH,), "float32", scope="local")  # V row scales (quantized pools only)
         nv: T.int64 = nrows * G
         for r in range(nrows):
             for g in range(G):
@@ -178,8 +193,14 @@ def _tile_body(cfg: AttentionConfig):
             for i in range(cnt):
                 blk[i] = T.Cast("int64", block_table[b, kpos[i] // BS])
                 off[i] = kpos[i] % BS
-                for d in range(D):
-                    kt[d, i] = T.Cast("float32", cache[blk[i], 0, hk, off[i], d])
+                if quant:
+                    ks: T.float32 = row_scale(cache_b, blk[i], 0, hk, off[i], D)
+                    vsc[i] = row_scale(cache_b, blk[i], 1, hk, off[i], D)
+                    for d in range(D):
+                        kt[d, i] = element(dt, cache, cache_b, blk[i], 0, hk, off[i], d) * ks
+                else:
+                    for d in range(D):
+                        kt[d, i] = T.Cast("float32", cache[blk[i], 0, hk, off[i], d])
             for i in range(cnt, T.int64(CH)):
                 for d in range(D):
                     kt[d, i] = T.float32(0)
@@ -212,10 +233,14 @@ def _tile_body(cfg: AttentionConfig):
                     prob[v, i] = T.if_then_else(prob[v, i] > T.float32(_NEG_INF), exp_nonpositive(prob[v, i] - mx[v]), T.float32(0))
                 for i in range(CH):
                     den[v] = den[v] + prob[v, i]
+            if quant:
+                for v in range(nv):
+                    for i in range(cnt):
+                        prob[v, i] = prob[v, i] * vsc[i]
             for v in range(nv):
                 for i in range(cnt):
                     for d in T.vectorized(D):
-                        acc[v, d] = acc[v, d] + prob[v, i] * T.Cast("float32", cache[blk[i], 1, hk, off[i], d])
+                        acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], 1, hk, off[i], d)
         for r in range(nrows):
             for g in range(G):
                 for d in T.vectorized(D):
@@ -234,8 +259,9 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     ``(q, cache, block_table, seq_lens, out)`` with ``out`` shaped like ``q``.
     """
     lay = cfg.layout
-    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
+    cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     body = _decode_body(cfg)
 
     @T.prim_func
@@ -246,17 +272,18 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         NB = T.int64()
         MB = T.int64()
         q = T.match_buffer(q_h, (B, L, Hq, D), dtype, align=ALIGN)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype, align=CA)
         block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype, align=ALIGN)
         q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data, align=ALIGN)
         out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
+        cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
         for task in T.parallel(B * L * H):
             b: T.int64 = task // (L * H)
             j: T.int64 = task // H % L
             seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-            body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, block_table, b, task % H)
+            body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, cache_b, block_table, b, task % H)
 
     return paged_decode
 
@@ -270,8 +297,9 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     each sequence's share in turn. Rows owned by no sequence are zero.
     """
     lay = cfg.layout
-    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
+    cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     QT = rows_per_tile(cfg)
     body = _tile_body(cfg)
 
@@ -286,11 +314,12 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype, align=ALIGN)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype, align=CA)
         block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
+        cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
         for task in T.parallel((NQ + QT - 1) // QT * H):
             t0: T.int64 = task // H * QT
             t1: T.int64 = T.min(t0 + QT, NQ)
@@ -306,6 +335,6 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
                     seq_len: T.int64 = T.Cast("int64", seq_lens[b])
                     first_pos: T.int64 = seq_len - T.Cast("int64", q_indptr[b + 1] - q_indptr[b])
                     body(q, out, s0, s1 - s0, first_pos + s0 - T.Cast("int64", q_indptr[b]), seq_len,
-                         cache, block_table, b, hk)
+                         cache, cache_b, block_table, b, hk)
 
     return paged_prefill

@@ -11,9 +11,14 @@ from typing import Sequence
 import tvm_ffi
 from tvm import relax, tirx
 
+from ..tir_kernels.config import COMPUTE_DTYPES, QUANTIZED_CACHE_DTYPES, SCALE_ELEMS
+
 
 #: Pool dtypes the operators accept; which of them a target's kernels support is checked at legalization.
-CACHE_DTYPES = ("float16", "bfloat16", "float32")
+CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
+#: Quantized pool dtypes (rows hold ``head_dim`` values then ``SCALE_ELEMS`` bytes of float16 scale)
+#: and the float dtypes of keys/values/queries that meet them.
+QUANTIZED_DTYPES, SCALE_ELEMS, COMPUTE_DTYPES = QUANTIZED_CACHE_DTYPES, SCALE_ELEMS, COMPUTE_DTYPES
 
 
 @tvm_ffi.error.register_error
@@ -68,6 +73,24 @@ def require_static(op: str, arg_name: str, dim, what: str) -> int:
     return value
 
 
+def cache_head_dim(cache: relax.TensorType):
+    """head_dim of a pool type: its last dim, less the scale bytes for quantized pools."""
+    dim = shape_of(cache)[4]
+    return dim - SCALE_ELEMS if str(cache.dtype) in QUANTIZED_DTYPES else dim
+
+
+def require_compute_dtype(op: str, arg_name: str, ty: relax.TensorType, cache: relax.TensorType) -> None:
+    """``ty`` must have the float pool's dtype, or any compute float dtype for a quantized pool."""
+    if str(cache.dtype) in QUANTIZED_DTYPES:
+        if str(ty.dtype) not in COMPUTE_DTYPES:
+            raise LLMOpError(
+                f"{op}: '{arg_name}' must be a float tensor ({' or '.join(COMPUTE_DTYPES)}) to meet the "
+                f"{cache.dtype} 'kv_cache', got {ty.dtype}"
+            )
+    elif ty.dtype != cache.dtype:
+        raise LLMOpError(f"{op}: dtype mismatch: '{arg_name}' is {ty.dtype} but 'kv_cache' is {cache.dtype}")
+
+
 def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
     """Check a paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
     ty = tensor_type(op, "kv_cache", expr, 5)
@@ -77,5 +100,10 @@ def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
         raise LLMOpError(
             f"{op}: argument 'kv_cache' must be [num_blocks, 2, num_kv_heads, block_size, head_dim] "
             f"(dim 1 = K/V), got dim 1 = {two}"
+        )
+    row = static_int(shape_of(ty)[4])
+    if str(ty.dtype) in QUANTIZED_DTYPES and row is not None and row <= SCALE_ELEMS:
+        raise LLMOpError(
+            f"{op}: a {ty.dtype} 'kv_cache' has rows of head_dim + {SCALE_ELEMS} scale bytes; dim 4 is {row}"
         )
     return ty

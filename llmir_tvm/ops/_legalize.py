@@ -6,7 +6,7 @@ from tvm import relax
 from tvm.target import Target
 
 from .. import tir_kernels
-from ._checks import LLMOpError, require_static, shape_of
+from ._checks import QUANTIZED_DTYPES, SCALE_ELEMS, LLMOpError, require_static, shape_of
 
 
 def current_target() -> Target | None:
@@ -14,15 +14,20 @@ def current_target() -> Target | None:
     return Target.current(allow_none=True)
 
 
-def cache_layout(op: str, cache_ty: relax.TensorType) -> tir_kernels.CacheLayout:
-    """The kernel-facing layout of a pool type; its heads, head_dim and block size must be constants."""
+def cache_layout(op: str, cache_ty: relax.TensorType, compute_dtype: str | None = None) -> tir_kernels.CacheLayout:
+    """The kernel-facing layout of a pool type; its heads, head_dim and block size must be constants.
+
+    ``compute_dtype``: the float dtype meeting a quantized pool (keys, queries); ignored for float pools.
+    """
     _, _, heads, block, dim = shape_of(cache_ty)
+    quantized = str(cache_ty.dtype) in QUANTIZED_DTYPES
     try:
         return tir_kernels.CacheLayout(
             num_kv_heads=require_static(op, "kv_cache", heads, "num_kv_heads (dim 2)"),
-            head_dim=require_static(op, "kv_cache", dim, "head_dim (dim 4)"),
+            head_dim=require_static(op, "kv_cache", dim, "head_dim (dim 4)") - (SCALE_ELEMS if quantized else 0),
             block_size=require_static(op, "kv_cache", block, "block_size (dim 3)"),
             dtype=str(cache_ty.dtype),
+            compute_dtype=compute_dtype if quantized else None,
         )
     except ValueError as err:
         if isinstance(err, LLMOpError):
@@ -47,4 +52,5 @@ def add_kernel(bb: relax.BlockBuilder, prim_func, name: str) -> relax.GlobalVar:
 
 def layout_tag(layout: tir_kernels.CacheLayout) -> str:
     """A short name fragment identifying a layout, for readable kernel names."""
-    return f"h{layout.num_kv_heads}_d{layout.head_dim}_bs{layout.block_size}_{layout.dtype}"
+    tag = f"h{layout.num_kv_heads}_d{layout.head_dim}_bs{layout.block_size}_{layout.dtype}"
+    return tag if layout.compute_dtype == layout.dtype else f"{tag}_{layout.compute_dtype}"

@@ -5,7 +5,10 @@ from __future__ import annotations
 from tvm import relax
 
 from .. import tir_kernels
-from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, tensor_type
+from ._checks import (
+    LLMOpError, cache_head_dim, cache_type, require_compute_dtype, require_dtype, require_same_dim, shape_of,
+    tensor_type,
+)
 from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 
@@ -27,15 +30,17 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
         raise LLMOpError(f"{_OP}: expects 4 arguments (kv_cache, keys, values, slot_mapping), got {len(call.args)}")
     cache_expr, keys_expr, values_expr, slots_expr = call.args
     cache = cache_type(_OP, cache_expr)
-    _, _, heads, _, dim = shape_of(cache)
+    _, _, heads, _, _ = shape_of(cache)
+    dim = cache_head_dim(cache)
     for name, expr in (("keys", keys_expr), ("values", values_expr)):
         ty = tensor_type(_OP, name, expr, 3)
         tokens, kv_heads, head_dim = shape_of(ty)
-        if ty.dtype != cache.dtype:
-            raise LLMOpError(f"{_OP}: dtype mismatch: '{name}' is {ty.dtype} but 'kv_cache' is {cache.dtype}")
+        require_compute_dtype(_OP, name, ty, cache)
         require_same_dim(_OP, "num_kv_heads", kv_heads, f"'{name}' dim 1", heads, "'kv_cache' dim 2")
         require_same_dim(_OP, "head_dim", head_dim, f"'{name}' dim 2", dim, "'kv_cache' dim 4")
     keys, values = keys_expr.ty, values_expr.ty
+    if keys.dtype != values.dtype:
+        raise LLMOpError(f"{_OP}: dtype mismatch: 'keys' is {keys.dtype} but 'values' is {values.dtype}")
     require_same_dim(_OP, "num_tokens", shape_of(values)[0], "'values' dim 0", shape_of(keys)[0], "'keys' dim 0")
     slots = tensor_type(_OP, "slot_mapping", slots_expr, 1)
     require_dtype(_OP, "slot_mapping", slots, ["int32"])
@@ -44,7 +49,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
 
 
 def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    layout = cache_layout(_OP, call.args[0].ty)
+    layout = cache_layout(_OP, call.args[0].ty, str(call.args[1].ty.dtype))
     kernel = make_kernel(_OP, tir_kernels.append_kv, layout)
     gv = add_kernel(bb, kernel, f"llmir_append_kv_{layout_tag(layout)}")
     return relax.call_tir_inplace(gv, list(call.args), inplace_indices=[0], out_ty=call.args[0].ty)

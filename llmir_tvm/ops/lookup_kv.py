@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import relax
 
 from .. import tir_kernels
-from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, tensor_type
+from ._checks import QUANTIZED_DTYPES, LLMOpError, cache_head_dim, cache_type, require_dtype, require_same_dim, shape_of, tensor_type
 from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 
@@ -16,7 +16,7 @@ def lookup_kv(kv_cache: relax.Expr, block_table: relax.Expr, seq_lens: relax.Exp
     """Build ``llm.lookup_kv(kv_cache, block_table, seq_lens) -> (keys, values)``.
 
     Outputs are ``[batch, max_blocks_per_seq * block_size, num_kv_heads, head_dim]`` in the
-    cache dtype: row ``p`` of sequence ``b`` is its token at position ``p``, zeros past ``seq_lens[b]``.
+    cache dtype (float32, dequantized, for int8 / float8_e4m3fn pools): row ``p`` of sequence ``b`` is its token at position ``p``, zeros past ``seq_lens[b]``.
     """
     return relax.Call(get_op("lookup_kv"), [kv_cache, block_table, seq_lens])
 
@@ -35,9 +35,10 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
         raise LLMOpError(f"{_OP}: expects 3 arguments (kv_cache, block_table, seq_lens), got {len(call.args)}")
     cache = cache_type(_OP, call.args[0])
     table, _ = _check_tables(_OP, call.args[1], call.args[2])
-    _, _, heads, block, dim = shape_of(cache)
+    _, _, heads, block, _ = shape_of(cache)
     batch, max_blocks = shape_of(table)
-    out = relax.TensorType([batch, max_blocks * block, heads, dim], cache.dtype)
+    dtype = "float32" if str(cache.dtype) in QUANTIZED_DTYPES else cache.dtype
+    out = relax.TensorType([batch, max_blocks * block, heads, cache_head_dim(cache)], dtype)
     return relax.TupleType([out, out])
 
 

@@ -7,7 +7,7 @@ import math
 from tvm import relax
 
 from .. import tir_kernels
-from ._checks import LLMOpError, cache_type, require_dtype, require_same_dim, shape_of, static_int, tensor_type
+from ._checks import LLMOpError, cache_head_dim, cache_type, require_compute_dtype, require_dtype, require_same_dim, shape_of, static_int, tensor_type
 from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 from .lookup_kv import _check_tables
@@ -88,9 +88,9 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
     q = tensor_type(_OP, "q", call.args[0], 3 if ragged else 4)
     cache = cache_type(_OP, call.args[1])
     table, lens = _check_tables(_OP, call.args[2], call.args[3])
-    if q.dtype != cache.dtype:
-        raise LLMOpError(f"{_OP}: dtype mismatch: 'q' is {q.dtype} but 'kv_cache' is {cache.dtype}")
-    q_shape, (_, _, kv_heads, _, head_dim) = shape_of(q), shape_of(cache)
+    require_compute_dtype(_OP, "q", q, cache)
+    q_shape, (_, _, kv_heads, _, _) = shape_of(q), shape_of(cache)
+    head_dim = cache_head_dim(cache)
     require_same_dim(_OP, "head_dim", q_shape[-1], "'q' last dim", head_dim, "'kv_cache' dim 4")
     hq, hkv = static_int(q_shape[-2]), static_int(kv_heads)
     if hq is not None and hkv is not None and hq % hkv:
@@ -110,7 +110,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
 
 def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     attrs = _attrs(call)
-    layout = cache_layout(_OP, call.args[1].ty)
+    layout = cache_layout(_OP, call.args[1].ty, str(call.args[0].ty.dtype))
     num_qo_heads = static_int(shape_of(call.args[0].ty)[-2])
     if num_qo_heads is None:
         raise LLMOpError(f"{_OP}: num_qo_heads of 'q' must be a constant to build a kernel")

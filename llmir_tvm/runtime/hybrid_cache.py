@@ -69,6 +69,11 @@ class _Availability:
         return self._caches[0].allocator.num_available
 
 
+def _group_dtype(dtypes: list[str]) -> str | list[str]:
+    """One dtype when a group's pools share it, else the per-pool list (mixed precision)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else dtypes
+
+
 class HybridKVCache:
     """Paged KV cache whose pools are split into window groups, each with its own block tables.
 
@@ -87,16 +92,20 @@ class HybridKVCache:
         head_dim: int,
         block_size: int,
         group_blocks: Sequence[int],
-        dtype: str = "float16",
+        dtype: str | Sequence[str] = "float16",
         device: Any = None,
         kernels: Any = None,
     ):
         self.groups = window_groups(pool_windows, pool_sinks)
+        per_pool = [dtype] * len(pool_windows) if isinstance(dtype, str) else list(dtype)
+        if len(per_pool) != len(pool_windows):
+            raise ValueError(f"{len(per_pool)} pool dtypes given for {len(pool_windows)} pools")
         if len(group_blocks) != len(self.groups):
             raise ValueError(f"{len(self.groups)} window groups but {len(group_blocks)} block counts")
         self.caches = [
             PagedKVCache(
-                len(g.pools), num_kv_heads, head_dim, block_size, int(n), dtype, device, kernels,
+                len(g.pools), num_kv_heads, head_dim, block_size, int(n), _group_dtype([per_pool[p] for p in g.pools]),
+                device, kernels,
                 sliding_window=g.sliding_window, sink_tokens=g.sink_tokens, enable_prefix_caching=False,
             )
             for g, n in zip(self.groups, group_blocks)
@@ -282,7 +291,8 @@ def create_cache(
     sinks = list(getattr(info, "pool_sinks", None) or [0] * len(windows))
     groups = window_groups(windows, sinks)
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
-                  dtype=info.kv_dtype, device=device, kernels=kernels)
+                  dtype=info.kv_dtypes if getattr(info, "layer_kv_dtypes", None) else info.kv_dtype,
+                  device=device, kernels=kernels)
     if getattr(info, "eviction", "none") == "h2o":
         return H2OKVCache(info.num_layers, num_blocks=num_blocks, heavy_hitters=info.heavy_hitters,
                           recent_window=info.eviction_window, **common)

@@ -25,12 +25,13 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
+from ..kv_dtypes import check_kv_dtype, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
 
 __all__ = ["PagedKVCache", "StepTensors", "block_hash"]
 
-#: Cache dtypes the pool kernels accept.
-_POOL_DTYPES = ("float16", "float32")
+#: Cache dtypes the pool kernels accept (int8 / float8_e4m3fn: quantized rows with per-row scales).
+_POOL_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
 #: Step tensors are packed in one int32 host buffer; each part starts on a 64-byte boundary.
 _ALIGN = 16
 #: DLPack device type of the host CPU.
@@ -113,7 +114,10 @@ class PagedKVCache:
         Model and pool geometry; each layer's pool is
         ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` (index 0 = K, 1 = V).
     dtype:
-        ``"float16"`` or ``"float32"``.
+        ``"float16"``, ``"float32"``, or quantized ``"int8"`` / ``"float8_e4m3fn"`` (a quantized
+        pool is ``[..., head_dim + 2]``: each row's float16 scale follows its values); or a list
+        with one dtype per layer (mixed precision). Kernels for a layer of dtype ``d`` are looked
+        up as ``"<name>_<d>"`` first, then ``"<name>"``.
     device:
         ``tvm.runtime.Device``, a name such as ``"cpu"`` / ``"cuda:0"``, or None (CPU).
     kernels:
@@ -150,23 +154,34 @@ class PagedKVCache:
         ):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
-        dtype = str(dtype)
-        if dtype not in _POOL_DTYPES:
-            raise ValueError(f"cache dtype {dtype!r} is not supported; choose one of {_POOL_DTYPES}")
+        if isinstance(dtype, (list, tuple)):
+            if len(dtype) != num_layers:
+                raise ValueError(f"per-layer dtype list has {len(dtype)} entries for {num_layers} layers")
+            layer_dtypes = [check_kv_dtype(d, _POOL_DTYPES) for d in dtype]
+            dtype = layer_dtypes[0] if len(set(layer_dtypes)) == 1 else "mixed"
+        else:
+            dtype = check_kv_dtype(dtype, _POOL_DTYPES)
+            layer_dtypes = [dtype] * int(num_layers)
         self.num_layers = int(num_layers)
         self.num_kv_heads = int(num_kv_heads)
         self.head_dim = int(head_dim)
         self.block_size = int(block_size)
         self.num_blocks = int(num_blocks)
         self.dtype = dtype
+        self.layer_dtypes = layer_dtypes
         self.device = _as_device(device)
         self.sliding_window, self.sink_tokens = self._check_window(sliding_window, sink_tokens)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.allocator = BlockAllocator(self.num_blocks)
-        shape = (self.num_blocks, 2, self.num_kv_heads, self.block_size, self.head_dim)
-        self._pools = [tvm.runtime.empty(shape, dtype, self.device) for _ in range(self.num_layers)]
-        self._copy_fn = self._kernel(kernels, "llmir_copy_blocks")
-        self._lookup_fn = self._kernel(kernels, "llmir_lookup_kv")
+        self._pools = [
+            tvm.runtime.empty(
+                (self.num_blocks, 2, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d, self.device
+            )
+            for d in layer_dtypes
+        ]
+        self._copy_fns = [self._kernel(kernels, "llmir_copy_blocks", d) for d in layer_dtypes]
+        self._lookup_fns = [self._kernel(kernels, "llmir_lookup_kv", d) for d in layer_dtypes]
+        self._copy_fn, self._lookup_fn = self._copy_fns[0], self._lookup_fns[0]
         self._validate_kernels()
 
         self._row_of: dict[int, int] = {}
@@ -559,23 +574,25 @@ class PagedKVCache:
     def debug_get_kv(self, seq_id: int, layer: int) -> tuple[tvm.runtime.Tensor, tvm.runtime.Tensor]:
         """A sequence's contiguous K and V of one layer, ``[len, num_kv_heads, head_dim]`` each, via the lookup kernel.
 
-        Positions in released sliding-window blocks read as zeros.
+        Positions in released sliding-window blocks read as zeros. Quantized layers return
+        their dequantized values in float32.
         """
         row = self._row(seq_id)
         layer = self._check_layer(layer)
         length, n = int(self._len[row]), int(self._nblk[row])
         shape = (length, self.num_kv_heads, self.head_dim)
+        out_dtype = lookup_dtype(self.layer_dtypes[layer])
         if length == 0:
-            empty = np.zeros(shape, dtype=self.dtype)
+            empty = np.zeros(shape, dtype=out_dtype)
             return tvm.runtime.tensor(empty, self.device), tvm.runtime.tensor(empty, self.device)
-        if self._lookup_fn is None:
+        if self._lookup_fns[layer] is None:
             raise RuntimeError("debug_get_kv needs the llmir_lookup_kv kernel; the cache has no kernels")
         out_shape = (1, n * self.block_size, self.num_kv_heads, self.head_dim)
-        out_k = tvm.runtime.empty(out_shape, self.dtype, self.device)
-        out_v = tvm.runtime.empty(out_shape, self.dtype, self.device)
+        out_k = tvm.runtime.empty(out_shape, out_dtype, self.device)
+        out_v = tvm.runtime.empty(out_shape, out_dtype, self.device)
         table = tvm.runtime.tensor(self._table[row : row + 1, :n].copy(), self.device)
         lens = tvm.runtime.tensor(np.array([length], dtype=np.int32), self.device)
-        self._lookup_fn(self._pools[layer], table, lens, out_k, out_v)
+        self._lookup_fns[layer](self._pools[layer], table, lens, out_k, out_v)
         k, v = out_k.numpy()[0, :length], out_v.numpy()[0, :length]
         lo, hi = int(self._sb[row]) * self.block_size, int(self._live[row]) * self.block_size
         if hi > lo:
@@ -592,9 +609,15 @@ class PagedKVCache:
 
     # ================================================================== internals
     @staticmethod
-    def _kernel(kernels: Any, name: str):
+    def _kernel(kernels: Any, name: str, dtype: str | None = None):
+        """``kernels["<name>_<dtype>"]`` when present (mixed-precision models), else ``kernels[name]``."""
         if kernels is None:
             return None
+        if dtype is not None:
+            try:
+                return kernels[f"{name}_{dtype}"]
+            except (KeyError, AttributeError, TypeError, ValueError, RuntimeError):
+                pass
         try:
             return kernels[name]
         except (KeyError, AttributeError, TypeError) as err:
@@ -603,24 +626,28 @@ class PagedKVCache:
     def _validate_kernels(self) -> None:
         """Dry-run the kernels on empty index tensors so a layout/dtype/device mismatch fails here."""
         dev = self.device
-        try:
-            if self._copy_fn is not None:
-                none = tvm.runtime.empty((0,), "int32", dev)
-                self._copy_fn(self._pools[0], none, none)
-            if self._lookup_fn is not None:
-                out = tvm.runtime.empty((0, self.block_size, self.num_kv_heads, self.head_dim), self.dtype, dev)
-                self._lookup_fn(
-                    self._pools[0],
-                    tvm.runtime.empty((0, 1), "int32", dev),
-                    tvm.runtime.empty((0,), "int32", dev),
-                    out,
-                    out,
-                )
-        except Exception as err:  # the kernels raise ValueError/TypeError/RuntimeError on mismatch
-            raise ValueError(
-                f"kernels do not match this cache (num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"block_size={self.block_size}, dtype={self.dtype}, device={dev}): {err}"
-            ) from err
+        first_layer = {d: i for i, d in reversed(list(enumerate(self.layer_dtypes)))}
+        for dtype, layer in first_layer.items():
+            copy_fn, lookup_fn = self._copy_fns[layer], self._lookup_fns[layer]
+            try:
+                if copy_fn is not None:
+                    none = tvm.runtime.empty((0,), "int32", dev)
+                    copy_fn(self._pools[layer], none, none)
+                if lookup_fn is not None:
+                    shape = (0, self.block_size, self.num_kv_heads, self.head_dim)
+                    out = tvm.runtime.empty(shape, lookup_dtype(dtype), dev)
+                    lookup_fn(
+                        self._pools[layer],
+                        tvm.runtime.empty((0, 1), "int32", dev),
+                        tvm.runtime.empty((0,), "int32", dev),
+                        out,
+                        out,
+                    )
+            except Exception as err:  # the kernels raise ValueError/TypeError/RuntimeError on mismatch
+                raise ValueError(
+                    f"kernels do not match this cache (num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                    f"block_size={self.block_size}, dtype={dtype}, device={dev}): {err}"
+                ) from err
 
     def _check_layer(self, layer: Any) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
@@ -753,8 +780,8 @@ class PagedKVCache:
         self._table[rows, cols] = dst
         src_t = tvm.runtime.tensor(src, self.device)
         dst_t = tvm.runtime.tensor(np.ascontiguousarray(dst, dtype=np.int32), self.device)
-        for pool in self._pools:
-            self._copy_fn(pool, src_t, dst_t)
+        for pool, copy_fn in zip(self._pools, self._copy_fns):
+            copy_fn(pool, src_t, dst_t)
         self.allocator.decref(src)
         self._cow_copies += len(plan)
 

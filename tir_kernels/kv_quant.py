@@ -1,0 +1,106 @@
+"""Quantized pool rows as TIR expressions: scale bytes, element decode, row quantization.
+
+A quantized pool row is ``head_dim`` one-byte values followed by the row's float16 scale
+(two bytes, little-endian); see ``config.QUANTIZED_CACHE_DTYPES``. Kernels read a quantized
+pool through a ``uint8`` view of the same data (``T.decl_buffer(..., "uint8", data=pool.data)``)
+so that every decode is plain integer/float arithmetic that LLVM and CUDA vectorise; the float8
+decode is written out here (TVM's fp8 casts legalize to per-lane branches on CPU).
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .config import SCALE_ELEMS, is_quantized
+
+#: Largest quantized magnitude per dtype: the row's absmax maps to it.
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+#: float16's largest finite value: scales are clamped to it (a row beyond 448*65504 saturates).
+_FP16_MAX = 65504.0
+
+
+def row_scale(pool_bytes, blk, kv, h, off, head_dim: int):
+    """float32 scale of pool row ``[blk, kv, h, off]`` (its float16 bytes after the values)."""
+    lo = T.Cast("uint16", pool_bytes[blk, kv, h, off, head_dim])
+    hi = T.Cast("uint16", pool_bytes[blk, kv, h, off, head_dim + 1])
+    return T.Cast("float32", T.reinterpret("float16", lo | T.shift_left(hi, T.uint16(8))))
+
+
+def decode_fp8_e4m3(byte):
+    """float32 value of a float8_e4m3fn bit pattern held in a uint8 expression (no NaN input).
+
+    Normal numbers move their exponent/mantissa bits into float32 position with the exponent
+    re-biased (+120); subnormals (exponent 0) are ``mantissa * 2**-9``. Selects, no branches.
+    """
+    b = T.Cast("uint32", byte)
+    sign = T.shift_left(b & T.uint32(0x80), T.uint32(24))
+    normal = T.reinterpret("float32", sign | (T.shift_left(b & T.uint32(0x7F), T.uint32(20)) + T.uint32(120 << 23)))
+    sub = T.Cast("float32", T.Cast("int32", b & T.uint32(7))) * T.float32(2.0**-9)
+    sub = T.Select((b & T.uint32(0x80)) != T.uint32(0), -sub, sub)
+    return T.Select((b & T.uint32(0x78)) == T.uint32(0), sub, normal)
+
+
+def decode_fp8_e4m3_fast(byte):
+    """float32 of a float8_e4m3fn bit pattern in four vector ops: the magnitude bits moved into
+    float32 position (``<< 20``) read as a float32 that is ``2**-120`` times the value, then scaled.
+
+    Exact for normal e4m3 numbers; e4m3 subnormals become float32 denormals first, so they are
+    exact too unless the CPU flushes denormals (then they read 0: at most ``2**-6 / 448`` of the
+    row's absmax, far below float8's own 2**-4 relative rounding). Used by attention; the lookup
+    kernel uses the exact :func:`decode_fp8_e4m3`.
+    """
+    b = T.Cast("uint32", byte)
+    bits = T.shift_left(b & T.uint32(0x80), T.uint32(24)) | T.shift_left(b & T.uint32(0x7F), T.uint32(20))
+    return T.reinterpret("float32", bits) * T.float32(2.0**120)
+
+
+def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = False):
+    """float32 of pool element ``[blk, kv, h, off, d]`` **before** the row scale (float pools: the value).
+
+    ``exact``: decode float8 with :func:`decode_fp8_e4m3` (branch-free selects) instead of the
+    faster :func:`decode_fp8_e4m3_fast`.
+    """
+    if dtype == "int8":
+        return T.Cast("float32", pool[blk, kv, h, off, d])
+    if dtype == "float8_e4m3fn":
+        byte = pool_bytes[blk, kv, h, off, d]
+        return decode_fp8_e4m3(byte) if exact else decode_fp8_e4m3_fast(byte)
+    return T.Cast("float32", pool[blk, kv, h, off, d])
+
+
+def scale_or_one(dtype: str, pool_bytes, blk, kv, h, off, head_dim: int):
+    """The row scale of a quantized pool; 1.0 for float pools (their elements are the values)."""
+    return row_scale(pool_bytes, blk, kv, h, off, head_dim) if is_quantized(dtype) else T.float32(1.0)
+
+
+def quantize_row_macro(dtype: str, head_dim: int):
+    """T.macro writing one row: ``(pool, pool_bytes, src, t, h, blk, kv, off, amax)``.
+
+    ``src[t, h, :]`` (float) becomes quantized values and a float16 scale ``absmax / QMAX``
+    (computed on write, per token per KV head). int8 rounds half to even and clamps to
+    ``[-127, 127]``; float8 rounds to nearest e4m3 (TVM's cast) after clamping to ``+-448``.
+    ``amax`` is a one-element float32 local buffer used as scratch. A zero row gets scale 0.
+    """
+    D, qmax = head_dim, QMAX[dtype]
+
+    @T.macro
+    def write_row(pool, pool_bytes, src, t, h, blk, kv, off, amax):
+        amax[0] = T.float32(0)
+        for d in range(D):
+            amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", src[t, h, d])))
+        scale16: T.float16 = T.Cast("float16", T.min(amax[0] / T.float32(qmax), T.float32(_FP16_MAX)))
+        scale: T.float32 = T.Cast("float32", scale16)
+        bits: T.uint16 = T.reinterpret("uint16", scale16)
+        pool_bytes[blk, kv, h, off, D] = T.Cast("uint8", bits & T.uint16(255))
+        pool_bytes[blk, kv, h, off, D + 1] = T.Cast("uint8", T.shift_right(bits, T.uint16(8)))
+        for d in range(D):
+            x: T.float32 = T.if_then_else(scale > T.float32(0), T.Cast("float32", src[t, h, d]) / scale, T.float32(0))
+            if dtype == "int8":
+                pool[blk, kv, h, off, d] = T.Cast("int8", T.max(T.min(T.round(x), T.float32(127)), T.float32(-127)))
+            else:
+                pool[blk, kv, h, off, d] = T.Cast(dtype, T.max(T.min(x, T.float32(qmax)), T.float32(-qmax)))
+
+    return write_row
+
+
+__all__ = ["QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "element", "quantize_row_macro", "row_scale", "scale_or_one"]
