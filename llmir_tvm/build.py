@@ -14,7 +14,9 @@ from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
-from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
+from .passes import KV_ATTR, KVCacheSharding, OffloadDenseToBLAS, kv_pipeline
+from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
+from .passes.kv_cache_sharding import check_num_shards, sharding_of
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
@@ -71,6 +73,26 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     return info
 
 
+#: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
+COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
+
+
+def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
+    """Record the weight slicing on ``info``; without a collective library (CPU), cut the entry
+    points into stages at their all-reduces (the controller sums the partial outputs)."""
+    plan = sharding_of(mod["prefill"])
+    func = mod["prefill"]
+    weights = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
+    info.num_shards = plan["num_shards"]
+    info.shard_weights = [[weights.index(name), axis, chunks] for name, (axis, chunks) in sorted(plan["weights"].items())]
+    info.kv_replication = max(plan["kv_replication"])
+    if target.kind.name in COLLECTIVE_TARGETS:
+        return mod
+    mod = SplitAtAllReduce()(mod)
+    info.shard_stages = stage_counts(mod)
+    return mod
+
+
 def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile)
     model: Any,
     *,
@@ -80,6 +102,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     tokenizer: Any = None,
     dump_ir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    num_shards: int = 1,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -87,8 +110,11 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     ``ExportedProgram``, or a ``torch.nn.Module`` with ``example_inputs``. ``target``: ``"llvm"``
     (the host CPU) or a TVM target. ``dump_ir``: a folder receiving the TVMScript of the module
     after import and after every KV pass. ``progress(stage)`` is called as each stage starts.
+    ``num_shards > 1``: tensor parallelism over KV heads on a Disco session (``KVCacheSharding``;
+    the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     """
     note = progress or (lambda stage: None)
+    num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
     note("import")
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
@@ -99,15 +125,21 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         note(kv_pass.info.name)
         mod = kv_pass(mod)
         stages.append((f"{i}_{kv_pass.info.name}", mod))
+    if num_shards > 1:
+        note("KVCacheSharding")
+        mod = KVCacheSharding(num_shards)(mod)
+        stages.append((f"{len(stages)}_KVCacheSharding", mod))
     if dump_ir is not None:
         folder = Path(dump_ir)
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
+    info = _model_info(imported, mod, kv, target)
+    if num_shards > 1:
+        mod = _sharded_info(mod, info, target)
     if target.kind.name == "llvm":
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
-    info = _model_info(imported, mod, kv, target)
     layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype)
     funcs = dict(mod.functions_items())
     funcs.update(cache_kernels_irmodule(layout, target).functions_items())

@@ -37,6 +37,15 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int = 0
+    #: Tensor parallelism over KV heads (``compile(..., num_shards=N)``): the shard count; the head
+    #: counts above are then per shard. ``shard_weights``: ``[weight index, axis, chunks]`` of every
+    #: sliced weight (shard ``s`` takes chunk ``s * chunks // num_shards``; others are replicated).
+    #: ``shard_stages``: stages per entry point when the all-reduces run on the controller (CPU
+    #: path), empty when they run in the module (NCCL). ``kv_replication``: shards storing each KV head.
+    num_shards: int = 1
+    shard_weights: list[list[int]] = field(default_factory=list)
+    shard_stages: dict[str, int] = field(default_factory=dict)
+    kv_replication: int = 1
 
     @property
     def bytes_per_block(self) -> int:

@@ -3,6 +3,7 @@
 - :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``;
 - :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
 - :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
+- :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the three KV passes composed as ``llmir_tvm.compile`` runs them.
 """
@@ -10,8 +11,9 @@
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .dense_offload import OffloadDenseToBLAS
+from .kv_cache_sharding import KVCacheSharding, ShardingError
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "OffloadDenseToBLAS", "PagedAttentionRewrite", "SimplifyPower", "kv_pipeline"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheSharding", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ShardingError", "SimplifyPower", "kv_pipeline"]
