@@ -44,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.sym.analyzer import Analyzer
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -59,6 +60,7 @@ _PASS_THROUGH = {"relax.permute_dims", "relax.astype"}
 _OUT_LAYOUT = {"relax.reshape", "relax.permute_dims", "relax.astype"}
 
 
+@tvm_ffi.error.register_error
 class ShardingError(ValueError):
     """A model or shard count KVCacheSharding cannot shard; the message says what and where."""
 
@@ -157,12 +159,12 @@ class _Analysis:
 
     def plan(self) -> _Plan:
         plan = _Plan()
-        layer = 0
+        self.owners, self.layer = {}, -1
         for var, value in self.bound.items():
             if op_name(value) != _PAGED:
                 continue
-            split = self.split_of(layer)
-            layer += 1
+            self.layer += 1
+            split = self.split_of(self.layer)
             q_chunks, kv_chunks = split.num_shards, split.kv_chunks
             self._projection(value.args[0], "query", q_chunks, plan)
             pool = value.args[1]
@@ -183,9 +185,13 @@ class _Analysis:
         return param, axes[axis_of_expr % len(axes)]
 
     def _record(self, plan: _Plan, param, axis: int, chunks: int, what: str) -> None:
-        old = plan.weights.get(param)
-        if old is not None and old != (axis, chunks):
-            raise ShardingError(f"{self.fname}: weight {param.name} is used by more than one attention projection ({what})")
+        what = f"layer {self.layer} {what}"
+        owner = self.owners.setdefault(param, what)
+        if owner != what:
+            raise ShardingError(
+                f"{self.fname}: weight {param.name} is used by more than one attention projection ({owner}, {what}); "
+                "a fused qkv projection is not supported"
+            )
         dim = param.ty.shape[axis]
         if not isinstance(dim, tirx.IntImm) or int(dim) % chunks:
             raise ShardingError(f"{self.fname}: weight {param.name} axis {axis} ({dim}) does not split into {chunks}")

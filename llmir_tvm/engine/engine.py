@@ -140,7 +140,7 @@ class Engine:
         Reuse KV blocks of identical prompt prefixes across requests.
     session:
         For a model compiled with ``num_shards > 1``: a Disco session of that many workers to run
-        on (default: a new ``ProcessSession``; ``engine.executor.shutdown()`` ends it).
+        on (default: a new ``ProcessSession``; ``engine.executor.close()`` ends it).
 
     After every call, ``step_stats`` holds one dict per model step (see :meth:`generate`).
     """

@@ -23,21 +23,28 @@ Only ``tvm.runtime`` and ``tvm_ffi`` are used, like the rest of ``llmir_tvm.runt
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
 import tvm.runtime
+import tvm_ffi
 
 from ..model import CompiledModel
-from .disco_worker import init_disco
 from .kv_cache import PagedKVCache
 
 #: Module run by worker processes 1..n-1 (worker 0 is this process).
-WORKER_ENTRYPOINT = "llmir_tvm.runtime.disco_worker"
+WORKER_ENTRYPOINT = "llmir_tvm.disco_worker"
 #: Collective library of each device kind the NCCL path runs on.
 _CCL = {"cuda": "nccl", "rocm": "rccl"}
+
+
+def init_disco():
+    """The ``tvm.runtime.disco`` module, with its FFI API loaded (``import tvm`` leaves it None)."""
+    tvm_ffi.init_ffi_api("runtime.disco", "tvm.runtime.disco._ffi_api")
+    return importlib.import_module("tvm.runtime.disco")
 
 
 def shard_slice(array: np.ndarray, shard: int, num_shards: int, axis: int, chunks: int) -> np.ndarray:
@@ -63,7 +70,7 @@ class ShardedExecutor:
     tensors (sent to every worker) and the pools of :meth:`make_cache` (``DRef``); the call
     returns the logits of worker 0 as a local tensor. ``session``: an existing session of
     ``num_shards`` workers (several executors may share one), else one is started (and shut
-    down by :meth:`shutdown`). ``device``: ``"cpu"`` (CPU path) or ``"cuda"`` / ``"rocm"``.
+    down when nothing holds it any more, e.g. after :meth:`close`). ``device``: ``"cpu"`` (CPU path) or ``"cuda"`` / ``"rocm"``.
     """
 
     def __init__(self, compiled: CompiledModel, *, session: Any = None, device: str = "cpu"):
@@ -76,8 +83,8 @@ class ShardedExecutor:
             path = "the CPU path (stages)" if self.staged else "the NCCL path (all-reduce in the module)"
             raise ValueError(f"this model was compiled for {path}; it cannot run on device {self.device!r}")
         self._dref_type = init_disco().DRef
-        self.owns_session = session is None
         self.session = session if session is not None else start_session(info.num_shards, self.device)
+        self._caches: list = []
         if self.session.num_workers != info.num_shards:
             raise ValueError(f"the model has {info.num_shards} shards but the session has {self.session.num_workers} workers")
         self._get_item = self.session.get_global_func("ffi.ArrayGetItem")
@@ -128,7 +135,9 @@ class ShardedExecutor:
     # ------------------------------------------------------------------ pools and cache
     def make_cache(self, num_blocks: int | None = None, *, enable_prefix_caching: bool = True) -> "ShardedKVCache":
         """The controller's cache over per-worker pools of this model's shard layout."""
-        return ShardedKVCache(self, num_blocks or self.info.num_blocks, enable_prefix_caching=enable_prefix_caching)
+        cache = ShardedKVCache(self, num_blocks or self.info.num_blocks, enable_prefix_caching=enable_prefix_caching)
+        self._caches.append(cache)
+        return cache
 
     def empty_pool(self, num_blocks: int) -> Any:
         """One layer's pool on every worker: ``[num_blocks, 2, kv_heads_per_shard, page, head_dim]``."""
@@ -163,11 +172,15 @@ class ShardedExecutor:
             out = self.module[f"{name}_stage{j}"](*inputs, self.broadcast(total), out, *self.weights)
         return out
 
-    def shutdown(self) -> None:
-        """End the session if this executor started it."""
-        if self.owns_session and self.session is not None:
-            self.session.shutdown()
-        self.session = None
+    def close(self) -> None:
+        """Drop this executor's and its caches' references to the session: a session it started ends
+        (its workers exit) once nothing else holds it. (TVM's ``Session.shutdown`` is not called: the
+        session's destructor shuts it down again and aborts the process on the closed pipes.)"""
+        for cache in self._caches:
+            cache._pools, cache._copy_fn = [], None
+        self._caches = []
+        self.session = self.module = self._get_item = self._get_function = None
+        self.weights, self.last_inputs = [], []
         self._folder.cleanup()
 
 
