@@ -82,7 +82,8 @@ class ShardedExecutor:
         if self.staged == (self.device in _CCL):
             path = "the CPU path (stages)" if self.staged else "the NCCL path (all-reduce in the module)"
             raise ValueError(f"this model was compiled for {path}; it cannot run on device {self.device!r}")
-        self._dref_type = init_disco().DRef
+        self._disco = init_disco()
+        self._dref_type = self._disco.DRef
         self.session = session if session is not None else start_session(info.num_shards, self.device)
         self._caches: list = []
         if self.session.num_workers != info.num_shards:
@@ -147,7 +148,7 @@ class ShardedExecutor:
 
     def kernel(self, name: str) -> Any:
         """A cache kernel of the model (``llmir_copy_blocks``...) on every worker."""
-        return self._get_function(self.module, name, True)
+        return self._disco.DPackedFunc(self._get_function(self.module, name, True), self.session)
 
     # ------------------------------------------------------------------ running
     def __getitem__(self, name: str):
