@@ -62,6 +62,8 @@ class CompiledModel:
         self.params = params
         self.info = info
         self.tokenizer = tokenizer
+        #: The ``model.so`` this model was loaded from (None when compiled in this process).
+        self.library_path: Path | None = None
 
     @property
     def module(self) -> tvm.runtime.Module:
@@ -101,4 +103,6 @@ def load(directory: str | Path) -> CompiledModel:
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         except ImportError:
             tokenizer = None
-    return CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
+    compiled = CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
+    compiled.library_path = path / "model.so"
+    return compiled

@@ -9,6 +9,8 @@ are module-scoped (a ProcessSession start costs seconds) and shared by the model
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,18 @@ def test_block_tables_are_identical_on_every_shard_and_pools_hold_their_heads(sh
             tvm.testing.assert_allclose(pool[blocks][:, :, :, :3], full[:, :, first : first + info.num_kv_heads, :3], rtol=1e-5, atol=1e-5)
 
 
+def test_sharded_model_reloads_without_recompiling(sharded, tmp_path):
+    """Saved and loaded, the sharded model runs on the workers from its folder with the same logits."""
+    _, _, _, _, compiled, engine = sharded
+    compiled.save(tmp_path / "m")
+    loaded = llmir_tvm.load(tmp_path / "m")
+    assert loaded.info == compiled.info
+    tokens = list(range(3, 14))
+    reloaded = llmir_tvm.Engine(loaded, session=engine.executor.session)
+    np.testing.assert_array_equal(reloaded.score(tokens), engine.score(tokens))
+    reloaded.executor.close()
+
+
 def test_memory_plan_per_shard(sharded):
     family, shards, _, _, compiled, _ = sharded
     info, plan = compiled.info, shard_memory_plan(compiled.info)
@@ -184,3 +198,14 @@ def test_session_size_and_device_must_match_the_model(sharded):
             ShardedExecutor(compiled, session=_sessions[other])
     with pytest.raises(ValueError, match="compiled for the CPU path .* cannot run on device 'cuda'"):
         ShardedExecutor(compiled, session=engine.executor.session, device="cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nccl_path_builds_for_cuda_with_the_all_reduce_in_the_module():
+    """The GPU build keeps its all-reduces (run by NCCL; tests/gpu/test_sharded_nccl.py runs it on 2 GPUs)."""
+    compiled = llmir_tvm.compile(_hf("llama_gqa"), target={"kind": "cuda", "arch": "sm_80"},
+                                 kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=64), num_shards=2)
+    assert compiled.info.shard_stages == {} and compiled.info.num_kv_heads == 1 and compiled.info.num_shards == 2
+    text = compiled.executable.as_text()
+    assert text.count("runtime.disco.allreduce") >= 4  # one per layer (2) in prefill and in decode

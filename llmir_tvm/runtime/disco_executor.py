@@ -93,7 +93,10 @@ class ShardedExecutor:
         # Workers load the library asynchronously: the folder lives as long as the executor.
         self._folder = tempfile.TemporaryDirectory(prefix="llmir_disco_")
         path = os.path.join(self._folder.name, "model.so")
-        compiled.executable.export_library(path)
+        if compiled.library_path is not None:  # loaded from a folder: a loaded library cannot be re-exported
+            os.symlink(os.path.abspath(compiled.library_path), path)
+        else:
+            compiled.executable.export_library(path)
         self.module = self.session.load_vm_module(path)
         self.weights = self._load_weights(compiled.params)
         self.last_inputs: list = []
