@@ -82,6 +82,8 @@ def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
     points into stages at their all-reduces (the controller sums the partial outputs)."""
     plan = sharding_of(mod["prefill"])
     func = mod["prefill"]
+    if "num_input" not in func.attrs:
+        raise ValueError("num_shards > 1 needs the model's weights as function parameters (a num_input attribute)")
     weights = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
     info.num_shards = plan["num_shards"]
     info.shard_weights = [[weights.index(name), axis, chunks] for name, (axis, chunks) in sorted(plan["weights"].items())]

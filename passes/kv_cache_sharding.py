@@ -353,7 +353,12 @@ def _shard_function(mod: tvm.IRModule, fname: str, func: relax.Function, num_sha
     kv = func.attrs[KV_ATTR]
     qo_heads, kv_heads = [int(h) for h in kv["num_qo_heads"]], [int(h) for h in kv["num_kv_heads"]]
     splits = [HeadSplit.of(num_shards, q, k, f"{fname} layer {i}") for i, (q, k) in enumerate(zip(qo_heads, kv_heads))]
-    plan = _Analysis(func, fname, lambda layer: splits[layer]).plan()
+    def split_of(layer: int) -> HeadSplit:
+        if layer >= len(splits):
+            raise ShardingError(f"{fname}: more attention layers than the {len(splits)} the kv_cache attribute lists")
+        return splits[layer]
+
+    plan = _Analysis(func, fname, split_of).plan()
     if len(plan.out_proj) != len(splits):
         raise ShardingError(f"{fname}: found {len(plan.out_proj)} attention layers, the kv_cache attribute lists {len(splits)}")
 
