@@ -17,7 +17,9 @@ from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
+from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
 from .passes.kv_allocation_optimization import module_memory_plan
+from .passes.kv_cache_sharding import check_num_shards, sharding_of
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
@@ -102,9 +104,8 @@ def _choose_precision(model: Any, imported: ImportedModel, kv: KVCacheConfig):
     )
 
 
-def _cache_kernels(info: ModelInfo, mod: tvm.IRModule, target) -> tvm.IRModule:
+def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
     """The runtime's cache kernels: one set for a uniform pool dtype; per dtype (suffixed) when mixed."""
-    kv_attrs = mod["prefill"].attrs[KV_ATTR]
     compute = str(kv_attrs["compute_dtype"]) if "compute_dtype" in kv_attrs else info.kv_dtypes[0]
 
     def layout(dtype: str) -> CacheLayout:
@@ -118,6 +119,41 @@ def _cache_kernels(info: ModelInfo, mod: tvm.IRModule, target) -> tvm.IRModule:
     return tvm.IRModule(funcs)
 
 
+def _check_shardable(info: ModelInfo) -> None:
+    """The sharded runtime keeps one uniform float pool layout per shard: refuse what it cannot run."""
+    unsupported = []
+    if info.layer_kv_dtypes or is_quantized(info.kv_dtype):
+        unsupported.append(f"quantized / mixed KV dtypes ({sorted(set(info.kv_dtypes))})")
+    if len(set(info.pool_windows)) > 1:
+        unsupported.append(f"per-layer sliding windows ({sorted(set(info.pool_windows))})")
+    if info.eviction != "none":
+        unsupported.append(f"eviction={info.eviction!r}")
+    if unsupported:
+        raise ValueError("num_shards > 1 does not support " + ", ".join(unsupported) + " yet; compile with num_shards=1")
+
+
+#: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
+COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
+
+
+def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
+    """Record the weight slicing on ``info``; without a collective library (CPU), cut the entry
+    points into stages at their all-reduces (the controller sums the partial outputs)."""
+    plan = sharding_of(mod["prefill"])
+    func = mod["prefill"]
+    if "num_input" not in func.attrs:
+        raise ValueError("num_shards > 1 needs the model's weights as function parameters (a num_input attribute)")
+    weights = [p.name for p in func.params[int(func.attrs["num_input"]) :]]
+    info.num_shards = plan["num_shards"]
+    info.shard_weights = [[weights.index(name), axis, chunks] for name, (axis, chunks) in sorted(plan["weights"].items())]
+    info.kv_replication = max(plan["kv_replication"])
+    if target.kind.name in COLLECTIVE_TARGETS:
+        return mod
+    mod = SplitAtAllReduce()(mod)
+    info.shard_stages = stage_counts(mod)
+    return mod
+
+
 def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile)
     model: Any,
     *,
@@ -127,6 +163,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     tokenizer: Any = None,
     dump_ir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    num_shards: int = 1,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -134,8 +171,11 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     ``ExportedProgram``, or a ``torch.nn.Module`` with ``example_inputs``. ``target``: ``"llvm"``
     (the host CPU) or a TVM target. ``dump_ir``: a folder receiving the TVMScript of the module
     after import and after every KV pass. ``progress(stage)`` is called as each stage starts.
+    ``num_shards > 1``: tensor parallelism over KV heads on a Disco session (``KVCacheSharding``;
+    the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     """
     note = progress or (lambda stage: None)
+    num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
     note("import")
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
@@ -150,7 +190,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         print(plan.summary())
         kv = dataclasses.replace(kv, dtype=tuple(plan.layer_dtypes))
     pipeline = kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), target=target,
-                           max_seq_len=imported.max_seq_len, layer_windows=imported.layer_windows)
+                           max_seq_len=imported.max_seq_len, layer_windows=imported.layer_windows,
+                           num_shards=num_shards)
     for i, kv_pass in enumerate(pipeline.passes, start=1):
         note(kv_pass.info.name)
         mod = kv_pass(mod)
@@ -161,16 +202,20 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
     info = _model_info(imported, mod, kv, target)
+    kv_attrs = mod["prefill"].attrs[KV_ATTR]
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
     if info.eviction == "h2o" and any(is_quantized(d) for d in info.kv_dtypes):
         raise ValueError(f"eviction='h2o' compacts token slots of float pools; it does not support the quantized "
                          f"KV dtypes {sorted(set(info.kv_dtypes))} yet: use eviction='streaming' or a float KV dtype")
+    if num_shards > 1:
+        _check_shardable(info)
+        mod = _sharded_info(mod, info, target)
     if target.kind.name == "llvm":
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())
-    funcs.update(_cache_kernels(info, mod, target).functions_items())
+    funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots
         funcs[COPY_SLOTS] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype))
     note("build")

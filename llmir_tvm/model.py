@@ -62,6 +62,15 @@ class ModelInfo:
     def kv_dtypes(self) -> list[str]:
         """The pool dtype of every layer."""
         return list(self.layer_kv_dtypes) if self.layer_kv_dtypes else [self.kv_dtype] * self.num_layers
+    #: Tensor parallelism over KV heads (``compile(..., num_shards=N)``): the shard count; the head
+    #: counts above are then per shard. ``shard_weights``: ``[weight index, axis, chunks]`` of every
+    #: sliced weight (shard ``s`` takes chunk ``s * chunks // num_shards``; others are replicated).
+    #: ``shard_stages``: stages per entry point when the all-reduces run on the controller (CPU
+    #: path), empty when they run in the module (NCCL). ``kv_replication``: shards storing each KV head.
+    num_shards: int = 1
+    shard_weights: list[list[int]] = field(default_factory=list)
+    shard_stages: dict[str, int] = field(default_factory=dict)
+    kv_replication: int = 1
 
     @property
     def bytes_per_block(self) -> int:
@@ -78,6 +87,8 @@ class CompiledModel:
         self.params = params
         self.info = info
         self.tokenizer = tokenizer
+        #: The ``model.so`` this model was loaded from (None when compiled in this process).
+        self.library_path: Path | None = None
 
     @property
     def module(self) -> tvm.runtime.Module:
@@ -128,4 +139,6 @@ def load(directory: str | Path) -> CompiledModel:
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         except ImportError:
             tokenizer = None
-    return CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
+    compiled = CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
+    compiled.library_path = path / "model.so"
+    return compiled

@@ -5,6 +5,7 @@
 - :class:`KVCacheAllocationOptimization` — the memory plan (weights, workspace, pool blocks, page size) from a budget;
 - :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
 - :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
+- :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
 """
@@ -14,8 +15,11 @@ from .blockify_kv_cache import BlockifyKVCache
 from .dense_offload import OffloadDenseToBLAS
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning, KVCachePruningError
+from .kv_cache_sharding import KVCacheSharding, ShardingError
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning", "KVCachePruningError", "OffloadDenseToBLAS", "PagedAttentionRewrite", "SimplifyPower", "kv_pipeline"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
+           "KVCachePruningError", "KVCacheSharding", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ShardingError",
+           "SimplifyPower", "kv_pipeline"]

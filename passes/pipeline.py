@@ -11,6 +11,7 @@ from llmir_tvm.config import KVCacheConfig
 from .blockify_kv_cache import BlockifyKVCache
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning
+from .kv_cache_sharding import KVCacheSharding
 from .mask_probe import ProbeInputs
 from .paged_attention_rewrite import PagedAttentionRewrite
 from .simplify_power import SimplifyPower
@@ -19,8 +20,10 @@ from .simplify_power import SimplifyPower
 def kv_pipeline(
     kv: KVCacheConfig | None = None, *, probe_len: int = 16, probe_inputs: ProbeInputs | None = None,
     target: Any = "llvm", max_seq_len: int | None = None, layer_windows: list[int] | None = None,
+    num_shards: int = 1,
 ) -> tvm.transform.Sequential:
-    """PagedAttentionRewrite, BlockifyKVCache, KVCachePruning, SimplifyPower, then KVCacheAllocationOptimization.
+    """PagedAttentionRewrite, BlockifyKVCache, KVCachePruning, SimplifyPower, KVCacheSharding (only with
+    ``num_shards > 1``), then KVCacheAllocationOptimization (so a sharded plan is per device).
 
     All configured from ``kv``. ``layer_windows``: each layer's sliding window from the model
     config (0 = full), if known. The allocation pass needs the maximum context
@@ -34,6 +37,8 @@ def kv_pipeline(
                              heavy_hitters=kv.heavy_hitters, layer_windows=layer_windows,
                              max_seq_len=kv.max_seq_len or max_seq_len)
     passes = [rewrite, BlockifyKVCache(), pruning, SimplifyPower()]
+    if num_shards > 1:
+        passes.append(KVCacheSharding(num_shards))
     if kv.max_seq_len or max_seq_len:
         passes.append(KVCacheAllocationOptimization(kv, target=target, max_seq_len=max_seq_len))
     return tvm.transform.Sequential(passes, name="llmir_kv_pipeline")

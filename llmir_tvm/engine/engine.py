@@ -138,6 +138,9 @@ class Engine:
         Most sequences running at once.
     enable_prefix_caching:
         Reuse KV blocks of identical prompt prefixes across requests.
+    session:
+        For a model compiled with ``num_shards > 1``: a Disco session of that many workers to run
+        on (default: a new ``ProcessSession``; ``engine.executor.close()`` ends it).
 
     After every call, ``step_stats`` holds one dict per model step (see :meth:`generate`).
     """
@@ -151,6 +154,7 @@ class Engine:
         max_num_batched_tokens: int = 512,
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
+        session: Any = None,
     ):
         for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -158,11 +162,19 @@ class Engine:
         info = compiled.info
         self.compiled, self.info = compiled, info
         self.device = tvm.runtime.device(device, 0)
-        self.vm = VirtualMachine(compiled.module, self.device)
-        self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
         plan = compiled.memory_plan()
         self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
-        self.cache = create_cache(
+        self.executor = None
+        if info.num_shards > 1:  # tensor parallel on a Disco session: the executor stands in for the VM
+            from ..runtime.disco_executor import ShardedExecutor
+
+            self.executor = ShardedExecutor(compiled, session=session, device=device)
+            self.vm, self.params = self.executor, []
+            self.cache = self.executor.make_cache(num_blocks, enable_prefix_caching=enable_prefix_caching)
+        else:
+            self.vm = VirtualMachine(compiled.module, self.device)
+            self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
+        self.cache = self.cache if self.executor is not None else create_cache(
             info,
             num_blocks=num_blocks or (plan.num_blocks if plan is not None else info.num_blocks),
             device=self.device,
