@@ -133,7 +133,8 @@ class Engine:
         KV pool size in blocks (default: the compiled model's memory plan, ``compiled.memory_plan()``).
     max_num_batched_tokens:
         Token budget of one step (decodes count one token each; longer prompts are prefilled
-        in chunks). Capped at the model's ``max_seq_len``, the compiled token axis's bound.
+        in chunks). Capped at the model's ``max_seq_len`` and the memory plan's ``max_batch_tokens``
+        (the compiled token axis's bound).
     max_num_seqs:
         Most sequences running at once.
     enable_prefix_caching:
@@ -160,7 +161,7 @@ class Engine:
         self.device = tvm.runtime.device(device, 0)
         self.vm = VirtualMachine(compiled.module, self.device)
         self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
-        plan = compiled.memory_plan()
+        plan = self._plan = compiled.memory_plan()
         self.cache = PagedKVCache(
             num_layers=info.num_layers,
             num_kv_heads=info.num_kv_heads,
@@ -173,7 +174,7 @@ class Engine:
             sliding_window=info.sliding_window,
             enable_prefix_caching=enable_prefix_caching,
         )
-        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
+        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len, plan.max_batch_tokens if plan else info.max_seq_len)
         self.max_num_seqs = max_num_seqs
         self.step_stats: list[dict[str, Any]] = []
         self._ids = itertools.count()
@@ -548,6 +549,9 @@ class Engine:
     # ------------------------------------------------------------------ model call
     def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
         tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
+        if self._plan is not None and len(tokens) > self._plan.max_batch_tokens:  # the VM's storages hold no more
+            raise ValueError(f"{len(tokens)} tokens in one call exceed the compiled max_batch_tokens "
+                             f"{self._plan.max_batch_tokens} (KVCacheConfig.max_batch_tokens)")
         args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
         args += self.cache.pools + [step.slot_mapping, step.block_table, step.seq_lens] + extra
         return self.vm[function](*args, *self.params).numpy()[0]
