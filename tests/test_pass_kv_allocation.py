@@ -378,3 +378,27 @@ def test_compile_model_script_prints_the_plan(tmp_path, capsys):
     assert plan.budget_bytes == 4 * 10**6 and plan.page_size == 32 and plan.page_size_source == "chosen for 2 expected lengths"
     assert plan.table() in out
     assert re.search(r"KV pool\s+[\d,]+ B \(.*\) = [\d,]+ blocks x 16,384 B", out)  # 2 layers x (K, V) x 2 heads x 32 x 16 x 4 B
+
+
+@pytest.mark.slow
+def test_default_model_plan_matches_the_runtime():
+    """The built-in default model at a 2 GB budget: pool, weights and workspace as planned (about 4 min)."""
+    seen: dict[str, tvm.IRModule] = {}
+
+    @tvm.instrument.pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "StaticPlanBlockMemory":
+                seen[info.name] = mod
+
+    with tvm.transform.PassContext(instruments=[Capture()]):
+        model = llmir_tvm.compile("default", kv=KVCacheConfig(memory_budget="2GB", max_batch_tokens=512))
+    plan = model.memory_plan()
+    assert plan.total_bytes <= 2 * 10**9 and plan.max_concurrent_seqs >= 1
+    assert plan.weights_bytes == sum(p.nbytes for p in model.params)
+    planned = seen["StaticPlanBlockMemory"]
+    assert plan.workspace_bytes == max(allocated_bytes(planned[f], 512, plan.blocks_per_seq) for f in ("prefill", "decode"))
+    engine = llmir_tvm.Engine(model)
+    pool_bytes = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in engine.cache.pools)
+    assert abs(pool_bytes - plan.pool_bytes) <= 0.01 * plan.pool_bytes
+    assert len(engine.generate(["The capital of France is"], max_new_tokens=4)[0].token_ids) == 4
