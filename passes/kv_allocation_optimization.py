@@ -114,11 +114,30 @@ _LOWER_TO_MEMORY_PLAN = (
 )
 
 
+def _updates_the_pool(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return relax.op.call_inplace_packed("llmir.memory_plan.kernel", *call.args, inplace_indices=0, ty_args=call.ty)
+
+
+def _writes_a_fresh_output(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return relax.call_dps_packed("llmir.memory_plan.kernel", list(call.args), out_ty=call.ty)
+
+
+#: How the ``llm.*`` ops are legalized for planning: with the allocations of their real kernels
+#: (the append updates its pool in place; attention and lookup write a new output) but without
+#: generating the kernels, which is most of the legalization's time.
+_PLANNING_LEGALIZATION = {
+    _APPEND: _updates_the_pool,
+    "relax.llm.paged_attention": _writes_a_fresh_output,
+    "relax.llm.lookup_kv": _writes_a_fresh_output,
+}
+
+
 def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens: int, max_blocks: int) -> dict[str, int]:
     """Bytes of intermediate tensors each paged function of ``mod`` allocates per call, by function name.
 
-    The functions are lowered the way ``tvm.compile`` lowers them for the CPU (legalization,
-    then the VM's static memory planning, ``StaticPlanBlockMemory``, which packs intermediates
+    The functions are lowered the way ``tvm.compile`` lowers them for the CPU (legalization —
+    the ``llm.*`` ops to calls with their kernels' allocations, not the kernels —, then the VM's
+    static memory planning, ``StaticPlanBlockMemory``, which packs intermediates
     into storages sized at the token axis's ``tir_var_upper_bound``); the workspace is the
     storages' bytes plus the tensors the planner left to run-time allocation, sized with every
     remaining symbolic dimension at ``max_batch_tokens`` (batch and ``num_logits`` are at most
@@ -130,8 +149,10 @@ def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens:
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name == "llvm":  # as llmir_tvm.compile does for CPU targets
         subset = OffloadDenseToBLAS()(subset)
+    passes = [_LOWER_TO_MEMORY_PLAN[0](customize_legalize_map=_PLANNING_LEGALIZATION)]
+    passes += [make() for make in _LOWER_TO_MEMORY_PLAN[1:]]
     with target:
-        lowered = tvm.transform.Sequential([make() for make in _LOWER_TO_MEMORY_PLAN])(subset)
+        lowered = tvm.transform.Sequential(passes)(subset)
     return {gv.name_hint: allocated_bytes(lowered[gv.name_hint], max_batch_tokens, max_blocks) for gv, _ in funcs}
 
 

@@ -28,6 +28,8 @@ def kv_pipeline(
     kv = kv or KVCacheConfig()
     rewrite = PagedAttentionRewrite(page_size=kv.page_size or 16, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
     passes = [rewrite, BlockifyKVCache(), SimplifyPower()]
+    if kv.page_size is None and not (kv.max_seq_len or max_seq_len):
+        raise ValueError("page_size=None (choose) needs the maximum context: KVCacheConfig(max_seq_len=...) or max_seq_len=")
     if kv.max_seq_len or max_seq_len:
         passes.append(KVCacheAllocationOptimization(kv, target=target, max_seq_len=max_seq_len))
     return tvm.transform.Sequential(passes, name="llmir_kv_pipeline")

@@ -151,6 +151,21 @@ def test_fractional_budget_of_given_and_detected_device_memory():
     assert plan.budget_bytes == int(0.001 * ram) and "llvm device memory" in plan.budget_source
 
 
+def test_cuda_target_fraction_uses_the_documented_default_device_memory():
+    after = KVCacheAllocationOptimization(KVCacheConfig(max_seq_len=64, memory_budget="1%"),
+                                          target={"kind": "cuda", "arch": "sm_80"})(Before)
+    plan = module_memory_plan(after)
+    assert plan.budget_bytes == 800_000_000 and "cuda device memory" in plan.budget_source
+    assert plan.num_blocks == (800_000_000 - plan.weights_bytes - plan.workspace_bytes) // BLOCK
+
+
+def test_pipeline_needs_the_context_to_choose_a_page():
+    with pytest.raises(ValueError, match="page_size=None"):
+        llmir_tvm.kv_pipeline(KVCacheConfig(page_size=None))
+    names = [p.info.name for p in llmir_tvm.kv_pipeline(KVCacheConfig(page_size=None), max_seq_len=64).passes]
+    assert names[-1] == "KVCacheAllocationOptimization"
+
+
 def test_without_budget_the_pool_is_num_blocks_or_the_default():
     assert module_memory_plan(_plan(Before, num_blocks=7)).num_blocks == 7
     plan = module_memory_plan(_plan(Before))
@@ -377,6 +392,7 @@ def test_compile_model_script_prints_the_plan(tmp_path, capsys):
     plan = llmir_tvm.load(tmp_path / "out").memory_plan()
     assert plan.budget_bytes == 4 * 10**6 and plan.page_size == 32 and plan.page_size_source == "chosen for 2 expected lengths"
     assert plan.table() in out
+    assert len(llmir_tvm.Engine(llmir_tvm.load(tmp_path / "out")).generate([[1, 2, 3]], max_new_tokens=2)[0].token_ids) == 2
     assert re.search(r"KV pool\s+[\d,]+ B \(.*\) = [\d,]+ blocks x 16,384 B", out)  # 2 layers x (K, V) x 2 heads x 32 x 16 x 4 B
 
 
