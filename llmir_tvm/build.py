@@ -51,7 +51,6 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     if len(set(windows)) > 1:
         raise ValueError(f"{imported.name}: layers use different sliding windows {sorted(set(windows))}")
     max_seq_len = kv.max_seq_len or imported.max_seq_len
-    _check_max_seq_len(imported, kv)
     plan = module_memory_plan(mod)
     info = ModelInfo(
         name=imported.name,

@@ -38,8 +38,8 @@ class KVCacheConfig:
     overrides the detected size). With neither, the pool gets ``DEFAULT_BUDGET``.
     ``max_seq_len``: longest sequence accepted (default: the model's context length).
     ``max_batch_tokens``: most tokens per step; the activation workspace is planned for it and
-    the engine never exceeds it (default: the compiled token axis's bound, the context length). ``expected_concurrency`` /
-    ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
+    the engine never exceeds it (default: the compiled token axis's bound, the context length).
+    ``expected_concurrency`` / ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
     page size and reported in the memory plan.
     """
 

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="device memory for weights + activations + KV pool: bytes, 2GB, 512MiB, or a share like 50%%")
     parser.add_argument("--device-memory", default=None, help="device memory a %% budget refers to (default: RAM / 80GB for cuda)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's context)")
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="most tokens per step (default: the context)")
+    parser.add_argument("--max-batch-tokens", type=int, default=512,
+                        help="most tokens per model call; the activation memory is planned for it (default: 512, "
+                             "the engine's step; 0 = the model's context)")
     parser.add_argument("--expected-seq-len", type=int, nargs="+", default=None, metavar="N",
                         help="expected sequence lengths (a sample), for --page-size auto and the plan")
     parser.add_argument("--expected-concurrency", type=int, default=None, help="expected sequences at once (reported in the plan)")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         kv = llmir_tvm.KVCacheConfig(
             page_size=args.page_size, dtype=args.kv_dtype, num_blocks=args.num_blocks,
             memory_budget=args.memory_budget, max_seq_len=args.max_seq_len, device_memory=args.device_memory,
-            max_batch_tokens=args.max_batch_tokens, expected_concurrency=args.expected_concurrency,
+            max_batch_tokens=args.max_batch_tokens or None, expected_concurrency=args.expected_concurrency,
             expected_seq_lens=tuple(args.expected_seq_len) if args.expected_seq_len else None,
         )
     except ValueError as err:
