@@ -55,7 +55,6 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
     windows = [int(w) for w in attrs["sliding_window"]]
     sinks = [int(w) for w in attrs["sink_tokens"]] if "sink_tokens" in attrs else [0] * len(windows)
     max_seq_len = kv.max_seq_len or imported.max_seq_len
-    _check_max_seq_len(imported, kv)
     plan = module_memory_plan(mod)
     layer_dtypes = [str(d) for d in attrs["layer_dtypes"]] if "layer_dtypes" in attrs else []
     info = ModelInfo(

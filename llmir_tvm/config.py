@@ -70,10 +70,11 @@ class KVCacheConfig:
     ``"2GB"``, or as a fraction of device memory (``0.5`` or ``"50%"``; ``device_memory``
     overrides the detected size). With neither, the pool gets ``DEFAULT_BUDGET``.
     ``max_seq_len``: longest sequence accepted (default: the model's context length).
-    ``max_batch_tokens``: tokens per step the activation workspace is planned for (default:
-    min(512, max_seq_len), the engine's default). ``expected_concurrency`` /
-    ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
-    page size and reported in the memory plan. ``eviction``: ``"none"`` or ``"streaming"``
+    ``max_batch_tokens``: most tokens per step; the activation workspace is planned for it and
+    the engine never exceeds it (default: the compiled token axis's bound, the context length).
+    ``expected_concurrency`` / ``expected_seq_lens``: the expected load (a sample of sequence lengths), used to choose the
+    page size and reported in the memory plan.
+    ``eviction``: ``"none"`` or ``"streaming"``
     (StreamingLLM: every full-attention layer keeps ``sink_tokens`` first tokens and the
     ``eviction_window`` most recent ones; older blocks are freed during generation) or ``"h2o"``
     (heavy hitters: every sequence keeps its ``eviction_window`` most recent tokens plus the

@@ -273,7 +273,8 @@ def plan_memory(
                 f"leave {free:,} B for the KV pool = {blocks} blocks of {block:,} B (page {page_size}, {kv_dtype}), "
                 f"but one sequence needs {per_seq} blocks = {per_seq * block:,} B; raise the budget to at least "
                 f"{weights_bytes + workspace_bytes + aligned_pool_bytes(per_seq, num_layers, layer_bytes):,} B "
-                "or lower max_seq_len"
+                "or lower max_seq_len, or max_batch_tokens (the workspace is planned for "
+                f"{max_batch_tokens} tokens per step)"
             )
     elif num_blocks is not None:
         blocks = num_blocks

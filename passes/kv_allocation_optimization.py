@@ -8,9 +8,11 @@ functions carrying the ``llmir.kv_cache`` attribute it reads the pool geometry, 
    padding + block bookkeeping over ``expected_seq_lens``
    (:func:`llmir_tvm.memory_plan.choose_page_size`); the pools' page axis and the attribute's
    ``page_size`` are rewritten to it.
-2. **Workspace**: the peak bytes of live intermediate tensors of each paged function at
-   ``max_batch_tokens`` tokens per step (:func:`activation_workspace_bytes`); the plan keeps the
-   largest over the functions (the engine runs one at a time).
+2. **Workspace**: the bytes of intermediate tensors each paged function allocates per call once
+   lowered as ``tvm.compile`` lowers it (the VM's static memory plan) at ``max_batch_tokens``
+   tokens per step (:func:`activation_workspace_bytes`); the plan keeps the largest over the
+   functions (the engine runs one at a time). ``KVCacheConfig.max_batch_tokens`` lowers the
+   token axis's ``tir_var_upper_bound`` to it, which shrinks the storages the VM plans.
 3. **Pool**: the budget (bytes, or a fraction of the target's device memory) minus weights and
    workspace, in whole blocks (:func:`llmir_tvm.memory_plan.plan_memory`); a budget that cannot
    hold one sequence of the maximum context is an error here, at compile time.
@@ -28,6 +30,7 @@ import math
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.sym.analyzer import Analyzer
@@ -36,6 +39,7 @@ from llmir_tvm.config import KVCacheConfig
 from llmir_tvm.memory_plan import (
     PLAN_ATTR,
     MemoryPlan,
+    PoolDoesNotFit,
     choose_page_size,
     device_memory_bytes,
     kv_block_bytes,
@@ -43,13 +47,15 @@ from llmir_tvm.memory_plan import (
     plan_memory,
 )
 
+from .dense_offload import OffloadDenseToBLAS
 from .paged_attention_rewrite import KV_ATTR
 
 _APPEND = "relax.llm.append_kv"
-#: Bindings that alias their input (no new memory): views, tuple plumbing, the in-place append.
-_ALIASES = {_APPEND, "relax.reshape", "relax.squeeze", "relax.expand_dims"}
-#: Engine default of tokens per step; the workspace is planned for min(this, max_seq_len).
-DEFAULT_MAX_BATCH_TOKENS = 512
+
+
+@tvm_ffi.error.register_error
+class KVCacheBudgetError(PoolDoesNotFit):
+    """:class:`PoolDoesNotFit` raised by the pass (registered with tvm_ffi so it keeps its type through the pass machinery)."""
 
 
 def _op_name(value: relax.Expr) -> str | None:
@@ -101,56 +107,83 @@ def weights_bytes(func: relax.Function) -> int:
     return sum(_tensor_bytes(p.ty, analyzer) for p in weights)
 
 
-def activation_workspace_bytes(func: relax.Function, max_batch_tokens: int, max_blocks: int) -> int:
-    """Peak bytes of intermediate tensors alive at once in ``func`` at ``max_batch_tokens`` tokens.
+#: The Relax lowering of ``tvm.compile``'s default CPU pipeline up to its memory planning.
+_LOWER_TO_MEMORY_PLAN = (
+    relax.transform.LegalizeOps, relax.transform.RewriteDataflowReshape, relax.transform.ToNonDataflow,
+    relax.transform.RemovePurityChecking, relax.transform.CallTIRRewrite, relax.transform.StaticPlanBlockMemory,
+)
 
-    Every symbolic dimension is bound to ``max_batch_tokens`` (the token axis; batch and
-    ``num_logits`` are at most that), except the block table's width (``max_blocks``). A binding
-    holds its result's bytes from its definition to its last use (the function's output to the
-    end); parameters, views (reshape, squeeze, expand_dims, tuple access) and the in-place
-    ``llm.append_kv`` (it returns the pool) hold nothing of their own but keep the tensors they
-    view alive until their own last use. This is the liveness bound the VM's
-    static memory planner works against; it does not model the planner's reuse of freed blocks
-    of different sizes, so it is an upper estimate.
+
+def _updates_the_pool(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return relax.op.call_inplace_packed("llmir.memory_plan.kernel", *call.args, inplace_indices=0, ty_args=call.ty)
+
+
+def _writes_a_fresh_output(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return relax.call_dps_packed("llmir.memory_plan.kernel", list(call.args), out_ty=call.ty)
+
+
+#: How the ``llm.*`` ops are legalized for planning: with the allocations of their real kernels
+#: (the append updates its pool in place; attention and lookup write a new output) but without
+#: generating the kernels, which is most of the legalization's time.
+_PLANNING_LEGALIZATION = {
+    _APPEND: _updates_the_pool,
+    "relax.llm.paged_attention": _writes_a_fresh_output,
+    "relax.llm.lookup_kv": _writes_a_fresh_output,
+}
+
+
+def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens: int, max_blocks: int) -> dict[str, int]:
+    """Bytes of intermediate tensors each paged function of ``mod`` allocates per call, by function name.
+
+    The functions are lowered the way ``tvm.compile`` lowers them for the CPU (legalization —
+    the ``llm.*`` ops to calls with their kernels' allocations, not the kernels —, then the VM's
+    static memory planning, ``StaticPlanBlockMemory``, which packs intermediates
+    into storages sized at the token axis's ``tir_var_upper_bound``); the workspace is the
+    storages' bytes plus the tensors the planner left to run-time allocation, sized with every
+    remaining symbolic dimension at ``max_batch_tokens`` (batch and ``num_logits`` are at most
+    the tokens of a step) and the block table's width at ``max_blocks``. Parameters (weights,
+    pools) are not counted; the in-place ``llm.append_kv`` allocates nothing.
     """
-    pools = set(pool_params(func))
+    funcs = paged_functions(mod)
+    subset = tvm.IRModule({gv: f for gv, f in funcs}, attrs=mod.attrs)
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name == "llvm":  # as llmir_tvm.compile does for CPU targets
+        subset = OffloadDenseToBLAS()(subset)
+    passes = [_LOWER_TO_MEMORY_PLAN[0](customize_legalize_map=_PLANNING_LEGALIZATION)]
+    passes += [make() for make in _LOWER_TO_MEMORY_PLAN[1:]]
+    with target:
+        lowered = tvm.transform.Sequential(passes)(subset)
+    return {gv.name_hint: allocated_bytes(lowered[gv.name_hint], max_batch_tokens, max_blocks) for gv, _ in funcs}
+
+
+def allocated_bytes(func: relax.Function, max_batch_tokens: int, max_blocks: int) -> int:
+    """Bytes a memory-planned Relax function allocates per call: its ``alloc_storage`` storages plus
+    its run-time ``alloc_tensor`` tensors, symbolic sizes evaluated as in :func:`activation_workspace_bytes`."""
     analyzer = Analyzer()
-    pool_dims = {d for p in pools for d in p.ty.shape.values if isinstance(d, tirx.Var)}
     table = [p for p in func.params if p.name == "block_table"]
-    table_width = {table[0].ty.shape.values[1]} if table else set()
-    bound = set()
+    width = table[0].ty.shape.values[1] if table else None
     for var in relax.analysis.defined_symbolic_vars(func):
-        if var in pool_dims or var in bound:
-            continue
-        value = max_blocks if var in table_width else max_batch_tokens
-        analyzer.bind(var, tirx.IntImm("int64", value))
-        bound.add(var)
-    bindings = [b for block in func.body.blocks for b in block.bindings]
-    # A view keeps its source's storage alive: uses of an alias count as uses of the tensors it views.
-    roots: dict[relax.Var, set] = {}
-    owns: list[bool] = []
-    for b in bindings:
-        value = b.value
-        alias = isinstance(value, (relax.Var, relax.TupleGetItem, relax.Tuple)) or _op_name(value) in _ALIASES
-        owns.append(not alias)
-        roots[b.var] = set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(value))) if alias else {b.var}
-    last_use: dict[relax.Var, int] = {}
-    for i, b in enumerate(bindings):
-        for var in relax.analysis.free_vars(b.value):
-            for root in roots.get(var, ()):
-                last_use[root] = i
-    for var in relax.analysis.free_vars(func.body.body):
-        for root in roots.get(var, ()):
-            last_use[root] = len(bindings)
-    live: dict[relax.Var, int] = {}
-    peak = 0
-    for i, b in enumerate(bindings):
-        if owns[i]:
-            live[b.var] = _tensor_bytes(b.var.ty, analyzer)
-        peak = max(peak, sum(live.values()))
-        for var in [v for v in live if last_use.get(v, i) <= i]:
-            del live[var]
-    return peak
+        analyzer.bind(var, tirx.IntImm("int64", max_blocks if width is not None and var.same_as(width) else max_batch_tokens))
+    total = 0
+    for block in func.body.blocks:
+        for b in block.bindings:
+            name = _op_name(b.value)
+            if name == "relax.memory.alloc_storage":
+                total += _shape_product(b.value.args[0], analyzer)
+            elif name == "relax.builtin.alloc_tensor":
+                dtype = tvm.DataType(str(b.value.args[1].value))
+                total += _shape_product(b.value.args[0], analyzer) * dtype.bits * dtype.lanes // 8
+    return total
+
+
+def _shape_product(shape: relax.ShapeExpr, analyzer: Analyzer) -> int:
+    count = 1
+    for dim in shape.values:
+        value = analyzer.simplify(dim)
+        if not isinstance(value, tirx.IntImm):
+            raise ValueError(f"KVCacheAllocationOptimization: cannot size an allocation of shape {shape} (unbound {value})")
+        count *= int(value.value)
+    return count
 
 
 @mutator
@@ -183,6 +216,16 @@ def repage(func: relax.Function, page_size: int) -> relax.Function:
     return relax.Function(result.params, result.body, None, result.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 
+def _bound_tokens(func: relax.Function, max_tokens: int) -> relax.Function:
+    """``func`` with every ``tir_var_upper_bound`` lowered to at most ``max_tokens`` (the VM plans storage at it)."""
+    if func.attrs is None or "tir_var_upper_bound" not in func.attrs:
+        return func
+    bounds = {str(k): min(int(v), max_tokens) for k, v in func.attrs["tir_var_upper_bound"].items()}
+    if all(int(func.attrs["tir_var_upper_bound"][k]) == v for k, v in bounds.items()):
+        return func
+    return func.with_attr("tir_var_upper_bound", bounds)
+
+
 def _target_kind(target: Any) -> str:
     if isinstance(target, tvm.target.Target):
         return str(target.kind.name)
@@ -201,6 +244,7 @@ class KVCacheAllocationOptimization:
 
     def __init__(self, kv: KVCacheConfig | None = None, target: Any = "llvm", max_seq_len: int | None = None):
         self.kv = kv or KVCacheConfig()
+        self.target = target
         self.target_kind = _target_kind(target)
         self.max_seq_len = self.kv.max_seq_len or max_seq_len
         if self.max_seq_len is None:
@@ -233,23 +277,42 @@ class KVCacheAllocationOptimization:
             for gv, func in funcs:
                 result[gv] = repage(func, page)
             funcs = paged_functions(result)
-        max_tokens = min(kv.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, max_seq_len)
+        max_tokens = self._max_batch_tokens(funcs, max_seq_len)
+        for gv, func in funcs:
+            result[gv] = _bound_tokens(func, max_tokens)
+        funcs = paged_functions(result)
         max_blocks = -(-max_seq_len // page)
         weights = max(weights_bytes(f) for _, f in funcs)
-        workspace = max(activation_workspace_bytes(f, max_tokens, max_blocks) for _, f in funcs)
+        workspace = max(activation_workspace_bytes(result, self.target, max_tokens, max_blocks).values())
+        try:
+            plan = self._plan(num_layers, heads[0], dims[0], page, source, dtype, weights, workspace, max_tokens,
+                              max_seq_len, windows)
+        except PoolDoesNotFit as err:
+            raise KVCacheBudgetError(str(err)) from None
+        return result.with_attr(PLAN_ATTR, plan.to_attrs())
+
+    def _plan(self, num_layers, heads, dims, page, source, dtype, weights, workspace, max_tokens, max_seq_len, windows):
+        kv = self.kv
         budget, budget_source = self._budget()
         num_blocks = None
         if budget is None:
-            num_blocks = kv.blocks_for(kv_block_bytes(num_layers, heads[0], dims[0], page, dtype))
-        plan = plan_memory(
-            num_layers=num_layers, num_kv_heads=heads[0], head_dim=dims[0], page_size=page,
+            num_blocks = kv.blocks_for(kv_block_bytes(num_layers, heads, dims, page, dtype))
+        return plan_memory(
+            num_layers=num_layers, num_kv_heads=heads, head_dim=dims, page_size=page,
             page_size_source=source, kv_dtype=dtype, weights_bytes=weights, workspace_bytes=workspace,
             max_batch_tokens=max_tokens, max_seq_len=max_seq_len, budget_bytes=budget,
             budget_source=budget_source, num_blocks=num_blocks,
             sliding_window=windows[0] if len(windows) == 1 else 0,
             expected_concurrency=kv.expected_concurrency or 0, expected_seq_lens=kv.expected_seq_lens,
         )
-        return result.with_attr(PLAN_ATTR, plan.to_attrs())
+
+    def _max_batch_tokens(self, funcs, max_seq_len: int) -> int:
+        """Tokens per step the workspace is planned for: ``kv.max_batch_tokens``, else the token
+        axis's compiled upper bound (``tir_var_upper_bound``), else ``max_seq_len``."""
+        if self.kv.max_batch_tokens is not None:
+            return min(self.kv.max_batch_tokens, max_seq_len)
+        bounds = [int(v) for _, f in funcs if "tir_var_upper_bound" in f.attrs for v in f.attrs["tir_var_upper_bound"].values()]
+        return min(bounds + [max_seq_len])
 
     def _budget(self) -> tuple[int | None, str]:
         """(budget bytes or None, where it came from)."""

@@ -33,6 +33,8 @@ def kv_pipeline(
     """
     kv = kv or KVCacheConfig()
     rewrite = PagedAttentionRewrite(page_size=kv.page_size or 16, kv_dtype=kv.dtype, probe_len=probe_len, probe_inputs=probe_inputs)
+    if kv.page_size is None and not (kv.max_seq_len or max_seq_len):
+        raise ValueError("page_size=None (choose) needs the maximum context: KVCacheConfig(max_seq_len=...) or max_seq_len=")
     pruning = KVCachePruning(eviction=kv.eviction, window=kv.eviction_window, sink_tokens=kv.sink_tokens,
                              heavy_hitters=kv.heavy_hitters, layer_windows=layer_windows,
                              max_seq_len=kv.max_seq_len or max_seq_len)

@@ -15,6 +15,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def _page_size(text: str) -> int | None:
+    """``--page-size``: an int, or ``auto`` (None: KVCacheAllocationOptimization chooses)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a power of two or 'auto', got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -22,12 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX decoder export (.onnx); docs/frontends.md")
     parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="llvm = the host CPU")
     parser.add_argument("--arch", default="sm_90a", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90a)")
-    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV block (a power of two)")
+    parser.add_argument("--page-size", type=_page_size, default=16,
+                        help="tokens per KV block (a power of two), or 'auto' to choose from --expected-seq-len")
     parser.add_argument("--kv-dtype", choices=["float16", "float32"], default=None, help="pool dtype (default: the model's)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
-    size.add_argument("--memory-budget", default=None, help="KV pool budget, e.g. 2GB or 512MiB")
+    size.add_argument("--memory-budget", default=None,
+                      help="device memory for weights + activations + KV pool: bytes, 2GB, 512MiB, or a share like 50%%")
+    parser.add_argument("--device-memory", default=None, help="device memory a %% budget refers to (default: RAM / 80GB for cuda)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's context)")
+    parser.add_argument("--max-batch-tokens", type=int, default=512,
+                        help="most tokens per model call; the activation memory is planned for it (default: 512, "
+                             "the engine's step; 0 = the model's context)")
+    parser.add_argument("--expected-seq-len", type=int, nargs="+", default=None, metavar="N",
+                        help="expected sequence lengths (a sample), for --page-size auto and the plan")
+    parser.add_argument("--expected-concurrency", type=int, default=None, help="expected sequences at once (reported in the plan)")
     parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
     parser.add_argument("-o", "--output", default=None,
                         help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
@@ -43,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kv = llmir_tvm.KVCacheConfig(
             page_size=args.page_size, dtype=args.kv_dtype, num_blocks=args.num_blocks,
-            memory_budget=args.memory_budget, max_seq_len=args.max_seq_len,
+            memory_budget=args.memory_budget, max_seq_len=args.max_seq_len, device_memory=args.device_memory,
+            max_batch_tokens=args.max_batch_tokens or None, expected_concurrency=args.expected_concurrency,
+            expected_seq_lens=tuple(args.expected_seq_len) if args.expected_seq_len else None,
         )
     except ValueError as err:
         parser.error(str(err))
     target = "llvm" if args.target == "llvm" else {"kind": "cuda", "arch": args.arch}
-    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "build"]
+    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCacheAllocationOptimization", "build"]
     start = time.perf_counter()
     with tqdm(total=len(stages), desc="compile", unit="stage") as bar:
         def progress(stage: str) -> None:
@@ -70,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         f"page {info.page_size}, {info.kv_dtype}, {info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
+    plan = compiled.memory_plan()
+    if plan is not None:
+        print("memory plan:")
+        print(plan.table())
     if args.dump_ir:
         print(f"TVMScript after each pass: {args.dump_ir}/")
     return 0

@@ -133,7 +133,8 @@ class Engine:
         KV pool size in blocks (default: the compiled model's memory plan, ``compiled.memory_plan()``).
     max_num_batched_tokens:
         Token budget of one step (decodes count one token each; longer prompts are prefilled
-        in chunks). Capped at the model's ``max_seq_len``, the compiled token axis's bound.
+        in chunks). Capped at the model's ``max_seq_len`` and the memory plan's ``max_batch_tokens``
+        (the compiled token axis's bound).
     max_num_seqs:
         Most sequences running at once.
     enable_prefix_caching:
@@ -162,8 +163,9 @@ class Engine:
         info = compiled.info
         self.compiled, self.info = compiled, info
         self.device = tvm.runtime.device(device, 0)
-        plan = compiled.memory_plan()
-        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len)
+        plan = self._plan = compiled.memory_plan()
+        self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len,
+                                          plan.max_batch_tokens if plan else info.max_seq_len)
         self.executor = None
         if info.num_shards > 1:  # tensor parallel on a Disco session: the executor stands in for the VM
             from ..runtime.disco_executor import ShardedExecutor
@@ -556,6 +558,9 @@ class Engine:
     # ------------------------------------------------------------------ model call
     def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
         tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
+        if self._plan is not None and len(tokens) > self._plan.max_batch_tokens:  # the VM's storages hold no more
+            raise ValueError(f"{len(tokens)} tokens in one call exceed the compiled max_batch_tokens "
+                             f"{self._plan.max_batch_tokens} (KVCacheConfig.max_batch_tokens)")
         args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
         groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
         args += self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
