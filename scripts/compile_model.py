@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
     size.add_argument("--memory-budget", default=None, help="KV pool budget, e.g. 2GB or 512MiB")
     parser.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's context)")
+    parser.add_argument("--eviction", choices=["none", "streaming", "h2o"], default="none",
+                        help="KV eviction policy for long generation (docs/pruning.md)")
+    parser.add_argument("--eviction-window", type=int, default=0, help="recent tokens kept by --eviction")
+    parser.add_argument("--sink-tokens", type=int, default=0, help="StreamingLLM sink tokens")
+    parser.add_argument("--heavy-hitters", type=int, default=0, help="H2O heavy-hitter tokens kept")
     parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
     parser.add_argument("-o", "--output", default=None,
                         help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kv = llmir_tvm.KVCacheConfig(
             page_size=args.page_size, dtype=args.kv_dtype, num_blocks=args.num_blocks,
-            memory_budget=args.memory_budget, max_seq_len=args.max_seq_len,
+            memory_budget=args.memory_budget, max_seq_len=args.max_seq_len, eviction=args.eviction,
+            eviction_window=args.eviction_window, sink_tokens=args.sink_tokens, heavy_hitters=args.heavy_hitters,
         )
     except ValueError as err:
         parser.error(str(err))
