@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     target = "llvm" if args.target == "llvm" else {"kind": "cuda", "arch": args.arch}
-    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "build"]
+    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCachePruning", "build"]
     start = time.perf_counter()
     with tqdm(total=len(stages), desc="compile", unit="stage") as bar:
         def progress(stage: str) -> None:

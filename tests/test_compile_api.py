@@ -31,12 +31,13 @@ def _tiny_llama(**overrides):
 def test_dump_ir_writes_every_stage_and_each_parses_back(tmp_path):
     llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32), dump_ir=tmp_path)
     dumps = sorted(p.name for p in tmp_path.glob("*.py"))
-    assert dumps == ["0_imported.py", "1_PagedAttentionRewrite.py", "2_BlockifyKVCache.py", "3_SimplifyPower.py"]
+    assert dumps == ["0_imported.py", "1_PagedAttentionRewrite.py", "2_BlockifyKVCache.py", "3_KVCachePruning.py",
+                     "4_SimplifyPower.py"]
     for dump in dumps:
         text = (tmp_path / dump).read_text()
         mod = tvm.script.from_source(text)
         assert mod.script() == text, dump  # prints back identically: nothing lost
-    final = (tmp_path / "3_SimplifyPower.py").read_text()
+    final = (tmp_path / "4_SimplifyPower.py").read_text()
     assert final.count("R.llm.paged_attention(") == 4 and "def prefill(" in final and "def decode(" in final
     assert "R.power(" in (tmp_path / "2_BlockifyKVCache.py").read_text() and "R.power(" not in final
 
@@ -51,7 +52,7 @@ def test_compile_model_script_saves_a_loadable_model(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    for stage in ("0_imported", "1_PagedAttentionRewrite", "2_BlockifyKVCache", "3_SimplifyPower"):
+    for stage in ("0_imported", "1_PagedAttentionRewrite", "2_BlockifyKVCache", "3_KVCachePruning", "4_SimplifyPower"):
         tvm.script.from_source((dumps / f"{stage}.py").read_text())
     info = json.loads((out / "model.json").read_text())
     assert (info["num_layers"], info["num_kv_heads"], info["page_size"], info["num_blocks"]) == (2, 2, 8, 64)
