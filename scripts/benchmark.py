@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "serve": "bench.serve",
     "model": "bench.model",
     "kvquant": "bench.kvquant",
+    "pruning": "bench.pruning",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expected-seq-len", type=int, nargs="+", default=None, metavar="N",
                         help="expected sequence lengths (a sample), for --page-size auto and the plan")
     parser.add_argument("--expected-concurrency", type=int, default=None, help="expected sequences at once (reported in the plan)")
+    parser.add_argument("--eviction", choices=["none", "streaming", "h2o"], default="none",
+                        help="KV eviction policy for long generation (docs/pruning.md)")
+    parser.add_argument("--eviction-window", type=int, default=0, help="recent tokens kept by --eviction")
+    parser.add_argument("--sink-tokens", type=int, default=0, help="StreamingLLM sink tokens")
+    parser.add_argument("--heavy-hitters", type=int, default=0, help="H2O heavy-hitter tokens kept")
     parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
     parser.add_argument("-o", "--output", default=None,
                         help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
@@ -65,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             memory_budget=args.memory_budget, max_seq_len=args.max_seq_len, device_memory=args.device_memory,
             max_batch_tokens=args.max_batch_tokens or None, expected_concurrency=args.expected_concurrency,
             expected_seq_lens=tuple(args.expected_seq_len) if args.expected_seq_len else None,
+            eviction=args.eviction,
+            eviction_window=args.eviction_window, sink_tokens=args.sink_tokens, heavy_hitters=args.heavy_hitters,
         )
     except ValueError as err:
         parser.error(str(err))
     target = "llvm" if args.target == "llvm" else {"kind": "cuda", "arch": args.arch}
-    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCacheAllocationOptimization", "build"]
+    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCachePruning", "KVCacheAllocationOptimization", "build"]
     start = time.perf_counter()
     with tqdm(total=len(stages), desc="compile", unit="stage") as bar:
         def progress(stage: str) -> None:
