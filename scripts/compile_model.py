@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="sm_90a", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90a)")
     parser.add_argument("--page-size", type=_page_size, default=16,
                         help="tokens per KV block (a power of two), or 'auto' to choose from --expected-seq-len")
-    parser.add_argument("--kv-dtype", choices=["float16", "float32"], default=None, help="pool dtype (default: the model's)")
+    parser.add_argument("--kv-dtype", choices=["float16", "float32", "int8", "float8_e4m3fn", "auto"], default=None,
+                        help="pool dtype (default: the model's); int8 / float8_e4m3fn quantize the cache; auto picks "
+                        "a dtype per layer by measured sensitivity within --auto-max-kl")
+    parser.add_argument("--auto-max-kl", type=float, default=0.01,
+                        help="quality budget of --kv-dtype auto: mean KL of next-token distributions (default 0.01)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
     size.add_argument("--memory-budget", default=None,
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_tokens=args.max_batch_tokens or None, expected_concurrency=args.expected_concurrency,
             expected_seq_lens=tuple(args.expected_seq_len) if args.expected_seq_len else None,
             eviction=args.eviction,
-            eviction_window=args.eviction_window, sink_tokens=args.sink_tokens, heavy_hitters=args.heavy_hitters,
+            eviction_window=args.eviction_window, sink_tokens=args.sink_tokens, heavy_hitters=args.heavy_hitters, auto_max_kl=args.auto_max_kl,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
         f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
-        f"page {info.page_size}, {info.kv_dtype}, {info.num_blocks} blocks "
+        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.layer_kv_dtypes else ''}, "
+        f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
     plan = compiled.memory_plan()

@@ -13,7 +13,7 @@ from typing import Callable
 import tvm
 from tvm.target import Target
 
-from . import cache_ops, cuda_attention, cuda_cache_ops, paged_attention, quant_cache_ops
+from . import cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, paged_attention, quant_cache_ops
 from .config import QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized
 
 __all__ = [
@@ -85,8 +85,12 @@ def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
             raise ValueError(
                 f"{what} {dtype!r} is supported by the CUDA kernels only; CPU (llvm) kernels accept {CPU_CACHE_DTYPES}"
             )
-    if cpu and is_quantized(layout.dtype) and name in _CPU_QUANT_VARIANTS:
-        return _CPU_QUANT_VARIANTS[name](config)
+    if is_quantized(layout.dtype) and name in _CPU_QUANT_VARIANTS:
+        if cpu:
+            return _CPU_QUANT_VARIANTS[name](config)
+        if target_kind(target) == "cuda":
+            tgt = target if isinstance(target, Target) else Target(target)
+            return getattr(cuda_quant_cache_ops, name)(config, tgt)
     return _variants_for(target)[name](config)
 
 

@@ -15,8 +15,10 @@ from .config import CacheLayout
 
 #: Bytes moved by one vectorised global load/store (``uint4``: 128 bits).
 VECTOR_BYTES = 16
-#: Cache dtypes the CUDA kernels accept.
-CUDA_CACHE_DTYPES = ("float16", "bfloat16", "float32")
+#: Cache dtypes the CUDA kernels accept (int8 / float8_e4m3fn: quantized rows, see ``kv_quant``).
+CUDA_CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
+#: float8_e4m3fn pools need hardware e4m3 conversions: Ada (sm_89) or newer.
+FP8_MIN_SM = 89
 #: Largest head_dim the CUDA kernels accept (one warp covers a row with 128-bit loads).
 MAX_HEAD_DIM = 256
 #: A finite "minus infinity" for running maxima: exp2(NEG_INF - x) == 0 for every finite x.
@@ -24,7 +26,7 @@ NEG_INF = -3.0e38
 #: log2(e): scores are kept in base 2 so that the softmax uses exp2.
 LOG2E = 1.4426950408889634
 
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1, "float8_e4m3fn": 1}
 
 # Multiprocessors of the reference part of each architecture (A100 SXM, A10/RTX 30, L40/RTX 40,
 # H100 SXM). Only the decode split count depends on it, so a close guess is enough.
@@ -82,10 +84,31 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def quant_vec(head_dim: int) -> int:
+    """Bytes of a quantized row each lane handles (loaded one by one: rows are only 2-byte aligned,
+    values then the scale): the smallest divisor of head_dim >= 2 that needs at most 32 lanes."""
+    return next(v for v in range(max(2, -(-head_dim // 32)), head_dim + 1) if head_dim % v == 0)
+
+
+def check_quant_target(layout: CacheLayout, info: CudaTargetInfo) -> None:
+    """float8_e4m3fn pools need sm_89+ (hardware e4m3 conversion); a clear error otherwise."""
+    if layout.dtype == "float8_e4m3fn":
+        digits = int("".join(ch for ch in info.arch[3:] if ch.isdigit()))
+        if digits < FP8_MIN_SM:
+            raise ValueError(
+                f"float8_e4m3fn KV cache needs a GPU with hardware fp8 (sm_{FP8_MIN_SM}+, Ada/Hopper); "
+                f"target arch is {info.arch}: use int8 instead"
+            )
+
+
 def check_cuda_layout(layout: CacheLayout) -> None:
     """Raise ValueError for layouts the CUDA kernels cannot serve (dtype, head_dim)."""
     if layout.dtype not in CUDA_CACHE_DTYPES:
         raise ValueError(f"CUDA kernels support cache dtypes {CUDA_CACHE_DTYPES}, got {layout.dtype!r}")
+    if layout.quantized:
+        if layout.head_dim % 2 or layout.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"quantized CUDA kernels need an even head_dim <= {MAX_HEAD_DIM}, got {layout.head_dim}")
+        return
     vec = vector_width(layout.dtype)
     if layout.head_dim % vec or layout.head_dim > MAX_HEAD_DIM:
         raise ValueError(

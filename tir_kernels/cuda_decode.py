@@ -32,7 +32,10 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .config import AttentionConfig
-from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, cuda_target_info, next_pow2, vector_width
+from .cuda_common import (
+    LOG2E, NEG_INF, check_cuda_layout, check_quant_target, cuda_target_info, next_pow2, quant_vec, vector_width,
+)
+from .kv_quant import row_scale
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,16 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     lay = cfg.layout
     check_cuda_layout(lay)
     info = cuda_target_info(target)
+    check_quant_target(lay, info)
     tl = tiling or default_tiling(target)
-    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
+    # The pool's storage; quantized rows (values + float16 scale) are read byte-wise and scaled per row.
+    cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized
+    LOAD = T.unroll if quant else T.vectorized
     G = cfg.group_size
     GP = _heads_per_block(G, tl.max_group)
     GZ = G // GP
-    VEC = vector_width(dtype)
+    VEC = quant_vec(D) if quant else vector_width(dtype)
     TX = next_pow2(D // VEC)  # lanes per KV row (power of two for the xor reduction)
     if TX > 32:
         raise ValueError(f"head_dim {D} needs {TX} lanes per row; at most 32 are supported")
@@ -119,10 +126,11 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
         NB = T.int64()
         MB = T.int64()
         q = T.match_buffer(q_h, (B, L, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype)
+        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
         # ---- host: split count from the symbolic shapes ----
         units: T.let[T.int64] = B * L * (H * GZ)
         kv_bound: T.let[T.int64] = T.min(MB * BS, T.int64(W + S)) if W > 0 else MB * BS
@@ -136,8 +144,10 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                     for tx in T.thread_binding(TX, thread="threadIdx.x"):
                         qf = T.alloc_buffer((QN,), "float32", scope=QSCOPE)
                         acc = T.alloc_local((GP * VEC,), "float32")
-                        kr = T.alloc_local((R * VEC,), dtype)
-                        vr = T.alloc_local((R * VEC,), dtype)
+                        kr = T.alloc_local((R * VEC,), cdtype)
+                        vr = T.alloc_local((R * VEC,), cdtype)
+                        ksr = T.alloc_local((R if quant else 1,), "float32")  # row scales (quantized)
+                        vsr = T.alloc_local((R if quant else 1,), "float32")
                         sc = T.alloc_local((R * GP,), "float32")
                         mx = T.alloc_local((GP,), "float32")
                         mold = T.alloc_local((GP,), "float32")
@@ -185,21 +195,29 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                     p: T.int32 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                                     blk: T.int32 = block_table[b, T.truncdiv(p, BS)]
                                     off: T.int32 = T.truncmod(p, BS)
-                                    for v in T.vectorized(VEC):
+                                    for v in LOAD(VEC):
                                         kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
-                                    for v in T.vectorized(VEC):
+                                    for v in LOAD(VEC):
                                         vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
+                                    if quant:
+                                        ksr[r] = row_scale(cache_b, blk, 0, hk, off, D)
+                                        vsr[r] = row_scale(cache_b, blk, 1, hk, off, D)
                                 else:
-                                    for v in T.vectorized(VEC):
-                                        kr[r * VEC + v] = T.Cast(dtype, T.float32(0))
-                                    for v in T.vectorized(VEC):
-                                        vr[r * VEC + v] = T.Cast(dtype, T.float32(0))
+                                    for v in LOAD(VEC):
+                                        kr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
+                                    for v in LOAD(VEC):
+                                        vr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
+                                    if quant:
+                                        ksr[r] = T.float32(0)
+                                        vsr[r] = T.float32(0)
                             # -- scores: partial dot per lane, xor-shuffle reduction over TX lanes --
                             for r in T.unroll(R):
                                 for g in T.unroll(GP):
                                     sc[r * GP + g] = T.float32(0)
                                     for v in T.unroll(VEC):
                                         sc[r * GP + g] = sc[r * GP + g] + qf[g * QG + tx * QT + v] * T.Cast("float32", kr[r * VEC + v])
+                                    if quant:
+                                        sc[r * GP + g] = sc[r * GP + g] * ksr[r]
                                 for o in T.unroll(TX.bit_length() - 1):
                                     for g in T.unroll(GP):
                                         sc[r * GP + g] = sc[r * GP + g] + T.tvm_warp_shuffle_xor(
@@ -220,8 +238,12 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                         c0 + st * STEP + r * TY + ty < c1, T.exp2(sc[r * GP + g] - mx[g]), T.float32(0)
                                     )
                                     den[g] = den[g] + sc[r * GP + g]
-                                    for v in T.unroll(VEC):
-                                        acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * T.Cast("float32", vr[r * VEC + v])
+                                    if quant:
+                                        for v in T.unroll(VEC):
+                                            acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * vsr[r] * T.Cast("float32", vr[r * VEC + v])
+                                    else:
+                                        for v in T.unroll(VEC):
+                                            acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * T.Cast("float32", vr[r * VEC + v])
                         # ---- merge the TY row groups of this block through shared memory ----
                         T.tvm_storage_sync("shared")  # the merge buffers may reuse the query's
                         for g in T.unroll(GP):

@@ -29,7 +29,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .config import AttentionConfig
-from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, cuda_target_info, vector_width
+from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, check_quant_target, cuda_target_info, vector_width
+from .kv_quant import row_scale
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,15 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
     lay = cfg.layout
     check_cuda_layout(lay)
     info = cuda_target_info(target)
+    check_quant_target(lay, info)
     tl = tiling or PrefillTiling()
-    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
+    # The pool's storage; quantized rows (values + float16 scale) are 2-byte aligned: 2-byte loads.
+    cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized
     G = cfg.group_size
     GP = _heads_per_block(G, tl.max_group)
     GZ = G // GP
-    VEC = vector_width(dtype)
+    VEC = 2 if quant else vector_width(dtype)
     DP = ((D + 31) // 32) * 32  # head_dim padded to whole 4-float chunks of every column group
     RM = max(1, (tl.max_rows if DP <= 128 else tl.max_rows // 2) // _TY)  # rows per thread
     MP = _TY * RM  # rows per block (padded)
@@ -101,11 +105,12 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32")
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype)
+        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
         for bx in T.thread_binding(B + NQ // TQ + 1, thread="blockIdx.x"):
             for by in T.thread_binding(H * GZ, thread="blockIdx.y"):
                 for ty in T.thread_binding(_TY, thread="threadIdx.y"):
@@ -124,7 +129,8 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                             pv = T.alloc_local((RM,), "float32")
                             mx = T.alloc_local((RM,), "float32")
                             den = T.alloc_local((RM,), "float32")
-                            ldv = T.alloc_local((VEC,), dtype)
+                            ldv = T.alloc_local((VEC,), cdtype)
+                            ldq = T.alloc_local((VEC,), dtype) if quant else ldv
                             tid: T.int32 = ty * _TX + tx
                             blk_i: T.int32 = T.Cast("int32", bx)
                             hk: T.int32 = T.truncdiv(T.Cast("int32", by), GZ)
@@ -171,9 +177,9 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                                     cq: T.int32 = T.truncdiv(e_q, MP)
                                     if rq < M and r0 + T.truncdiv(rq, GP) < r1 and cq * VEC < D:
                                         for v in T.vectorized(VEC):
-                                            ldv[v] = q[r0 + T.truncdiv(rq, GP), h0 + T.truncmod(rq, GP), cq * VEC + v]
+                                            ldq[v] = q[r0 + T.truncdiv(rq, GP), h0 + T.truncmod(rq, GP), cq * VEC + v]
                                         for v in T.unroll(VEC):
-                                            Qs[(cq * VEC + v) * MP + rq] = T.Cast("float32", ldv[v]) * T.float32(qscale)
+                                            Qs[(cq * VEC + v) * MP + rq] = T.Cast("float32", ldq[v]) * T.float32(qscale)
                                     else:
                                         for v in T.unroll(VEC):
                                             Qs[(cq * VEC + v) * MP + rq] = T.float32(0)
@@ -197,8 +203,13 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                                             bk: T.int32 = block_table[b, T.truncdiv(pk, BS)]
                                             for v in T.vectorized(VEC):
                                                 ldv[v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + v]
-                                            for v in T.unroll(VEC):
-                                                Ks[(ck * VEC + v) * TK + rk] = T.Cast("float32", ldv[v])
+                                            if quant:
+                                                ksc: T.float32 = row_scale(cache_b, bk, 0, hk, T.truncmod(pk, BS), D)
+                                                for v in T.unroll(VEC):
+                                                    Ks[(ck * VEC + v) * TK + rk] = T.Cast("float32", ldv[v]) * ksc
+                                            else:
+                                                for v in T.unroll(VEC):
+                                                    Ks[(ck * VEC + v) * TK + rk] = T.Cast("float32", ldv[v])
                                         else:
                                             for v in T.unroll(VEC):
                                                 Ks[(ck * VEC + v) * TK + rk] = T.float32(0)
@@ -211,8 +222,13 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                                             bv: T.int32 = block_table[b, T.truncdiv(pp, BS)]
                                             for v in T.vectorized(VEC):
                                                 ldv[v] = cache[bv, 1, hk, T.truncmod(pp, BS), cv * VEC + v]
-                                            for v in T.unroll(VEC):
-                                                Vs[rv * DP + cv * VEC + v] = T.Cast("float32", ldv[v])
+                                            if quant:
+                                                vsc: T.float32 = row_scale(cache_b, bv, 1, hk, T.truncmod(pp, BS), D)
+                                                for v in T.unroll(VEC):
+                                                    Vs[rv * DP + cv * VEC + v] = T.Cast("float32", ldv[v]) * vsc
+                                            else:
+                                                for v in T.unroll(VEC):
+                                                    Vs[rv * DP + cv * VEC + v] = T.Cast("float32", ldv[v])
                                         else:
                                             for v in T.unroll(VEC):
                                                 Vs[rv * DP + cv * VEC + v] = T.float32(0)

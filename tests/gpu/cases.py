@@ -114,3 +114,27 @@ def _cases() -> list[Case]:
 CASES: tuple[Case, ...] = tuple(_cases())
 #: Every kernel the cases need, once each (build order is stable).
 KERNELS: tuple[KernelSpec, ...] = tuple(dict.fromkeys(c.spec for c in CASES))
+
+
+def _quant_cases() -> list[Case]:
+    """Quantized pools (int8, float8_e4m3fn; float32 queries and K/V): attention and cache ops."""
+    cases: list[Case] = []
+    for dtype in ("int8", "float8_e4m3fn"):
+        for page, dim, heads in ((16, 64, (9, 3)), (8, 128, (32, 4)), (1, 64, (8, 1))):
+            tag = f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_{dtype}"
+            cases.append(Case(f"quant_decode_{tag}", _attn("paged_decode_attention", heads, dim, page, dtype), "qdecode", KV_LENS))
+            cases.append(Case(f"quant_prefill_{tag}", _attn("paged_prefill_attention", heads, dim, page, dtype), "qprefill",
+                              (1, 17, 97, 300), (1, 10, 40, 300)))
+        spec = _attn("paged_decode_attention", (32, 8), 128, 16, dtype)
+        cases.append(Case(f"quant_decode_long_context_{dtype}", spec, "qdecode", (16384, 5, 4097)))
+        for page in (1, 16):
+            cases.append(Case(f"quant_append_p{page}_{dtype}", KernelSpec("append_kv", (4, 4), 64, page, dtype), "qappend"))
+            cases.append(Case(f"quant_lookup_p{page}_{dtype}", KernelSpec("lookup_kv", (2, 2), 64, page, dtype), "qlookup",
+                              (1, 15, 16, 17, 54, 97)))
+            cases.append(Case(f"quant_copy_p{page}_{dtype}", KernelSpec("copy_blocks", (4, 4), 128, page, dtype), "qcopy"))
+    return cases
+
+
+#: GPU cases of quantized pools (``test_gpu_quant_kernels.py``).
+QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases())
+KERNELS = tuple(dict.fromkeys([*KERNELS, *(c.spec for c in QUANT_CASES)]))
