@@ -15,6 +15,7 @@ from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
+from .passes.host_pipeline import host_build_pipeline
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
 from .tir_kernels import CacheLayout
@@ -113,7 +114,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     funcs.update(cache_kernels_irmodule(layout, target).functions_items())
     note("build")
     start = time.perf_counter()
-    executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target)
+    pipeline = host_build_pipeline() if target.kind.name == "llvm" else "default"
+    executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target, relax_pipeline=pipeline)
     note(f"built in {time.perf_counter() - start:.1f} s")
     return CompiledModel(executable, imported.params, info, imported.tokenizer)
 

@@ -3,6 +3,8 @@
 - :class:`PagedAttentionRewrite` — attention subgraphs → ``llm.append_kv`` + ``llm.paged_attention``;
 - :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
 - :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
+- :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
+  (run by :func:`host_build_pipeline`, the Relax build pipeline of ``llvm`` targets);
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the three KV passes composed as ``llmir_tvm.compile`` runs them.
 """
@@ -10,8 +12,11 @@
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .dense_offload import OffloadDenseToBLAS
+from .host_pipeline import host_build_pipeline
+from .host_schedule import ScheduleHostOps
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "OffloadDenseToBLAS", "PagedAttentionRewrite", "SimplifyPower", "kv_pipeline"]
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
+           "SimplifyPower", "host_build_pipeline", "kv_pipeline"]
