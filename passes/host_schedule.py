@@ -6,7 +6,8 @@ TVM's default CPU pipeline compiles them as scalar loop nests. This pass gives e
 PrimFunc of an ``llvm`` module a schedule:
 
 - row reductions with injective epilogues (norms, softmax): dlight's CPU ``Reduction`` rule
-  (rows in parallel, epilogues vectorised);
+  (epilogues vectorised; its parallel row loop is kept only for a static row count, see
+  below);
 - injective functions: producers inlined into the last block, its innermost loop vectorised
   to the target's SIMD width, the outer loops fused and run in parallel when the function
   is statically large enough to pay for a thread-pool launch (``min_parallel_elems``);
@@ -133,5 +134,21 @@ class ScheduleHostOps:
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
             if sch is not None:
-                return sch.mod["main"]
+                return serial_when_symbolic(sch.mod["main"])
         return None
+
+
+def serial_when_symbolic(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with every parallel loop of symbolic extent made serial.
+
+    A symbolic extent here is the token count: one row in decode, where waking the thread
+    pool costs more than the row (and its workers compete with the BLAS threads)."""
+
+    def on_for(node: tirx.For, mutator):
+        new = mutator.default_mutate(node)
+        if new.kind != tirx.ForKind.PARALLEL or isinstance(new.extent, tirx.IntImm):
+            return new
+        return tirx.For(new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL, new.body, new.thread_binding,
+                        new.annotations, new.step, new.span)
+
+    return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.For, on_for)]))
