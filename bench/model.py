@@ -1,10 +1,14 @@
-"""model: whole-model speed of the compiled default model vs Hugging Face on this CPU.
+"""model: whole-model speed of the compiled default model vs Hugging Face and onnxruntime on this CPU.
 
 Measured in one run on the same weights and threads: batch-1 decode tokens/s (32-token
 prompt, ``--new-tokens`` greedy tokens, end-of-sequence ignored) and prefill tokens/s
-(a ``--prefill-tokens`` prompt) for our compiled model (paged KV cache, dense layers on the
-host BLAS) and for ``transformers`` (its own KV cache), plus the compile time. Every figure
-is also given as a ratio ours / Hugging Face. onnxruntime is not part of this benchmark yet.
+(a ``--prefill-tokens`` prompt, logits of every position on all three sides) for our compiled
+model (paged KV cache, dense layers on the host BLAS), for ``transformers`` (its own KV
+cache) and for onnxruntime running the model exported to ONNX with a KV cache
+(``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
+The three run interleaved, repeat after repeat, and the medians are kept, so load from
+other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
+ours / onnxruntime.
 """
 
 from __future__ import annotations
@@ -25,70 +29,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``model`` subcommand."""
     parser.add_argument("--new-tokens", type=int, default=128, help="decoded tokens at batch 1 (default 128)")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill run (default 512)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats; medians are kept (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of torch and onnxruntime (default 2)")
+    parser.add_argument("--no-ort", action="store_true", help="leave onnxruntime out (no export needed)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model_<date>.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
-def _best(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _median_rates(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
+    return {side: tokens / float(np.median(t)) for side, t in times.items()}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compile, measure both sides, write JSON + PNG, print a summary."""
+    """Compile, measure all sides interleaved, write JSON + PNG, print a summary."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import llmir_tvm
-    from llmir_tvm.frontend.default_model import default_model_path
+    from llmir_tvm.frontend.default_model import cache_dir, default_model_path
 
+    from .onnx_baseline import OrtDecoder, export_with_cache
+
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     compiled = llmir_tvm.compile("default")
     compile_seconds = time.perf_counter() - start
     engine = llmir_tvm.Engine(compiled)
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    ort = None
+    if not args.no_ort:
+        onnx_path = export_with_cache(default_model_path(), cache_dir() / "onnx" / f"{compiled.info.name}-kv" / "model.onnx")
+        ort = OrtDecoder(onnx_path, args.threads)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, 40000, 32).tolist()
     long_prompt = rng.integers(100, 40000, args.prefill_tokens).tolist()
     new = args.new_tokens
+    ids, long_ids = torch.tensor([prompt]), torch.tensor([long_prompt])
 
     def ours_decode():
-        result = engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0]
-        assert len(result.token_ids) == new
-        return result
+        assert len(engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids) == new
 
-    ours_decode()  # warm-up
-    ours_total = _best(args.repeats, ours_decode)
-    ours_prefill32 = _best(args.repeats, lambda: engine.score(prompt))
-    ours_prefill_long = _best(args.repeats, lambda: engine.score(long_prompt))
+    def hf_decode():
+        out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == len(prompt) + new
 
-    ids, long_ids = torch.tensor([prompt]), torch.tensor([long_prompt])
+    sides = {"ours": (ours_decode, lambda: engine.score(prompt), lambda: engine.score(long_prompt)),
+             "hf": (hf_decode, lambda: hf(ids), lambda: hf(long_ids))}
+    if ort is not None:
+        sides["ort"] = (lambda: ort.generate(prompt, new), lambda: ort.prefill(prompt), lambda: ort.prefill(long_prompt))
+    totals, short, long = ({side: [] for side in sides} for _ in range(3))
     with torch.no_grad():
-        def hf_decode():
-            out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-            assert out.shape[1] == len(prompt) + new
-
-        hf_decode()  # warm-up
-        hf_total = _best(args.repeats, hf_decode)
-        hf_prefill32 = _best(args.repeats, lambda: hf(ids))
-        hf_prefill_long = _best(args.repeats, lambda: hf(long_ids))
-
+        for decode, prefill, prefill_long in sides.values():  # warm-up
+            decode(), prefill(), prefill_long()
+        hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        same = {"ours": engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == hf_tokens}
+        if ort is not None:
+            same["ort"] = ort.generate(prompt, new) == hf_tokens
+        for _ in range(args.repeats):
+            for side, (decode, prefill, prefill_long) in sides.items():
+                totals[side].append(_timed(decode))
+                short[side].append(_timed(prefill))
+                long[side].append(_timed(prefill_long))
     # Decode rate: the (new - 1) tokens after the first, whose cost is the prompt's prefill.
-    ours_decode_tps = (new - 1) / (ours_total - ours_prefill32)
-    hf_decode_tps = (new - 1) / (hf_total - hf_prefill32)
+    decode_times = {side: [t - p for t, p in zip(totals[side], short[side])] for side in sides}
+    decode = _median_rates(decode_times, new - 1)
+    prefill = _median_rates(long, len(long_prompt))
     out = {
-        "model": compiled.info.name, "date": datetime.date.today().isoformat(), "torch_threads": torch.get_num_threads(),
-        "compile_seconds": compile_seconds,
-        "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new, "ours_tokens_per_s": ours_decode_tps,
-                          "hf_tokens_per_s": hf_decode_tps, "ratio": ours_decode_tps / hf_decode_tps},
-        "prefill": {"prompt_tokens": len(long_prompt), "ours_tokens_per_s": len(long_prompt) / ours_prefill_long,
-                    "hf_tokens_per_s": len(long_prompt) / hf_prefill_long, "ratio": hf_prefill_long / ours_prefill_long},
+        "model": compiled.info.name, "date": datetime.date.today().isoformat(), "threads": args.threads,
+        "repeats": args.repeats, "compile_seconds": compile_seconds,
+        "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
+                          "tokens_identical_to_hf": same},
+        "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position"},
     }
+    for key, rates in (("decode_batch1", decode), ("prefill", prefill)):
+        for side, rate in rates.items():
+            out[key][f"{side}_tokens_per_s"] = rate
+        out[key]["ratio_vs_hf"] = rates["ours"] / rates["hf"]
+        if "ort" in rates:
+            out[key]["ratio_vs_ort"] = rates["ours"] / rates["ort"]
     path = args.out or RESULTS / f"model_{out['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
@@ -105,14 +129,16 @@ def _plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["decode, batch 1", f"prefill, {out['prefill']['prompt_tokens']} tokens"]
-    ours = [out["decode_batch1"]["ours_tokens_per_s"], out["prefill"]["ours_tokens_per_s"]]
-    hf = [out["decode_batch1"]["hf_tokens_per_s"], out["prefill"]["hf_tokens_per_s"]]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for ax, label, o, h in zip(axes, labels, ours, hf):
-        ax.bar(["llmir-tvm", "HF transformers"], [o, h], color=["tab:blue", "tab:gray"])
-        ax.set_title(f"{label}: {o / h:.2f}x")
+    names = {"ours": "llmir-tvm", "hf": "HF transformers", "ort": "onnxruntime"}
+    colors = {"ours": "tab:blue", "hf": "tab:gray", "ort": "tab:orange"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, label, key in zip(axes, labels, ("decode_batch1", "prefill")):
+        sides = [s for s in names if f"{s}_tokens_per_s" in out[key]]
+        ax.bar([names[s] for s in sides], [out[key][f"{s}_tokens_per_s"] for s in sides], color=[colors[s] for s in sides])
+        ratios = ", ".join(f"{out[key][r]:.2f}x {r[9:].upper()}" for r in ("ratio_vs_hf", "ratio_vs_ort") if r in out[key])
+        ax.set_title(f"{label}: {ratios}")
         ax.set_ylabel("tokens/s")
-    fig.suptitle(f"{out['model']} on CPU ({out['date']}), compile {out['compile_seconds']:.0f} s")
+    fig.suptitle(f"{out['model']} on CPU, {out['threads']} threads ({out['date']}), compile {out['compile_seconds']:.0f} s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -6,6 +6,8 @@
 - :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
 - :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
 - :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
+- :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
+  (run by :func:`host_build_pipeline`, the Relax build pipeline of ``llvm`` targets);
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
 """
@@ -16,10 +18,12 @@ from .dense_offload import OffloadDenseToBLAS
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning, KVCachePruningError
 from .kv_cache_sharding import KVCacheSharding, ShardingError
+from .host_pipeline import host_build_pipeline
+from .host_schedule import ScheduleHostOps
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
 __all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
-           "KVCachePruningError", "KVCacheSharding", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ShardingError",
-           "SimplifyPower", "kv_pipeline"]
+           "KVCachePruningError", "KVCacheSharding", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
+           "ShardingError", "SimplifyPower", "host_build_pipeline", "kv_pipeline"]

@@ -150,3 +150,21 @@ def test_a_request_larger_than_the_pool_aborts_while_the_others_complete(tiny, w
     assert len(grown.token_ids) == 6 * PAGE - len(prompts[0]) + 1
     assert grown.token_ids == _hf_greedy(tiny[0], prompts[0], len(grown.token_ids))
     _assert_released(engine)
+
+
+def test_max_num_seqs_counts_the_samples_of_parallel_requests(tiny):
+    _, compiled = tiny
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(1, 256, n).tolist() for n in (6, 11, 3, 9)]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=5, n=3)
+    unconstrained = llmir_tvm.Engine(compiled)
+    free = unconstrained.generate(prompts, params)
+    assert max(s["running"] for s in unconstrained.step_stats) == 12  # the cap below is really exercised
+    capped = llmir_tvm.Engine(compiled, max_num_seqs=4)
+    results = capped.generate(prompts, params)
+    assert max(s["running"] for s in capped.step_stats) <= 4
+    assert max(s["batch_size"] for s in capped.step_stats) <= 4
+    assert [[o.token_ids for o in r.outputs] for r in results] == [[o.token_ids for o in r.outputs] for r in free]
+    with pytest.raises(ValueError, match="n = 5 exceeds the engine's max_num_seqs = 4"):
+        capped.generate(prompts[:1], SamplingParams(max_new_tokens=2, n=5))
+    _assert_released(capped)

@@ -11,6 +11,11 @@ from tvm.script import tirx as T
 
 from .config import CacheLayout, element_bytes
 
+#: K/V appends and decode attention with fewer tokens / query rows than this run on the calling
+#: thread: at batch-1 decode their work is microseconds, less than waking the thread pool (whose
+#: workers compete with the BLAS threads for the same cores).
+SERIAL_BELOW_ROWS = 4
+
 
 def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     """Scatter new K/V rows into the pool **in place**: ``(cache, keys, values, slot_mapping)``.
@@ -21,6 +26,17 @@ def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
 
+    @T.macro
+    def append_token(t, cache, keys, values, slot_mapping):
+        if slot_mapping[t] >= 0:
+            blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
+            off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
+            for h in range(H):
+                for d in T.vectorized(D):
+                    cache[blk, 0, h, off, d] = keys[t, h, d]
+                for d in T.vectorized(D):
+                    cache[blk, 1, h, off, d] = values[t, h, d]
+
     @T.prim_func
     def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_append_kv"})
@@ -30,15 +46,12 @@ def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         keys = T.match_buffer(k_h, (NT, H, D), dtype, align=ALIGN)
         values = T.match_buffer(v_h, (NT, H, D), dtype, align=ALIGN)
         slot_mapping = T.match_buffer(slot_h, (NT,), "int32", align=4)
-        for t in T.parallel(NT):
-            if slot_mapping[t] >= 0:
-                blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
-                off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
-                for h in range(H):
-                    for d in T.vectorized(D):
-                        cache[blk, 0, h, off, d] = keys[t, h, d]
-                    for d in T.vectorized(D):
-                        cache[blk, 1, h, off, d] = values[t, h, d]
+        if NT >= SERIAL_BELOW_ROWS:
+            for t in T.parallel(NT):
+                append_token(t, cache, keys, values, slot_mapping)
+        else:  # one decode token: cheaper on the calling thread than a thread-pool launch
+            for t in T.serial(NT):
+                append_token(t, cache, keys, values, slot_mapping)
 
     return append
 

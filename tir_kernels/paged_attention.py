@@ -22,6 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
+from .cache_ops import SERIAL_BELOW_ROWS
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
 from .kv_quant import element, row_scale
@@ -264,6 +265,13 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     body = _decode_body(cfg)
 
+    @T.macro
+    def decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table):
+        b: T.int64 = task // (L * H)
+        j: T.int64 = task // H % L
+        seq_len: T.int64 = T.Cast("int64", seq_lens[b])
+        body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, cache_b, block_table, b, task % H)
+
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_paged_decode"})
@@ -279,11 +287,12 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data, align=ALIGN)
         out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
         cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
-        for task in T.parallel(B * L * H):
-            b: T.int64 = task // (L * H)
-            j: T.int64 = task // H % L
-            seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-            body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, cache_b, block_table, b, task % H)
+        if B * L >= SERIAL_BELOW_ROWS:
+            for task in T.parallel(B * L * H):
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table)
+        else:  # a thread-pool launch costs more than a few rows (batch-1 decode)
+            for task in T.serial(B * L * H):
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table)
 
     return paged_decode
 

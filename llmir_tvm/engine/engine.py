@@ -120,6 +120,11 @@ class _Seq:
         return self.tokens[len(self.request.prompt):]
 
 
+def _slots(seq: _Seq) -> int:
+    """Running-sequence slots ``seq`` takes: a request with n > 1 samples not forked yet becomes n sequences."""
+    return 1 if seq.request.forked else seq.request.params.n
+
+
 class Engine:
     """Runs a :class:`CompiledModel` with continuous batching; owns its :class:`PagedKVCache` (``engine.cache``).
 
@@ -136,7 +141,8 @@ class Engine:
         in chunks). Capped at the model's ``max_seq_len`` and the memory plan's ``max_batch_tokens``
         (the compiled token axis's bound).
     max_num_seqs:
-        Most sequences running at once.
+        Most sequences running at once; a request with ``n`` samples counts ``n`` from its
+        admission on (its prompt is forked after prefill), and ``n > max_num_seqs`` is refused.
     enable_prefix_caching:
         Reuse KV blocks of identical prompt prefixes across requests.
     session:
@@ -303,6 +309,10 @@ class Engine:
                 raise ValueError(f"sampling_params must be one SamplingParams or {len(batch)} of them")
             if overrides:
                 per_request = [SamplingParams(**{**p.__dict__, **overrides}) for p in per_request]
+        for p in per_request:
+            if p.n > self.max_num_seqs:
+                raise ValueError(f"SamplingParams.n = {p.n} exceeds the engine's max_num_seqs = {self.max_num_seqs}: "
+                                 "the samples of one request run together")
         now = time.perf_counter()
         return [_Request(i, t, p, now) for i, (t, p) in enumerate(zip(token_lists, per_request))]
 
@@ -366,7 +376,8 @@ class Engine:
             plan.append([seq, n])
             budget -= n
         reserve = sum(-(-(s.computed + n) // page) - (-(-s.computed // page)) for s, n in plan)
-        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+        slots = sum(_slots(s) for s in running)
+        while waiting and budget > 0 and slots + _slots(waiting[0]) <= self.max_num_seqs:
             seq = waiting[0]
             need = -(-len(seq.tokens) // page) - cache.match_prefix(seq.tokens) // page
             available = cache.allocator.num_available - reserve
@@ -381,6 +392,7 @@ class Engine:
             seq.computed = cached
             seq.admitted = next(state["admitted"])
             running.append(seq)
+            slots += _slots(seq)
             n = min(len(seq.tokens) - cached, budget)
             plan.append([seq, n])
             budget -= n
