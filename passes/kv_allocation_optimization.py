@@ -107,10 +107,14 @@ def weights_bytes(func: relax.Function) -> int:
     return sum(_tensor_bytes(p.ty, analyzer) for p in weights)
 
 
-#: The Relax lowering of ``tvm.compile``'s default CPU pipeline up to its memory planning.
+#: The Relax lowering of the build pipelines up to their memory planning: legalization and operator
+#: fusion (``llmir_tvm.passes.host_build_pipeline`` for CPU targets, TVM's default CUDA pipeline),
+#: then the VM's dataflow lowering and static memory planning.
 _LOWER_TO_MEMORY_PLAN = (
-    relax.transform.LegalizeOps, relax.transform.RewriteDataflowReshape, relax.transform.ToNonDataflow,
-    relax.transform.RemovePurityChecking, relax.transform.CallTIRRewrite, relax.transform.StaticPlanBlockMemory,
+    relax.transform.LegalizeOps, relax.transform.AnnotateTIROpPattern, relax.transform.FoldConstant,
+    relax.transform.FuseOps, relax.transform.FuseTIR, relax.transform.RewriteDataflowReshape,
+    relax.transform.ToNonDataflow, relax.transform.RemovePurityChecking, relax.transform.CallTIRRewrite,
+    relax.transform.StaticPlanBlockMemory,
 )
 
 
@@ -135,8 +139,8 @@ _PLANNING_LEGALIZATION = {
 def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens: int, max_blocks: int) -> dict[str, int]:
     """Bytes of intermediate tensors each paged function of ``mod`` allocates per call, by function name.
 
-    The functions are lowered the way ``tvm.compile`` lowers them for the CPU (legalization —
-    the ``llm.*`` ops to calls with their kernels' allocations, not the kernels —, then the VM's
+    The functions are lowered the way the build lowers them (legalization — the ``llm.*`` ops
+    to calls with their kernels' allocations, not the kernels —, operator fusion, then the VM's
     static memory planning, ``StaticPlanBlockMemory``, which packs intermediates
     into storages sized at the token axis's ``tir_var_upper_bound``); the workspace is the
     storages' bytes plus the tensors the planner left to run-time allocation, sized with every
