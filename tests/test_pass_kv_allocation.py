@@ -371,6 +371,10 @@ def test_plan_matches_what_the_compiled_model_and_the_runtime_allocate(compiled,
     assert abs(pool_bytes - plan.pool_bytes) <= 0.01 * plan.pool_bytes
     out = engine.generate([[1, 2, 3]], max_new_tokens=3)[0]
     assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="70 tokens in one call exceed the compiled max_batch_tokens 64"):
+        engine.score(list(range(70)))  # the VM's storages are planned for 64 tokens
+    assert engine.cache.sequence_ids() == []
+    assert engine.generate([list(range(70))], max_new_tokens=2)[0].finish_reason == "length"  # chunked prefill
     model.save(tmp_path / "m")
     loaded = llmir_tvm.load(tmp_path / "m")
     assert loaded.memory_plan() == plan
