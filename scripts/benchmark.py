@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "kernels": "bench.kernels",
     "serve": "bench.serve",
     "model": "bench.model",
+    "sharding": "bench.sharding",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 
