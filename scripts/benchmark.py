@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "model": "bench.model",
     "kvquant": "bench.kvquant",
     "pruning": "bench.pruning",
+    "sharding": "bench.sharding",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 

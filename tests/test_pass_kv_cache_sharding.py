@@ -13,7 +13,7 @@ from tvm.script import tirx as T
 import llmir_tvm.ops  # noqa: F401
 from llmir_tvm.passes import KVCacheSharding, ShardingError
 from llmir_tvm.passes.allreduce_stages import SplitAtAllReduce, stage_counts
-from llmir_tvm.passes.kv_cache_sharding import sharding_of
+from llmir_tvm.passes.kv_cache_sharding import HeadSplit, sharding_of
 from llmir_tvm.runtime.disco_executor import shard_slice
 
 KV = {"causal": [1], "dtype": "float32", "head_dim": [4], "num_kv_heads": [2], "num_layers": 1,
@@ -112,16 +112,16 @@ def test_bad_shard_counts_are_refused(shards, message):
 
 def test_kv_heads_that_do_not_split_are_refused():
     with pytest.raises(ShardingError, match="6 query heads do not divide evenly over 4 shards"):
-        HeadSplitCase(6, 2, 4)
+        _split(6, 2, 4)
     with pytest.raises(ShardingError, match="4 KV heads cannot be split over 3 shards"):
-        HeadSplitCase(12, 4, 3)
+        _split(12, 4, 3)
     with pytest.raises(ShardingError, match="3 KV heads cannot be split over 2 shards"):
-        HeadSplitCase(6, 3, 2)
+        _split(6, 3, 2)
+    replicated = _split(8, 2, 8)  # 2 KV heads on 8 shards: one head per shard, each stored 4 times
+    assert (replicated.qo_per_shard, replicated.kv_per_shard, replicated.kv_chunks, replicated.kv_replication) == (1, 1, 2, 4)
 
 
-def HeadSplitCase(qo: int, kv: int, shards: int):  # noqa: N802 - reads as a constructor in the tests above
-    from llmir_tvm.passes.kv_cache_sharding import HeadSplit
-
+def _split(qo: int, kv: int, shards: int) -> HeadSplit:
     return HeadSplit.of(shards, qo, kv)
 
 

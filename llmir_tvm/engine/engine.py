@@ -178,7 +178,8 @@ class Engine:
 
             self.executor = ShardedExecutor(compiled, session=session, device=device)
             self.vm, self.params = self.executor, []
-            self.cache = self.executor.make_cache(num_blocks, enable_prefix_caching=enable_prefix_caching)
+            self.cache = self.executor.make_cache(num_blocks or (plan.num_blocks if plan is not None else None),
+                                                  enable_prefix_caching=enable_prefix_caching)
         else:
             self.vm = VirtualMachine(compiled.module, self.device)
             self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]

@@ -70,7 +70,8 @@ class ShardedExecutor:
     tensors (sent to every worker) and the pools of :meth:`make_cache` (``DRef``); the call
     returns the logits of worker 0 as a local tensor. ``session``: an existing session of
     ``num_shards`` workers (several executors may share one), else one is started (and shut
-    down when nothing holds it any more, e.g. after :meth:`close`). ``device``: ``"cpu"`` (CPU path) or ``"cuda"`` / ``"rocm"``.
+    down when nothing holds it any more, e.g. after :meth:`close`). ``device``: ``"cpu"`` (the
+    CPU path) or ``"cuda"`` / ``"rocm"`` (the NCCL / RCCL path).
     """
 
     def __init__(self, compiled: CompiledModel, *, session: Any = None, device: str = "cpu"):
