@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV token budgets of H2O (default 128 256 512)")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM sink tokens (default 4)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/pruning_<date>.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the policies already in --out (same tokens / prefill) and measure only the others")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -91,9 +93,18 @@ def run(args: argparse.Namespace) -> int:
     import llmir_tvm
     from bench.eval_text import eval_tokens, perplexity
 
-    rows = []
-    tokens, page = None, 0
+    path = args.out or RESULTS / f"pruning_{datetime.date.today().isoformat()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, page = [], 16
+    if args.resume and path.exists():
+        previous = json.loads(path.read_text())
+        if (previous["tokens"], previous["prefill"]) == (args.tokens, args.prefill):
+            rows, page = previous["results"], previous["page_size"]
+    done = {r["policy"] for r in rows}
+    tokens = None
     for label, fields in policies(args.budgets, args.h2o_budgets, args.sinks):
+        if label in done:
+            continue
         start = time.perf_counter()
         compiled = llmir_tvm.compile("default", kv=llmir_tvm.KVCacheConfig(**fields))
         compile_seconds = time.perf_counter() - start
@@ -120,20 +131,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:>24}: perplexity {row['perplexity']:.3f}, peak KV {row['peak_kv_mib']:.1f} MiB "
               f"({row['peak_kv_tokens']} token slots)", flush=True)
         del engine, compiled, logits
-    full = rows[0]
-    for row in rows:
-        row["perplexity_ratio"] = row["perplexity"] / full["perplexity"]
-        row["memory_ratio"] = row["peak_kv_mib"] / full["peak_kv_mib"]
-    out = {
-        "model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
-        "tokens": args.tokens, "prefill": args.prefill, "page_size": page, "results": rows,
-    }
-    path = args.out or RESULTS / f"pruning_{out['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_summary(rows, args, page), indent=2))  # after each policy: resumable
+    out = _summary(rows, args, page)
     path.write_text(json.dumps(out, indent=2))
     _plot(out, args.plot or path.with_suffix(".png"))
     print(f"wrote {path}")
     return 0
+
+
+def _summary(rows: list[dict], args: argparse.Namespace, page: int) -> dict:
+    """The results document, every row also as a ratio to the full cache (the first policy)."""
+    full = next(r for r in rows if r["policy"] == "full cache")
+    for row in rows:
+        row["perplexity_ratio"] = row["perplexity"] / full["perplexity"]
+        row["memory_ratio"] = row["peak_kv_mib"] / full["peak_kv_mib"]
+    return {
+        "model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
+        "tokens": args.tokens, "prefill": args.prefill, "page_size": page, "results": rows,
+    }
 
 
 def _plot(out: dict, path: Path) -> None:
