@@ -7,8 +7,10 @@ float8_e4m3fn and ``auto`` (per-layer mixed precision within ``--auto-max-kl``) 
   ``--tokens`` tokens of ``bench/eval_text.py`` under teacher forcing (``Engine.score``: the first
   tokens in one prefill, the last ``--decode-tokens`` one decode step each, so both attention
   kernels are measured);
-- greedy agreement over ``--new-tokens`` generated tokens (eos ignored) with the float32 and the
-  float16 cache: the share of positions holding the same token, and the identical prefix;
+- greedy agreement over ``--new-tokens`` generated tokens (eos ignored): free-running (the share
+  of positions holding the float32 cache's token, and the identical prefix: one early flip of a
+  near-tie makes the rest differ) and teacher-forced (along the float32 cache's greedy
+  continuation, the share of positions whose argmax is the same token);
 - KV bytes per token (scales included) and how many ``--seq-len``-token sequences fit in the
   same ``--budget``, as ratios to float16;
 - the decode attention kernel alone on this CPU for each pool dtype vs the float16 kernel, at
@@ -39,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=128, help="of them, scored one decode step each (default 128)")
     parser.add_argument("--new-tokens", type=int, default=256, help="greedy tokens generated per dtype (default 256)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt of the greedy run (default 64)")
-    parser.add_argument("--auto-max-kl", type=float, default=0.002, help="quality budget of 'auto' (default 0.002)")
+    parser.add_argument("--auto-max-kl", type=float, default=2e-4,
+                        help="quality budget of 'auto' (default 2e-4: below all-int8's KL, so the plan mixes)")
+    parser.add_argument("--auto-quant-dtype", default="int8", choices=["int8", "float8_e4m3fn"],
+                        help="dtype 'auto' quantizes layers to (default int8)")
     parser.add_argument("--budget", default="512MiB", help="KV memory budget for the capacity figures (default 512MiB)")
     parser.add_argument("--seq-len", type=int, default=2048, help="sequence length for the capacity figures (default 2048)")
     parser.add_argument("--batch", type=int, default=8, help="decode kernel batch (default 8)")
@@ -59,7 +64,7 @@ def _quality(args, dtypes) -> tuple[dict, dict]:
     rows, logits, greedy, plan = {}, {}, {}, {}
     tokens = None
     for dtype in ["float32"] + [d for d in dtypes if d != "float32"]:
-        kv = llmir_tvm.KVCacheConfig(dtype=dtype, auto_max_kl=args.auto_max_kl)
+        kv = llmir_tvm.KVCacheConfig(dtype=dtype, auto_max_kl=args.auto_max_kl, auto_quant_dtype=args.auto_quant_dtype)
         start = time.perf_counter()
         compiled = llmir_tvm.compile("default", kv=kv)
         compile_s = time.perf_counter() - start
@@ -69,6 +74,8 @@ def _quality(args, dtypes) -> tuple[dict, dict]:
         logits[dtype] = np.asarray(engine.score(tokens, prefill_len=len(tokens) - args.decode_tokens))
         params = llmir_tvm.SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
         greedy[dtype] = list(engine.generate([tokens[: args.prompt_tokens]], params)[0].token_ids)
+        forced = np.asarray(engine.score(tokens[: args.prompt_tokens] + greedy["float32"]))
+        picked = forced[args.prompt_tokens - 1 : -1].argmax(axis=-1)
         info = compiled.info
         bytes_per_token = info.bytes_per_block / info.page_size
         blocks = parse_bytes(args.budget) // info.bytes_per_block
@@ -78,6 +85,8 @@ def _quality(args, dtypes) -> tuple[dict, dict]:
             "max_sequences": int(blocks // -(-args.seq_len // info.page_size)),
             "layer_dtypes": info.kv_dtypes,
             "compile_s": compile_s,
+            "greedy_teacher_forced_agreement_vs_float32": float(np.mean(picked == np.asarray(greedy["float32"]))),
+            "greedy_tokens": greedy[dtype],
         }
         if info.kv_precision_plan:
             plan = info.kv_precision_plan
@@ -203,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     for dtype, row in result["quality"].items():
         print(
             f"{dtype:14s} ppl {row['perplexity']:.4f} ({row.get('perplexity_vs_float16', 0) * 100:+.2f}% vs fp16)  "
-            f"KL {row['mean_kl_vs_float32']:.2e}  greedy vs fp32 {row.get('greedy_agreement_vs_float32', 1):.3f}  "
+            f"KL {row['mean_kl_vs_float32']:.2e}  greedy vs fp32 {row.get('greedy_agreement_vs_float32', 1):.3f} "
+            f"(teacher-forced {row['greedy_teacher_forced_agreement_vs_float32']:.3f})  "
             f"{row['kv_bytes_per_token']:.0f} B/token  {row['max_sequences']} seqs"
         )
     print(f"results: {out}")
