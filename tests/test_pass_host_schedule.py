@@ -221,3 +221,24 @@ def test_injective_function_is_vectorised_and_scheduled_ones_are_left_alone():
 def test_non_llvm_targets_are_untouched():
     cuda = Target({"kind": "cuda", "arch": "sm_90a"})
     tvm.ir.assert_structural_equal(ScheduleHostOps(target=cuda)(Before), Before)
+
+
+@pytest.mark.parametrize("rows, parallel", [("n", False), (256, True)])
+def test_row_loops_run_in_parallel_only_for_a_static_row_count(rows, parallel):
+    @I.ir_module
+    class Norm:
+        @R.function
+        def main(x: R.Tensor((rows, 37), "float32")):
+            with R.dataflow():
+                out = R.nn.softmax(x, axis=-1)
+                R.output(out)
+            return out
+
+    with AVX512:
+        mod = ScheduleHostOps()(tvm.relax.transform.LegalizeOps()(Norm))
+    kinds: list = []
+    for _, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            assert has_schedule(func)
+            tvm_ffi_walk(func.body, kinds)
+    assert (tirx.ForKind.PARALLEL in kinds) == parallel and tirx.ForKind.VECTORIZED in kinds
