@@ -123,7 +123,9 @@ def _updates_the_pool(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 
 def _writes_a_fresh_output(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    return relax.call_dps_packed("llmir.memory_plan.kernel", list(call.args), out_ty=call.ty)
+    # attention under eviction="h2o" also returns the attention weights: (output, scores)
+    outputs = list(call.ty.fields) if isinstance(call.ty, relax.TupleType) else call.ty
+    return relax.call_dps_packed("llmir.memory_plan.kernel", list(call.args), out_ty=outputs)
 
 
 #: How the ``llm.*`` ops are legalized for planning: with the allocations of their real kernels
