@@ -145,6 +145,10 @@ def test_default_model_quantized_perplexity_within_one_percent(dtype):
     for kv_dtype in ("float32", "float16", dtype):
         compiled = llmir_tvm.compile("default", kv=llmir_tvm.KVCacheConfig(dtype=kv_dtype))
         tokens = eval_tokens(compiled.tokenizer, 512)
-        runs[kv_dtype] = np.asarray(llmir_tvm.Engine(compiled).score(tokens, prefill_len=480))
+        engine = llmir_tvm.Engine(compiled)
+        runs[kv_dtype] = np.asarray(engine.score(tokens, prefill_len=480))
+        if kv_dtype == dtype:
+            text = engine.generate(["The capital of France is"], max_new_tokens=8, temperature=0.0)[0].text
+            assert "Paris" in text, text
     assert perplexity(runs[dtype], tokens) <= perplexity(runs["float16"], tokens) * 1.01
     assert mean_kl(runs["float32"], runs[dtype]) <= 0.01
