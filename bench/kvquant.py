@@ -55,10 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
-def _quality(args, dtypes) -> tuple[dict, dict]:
-    """Compile per dtype; perplexity, KL vs float32, greedy agreement, KV bytes. Returns (rows, plan)."""
+def _quality(args, dtypes, save=lambda rows, plan: None) -> tuple[dict, dict]:
+    """Compile per dtype; perplexity, KL vs float32, greedy agreement, KV bytes. Returns (rows, plan).
+
+    ``save(rows, plan)`` is called after each dtype with the figures so far (partial results survive).
+    """
     import llmir_tvm
-    from bench.eval_text import eval_tokens, mean_kl, perplexity
+    from bench.eval_text import eval_tokens, perplexity
     from llmir_tvm.config import parse_bytes
 
     rows, logits, greedy, plan = {}, {}, {}, {}
@@ -92,6 +95,15 @@ def _quality(args, dtypes) -> tuple[dict, dict]:
             plan = info.kv_precision_plan
         print(f"{dtype}: perplexity {rows[dtype]['perplexity']:.4f}, {bytes_per_token:.0f} KV bytes/token", flush=True)
         del engine, compiled
+        _relative(rows, logits, greedy)
+        save(rows, plan)
+    return rows, plan
+
+
+def _relative(rows: dict, logits: dict, greedy: dict) -> None:
+    """Figures relative to the float32 / float16 rows present so far."""
+    from bench.eval_text import mean_kl
+
     for dtype, row in rows.items():
         row["mean_kl_vs_float32"] = mean_kl(logits["float32"], logits[dtype])
         for ref in ("float32", "float16"):
@@ -104,7 +116,6 @@ def _quality(args, dtypes) -> tuple[dict, dict]:
             row["perplexity_vs_float16"] = row["perplexity"] / base["perplexity"] - 1.0
             row["kv_bytes_ratio_float16_over_this"] = base["kv_bytes_per_token"] / row["kv_bytes_per_token"]
             row["max_sequences_ratio_vs_float16"] = row["max_sequences"] / max(base["max_sequences"], 1)
-    return rows, plan
 
 
 def _kernel_times(args, dtypes) -> dict:
@@ -203,10 +214,15 @@ def run(args: argparse.Namespace) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
     }
-    result["decode_kernel"] = _kernel_times(args, dtypes)
-    result["quality"], result["auto_plan"] = _quality(args, dtypes)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"kvquant_{datetime.date.today().isoformat()}.json"
+    result["decode_kernel"] = _kernel_times(args, dtypes)
+
+    def save(rows: dict, plan: dict) -> None:
+        result["quality"], result["auto_plan"] = rows, plan
+        out.write_text(json.dumps(result, indent=2))
+
+    result["quality"], result["auto_plan"] = _quality(args, dtypes, save)
     out.write_text(json.dumps(result, indent=2))
     _plot(result, args.plot or out.with_suffix(".png"))
     for dtype, row in result["quality"].items():
