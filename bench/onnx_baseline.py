@@ -15,31 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class _WithCache:
-    """Factory of the export wrapper (torch imported lazily)."""
-
-    @staticmethod
-    def build(model, num_layers: int):
-        import torch
-        from transformers import DynamicCache
-
-        class WithCache(torch.nn.Module):
-            """``(input_ids, attention_mask, position_ids, flat past K/V) -> (logits, *present K/V)``."""
-
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids, attention_mask, position_ids, past):
-                cache = DynamicCache(config=self.inner.config)
-                for layer in range(num_layers):
-                    cache.update(past[2 * layer], past[2 * layer + 1], layer)
-                out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=True)
-                return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
-
-        return WithCache(model).eval()
+from llmir_tvm.frontend.cache_export import with_flat_kv_cache
 
 
 def export_with_cache(model_dir: Path, out: Path) -> Path:
@@ -71,7 +47,7 @@ def export_with_cache(model_dir: Path, out: Path) -> Path:
     partial_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         program = torch.onnx.export(
-            _WithCache.build(model, layers), args, dynamic_shapes=dynamic, dynamo=True, opset_version=18,
+            with_flat_kv_cache(model, layers), args, dynamic_shapes=dynamic, dynamo=True, opset_version=18,
             optimize=True, input_names=["input_ids", "attention_mask", "position_ids", *kv_in],
             output_names=["logits", *kv_out], verbose=False,
         )

@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 import llmir_tvm
 import llmir_tvm.ops  # noqa: F401  (R.llm.* in Expected)
 from llmir_tvm.frontend import ModelImportError, import_model
+from llmir_tvm.frontend.cache_export import with_flat_kv_cache
 from llmir_tvm.passes import PagedAttentionRewrite
 
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
@@ -54,24 +55,6 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], outputs: lis
     return str(path)
 
 
-class WithCache(torch.nn.Module):
-    """``(input_ids, attention_mask, position_ids, flat past K/V) -> (logits, *present K/V)``."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids, attention_mask, position_ids, past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.inner.config)
-        for layer in range(LAYERS):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
-
-
 KV_NAMES = [f"{kind}.{layer}.{t}" for kind in ("past_key_values", "present") for layer in range(LAYERS)
             for t in ("key", "value")]
 CACHE_INPUTS = ["input_ids", "attention_mask", "position_ids"] + KV_NAMES[: 2 * LAYERS]
@@ -94,7 +77,7 @@ def cache_onnx(hf_model, tmp_path_factory) -> str:
     dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
                "past": tuple({0: dyn, 2: dyn} for _ in range(2 * LAYERS))}
     path = tmp_path_factory.mktemp("onnx") / "llama_cache.onnx"
-    return _export(WithCache(hf_model).eval(), _cache_args(), CACHE_INPUTS, CACHE_OUTPUTS, dynamic, path)
+    return _export(with_flat_kv_cache(hf_model, LAYERS), _cache_args(), CACHE_INPUTS, CACHE_OUTPUTS, dynamic, path)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +90,7 @@ def legacy_cache_onnx(hf_model, tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("onnx") / "llama_cache_legacy.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
-        torch.onnx.export(WithCache(hf_model).eval(), _cache_args(), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(with_flat_kv_cache(hf_model, LAYERS), _cache_args(), str(path), dynamo=False, opset_version=17,
                           input_names=CACHE_INPUTS, output_names=CACHE_OUTPUTS, dynamic_axes=axes)
     return str(path)
 
