@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=_ints, default=[32, 8], help="num_qo_heads,num_kv_heads (default 32,8)")
     parser.add_argument("--head-dim", type=int, default=128, help="head_dim (default 128)")
     parser.add_argument("--dtype", default="float16", help="cache dtype (default float16)")
+    parser.add_argument("--quant-dtypes", default="int8,float8_e4m3fn",
+                        help="cuda: quantized pool dtypes timed against the float16 pool (comma list, '' for none)")
+    parser.add_argument("--no-prefill", action="store_true", help="cuda: skip the paged prefill attention part")
     parser.add_argument("--quick", action="store_true", help="small grid: batch 1,4, context 512,2048, pages 1,16")
     parser.add_argument("--variants", action="store_true", help="cuda: also time decode tiling variants (tuning)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kernels_<device>_<date>.json)")
@@ -68,6 +71,8 @@ def grid(args: argparse.Namespace) -> dict:
         "num_kv_heads": args.heads[1],
         "head_dim": args.head_dim,
         "dtype": args.dtype,
+        "quant_dtypes": [] if cpu else [d for d in args.quant_dtypes.split(",") if d],
+        "prefill": not cpu and not args.no_prefill,
     }
 
 
@@ -96,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or kernels_report.default_path(RESULTS, result)
     kernels_report.save(result, out)
     print(kernels_report.table(result))
+    if result.get("prefill_rows"):
+        from . import kernels_prefill_cuda  # pylint: disable=import-outside-toplevel
+
+        print(kernels_prefill_cuda.table(result["prefill_rows"]))
     print(f"results: {out}")
     if args.plot:
         kernels_report.plot(result, args.plot)

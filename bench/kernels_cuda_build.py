@@ -2,7 +2,8 @@
 
 For each page size: our ``llmir_decode_p{P}`` (the tiles the dispatcher picks for the arch)
 and TVM's own paged decode kernel ``tvm_decode_p{P}``
-(``tvm.relax.frontend.nn.llm._decode_kernels._attention_decode``). With ``variants`` it adds
+(``tvm.relax.frontend.nn.llm._decode_kernels._attention_decode``); for every dtype of
+``grid["quant_dtypes"]`` our kernel on a quantized pool ``llmir_decode_p{P}_{dtype}``. With ``variants`` it adds
 decode tiling variants ``llmir_decode_p{P}__{name}`` for tuning. Needs full TVM and nvcc.
 """
 
@@ -23,6 +24,16 @@ def _variants(base):
     return {
         "r2": replace(base, rows_per_group=2),
         "chunk128": replace(base, min_chunk=128),
+    }
+
+
+def _quant_variants(base):
+    """Quantized-pool decode tilings to compare with the default one (name -> DecodeTiling)."""
+    return {
+        "lb8": replace(base, quant_lane_bytes=8),
+        "lb8r2": replace(base, quant_lane_bytes=8, rows_per_group=2),
+        "lb16r2": replace(base, quant_lane_bytes=16, rows_per_group=2),
+        "lb16r2b8": replace(base, quant_lane_bytes=16, rows_per_group=2, blocks_per_sm=8),
     }
 
 
@@ -47,14 +58,30 @@ def build(grid: dict, artifacts: Path, arch: str, variants: bool = False) -> Pat
         name = f"tvm_decode_p{page}"
         funcs[name] = _attention_decode(hkv, hq, dim, dtype, False, {}, target, page_size=page)
         kernels.append({"impl": "tvm", "page": page, "symbol": name})
+        for qdtype in grid.get("quant_dtypes", ()):
+            qcfg = tir_kernels.AttentionConfig(tir_kernels.CacheLayout(hkv, dim, page, qdtype, dtype), hq, dim**-0.5)
+            name = f"llmir_decode_p{page}_{qdtype}"
+            funcs[name] = tir_kernels.paged_decode_attention(qcfg, target)
+            kernels.append({"impl": f"llmir_{qdtype}", "page": page, "symbol": name, "kv_dtype": qdtype})
+            if variants:
+                for vname, tiling in _quant_variants(base).items():
+                    funcs[f"{name}__{vname}"] = cuda_decode.paged_decode_attention(qcfg, target, tiling)
+                    kernels.append({"impl": f"llmir_{qdtype}:{vname}", "page": page, "symbol": f"{name}__{vname}",
+                                    "kv_dtype": qdtype, "tiling": asdict(tiling)})
         if variants:
             for vname, tiling in _variants(base).items():
                 name = f"llmir_decode_p{page}__{vname}"
                 funcs[name] = cuda_decode.paged_decode_attention(cfg, target, tiling)
                 kernels.append({"impl": f"llmir:{vname}", "page": page, "symbol": name, "tiling": asdict(tiling)})
+    prefill = []
+    if grid.get("prefill"):
+        from . import kernels_prefill_cuda  # pylint: disable=import-outside-toplevel
+
+        prefill_funcs, prefill = kernels_prefill_cuda.build_funcs(grid, target)
+        funcs.update(prefill_funcs)
     t0 = time.time()
     export_cuda_library(funcs, artifacts / LIBRARY, arch)
-    manifest = {"arch": arch, "library": LIBRARY, "grid": grid, "kernels": kernels}
+    manifest = {"arch": arch, "library": LIBRARY, "grid": grid, "kernels": kernels, "prefill": prefill}
     path = artifacts / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     print(f"built {len(funcs)} kernels for {arch} in {time.time() - t0:.0f} s -> {artifacts / LIBRARY}")

@@ -138,18 +138,80 @@ def _config_run(lib, kinds, page, batch, ctx, grid, torch, tvm, tvm_ffi) -> list
         "tvm": [lambda a=a: f_t(*a, 0, 1.0, 1e4, scale) for a in args_t],
         "torch_sdpa": [lambda r=r: sdpa(qt, ks[r], vs[r], scale=scale, enable_gqa=True) for r in range(rot)],
     }
-    for name in kinds:
-        if name in impls:
-            continue
+    errs = {"llmir": err_sdpa, "tvm": err_sdpa, "torch_sdpa": 0.0}
+    for name in kinds:  # tiling variants: same inputs, own output check against SDPA
         f_v = lib[name]
+        f_v(*args_l[0])
+        errs[name] = (out_l.float() - ref.float()).abs().max().item()
         impls[name] = [lambda a=a, f=f_v: f(*a) for a in args_l]
     for impl, calls in impls.items():
         sec, method = _time(calls, torch, tvm_ffi)
         rows.append({"impl": impl, "page": page, "batch": batch, "context": ctx, "seconds": sec,
                      "kv_bytes": kv_bytes, "bandwidth": kv_bytes / sec, "timing": method, "rotations": rot,
-                     "max_abs_diff_vs_tvm": err_tvm, "max_abs_diff_vs_sdpa": err_sdpa})
+                     "max_abs_diff_vs_tvm": err_tvm, "max_abs_diff_vs_sdpa": errs[impl]})
     del pool, ks, vs
     torch.cuda.empty_cache()
+    return rows
+
+
+def _quant_pool(nblocks, hkv, page, dim, dtype, gen, torch):
+    """Random quantized pool bytes ``[nblocks, 2, hkv, page, dim + 2]`` (values, then a float16 scale
+    per row), float8 NaN patterns avoided, and its dequantized float32 values ``[..., dim]``."""
+    raw = torch.randint(0, 256, (nblocks, 2, hkv, page, dim), dtype=torch.uint8, device="cuda", generator=gen)
+    if dtype == "float8_e4m3fn":
+        raw = torch.where((raw & 0x7F) == 0x7F, raw - 1, raw)  # S.1111.111 is NaN in e4m3fn
+        values = raw.view(torch.float8_e4m3fn).float()
+    else:
+        values = raw.view(torch.int8).float()
+    amax = values.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    scale = (torch.rand(amax.shape, device="cuda", generator=gen) * 0.5 + 0.5) / amax  # rows of absmax <= 1
+    scale = scale.to(torch.float16)
+    pool = torch.cat([raw, scale.view(torch.uint8).reshape(*scale.shape[:-1], 2)], dim=-1).contiguous()
+    return pool, values * scale.float()
+
+
+def _quant_run(lib, qkinds, page, batch, ctx, grid, torch, tvm, tvm_ffi) -> list[dict]:
+    """Our decode kernel on quantized pools (``qkinds``: (impl, symbol, dtype)): time, bandwidth of
+    the quantized bytes, and the output of two sequences checked against SDPA on the dequantized K/V."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    hq, hkv, dim = grid["num_qo_heads"], grid["num_kv_heads"], grid["head_dim"]
+    kv_bytes = 2 * batch * ctx * hkv * (dim + 2)
+    rot = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
+    blocks = -(-ctx // page)
+    nblocks = rot * batch * blocks
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16}[grid["dtype"]]
+    t = tvm.runtime.from_dlpack
+    rows = []
+    for impl, symbol, dtype in qkinds:
+        gen = torch.Generator(device="cuda").manual_seed(page * 7919 + batch * 31 + ctx)
+        pool_u8, deq = _quant_pool(nblocks, hkv, page, dim, dtype, gen, torch)
+        pool = tvm.runtime.empty(tuple(pool_u8.shape), dtype, tvm.cuda(0))
+        host = pool_u8.cpu().numpy()
+        pool.copyfrom(host.view(np.int8) if dtype == "int8" else host.view(__import__("ml_dtypes").float8_e4m3fn))
+        del host
+        perm = torch.randperm(nblocks, device="cuda", generator=gen).to(torch.int32)
+        tables = [perm[r * batch * blocks : (r + 1) * batch * blocks].reshape(batch, blocks).contiguous() for r in range(rot)]
+        q = torch.randn((batch, 1, hq, dim), dtype=tdt, device="cuda", generator=gen)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        args = [(t(q), pool, t(tb), t(seq_lens), t(out)) for tb in tables]
+        f = lib[symbol]
+        f(*args[0])
+        nb = min(batch, 2)  # the check covers two sequences (the dequantized copy is 4x the pool)
+        g = deq[tables[0][:nb].long()]  # [nb, blocks, 2, Hkv, page, D]
+        k = g[:, :, 0].permute(0, 2, 1, 3, 4).reshape(nb, hkv, blocks * page, dim)[:, :, :ctx]
+        v = g[:, :, 1].permute(0, 2, 1, 3, 4).reshape(nb, hkv, blocks * page, dim)[:, :, :ctx]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:nb].float().view(nb, hq, 1, dim), k, v, scale=dim**-0.5, enable_gqa=True).view(nb, 1, hq, dim)
+        err = (out[:nb].float() - ref).abs().max().item()
+        del g, k, v, deq, pool_u8
+        sec, method = _time([lambda a=a: f(*a) for a in args], torch, tvm_ffi)
+        rows.append({"impl": impl, "kv_dtype": dtype, "page": page, "batch": batch, "context": ctx, "seconds": sec,
+                     "kv_bytes": kv_bytes, "bandwidth": kv_bytes / sec, "timing": method, "rotations": rot,
+                     "max_abs_diff_vs_sdpa": err})
+        del pool, args
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -168,14 +230,26 @@ def run(artifacts: Path) -> dict:
     copy_bw = _copy_bandwidth(torch)
     rows = []
     for page in grid["pages"]:
-        variants = [k["symbol"] for k in manifest["kernels"] if k["page"] == page and ":" in k["impl"]]
+        variants = [k["symbol"] for k in manifest["kernels"] if k["page"] == page and ":" in k["impl"] and "kv_dtype" not in k]
+        quant = [(k["impl"], k["symbol"], k["kv_dtype"]) for k in manifest["kernels"] if k["page"] == page and "kv_dtype" in k]
         for batch in grid["batches"]:
             for ctx in grid["contexts"]:
-                for r in _config_run(lib, variants, page, batch, ctx, grid, torch, tvm, tvm_ffi):
+                found = _config_run(lib, variants, page, batch, ctx, grid, torch, tvm, tvm_ffi)
+                found += _quant_run(lib, quant, page, batch, ctx, grid, torch, tvm, tvm_ffi)
+                for r in found:
                     r["fraction_of_peak"] = r["bandwidth"] / peak
                     rows.append(r)
                     print(f"{r['impl']:>28s} p{page:<3d} b{batch:<3d} ctx{ctx:<6d} {r['seconds'] * 1e6:9.1f} us "
                           f"{r['bandwidth'] / 1e12:6.3f} TB/s {r['fraction_of_peak']:6.1%}", flush=True)
+    prefill_rows = []
+    if manifest.get("prefill"):
+        from . import kernels_prefill_cuda  # pylint: disable=import-outside-toplevel
+
+        try:
+            prefill_rows = kernels_prefill_cuda.run(lib, grid, lambda calls: _time(calls, torch, tvm_ffi), torch, tvm)
+        except Exception as err:  # noqa: BLE001  (keep the decode results; the failure is reported)
+            print(f"prefill part failed: {type(err).__name__}: {err}", flush=True)
+            prefill_rows = [{"error": f"{type(err).__name__}: {err}"}]
     return {
         "benchmark": "kernels",
         "device_kind": "cuda",
@@ -188,4 +262,5 @@ def run(artifacts: Path) -> dict:
         "grid": grid,
         "kernels": manifest["kernels"],
         "rows": rows,
+        "prefill_rows": prefill_rows,
     }

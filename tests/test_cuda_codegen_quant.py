@@ -3,8 +3,9 @@
 int8 builds for every arch; float8_e4m3fn needs hardware e4m3 conversion (sm_89+) and must be
 refused with a clear error on sm_80. Every kernel passes the structural checks of
 ``test_cuda_codegen.check_source`` (device module, bound threads, constant-indexed local
-arrays); the attention kernels dequantize in the kernel (the row scale is read from the pool,
-float8 converts through ``__nv_fp8_e4m3``), and a subset compiles with nvcc without spills.
+arrays); the attention kernels dequantize in the kernel (the row scale is read from the pool;
+decode reads rows as aligned words and converts with bit tricks, prefill converts float8 through
+``__nv_fp8_e4m3``), and a subset compiles with nvcc without spills.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tvm
 from tvm.target import Target
 
 from llmir_tvm import tir_kernels
+from llmir_tvm.tir_kernels.cuda_quant_load import word_path
 
 from test_cuda_codegen import ATTENTION, CACHE_OPS, check_source, ptxas_report
 
@@ -53,7 +55,12 @@ def test_quantized_attention_builds(build, shape):
         src = _source(_attention(kind, dtype, shape, arch), arch)
         check_source(src, symbol, shared=True)
         assert "(*(half *)(&(" in src, "the row's float16 scale is read from the pool bytes"
-        if dtype == "float8_e4m3fn":
+        if kind == "paged_decode_attention" and word_path(shape[1]):
+            # decode reads rows as aligned 4-byte words and decodes them with integer/float bit tricks
+            assert "cache_w_ptr[" in src and "cache_u16_ptr[" in src, "quantized rows are read as aligned words"
+            if dtype == "int8":
+                assert "1258291200" in src, "int8 converts through the 0x4B000000 mantissa trick"
+        elif dtype == "float8_e4m3fn":
             assert "__nv_fp8_e4m3" in src, "float8 converts with the hardware e4m3 type"
 
 

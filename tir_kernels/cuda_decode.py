@@ -35,7 +35,8 @@ from .config import AttentionConfig
 from .cuda_common import (
     LOG2E, NEG_INF, check_cuda_layout, check_quant_target, cuda_target_info, next_pow2, quant_vec, vector_width,
 )
-from .kv_quant import row_scale
+from .cuda_quant_load import int8_flipped_word, int8_from_flipped, row_scale_at, row_word, word_byte, word_path
+from .kv_quant import decode_fp8_e4m3_fast, row_scale
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class DecodeTiling:
     max_splits: int = 64  #: most splits per unit
     max_group: int = 8  #: most query heads per block (GQA group is split beyond this)
     q_in_smem: bool = True  #: keep the scaled query in shared memory (saves GP*VEC registers)
+    quant_lane_bytes: int = 16  #: bytes of a quantized row each lane loads (as aligned words)
 
 
 def default_tiling(target: Target) -> DecodeTiling:
@@ -97,12 +99,18 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     G = cfg.group_size
     GP = _heads_per_block(G, tl.max_group)
     GZ = G // GP
-    VEC = quant_vec(D) if quant else vector_width(dtype)
+    # Quantized rows: aligned 4-byte word loads (WORDS per lane) where head_dim allows, else bytes.
+    WV = word_path(D, tl.quant_lane_bytes) if quant else 0
+    WORDS = WV // 4
+    VEC = (WV or quant_vec(D)) if quant else vector_width(dtype)
+    WP = WORDS > 0
+    SV = 4 if VEC % 4 == 0 else VEC  # float32 lanes per shared-memory store (float4 at most)
     TX = next_pow2(D // VEC)  # lanes per KV row (power of two for the xor reduction)
     if TX > 32:
         raise ValueError(f"head_dim {D} needs {TX} lanes per row; at most 32 are supported")
     TY = tl.threads // TX  # row groups per block
     R = tl.rows_per_group
+    KN, KT = (R * WORDS, "uint32") if WP else (R * VEC, cdtype)  # K/V registers per thread
     STEP = TY * R  # KV rows per block per step
     PAD = TX * VEC != D  # lanes past head_dim idle
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
@@ -118,6 +126,24 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     QT = VEC if tl.q_in_smem else 0  # stride of a lane
     QW = 1 if tl.q_in_smem else 0  # only row group 0 writes the shared copy
 
+    RB = 2 * H * BS * RW  # bytes of a pool block (quantized pools: one byte per element)
+
+    def row_addr(blk, kv, hk, off):
+        """Byte offset (int64) of pool row ``[blk, kv, hk, off]``."""
+        return ((T.Cast("int64", blk) * 2 + kv) * H + hk) * (BS * RW) + T.Cast("int64", off) * RW
+
+    def flip(word):
+        """A loaded word as kept in registers (int8: sign bits flipped for :func:`int8_from_flipped`)."""
+        return int8_flipped_word(word) if cdtype == "int8" else word
+
+    def value(buf, r, v):
+        """float32 element ``v`` of K or V row slot ``r`` held in registers (before a quantized row's scale)."""
+        if not WORDS:
+            return T.Cast("float32", buf[r * VEC + v])
+        if cdtype == "int8":  # words were loaded with their sign bits flipped
+            return int8_from_flipped(word_byte(buf, r, WORDS, v))
+        return decode_fp8_e4m3_fast(word_byte(buf, r, WORDS, v))
+
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_paged_decode"})
@@ -131,6 +157,8 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype)
         cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
+        cache_w = T.decl_buffer((NB * (RB // 4),), "uint32", data=cache.data)
+        cache_u16 = T.decl_buffer((NB * (RB // 2),), "uint16", data=cache.data)
         # ---- host: split count from the symbolic shapes ----
         units: T.let[T.int64] = B * L * (H * GZ)
         kv_bound: T.let[T.int64] = T.min(MB * BS, T.int64(W + S)) if W > 0 else MB * BS
@@ -144,11 +172,12 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                     for tx in T.thread_binding(TX, thread="threadIdx.x"):
                         qf = T.alloc_buffer((QN,), "float32", scope=QSCOPE)
                         acc = T.alloc_local((GP * VEC,), "float32")
-                        kr = T.alloc_local((R * VEC,), cdtype)
-                        vr = T.alloc_local((R * VEC,), cdtype)
+                        kr = T.alloc_local((KN,), KT)
+                        vr = T.alloc_local((KN,), KT)
                         ksr = T.alloc_local((R if quant else 1,), "float32")  # row scales (quantized)
                         vsr = T.alloc_local((R if quant else 1,), "float32")
                         sc = T.alloc_local((R * GP,), "float32")
+                        row = T.alloc_local((VEC,), "float32")  # one decoded K or V row slice
                         mx = T.alloc_local((GP,), "float32")
                         mold = T.alloc_local((GP,), "float32")
                         den = T.alloc_local((GP,), "float32")
@@ -195,27 +224,44 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                     p: T.int32 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                                     blk: T.int32 = block_table[b, T.truncdiv(p, BS)]
                                     off: T.int32 = T.truncmod(p, BS)
-                                    for v in LOAD(VEC):
-                                        kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
-                                    for v in LOAD(VEC):
-                                        vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
-                                    if quant:
-                                        ksr[r] = row_scale(cache_b, blk, 0, hk, off, D)
-                                        vsr[r] = row_scale(cache_b, blk, 1, hk, off, D)
+                                    if WP:
+                                        ka: T.int64 = row_addr(blk, 0, hk, off)
+                                        va: T.int64 = ka + H * BS * RW
+                                        for w in T.unroll(WORDS):
+                                            kr[r * WORDS + w] = flip(row_word(cache_w, ka + tx * VEC, w, WORDS))
+                                        for w in T.unroll(WORDS):
+                                            vr[r * WORDS + w] = flip(row_word(cache_w, va + tx * VEC, w, WORDS))
+                                        ksr[r] = row_scale_at(cache_u16, ka + D)
+                                        vsr[r] = row_scale_at(cache_u16, va + D)
+                                    else:
+                                        for v in LOAD(VEC):
+                                            kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
+                                        for v in LOAD(VEC):
+                                            vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
+                                        if quant:
+                                            ksr[r] = row_scale(cache_b, blk, 0, hk, off, D)
+                                            vsr[r] = row_scale(cache_b, blk, 1, hk, off, D)
                                 else:
-                                    for v in LOAD(VEC):
-                                        kr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
-                                    for v in LOAD(VEC):
-                                        vr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
+                                    if WP:
+                                        for w in T.unroll(WORDS):
+                                            kr[r * WORDS + w] = T.uint32(0)
+                                            vr[r * WORDS + w] = T.uint32(0)
+                                    else:
+                                        for v in LOAD(VEC):
+                                            kr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
+                                        for v in LOAD(VEC):
+                                            vr[r * VEC + v] = T.Cast(cdtype, T.float32(0))
                                     if quant:
                                         ksr[r] = T.float32(0)
                                         vsr[r] = T.float32(0)
-                            # -- scores: partial dot per lane, xor-shuffle reduction over TX lanes --
+                            # -- scores: each K row decoded once, partial dots per lane, xor-shuffle reduction --
                             for r in T.unroll(R):
+                                for v in T.unroll(VEC):
+                                    row[v] = value(kr, r, v)
                                 for g in T.unroll(GP):
                                     sc[r * GP + g] = T.float32(0)
                                     for v in T.unroll(VEC):
-                                        sc[r * GP + g] = sc[r * GP + g] + qf[g * QG + tx * QT + v] * T.Cast("float32", kr[r * VEC + v])
+                                        sc[r * GP + g] = sc[r * GP + g] + qf[g * QG + tx * QT + v] * row[v]
                                     if quant:
                                         sc[r * GP + g] = sc[r * GP + g] * ksr[r]
                                 for o in T.unroll(TX.bit_length() - 1):
@@ -223,7 +269,7 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                         sc[r * GP + g] = sc[r * GP + g] + T.tvm_warp_shuffle_xor(
                                             T.uint32(FULL), sc[r * GP + g], (TX // 2) >> o, TX, 32
                                         )
-                            # -- online softmax update (fp32, base 2) --
+                            # -- online softmax update (fp32, base 2); sc becomes the V weights --
                             for g in T.unroll(GP):
                                 mold[g] = mx[g]
                                 for r in T.unroll(R):
@@ -239,16 +285,20 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                     )
                                     den[g] = den[g] + sc[r * GP + g]
                                     if quant:
-                                        for v in T.unroll(VEC):
-                                            acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * vsr[r] * T.Cast("float32", vr[r * VEC + v])
-                                    else:
-                                        for v in T.unroll(VEC):
-                                            acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * T.Cast("float32", vr[r * VEC + v])
+                                        sc[r * GP + g] = sc[r * GP + g] * vsr[r]
+                            # -- each V row decoded once, accumulated for every head --
+                            for r in T.unroll(R):
+                                for v in T.unroll(VEC):
+                                    row[v] = value(vr, r, v)
+                                for g in T.unroll(GP):
+                                    for v in T.unroll(VEC):
+                                        acc[g * VEC + v] = acc[g * VEC + v] + sc[r * GP + g] * row[v]
                         # ---- merge the TY row groups of this block through shared memory ----
                         T.tvm_storage_sync("shared")  # the merge buffers may reuse the query's
                         for g in T.unroll(GP):
-                            for v in T.vectorized(VEC):
-                                sm_o[(ty * GP + g) * (TX * VEC) + tx * VEC + v] = acc[g * VEC + v]
+                            for vo in T.unroll(VEC // SV):
+                                for v in T.vectorized(SV):
+                                    sm_o[(ty * GP + g) * (TX * VEC) + tx * VEC + vo * SV + v] = acc[g * VEC + vo * SV + v]
                             if tx == 0:
                                 sm_md[(ty * GP + g) * 2] = mx[g]
                                 sm_md[(ty * GP + g) * 2 + 1] = den[g]
