@@ -18,6 +18,7 @@ from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
+from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
 from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.kv_cache_sharding import check_num_shards, sharding_of
@@ -220,7 +221,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         funcs[COPY_SLOTS] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype))
     note("build")
     start = time.perf_counter()
-    pipeline = host_build_pipeline() if target.kind.name == "llvm" else "default"
+    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target)
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target, relax_pipeline=pipeline)
     note(f"built in {time.perf_counter() - start:.1f} s")
     return CompiledModel(executable, imported.params, info, imported.tokenizer)
