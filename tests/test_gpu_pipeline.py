@@ -111,3 +111,59 @@ def test_other_float_dtypes_are_computed_in_float32(dtype):
     compiled = llmir_tvm.compile(_tiny_llama().to(dtype), kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=16))
     assert all(p.dtype != np.float16 for p in compiled.params)
     assert any(p.dtype == np.float32 and p.ndim == 2 for p in compiled.params)
+
+
+def _fused_linear_module() -> tvm.IRModule:
+    """The linear module legalized and fused, as LowBatchGemvSpecialize sees it in the pipeline."""
+    from tvm.relax.transform.fuse_transpose_matmul import FuseTransposeMatmul
+
+    seq = tvm.transform.Sequential([FuseTransposeMatmul(), relax.transform.LegalizeOps(),
+                                    relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps(),
+                                    relax.transform.FuseTIR()])
+    return seq(_linear_module())
+
+
+def test_low_batch_gemv_specialize_branches_on_the_token_count():
+    from llmir_tvm.passes import LowBatchGemvSpecialize
+
+    mod = _fused_linear_module()
+    with CUDA:
+        out = LowBatchGemvSpecialize()(mod)
+    func = out["NT_matmul"]
+    assert func.attrs["tirx.is_scheduled"] and func.attrs["tirx.HoistIfThenElseExprWithBlock"] == 1
+    conditions = re.findall(r"^\s*if (.*):$", func.script(), re.M)
+    assert conditions[:2] == ["T.tvm_thread_invariant(t <= T.int64(2))", "T.tvm_thread_invariant(t <= T.int64(8))"], conditions
+
+
+def test_low_batch_gemv_specialize_leaves_other_functions_alone():
+    from llmir_tvm.passes import LowBatchGemvSpecialize
+
+    bb = relax.BlockBuilder()
+    t = tvm.tirx.Var("t", "int64")
+    x = relax.Var("x", relax.TensorType([t, 8], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.add(x, x))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    with CUDA:
+        out = LowBatchGemvSpecialize()(mod)
+    tvm.ir.assert_structural_equal(out, mod)
+    with pytest.raises(ValueError, match="pair up"):
+        LowBatchGemvSpecialize(limits=(8, 2), buckets=(2, 4))
+
+
+def test_low_batch_gemv_build_has_a_gemv_kernel_per_bucket_and_the_general_one():
+    with CUDA:
+        executable = tvm.compile(_linear_module(), target=CUDA, relax_pipeline=gpu_build_pipeline(CUDA, low_batch_gemv=True))
+    source = executable.mod.imports[0].imports[0].inspect_source()
+    kernels = re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", source)
+    assert sorted(set(kernels)) == ["NT_matmul_kernel", "NT_matmul_kernel_1", "NT_matmul_kernel_2"]
+    assert _kernels(executable) - {"shape_func"} == {"NT_matmul"}  # one host function picks the kernel
+
+
+def test_low_batch_gemv_is_refused_off_cuda():
+    with pytest.raises(ValueError, match="cuda"):
+        llmir_tvm.compile(_tiny_llama(), low_batch_gemv=True)
+    with pytest.raises(ValueError, match="cuda"):
+        gpu_build_pipeline(tvm.target.Target("llvm"), low_batch_gemv=True)
