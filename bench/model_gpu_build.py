@@ -13,6 +13,7 @@ Usage (here, from the repo root)::
 
     python bench/model_gpu_build.py --weights float32 --out .gpu-runtime/artifacts/gpumodel_fp32
     python bench/model_gpu_build.py --weights float16 --out .gpu-runtime/artifacts/gpumodel_fp16
+    python bench/model_gpu_build.py --weights float32 --low-batch-gemv --out .gpu-runtime/artifacts/gpumodel_fp32_lbg
 
 ``--target llvm --layers 2`` builds a small CPU-only folder for a dry run of the GPU script here
 (``model_gpu_run.py --device cpu``). Folder contents: ``model.so`` (the executable; CUDA: an
@@ -90,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv", choices=("float32", "float16"), default=None, help="KV-cache dtype (default: the weights')")
     ap.add_argument("--target", choices=("cuda", "llvm"), default="cuda", help="cuda (sm_90a) or llvm (CPU dry run)")
     ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="decoder layers (default 30)")
+    ap.add_argument("--low-batch-gemv", action="store_true", help="cuda: compile(..., low_batch_gemv=True)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--out", type=Path, required=True, help="artifact folder")
     args = ap.parse_args(argv)
     kv_dtype = args.kv or args.weights
 
+    if args.low_batch_gemv and args.target != "cuda":
+        ap.error("--low-batch-gemv needs --target cuda")
     if args.target == "cuda":
         sys.path.insert(0, str(_gpu_kit()))
         import cuda_precompile
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "cuda":
         target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}, host="llvm")
         with target:
-            compiled = llmir_tvm.compile(model, target=target, kv=kv)
+            compiled = llmir_tvm.compile(model, target=target, kv=kv, low_batch_gemv=args.low_batch_gemv)
             compiled.executable.export_library(str(out / "model.so"))
         cpu = llmir_tvm.compile(model, kv=kv)
     else:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "model.json").write_text(json.dumps(asdict(compiled.info)))
     (out / "weights.json").write_text(json.dumps({
         "hf_config": config, "weight_dtype": args.weights, "kv_dtype": kv_dtype, "seed": args.seed,
-        "target": args.target, "hf_params": hf_params, "params": mapping,
+        "target": args.target, "low_batch_gemv": args.low_batch_gemv, "hf_params": hf_params, "params": mapping,
         "prompts": PROMPTS, "score_prefill": SCORE_PREFILL, "score_rows": SCORE_ROWS, "tokens": tokens,
     }))
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6

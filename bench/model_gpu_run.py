@@ -50,9 +50,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def _init_tvm(device: str):
     """tvm with its CUDA runtime loaded (the kit's ``tvm_cuda_runtime``), or plain tvm on the CPU."""
     if device == "cuda":
-        import tvm_cuda_runtime
-
-        return tvm_cuda_runtime.init()
+        try:
+            import tvm_cuda_runtime  # the GPU kit (runtime-only TVM); a full TVM install loads CUDA itself
+        except ImportError:
+            tvm_cuda_runtime = None
+        if tvm_cuda_runtime is not None:
+            return tvm_cuda_runtime.init()
     import tvm
 
     return tvm
@@ -287,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device_name}, torch {torch.__version__}, transformers {transformers.__version__}")
     for art in args.artifacts:
         meta, info, params, by_name = load_artifact(art, tvm)
-        print(f"{art.name}: weights {meta['weight_dtype']}, KV {meta['kv_dtype']}, {meta['hf_config']['num_hidden_layers']} layers")
+        print(f"{art.name}: weights {meta['weight_dtype']}, KV {meta['kv_dtype']}, low_batch_gemv "
+              f"{meta.get('low_batch_gemv', False)}, {meta['hf_config']['num_hidden_layers']} layers")
         entry = {"artifact": art.name, "weight_dtype": meta["weight_dtype"], "kv_dtype": meta["kv_dtype"],
+                 "low_batch_gemv": meta.get("low_batch_gemv", False),
                  "num_layers": meta["hf_config"]["num_hidden_layers"]}
         try:
             compiled = CompiledModel(tvm.runtime.load_module(str(art / "model.so")), params, info)
-            engine = Engine(compiled, device=args.device)
+            # no prefix caching: repeated timed runs would reuse their prompts' blocks, which HF cannot
+            engine = Engine(compiled, device=args.device, enable_prefix_caching=False)
             hf = hf_model(meta, by_name, args.device)
             entry["hf_attention"] = getattr(hf.config, "_attn_implementation", None)
             entry["correctness"] = check_correctness(art, meta, engine, hf, torch, args.device)
