@@ -314,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
+    print("summary (tokens/s, ours / HF eager, greedy-token agreement with HF):")
+    for m in report["models"]:
+        for b in m.get("batches", []):
+            print(f"  {m['artifact']:<20} batch {b['batch']:>3}: ours {b['ours_tok_s']:8.0f}  HF {b['hf_tok_s']:8.0f}  "
+                  f"{b['ratio_ours_over_hf']:5.2f}x  agreement {b['agreement_with_hf']['token_share']:.1%}")
+        if "error" in m:
+            print(f"  {m['artifact']:<20} failed: {m['error'][:200]}")
     print(f"wrote {args.json}")
     return 1 if any("error" in m for m in report["models"]) else 0
 
