@@ -18,6 +18,7 @@ from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
+from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
 from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.kv_cache_sharding import check_num_shards, sharding_of
@@ -164,6 +165,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     dump_ir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     num_shards: int = 1,
+    low_batch_gemv: bool = False,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -173,10 +175,14 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     after import and after every KV pass. ``progress(stage)`` is called as each stage starts.
     ``num_shards > 1``: tensor parallelism over KV heads on a Disco session (``KVCacheSharding``;
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
+    ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
+    at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
     """
     note = progress or (lambda stage: None)
     num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
+    if low_batch_gemv and target.kind.name != "cuda":
+        raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
     note("import")
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
     stages = [("0_imported", imported.mod)]
@@ -220,7 +226,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         funcs[COPY_SLOTS] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype))
     note("build")
     start = time.perf_counter()
-    pipeline = host_build_pipeline() if target.kind.name == "llvm" else "default"
+    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target, relax_pipeline=pipeline)
     note(f"built in {time.perf_counter() - start:.1f} s")
     return CompiledModel(executable, imported.params, info, imported.tokenizer)

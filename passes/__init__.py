@@ -8,6 +8,8 @@
 - :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
 - :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
   (run by :func:`host_build_pipeline`, the Relax build pipeline of ``llvm`` targets);
+- :class:`LowBatchGemvSpecialize` — small-batch matmuls as GEMV kernels picked at run time (CUDA,
+  ``compile(..., low_batch_gemv=True)``); :func:`gpu_build_pipeline`, the Relax build pipeline of GPU targets;
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
 """
@@ -18,6 +20,8 @@ from .dense_offload import OffloadDenseToBLAS
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning, KVCachePruningError
 from .kv_cache_sharding import KVCacheSharding, ShardingError
+from .low_batch_gemv import LowBatchGemvSpecialize
+from .gpu_pipeline import gpu_build_pipeline
 from .host_pipeline import host_build_pipeline
 from .host_schedule import ScheduleHostOps
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
@@ -25,5 +29,5 @@ from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
 __all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
-           "KVCachePruningError", "KVCacheSharding", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
-           "ShardingError", "SimplifyPower", "host_build_pipeline", "kv_pipeline"]
+           "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
+           "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "kernels": "bench.kernels",
     "serve": "bench.serve",
     "model": "bench.model",
+    "model-gpu": "bench.model_gpu",
     "kvquant": "bench.kvquant",
     "pruning": "bench.pruning",
     "sharding": "bench.sharding",

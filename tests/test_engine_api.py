@@ -134,3 +134,36 @@ def test_token_id_prompts_and_numpy_prompts(engine, reference):
     single = engine.generate(ids, max_new_tokens=24)
     assert len(single) == 1 and single[0].token_ids == reference[0].token_ids
     assert engine.generate(np.array([ids]), max_new_tokens=24)[0].token_ids == reference[0].token_ids
+
+
+def test_step_phases_account_for_the_step_time(engine, reference):
+    results = engine.generate(PROMPTS, max_new_tokens=6)
+    assert [r.token_ids for r in results] == [r.token_ids[:6] for r in reference]
+    for record in engine.step_stats:
+        phases = record["phases"]
+        assert set(phases) == {"schedule", "cache", "inputs", "model", "logits", "sample", "stats"}
+        assert all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) == pytest.approx(record["seconds"], rel=0.05, abs=2e-4)
+        assert phases["model"] > 0 and phases["cache"] > 0
+
+
+def test_profile_mode_gives_the_same_tokens(engine, reference):
+    engine.profile = True
+    try:
+        results = engine.generate(PROMPTS, max_new_tokens=6)
+    finally:
+        engine.profile = False
+    assert [r.token_ids for r in results] == [r.token_ids[:6] for r in reference]
+    assert all(s["phases"]["model"] > 0 for s in engine.step_stats)
+
+
+def test_reused_device_input_buffers_give_the_same_tokens(engine, reference):
+    """The GPU path (token/position buffers reused across steps) exercised on the CPU."""
+    engine._reuse_inputs = True
+    try:
+        results = engine.generate(PROMPTS, max_new_tokens=8)
+        assert engine._input_buffers  # the buffers were really used
+    finally:
+        engine._reuse_inputs = False
+        engine._input_buffers.clear()
+    assert [r.token_ids for r in results] == [r.token_ids[:8] for r in reference]

@@ -27,6 +27,10 @@ from ..runtime import KVCacheOutOfBlocks, create_cache
 from .sampling import SamplingParams, sample
 
 Prompt = str | Sequence[int]
+#: Where a step's time goes (``step_stats[i]["phases"]``, see :meth:`Engine.generate`).
+_PHASES = ("schedule", "cache", "inputs", "model", "logits", "sample", "stats")
+#: Reused device input buffers kept at most (one per role and shape).
+_MAX_INPUT_BUFFERS = 64
 
 
 @dataclass
@@ -148,6 +152,10 @@ class Engine:
     session:
         For a model compiled with ``num_shards > 1``: a Disco session of that many workers to run
         on (default: a new ``ProcessSession``; ``engine.executor.close()`` ends it).
+    profile:
+        Wait for the device after every model call, so that the ``"model"`` phase of
+        ``step_stats`` holds the model's device time and ``"logits"`` only the copy to the host
+        (without it, the wait falls into ``"logits"``; the total is the same).
 
     After every call, ``step_stats`` holds one dict per model step (see :meth:`generate`).
     """
@@ -162,6 +170,7 @@ class Engine:
         max_num_seqs: int = 256,
         enable_prefix_caching: bool = True,
         session: Any = None,
+        profile: bool = False,
     ):
         for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,8 +201,15 @@ class Engine:
             max_step_tokens=self.max_num_batched_tokens,
         )
         self.max_num_seqs = max_num_seqs
+        self.profile = bool(profile)
         self.step_stats: list[dict[str, Any]] = []
         self._ids = itertools.count()
+        self._functions: dict[str, Any] = {}
+        # Device-side model inputs reused from step to step, keyed by (role, shape, dtype): a fresh
+        # device tensor per step costs an allocation and a synchronizing free.
+        self._input_buffers: dict[tuple, tvm.runtime.Tensor] = {}
+        self._reuse_inputs = self.executor is None and self.device.dlpack_device_type() != tvm.runtime.cpu().dlpack_device_type()
+        self._phases: dict[str, float] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -223,7 +239,12 @@ class Engine:
         ``running``, ``waiting``, ``blocks_used``, ``blocks_free``, ``blocks_cached``,
         ``waste_pct`` (allocated slots holding no token), ``prefix_hit_rate`` (prompt tokens
         served from the prefix cache over prompt tokens admitted in this call),
-        ``preemptions`` (this step), ``preemptions_total``, ``seconds``.
+        ``preemptions`` (this step), ``preemptions_total``, ``seconds``, and ``phases``: seconds
+        of the step spent in ``schedule`` (admission, planning, the rest), ``cache`` (``begin_forward`` /
+        ``end_forward``, step tensors to the device included), ``inputs`` (token and position
+        tensors to the device), ``model`` (the model call; its device time too with
+        ``profile=True``), ``logits`` (logits to the host), ``sample`` (sampling, stop checks,
+        finished sequences released) and ``stats`` (this record).
         """
         requests = self._requests(prompts, sampling_params, overrides)
         for _ in self._serve(requests, on_step, want_text=False):
@@ -367,6 +388,9 @@ class Engine:
                     self.cache.remove_sequence(seq.seq_id)
 
     def _step(self, waiting: deque, running: list, all_seqs: list, state: dict, want_text: bool) -> tuple[list, dict]:
+        clock = time.perf_counter
+        step_start = clock()
+        phases = self._phases = dict.fromkeys(_PHASES, 0.0)
         cache, page = self.cache, self.cache.block_size
         budget = self.max_num_batched_tokens
         plan: list[list] = []  # [seq, tokens to compute]
@@ -406,7 +430,9 @@ class Engine:
             lens = [n for _, n in plan]
             toks = [t for s, n in plan for t in s.tokens[s.computed : s.computed + n]]
             try:
+                mark = clock()
                 step = cache.begin_forward([s.seq_id for s, _ in plan], lens, np.array(toks, dtype="int64"))
+                phases["cache"] += clock() - mark
                 break
             except KVCacheOutOfBlocks:
                 victim = max(running, key=lambda s: s.admitted)
@@ -445,7 +471,9 @@ class Engine:
                     logits = self._run("prefill", flat, positions, step, [step.q_indptr, logit_rows])
                     sampled = [plan[i][0] for i in done]
             finally:
+                mark = clock()
                 cache.end_forward()
+                phases["cache"] += clock() - mark
             for s, n in plan:
                 if s.computed + n == len(s.tokens) and n == 1 and s.computed >= len(s.request.prompt):
                     decode_tokens += 1
@@ -453,7 +481,10 @@ class Engine:
                     prefill_tokens += n
                 s.computed += n
             kind = "decode" if decode_only else ("prefill" if decode_tokens == 0 else "mixed")
+            mark = clock()
             new_tokens = self._sample(sampled, logits, running, all_seqs, events, want_text, state)
+            phases["sample"] += clock() - mark
+        mark = clock()
 
         stats = cache.stats()
         record = {
@@ -473,6 +504,10 @@ class Engine:
             "preemptions": preempted,
             "preemptions_total": state["preemptions"],
         }
+        end = clock()
+        phases["stats"] += end - mark
+        phases["schedule"] = end - step_start - sum(v for k, v in phases.items() if k != "schedule")
+        record["phases"] = phases
         return events, record
 
     def _sample(
@@ -481,11 +516,12 @@ class Engine:
         """Sample the next token of ``seqs`` (row i of ``logits``), fork n > 1 requests, retire finished ones."""
         now = time.perf_counter()
         fresh: list[tuple[_Seq, int]] = []
-        for seq, row in zip(seqs, logits):
+        greedy = logits.argmax(axis=-1).tolist() if any(s.request.params.temperature == 0 for s in seqs) else None
+        for i, (seq, row) in enumerate(zip(seqs, logits)):
             req = seq.request
             if req.first_token is None:
                 req.first_token = now
-            fresh.append((seq, sample(row, req.params, seq.rng)))
+            fresh.append((seq, greedy[i] if req.params.temperature == 0 else sample(row, req.params, seq.rng)))
             if not req.forked:  # prompt prefilled once: fork it copy-on-write into the other samples
                 req.forked = True
                 for j in range(1, req.params.n):
@@ -570,15 +606,49 @@ class Engine:
 
     # ------------------------------------------------------------------ model call
     def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
-        tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), self.device)  # noqa: E731
         if self._plan is not None and len(tokens) > self._plan.max_batch_tokens:  # the VM's storages hold no more
             raise ValueError(f"{len(tokens)} tokens in one call exceed the compiled max_batch_tokens "
                              f"{self._plan.max_batch_tokens} (KVCacheConfig.max_batch_tokens)")
-        args = [tensor(tokens[None].astype("int64")), tensor(positions[None].astype("int64"))]
-        groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
-        args += self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
-        out = self.vm[function](*args, *self.params)
+        clock, phases = time.perf_counter, self._phases
+        start = clock()
+        args = self.model_inputs(tokens, positions, step, extra)
+        mark = clock()
+        out = self._function(function)(*args, *self.params)
+        if self.profile and self.executor is None:
+            self.device.sync()
+        end = clock()
         if not isinstance(out, tvm.runtime.Tensor):  # (logits, attention scores): an H2O model's decode
             self.cache.record_scores(out[1].numpy())
             out = out[0]
-        return out.numpy()[0]
+        logits = out.numpy()[0]
+        phases["inputs"] = phases.get("inputs", 0.0) + mark - start
+        phases["model"] = phases.get("model", 0.0) + end - mark
+        phases["logits"] = phases.get("logits", 0.0) + clock() - end
+        return logits
+
+    def model_inputs(self, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> list:
+        """The arguments of a ``prefill`` / ``decode`` call before the weights (benchmarks call the model with them)."""
+        args = [self._device_input(0, tokens[None]), self._device_input(1, positions[None])]
+        groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
+        return args + self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
+
+    def _function(self, name: str) -> Any:
+        fn = self._functions.get(name)
+        if fn is None:
+            fn = self._functions[name] = self.vm[name]
+        return fn
+
+    def _device_input(self, role: int, array: np.ndarray) -> tvm.runtime.Tensor:
+        """``array`` as an int64 tensor on the device; off the CPU, copied into a buffer reused across steps."""
+        host = np.ascontiguousarray(array, dtype="int64")
+        if not self._reuse_inputs:
+            return tvm.runtime.tensor(host, self.device)
+        key = (role, host.shape)
+        buf = self._input_buffers.get(key)
+        if buf is None:
+            if len(self._input_buffers) >= _MAX_INPUT_BUFFERS:
+                self._input_buffers.clear()
+            buf = self._input_buffers[key] = tvm.runtime.empty(host.shape, "int64", self.device)
+        if host.size:
+            buf.copyfrom(host)
+        return buf

@@ -34,14 +34,21 @@ def _load(model: Any) -> tuple[Any, Any]:
 
 
 def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
-    """Import a ``PreTrainedModel`` or a model directory (config.json + weights)."""
+    """Import a ``PreTrainedModel`` or a model directory (config.json + weights).
+
+    A float16 model is imported with float16 weights; a directory is loaded in float32.
+    """
     import torch
 
     hf, loaded_tokenizer = _load(model)
     config = hf.config
     if getattr(config, "is_encoder_decoder", False) or hf.get_output_embeddings() is None:
         raise ModelImportError(f"{type(hf).__name__} is not a decoder-only causal LM")
-    hf = hf.eval().float()
+    # float16 weights stay float16 (a GPU build then reads half the bytes per step); other
+    # dtypes (bfloat16, float64) are computed in float32.
+    if next(hf.parameters()).dtype not in (torch.float32, torch.float16):
+        hf = hf.float()
+    hf = hf.eval()
 
     class Step(torch.nn.Module):
         """One step over ``[1, n]`` tokens at the given positions, no cache."""

@@ -544,11 +544,14 @@ class PagedKVCache:
         bs = self.block_size
         rows = list(self._row_of.values())
         fill = np.zeros(self.num_blocks, dtype=np.int64)
-        for row in rows:
-            held = self._held(row)
-            if held.size:
-                counts = np.minimum(bs, self._len[row] - held * bs)
-                np.maximum.at(fill, self._table[row, held], counts)
+        if rows:  # every row's held entries at once (the engine calls this every step)
+            r = np.asarray(rows, dtype=np.int64)
+            n = self._nblk[r][:, None]
+            col = np.arange(max(int(n.max()), 1))[None, :]
+            released = (col >= self._sb[r][:, None]) & (col < self._live[r][:, None])
+            held = (col < n) & ~released
+            counts = np.minimum(bs, self._len[r][:, None] - col * bs)
+            np.maximum.at(fill, self._table[r, : col.shape[1]][held], counts[held])
         stored = int(fill.sum())
         slots = a.num_used * bs
         return {

@@ -1,0 +1,59 @@
+"""``benchmark.py model-gpu``: the whole compiled model vs Hugging Face eager on a GPU, same random weights.
+
+``--stage build`` (here, full TVM): ``bench/model_gpu_build.py`` for float32 and float16 weights,
+each with TVM's default GPU schedules and with ``low_batch_gemv`` (:data:`BUILDS`), into
+``--artifacts``. ``--stage run``: the folders through
+``bench/model_gpu_run.py``. On the GPU machine (runtime-only TVM, where this CLI's other
+subcommands cannot import) call ``bench/model_gpu_run.py`` directly; the commands are in
+docs/benchmarks.md. ``--device cpu`` builds / runs small ``llvm`` folders: a dry run of the GPU
+script on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+HELP = "whole compiled model vs Hugging Face eager on the GPU, batch 1 and 32 (build here, run there)"
+DEFAULT_ARTIFACTS = REPO / ".gpu-runtime" / "artifacts"
+#: (folder name, weight dtype, low_batch_gemv) of the builds (``--device cpu``: the first two, llvm)
+BUILDS = (("gpumodel_fp32", "float32", False), ("gpumodel_fp16", "float16", False),
+          ("gpumodel_fp32_lbg", "float32", True), ("gpumodel_fp16_lbg", "float16", True))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``model-gpu`` subcommand."""
+    parser.add_argument("--stage", choices=("build", "run"), required=True, help="build artifacts here, or run them")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda (sm_90a builds), or cpu: 2-layer llvm builds and a CPU run (dry run)")
+    parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="folder holding the model folders")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "model_gpu.json", help="run stage: results JSON")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="run stage: batch sizes (default 1 32; cpu 1 4)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build or run every folder of :data:`BUILDS`."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import random_weights as a top-level module
+    cpu = args.device == "cpu"
+    builds = [b for b in BUILDS if not (cpu and b[2])]
+    folders = [args.artifacts / (name + ("_cpu" if cpu else "")) for name, _, _ in builds]
+    if args.stage == "build":
+        import model_gpu_build
+
+        extra = ["--target", "llvm", "--layers", "2"] if cpu else []
+        for folder, (_, dtype, low_batch) in zip(folders, builds):
+            status = model_gpu_build.main(["--weights", dtype, "--out", str(folder), *extra,
+                                           *(["--low-batch-gemv"] if low_batch else [])])
+            if status:
+                return status
+        return 0
+    import model_gpu_run
+
+    batches = args.batches or ([1, 4] if cpu else [1, 32])
+    extra = ["--new-tokens", "16", "--repeats", "2"] if cpu else []
+    return model_gpu_run.main(["--device", args.device, "--json", str(args.json), "--batches", *map(str, batches),
+                               *extra, *map(str, folders)])
