@@ -179,7 +179,10 @@ class Harness:
             qd = q.reshape(len(sids), 1, QO_HEADS, HEAD_DIM)
             outd = tvm.runtime.empty(qd.shape, dtype)
             decode_fn(tvm.runtime.tensor(qd), pool, step.block_table, step.seq_lens, outd)
-            np.testing.assert_allclose(outd.numpy().reshape(out.shape), out, rtol=1e-6, atol=1e-6)
+            # The two kernels sum in different orders (decode: a shuffle tree): fp32 rounding, then
+            # float16 outputs may differ by one float16 ulp.
+            dtol = 1e-6 if dtype == "float32" else 2.0**-10
+            np.testing.assert_allclose(outd.numpy().reshape(out.shape), out, rtol=dtol, atol=dtol)
 
     def check_contents(self, sids=None) -> None:
         """debug_get_kv of every layer equals the reference; released window positions read 0 and are invisible."""

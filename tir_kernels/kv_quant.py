@@ -68,6 +68,21 @@ def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = Fals
     return T.Cast("float32", pool[blk, kv, h, off, d])
 
 
+def element_flat(dtype: str, pool_flat, bytes_flat, index):
+    """Like :func:`element` on flat (1-D) views of the pool: element ``index`` of ``pool_flat``
+    (``bytes_flat`` is the same memory as ``uint8``; quantized elements are one byte each)."""
+    if dtype == "float8_e4m3fn":
+        return decode_fp8_e4m3_fast(bytes_flat[index])
+    return T.Cast("float32", pool_flat[index])
+
+
+def row_scale_flat(bytes_flat, row_start, head_dim: int):
+    """float32 scale of the quantized pool row whose first byte is ``bytes_flat[row_start]``."""
+    lo = T.Cast("uint16", bytes_flat[row_start + head_dim])
+    hi = T.Cast("uint16", bytes_flat[row_start + head_dim + 1])
+    return T.Cast("float32", T.reinterpret("float16", lo | T.shift_left(hi, T.uint16(8))))
+
+
 def scale_or_one(dtype: str, pool_bytes, blk, kv, h, off, head_dim: int):
     """The row scale of a quantized pool; 1.0 for float pools (their elements are the values)."""
     return row_scale(pool_bytes, blk, kv, h, off, head_dim) if is_quantized(dtype) else T.float32(1.0)
@@ -103,4 +118,7 @@ def quantize_row_macro(dtype: str, head_dim: int):
     return write_row
 
 
-__all__ = ["QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "element", "quantize_row_macro", "row_scale", "scale_or_one"]
+__all__ = [
+    "QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "element", "element_flat", "quantize_row_macro",
+    "row_scale", "row_scale_flat", "scale_or_one",
+]

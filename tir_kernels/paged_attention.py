@@ -25,10 +25,14 @@ from tvm.script import tirx as T
 from .cache_ops import SERIAL_BELOW_ROWS
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
-from .kv_quant import element, row_scale
+from .kv_quant import element, element_flat, row_scale, row_scale_flat
 
 #: KV positions per online-softmax step: one fp32 vector of scores per query vector.
 KV_CHUNK = 16
+#: KV positions per online-softmax step of the decode kernel (its per-step bookkeeping is amortised over them).
+DECODE_CHUNK = 16
+#: How many KV chunks ahead the decode kernel prefetches (latency of a run / time per chunk).
+PREFETCH_CHUNKS = 4
 #: Upper bound on query vectors (rows x group heads) per task, keeping its fp32 state in L1.
 MAX_QUERY_VECTORS = 32
 _NEG_INF = -3.0e38
@@ -56,29 +60,108 @@ def _visible_range(causal: bool, W: int, S: int, first_pos, last_pos, seq_len):
     return n_sink, lo, n_sink + T.max(hi - lo, T.int64(0))
 
 
+def prefetch(address):
+    """Hint the CPU to bring the cache line holding ``address`` into L1 (a read, high locality)."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(3), T.int32(1)))
+
+
+def _prefetch_chunk_macro(cfg: AttentionConfig, CH: int):
+    """T.macro ``(c, n_sink, lo, n_vis, cache_b, block_table, b, hk)``: prefetch the K and V rows of
+    KV chunk ``c`` (nothing past ``n_vis``): one prefetch per 64 bytes of each row.
+
+    Decode reads a block's rows of one head as two short runs (K, V) at random pool offsets;
+    hardware prefetchers do not see across runs, so without this the kernel is bound by memory
+    latency rather than bandwidth, and a smaller (quantized) row buys little.
+    """
+    lay = cfg.layout
+    BS, H = lay.block_size, lay.num_kv_heads
+    RB = lay.row_elems * element_bytes(lay.dtype)  # bytes per pool row
+    NL = (RB + 63) // 64  # offsets 0, 64, ...: consecutive rows of a block cover each other's tails
+
+    @T.macro
+    def prefetch_chunk(c, n_sink, lo, n_vis, cache_fb, block_table, b, hk):
+        for i in range(T.max(T.min(T.int64(CH), n_vis - c * CH), T.int64(0))):
+            t: T.int64 = c * CH + i
+            p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+            row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk) * BS + p % BS) * RB
+            for kv in range(2):
+                for j in T.unroll(NL):
+                    prefetch(T.address_of(cache_fb[row + kv * H * BS * RB + j * 64]))
+
+    return prefetch_chunk
+
+
+def _butterfly_indices(lanes: int) -> list[tuple[list[int], list[int]]]:
+    """Per level of the transposing reduction, the shuffle lanes (low halves, high halves).
+
+    Two ``lanes``-wide vectors ``A``, ``B`` are made of blocks of ``2w`` partial sums, one block
+    per key; ``lo``/``hi`` take the first/second ``w`` lanes of every block of ``A`` then ``B``
+    (``B`` counts from ``lanes``), so ``lo + hi`` holds ``A``'s keys then ``B``'s, ``w`` partials
+    each. ``log2(lanes)`` levels turn ``lanes`` vectors of partial dot products (one per key)
+    into one vector of ``lanes`` full dot products, in key order.
+    """
+    levels, w = [], lanes // 2
+    while w >= 1:
+        lo = [blk * 2 * w + j for blk in range(lanes // (2 * w)) for j in range(w)]
+        levels.append((lo + [lanes + x for x in lo], [x + w for x in lo] + [lanes + x + w for x in lo]))
+        w //= 2
+    return levels
+
+
+def _butterfly_macro(levels: list, lanes: int, pairs: int):
+    """T.macro ``(part, g, base)``: the butterfly levels on keys ``part[g, base:base+lanes, :]``;
+    afterwards ``part[g, base, :]`` holds their ``lanes`` dot products in key order."""
+    if not levels:
+
+        @T.macro
+        def done(part, g, base):
+            T.evaluate(0)
+
+        return done
+    (lo, hi), rest = levels[0], _butterfly_macro(levels[1:], lanes, pairs // 2)
+
+    @T.macro
+    def level(part, g, base):
+        for j in T.unroll(pairs):  # pairs of vectors -> one vector (in place: j <= 2 * j)
+            part[g, base + j, T.Ramp(0, 1, lanes)] = T.Shuffle(
+                [part[g, base + 2 * j, T.Ramp(0, 1, lanes)], part[g, base + 2 * j + 1, T.Ramp(0, 1, lanes)]], lo
+            ) + T.Shuffle([part[g, base + 2 * j, T.Ramp(0, 1, lanes)], part[g, base + 2 * j + 1, T.Ramp(0, 1, lanes)]], hi)
+        rest(part, g, base)
+
+    return level
+
+
 def _decode_body(cfg: AttentionConfig):
     """The T.macro attending ONE query row with the ``group_size`` heads of KV head ``hk``.
 
-    Memory-bound: every K/V row is read once and used straight from the pool; scores are fp32
-    vector partial dot products along head_dim with one horizontal sum per (head, key).
+    Memory-bound: every K/V row is read once and used straight from the pool. Per chunk of
+    ``KV_CHUNK`` keys, each (head, key) dot product is first a vector of ``VL`` partial sums along
+    head_dim; a butterfly of shuffles (:func:`_butterfly_indices`) then reduces ``VL`` keys'
+    vectors at once into one vector of their scores (``VL - 1`` vector adds instead of ``VL``
+    horizontal sums). Quantized pools: the K row scale multiplies the score vector, the V row
+    scale the probability, so elements are only converted, never scaled.
     """
     lay = cfg.layout
-    G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
+    G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, DECODE_CHUNK
     VL = _vector_lanes(D)
+    NGRP = CH // VL  # butterflies per chunk (VL divides DECODE_CHUNK)
+    butterfly = _butterfly_macro(_butterfly_indices(VL), VL, VL // 2)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
+    prefetch_chunk = _prefetch_chunk_macro(cfg, CH)
+    H, RW = lay.num_kv_heads, lay.row_elems
+    VOFF = H * BS * RW  # a V row sits this many pool elements after its K row
 
     @T.macro
-    def body(q_rows, out_rows, row, pos, seq_len, cache, cache_b, block_table, b, hk):
+    def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk):
         qf = T.alloc_buffer((G, D), "float32", scope="local")
         acc = T.alloc_buffer((G, D), "float32", scope="local")
-        part = T.alloc_buffer((G, VL), "float32", scope="local")
+        part = T.alloc_buffer((G, CH, VL), "float32", scope="local")  # per key: VL partial sums of its dot product
         score = T.alloc_buffer((G, CH), "float32", scope="local")
         mx = T.alloc_buffer((G,), "float32", scope="local")
         den = T.alloc_buffer((G,), "float32", scope="local")
         fix = T.alloc_buffer((G,), "float32", scope="local")
-        blk = T.alloc_buffer((CH,), "int64", scope="local")
-        off = T.alloc_buffer((CH,), "int64", scope="local")
+        rk = T.alloc_buffer((CH,), "int64", scope="local")  # flat pool index of each key's K row
         ksc = T.alloc_buffer((CH,), "float32", scope="local")  # row scales (quantized pools only)
         vsc = T.alloc_buffer((CH,), "float32", scope="local")
         for g in range(G):
@@ -88,53 +171,60 @@ def _decode_body(cfg: AttentionConfig):
             mx[g] = T.float32(_NEG_INF)
             den[g] = T.float32(0)
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos, pos, seq_len)
+        for c in range(PREFETCH_CHUNKS):
+            prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk)
         for c in range((n_vis + CH - 1) // CH):
             cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(cnt):
                 t: T.int64 = c * CH + i
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-                blk[i] = T.Cast("int64", block_table[b, p // BS])
-                off[i] = p % BS
+                rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk) * BS + p % BS) * RW
                 if quant:
-                    ksc[i] = row_scale(cache_b, blk[i], 0, hk, off[i], D)
-                    vsc[i] = row_scale(cache_b, blk[i], 1, hk, off[i], D)
-            for g in range(G):
-                fix[g] = mx[g]
+                    ksc[i] = row_scale_flat(cache_fb, rk[i], D)
+                    vsc[i] = row_scale_flat(cache_fb, rk[i] + VOFF, D)
+            prefetch_chunk(c + PREFETCH_CHUNKS, n_sink, lo, n_vis, cache_fb, block_table, b, hk)
             for i in range(cnt):
                 for g in range(G):
                     for v in T.vectorized(VL):
-                        part[g, v] = T.float32(0)
+                        part[g, i, v] = T.float32(0)
                 for do in range(D // VL):
                     for g in range(G):
                         for v in T.vectorized(VL):
-                            part[g, v] = part[g, v] + qf[g, do * VL + v] * element(
-                                dt, cache, cache_b, blk[i], 0, hk, off[i], do * VL + v
+                            part[g, i, v] = part[g, i, v] + qf[g, do * VL + v] * element_flat(
+                                dt, cache_f, cache_fb, rk[i] + do * VL + v
                             )
+            for i in range(cnt, T.int64(CH)):  # key slots past the sequence: defined, masked below
                 for g in range(G):
-                    score[g, i] = T.float32(0)
-                    for v in range(VL):
-                        score[g, i] = score[g, i] + part[g, v]
-                    if quant:
-                        score[g, i] = score[g, i] * ksc[i]
-                    mx[g] = T.max(mx[g], score[g, i])
+                    for v in T.vectorized(VL):
+                        part[g, i, v] = T.float32(0)
             for g in range(G):
+                for grp in range(NGRP):
+                    butterfly(part, g, grp * VL)
+                    if VL > 1:
+                        score[g, T.Ramp(grp * VL, 1, VL)] = part[g, grp * VL, T.Ramp(0, 1, VL)]
+                    else:
+                        score[g, grp] = part[g, grp, 0]
+            for g in range(G):
+                fix[g] = mx[g]
+                for i in T.vectorized(T.int64(CH)):
+                    score[g, i] = T.if_then_else(i < cnt, score[g, i] * (ksc[i] if quant else T.float32(1)), T.float32(_NEG_INF))
+                for i in range(CH):
+                    mx[g] = T.max(mx[g], score[g, i])
                 fix[g] = exp_nonpositive(fix[g] - mx[g])
                 den[g] = den[g] * fix[g]
                 for d in T.vectorized(D):
                     acc[g, d] = acc[g, d] * fix[g]
-            for g in range(G):
                 for i in T.vectorized(CH):
                     score[g, i] = exp_nonpositive(score[g, i] - mx[g])
                 for i in range(cnt):
                     den[g] = den[g] + score[g, i]
-            if quant:
-                for g in range(G):
-                    for i in range(cnt):
+                if quant:
+                    for i in T.vectorized(CH):
                         score[g, i] = score[g, i] * vsc[i]
             for i in range(cnt):
                 for g in range(G):
                     for d in T.vectorized(D):
-                        acc[g, d] = acc[g, d] + score[g, i] * element(dt, cache, cache_b, blk[i], 1, hk, off[i], d)
+                        acc[g, d] = acc[g, d] + score[g, i] * element_flat(dt, cache_f, cache_fb, rk[i] + VOFF + d)
         for g in range(G):
             for d in T.vectorized(D):
                 out_rows[row, hk * G + g, d] = T.Cast(
@@ -266,11 +356,11 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
     body = _decode_body(cfg)
 
     @T.macro
-    def decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table):
+    def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
         b: T.int64 = task // (L * H)
         j: T.int64 = task // H % L
         seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-        body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache, cache_b, block_table, b, task % H)
+        body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, task % H)
 
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
@@ -286,13 +376,14 @@ def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype, align=ALIGN)
         q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data, align=ALIGN)
         out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
+        cache_f = T.decl_buffer((NB * 2 * H * BS * RW,), cdtype, data=cache.data, align=CA)  # flat views
+        cache_fb = T.decl_buffer((NB * 2 * H * BS * RW * CA,), "uint8", data=cache.data, align=1)
         if B * L >= SERIAL_BELOW_ROWS:
             for task in T.parallel(B * L * H):
-                decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table)
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
         else:  # a thread-pool launch costs more than a few rows (batch-1 decode)
             for task in T.serial(B * L * H):
-                decode_task(task, L, q_rows, out_rows, seq_lens, cache, cache_b, block_table)
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
 
     return paged_decode
 
