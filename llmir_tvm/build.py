@@ -16,7 +16,7 @@ from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
-from .passes import KV_ATTR, OffloadDenseToBLAS, kv_pipeline
+from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
 from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
@@ -135,6 +135,8 @@ def _check_shardable(info: ModelInfo) -> None:
 
 #: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
 COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
+#: Where ``compile(cpu_dense=...)`` runs float32 Linear layers on ``llvm`` targets.
+CPU_DENSE = ("tir", "blas")
 
 
 def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
@@ -166,6 +168,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     progress: Callable[[str], None] | None = None,
     num_shards: int = 1,
     low_batch_gemv: bool = False,
+    cpu_dense: str = "tir",
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -177,10 +180,16 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
     at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
+    ``cpu_dense`` (``llvm`` targets): ``"tir"`` runs float32 ``Linear`` layers in our dense kernel
+    on TVM's thread pool (``passes.DenseToTIR``; the faster at every row count measured here),
+    ``"blas"`` hands them to numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls
+    go to the BLAS either way.
     """
     note = progress or (lambda stage: None)
     num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
+    if cpu_dense not in CPU_DENSE:
+        raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
     if low_batch_gemv and target.kind.name != "cuda":
         raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
     note("import")
@@ -218,6 +227,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)
     if target.kind.name == "llvm":
+        if cpu_dense == "tir":
+            note("DenseToTIR")
+            mod = DenseToTIR()(mod)
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())

@@ -4,7 +4,8 @@
 - :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
 - :class:`KVCacheAllocationOptimization` — the memory plan (weights, workspace, pool blocks, page size) from a budget;
 - :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
-- :class:`OffloadDenseToBLAS` — a model's float32 weight matmuls → the host BLAS (CPU targets);
+- :class:`DenseToTIR` — a model's float32 ``Linear`` layers → our CPU dense kernel on TVM's thread pool;
+- :class:`OffloadDenseToBLAS` — a model's (remaining) float32 weight matmuls → the host BLAS (CPU targets);
 - :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
 - :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
   (run by :func:`host_build_pipeline`, the Relax build pipeline of ``llvm`` targets);
@@ -17,6 +18,7 @@
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .dense_offload import OffloadDenseToBLAS
+from .dense_tir import DenseToTIR
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning, KVCachePruningError
 from .kv_cache_sharding import KVCacheSharding, ShardingError
@@ -28,6 +30,6 @@ from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

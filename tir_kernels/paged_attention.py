@@ -26,6 +26,7 @@ from .cache_ops import SERIAL_BELOW_ROWS
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
 from .kv_quant import element, element_flat, row_scale, row_scale_flat
+from .vector_reduce import butterfly_indices, butterfly_macro
 
 #: KV positions per online-softmax step: one fp32 vector of scores per query vector.
 KV_CHUNK = 16
@@ -91,52 +92,12 @@ def _prefetch_chunk_macro(cfg: AttentionConfig, CH: int):
     return prefetch_chunk
 
 
-def _butterfly_indices(lanes: int) -> list[tuple[list[int], list[int]]]:
-    """Per level of the transposing reduction, the shuffle lanes (low halves, high halves).
-
-    Two ``lanes``-wide vectors ``A``, ``B`` are made of blocks of ``2w`` partial sums, one block
-    per key; ``lo``/``hi`` take the first/second ``w`` lanes of every block of ``A`` then ``B``
-    (``B`` counts from ``lanes``), so ``lo + hi`` holds ``A``'s keys then ``B``'s, ``w`` partials
-    each. ``log2(lanes)`` levels turn ``lanes`` vectors of partial dot products (one per key)
-    into one vector of ``lanes`` full dot products, in key order.
-    """
-    levels, w = [], lanes // 2
-    while w >= 1:
-        lo = [blk * 2 * w + j for blk in range(lanes // (2 * w)) for j in range(w)]
-        levels.append((lo + [lanes + x for x in lo], [x + w for x in lo] + [lanes + x + w for x in lo]))
-        w //= 2
-    return levels
-
-
-def _butterfly_macro(levels: list, lanes: int, pairs: int):
-    """T.macro ``(part, g, base)``: the butterfly levels on keys ``part[g, base:base+lanes, :]``;
-    afterwards ``part[g, base, :]`` holds their ``lanes`` dot products in key order."""
-    if not levels:
-
-        @T.macro
-        def done(part, g, base):
-            T.evaluate(0)
-
-        return done
-    (lo, hi), rest = levels[0], _butterfly_macro(levels[1:], lanes, pairs // 2)
-
-    @T.macro
-    def level(part, g, base):
-        for j in T.unroll(pairs):  # pairs of vectors -> one vector (in place: j <= 2 * j)
-            part[g, base + j, T.Ramp(0, 1, lanes)] = T.Shuffle(
-                [part[g, base + 2 * j, T.Ramp(0, 1, lanes)], part[g, base + 2 * j + 1, T.Ramp(0, 1, lanes)]], lo
-            ) + T.Shuffle([part[g, base + 2 * j, T.Ramp(0, 1, lanes)], part[g, base + 2 * j + 1, T.Ramp(0, 1, lanes)]], hi)
-        rest(part, g, base)
-
-    return level
-
-
 def _decode_body(cfg: AttentionConfig):
     """The T.macro attending ONE query row with the ``group_size`` heads of KV head ``hk``.
 
     Memory-bound: every K/V row is read once and used straight from the pool. Per chunk of
     ``KV_CHUNK`` keys, each (head, key) dot product is first a vector of ``VL`` partial sums along
-    head_dim; a butterfly of shuffles (:func:`_butterfly_indices`) then reduces ``VL`` keys'
+    head_dim; a butterfly of shuffles (:func:`~.vector_reduce.butterfly_indices`) then reduces ``VL`` keys'
     vectors at once into one vector of their scores (``VL - 1`` vector adds instead of ``VL``
     horizontal sums). Quantized pools: the K row scale multiplies the score vector, the V row
     scale the probability, so elements are only converted, never scaled.
@@ -145,7 +106,7 @@ def _decode_body(cfg: AttentionConfig):
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, DECODE_CHUNK
     VL = _vector_lanes(D)
     NGRP = CH // VL  # butterflies per chunk (VL divides DECODE_CHUNK)
-    butterfly = _butterfly_macro(_butterfly_indices(VL), VL, VL // 2)
+    butterfly = butterfly_macro(butterfly_indices(VL), VL, VL // 2)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     prefetch_chunk = _prefetch_chunk_macro(cfg, CH)

@@ -1,0 +1,80 @@
+"""DenseToTIR: a model's float32 ``Linear`` layers → our CPU dense kernel (``tir_kernels.dense``).
+
+For LLVM CPU targets. ``matmul(x, permute_dims(W, [1, 0]))`` with a 2-D float32 parameter
+``W [N, K]`` (PyTorch's ``Linear`` layout) becomes::
+
+    reshape(call_tir(dense_nt_KxN, (reshape(x, [rows, K]), W)), x.shape[:-1] + [N])
+
+with one PrimFunc per ``(K, N)`` added to the module. The weight is never transposed or
+copied, and the product runs on TVM's thread pool like every other kernel of the model, so
+no BLAS worker threads compete with it for the cores.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import tvm
+from tvm import relax
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.sym.analyzer import Analyzer
+
+from ..tir_kernels.dense import dense_nt
+
+_DTYPE = "float32"
+
+
+@tvm.transform.module_pass(opt_level=0, name="DenseToTIR")
+class DenseToTIR:
+    """Route float32 ``x @ Wᵀ`` with a 2-D parameter ``W`` to the CPU dense kernel."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        builder = relax.BlockBuilder(mod)
+        kernels: dict[tuple[int, int], tvm.ir.GlobalVar] = {}
+
+        def kernel(k: int, n: int) -> tvm.ir.GlobalVar:
+            if (k, n) not in kernels:
+                name = f"llmir_dense_nt_{k}x{n}"
+                prim = dense_nt(k, n).with_attr("global_symbol", name)
+                kernels[(k, n)] = builder.add_func(prim, name)
+            return kernels[(k, n)]
+
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewritten = _rewrite(func, kernel)
+                if not rewritten.same_as(func):
+                    builder.update_func(gv, rewritten)
+        return builder.get()
+
+
+def _is_float_weight(expr: relax.Expr, params: set) -> bool:
+    ty = expr.ty
+    return (expr in params and isinstance(ty, relax.TensorType) and ty.ndim == 2 and str(ty.dtype) == _DTYPE
+            and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values))
+
+
+def _rewrite(func: relax.Function, kernel) -> relax.Function:
+    params = set(func.params)
+    x, w = wildcard(), wildcard()
+    weight_t = is_op("relax.permute_dims")(w)
+    pattern = is_op("relax.matmul")(x, weight_t)
+
+    def to_tir(call: relax.Call, m: dict) -> relax.Expr:
+        axes = m[weight_t].attrs.axes
+        swapped = axes is None or [int(a) for a in axes] == [1, 0]
+        x_ty, out_ty = m[x].ty, call.ty
+        if not (swapped and _is_float_weight(m[w], params) and isinstance(x_ty, relax.TensorType)
+                and x_ty.shape is not None and str(x_ty.dtype) == _DTYPE and str(out_ty.dtype) == _DTYPE):
+            return call
+        n_out, k_in = (int(d) for d in m[w].ty.shape.values)
+        lead = list(x_ty.shape.values[:-1])
+        if not lead:
+            return call
+        rows = Analyzer().simplify(functools.reduce(operator.mul, lead))
+        flat = m[x] if len(lead) == 1 else relax.op.reshape(m[x], relax.ShapeExpr([rows, k_in]))
+        product = relax.call_tir(kernel(k_in, n_out), [flat, m[w]],
+                                 out_ty=relax.TensorType(relax.ShapeExpr([rows, n_out]), _DTYPE))
+        return product if len(lead) == 1 else relax.op.reshape(product, relax.ShapeExpr([*lead, n_out]))
+
+    return rewrite_call(pattern, to_tir, func)
