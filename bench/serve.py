@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="compiled model folder or 'default' (compiled on the fly)")
     parser.add_argument("--requests", type=int, default=32, help="requests of the mixed workload (default 32)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest output of the mixed workload (outputs are 1/2 to 1x this)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=256, help="engine step budget")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="engine step budget (default: the engine's own, 512)")
+    parser.add_argument("--system-tokens", type=int, default=512, help="shared system prompt of the prefix workload")
+    parser.add_argument("--questions", type=int, default=32, help="requests sharing that system prompt")
     parser.add_argument("--alloc-batch", type=int, default=64, help="decode batch of the allocator-share run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/serve_<date>.json)")
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     # ---- mixed workload: throughput and KV bytes
     prompts, news = _workload(tok, args.requests, args.max_new_tokens, rng)
     params = [llmir_tvm.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news]
-    engine = llmir_tvm.Engine(compiled, max_num_batched_tokens=args.max_num_batched_tokens)
+    budget = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    engine = llmir_tvm.Engine(compiled, **budget)
     engine.generate(prompts[:2], max_new_tokens=2)  # warm-up
     start = time.perf_counter()
     results = engine.generate(prompts, params)
@@ -136,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
     m["kv_bytes_vs_max_len_prealloc"] = m["peak_kv_bytes"] / m["max_len_prealloc_kv_bytes"]
 
     # ---- shared prefix: reuse vs none
-    system = list(tok(" ".join(rng.choice(WORDS, size=120)))["input_ids"])
+    system = list(tok(" ".join(rng.choice(WORDS, size=args.system_tokens)))["input_ids"])[: args.system_tokens]
     shared = [system + list(tok(" " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12)))))["input_ids"])
-              for _ in range(16)]
+              for _ in range(args.questions + 1)]
     prefix = {}
     for name, caching in (("reuse", True), ("no_reuse", False)):
-        eng = llmir_tvm.Engine(compiled, max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=caching)
+        eng = llmir_tvm.Engine(compiled, enable_prefix_caching=caching, **budget)
         eng.generate(shared[:1], max_new_tokens=4, ignore_eos=True)  # the system prompt is seen once before
         first_steps = len(eng.step_stats)
         texts = eng.generate(shared[1:], max_new_tokens=4, ignore_eos=True)
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                           "kv_bytes_ratio": forked / independent}
 
     # ---- allocator share of decode steps at batch 64
-    eng = llmir_tvm.Engine(compiled, max_num_batched_tokens=max(args.max_num_batched_tokens, args.alloc_batch))
+    eng = llmir_tvm.Engine(compiled, max_num_batched_tokens=max(engine.max_num_batched_tokens, args.alloc_batch))
     spent = {"cache": 0.0}
     cache = eng.cache
     for name in ("begin_forward", "end_forward"):

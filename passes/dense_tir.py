@@ -3,9 +3,10 @@
 For LLVM CPU targets. ``matmul(x, permute_dims(W, [1, 0]))`` with a 2-D float32 parameter
 ``W [N, K]`` (PyTorch's ``Linear`` layout) becomes::
 
-    reshape(call_tir(dense_nt_KxN, (reshape(x, [rows, K]), W)), x.shape[:-1] + [N])
+    call_tir(llmir_dense_nt_KxN[_3d], (x, W))      # x [n, K] or [b, s, K]
 
-with one PrimFunc per ``(K, N)`` added to the module. The weight is never transposed or
+(higher ranks are reshaped to ``[rows, K]`` and back), with one PrimFunc per ``(K, N, rank)``
+added to the module. The weight is never transposed or
 copied, and the product runs on TVM's thread pool like every other kernel of the model, so
 no BLAS worker threads compete with it for the cores.
 """
@@ -31,14 +32,14 @@ class DenseToTIR:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
-        kernels: dict[tuple[int, int], tvm.ir.GlobalVar] = {}
+        kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
 
-        def kernel(k: int, n: int) -> tvm.ir.GlobalVar:
-            if (k, n) not in kernels:
-                name = f"llmir_dense_nt_{k}x{n}"
-                prim = dense_nt(k, n).with_attr("global_symbol", name)
-                kernels[(k, n)] = builder.add_func(prim, name)
-            return kernels[(k, n)]
+        def kernel(k: int, n: int, rank: int) -> tvm.ir.GlobalVar:
+            if (k, n, rank) not in kernels:
+                name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d")
+                prim = dense_nt(k, n, rank).with_attr("global_symbol", name)
+                kernels[(k, n, rank)] = builder.add_func(prim, name)
+            return kernels[(k, n, rank)]
 
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -69,12 +70,15 @@ def _rewrite(func: relax.Function, kernel) -> relax.Function:
             return call
         n_out, k_in = (int(d) for d in m[w].ty.shape.values)
         lead = list(x_ty.shape.values[:-1])
+        if len(lead) in (1, 2):  # [n, K] or [b, s, K]: the kernel takes it as it is
+            return relax.call_tir(kernel(k_in, n_out, len(lead) + 1), [m[x], m[w]],
+                                  out_ty=relax.TensorType(relax.ShapeExpr([*lead, n_out]), _DTYPE))
         if not lead:
             return call
         rows = Analyzer().simplify(functools.reduce(operator.mul, lead))
-        flat = m[x] if len(lead) == 1 else relax.op.reshape(m[x], relax.ShapeExpr([rows, k_in]))
-        product = relax.call_tir(kernel(k_in, n_out), [flat, m[w]],
+        flat = relax.op.reshape(m[x], relax.ShapeExpr([rows, k_in]))
+        product = relax.call_tir(kernel(k_in, n_out, 2), [flat, m[w]],
                                  out_ty=relax.TensorType(relax.ShapeExpr([rows, n_out]), _DTYPE))
-        return product if len(lead) == 1 else relax.op.reshape(product, relax.ShapeExpr([*lead, n_out]))
+        return relax.op.reshape(product, relax.ShapeExpr([*lead, n_out]))
 
     return rewrite_call(pattern, to_tir, func)

@@ -6,12 +6,12 @@ TVM's default CPU pipeline compiles them as scalar loop nests. This pass gives e
 PrimFunc of an ``llvm`` module a schedule:
 
 - row reductions with injective epilogues (norms, softmax): dlight's CPU ``Reduction`` rule
-  (epilogues vectorised; its parallel row loop is kept only for a static row count, see
-  below);
+  (epilogues vectorised; a symbolic row count runs in parallel only when large, see below);
 - injective functions: producers inlined into the last block, its innermost loop vectorised
   to the target's SIMD width, the outer loops fused and run in parallel when the function
-  is statically large enough to pay for a thread-pool launch (``min_parallel_elems``);
-  token-dependent sizes stay on one thread (one token in decode).
+  is large enough to pay for a thread-pool launch (``min_parallel_elems``); for
+  token-dependent sizes that is decided at run time (one token in decode stays on the
+  calling thread, a prefill's rows are spread over the pool).
 
 Functions that already have a schedule (``tirx.is_scheduled``, or any parallel/vectorised
 loop, e.g. our ``llmir_*`` kernels) are left alone, and so is any function a rule cannot
@@ -91,9 +91,10 @@ def _schedule_injective(func: tirx.PrimFunc, target: Target, min_parallel_elems:
             loops = loops[:-1]
         if extents[-1] is None or extents[-1] >= 2:
             sch.vectorize(inner)
-        # Parallel only for statically large functions: a symbolic extent is one token in decode,
-        # where a thread-pool launch costs more than the op.
-        if loops and None not in extents and _product(extents) >= min_parallel_elems:
+        # Parallel for large functions; a symbolic extent (the token count) is decided at run time
+        # by parallel_when_large: one token in decode costs less than a thread-pool launch.
+        static = None not in extents
+        if loops and (not static or _product(extents) >= min_parallel_elems):
             sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
     return sch
 
@@ -134,21 +135,58 @@ class ScheduleHostOps:
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
             if sch is not None:
-                return serial_when_symbolic(sch.mod["main"])
+                return parallel_when_large(sch.mod["main"], self.min_parallel_elems)
         return None
 
 
-def serial_when_symbolic(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with every parallel loop of symbolic extent made serial.
+def parallel_when_large(func: tirx.PrimFunc, min_parallel_elems: int) -> tirx.PrimFunc:
+    """``func`` with every parallel loop of symbolic extent run in parallel only when it is large.
 
-    A symbolic extent here is the token count: one row in decode, where waking the thread
-    pool costs more than the row (and its workers compete with the BLAS threads)."""
+    A symbolic extent here is the token count: one row in batch-1 decode, where waking the
+    thread pool costs more than the row, and hundreds in a prefill, where one thread would
+    leave the other cores idle. Such a loop becomes ``if extent * elems >= min_parallel_elems:
+    <parallel loop> else: <the same loop, serial>`` (``elems``: the static iterations under one
+    iteration of the loop)."""
 
     def on_for(node: tirx.For, mutator):
         new = mutator.default_mutate(node)
         if new.kind != tirx.ForKind.PARALLEL or isinstance(new.extent, tirx.IntImm):
             return new
-        return tirx.For(new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL, new.body, new.thread_binding,
-                        new.annotations, new.step, new.span)
+        min_rows = max(2, -(-min_parallel_elems // _static_iterations(new.body)))
+        serial = _fresh_copy(tirx.For(new.loop_var, new.min, new.extent, tirx.ForKind.SERIAL, new.body,
+                                      new.thread_binding, new.annotations, new.step, new.span))
+        return tirx.IfThenElse(new.extent >= tirx.IntImm(str(new.loop_var.ty), min_rows), new, serial)
 
     return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.For, on_for)]))
+
+
+def _fresh_copy(stmt: tirx.Stmt) -> tirx.Stmt:
+    """``stmt`` with every loop and block variable it defines replaced by a new one (``_serial``
+    suffix), so that it can sit beside the original in the same function."""
+    defined: list = []
+    tvm_ffi.structural_walk(stmt, [(tirx.For, lambda node: defined.append(node.loop_var)),
+                                   (tirx.IterVar, lambda node: defined.append(node.var))])
+    fresh = {v: tirx.Var(v.name + "_serial", v.ty) for v in defined}
+
+    def on_var(var, _mutator):
+        return fresh.get(var, var)
+
+    return tvm_ffi.structural_mutate(stmt, [(tirx.Var, on_var)])
+
+
+def _static_iterations(stmt: tirx.Stmt) -> int:
+    """The product of the static extents of the loops nested in ``stmt`` (first loop of each level)."""
+    total = 1
+    while stmt is not None:
+        if isinstance(stmt, tirx.For):
+            total *= int(stmt.extent) if isinstance(stmt.extent, tirx.IntImm) else 1
+            stmt = stmt.body
+        elif isinstance(stmt, tirx.SeqStmt):
+            stmt = stmt.seq[0] if len(stmt.seq) else None
+        elif hasattr(stmt, "body") and not isinstance(stmt, tirx.IfThenElse):
+            stmt = stmt.body
+        elif hasattr(stmt, "block"):
+            stmt = stmt.block
+        else:
+            stmt = None
+    return max(total, 1)

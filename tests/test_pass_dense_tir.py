@@ -16,50 +16,59 @@ from llmir_tvm.passes import DenseToTIR
 from llmir_tvm.target import resolve_target
 from llmir_tvm.tir_kernels.dense import dense_nt
 
-KERNEL = "llmir_dense_nt_37x53"
+KERNELS = {"llmir_dense_nt_37x53_3d": 3, "llmir_dense_nt_37x53": 2}
 
 
 @I.ir_module
 class Before:
     @R.function
     def main(x: R.Tensor((1, "n", 37), "float32"), w: R.Tensor((53, 37), "float32"), u: R.Tensor((53, 19), "float32"),
-             x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16")):
+             x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16"),
+             x4: R.Tensor((2, "n", 3, 37), "float32")):
         with R.dataflow():
-            y = R.matmul(x, R.permute_dims(w, axes=[1, 0]))  # Linear: our kernel on [n, 37] rows
+            y = R.matmul(x, R.permute_dims(w, axes=[1, 0]))  # Linear: our kernel, [1, n, 37] as it is
             y2 = R.matmul(x2, R.permute_dims(w, axes=[1, 0]))  # already 2-D: no reshapes, same kernel
+            y4 = R.matmul(x4, R.permute_dims(w, axes=[1, 0]))  # 4-D: reshaped to rows and back
             z = R.matmul(y, u)  # plain weight layout: left alone (OffloadDenseToBLAS takes it)
             s = R.matmul(z, R.permute_dims(z, axes=[0, 2, 1]))  # activations only: left alone
             f = R.matmul(h, R.permute_dims(w16, axes=[1, 0]))  # fp16: left alone
-            R.output(y2, s, f)
-        return (y2, s, f)
+            R.output(y2, y4, s, f)
+        return (y2, y4, s, f)
 
 
 @I.ir_module
 class Expected:
+    @T.prim_func
+    def llmir_dense_nt_37x53_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
+        T.evaluate(0)  # placeholder: replaced by the generated kernel below
+
     @T.prim_func
     def llmir_dense_nt_37x53(x_h: T.handle, w_h: T.handle, out_h: T.handle):
         T.evaluate(0)  # placeholder: replaced by the generated kernel below
 
     @R.function
     def main(x: R.Tensor((1, "n", 37), "float32"), w: R.Tensor((53, 37), "float32"), u: R.Tensor((53, 19), "float32"),
-             x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16")):
+             x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16"),
+             x4: R.Tensor((2, "n", 3, 37), "float32")):
         n, m = T.int64(), T.int64()
         cls = Expected
         with R.dataflow():
-            flat = R.reshape(x, R.shape([n, 37]))
-            prod = R.call_tir(cls.llmir_dense_nt_37x53, (flat, w), out_ty=R.Tensor((n, 53), "float32"))
-            y = R.reshape(prod, R.shape([1, n, 53]))
+            y = R.call_tir(cls.llmir_dense_nt_37x53_3d, (x, w), out_ty=R.Tensor((1, n, 53), "float32"))
             y2 = R.call_tir(cls.llmir_dense_nt_37x53, (x2, w), out_ty=R.Tensor((m, 53), "float32"))
+            flat = R.reshape(x4, R.shape([n * 6, 37]))
+            rows = R.call_tir(cls.llmir_dense_nt_37x53, (flat, w), out_ty=R.Tensor((n * 6, 53), "float32"))
+            y4 = R.reshape(rows, R.shape([2, n, 3, 53]))
             z = R.matmul(y, u)
             s = R.matmul(z, R.permute_dims(z, axes=[0, 2, 1]))
             f = R.matmul(h, R.permute_dims(w16, axes=[1, 0]))
-            R.output(y2, s, f)
-        return (y2, s, f)
+            R.output(y2, y4, s, f)
+        return (y2, y4, s, f)
 
 
 def _expected() -> tvm.IRModule:
     mod = tvm.IRModule(dict(Expected.functions_items()), attrs=Expected.attrs)
-    mod.update_func(mod.get_global_var(KERNEL), dense_nt(37, 53).with_attr("global_symbol", KERNEL))
+    for name, rank in KERNELS.items():
+        mod.update_func(mod.get_global_var(name), dense_nt(37, 53, rank).with_attr("global_symbol", name))
     return mod
 
 
@@ -76,11 +85,13 @@ def test_model_numerics_on_odd_shapes(n, rng):
     x2 = rng.standard_normal((n + 2, 37)).astype("float32")
     h = rng.standard_normal((1, n, 19)).astype("float16")
     w16 = rng.standard_normal((7, 19)).astype("float16")
+    x4 = rng.standard_normal((2, n, 3, 37)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(DenseToTIR()(Before), target=resolve_target()), tvm.cpu())
-    y2, s, f = vm["main"](*[tvm.runtime.tensor(a) for a in (x, w, u, x2, h, w16)])
+    y2, y4, s, f = vm["main"](*[tvm.runtime.tensor(a) for a in (x, w, u, x2, h, w16, x4)])
     w64 = w.T.astype(np.float64)
     z = (x.astype(np.float64) @ w64) @ u
     tvm.testing.assert_allclose(y2.numpy(), x2 @ w64, rtol=1e-5, atol=1e-5)
+    tvm.testing.assert_allclose(y4.numpy(), x4 @ w64, rtol=1e-5, atol=1e-5)
     tvm.testing.assert_allclose(s.numpy(), z @ z.transpose(0, 2, 1), rtol=1e-4, atol=1e-3)
     tvm.testing.assert_allclose(f.numpy().astype(np.float32), h.astype(np.float32) @ w16.T.astype(np.float32), rtol=2e-2, atol=2e-2)
 
@@ -104,5 +115,7 @@ def test_kernel_row_chunks(n, rng):
 def test_bad_shapes_and_options():
     with pytest.raises(ValueError, match="in_features and out_features"):
         dense_nt(0, 16)
+    with pytest.raises(ValueError, match="rank must be 2 or 3"):
+        dense_nt(16, 16, rank=4)
     with pytest.raises(ValueError, match="cpu_dense must be one of"):
         llmir_tvm.compile("default", cpu_dense="mkl")

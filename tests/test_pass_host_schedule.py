@@ -19,6 +19,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from llmir_tvm.passes import ScheduleHostOps, host_build_pipeline
+from llmir_tvm.passes.host_pipeline import legalize_fast_sigmoid
 from llmir_tvm.passes.host_schedule import has_schedule
 from llmir_tvm.target import resolve_target
 
@@ -192,15 +193,26 @@ class Expected:
         A = T.match_buffer(a, (T.int64(1), n, T.int64(100)))
         B = T.match_buffer(b, (T.int64(1), n, T.int64(100)))
         C = T.match_buffer(c, (T.int64(1), n, T.int64(100)))
-        for ax0, ax1_0 in T.grid(n, T.int64(7)):
-            for ax1_1 in T.vectorized(T.int64(16)):
-                with T.sblock("add"):
-                    v0 = T.axis.spatial(n, ax0)
-                    v1 = T.axis.spatial(T.int64(100), ax1_0 * T.int64(16) + ax1_1)
-                    T.where(ax1_0 * T.int64(16) + ax1_1 < T.int64(100))
-                    T.reads(A[T.int64(0), v0, v1], B[T.int64(0), v0, v1])
-                    T.writes(C[T.int64(0), v0, v1])
-                    C[T.int64(0), v0, v1] = A[T.int64(0), v0, v1] + B[T.int64(0), v0, v1]
+        if n * T.int64(7) >= T.int64(2048):  # 32768 elements: the rows go to the thread pool
+            for ax0_ax1_0_fused in T.parallel(n * T.int64(7)):
+                for ax1_1 in T.vectorized(T.int64(16)):
+                    with T.sblock("add"):
+                        v0 = T.axis.spatial(n, ax0_ax1_0_fused // T.int64(7))
+                        v1 = T.axis.spatial(T.int64(100), ax0_ax1_0_fused % T.int64(7) * T.int64(16) + ax1_1)
+                        T.where(ax0_ax1_0_fused % T.int64(7) * T.int64(16) + ax1_1 < T.int64(100))
+                        T.reads(A[T.int64(0), v0, v1], B[T.int64(0), v0, v1])
+                        T.writes(C[T.int64(0), v0, v1])
+                        C[T.int64(0), v0, v1] = A[T.int64(0), v0, v1] + B[T.int64(0), v0, v1]
+        else:  # a few tokens (decode): on the calling thread
+            for ax0_ax1_0_fused_serial in range(n * T.int64(7)):
+                for ax1_1_serial in T.vectorized(T.int64(16)):
+                    with T.sblock("add"):
+                        v0_serial = T.axis.spatial(n, ax0_ax1_0_fused_serial // T.int64(7))
+                        v1_serial = T.axis.spatial(T.int64(100), ax0_ax1_0_fused_serial % T.int64(7) * T.int64(16) + ax1_1_serial)
+                        T.where(ax0_ax1_0_fused_serial % T.int64(7) * T.int64(16) + ax1_1_serial < T.int64(100))
+                        T.reads(A[T.int64(0), v0_serial, v1_serial], B[T.int64(0), v0_serial, v1_serial])
+                        T.writes(C[T.int64(0), v0_serial, v1_serial])
+                        C[T.int64(0), v0_serial, v1_serial] = A[T.int64(0), v0_serial, v1_serial] + B[T.int64(0), v0_serial, v1_serial]
 
     @T.prim_func(private=True, s_tir=True)
     def already(a: T.handle, c: T.handle):
@@ -223,8 +235,9 @@ def test_non_llvm_targets_are_untouched():
     tvm.ir.assert_structural_equal(ScheduleHostOps(target=cuda)(Before), Before)
 
 
-@pytest.mark.parametrize("rows, parallel", [("n", False), (256, True)])
-def test_row_loops_run_in_parallel_only_for_a_static_row_count(rows, parallel):
+@pytest.mark.parametrize("rows, parallel", [("n", True), (256, True)])
+def test_row_loops_run_in_parallel_only_when_large(rows, parallel):
+    """256 static rows: parallel; a symbolic row count: parallel and serial loops, chosen at run time."""
     @I.ir_module
     class Norm:
         @R.function
@@ -242,3 +255,36 @@ def test_row_loops_run_in_parallel_only_for_a_static_row_count(rows, parallel):
             assert has_schedule(func)
             tvm_ffi_walk(func.body, kinds)
     assert (tirx.ForKind.PARALLEL in kinds) == parallel and tirx.ForKind.VECTORIZED in kinds
+
+
+@I.ir_module
+class SiluMul:
+    @R.function
+    def main(x: R.Tensor(("n", 1537), "float32"), y: R.Tensor(("n", 1537), "float32")):
+        with R.dataflow():
+            out = R.multiply(R.multiply(x, R.sigmoid(x)), y)
+            R.output(out)
+        return out
+
+
+@pytest.mark.parametrize("n", [1, 17, 64])
+def test_fast_sigmoid_matches_float64(n):
+    """float32 sigmoid is legalized to arithmetic (no libm call per lane): SiLU x mul within 1e-6
+    relative of float64, saturating cleanly at +-100 and exact at 0."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 1537)) * 8).astype("float32")
+    x[0, :6] = [0.0, -100.0, 100.0, -88.0, 88.0, 1e-8]
+    y = rng.standard_normal((n, 1537)).astype("float32")
+    out = _build(SiluMul)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
+    x64 = x.astype(np.float64)
+    ref = x64 / (1 + np.exp(-x64)) * y
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-30)
+    assert out[0, 0] == 0.0 and out[0, 1] == 0.0 and out[0, 2] == np.float32(100.0) * y[0, 2]
+
+
+def test_sigmoid_legalization_has_no_libm_call():
+    with resolve_target("llvm"):
+        legalized = tvm.relax.transform.LegalizeOps({"relax.sigmoid": legalize_fast_sigmoid})(SiluMul)
+    scripts = [f.script() for _, f in legalized.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert any("sigmoid" in s for s in scripts) and not any("T.exp(" in s or "T.sigmoid(" in s for s in scripts)

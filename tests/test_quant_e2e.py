@@ -60,6 +60,7 @@ def test_runtime_quantized_pools_fork_and_debug_get_kv(rng):
     kernels = build_cache_kernels(CacheLayout(2, 16, 4, "int8", "float32"))
     cache = PagedKVCache(2, 2, 16, 4, 8, dtype="int8", kernels=kernels)
     assert cache.pool(1).shape == (8, 2, 2, 4, 18)
+    assert not cache.pool(0).numpy().any()  # host pools start zero-filled: their pages are resident
     cache.add_sequence(0)
     kv = (rng.standard_normal((6, 2, 16)) * rng.uniform(0.1, 10, (6, 2, 1))).astype(np.float32)
     step = cache.begin_forward([0], [6])

@@ -48,11 +48,16 @@ X_CHUNK_BYTES = 256 * 1024
 assert TILE * TILE == LANES == TASK_COLS
 
 
-def dense_nt(in_features: int, out_features: int) -> tvm.tirx.PrimFunc:
-    """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic."""
+def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.PrimFunc:
+    """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
+
+    ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
+    """
     K, N = int(in_features), int(out_features)
     if K < 1 or N < 1:
         raise ValueError(f"dense_nt: in_features and out_features must be >= 1, got K={K}, N={N}")
+    if rank not in (2, 3):
+        raise ValueError(f"dense_nt: rank must be 2 or 3, got {rank}")
     KV, K_TAIL = K // LANES, K % LANES > 0  # whole vectors along K; a scalar tail?
     CHUNK_TILES = max(1, X_CHUNK_BYTES // (4 * K * TILE))
     FULL_TASKS, REST = N // TASK_COLS, N % TASK_COLS
@@ -136,13 +141,29 @@ def dense_nt(in_features: int, out_features: int) -> tvm.tirx.PrimFunc:
             elif task // TASKS == 0:
                 rest_task(n, x, w, out)
 
-    @T.prim_func
-    def dense(x_h: T.handle, w_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(x_h, (n, K), "float32", align=4)
-        w = T.match_buffer(w_h, (N, K), "float32", align=4)
-        out = T.match_buffer(out_h, (n, N), "float32", align=4)
-        products(n, x, w, out)
+    if rank == 2:
 
-    return dense
+        @T.prim_func
+        def dense(x_h: T.handle, w_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int64()
+            x = T.match_buffer(x_h, (n, K), "float32", align=4)
+            w = T.match_buffer(w_h, (N, K), "float32", align=4)
+            out = T.match_buffer(out_h, (n, N), "float32", align=4)
+            products(n, x, w, out)
+
+        return dense
+
+    @T.prim_func
+    def dense_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
+        w = T.match_buffer(w_h, (N, K), "float32", align=4)
+        out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
+        x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
+        out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
+        products(b * s, x, w, out)
+
+    return dense_3d
