@@ -206,7 +206,7 @@ def _tile_body(cfg: AttentionConfig):
     lay = cfg.layout
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
     NV = rows_per_tile(cfg) * G
-    U = next(u for u in (4, 2, 1) if NV % u == 0)
+    U = next(u for u in (10, 8, 7, 6, 5, 4, 3, 2, 1) if NV % u == 0)  # independent FMA chains (latency x 2 pipes)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
 
@@ -381,10 +381,14 @@ def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
         cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
-        for task in T.parallel((NQ + QT - 1) // QT * H):
-            t0: T.int64 = task // H * QT
+        NT: T.int64 = (NQ + QT - 1) // QT * H
+        for task in T.parallel(NT):
+            # Causal tiles cost more the later they are and the pool hands each thread one contiguous
+            # range of tasks: interleave first and last tiles (0, n-1, 1, n-2, ...) to balance them.
+            tile: T.int64 = T.if_then_else(task % 2 == 0, task // 2, NT - 1 - task // 2)
+            t0: T.int64 = tile // H * QT
             t1: T.int64 = T.min(t0 + QT, NQ)
-            hk: T.int64 = task % H
+            hk: T.int64 = tile % H
             for r in range(t0, t1):  # rows outside every sequence stay zero
                 for g in range(Hq // H):
                     for d in T.vectorized(D):
