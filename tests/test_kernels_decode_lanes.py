@@ -18,7 +18,7 @@ import tvm.testing
 from llmir_tvm import tir_kernels
 from llmir_tvm.reference import QuantizedPagedCache, RandomPagedCache, attention_ref, pool_dtype
 from llmir_tvm.target import resolve_target
-from llmir_tvm.tir_kernels import paged_attention
+from llmir_tvm.tir_kernels.vector_reduce import butterfly_indices
 
 HOST = resolve_target("llvm")
 
@@ -27,7 +27,7 @@ HOST = resolve_target("llvm")
 def test_butterfly_levels_turn_partial_vectors_into_dot_products(rng, lanes):
     parts = rng.standard_normal((lanes, lanes))  # row k: the lane-wise partial sums of key k
     vectors = list(parts)
-    for lo, hi in paged_attention._butterfly_indices(lanes):
+    for lo, hi in butterfly_indices(lanes):
         pairs = [np.concatenate([vectors[2 * j], vectors[2 * j + 1]]) for j in range(len(vectors) // 2)]
         vectors = [p[lo] + p[hi] for p in pairs]
     assert len(vectors) == 1

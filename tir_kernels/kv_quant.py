@@ -41,17 +41,18 @@ def decode_fp8_e4m3(byte):
 
 
 def decode_fp8_e4m3_fast(byte):
-    """float32 of a float8_e4m3fn bit pattern in four vector ops: the magnitude bits moved into
-    float32 position (``<< 20``) read as a float32 that is ``2**-120`` times the value, then scaled.
+    """float32 of a float8_e4m3fn bit pattern in four vector ops: the sign and magnitude bits moved
+    into float32 position read as a float32 that is ``2**-120`` times the value, then scaled.
 
     Exact for normal e4m3 numbers; e4m3 subnormals become float32 denormals first, so they are
     exact too unless the CPU flushes denormals (then they read 0: at most ``2**-6 / 448`` of the
     row's absmax, far below float8's own 2**-4 relative rounding). Used by attention; the lookup
     kernel uses the exact :func:`decode_fp8_e4m3`.
     """
-    b = T.Cast("uint32", byte)
-    bits = T.shift_left(b & T.uint32(0x80), T.uint32(24)) | T.shift_left(b & T.uint32(0x7F), T.uint32(20))
-    return T.reinterpret("float32", bits) * T.float32(2.0**120)
+    # Sign-extended, the byte's sign lands in bit 31 after the shift (bits 27-30 are sign copies,
+    # masked off) and its 7 magnitude bits in 20-26: one extend, shift, and, multiply per vector.
+    wide = T.shift_left(T.Cast("int32", T.Cast("int8", byte)), T.int32(20))  # low 8 bits, sign-extended
+    return T.reinterpret("float32", wide & T.int32(-2014314496)) * T.float32(2.0**120)  # 0x87F00000
 
 
 def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = False):
