@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype 'auto' quantizes layers to (default int8)")
     parser.add_argument("--budget", default="512MiB", help="KV memory budget for the capacity figures (default 512MiB)")
     parser.add_argument("--seq-len", type=int, default=2048, help="sequence length for the capacity figures (default 2048)")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the decode kernel timings (default JSON: bench/results/kvquant_kernel_cpu_<date>.json)")
     parser.add_argument("--batch", type=int, default=8, help="decode kernel batch (default 8)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="decode kernel contexts")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default 7)")
@@ -217,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"kvquant_{datetime.date.today().isoformat()}.json"
     result["decode_kernel"] = _kernel_times(args, dtypes)
+    if args.kernel_only:
+        out = args.out or RESULTS / f"kvquant_kernel_cpu_{datetime.date.today().isoformat()}.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(f"results: {out}")
+        return 0
 
     def save(rows: dict, plan: dict) -> None:
         result["quality"], result["auto_plan"] = rows, plan

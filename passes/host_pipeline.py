@@ -32,6 +32,7 @@ def _fast_sigmoid(x: te.Tensor) -> te.Tensor:
 
 
 def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    """``LegalizeOps`` entry for ``relax.sigmoid``: float32 as :func:`_fast_sigmoid`, other dtypes as TOPI's."""
     x = call.args[0]
     if str(x.ty.dtype) == "float32":
         return bb.call_te(_fast_sigmoid, x, primfunc_name_hint="sigmoid")

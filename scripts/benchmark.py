@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 #: subcommand name -> module implementing it
 SUBCOMMANDS = {
     "kernels": "bench.kernels",
+    "dense": "bench.dense",
     "serve": "bench.serve",
     "model": "bench.model",
     "model-gpu": "bench.model_gpu",

@@ -17,23 +17,19 @@ finishes ``K``, and output features past the last full task are computed one by 
 
 Rows of ``x`` are taken in chunks that stay in L2 (``X_CHUNK_BYTES``), chunk-major over the
 parallel tasks, so a long prefill streams ``W`` from L3 once per chunk instead of ``x`` from
-DRAM once per task. Measured on this repository's 2-core AVX-512 build machine against numpy's
-OpenBLAS (``docs/benchmarks.md``): 1.0-3x faster from 1 to 128 rows (GEMV at 25-30 GB/s, 4 x 4
-tiles at ~180 GFLOP/s), 0.88-0.94x from 512 to 4096 rows, before counting the BLAS call's
-overheads inside a model.
+DRAM once per task. Measured on a 2-core AVX-512 machine against numpy's OpenBLAS
+(``scripts/benchmark.py dense``, ``docs/benchmarks.md``): on the layer shapes 1.0-3x faster up to
+64 rows (GEMV at 25-31 GB/s, 4 x 4 tiles at ~180 GFLOP/s), 0.88-0.94x from 512 to 4096 rows,
+before counting the BLAS call's overheads inside a model.
 """
 
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm.script import tirx as T
 
-
-
-def prefetch_next(address):
-    """Hint the CPU to fetch the cache line holding ``address`` into the outer caches (a read, low
-    locality): the next task's W rows, so that a task never waits for DRAM at its start."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(1), T.int32(1)))
 from .vector_reduce import butterfly_indices, butterfly_macro
 
 #: float32 lanes of one SIMD vector (AVX-512; LLVM splits it on narrower targets).
@@ -48,10 +44,19 @@ X_CHUNK_BYTES = 256 * 1024
 assert TILE * TILE == LANES == TASK_COLS
 
 
+def prefetch_next(address):
+    """Hint the CPU to fetch the cache line holding ``address`` into the outer caches (a read, low
+    locality): the next task's W rows, so that a task never waits for DRAM at its start."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(1), T.int32(1)))
+
+
+@functools.lru_cache(maxsize=None)
 def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
 
     ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
+    Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
+    over compiles (PrimFuncs are immutable, so sharing them is safe).
     """
     K, N = int(in_features), int(out_features)
     if K < 1 or N < 1:
