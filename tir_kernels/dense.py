@@ -18,9 +18,9 @@ finishes ``K``, and output features past the last full task are computed one by 
 Rows of ``x`` are taken in chunks that stay in L2 (``X_CHUNK_BYTES``), chunk-major over the
 parallel tasks, so a long prefill streams ``W`` from L3 once per chunk instead of ``x`` from
 DRAM once per task. Measured on a 2-core AVX-512 machine against numpy's OpenBLAS
-(``scripts/benchmark.py dense``, ``docs/benchmarks.md``): on the layer shapes 1.0-3x faster up to
-64 rows (GEMV at 25-31 GB/s, 4 x 4 tiles at ~180 GFLOP/s), 0.88-0.94x from 512 to 4096 rows,
-before counting the BLAS call's overheads inside a model.
+(``scripts/benchmark.py dense``, ``docs/benchmarks.md``): 1.0-3.2x faster from 3 to 64 rows (4 x 4
+tiles at up to ~185 GFLOP/s), 0.64-1.95x as a 1-row GEMV, 0.88-1.0x from 512 to 2048 rows, before
+counting the BLAS call's overheads inside a model.
 """
 
 from __future__ import annotations
