@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel-only", action="store_true",
                         help="only the decode kernel timings (default JSON: bench/results/kvquant_kernel_cpu_<date>.json)")
     parser.add_argument("--batch", type=int, default=8, help="decode kernel batch (default 8)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192], help="decode kernel contexts")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768], help="decode kernel contexts")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default 7)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="pool dtypes to run")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kvquant_<date>.json)")
@@ -126,6 +126,7 @@ def _kernel_times(args, dtypes) -> dict:
 
     from llmir_tvm import tir_kernels
     from llmir_tvm.reference import QuantizedPagedCache, RandomPagedCache
+    from llmir_tvm.runtime.host_memory import make_resident
     from llmir_tvm.target import resolve_target
 
     target = resolve_target("llvm")
@@ -145,7 +146,7 @@ def _kernel_times(args, dtypes) -> dict:
                 cache = RandomPagedCache(rng, lens, hkv, dim, page, "float16")
             else:
                 cache = QuantizedPagedCache(rng, lens, hkv, dim, page, dtype)
-            pool = tvm.runtime.empty(cache.pool.shape, dtype)
+            pool = make_resident(tvm.runtime.empty(cache.pool.shape, dtype))  # as the runtime allocates pools
             pool.copyfrom(cache.pool)
             q = tvm.runtime.tensor(rng.standard_normal((args.batch, 1, hq, dim)).astype(compute))
             o = tvm.runtime.empty((args.batch, 1, hq, dim), compute)

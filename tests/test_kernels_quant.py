@@ -15,7 +15,14 @@ import tvm
 import tvm.testing
 
 from llmir_tvm import kv_dtypes, tir_kernels
-from llmir_tvm.reference import QuantizedPagedCache, attention_ref, dequantize_rows, pool_dtype, quantize_rows
+from llmir_tvm.reference import (
+    QuantizedPagedCache,
+    RandomPagedCache,
+    attention_ref,
+    dequantize_rows,
+    pool_dtype,
+    quantize_rows,
+)
 from llmir_tvm.target import resolve_target
 from llmir_tvm.tir_kernels import config as kcfg
 
@@ -170,6 +177,30 @@ def test_paged_attention_on_quantized_pool(rng, dtype, heads, dim, page, kv_lens
             tvm.testing.assert_allclose(got, deq, rtol=tol, atol=tol)
             exact = attention_ref(qb, cache.keys[b], cache.values[b])
             assert np.abs(got - exact).max() <= UNQUANTIZED_BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", QDTYPES)
+def test_decode_attention_over_extreme_row_magnitudes(rng, dtype):
+    """Rows from 1e-4 to 1e6 in magnitude and large queries: the decode kernel's folded factors
+    (float8 decodes 2**-120 small; 2**60 rides on query and output, 2**60 on the row scales)
+    neither overflow nor flush; result vs the dequantized reference."""
+    dim, page, lens, heads = 64, 16, [37, 200], (6, 2)
+    layout = _layout(dtype, "float32", heads[1], dim, page)
+    cfg = tir_kernels.AttentionConfig(layout, heads[0], dim**-0.5)
+    cache = RandomPagedCache(rng, lens, heads[1], dim, page, "float32")
+    magnitude = 10.0 ** rng.uniform(-4, 6, cache.pool.shape[:-1] + (1,))
+    rows = quantize_rows(cache.pool * magnitude, dtype)
+    deq = dequantize_rows(rows, dtype)
+    q = (rng.standard_normal((len(lens), 1, heads[0], dim)) * 30).astype(np.float32)
+    out = np.full_like(q, np.nan)
+    decode = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
+    decode(q, _pool(rows, dtype), cache.block_table, cache.seq_lens_array, out)
+    for b, n in enumerate(lens):
+        pos = np.arange(n)
+        blocks, offs = cache.block_table[b, pos // page], pos % page
+        ref = attention_ref(q[b], deq[blocks, 0, :, offs], deq[blocks, 1, :, offs])
+        assert np.isfinite(out[b]).all()
+        tvm.testing.assert_allclose(out[b], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
 def test_bad_quantized_configs_are_rejected():

@@ -40,6 +40,21 @@ def decode_fp8_e4m3(byte):
     return T.Select((b & T.uint32(0x78)) == T.uint32(0), sub, normal)
 
 
+#: ``decode_fp8_e4m3_unscaled(b) * FP8_UNSCALED_FACTOR`` is the value of e4m3 bit pattern ``b``.
+FP8_UNSCALED_FACTOR = 2.0**120
+
+
+def decode_fp8_e4m3_unscaled(byte):
+    """``2**-120`` times the float32 of a float8_e4m3fn bit pattern, in three vector ops (extend,
+    shift, and): the sign and magnitude bits moved into float32 position. Kernels that can fold
+    :data:`FP8_UNSCALED_FACTOR` into per-row scales save the multiply of :func:`decode_fp8_e4m3_fast`.
+    """
+    # Sign-extended, the byte's sign lands in bit 31 after the shift (bits 27-30 are sign copies,
+    # masked off) and its 7 magnitude bits in 20-26.
+    wide = T.shift_left(T.Cast("int32", T.Cast("int8", byte)), T.int32(20))  # low 8 bits, sign-extended
+    return T.reinterpret("float32", wide & T.int32(-2014314496))  # 0x87F00000
+
+
 def decode_fp8_e4m3_fast(byte):
     """float32 of a float8_e4m3fn bit pattern in four vector ops: the sign and magnitude bits moved
     into float32 position read as a float32 that is ``2**-120`` times the value, then scaled.
@@ -49,10 +64,7 @@ def decode_fp8_e4m3_fast(byte):
     row's absmax, far below float8's own 2**-4 relative rounding). Used by attention; the lookup
     kernel uses the exact :func:`decode_fp8_e4m3`.
     """
-    # Sign-extended, the byte's sign lands in bit 31 after the shift (bits 27-30 are sign copies,
-    # masked off) and its 7 magnitude bits in 20-26: one extend, shift, and, multiply per vector.
-    wide = T.shift_left(T.Cast("int32", T.Cast("int8", byte)), T.int32(20))  # low 8 bits, sign-extended
-    return T.reinterpret("float32", wide & T.int32(-2014314496)) * T.float32(2.0**120)  # 0x87F00000
+    return decode_fp8_e4m3_unscaled(byte) * T.float32(FP8_UNSCALED_FACTOR)
 
 
 def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = False):
@@ -69,11 +81,13 @@ def element(dtype: str, pool, pool_bytes, blk, kv, h, off, d, exact: bool = Fals
     return T.Cast("float32", pool[blk, kv, h, off, d])
 
 
-def element_flat(dtype: str, pool_flat, bytes_flat, index):
+def element_flat(dtype: str, pool_flat, bytes_flat, index, unscaled: bool = False):
     """Like :func:`element` on flat (1-D) views of the pool: element ``index`` of ``pool_flat``
-    (``bytes_flat`` is the same memory as ``uint8``; quantized elements are one byte each)."""
+    (``bytes_flat`` is the same memory as ``uint8``; quantized elements are one byte each).
+    ``unscaled``: float8 elements come ``FP8_UNSCALED_FACTOR`` times too small (one op less)."""
     if dtype == "float8_e4m3fn":
-        return decode_fp8_e4m3_fast(bytes_flat[index])
+        byte = bytes_flat[index]
+        return decode_fp8_e4m3_unscaled(byte) if unscaled else decode_fp8_e4m3_fast(byte)
     return T.Cast("float32", pool_flat[index])
 
 
@@ -120,6 +134,7 @@ def quantize_row_macro(dtype: str, head_dim: int):
 
 
 __all__ = [
-    "QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "element", "element_flat", "quantize_row_macro",
+    "FP8_UNSCALED_FACTOR", "QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "decode_fp8_e4m3_unscaled",
+    "element", "element_flat", "quantize_row_macro",
     "row_scale", "row_scale_flat", "scale_or_one",
 ]

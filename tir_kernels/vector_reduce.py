@@ -49,3 +49,27 @@ def butterfly_macro(levels: list, lanes: int, pairs: int):
         rest(part, g, base)
 
     return level
+
+
+def halving_max_macro(lanes: int):
+    """T.macro ``(red)``: ``red[0]`` becomes the max of ``red[0:lanes]`` (``lanes`` a power of two).
+
+    ``log2(lanes)`` vector maxes of halving width (``red[:w] = max(red[:w], red[w:2w])``) instead
+    of a chain of ``lanes`` dependent scalar maxes; ``red`` is scratch.
+    """
+    if lanes <= 1:
+
+        @T.macro
+        def done(red):
+            T.evaluate(0)
+
+        return done
+    w, rest = lanes // 2, halving_max_macro(lanes // 2)
+
+    @T.macro
+    def level(red):
+        for i in T.vectorized(w):
+            red[i] = T.max(red[i], red[i + w])
+        rest(red)
+
+    return level

@@ -27,6 +27,7 @@ import tvm_ffi
 
 from ..kv_dtypes import check_kv_dtype, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
+from .host_memory import make_resident
 
 __all__ = ["PagedKVCache", "StepTensors", "block_hash"]
 
@@ -105,15 +106,6 @@ def _nonneg_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _resident(pool: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
-    """``pool`` zero-filled when it lives in host memory, so that its pages are resident from the
-    start: otherwise every first write to a page in a decode step's appends takes a page fault
-    (measured: appends 100x slower than their copy over a serving run)."""
-    if pool.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
-        np.from_dlpack(pool._create_view((pool.numel() * pool.dtype.itemsize,), "uint8")).fill(0)
-    return pool
-
-
 class PagedKVCache:
     """Paged KV cache of one model: per-layer pools, sequences, forks (copy-on-write), prefix cache.
 
@@ -183,7 +175,7 @@ class PagedKVCache:
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.allocator = BlockAllocator(self.num_blocks)
         self._pools = [
-            _resident(tvm.runtime.empty(
+            make_resident(tvm.runtime.empty(
                 (self.num_blocks, 2, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d, self.device
             ))
             for d in layer_dtypes
