@@ -203,6 +203,31 @@ def test_decode_attention_over_extreme_row_magnitudes(rng, dtype):
         tvm.testing.assert_allclose(out[b], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
+def test_int8_decode_dot_products_in_integers_only_where_the_cpu_has_vnni(rng):
+    """znver4 (AVX512-VNNI) gets ``vpdpwssd`` key dot products, haswell the float path; both
+    match the dequantized reference wherever this CPU can run them."""
+    from tvm.target import Target
+
+    from llmir_tvm.tir_kernels.paged_attention import cpu_has_int16_dot
+
+    vnni, plain = Target({"kind": "llvm", "mcpu": "znver4"}), Target({"kind": "llvm", "mcpu": "haswell"})
+    assert cpu_has_int16_dot(vnni) and not cpu_has_int16_dot(plain) and not cpu_has_int16_dot(None)
+    layout = _layout("int8", "float32", 2, 64, 16)
+    cfg = tir_kernels.AttentionConfig(layout, 8, 64**-0.5)
+    cache = QuantizedPagedCache(rng, [1, 33, 300], 2, 64, 16, "int8")
+    q = (rng.standard_normal((3, 1, 8, 64)) * 4).astype(np.float32)
+    for target in (vnni, plain):
+        lib = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, target), target=target)
+        assert ("vpdpwssd" in lib.inspect_source("asm")) == (target is vnni)
+        if target is vnni and not cpu_has_int16_dot(HOST):
+            continue  # this CPU cannot run VNNI code
+        out = np.full_like(q, np.nan)
+        lib(q, _pool(cache.pool, "int8"), cache.block_table, cache.seq_lens_array, out)
+        for b in range(3):
+            ref = attention_ref(q[b], cache.deq_keys[b], cache.deq_values[b])
+            tvm.testing.assert_allclose(out[b], ref, rtol=1e-3, atol=1e-3)
+
+
 def test_bad_quantized_configs_are_rejected():
     with pytest.raises(ValueError, match="cache dtype 'int4' is not supported"):
         tir_kernels.CacheLayout(2, 64, 16, "int4")

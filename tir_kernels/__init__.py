@@ -91,6 +91,8 @@ def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
         if target_kind(target) == "cuda":
             tgt = target if isinstance(target, Target) else Target(target)
             return getattr(cuda_quant_cache_ops, name)(config, tgt)
+    if cpu and name == "paged_decode_attention":
+        return paged_attention.paged_decode_attention(config, int_dot=paged_attention.cpu_has_int16_dot(target))
     return _variants_for(target)[name](config)
 
 

@@ -61,6 +61,19 @@ def _visible_range(causal: bool, W: int, S: int, first_pos, last_pos, seq_len):
     return n_sink, lo, n_sink + T.max(hi - lo, T.int64(0))
 
 
+def cpu_has_int16_dot(target) -> bool:
+    """Whether LLVM ``target`` has AVX512-VNNI (``vpdpwssd``), used by the int8 decode kernel."""
+    from tvm.target import Target, codegen
+
+    if target is None:
+        return False
+    target = target if isinstance(target, Target) else Target(target)
+    try:
+        return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512vnni", target))
+    except tvm.error.TVMError:  # a CPU LLVM does not know (another architecture): the float path
+        return False
+
+
 def prefetch(address):
     """Hint the CPU to bring the cache line holding ``address`` towards the core (a read, low locality:
     ``prefetcht2``, into L2 rather than L1).
@@ -98,7 +111,60 @@ def _prefetch_chunk_macro(cfg: AttentionConfig, CH: int):
     return prefetch_chunk
 
 
-def _decode_body(cfg: AttentionConfig):
+def _float_key_dots_macro(cfg: AttentionConfig):
+    """T.macro ``(part, qf, qi, kw, cache_f, cache_fb, row, i)``: ``part[g, i, :]`` = the ``VL``
+    partial sums of query head ``g``'s dot product with the key row at flat index ``row`` (float
+    FMAs on converted elements; float8 elements unscaled, see :func:`_decode_body`)."""
+    G, D, dt = cfg.group_size, cfg.layout.head_dim, cfg.layout.dtype
+    VL = _vector_lanes(D)
+
+    @T.macro
+    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i):
+        for g in range(G):
+            for v in T.vectorized(VL):
+                part[g, i, v] = T.float32(0)
+        for do in range(D // VL):
+            for g in range(G):
+                for v in T.vectorized(VL):
+                    part[g, i, v] = part[g, i, v] + qf[g, do * VL + v] * element_flat(
+                        dt, cache_f, cache_fb, row + do * VL + v, unscaled=True
+                    )
+
+    return key_dots
+
+
+def _int_key_dots_macro(cfg: AttentionConfig):
+    """T.macro like :func:`_float_key_dots_macro` for int8 rows and the int16 query ``qi``:
+    ``part[g, i, :]`` = 16 int32 partial sums, two ``vpdpwssd`` per 32 elements and head."""
+    G, D = cfg.group_size, cfg.layout.head_dim
+
+    @T.macro
+    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i):
+        for g in range(G):
+            for v in T.vectorized(16):
+                part[g, i, v] = T.int32(0)
+        for do in range(D // 32):
+            for e in T.vectorized(32):
+                kw[e] = T.Cast("int16", cache_f[row + do * 32 + e])
+            for g in range(G):
+                part[g, i, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                    "int32x16", _VPDPWSSD, part[g, i, T.Ramp(0, 1, 16)], qi[g, T.Ramp(do * 32, 1, 32)], kw[T.Ramp(0, 1, 32)]
+                )
+
+    return key_dots
+
+
+#: int16 x int16 -> int32 pair dot products accumulated (AVX512-VNNI ``vpdpwssd``): 32 lanes in, 16 out.
+_VPDPWSSD = "llvm.x86.avx512.vpdpwssd.512"
+_Q_INT16_MAX = 32767.0
+
+
+def _int_dot_keys(cfg: AttentionConfig, int_dot: bool) -> bool:
+    """Whether decode computes int8 keys' dot products in integers (see :func:`_decode_body`)."""
+    return int_dot and cfg.layout.dtype == "int8" and cfg.layout.head_dim % 32 == 0
+
+
+def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
     """The T.macro attending ONE query row with the ``group_size`` heads of KV head ``hk``.
 
     Memory-bound: every K/V row is read once and used straight from the pool. Per chunk of
@@ -110,6 +176,13 @@ def _decode_body(cfg: AttentionConfig):
     decoded ``2**120`` too small (:func:`~.kv_quant.decode_fp8_e4m3_unscaled`); half of that
     factor rides on the query and the output, half on the row scales (no fp32 overflow for
     ``|q| < 2**60`` and any float16 scale).
+
+    ``int_dot`` (int8 pools, head_dim a multiple of 32, x86 with AVX512-VNNI): the query is
+    quantized once per task to int16 (per head, absmax scale; relative error <= 2**-16 of its
+    largest element) and each key's dot products are ``vpdpwssd`` integer pair-dot accumulations
+    of the int8 row widened to int16: two instructions per 32 elements and head instead of the
+    float path's conversions and FMAs. Exact in int32 up to head_dim 512; the butterfly then
+    reduces int32 partial sums and scores become float once per 16 keys.
     """
     lay = cfg.layout
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, DECODE_CHUNK
@@ -123,12 +196,18 @@ def _decode_body(cfg: AttentionConfig):
     H, RW = lay.num_kv_heads, lay.row_elems
     VOFF = H * BS * RW  # a V row sits this many pool elements after its K row
     HALF = FP8_UNSCALED_FACTOR**0.5 if dt == "float8_e4m3fn" else 1.0  # see the docstring
+    IDOT = _int_dot_keys(cfg, int_dot)
+    PART = "int32" if IDOT else "float32"  # dtype of the partial dot products
+    key_dots = _int_key_dots_macro(cfg) if IDOT else _float_key_dots_macro(cfg)
 
     @T.macro
     def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk):
         qf = T.alloc_buffer((G, D), "float32", scope="local")
         acc = T.alloc_buffer((G, D), "float32", scope="local")
-        part = T.alloc_buffer((G, CH, VL), "float32", scope="local")  # per key: VL partial sums of its dot product
+        part = T.alloc_buffer((G, CH, VL), PART, scope="local")  # per key: VL partial sums of its dot product
+        qi = T.alloc_buffer((G, D), "int16", scope="local")  # int_dot: the query in int16 ...
+        qsc = T.alloc_buffer((G,), "float32", scope="local")  # ... and its scale per head
+        kw = T.alloc_buffer((32,), "int16", scope="local")  # int_dot: 32 key elements widened
         score = T.alloc_buffer((G, CH), "float32", scope="local")
         red = T.alloc_buffer((CH,), "float32", scope="local")
         mx = T.alloc_buffer((G,), "float32", scope="local")
@@ -144,6 +223,13 @@ def _decode_body(cfg: AttentionConfig):
             for i in T.vectorized(CH):
                 den[g, i] = T.float32(0)
             mx[g] = T.float32(_NEG_INF)
+            if IDOT:
+                qsc[g] = T.float32(0)
+                for d in range(D):
+                    qsc[g] = T.max(qsc[g], T.fabs(qf[g, d]))
+                qsc[g] = T.if_then_else(qsc[g] > T.float32(0), qsc[g] / T.float32(_Q_INT16_MAX), T.float32(1))
+                for d in T.vectorized(D):
+                    qi[g, d] = T.Cast("int16", T.round(qf[g, d] / qsc[g]))
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos, pos, seq_len)
         for c in range(PREFETCH_CHUNKS):
             prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk)
@@ -158,30 +244,26 @@ def _decode_body(cfg: AttentionConfig):
                     vsc[i] = row_scale_flat(cache_fb, rk[i] + VOFF, D) * T.float32(HALF)
             prefetch_chunk(c + PREFETCH_CHUNKS, n_sink, lo, n_vis, cache_fb, block_table, b, hk)
             for i in range(cnt):
-                for g in range(G):
-                    for v in T.vectorized(VL):
-                        part[g, i, v] = T.float32(0)
-                for do in range(D // VL):
-                    for g in range(G):
-                        for v in T.vectorized(VL):
-                            part[g, i, v] = part[g, i, v] + qf[g, do * VL + v] * element_flat(
-                                dt, cache_f, cache_fb, rk[i] + do * VL + v, unscaled=True
-                            )
+                key_dots(part, qf, qi, kw, cache_f, cache_fb, rk[i], i)
             for i in range(cnt, T.int64(CH)):  # key slots past the sequence: defined, masked below
                 for g in range(G):
                     for v in T.vectorized(VL):
-                        part[g, i, v] = T.float32(0)
+                        part[g, i, v] = T.Cast(PART, 0)
             for g in range(G):
                 for grp in range(NGRP):
                     butterfly(part, g, grp * VL)
                     if VL > 1:
-                        score[g, T.Ramp(grp * VL, 1, VL)] = part[g, grp * VL, T.Ramp(0, 1, VL)]
+                        score[g, T.Ramp(grp * VL, 1, VL)] = T.Cast(f"float32x{VL}", part[g, grp * VL, T.Ramp(0, 1, VL)])
                     else:
-                        score[g, grp] = part[g, grp, 0]
+                        score[g, grp] = T.Cast("float32", part[g, grp, 0])
             for g in range(G):
                 fix[g] = mx[g]
                 for i in T.vectorized(T.int64(CH)):
-                    score[g, i] = T.if_then_else(i < cnt, score[g, i] * (ksc[i] if quant else T.float32(1)), T.float32(_NEG_INF))
+                    score[g, i] = T.if_then_else(
+                        i < cnt,
+                        score[g, i] * (ksc[i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
+                        T.float32(_NEG_INF),
+                    )
                 for i in T.vectorized(CH):
                     red[i] = score[g, i]
                 halving_max(red)  # the chunk's max by halving vectors, not a serial chain of scalar maxes
@@ -328,17 +410,18 @@ def _tile_body(cfg: AttentionConfig):
     return body
 
 
-def paged_decode_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
+def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.tirx.PrimFunc:
     """Paged attention for uniform queries ``q [batch, q_len, num_qo_heads, head_dim]``.
 
     ``q_len`` is symbolic (1 for decode). Signature:
-    ``(q, cache, block_table, seq_lens, out)`` with ``out`` shaped like ``q``.
+    ``(q, cache, block_table, seq_lens, out)`` with ``out`` shaped like ``q``. ``int_dot``: int8
+    keys' dot products in integers (needs AVX512-VNNI: see :func:`cpu_has_int16_dot`).
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
-    body = _decode_body(cfg)
+    body = _decode_body(cfg, int_dot)
 
     @T.macro
     def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
