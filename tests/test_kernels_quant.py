@@ -148,6 +148,9 @@ GRID = [
     ("int8", "float16", (9, 3), 64, 8, [5, 64, 130]),
     ("float8_e4m3fn", "float16", (4, 4), 128, 32, [31, 33]),
     ("int8", "float32", (8, 1), 128, 1, [3, 40]),
+    # decode tasks of 2 of the 4 / 6 KV heads (paged_attention.decode_heads_per_task)
+    ("int8", "float32", (8, 4), 64, 16, [2, 50, 200]),
+    ("float8_e4m3fn", "float32", (12, 6), 64, 16, [19, 160]),
 ]
 
 

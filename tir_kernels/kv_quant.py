@@ -91,11 +91,25 @@ def element_flat(dtype: str, pool_flat, bytes_flat, index, unscaled: bool = Fals
     return T.Cast("float32", pool_flat[index])
 
 
-def row_scale_flat(bytes_flat, row_start, head_dim: int):
-    """float32 scale of the quantized pool row whose first byte is ``bytes_flat[row_start]``."""
+def row_scale_bits_flat(bytes_flat, row_start, head_dim: int):
+    """float16 bits (uint16) of the scale of the quantized pool row starting at ``bytes_flat[row_start]``.
+
+    Kernels that stage many rows' bits convert them with one vector conversion
+    (``scale_bits_to_float``) instead of one scalar conversion per row.
+    """
     lo = T.Cast("uint16", bytes_flat[row_start + head_dim])
     hi = T.Cast("uint16", bytes_flat[row_start + head_dim + 1])
-    return T.Cast("float32", T.reinterpret("float16", lo | T.shift_left(hi, T.uint16(8))))
+    return lo | T.shift_left(hi, T.uint16(8))
+
+
+def scale_bits_to_float(bits):
+    """float32 of float16 scale bits (a uint16 expression; vectorizes in a vectorized loop)."""
+    return T.Cast("float32", T.reinterpret("float16", bits))
+
+
+def row_scale_flat(bytes_flat, row_start, head_dim: int):
+    """float32 scale of the quantized pool row whose first byte is ``bytes_flat[row_start]``."""
+    return scale_bits_to_float(row_scale_bits_flat(bytes_flat, row_start, head_dim))
 
 
 def scale_or_one(dtype: str, pool_bytes, blk, kv, h, off, head_dim: int):
@@ -136,5 +150,5 @@ def quantize_row_macro(dtype: str, head_dim: int):
 __all__ = [
     "FP8_UNSCALED_FACTOR", "QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "decode_fp8_e4m3_unscaled",
     "element", "element_flat", "quantize_row_macro",
-    "row_scale", "row_scale_flat", "scale_or_one",
+    "row_scale", "row_scale_bits_flat", "row_scale_flat", "scale_bits_to_float", "scale_or_one",
 ]

@@ -25,8 +25,8 @@ from tvm.script import tirx as T
 from .cache_ops import SERIAL_BELOW_ROWS
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
-from .kv_quant import FP8_UNSCALED_FACTOR, element, element_flat, row_scale, row_scale_flat
-from .vector_reduce import butterfly_indices, butterfly_macro, halving_max_macro
+from .kv_quant import FP8_UNSCALED_FACTOR, element, element_flat, row_scale, row_scale_bits_flat, scale_bits_to_float
+from .vector_reduce import butterfly_indices, butterfly_macro, lanes_max
 
 #: KV positions per online-softmax step: one fp32 vector of scores per query vector.
 KV_CHUNK = 16
@@ -36,6 +36,8 @@ DECODE_CHUNK = 16
 PREFETCH_CHUNKS = 4
 #: Upper bound on query vectors (rows x group heads) per task, keeping its fp32 state in L1.
 MAX_QUERY_VECTORS = 32
+#: Bytes of contiguous K rows a decode task should read per block (see :func:`decode_heads_per_task`).
+MIN_DECODE_RUN_BYTES = 2048
 _NEG_INF = -3.0e38
 
 
@@ -86,47 +88,49 @@ def prefetch(address):
 
 
 def _prefetch_chunk_macro(cfg: AttentionConfig, CH: int):
-    """T.macro ``(c, n_sink, lo, n_vis, cache_b, block_table, b, hk)``: prefetch the K and V rows of
-    KV chunk ``c`` (nothing past ``n_vis``): one prefetch per 64 bytes of each row.
+    """T.macro ``(c, n_sink, lo, n_vis, cache_fb, block_table, b, hk0)``: prefetch the K and V rows
+    of KV chunk ``c`` (nothing past ``n_vis``) for the ``HT`` heads from ``hk0``: one prefetch per
+    64 bytes of each row.
 
-    Decode reads a block's rows of one head as two short runs (K, V) at random pool offsets;
+    Decode reads a block's rows of a task's heads as two runs (K, V) at random pool offsets;
     hardware prefetchers do not see across runs, so without this the kernel is bound by memory
     latency rather than bandwidth, and a smaller (quantized) row buys little.
     """
     lay = cfg.layout
-    BS, H = lay.block_size, lay.num_kv_heads
+    BS, H, HT = lay.block_size, lay.num_kv_heads, decode_heads_per_task(cfg)
     RB = lay.row_elems * element_bytes(lay.dtype)  # bytes per pool row
     NL = (RB + 63) // 64  # offsets 0, 64, ...: consecutive rows of a block cover each other's tails
 
     @T.macro
-    def prefetch_chunk(c, n_sink, lo, n_vis, cache_fb, block_table, b, hk):
+    def prefetch_chunk(c, n_sink, lo, n_vis, cache_fb, block_table, b, hk0):
         for i in range(T.max(T.min(T.int64(CH), n_vis - c * CH), T.int64(0))):
             t: T.int64 = c * CH + i
             p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-            row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk) * BS + p % BS) * RB
+            row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk0) * BS + p % BS) * RB
             for kv in range(2):
-                for j in T.unroll(NL):
-                    prefetch(T.address_of(cache_fb[row + kv * H * BS * RB + j * 64]))
+                for h in T.unroll(HT):
+                    for j in T.unroll(NL):
+                        prefetch(T.address_of(cache_fb[row + (kv * H + h) * BS * RB + j * 64]))
 
     return prefetch_chunk
 
 
 def _float_key_dots_macro(cfg: AttentionConfig):
-    """T.macro ``(part, qf, qi, kw, cache_f, cache_fb, row, i)``: ``part[g, i, :]`` = the ``VL``
-    partial sums of query head ``g``'s dot product with the key row at flat index ``row`` (float
-    FMAs on converted elements; float8 elements unscaled, see :func:`_decode_body`)."""
+    """T.macro ``(part, qf, qi, kw, cache_f, cache_fb, row, i, h)``: ``part[h * G + g, i, :]`` = the
+    ``VL`` partial sums of query vector ``h * G + g``'s dot product with the key row at flat index
+    ``row`` (float FMAs on converted elements; float8 elements unscaled, see :func:`_decode_body`)."""
     G, D, dt = cfg.group_size, cfg.layout.head_dim, cfg.layout.dtype
     VL = _vector_lanes(D)
 
     @T.macro
-    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i):
+    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i, h):
         for g in range(G):
             for v in T.vectorized(VL):
-                part[g, i, v] = T.float32(0)
+                part[h * G + g, i, v] = T.float32(0)
         for do in range(D // VL):
             for g in range(G):
                 for v in T.vectorized(VL):
-                    part[g, i, v] = part[g, i, v] + qf[g, do * VL + v] * element_flat(
+                    part[h * G + g, i, v] = part[h * G + g, i, v] + qf[h * G + g, do * VL + v] * element_flat(
                         dt, cache_f, cache_fb, row + do * VL + v, unscaled=True
                     )
 
@@ -135,20 +139,21 @@ def _float_key_dots_macro(cfg: AttentionConfig):
 
 def _int_key_dots_macro(cfg: AttentionConfig):
     """T.macro like :func:`_float_key_dots_macro` for int8 rows and the int16 query ``qi``:
-    ``part[g, i, :]`` = 16 int32 partial sums, two ``vpdpwssd`` per 32 elements and head."""
+    ``part[h * G + g, i, :]`` = 16 int32 partial sums, two ``vpdpwssd`` per 32 elements and head."""
     G, D = cfg.group_size, cfg.layout.head_dim
 
     @T.macro
-    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i):
+    def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i, h):
         for g in range(G):
             for v in T.vectorized(16):
-                part[g, i, v] = T.int32(0)
+                part[h * G + g, i, v] = T.int32(0)
         for do in range(D // 32):
             for e in T.vectorized(32):
                 kw[e] = T.Cast("int16", cache_f[row + do * 32 + e])
             for g in range(G):
-                part[g, i, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
-                    "int32x16", _VPDPWSSD, part[g, i, T.Ramp(0, 1, 16)], qi[g, T.Ramp(do * 32, 1, 32)], kw[T.Ramp(0, 1, 32)]
+                part[h * G + g, i, T.Ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                    "int32x16", _VPDPWSSD, part[h * G + g, i, T.Ramp(0, 1, 16)], qi[h * G + g, T.Ramp(do * 32, 1, 32)],
+                    kw[T.Ramp(0, 1, 32)],
                 )
 
     return key_dots
@@ -164,8 +169,29 @@ def _int_dot_keys(cfg: AttentionConfig, int_dot: bool) -> bool:
     return int_dot and cfg.layout.dtype == "int8" and cfg.layout.head_dim % 32 == 0
 
 
+def decode_heads_per_task(cfg: AttentionConfig) -> int:
+    """KV heads one decode task attends together: the fewest (a divisor of num_kv_heads) whose K rows
+    of one block span ``MIN_DECODE_RUN_BYTES``, while their ``group_size`` query vectors each stay
+    within ``MAX_QUERY_VECTORS`` and 8 KiB of fp32 state.
+
+    A block stores its heads' K rows next to each other (then their V rows), so a task over
+    several heads reads each block as two longer runs. Long-context decode is bound by how many
+    separate runs it fetches, not by bytes: quantized rows make one head's run short (1 KiB for
+    int8, head_dim 64, 16-token blocks) and taking three heads at once made the int8 kernel 1.15x
+    and the float8 one 1.2-1.3x faster at 8192-32768 tokens (Zen 4). Runs already that long gain
+    nothing (float16 got slower at 8192 tokens), and fewer heads per task keep more tasks for
+    threads: hence the fewest heads that reach the threshold.
+    """
+    lay, G = cfg.layout, cfg.group_size
+    H, D = lay.num_kv_heads, lay.head_dim
+    run = lay.block_size * lay.row_elems * element_bytes(lay.dtype)  # bytes of one head's K rows in a block
+    fits = [ht for ht in range(1, H + 1) if H % ht == 0 and (ht == 1 or (ht * G <= MAX_QUERY_VECTORS and ht * G * D <= 2048))]
+    return next((ht for ht in fits if ht * run >= MIN_DECODE_RUN_BYTES), fits[-1])
+
+
 def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
-    """The T.macro attending ONE query row with the ``group_size`` heads of KV head ``hk``.
+    """The T.macro attending ONE query row with the ``HT * group_size`` query heads of KV heads
+    ``hk0 .. hk0 + HT`` (``HT`` = :func:`decode_heads_per_task`).
 
     Memory-bound: every K/V row is read once and used straight from the pool. Per chunk of
     ``KV_CHUNK`` keys, each (head, key) dot product is first a vector of ``VL`` partial sums along
@@ -186,39 +212,46 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
     """
     lay = cfg.layout
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, DECODE_CHUNK
+    HT = decode_heads_per_task(cfg)
+    NG = HT * G  # query vectors of a task
     VL = _vector_lanes(D)
     NGRP = CH // VL  # butterflies per chunk (VL divides DECODE_CHUNK)
     butterfly = butterfly_macro(butterfly_indices(VL), VL, VL // 2)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     prefetch_chunk = _prefetch_chunk_macro(cfg, CH)
-    halving_max = halving_max_macro(CH)
     H, RW = lay.num_kv_heads, lay.row_elems
-    VOFF = H * BS * RW  # a V row sits this many pool elements after its K row
+    HOFF = BS * RW  # the next head's row sits this many pool elements further
+    VOFF = H * HOFF  # a V row sits this many pool elements after its K row
     HALF = FP8_UNSCALED_FACTOR**0.5 if dt == "float8_e4m3fn" else 1.0  # see the docstring
     IDOT = _int_dot_keys(cfg, int_dot)
     PART = "int32" if IDOT else "float32"  # dtype of the partial dot products
     key_dots = _int_key_dots_macro(cfg) if IDOT else _float_key_dots_macro(cfg)
 
     @T.macro
-    def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk):
-        qf = T.alloc_buffer((G, D), "float32", scope="local")
-        acc = T.alloc_buffer((G, D), "float32", scope="local")
-        part = T.alloc_buffer((G, CH, VL), PART, scope="local")  # per key: VL partial sums of its dot product
-        qi = T.alloc_buffer((G, D), "int16", scope="local")  # int_dot: the query in int16 ...
-        qsc = T.alloc_buffer((G,), "float32", scope="local")  # ... and its scale per head
+    def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk0):
+        qf = T.alloc_buffer((NG, D), "float32", scope="local")
+        acc = T.alloc_buffer((NG, D), "float32", scope="local")
+        part = T.alloc_buffer((NG, CH, VL), PART, scope="local")  # per key: VL partial sums of its dot product
+        qi = T.alloc_buffer((NG, D), "int16", scope="local")  # int_dot: the query in int16 ...
+        qsc = T.alloc_buffer((NG,), "float32", scope="local")  # ... and its scale per head
         kw = T.alloc_buffer((32,), "int16", scope="local")  # int_dot: 32 key elements widened
-        score = T.alloc_buffer((G, CH), "float32", scope="local")
-        red = T.alloc_buffer((CH,), "float32", scope="local")
-        mx = T.alloc_buffer((G,), "float32", scope="local")
-        den = T.alloc_buffer((G, CH), "float32", scope="local")  # per-lane partial denominators
-        fix = T.alloc_buffer((G,), "float32", scope="local")
-        rk = T.alloc_buffer((CH,), "int64", scope="local")  # flat pool index of each key's K row
-        ksc = T.alloc_buffer((CH,), "float32", scope="local")  # row scales (quantized pools only)
-        vsc = T.alloc_buffer((CH,), "float32", scope="local")
-        for g in range(G):
+        score = T.alloc_buffer((NG, CH), "float32", scope="local")
+        mx = T.alloc_buffer((NG,), "float32", scope="local")
+        den = T.alloc_buffer((NG, CH), "float32", scope="local")  # per-lane partial denominators
+        fix = T.alloc_buffer((NG,), "float32", scope="local")
+        rk = T.alloc_buffer((CH,), "int64", scope="local")  # flat pool index of each key's K row (head hk0)
+        ksc = T.alloc_buffer((HT, CH), "float32", scope="local")  # row scales (quantized pools only) ...
+        vsc = T.alloc_buffer((HT, CH), "float32", scope="local")
+        ksw = T.alloc_buffer((HT, CH), "uint16", scope="local")  # ... staged as float16 bits, converted 16 at once
+        vsw = T.alloc_buffer((HT, CH), "uint16", scope="local")
+        for h in range(HT):
+            for i in T.vectorized(CH):
+                ksw[h, i] = T.uint16(0)
+                vsw[h, i] = T.uint16(0)
+        for g in range(NG):
             for d in T.vectorized(D):
-                qf[g, d] = T.Cast("float32", q_rows[row, hk * G + g, d]) * T.float32(scale * HALF)
+                qf[g, d] = T.Cast("float32", q_rows[row, hk0 * G + g, d]) * T.float32(scale * HALF)
                 acc[g, d] = T.float32(0)
             for i in T.vectorized(CH):
                 den[g, i] = T.float32(0)
@@ -232,42 +265,45 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
                     qi[g, d] = T.Cast("int16", T.round(qf[g, d] / qsc[g]))
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos, pos, seq_len)
         for c in range(PREFETCH_CHUNKS):
-            prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk)
+            prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk0)
         for c in range((n_vis + CH - 1) // CH):
             cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(cnt):
                 t: T.int64 = c * CH + i
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-                rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk) * BS + p % BS) * RW
+                rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk0) * BS + p % BS) * RW
                 if quant:
-                    ksc[i] = row_scale_flat(cache_fb, rk[i], D) * T.float32(HALF)
-                    vsc[i] = row_scale_flat(cache_fb, rk[i] + VOFF, D) * T.float32(HALF)
-            prefetch_chunk(c + PREFETCH_CHUNKS, n_sink, lo, n_vis, cache_fb, block_table, b, hk)
-            for i in range(cnt):
-                key_dots(part, qf, qi, kw, cache_f, cache_fb, rk[i], i)
+                    for h in range(HT):
+                        ksw[h, i] = row_scale_bits_flat(cache_fb, rk[i] + h * HOFF, D)
+                        vsw[h, i] = row_scale_bits_flat(cache_fb, rk[i] + h * HOFF + VOFF, D)
+            if quant:  # lanes past cnt hold earlier chunks' (or initial zero) bits: masked below
+                for h in range(HT):
+                    for i in T.vectorized(CH):
+                        ksc[h, i] = scale_bits_to_float(ksw[h, i]) * T.float32(HALF)
+                        vsc[h, i] = scale_bits_to_float(vsw[h, i]) * T.float32(HALF)
+            prefetch_chunk(c + PREFETCH_CHUNKS, n_sink, lo, n_vis, cache_fb, block_table, b, hk0)
+            for h in range(HT):
+                for i in range(cnt):
+                    key_dots(part, qf, qi, kw, cache_f, cache_fb, rk[i] + h * HOFF, i, h)
             for i in range(cnt, T.int64(CH)):  # key slots past the sequence: defined, masked below
-                for g in range(G):
+                for g in range(NG):
                     for v in T.vectorized(VL):
                         part[g, i, v] = T.Cast(PART, 0)
-            for g in range(G):
+            for g in range(NG):
                 for grp in range(NGRP):
                     butterfly(part, g, grp * VL)
                     if VL > 1:
                         score[g, T.Ramp(grp * VL, 1, VL)] = T.Cast(f"float32x{VL}", part[g, grp * VL, T.Ramp(0, 1, VL)])
                     else:
                         score[g, grp] = T.Cast("float32", part[g, grp, 0])
-            for g in range(G):
-                fix[g] = mx[g]
+            for g in range(NG):
                 for i in T.vectorized(T.int64(CH)):
                     score[g, i] = T.if_then_else(
                         i < cnt,
-                        score[g, i] * (ksc[i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
+                        score[g, i] * (ksc[g // G, i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
                         T.float32(_NEG_INF),
                     )
-                for i in T.vectorized(CH):
-                    red[i] = score[g, i]
-                halving_max(red)  # the chunk's max by halving vectors, not a serial chain of scalar maxes
-                fix[g] = red[0]
+                fix[g] = lanes_max(score[g, T.Ramp(0, 1, CH)], CH)  # the chunk's max, in registers
                 if fix[g] > mx[g]:  # the running max grew: rescale (rare once a long context is under way)
                     m_new: T.float32 = fix[g]
                     fix[g] = exp_nonpositive(mx[g] - m_new)
@@ -281,19 +317,20 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
                     den[g, i] = den[g, i] + score[g, i]
                 if quant:
                     for i in T.vectorized(CH):
-                        score[g, i] = score[g, i] * vsc[i]
-            for i in range(cnt):
-                for g in range(G):
-                    for d in T.vectorized(D):
-                        acc[g, d] = acc[g, d] + score[g, i] * element_flat(
-                            dt, cache_f, cache_fb, rk[i] + VOFF + d, unscaled=True
-                        )
-        for g in range(G):
+                        score[g, i] = score[g, i] * vsc[g // G, i]
+            for h in range(HT):  # per head, so that its G x D accumulators stay in registers over the chunk
+                for i in range(cnt):
+                    for g in range(G):
+                        for d in T.vectorized(D):
+                            acc[h * G + g, d] = acc[h * G + g, d] + score[h * G + g, i] * element_flat(
+                                dt, cache_f, cache_fb, rk[i] + h * HOFF + VOFF + d, unscaled=True
+                            )
+        for g in range(NG):
             fix[g] = T.float32(0)
             for i in range(CH):
                 fix[g] = fix[g] + den[g, i]
             for d in T.vectorized(D):
-                out_rows[row, hk * G + g, d] = T.Cast(
+                out_rows[row, hk0 * G + g, d] = T.Cast(
                     out_rows.dtype,
                     T.if_then_else(fix[g] > T.float32(0), acc[g, d] * T.float32(HALF) / fix[g], T.float32(0)),
                 )
@@ -423,12 +460,15 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.t
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     body = _decode_body(cfg, int_dot)
 
+    NHT = H // decode_heads_per_task(cfg)  # tasks per query row
+
     @T.macro
     def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
-        b: T.int64 = task // (L * H)
-        j: T.int64 = task // H % L
+        b: T.int64 = task // (L * NHT)
+        j: T.int64 = task // NHT % L
         seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-        body(q_rows, out_rows, task // H, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, task % H)
+        hk0: T.int64 = task % NHT * (H // NHT)
+        body(q_rows, out_rows, task // NHT, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, hk0)
 
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
@@ -447,10 +487,10 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.t
         cache_f = T.decl_buffer((NB * 2 * H * BS * RW,), cdtype, data=cache.data, align=CA)  # flat views
         cache_fb = T.decl_buffer((NB * 2 * H * BS * RW * CA,), "uint8", data=cache.data, align=1)
         if B * L >= SERIAL_BELOW_ROWS:
-            for task in T.parallel(B * L * H):
+            for task in T.parallel(B * L * NHT):
                 decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
         else:  # a thread-pool launch costs more than a few rows (batch-1 decode)
-            for task in T.serial(B * L * H):
+            for task in T.serial(B * L * NHT):
                 decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
 
     return paged_decode

@@ -8,6 +8,7 @@ sums with ``lanes - 1`` vector adds. Used by the CPU decode attention and dense 
 
 from __future__ import annotations
 
+import tvm
 from tvm.script import tirx as T
 
 
@@ -51,25 +52,16 @@ def butterfly_macro(levels: list, lanes: int, pairs: int):
     return level
 
 
-def halving_max_macro(lanes: int):
-    """T.macro ``(red)``: ``red[0]`` becomes the max of ``red[0:lanes]`` (``lanes`` a power of two).
+def lanes_max(vector, lanes: int):
+    """The max of the ``lanes`` lanes of ``vector`` (a PrimExpr, ``lanes`` a power of two).
 
-    ``log2(lanes)`` vector maxes of halving width (``red[:w] = max(red[:w], red[w:2w])``) instead
-    of a chain of ``lanes`` dependent scalar maxes; ``red`` is scratch.
+    ``log2(lanes)`` maxes of halving width on shuffled halves, so LLVM keeps the reduction in
+    registers; ``llvm.vector.reduce.fmax`` instead lowers to a serial chain of scalar maxes
+    (NaN ordering), and halving through a scratch buffer stalls on store forwarding.
     """
-    if lanes <= 1:
+    while lanes > 1:
+        w = lanes // 2
+        vector = tvm.tirx.Max(tvm.tirx.Shuffle([vector], list(range(w))), tvm.tirx.Shuffle([vector], list(range(w, lanes))))
+        lanes = w
+    return vector
 
-        @T.macro
-        def done(red):
-            T.evaluate(0)
-
-        return done
-    w, rest = lanes // 2, halving_max_macro(lanes // 2)
-
-    @T.macro
-    def level(red):
-        for i in T.vectorized(w):
-            red[i] = T.max(red[i], red[i + w])
-        rest(red)
-
-    return level
