@@ -304,8 +304,8 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
                     else:
                         score[g, grp] = T.Cast("float32", part[g, grp, 0])
             for g in range(NG):
-                for i in T.vectorized(T.int64(CH)):
-                    score[g, i] = T.if_then_else(
+                for i in T.vectorized(T.int64(CH)):  # Select, not if_then_else: a lane-wise condition
+                    score[g, i] = T.Select(  # in if_then_else makes TVM scalarize the loop into branches
                         i < cnt,
                         score[g, i] * (ksc[g // G, i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
                         T.float32(_NEG_INF),
