@@ -9,12 +9,14 @@ Semantics (shared by every form and target):
   ``(pos - W, pos]`` plus ``[0, S)``; a query that sees nothing returns zeros;
 - softmax runs in fp32 with an online (running max) update, one KV chunk at a time.
 
-Work split: a task of the parallel loop is a *tile* of consecutive query rows of one
+Work split (prefill): a task of the parallel loop is a *tile* of consecutive query rows of one
 sequence times one KV head; its query vectors are ``rows x group_size`` (the query heads that
 share the KV head). Per chunk of ``KV_CHUNK`` positions the task transposes K into fp32
 ``[head_dim, KV_CHUNK]`` once and computes every score with broadcast FMAs along the chunk
 (no horizontal sums), then accumulates V rows along head_dim. Each K/V row is thus read once
-per tile. Only slots below ``seq_len`` are ever read: unused slots may hold anything.
+per tile. Decode: a task is one query row times :func:`decode_heads_per_task` KV heads, reading
+K/V rows straight from the pool (see :func:`_decode_body`). Only slots below ``seq_len`` are
+ever read: unused slots may hold anything.
 """
 
 from __future__ import annotations
