@@ -23,7 +23,7 @@ def row_scale(pool_bytes, blk, kv, h, off, head_dim: int):
     """float32 scale of pool row ``[blk, kv, h, off]`` (its float16 bytes after the values)."""
     lo = T.Cast("uint16", pool_bytes[blk, kv, h, off, head_dim])
     hi = T.Cast("uint16", pool_bytes[blk, kv, h, off, head_dim + 1])
-    return T.Cast("float32", T.reinterpret("float16", lo | T.shift_left(hi, T.uint16(8))))
+    return scale_bits_to_float(lo | T.shift_left(hi, T.uint16(8)))
 
 
 def decode_fp8_e4m3(byte):
@@ -107,10 +107,6 @@ def scale_bits_to_float(bits):
     return T.Cast("float32", T.reinterpret("float16", bits))
 
 
-def row_scale_flat(bytes_flat, row_start, head_dim: int):
-    """float32 scale of the quantized pool row whose first byte is ``bytes_flat[row_start]``."""
-    return scale_bits_to_float(row_scale_bits_flat(bytes_flat, row_start, head_dim))
-
 
 def scale_or_one(dtype: str, pool_bytes, blk, kv, h, off, head_dim: int):
     """The row scale of a quantized pool; 1.0 for float pools (their elements are the values)."""
@@ -150,5 +146,5 @@ def quantize_row_macro(dtype: str, head_dim: int):
 __all__ = [
     "FP8_UNSCALED_FACTOR", "QMAX", "SCALE_ELEMS", "decode_fp8_e4m3", "decode_fp8_e4m3_fast", "decode_fp8_e4m3_unscaled",
     "element", "element_flat", "quantize_row_macro",
-    "row_scale", "row_scale_bits_flat", "row_scale_flat", "scale_bits_to_float", "scale_or_one",
+    "row_scale", "row_scale_bits_flat", "scale_bits_to_float", "scale_or_one",
 ]

@@ -179,15 +179,15 @@ def _int_dot_keys(cfg: AttentionConfig, int_dot: bool) -> bool:
 
 def decode_heads_per_task(cfg: AttentionConfig) -> int:
     """KV heads one decode task attends together: the fewest (a divisor of num_kv_heads) whose K rows
-    of one block span ``MIN_DECODE_RUN_BYTES``, while their ``group_size`` query vectors each stay
-    within ``MAX_QUERY_VECTORS`` and 8 KiB of fp32 state.
+    of one block span ``MIN_DECODE_RUN_BYTES``, as long as the task's ``heads x group_size`` query
+    vectors stay within ``MAX_QUERY_VECTORS`` and 8 KiB of fp32 per state array.
 
     A block stores its heads' K rows next to each other (then their V rows), so a task over
-    several heads reads each block as two longer runs. Long-context decode is bound by how many
-    separate runs it fetches, not by bytes: quantized rows make one head's run short (1 KiB for
-    int8, head_dim 64, 16-token blocks) and taking three heads at once made the int8 kernel 1.15x
-    and the float8 one 1.2-1.3x faster at 8192-32768 tokens (Zen 4). Runs already that long gain
-    nothing (float16 got slower at 8192 tokens), and fewer heads per task keep more tasks for
+    several heads reads each block as two longer runs. Long-context decode pays per separate run
+    it fetches as well as per byte: quantized rows make one head's run short (1 KiB for int8,
+    head_dim 64, 16-token blocks), and taking three heads at once made the int8 kernel 1.15x and
+    the float8 one 1.2-1.3x faster at 32768 tokens (Zen 4). Runs already 2 KiB long gained
+    nothing (float16 got slower at 8192 tokens), and fewer heads per task leave more tasks for
     threads: hence the fewest heads that reach the threshold.
     """
     lay, G = cfg.layout, cfg.group_size
@@ -469,14 +469,15 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.t
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     body = _decode_body(cfg, int_dot)
 
-    NHT = H // decode_heads_per_task(cfg)  # tasks per query row
+    HT = decode_heads_per_task(cfg)
+    NHT = H // HT  # tasks per query row
 
     @T.macro
     def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
         b: T.int64 = task // (L * NHT)
         j: T.int64 = task // NHT % L
         seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-        hk0: T.int64 = task % NHT * (H // NHT)
+        hk0: T.int64 = task % NHT * HT
         body(q_rows, out_rows, task // NHT, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, hk0)
 
     @T.prim_func
