@@ -2,7 +2,8 @@
 
 The decode kernel reduces each chunk's dot products with a butterfly of shuffles whose width is
 the widest of 16/8/4/2/1 lanes dividing head_dim, and prefetches KV rows chunks ahead. Here:
-the butterfly's lane bookkeeping against a plain numpy sum, and decode attention for head dims
+the butterfly's lane bookkeeping against a plain numpy sum, the chunk max (``lanes_max``, built
+and run) against numpy's, and decode attention for head dims
 that give every lane width (16, 8, 4, 2, 1), float and quantized pools, context lengths around
 the chunk size, against the dense float64 reference (on the dequantized K/V for quantized pools).
 Unused slots are NaN-poisoned, so a read past a sequence shows up.
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import tvm
 import tvm.testing
+from tvm.script import tirx as T
 
 from llmir_tvm import tir_kernels
 from llmir_tvm.reference import QuantizedPagedCache, RandomPagedCache, attention_ref, pool_dtype
 from llmir_tvm.target import resolve_target
-from llmir_tvm.tir_kernels.vector_reduce import butterfly_indices
+from llmir_tvm.tir_kernels.vector_reduce import butterfly_indices, lanes_max
 
 HOST = resolve_target("llvm")
 
@@ -32,6 +34,25 @@ def test_butterfly_levels_turn_partial_vectors_into_dot_products(rng, lanes):
         vectors = [p[lo] + p[hi] for p in pairs]
     assert len(vectors) == 1
     np.testing.assert_allclose(vectors[0], parts.sum(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 4, 8, 16])
+def test_lanes_max_is_the_max_of_every_lane(rng, lanes):
+    """The decode kernel's in-register chunk max, compiled for this CPU: the max of each vector
+    wherever the largest lane sits (a max that misses a lane would let exp overflow)."""
+
+    @T.prim_func
+    def vector_max(x: T.Buffer((lanes, lanes), "float32"), out: T.Buffer((lanes,), "float32")):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "vector_max"})
+        for r in range(lanes):
+            out[r] = lanes_max(x[r, T.Ramp(0, 1, lanes)] if lanes > 1 else x[r, 0], lanes)
+
+    fn = tvm.tirx.build(vector_max, target=HOST)
+    x = rng.standard_normal((lanes, lanes)).astype(np.float32) - 10.0
+    x[np.arange(lanes), np.arange(lanes)] = 5.0 + np.arange(lanes)  # row r's max in lane r
+    out = tvm.runtime.empty((lanes,), "float32")
+    fn(tvm.runtime.tensor(x), out)  # TVM-allocated: the vector loads assume 64-byte alignment
+    np.testing.assert_array_equal(out.numpy(), x.max(axis=1))
 
 
 # (cache dtype, head_dim, (Hq, Hkv), page, window, sinks): head_dims 24/40/6/5 give 8/8/2/1 lanes.
