@@ -121,10 +121,9 @@ def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
 
 
 def _check_shardable(info: ModelInfo) -> None:
-    """The sharded runtime keeps one uniform float pool layout per shard: refuse what it cannot run."""
+    """The sharded runtime keeps one pool per layer (any KV dtype, mixed included) and one window for
+    every layer on each shard: refuse what it cannot run."""
     unsupported = []
-    if info.layer_kv_dtypes or is_quantized(info.kv_dtype):
-        unsupported.append(f"quantized / mixed KV dtypes ({sorted(set(info.kv_dtypes))})")
     if len(set(info.pool_windows)) > 1:
         unsupported.append(f"per-layer sliding windows ({sorted(set(info.pool_windows))})")
     if info.eviction != "none":
@@ -220,9 +219,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     kv_attrs = mod["prefill"].attrs[KV_ATTR]
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
-    if info.eviction == "h2o" and any(is_quantized(d) for d in info.kv_dtypes):
+    quantized = sorted({d for d in info.kv_dtypes if is_quantized(d)})
+    if info.eviction == "h2o" and quantized:
         raise ValueError(f"eviction='h2o' compacts token slots of float pools; it does not support the quantized "
-                         f"KV dtypes {sorted(set(info.kv_dtypes))} yet: use eviction='streaming' or a float KV dtype")
+                         f"KV dtypes {quantized} yet: use eviction='streaming' or a float KV dtype")
     if num_shards > 1:
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)

@@ -32,6 +32,7 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
+from ..kv_dtypes import pool_row_elems
 from ..model import CompiledModel
 from .kv_cache import PagedKVCache
 
@@ -144,11 +145,14 @@ class ShardedExecutor:
         self._caches.append(cache)
         return cache
 
-    def empty_pool(self, num_blocks: int) -> Any:
-        """One layer's pool on every worker: ``[num_blocks, 2, kv_heads_per_shard, page, head_dim]``."""
+    def empty_pool(self, num_blocks: int, dtype: str | None = None) -> Any:
+        """One layer's pool of ``dtype`` (default: the model's KV dtype) on every worker:
+        ``[num_blocks, 2, kv_heads_per_shard, page, row]``, ``row`` = head_dim (+ the scale bytes
+        of a quantized dtype)."""
         info = self.info
-        shape = (num_blocks, 2, info.num_kv_heads, info.page_size, info.head_dim)
-        return self.session.empty(shape, info.kv_dtype)
+        dtype = dtype or info.kv_dtype
+        shape = (num_blocks, 2, info.num_kv_heads, info.page_size, pool_row_elems(dtype, info.head_dim))
+        return self.session.empty(shape, dtype)
 
     def kernel(self, name: str) -> Any:
         """A cache kernel of the model (``llmir_copy_blocks``...) on every worker."""
@@ -182,7 +186,7 @@ class ShardedExecutor:
         (its workers exit) once nothing else holds it. (TVM's ``Session.shutdown`` is not called: the
         session's destructor shuts it down again and aborts the process on the closed pipes.)"""
         for cache in self._caches:
-            cache._pools, cache._copy_fn = [], None
+            cache._pools, cache._copy_fn, cache._copy_fns = [], None, []
         self._caches = []
         self.session = self.module = self._get_item = self._get_function = None
         self.weights, self.last_inputs = [], []
@@ -206,15 +210,21 @@ class ShardedKVCache(PagedKVCache):
     def __init__(self, executor: ShardedExecutor, num_blocks: int, *, enable_prefix_caching: bool = True):
         info = executor.info
         super().__init__(
-            info.num_layers, 1, 1, info.page_size, num_blocks, info.kv_dtype, device="cpu", kernels=None,
+            info.num_layers, 1, 1, info.page_size, num_blocks, info.kv_dtypes, device="cpu", kernels=None,
             sliding_window=info.sliding_window, enable_prefix_caching=enable_prefix_caching,
         )
         self.num_kv_heads, self.head_dim = info.num_kv_heads, info.head_dim
         self.executor = executor
-        self._pools = [executor.empty_pool(num_blocks) for _ in range(info.num_layers)]
-        copy = executor.kernel("llmir_copy_blocks")
-        self._copy_fn = lambda pool, src, dst: copy(pool, executor.broadcast(_host(src)), executor.broadcast(_host(dst)))
-        self._copy_fns = [self._copy_fn] * info.num_layers
+        self._pools = [executor.empty_pool(num_blocks, dtype) for dtype in self.layer_dtypes]
+        # mixed precision: one copy kernel per pool dtype, suffixed with it (as CompiledModel names them)
+        copies = {d: executor.kernel(f"llmir_copy_blocks_{d}" if info.layer_kv_dtypes else "llmir_copy_blocks")
+                  for d in set(self.layer_dtypes)}
+
+        def copy_fn(dtype: str):
+            return lambda pool, src, dst: copies[dtype](pool, executor.broadcast(_host(src)), executor.broadcast(_host(dst)))
+
+        self._copy_fns = [copy_fn(d) for d in self.layer_dtypes]
+        self._copy_fn = self._copy_fns[0]
 
     def shard_pools(self, layer: int) -> list[np.ndarray]:
         """Layer ``layer``'s pool as each worker holds it (for checks and debugging)."""
