@@ -219,10 +219,6 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     kv_attrs = mod["prefill"].attrs[KV_ATTR]
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
-    quantized = sorted({d for d in info.kv_dtypes if is_quantized(d)})
-    if info.eviction == "h2o" and quantized:
-        raise ValueError(f"eviction='h2o' compacts token slots of float pools; it does not support the quantized "
-                         f"KV dtypes {quantized} yet: use eviction='streaming' or a float KV dtype")
     if num_shards > 1:
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)
@@ -234,8 +230,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())
     funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
-    if info.eviction == "h2o":  # token eviction compacts slots
-        funcs[COPY_SLOTS] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, info.kv_dtype))
+    if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
+        for dtype in sorted(set(info.kv_dtypes)):
+            name = f"{COPY_SLOTS}_{dtype}" if info.layer_kv_dtypes else COPY_SLOTS
+            funcs[name] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype), name)
     note("build")
     start = time.perf_counter()
     pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)

@@ -102,11 +102,12 @@ class CompiledModel:
     def cache_kernels(self) -> dict:
         """The embedded cache kernels by global symbol, for ``llmir_tvm.runtime.PagedKVCache``."""
         kernels = {name: self.module.get_function(name, query_imports=True) for name in CACHE_KERNELS}
-        if self.info.eviction == "h2o":
+        if self.info.eviction == "h2o" and not self.info.layer_kv_dtypes:
             kernels.update({name: self.module.get_function(name, query_imports=True) for name in OPTIONAL_CACHE_KERNELS})
         if self.info.layer_kv_dtypes:  # mixed precision: one set per dtype, suffixed with it
+            names = CACHE_KERNELS + (OPTIONAL_CACHE_KERNELS if self.info.eviction == "h2o" else ())
             for dtype in sorted(set(self.info.layer_kv_dtypes)):
-                for name in CACHE_KERNELS:
+                for name in names:
                     kernels[f"{name}_{dtype}"] = self.module.get_function(f"{name}_{dtype}", query_imports=True)
         return kernels
 

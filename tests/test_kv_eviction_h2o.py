@@ -18,6 +18,7 @@ import tvm.testing
 
 import llmir_tvm
 from llmir_tvm.kernel_library import build_cache_kernels
+from llmir_tvm.kv_precision import _cache_class
 from llmir_tvm.runtime import H2OKVCache
 from llmir_tvm.tir_kernels import CacheLayout
 from llmir_tvm.tir_kernels.slot_copy import copy_slots
@@ -49,26 +50,41 @@ class ReferencePolicy:
         return sorted(self.kept)
 
 
+def _kernels(dtypes: list[str]) -> dict:
+    """Cache kernels (and the slot copy) of one KV head of 4 dims per pool dtype; suffixed with
+    the dtype when there are several, as mixed-precision compiled models name them."""
+    kernels = {}
+    for dtype in dtypes:
+        layout = CacheLayout(1, 4, PAGE, dtype)
+        lib = build_cache_kernels(layout)
+        suffix = f"_{dtype}" if len(dtypes) > 1 else ""
+        name = f"llmir_copy_slots{suffix}"
+        copy = tvm.tirx.build(copy_slots(layout, name), target="llvm")
+        kernels |= {f"{n}{suffix}": lib[n] for n in ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")}
+        kernels[name] = copy[name]
+    return kernels
+
+
 @pytest.fixture(scope="module")
 def kernels():
-    layout = CacheLayout(1, 4, PAGE, "float32")
-    lib = build_cache_kernels(layout)
-    copy = tvm.tirx.build(copy_slots(layout), target="llvm")
-    return {name: lib[name] for name in ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")} | {
-        "llmir_copy_slots": copy["llmir_copy_slots"]
-    }
+    return _kernels(["float32"])
 
 
 def _write_positions(cache, kernels, step, positions):
     """Store K = V = the token's position in every layer (so the data shows where tokens went)."""
     rows = np.repeat(np.asarray(positions, dtype="float32")[:, None, None], 4, axis=2)
     kv = tvm.runtime.tensor(rows)
-    for pool in cache.pools:
-        kernels["llmir_append_kv"](pool, kv, kv, step.slot_mapping)
+    mixed = len(set(cache.layer_dtypes)) > 1
+    for pool, dtype in zip(cache.pools, cache.layer_dtypes):
+        kernels["llmir_append_kv" + (f"_{dtype}" if mixed else "")](pool, kv, kv, step.slot_mapping)
 
 
-def test_runtime_keeps_what_the_reference_policy_keeps_and_moves_the_data(kernels):
-    cache = H2OKVCache(2, 1, 4, PAGE, 32, "float32", kernels=kernels, heavy_hitters=HEAVY, recent_window=RECENT)
+@pytest.mark.parametrize("dtypes", [["float32"] * 2, ["int8"] * 2, ["float8_e4m3fn", "float32"]],
+                         ids=["float32", "int8", "mixed-fp8-fp32"])
+def test_runtime_keeps_what_the_reference_policy_keeps_and_moves_the_data(dtypes):
+    """Quantized rows move with their scales: a compacted slot reads back its token's position."""
+    kernels = _kernels(sorted(set(dtypes)))
+    cache = H2OKVCache(2, 1, 4, PAGE, 32, dtypes, kernels=kernels, heavy_hitters=HEAVY, recent_window=RECENT)
     ref = ReferencePolicy(HEAVY, RECENT)
     rng = np.random.default_rng(0)
     cache.add_sequence(5)
@@ -88,7 +104,8 @@ def test_runtime_keeps_what_the_reference_policy_keeps_and_moves_the_data(kernel
         kept = ref.observe(lambda p: by_position[p])
         assert cache.kept_positions(5).tolist() == kept
         for layer in range(2):
-            k, v = (t.numpy()[:, 0, 0] for t in cache.debug_get_kv(5, layer))
+            # dequantized rows are the position to within float16 scale rounding (2**-11 relative)
+            k, v = (np.rint(t.numpy()[:, 0, 0]) for t in cache.debug_get_kv(5, layer))
             assert sorted(k.tolist()) == kept and np.array_equal(k, v)
             np.testing.assert_array_equal(k, cache._positions[5])  # slot i holds the token the cache says
         assert cache.stats()["blocks_used"] <= -(-(HEAVY + RECENT + 1) // PAGE)
@@ -114,14 +131,18 @@ def test_bad_use_is_a_clear_error(kernels):
         H2OKVCache(1, 1, 4, PAGE, 8, "float32", heavy_hitters=2, recent_window=2)
 
 
-def test_compiled_model_keeps_the_heavy_hitters_transformers_attention_picks():
+@pytest.mark.parametrize("kv_dtype", [None, ("int8", "float8_e4m3fn")], ids=["float32", "mixed-int8-fp8"])
+def test_compiled_model_keeps_the_heavy_hitters_transformers_attention_picks(kv_dtype):
+    """Quantized pools: the reference is transformers with its cache fake-quantized per layer (torch
+    math), so its attention weights are those of the quantized keys the compiled model reads."""
     import transformers
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, attn_implementation="eager", **NO_EOS)).eval()
-    kv = llmir_tvm.KVCacheConfig(page_size=PAGE, num_blocks=64, eviction="h2o", eviction_window=RECENT, heavy_hitters=HEAVY)
+    kv = llmir_tvm.KVCacheConfig(page_size=PAGE, num_blocks=64, eviction="h2o", eviction_window=RECENT,
+                                 heavy_hitters=HEAVY, dtype=kv_dtype)
     compiled = llmir_tvm.compile(model, kv=kv)
     engine = llmir_tvm.Engine(compiled)
     cache = engine.cache
@@ -147,8 +168,10 @@ def test_compiled_model_keeps_the_heavy_hitters_transformers_attention_picks():
         allowed[pos] = False
         allowed[pos, ref.kept] = True
         mask = torch.tensor(np.where(allowed[: pos + 1, : pos + 1], 0.0, -1e30), dtype=torch.float32)[None, None]
+        fake_quant = _cache_class()(list(kv_dtype or (None, None)), model.config)
         with torch.no_grad():
-            out = model(torch.tensor([tokens[: pos + 1]]), attention_mask=mask, output_attentions=True)
+            out = model(torch.tensor([tokens[: pos + 1]]), attention_mask=mask, output_attentions=True,
+                        past_key_values=fake_quant, use_cache=True)
         weights = sum(a[0, :, pos].sum(0).numpy() for a in out.attentions)
         kept = ref.observe(lambda p: float(weights[p]))
         assert cache.kept_positions(seq).tolist() == kept, pos

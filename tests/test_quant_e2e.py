@@ -132,13 +132,6 @@ def test_bad_kv_dtypes_are_rejected():
         calibration_model(torch.nn.Linear(2, 2))
 
 
-def test_h2o_eviction_refuses_quantized_pools():
-    kv = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32, dtype=("int8", "float16"), eviction="h2o",
-                                 eviction_window=8, heavy_hitters=4)
-    with pytest.raises(ValueError, match=r"eviction='h2o' .* does not support the quantized KV dtypes \['int8'\] yet"):
-        llmir_tvm.compile(_tiny_llama(), kv=kv)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
 def test_default_model_quantized_perplexity_within_one_percent(dtype):

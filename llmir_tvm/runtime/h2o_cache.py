@@ -49,8 +49,11 @@ class H2OKVCache(PagedKVCache):
         kwargs["enable_prefix_caching"] = False
         super().__init__(*args, **kwargs)
         kernels = args[7] if len(args) > 7 else kwargs.get("kernels")
-        self._copy_slots = self._kernel(kernels, "llmir_copy_slots")
-        if self._copy_slots is None:
+        try:  # one per layer: mixed-precision models carry one per pool dtype (llmir_copy_slots_<dtype>)
+            self._copy_slots = [self._kernel(kernels, "llmir_copy_slots", d) for d in self.layer_dtypes]
+        except ValueError:
+            self._copy_slots = [None]
+        if None in self._copy_slots:
             raise ValueError("H2O eviction needs the llmir_copy_slots kernel (compile with eviction='h2o')")
         self.heavy_hitters, self.recent_window = int(heavy_hitters), int(recent_window)
         self.budget = self.heavy_hitters + self.recent_window
@@ -136,8 +139,8 @@ class H2OKVCache(PagedKVCache):
         if copies:
             src = tvm.runtime.tensor(np.array([c[0] for c in copies], dtype=np.int32), self.device)
             dst = tvm.runtime.tensor(np.array([c[1] for c in copies], dtype=np.int32), self.device)
-            for pool in self._pools:
-                self._copy_slots(pool, src, dst)
+            for pool, copy in zip(self._pools, self._copy_slots):
+                copy(pool, src, dst)
 
     def stats(self) -> dict[str, int | float]:
         """:meth:`PagedKVCache.stats` plus ``evicted_tokens`` (cumulative)."""
