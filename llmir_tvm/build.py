@@ -24,8 +24,9 @@ from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.kv_cache_sharding import check_num_shards, sharding_of
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
+from . import tir_kernels
 from .tir_kernels import CacheLayout
-from .tir_kernels.slot_copy import COPY_SLOTS, copy_slots
+from .tir_kernels.slot_copy import COPY_SLOTS
 
 
 def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
@@ -233,7 +234,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
             name = f"{COPY_SLOTS}_{dtype}" if info.layer_kv_dtypes else COPY_SLOTS
-            funcs[name] = copy_slots(CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype), name)
+            layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
+            funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")
     start = time.perf_counter()
     pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)

@@ -232,3 +232,17 @@ def test_relax_ops_compile_to_our_cuda_kernels():
     kernels = set(re.findall(r"__global__ void __launch_bounds__\([\d, ]+\) (\w+)\(", device[0].inspect_source()))
     for prefix in ("llmir_append_kv", "llmir_paged_decode", "llmir_paged_prefill"):
         assert any(name.startswith(prefix) for name in kernels), f"{prefix} missing from {sorted(kernels)}"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8", "float8_e4m3fn"])
+def test_slot_copy_moves_every_row_byte_in_order_without_barriers(dtype):
+    """H2O's slot copy: one thread per byte of a slot's rows (scales included), copies in order."""
+    layout = tir_kernels.CacheLayout(3, 64, 16, dtype)
+    lib = tvm.tirx.build(tir_kernels.copy_slots(layout, _target("sm_90a")), target=_target("sm_90a"))
+    assert [m.kind for m in lib.imports] == ["cuda"]
+    src = lib.imports[0].inspect_source()
+    check_source(src, "llmir_copy_slots", shared=False)
+    slot_bytes = 2 * 3 * {"float32": 256, "int8": 66, "float8_e4m3fn": 66}.get(dtype, 128)  # K/V x heads x row bytes
+    assert f"< {slot_bytes})" in src, "every byte of a slot's K and V rows of all heads has a thread"
+    assert re.search(r"for \(int64_t i = \(int64_t\)0; i < N; \+\+i\)", src), "copies run in order"
+    assert "__syncthreads" not in src

@@ -167,3 +167,16 @@ def test_low_batch_gemv_is_refused_off_cuda():
         llmir_tvm.compile(_tiny_llama(), low_batch_gemv=True)
     with pytest.raises(ValueError, match="cuda"):
         gpu_build_pipeline(tvm.target.Target("llvm"), low_batch_gemv=True)
+
+
+def test_h2o_model_with_quantized_pools_compiles_for_cuda():
+    """H2O on CUDA: the slot copy kernels (one per pool dtype) are device kernels, not host loops."""
+    kv = llmir_tvm.KVCacheConfig(page_size=16, num_blocks=8, eviction="h2o", eviction_window=8, heavy_hitters=8,
+                                 dtype=("int8", "float16"))
+    with CUDA:
+        compiled = llmir_tvm.compile(_tiny_llama(), target=CUDA, kv=kv)
+    assert compiled.info.eviction == "h2o" and compiled.info.kv_dtypes == ["int8", "float16"]
+    # the VM executable imports the host (llvm) library, which imports the CUDA device module
+    device_src = "".join(m.inspect_source() for host in compiled.module.imports for m in host.imports if m.kind == "cuda")
+    for dtype in ("int8", "float16"):
+        assert f"llmir_copy_slots_{dtype}_kernel" in device_src

@@ -59,7 +59,7 @@ def _kernels(dtypes: list[str]) -> dict:
         lib = build_cache_kernels(layout)
         suffix = f"_{dtype}" if len(dtypes) > 1 else ""
         name = f"llmir_copy_slots{suffix}"
-        copy = tvm.tirx.build(copy_slots(layout, name), target="llvm")
+        copy = tvm.tirx.build(copy_slots(layout).with_attr("global_symbol", name), target="llvm")
         kernels |= {f"{n}{suffix}": lib[n] for n in ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")}
         kernels[name] = copy[name]
     return kernels

@@ -13,7 +13,10 @@ from typing import Callable
 import tvm
 from tvm.target import Target
 
-from . import cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, paged_attention, quant_cache_ops
+from . import (
+    cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention, quant_cache_ops,
+    slot_copy,
+)
 from .config import QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "SUPPORTED_CACHE_DTYPES",
     "append_kv",
     "copy_blocks",
+    "copy_slots",
     "lookup_kv",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -33,6 +37,7 @@ _CPU_VARIANTS: dict[str, Callable] = {
     "append_kv": cache_ops.append_kv,
     "lookup_kv": cache_ops.lookup_kv,
     "copy_blocks": cache_ops.copy_blocks,
+    "copy_slots": slot_copy.copy_slots,
     "paged_decode_attention": paged_attention.paged_decode_attention,
     "paged_prefill_attention": paged_attention.paged_prefill_attention,
 }
@@ -43,6 +48,7 @@ _CUDA_VARIANTS: dict[str, Callable] = {
     "append_kv": cuda_cache_ops.append_kv,
     "lookup_kv": cuda_cache_ops.lookup_kv,
     "copy_blocks": cuda_cache_ops.copy_blocks,
+    "copy_slots": cuda_slot_copy.copy_slots,
     "paged_decode_attention": cuda_attention.paged_decode_attention,
     "paged_prefill_attention": cuda_attention.paged_prefill_attention,
 }
@@ -109,6 +115,12 @@ def lookup_kv(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
 def copy_blocks(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
     """In-place copy of whole pool blocks, for copy-on-write (see ``cache_ops.copy_blocks``)."""
     return _make("copy_blocks", layout, target)
+
+
+def copy_slots(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
+    """In-place copy of token slots (every layout, quantized rows with their scales), for eviction
+    that compacts a sequence (H2O; see ``slot_copy.copy_slots``)."""
+    return _make("copy_slots", layout, target)
 
 
 def paged_decode_attention(config: AttentionConfig, target=None) -> tvm.tirx.PrimFunc:

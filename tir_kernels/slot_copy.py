@@ -17,14 +17,14 @@ from .config import CacheLayout, element_bytes, pool_row_bytes, pool_row_elems
 COPY_SLOTS = "llmir_copy_slots"
 
 
-def copy_slots(layout: CacheLayout, name: str = COPY_SLOTS) -> tvm.tirx.PrimFunc:
-    """The in-place slot copy PrimFunc for ``layout`` (see module doc), exported as ``name``."""
+def copy_slots(layout: CacheLayout) -> tvm.tirx.PrimFunc:
+    """The in-place slot copy PrimFunc for ``layout`` (see module doc)."""
     H, BS, dtype = layout.num_kv_heads, layout.block_size, layout.dtype
     RW, RB, ALIGN = pool_row_elems(dtype, layout.head_dim), pool_row_bytes(dtype, layout.head_dim), element_bytes(dtype)
 
     @T.prim_func
     def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": name})
+        T.func_attr({"tirx.noalias": True, "global_symbol": COPY_SLOTS})
         NB = T.int64()
         N = T.int64()
         cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype, align=ALIGN)

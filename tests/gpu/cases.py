@@ -25,7 +25,7 @@ TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2}
 class KernelSpec:
     """One kernel to build: its factory and the static facts it specialises on."""
 
-    kind: str  # append_kv | lookup_kv | copy_blocks | paged_decode_attention | paged_prefill_attention
+    kind: str  # append_kv | lookup_kv | copy_blocks | copy_slots | paged_decode_attention | paged_prefill_attention
     heads: tuple[int, int]  # (num_qo_heads, num_kv_heads); cache ops use only num_kv_heads
     head_dim: int
     page: int
@@ -107,6 +107,8 @@ def _cases() -> list[Case]:
         cases.append(Case(f"lookup_{tag}", KernelSpec("lookup_kv", (2, 2), 64, page, dtype), "lookup", (1, 15, 16, 17, 54, 97)))
         cases.append(Case(f"copy_{tag}", KernelSpec("copy_blocks", (4, 4), 128, page, dtype), "copy"))
     cases.append(Case("append_zero_tokens", KernelSpec("append_kv", (2, 2), 64, 16, "float16"), "append_empty"))
+    for page, dtype in itertools.product((1, 16), ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")):
+        cases.append(Case(f"slots_p{page}_{dtype}", KernelSpec("copy_slots", (4, 2), 64, page, dtype), "slots"))
     return cases
 
 

@@ -170,7 +170,32 @@ def run_copy(fn, case: Case) -> None:
     assert np.array_equal(_bits(pool_dev.numpy()), _bits(expected)), "pool differs bit-wise"
 
 
+def run_slots(fn, case: Case) -> None:
+    """H2O's in-place slot copy, compared byte-wise (quantized rows carry their scales): copies run
+    in order, so a chain a -> b, b -> c moves a's rows to c."""
+    spec, rng = case.spec, _rng(case)
+    heads, page, dtype = spec.heads[1], spec.page, spec.dtype
+    quant = dtype in ("int8", "float8_e4m3fn")
+    row_bytes = spec.head_dim + 2 if quant else spec.head_dim * np.dtype(dtype).itemsize
+    nb = 6
+    pool = rng.integers(0, 256, (nb, 2, heads, page, row_bytes), dtype=np.uint8)
+    slots = rng.permutation(nb * page)[:6].astype(np.int32)
+    src = np.array([slots[0], slots[1], slots[2], slots[0]], np.int32)  # slot 0 read twice ...
+    dst = np.array([slots[1], slots[3], slots[4], slots[5]], np.int32)  # ... and slot 1 written, then read
+    expected = pool.copy()
+    for s, d in zip(src, dst):
+        expected[d // page, :, :, d % page] = expected[s // page, :, :, s % page]
+    from llmir_tvm.reference import pool_dtype  # noqa: PLC0415  (numpy dtype of a pool, float8 included)
+
+    elems = (nb, 2, heads, page, spec.head_dim + 2 if quant else spec.head_dim)
+    pool_dev = tvm.runtime.empty(elems, dtype, tvm.cuda(0))
+    pool_dev.copyfrom(pool.view(pool_dtype(dtype)).reshape(elems))
+    fn(pool_dev, _dev(src), _dev(dst))
+    assert np.array_equal(np.ascontiguousarray(pool_dev.numpy()).view(np.uint8).reshape(pool.shape), expected)
+
+
 RUNNERS = {
+    "slots": run_slots,
     "decode": run_decode,
     "prefill": run_prefill,
     "prefill_unowned": run_prefill_unowned,
