@@ -122,13 +122,14 @@ def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
 
 
 def _check_shardable(info: ModelInfo) -> None:
-    """The sharded runtime keeps one pool per layer (any KV dtype, mixed included) and one window for
-    every layer on each shard: refuse what it cannot run."""
+    """The sharded runtime keeps one pool per layer (any KV dtype, mixed included) and one window (with
+    its sink tokens: StreamingLLM) for every layer on each shard: refuse what it cannot run."""
     unsupported = []
-    if len(set(info.pool_windows)) > 1:
-        unsupported.append(f"per-layer sliding windows ({sorted(set(info.pool_windows))})")
-    if info.eviction != "none":
-        unsupported.append(f"eviction={info.eviction!r}")
+    windows = info.pool_windows or [info.sliding_window] * info.num_layers
+    if len(set(zip(windows, info.pool_sinks or [0] * len(windows)))) > 1:
+        unsupported.append(f"per-layer sliding windows ({sorted(set(windows))})")
+    if info.eviction == "h2o":
+        unsupported.append("eviction='h2o'")
     if unsupported:
         raise ValueError("num_shards > 1 does not support " + ", ".join(unsupported) + " yet; compile with num_shards=1")
 

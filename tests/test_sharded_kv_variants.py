@@ -1,9 +1,11 @@
-"""Sharded models (KVCacheSharding, Disco CPU workers) with quantized and mixed-precision KV pools.
+"""Sharded models (KVCacheSharding, Disco CPU workers) with quantized, mixed-precision and
+StreamingLLM KV caches.
 
 Each shard's pools keep the model's per-layer dtypes with its own KV heads' rows, scales
 included: quantization is per token per KV head, so splitting the heads over workers must not
-change what is stored or computed. The reference is the unsharded model compiled with the same
-KV dtypes (itself checked against numpy and transformers in test_quant_e2e.py).
+change what is stored or computed; StreamingLLM's sinks + window are enforced by the one
+allocator on the controller. The reference is the unsharded model compiled with the same KV
+settings (itself checked against transformers in test_quant_e2e.py / test_kv_pruning_e2e.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from llmir_tvm.shard_memory import shard_memory_plan
 
 NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 SHARDS = 2
-CASES = [  # mixed: a quantized and a float layer, each with its own dtype's kernels on the workers
-    pytest.param(("int8", "float16"), id="mixed-int8-fp16"),
-    pytest.param("float8_e4m3fn", id="fp8", marks=pytest.mark.slow),
+#: Mixed: a quantized and a float layer, each with its own dtype's kernels on the workers; with
+#: StreamingLLM (2 sinks + 8 recent tokens), which the 19-token scoring below outgrows.
+STREAMING = {"eviction": "streaming", "eviction_window": 8, "sink_tokens": 2}
+CASES = [
+    pytest.param((("int8", "float16"), STREAMING), id="mixed-int8-fp16-streaming"),
+    pytest.param(("float8_e4m3fn", {}), id="fp8", marks=pytest.mark.slow),
 ]
 
 
@@ -50,20 +55,24 @@ def session():
 @pytest.fixture(scope="module", params=CASES)
 def models(request, session):
     """(KV dtype, unsharded compiled, unsharded engine, sharded compiled, sharded engine)."""
-    kv = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32, dtype=request.param)
+    dtype, eviction = request.param
+    kv = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32, dtype=dtype, **eviction)
     model = _hf_model()
     reference = llmir_tvm.compile(model, kv=kv)
     sharded = llmir_tvm.compile(model, kv=kv, num_shards=SHARDS)
     engine = llmir_tvm.Engine(sharded, session=session)
-    yield request.param, reference, llmir_tvm.Engine(reference), sharded, engine
+    yield dtype, reference, llmir_tvm.Engine(reference), sharded, engine
     engine.executor.close()
 
 
-def test_compiled_with_the_requested_dtypes(models):
-    dtype, reference, _, sharded, _ = models
+def test_compiled_with_the_requested_dtypes_and_window(models):
+    dtype, reference, reference_engine, sharded, engine = models
     expected = list(dtype) if isinstance(dtype, tuple) else [dtype, dtype]
     assert sharded.info.kv_dtypes == reference.info.kv_dtypes == expected
     assert sharded.info.num_shards == SHARDS and sharded.info.num_kv_heads == 1
+    assert sharded.info.eviction == reference.info.eviction
+    for cache in (engine.cache, reference_engine.cache):  # the controller's allocator keeps sinks + window
+        assert (cache.sliding_window, cache.sink_tokens) == ((8, 2) if sharded.info.eviction == "streaming" else (0, 0))
 
 
 def test_logits_equal_the_unsharded_quantized_model(models):
