@@ -200,6 +200,25 @@ def test_cache_export_generates_like_transformers(cache_engine, hf_model):
     _assert_generates_like_transformers(cache_engine, hf_model)
 
 
+@pytest.mark.parametrize("dtype", ["int8", pytest.param("float8_e4m3fn", marks=pytest.mark.slow)])
+def test_quantized_cache_of_an_onnx_model_matches_fake_quantized_transformers(cache_onnx, hf_model, dtype):
+    """An imported ONNX decoder gets a quantized paged cache like any model: its logits equal the
+    exported torch model's with the KV cache fake-quantized the same way (torch math), and differ
+    from the unquantized ones by far more than that."""
+    from llmir_tvm.kv_precision import _cache_class
+
+    engine = llmir_tvm.Engine(llmir_tvm.compile(cache_onnx, kv=llmir_tvm.KVCacheConfig(page_size=4, num_blocks=64, dtype=dtype)))
+    assert str(engine.cache.pool(0).dtype) == dtype and engine.cache.pool(0).shape[-1] == HEAD_DIM + 2
+    tokens = np.random.default_rng(2).integers(1, VOCAB, 20).tolist()
+    ours = engine.score(tokens, prefill_len=12)  # a prefill, then 8 decode steps
+    with torch.no_grad():
+        quant = hf_model(input_ids=torch.tensor([tokens]), past_key_values=_cache_class()([dtype] * LAYERS, hf_model.config),
+                         use_cache=True).logits[0].numpy()
+        exact = hf_model(input_ids=torch.tensor([tokens])).logits[0].numpy()
+    np.testing.assert_allclose(ours, quant, rtol=1e-4, atol=1e-4)
+    assert np.abs(quant - exact).max() > 10 * np.abs(ours - quant).max()
+
+
 def test_plain_export_matches_onnxruntime_and_transformers(plain_onnx, hf_model):
     imported = import_model(onnx.load(plain_onnx))  # a ModelProto goes through the same frontend
     assert [p.name for p in imported.mod["main"].params[:2]] == ["input_ids", "position_ids"]
