@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eviction-window", type=int, default=0, help="recent tokens kept by --eviction")
     parser.add_argument("--sink-tokens", type=int, default=0, help="StreamingLLM sink tokens")
     parser.add_argument("--heavy-hitters", type=int, default=0, help="H2O heavy-hitter tokens kept")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="tensor parallelism over KV heads on N devices (Disco workers; docs/passes.md, KVCacheSharding)")
     parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
     parser.add_argument("-o", "--output", default=None,
                         help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 if stage != "import":
                     bar.update(1)
         try:
-            compiled = llmir_tvm.compile(model, target=target, kv=kv, dump_ir=args.dump_ir, progress=progress)
+            compiled = llmir_tvm.compile(model, target=target, kv=kv, dump_ir=args.dump_ir, progress=progress,
+                                         num_shards=args.num_shards)
         except (ModelImportError, ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
+    if info.num_shards > 1:
+        print(f"tensor parallel: {info.num_shards} shards, {info.num_kv_heads} KV head(s) and {info.num_qo_heads} query "
+              f"heads each (the KV figures above and the plan below are per device)")
     plan = compiled.memory_plan()
     if plan is not None:
         print("memory plan:")

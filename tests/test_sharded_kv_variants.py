@@ -144,3 +144,39 @@ def test_memory_plan_counts_a_shards_quantized_rows(models):
     per_device = kv_block_bytes(2, 1, 16, 4, sharded.info.kv_dtypes)  # 2 layers, 1 KV head per shard
     assert plan.bytes_per_block_per_device == per_device == sharded.memory_plan().bytes_per_block
     assert plan.bytes_per_block_unsharded == reference.info.bytes_per_block == 2 * per_device
+
+
+def _compile_script():
+    """scripts/compile_model.py as a module (its ``main(argv)``)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compile_model", Path(__file__).parents[1] / "scripts/compile_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.slow
+def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
+    """``compile_model.py --num-shards 2 --kv-dtype int8``: the saved folder runs on the workers with the
+    logits of the unsharded int8 model."""
+    model_dir, out = tmp_path / "hf", tmp_path / "compiled"
+    _hf_model().save_pretrained(model_dir)
+    args = ["--model", str(model_dir), "--page-size", "4", "--num-blocks", "32", "--kv-dtype", "int8", "--num-shards", "2"]
+    assert _compile_script().main([*args, "-o", str(out)]) == 0
+    assert "tensor parallel: 2 shards, 1 KV head(s) and 2 query heads each" in capsys.readouterr().out
+    loaded = llmir_tvm.load(out)
+    assert (loaded.info.num_shards, loaded.info.kv_dtype) == (2, "int8")
+    engine = llmir_tvm.Engine(loaded, session=session)
+    reference = llmir_tvm.Engine(llmir_tvm.compile(model_dir, kv=llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32, dtype="int8")))
+    tokens = np.random.default_rng(5).integers(1, 256, 12).tolist()
+    tvm.testing.assert_allclose(engine.score(tokens, prefill_len=8), reference.score(tokens, prefill_len=8), rtol=1e-4, atol=2e-4)
+    engine.executor.close()
+
+
+def test_compile_script_reports_a_shard_count_the_heads_cannot_take(tmp_path, capsys):
+    model_dir = tmp_path / "hf"
+    _hf_model().save_pretrained(model_dir)
+    assert _compile_script().main(["--model", str(model_dir), "--num-shards", "3", "-o", str(tmp_path / "out")]) == 2
+    assert "4 query heads do not divide evenly over 3 shards" in capsys.readouterr().err
