@@ -31,6 +31,7 @@ def _quant_variants(base):
     """Quantized-pool decode tilings to compare with the default one (name -> DecodeTiling)."""
     return {
         "lb8": replace(base, quant_lane_bytes=8),
+        "lb8r8": replace(base, quant_lane_bytes=8, rows_per_group=8),  # fp16's bytes in flight per thread
         "lb8r2": replace(base, quant_lane_bytes=8, rows_per_group=2),
         "lb16r2": replace(base, quant_lane_bytes=16, rows_per_group=2),
         "lb16r2b8": replace(base, quant_lane_bytes=16, rows_per_group=2, blocks_per_sm=8),
