@@ -240,3 +240,32 @@ def test_bad_quantized_configs_are_rejected():
         tir_kernels.CacheLayout(2, 64, 16, "float16", "float32")
     with pytest.raises(ValueError, match="compute dtype 'bfloat16' is supported by the CUDA kernels only"):
         tir_kernels.append_kv(tir_kernels.CacheLayout(2, 64, 16, "int8", "bfloat16"), HOST)
+
+
+def test_float8_decoders_give_every_e4m3_value():
+    """Every non-NaN e4m3 bit pattern, decoded in one vectorised loop by each decoder the kernels use,
+    equals ml_dtypes' value: exact (lookup, branch-free selects) and fast (the 2**-120 float32 bit
+    trick the decode kernels use, times 2**120), subnormals and both zeros included."""
+    import ml_dtypes
+    from tvm.script import tirx as T
+
+    from llmir_tvm.tir_kernels import kv_quant
+
+    decoders = {
+        "exact": kv_quant.decode_fp8_e4m3,
+        "fast": kv_quant.decode_fp8_e4m3_fast,
+    }
+    patterns = np.array([b for b in range(256) if b & 0x7F != 0x7F], np.uint8)  # 0x7F / 0xFF are NaN
+    expected = patterns.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    for name, decode in decoders.items():
+
+        @T.prim_func
+        def func(src: T.Buffer((254,), "uint8"), dst: T.Buffer((254,), "float32")):
+            T.func_attr({"global_symbol": "decode", "tirx.noalias": True})
+            for i in T.vectorized(254):
+                dst[i] = decode(src[i])
+
+        lib = tvm.tirx.build(func, target=HOST)
+        out = tvm.runtime.tensor(np.zeros(254, np.float32))
+        lib["decode"](tvm.runtime.tensor(patterns), out)
+        np.testing.assert_array_equal(out.numpy().view(np.uint32), expected.view(np.uint32), err_msg=name)
