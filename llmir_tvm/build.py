@@ -125,9 +125,8 @@ def _check_shardable(info: ModelInfo) -> None:
     """The sharded runtime keeps one pool per layer (any KV dtype, mixed included) and one window (with
     its sink tokens: StreamingLLM) for every layer on each shard: refuse what it cannot run."""
     unsupported = []
-    windows = info.pool_windows or [info.sliding_window] * info.num_layers
-    if len(set(zip(windows, info.pool_sinks or [0] * len(windows)))) > 1:
-        unsupported.append(f"per-layer sliding windows ({sorted(set(windows))})")
+    if len(set(info.pool_windows_and_sinks)) > 1:
+        unsupported.append(f"per-layer sliding windows ({sorted({w for w, _ in info.pool_windows_and_sinks})})")
     if info.eviction == "h2o":
         unsupported.append("eviction='h2o'")
     if unsupported:

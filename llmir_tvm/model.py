@@ -59,6 +59,13 @@ class ModelInfo:
     kv_precision_plan: dict = field(default_factory=dict)
 
     @property
+    def pool_windows_and_sinks(self) -> list[tuple[int, int]]:
+        """(sliding window, sink tokens) of every layer's pool: ``pool_windows`` / ``pool_sinks``, or
+        the single ``sliding_window`` (no sinks) of models saved before per-pool windows."""
+        windows = self.pool_windows or [self.sliding_window] * self.num_layers
+        return list(zip(windows, self.pool_sinks or [0] * len(windows)))
+
+    @property
     def kv_dtypes(self) -> list[str]:
         """The pool dtype of every layer."""
         return list(self.layer_kv_dtypes) if self.layer_kv_dtypes else [self.kv_dtype] * self.num_layers

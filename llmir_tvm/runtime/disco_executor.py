@@ -209,11 +209,10 @@ class ShardedKVCache(PagedKVCache):
 
     def __init__(self, executor: ShardedExecutor, num_blocks: int, *, enable_prefix_caching: bool = True):
         info = executor.info
-        windows = list(info.pool_windows or [info.sliding_window] * info.num_layers)
-        sinks = list(info.pool_sinks or [0] * len(windows))
-        super().__init__(  # one window (and sinks: StreamingLLM) for every layer; compile refuses others
+        window, sinks = info.pool_windows_and_sinks[0]  # the same for every layer: compile refuses others
+        super().__init__(
             info.num_layers, 1, 1, info.page_size, num_blocks, info.kv_dtypes, device="cpu", kernels=None,
-            sliding_window=windows[0], sink_tokens=sinks[0], enable_prefix_caching=enable_prefix_caching,
+            sliding_window=window, sink_tokens=sinks, enable_prefix_caching=enable_prefix_caching,
         )
         self.num_kv_heads, self.head_dim = info.num_kv_heads, info.head_dim
         self.executor = executor

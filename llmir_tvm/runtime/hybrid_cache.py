@@ -283,12 +283,11 @@ def create_cache(
     """The cache a compiled model needs: a :class:`PagedKVCache` when every pool shares one window, a hybrid one
     when they differ, an :class:`H2OKVCache` under the H2O policy.
 
-    ``info`` is the model's ``ModelInfo`` (``pool_windows`` / ``pool_sinks`` per pool, or the
-    single ``sliding_window`` of older models); ``num_blocks`` sizes a uniform cache, a hybrid one
+    ``info`` is the model's ``ModelInfo`` (windows and sinks per pool from its
+    ``pool_windows_and_sinks``); ``num_blocks`` sizes a uniform cache, a hybrid one
     splits the same bytes (:func:`group_block_counts`).
     """
-    windows = list(getattr(info, "pool_windows", None) or [info.sliding_window] * info.num_layers)
-    sinks = list(getattr(info, "pool_sinks", None) or [0] * len(windows))
+    windows, sinks = (list(column) for column in zip(*info.pool_windows_and_sinks))
     groups = window_groups(windows, sinks)
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
                   dtype=info.kv_dtypes if getattr(info, "layer_kv_dtypes", None) else info.kv_dtype,
