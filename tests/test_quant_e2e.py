@@ -83,6 +83,22 @@ def test_runtime_quantized_pools_fork_and_debug_get_kv(rng):
     np.testing.assert_array_equal(k1[6], dequantize_rows(quantize_rows(new, "int8"), "int8")[0])
 
 
+def test_prefix_cache_reuses_quantized_blocks_with_identical_outputs():
+    """Prompts sharing two full blocks: the second and third find them in the prefix cache (rows and
+    scales reused as written) and generate exactly what an engine without prefix caching does."""
+    compiled = llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="int8"))
+    rng = np.random.default_rng(4)
+    shared = rng.integers(1, 128, 2 * 8 + 1).tolist()
+    prompts = [shared + rng.integers(1, 128, n).tolist() for n in (3, 6, 2)]
+    reuse = llmir_tvm.Engine(compiled)
+    results = reuse.generate(prompts[:1], max_new_tokens=6, ignore_eos=True)
+    results += reuse.generate(prompts[1:], max_new_tokens=6, ignore_eos=True)
+    assert [r.cached_prompt_tokens for r in results] == [0, 16, 16]
+    fresh = llmir_tvm.Engine(compiled, enable_prefix_caching=False)
+    expected = [fresh.generate([p], max_new_tokens=6, ignore_eos=True)[0].token_ids for p in prompts]
+    assert [r.token_ids for r in results] == expected
+
+
 def test_auto_plan_is_chosen_stored_and_survives_save_load(tmp_path, capsys):
     model = _tiny_llama(layers=3)
     tokens = np.random.default_rng(0).integers(0, 128, 48).tolist()
