@@ -47,9 +47,7 @@ def _hf_model():
 @pytest.fixture(scope="module")
 def session():
     """One Disco session of two CPU workers for the module (dropped at the end: its workers exit)."""
-    holder = {"session": start_session(SHARDS)}
-    yield holder["session"]
-    holder.clear()
+    yield start_session(SHARDS)
 
 
 @pytest.fixture(scope="module", params=CASES)

@@ -49,12 +49,13 @@ class H2OKVCache(PagedKVCache):
         kwargs["enable_prefix_caching"] = False
         super().__init__(*args, **kwargs)
         kernels = args[7] if len(args) > 7 else kwargs.get("kernels")
+        missing = ValueError("H2O eviction needs the llmir_copy_slots kernel (compile with eviction='h2o')")
+        if kernels is None:
+            raise missing
         try:  # one per layer: mixed-precision models carry one per pool dtype (llmir_copy_slots_<dtype>)
             self._copy_slots = [self._kernel(kernels, "llmir_copy_slots", d) for d in self.layer_dtypes]
         except ValueError:
-            self._copy_slots = [None]
-        if None in self._copy_slots:
-            raise ValueError("H2O eviction needs the llmir_copy_slots kernel (compile with eviction='h2o')")
+            raise missing from None
         self.heavy_hitters, self.recent_window = int(heavy_hitters), int(recent_window)
         self.budget = self.heavy_hitters + self.recent_window
         self._positions: dict[int, np.ndarray] = {}  # slot -> token position
