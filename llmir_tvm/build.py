@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import compile_cache
 from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
@@ -18,6 +21,7 @@ from .kv_dtypes import is_quantized
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
+from .passes.clip_take_indices import ClipTakeIndices
 from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
 from .passes.kv_allocation_optimization import module_memory_plan
@@ -27,6 +31,8 @@ from .target import resolve_target
 from . import tir_kernels
 from .tir_kernels import CacheLayout
 from .tir_kernels.slot_copy import COPY_SLOTS
+
+logger = logging.getLogger(__name__)
 
 
 def _probe_with_weights(imported: ImportedModel) -> ProbeInputs:
@@ -165,17 +171,20 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     example_inputs: tuple | None = None,
     tokenizer: Any = None,
     dump_ir: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, float | None], None] | None = None,
     num_shards: int = 1,
     low_batch_gemv: bool = False,
     cpu_dense: str = "tir",
+    cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
     ``model``: ``"default"``, a Hugging Face directory or ``PreTrainedModel``, an
     ``ExportedProgram``, or a ``torch.nn.Module`` with ``example_inputs``. ``target``: ``"llvm"``
     (the host CPU) or a TVM target. ``dump_ir``: a folder receiving the TVMScript of the module
-    after import and after every KV pass. ``progress(stage)`` is called as each stage starts.
+    after import and after every KV pass. ``progress(stage, seconds)`` is called with
+    ``seconds=None`` as each stage (import, every KV pass, build, cache load / save) starts and
+    with its wall time in seconds as it finishes.
     ``num_shards > 1``: tensor parallelism over KV heads on a Disco session (``KVCacheSharding``;
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
@@ -184,32 +193,89 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     on TVM's thread pool (``passes.DenseToTIR``; the faster at every row count measured here),
     ``"blas"`` hands them to numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls
     go to the BLAS either way.
+    ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
+    ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
+    ``LLMIR_TVM_NO_CACHE=1`` turns it off too, and ``dump_ir`` bypasses it (it needs the passes to run).
     """
-    note = progress or (lambda stage: None)
+    report = progress or (lambda stage, seconds: None)
     num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
     if cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
     if low_batch_gemv and target.kind.name != "cuda":
         raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
+    options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense}
+    build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
+                              dump_ir=dump_ir, progress=report, **options)
+    if dump_ir is not None or not compile_cache.cache_enabled(cache):
+        return build()
+    start = time.perf_counter()
+    report("cache key", None)
+    try:
+        key, _ = compile_cache.cache_key(model, target=target, kv=kv, options=options, example_inputs=example_inputs,
+                                         tokenizer=tokenizer)
+    except compile_cache.UncacheableModel as err:
+        logger.info("compiling without the cache: %s", err)
+        return build()
+    report("cache key", time.perf_counter() - start)
+    return compile_cache.cached_compile(key, build, progress=report)
+
+
+class _StageClock:
+    """Calls ``progress(stage, None)`` as a stage starts and ``progress(stage, seconds)`` as it ends
+    (when the next one starts, or at :meth:`finish`)."""
+
+    def __init__(self, progress: Callable[[str, float | None], None]):
+        self.progress = progress
+        self.current: tuple[str, float] | None = None
+
+    def __call__(self, stage: str) -> None:
+        self.finish()
+        self.current = (stage, time.perf_counter())
+        self.progress(stage, None)
+
+    def finish(self) -> None:
+        if self.current is not None:
+            stage, start = self.current
+            seconds = time.perf_counter() - start
+            logger.debug("compile stage %s: %.2f s", stage, seconds)
+            self.progress(stage, seconds)
+            self.current = None
+
+
+def _build(
+    model: Any,
+    *,
+    target: Any,
+    kv: KVCacheConfig,
+    example_inputs: tuple | None,
+    tokenizer: Any,
+    dump_ir: str | Path | None,
+    progress: Callable[[str, float | None], None],
+    num_shards: int,
+    low_batch_gemv: bool,
+    cpu_dense: str,
+) -> CompiledModel:
+    """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
+    note = _StageClock(progress)
     note("import")
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)
-    mod = imported.mod
+    mod = ClipTakeIndices()(imported.mod)  # bounds-safe takes: no TOPI warning in any legalization
     plan = None
     if kv.dtype == "auto":
         note("KV precision calibration")
         plan = _choose_precision(model, imported, kv)
-        print(plan.summary())
+        logger.info("%s", plan.summary())
         kv = dataclasses.replace(kv, dtype=tuple(plan.layer_dtypes))
     pipeline = kv_pipeline(kv, probe_len=probe_len, probe_inputs=_probe_with_weights(imported), target=target,
                            max_seq_len=imported.max_seq_len, layer_windows=imported.layer_windows,
                            num_shards=num_shards)
     for i, kv_pass in enumerate(pipeline.passes, start=1):
         note(kv_pass.info.name)
-        mod = kv_pass(mod)
+        mod = ClipTakeIndices()(kv_pass(mod))
         stages.append((f"{i}_{kv_pass.info.name}", mod))
     if dump_ir is not None:
         folder = Path(dump_ir)
@@ -237,9 +303,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")
-    start = time.perf_counter()
     pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)
-    executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target, relax_pipeline=pipeline)
-    note(f"built in {time.perf_counter() - start:.1f} s")
+    executable = tvm.compile(ClipTakeIndices()(tvm.IRModule(funcs, attrs=mod.attrs)), target=target, relax_pipeline=pipeline)
+    note.finish()
     return CompiledModel(executable, imported.params, info, imported.tokenizer)
 
