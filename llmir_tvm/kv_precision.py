@@ -63,6 +63,16 @@ class PrecisionPlan:
             "plan_kl": float(self.plan_kl),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrecisionPlan":
+        """The plan back from :meth:`as_dict` (e.g. ``ModelInfo.kv_precision_plan`` of a loaded model)."""
+        return cls(
+            layer_dtypes=list(data["layer_dtypes"]), quant_dtype=data["quant_dtype"], keep_dtype=data["keep_dtype"],
+            max_kl=float(data["max_kl"]), calibration_tokens=int(data["calibration_tokens"]),
+            sensitivity=[float(s) for s in data.get("sensitivity_kl", [])],
+            keep_only_kl=float(data.get("keep_only_kl", 0.0)), plan_kl=float(data.get("plan_kl", 0.0)),
+        )
+
     def summary(self) -> str:
         """A readable table of the plan: one line per layer, then the totals."""
         lines = [

@@ -39,12 +39,11 @@ def configure_logging(verbose: bool = False) -> int:
     already imported its progress bars are switched off directly.
     """
     level = log_level(verbose)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
+    if not root.handlers:  # a host that configured logging (an application, pytest) keeps its handlers
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
     logging.captureWarnings(True)
     if level <= logging.DEBUG:
         root.setLevel(logging.DEBUG)

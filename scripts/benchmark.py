@@ -1,15 +1,11 @@
 #!/usr/bin/env python3
-"""llmir-tvm benchmarks: ``scripts/benchmark.py SUBCOMMAND [options]``.
-
-Each subcommand lives in its own module ``bench/<name>.py`` exposing ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``; add one by listing it in ``SUBCOMMANDS``.
-With no arguments the quick default runs: ``kernels --device cpu --quick``.
+"""llmir-tvm benchmarks: ``scripts/benchmark.py SUBCOMMAND [options]`` (the same as ``llmir-tvm bench``;
+the subcommands are listed in ``bench/cli.py``). With no arguments the quick default runs:
+``kernels --device cpu --quick``.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -17,44 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-#: subcommand name -> module implementing it
-SUBCOMMANDS = {
-    "kernels": "bench.kernels",
-    "dense": "bench.dense",
-    "serve": "bench.serve",
-    "model": "bench.model",
-    "model-gpu": "bench.model_gpu",
-    "kvquant": "bench.kvquant",
-    "pruning": "bench.pruning",
-    "sharding": "bench.sharding",
-}
-DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
-
-
-def parser() -> argparse.ArgumentParser:
-    """The CLI parser with one sub-parser per registered subcommand."""
-    top = argparse.ArgumentParser(
-        prog="benchmark.py",
-        description="llmir-tvm benchmarks. Without arguments: " + " ".join(DEFAULT_ARGS),
-    )
-    subs = top.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = subs.add_parser(name, help=module.HELP, description=module.__doc__)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
-    return top
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (the quick default when empty) and run the subcommand."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv or DEFAULT_ARGS)
-    if args.command is None:
-        parser().print_help()
-        return 2
-    return args._run(args)
-
+from bench.cli import main  # noqa: E402 - needs the repository on sys.path
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,122 +1,13 @@
 #!/usr/bin/env python3
-"""Compile a decoder LLM with a paged KV cache and save it as a folder (see llmir_tvm.load).
-
-With no arguments it compiles the built-in default model (SmolLM2-135M-Instruct) for the host
-CPU into ./compiled/default.
+"""Compile a decoder LLM with a paged KV cache and save it as a folder: ``llmir-tvm compile`` (see
+``llmir_tvm/cli_compile.py``, or ``--help``). With no arguments: the default model into ./compiled/default.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from pathlib import Path
 
-from tqdm import tqdm
-
-
-def _page_size(text: str) -> int | None:
-    """``--page-size``: an int, or ``auto`` (None: KVCacheAllocationOptimization chooses)."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a power of two or 'auto', got {text!r}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", default=None, help="'default' (the default), or a Hugging Face model directory")
-    source.add_argument("--onnx", default=None, metavar="FILE", help="an ONNX decoder export (.onnx); docs/frontends.md")
-    parser.add_argument("--target", default="llvm", choices=["llvm", "cuda"], help="llvm = the host CPU")
-    parser.add_argument("--arch", default="sm_90a", help="CUDA architecture for --target cuda (e.g. sm_80, sm_90a)")
-    parser.add_argument("--page-size", type=_page_size, default=16,
-                        help="tokens per KV block (a power of two), or 'auto' to choose from --expected-seq-len")
-    parser.add_argument("--kv-dtype", choices=["float16", "float32", "int8", "float8_e4m3fn", "auto"], default=None,
-                        help="pool dtype (default: the model's); int8 / float8_e4m3fn quantize the cache; auto picks "
-                        "a dtype per layer by measured sensitivity within --auto-max-kl")
-    parser.add_argument("--auto-max-kl", type=float, default=0.01,
-                        help="quality budget of --kv-dtype auto: mean KL of next-token distributions (default 0.01)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks")
-    size.add_argument("--memory-budget", default=None,
-                      help="device memory for weights + activations + KV pool: bytes, 2GB, 512MiB, or a share like 50%%")
-    parser.add_argument("--device-memory", default=None, help="device memory a %% budget refers to (default: RAM / 80GB for cuda)")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's context)")
-    parser.add_argument("--max-batch-tokens", type=int, default=512,
-                        help="most tokens per model call; the activation memory is planned for it (default: 512, "
-                             "the engine's step; 0 = the model's context)")
-    parser.add_argument("--expected-seq-len", type=int, nargs="+", default=None, metavar="N",
-                        help="expected sequence lengths (a sample), for --page-size auto and the plan")
-    parser.add_argument("--expected-concurrency", type=int, default=None, help="expected sequences at once (reported in the plan)")
-    parser.add_argument("--eviction", choices=["none", "streaming", "h2o"], default="none",
-                        help="KV eviction policy for long generation (docs/pruning.md)")
-    parser.add_argument("--eviction-window", type=int, default=0, help="recent tokens kept by --eviction")
-    parser.add_argument("--sink-tokens", type=int, default=0, help="StreamingLLM sink tokens")
-    parser.add_argument("--heavy-hitters", type=int, default=0, help="H2O heavy-hitter tokens kept")
-    parser.add_argument("--num-shards", type=int, default=1,
-                        help="tensor parallelism over KV heads on N devices (Disco workers; docs/passes.md, KVCacheSharding)")
-    parser.add_argument("--dump-ir", default=None, metavar="DIR", help="write the TVMScript module after every pass here")
-    parser.add_argument("-o", "--output", default=None,
-                        help="output folder (default: compiled/default; compiled/<file stem> with --onnx)")
-    args = parser.parse_args(argv)
-    if args.onnx is not None and not args.onnx.lower().endswith(".onnx"):
-        parser.error(f"--onnx expects a .onnx file, got {args.onnx}")
-    model = args.onnx or args.model or "default"
-    output = args.output or (str(Path("compiled") / Path(args.onnx).stem) if args.onnx else "compiled/default")
-
-    import llmir_tvm
-    from llmir_tvm.frontend import ModelImportError
-
-    try:
-        kv = llmir_tvm.KVCacheConfig(
-            page_size=args.page_size, dtype=args.kv_dtype, num_blocks=args.num_blocks,
-            memory_budget=args.memory_budget, max_seq_len=args.max_seq_len, device_memory=args.device_memory,
-            max_batch_tokens=args.max_batch_tokens or None, expected_concurrency=args.expected_concurrency,
-            expected_seq_lens=tuple(args.expected_seq_len) if args.expected_seq_len else None,
-            eviction=args.eviction,
-            eviction_window=args.eviction_window, sink_tokens=args.sink_tokens, heavy_hitters=args.heavy_hitters, auto_max_kl=args.auto_max_kl,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-    target = "llvm" if args.target == "llvm" else {"kind": "cuda", "arch": args.arch}
-    stages = ["import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCachePruning", "KVCacheAllocationOptimization", "build"]
-    start = time.perf_counter()
-    with tqdm(total=len(stages), desc="compile", unit="stage") as bar:
-        def progress(stage: str) -> None:
-            if stage in stages:
-                bar.set_postfix_str(stage)
-                if stage != "import":
-                    bar.update(1)
-        try:
-            compiled = llmir_tvm.compile(model, target=target, kv=kv, dump_ir=args.dump_ir, progress=progress,
-                                         num_shards=args.num_shards)
-        except (ModelImportError, ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        bar.update(1)
-    path = compiled.save(output)
-    info = compiled.info
-    print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
-    print(
-        f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
-        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.layer_kv_dtypes else ''}, "
-        f"{info.num_blocks} blocks "
-        f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
-    )
-    if info.num_shards > 1:
-        print(f"tensor parallel: {info.num_shards} shards, {info.num_kv_heads} KV head(s) and {info.num_qo_heads} query "
-              f"heads each (the KV figures above and the plan below are per device)")
-    plan = compiled.memory_plan()
-    if plan is not None:
-        print("memory plan:")
-        print(plan.table())
-    if args.dump_ir:
-        print(f"TVMScript after each pass: {args.dump_ir}/")
-    return 0
-
+from llmir_tvm.cli_compile import main
 
 if __name__ == "__main__":
     sys.exit(main())
