@@ -215,10 +215,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         key, _ = compile_cache.cache_key(model, target=target, kv=kv, options=options, example_inputs=example_inputs,
                                          tokenizer=tokenizer)
     except compile_cache.UncacheableModel as err:
+        key = None
         logger.info("compiling without the cache: %s", err)
-        return build()
     report("cache key", time.perf_counter() - start)
-    return compile_cache.cached_compile(key, build, progress=report)
+    return build() if key is None else compile_cache.cached_compile(key, build, progress=report)
 
 
 class _StageClock:

@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -346,17 +346,25 @@ def list_entries(root: Path | None = None) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: e.created, reverse=True)
 
 
-@contextlib.contextmanager
-def _locked(root: Path, key: str) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on one key (released when the process dies, too)."""
+def _lock(root: Path, key: str) -> IO[str]:
+    """Take the exclusive ``fcntl`` lock of one key; closing the returned file (or the process
+    dying) releases it."""
     locks = root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{key}.lock", "w") as handle:
+    handle = open(locks / f"{key}.lock", "w")
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def _locked(root: Path, key: str) -> Iterator[None]:
+    """The key's lock held for a ``with`` block."""
+    with _lock(root, key):
+        yield
 
 
 def clear(root: Path | None = None) -> tuple[int, int]:
@@ -443,8 +451,13 @@ def cached_compile(key: str, build: Callable[[], Any], *, progress: Callable[[st
             return compiled
         except CorruptEntry as err:
             damaged = err
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root, key):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _lock(root, key)
+    except OSError as err:  # an unwritable cache must not stop the compile
+        logger.warning("compiled-model cache %s is not usable (%s); compiling without it", root, err)
+        return build()
+    try:
         _remove_leftovers(root, key)
         if folder.is_dir():  # stored (or repaired) by another process while this one waited, or damaged
             try:
@@ -464,3 +477,5 @@ def cached_compile(key: str, build: Callable[[], Any], *, progress: Callable[[st
             logger.warning("could not store the compiled model in the cache %s: %s", root, err)
         progress("save", time.perf_counter() - start)
         return compiled
+    finally:
+        lock.close()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# The suite tests what a compile does, not what the compiled-model cache remembers, and must not
+# fill the user's ~/.cache: every compile in the tests (and in the scripts they start) builds.
+# tests/test_compile_cache.py turns the cache on against a temporary LLMIR_TVM_CACHE.
+os.environ["LLMIR_TVM_NO_CACHE"] = "1"
 
 
 def pytest_addoption(parser):

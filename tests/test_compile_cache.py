@@ -1,0 +1,221 @@
+"""The compiled-model cache: hits skip the builder, every key input misses, damaged entries are
+rebuilt with a warning. (Two processes compiling one model at once: tests/test_cli.py, through the
+README's main command.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmir_tvm
+import llmir_tvm.build as build_module
+from llmir_tvm import compile_cache
+
+KV = llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32)
+PROMPT = [[1, 2, 3, 4]]
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _greedy(compiled, steps: int = 6) -> list[int]:
+    return llmir_tvm.Engine(compiled).generate(PROMPT, max_new_tokens=steps)[0].token_ids
+
+
+def _torch_greedy(model, steps: int = 6) -> list[int]:
+    """transformers' own greedy continuation of ``PROMPT`` (the independent reference)."""
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A private, enabled cache (the suite's conftest turns the cache off)."""
+    monkeypatch.setenv("LLMIR_TVM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLMIR_TVM_NO_CACHE", raising=False)
+    return tmp_path / "cache" / "compiled"
+
+
+class BuildSpy:
+    """Stands in for ``llmir_tvm.build._build``: counts calls and returns ``result`` (or the real build)."""
+
+    def __init__(self, result=None):
+        self.calls = 0
+        self.result = result
+        self.real = build_module._build
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.result if self.result is not None else self.real(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def built(model):
+    """One real (uncached) compile of the tiny model, shared as the spy's result."""
+    return llmir_tvm.compile(model, kv=KV, cache=False)
+
+
+def _entries(cache_dir: Path) -> list[str]:
+    return sorted(p.name for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_second_compile_is_served_from_the_cache_without_building(model, cache_dir, monkeypatch):
+    spy = BuildSpy()
+    monkeypatch.setattr(build_module, "_build", spy)
+    stages = []
+    first = llmir_tvm.compile(model, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    assert spy.calls == 1 and len(_entries(cache_dir)) == 1
+    finished = [stage for stage, seconds in stages if seconds is not None]
+    assert finished[0] == "cache key" and "import" in finished and "build" in finished and finished[-1] == "save"
+    assert all(seconds >= 0 for _, seconds in stages if seconds is not None)
+    stages.clear()
+    second = llmir_tvm.compile(model, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    assert spy.calls == 1  # the builder was not called again
+    assert [stage for stage, seconds in stages if seconds is not None] == ["cache key", "cache load"]
+    assert second.library_path is not None and second.library_path.parent == cache_dir / _entries(cache_dir)[0]
+    reference = _torch_greedy(model)
+    assert _greedy(first) == _greedy(second) == reference
+    # cache=False and LLMIR_TVM_NO_CACHE bypass the cache (and build)
+    llmir_tvm.compile(model, kv=KV, cache=False)
+    monkeypatch.setenv("LLMIR_TVM_NO_CACHE", "1")
+    llmir_tvm.compile(model, kv=KV)
+    assert spy.calls == 3
+
+
+def _changed_weight(model):
+    changed = _tiny_llama()
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    return changed
+
+
+@pytest.mark.parametrize("change", ["weight", "page_size", "kv_dtype", "target"])
+def test_each_key_input_misses(change, model, built, cache_dir, monkeypatch):
+    spy = BuildSpy(result=built)
+    monkeypatch.setattr(build_module, "_build", spy)
+    llmir_tvm.compile(model, kv=KV)
+    assert spy.calls == 1
+    args = {"model": model, "kv": KV, "target": "llvm"}
+    if change == "weight":
+        args["model"] = _changed_weight(model)
+    elif change == "page_size":
+        args["kv"] = llmir_tvm.KVCacheConfig(page_size=16, num_blocks=32)
+    elif change == "kv_dtype":
+        args["kv"] = llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="float16")
+    else:
+        args["target"] = {"kind": "llvm", "mcpu": "x86-64"}
+    llmir_tvm.compile(args.pop("model"), **args)
+    assert spy.calls == 2 and len(_entries(cache_dir)) == 2
+    llmir_tvm.compile(model, kv=KV)  # the original is still a hit
+    assert spy.calls == 2
+
+
+def test_key_of_a_directory_follows_its_files(tmp_path, cache_dir):
+    """A Hugging Face folder is keyed by its files: equal copies share a key, one changed byte does not."""
+    model = _tiny_llama()
+    a, b = tmp_path / "a", tmp_path / "b"
+    model.save_pretrained(a)
+    model.save_pretrained(b)
+    target = build_module.resolve_target("llvm")
+    key = lambda path: compile_cache.cache_key(path, target=target, kv=KV, options={})[0]  # noqa: E731
+    assert key(a) == key(b)
+    config = json.loads((b / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (b / "config.json").write_text(json.dumps(config))
+    assert key(a) != key(b)
+
+
+def _only_entry(cache_dir: Path) -> Path:
+    (name,) = _entries(cache_dir)
+    return cache_dir / name
+
+
+def _truncate_library(entry: Path) -> None:
+    library = entry / "model.so"
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+
+
+def _corrupt_weights(entry: Path) -> None:
+    """Flip one byte of a weight inside params.npz (same size: only the zip CRC-32 can tell)."""
+    params = entry / "params.npz"
+    with zipfile.ZipFile(params) as archive:
+        info = archive.infolist()[0]
+    data = bytearray(params.read_bytes())
+    position = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + 200
+    data[position] ^= 0xFF
+    params.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate_library, _corrupt_weights], ids=["truncated-library", "corrupt-weights"])
+def test_damaged_entry_is_rebuilt_with_a_warning(damage, model, built, cache_dir, monkeypatch, caplog):
+    spy = BuildSpy(result=built)
+    monkeypatch.setattr(build_module, "_build", spy)
+    llmir_tvm.compile(model, kv=KV)
+    entry = _only_entry(cache_dir)
+    damage(entry)
+    with caplog.at_level(logging.WARNING, logger="llmir_tvm.compile_cache"):
+        rebuilt = llmir_tvm.compile(model, kv=KV)
+    assert spy.calls == 2
+    assert any("is damaged" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    compile_cache.verify_entry(_only_entry(cache_dir))  # the replacement is whole again
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".tmp.")]
+    caplog.clear()
+    again = llmir_tvm.compile(model, kv=KV)
+    assert spy.calls == 2 and not caplog.records
+    assert _greedy(again) == _greedy(rebuilt) == _greedy(built)
+
+
+def test_missing_manifest_and_leftover_temporary_folders(model, built, cache_dir, monkeypatch):
+    """A folder without a manifest (never renamed into place by a whole write) is rebuilt; a killed
+    writer's temporary folder is removed by the next builder of that key."""
+    spy = BuildSpy(result=built)
+    monkeypatch.setattr(build_module, "_build", spy)
+    llmir_tvm.compile(model, kv=KV)
+    entry = _only_entry(cache_dir)
+    (entry / "manifest.json").unlink()
+    leftover = cache_dir / f".tmp.{entry.name}.killed"
+    leftover.mkdir()
+    (leftover / "model.so").write_bytes(b"half")
+    llmir_tvm.compile(model, kv=KV)
+    assert spy.calls == 2 and not leftover.exists()
+    compile_cache.verify_entry(entry)
+
+
+def test_cache_list_and_clear(model, built, cache_dir, monkeypatch, capsys):
+    from llmir_tvm.cli import main
+
+    monkeypatch.setattr(build_module, "_build", BuildSpy(result=built))
+    llmir_tvm.compile(model, kv=KV)
+    size = sum(f.stat().st_size for f in _only_entry(cache_dir).rglob("*") if f.is_file())
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    entry = compile_cache.list_entries()[0]
+    assert entry.size_bytes == size and entry.summary["page_size"] == 8
+    assert entry.key[:12] in out and "LlamaForCausalLM" in out and "1 compiled model(s)" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 1 compiled model(s)" in capsys.readouterr().out
+    assert _entries(cache_dir) == [] and compile_cache.list_entries() == []
+
+
+def test_unknown_model_types_compile_without_the_cache():
+    with pytest.raises(compile_cache.UncacheableModel, match="cannot digest a model of type builtins.object"):
+        compile_cache.model_digest(object(), None, compile_cache._DigestMemo(Path("/nonexistent")))
