@@ -440,6 +440,7 @@ def cached_compile(key: str, build: Callable[[], Any], *, progress: Callable[[st
     """
     root = root or cache_root()
     folder = root / key
+    logger.debug("compiled-model cache entry: %s", folder)
     damaged = None
     if folder.is_dir():
         start = time.perf_counter()

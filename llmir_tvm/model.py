@@ -9,6 +9,8 @@ has one, ``tokenizer/`` (a Hugging Face tokenizer, loaded if ``transformers`` is
 from __future__ import annotations
 
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +121,20 @@ class CompiledModel:
         return kernels
 
     def save(self, directory: str | Path) -> Path:
-        """Write the model folder (see module docstring); returns its path."""
+        """Write the model folder (see module docstring); returns its path. A model loaded from a
+        folder (or from the compiled-model cache) copies its ``model.so``."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        self.executable.export_library(str(path / "model.so"))
-        np.savez(path / "params.npz", *self.params)
+        # Linking the library (a compiler subprocess) and writing the weights both wait outside the
+        # GIL: overlapped, a save takes about the longer of the two.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            weights = pool.submit(np.savez, path / "params.npz", *self.params)
+            if self.library_path is not None:  # a loaded library cannot be exported again: copy it
+                if self.library_path.resolve() != (path / "model.so").resolve():
+                    shutil.copyfile(self.library_path, path / "model.so")
+            else:
+                self.executable.export_library(str(path / "model.so"))
+            weights.result()
         (path / "model.json").write_text(json.dumps(asdict(self.info), indent=2))
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(path / "tokenizer")

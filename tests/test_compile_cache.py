@@ -94,6 +94,8 @@ def test_second_compile_is_served_from_the_cache_without_building(model, cache_d
     assert second.library_path is not None and second.library_path.parent == cache_dir / _entries(cache_dir)[0]
     reference = _torch_greedy(model)
     assert _greedy(first) == _greedy(second) == reference
+    copy = second.save(cache_dir.parent / "saved")  # a cached (loaded) model saves by copying its library
+    assert _greedy(llmir_tvm.load(copy)) == reference
     # cache=False and LLMIR_TVM_NO_CACHE bypass the cache (and build)
     llmir_tvm.compile(model, kv=KV, cache=False)
     monkeypatch.setenv("LLMIR_TVM_NO_CACHE", "1")
