@@ -64,6 +64,7 @@ def _quality(args, dtypes, save=lambda rows, plan: None) -> tuple[dict, dict]:
     """
     import llmir_tvm
     from bench.eval_text import eval_tokens, perplexity
+    from llmir_tvm.cli_compile import compile_with_bar
     from llmir_tvm.config import parse_bytes
 
     rows, logits, greedy, plan = {}, {}, {}, {}
@@ -71,7 +72,7 @@ def _quality(args, dtypes, save=lambda rows, plan: None) -> tuple[dict, dict]:
     for dtype in ["float32"] + [d for d in dtypes if d != "float32"]:
         kv = llmir_tvm.KVCacheConfig(dtype=dtype, auto_max_kl=args.auto_max_kl, auto_quant_dtype=args.auto_quant_dtype)
         start = time.perf_counter()
-        compiled = llmir_tvm.compile("default", kv=kv)
+        compiled = compile_with_bar("default", description=f"compile {dtype}", kv=kv, cache=False)  # timed
         compile_s = time.perf_counter() - start
         engine = llmir_tvm.Engine(compiled)
         if tokens is None:

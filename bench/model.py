@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,16 +50,18 @@ def _median_rates(times: dict[str, list[float]], tokens: int) -> dict[str, float
 def run(args: argparse.Namespace) -> int:
     """Compile, measure all sides interleaved, write JSON + PNG, print a summary."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
     import llmir_tvm
+    from llmir_tvm.cli_compile import compile_with_bar
     from llmir_tvm.frontend.default_model import cache_dir, default_model_path
 
     from .onnx_baseline import OrtDecoder, export_with_cache
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    compiled = llmir_tvm.compile("default")
+    compiled = compile_with_bar("default", cache=False)  # timed: a real compile, stages shown
     compile_seconds = time.perf_counter() - start
     engine = llmir_tvm.Engine(compiled)
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         same = {"ours": engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == hf_tokens}
         if ort is not None:
             same["ort"] = ort.generate(prompt, new) == hf_tokens
-        for _ in range(args.repeats):
+        for _ in tqdm(range(args.repeats), desc="repeats", unit="round", file=sys.stderr):
             for side, (decode, prefill, prefill_long) in sides.items():
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))

@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     """Compile and score each policy, write JSON + PNG, print a summary."""
     import llmir_tvm
     from bench.eval_text import eval_tokens, perplexity
+    from llmir_tvm.cli_compile import compile_with_bar
 
     path = args.out or RESULTS / f"pruning_{datetime.date.today().isoformat()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if label in done:
             continue
         start = time.perf_counter()
-        compiled = llmir_tvm.compile("default", kv=llmir_tvm.KVCacheConfig(**fields))
+        compiled = compile_with_bar("default", description=f"compile {label}", kv=llmir_tvm.KVCacheConfig(**fields), cache=False)
         compile_seconds = time.perf_counter() - start
         tokens = tokens or eval_tokens(compiled.tokenizer, args.tokens)
         engine, page = llmir_tvm.Engine(compiled), compiled.info.page_size
