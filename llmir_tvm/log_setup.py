@@ -38,7 +38,10 @@ def configure_logging(verbose: bool = False) -> int:
     Call it before importing ``transformers`` so its environment switches take effect; if it is
     already imported its progress bars are switched off directly.
     """
-    level = log_level(verbose)
+    try:
+        level = log_level(verbose)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     root = logging.getLogger()
     if not root.handlers:  # a host that configured logging (an application, pytest) keeps its handlers
         handler = logging.StreamHandler(sys.stderr)
