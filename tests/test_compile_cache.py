@@ -70,28 +70,31 @@ def model():
 
 @pytest.fixture(scope="module")
 def built(model):
-    """One real (uncached) compile of the tiny model, shared as the spy's result."""
-    return llmir_tvm.compile(model, kv=KV, cache=False)
+    """One real (uncached) compile of the tiny model, shared as the spy's result (with the
+    ``progress`` calls it made, as ``stages_seen``)."""
+    stages = []
+    compiled = llmir_tvm.compile(model, kv=KV, cache=False, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    compiled.stages_seen = stages
+    return compiled
 
 
 def _entries(cache_dir: Path) -> list[str]:
     return sorted(p.name for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def test_second_compile_is_served_from_the_cache_without_building(model, cache_dir, monkeypatch):
-    spy = BuildSpy()
+def test_second_compile_is_served_from_the_cache_without_building(model, built, cache_dir, monkeypatch):
+    spy = BuildSpy(result=built)  # the real build is shared (module fixture); tests/test_cli.py caches a real one
     monkeypatch.setattr(build_module, "_build", spy)
     stages = []
     first = llmir_tvm.compile(model, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
     assert spy.calls == 1 and len(_entries(cache_dir)) == 1
-    finished = [stage for stage, seconds in stages if seconds is not None]
-    assert finished[0] == "cache key" and "import" in finished and "build" in finished and finished[-1] == "save"
+    assert stages[0] == ("cache key", None) and [s for s, t in stages if t is not None] == ["cache key", "save"]
     assert all(seconds >= 0 for _, seconds in stages if seconds is not None)
     stages.clear()
     second = llmir_tvm.compile(model, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
     assert spy.calls == 1  # the builder was not called again
     assert [stage for stage, seconds in stages if seconds is not None] == ["cache key", "cache load"]
-    assert second.library_path is not None and second.library_path.parent == cache_dir / _entries(cache_dir)[0]
+    assert second is not first and second.library_path.parent == cache_dir / _entries(cache_dir)[0]
     reference = _torch_greedy(model)
     assert _greedy(first) == _greedy(second) == reference
     copy = second.save(cache_dir.parent / "saved")  # a cached (loaded) model saves by copying its library
@@ -101,6 +104,16 @@ def test_second_compile_is_served_from_the_cache_without_building(model, cache_d
     monkeypatch.setenv("LLMIR_TVM_NO_CACHE", "1")
     llmir_tvm.compile(model, kv=KV)
     assert spy.calls == 3
+
+
+def test_real_build_reports_every_stage_as_it_finishes(built):
+    """The module fixture's compile went through ``_build``: its stages, timed, in order."""
+    stages = built.stages_seen
+    assert stages[:2] == [("import", None), ("import", stages[1][1])]
+    finished = [stage for stage, seconds in stages if seconds is not None]
+    for stage in ("import", "PagedAttentionRewrite", "BlockifyKVCache", "KVCacheAllocationOptimization", "build"):
+        assert stage in finished
+    assert finished[-1] == "build" and len(finished) == len(stages) // 2
 
 
 def _changed_weight(model):
