@@ -25,6 +25,7 @@ def test_uniform_cache_declares_forks_rollback_and_prefix_caching(kernels):
     cache = PagedKVCache(2, 1, 8, PAGE, 16, "float32", kernels=kernels)
     assert isinstance(cache, KVCache)
     assert cache.capabilities == KVCacheCapabilities(fork=True, popn=True, prefix_caching=True)
+    assert cache.num_available_blocks == 16
     off = PagedKVCache(2, 1, 8, PAGE, 16, "float32", kernels=kernels, enable_prefix_caching=False)
     assert off.capabilities.prefix_caching is False
 

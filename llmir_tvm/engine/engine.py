@@ -404,7 +404,7 @@ class Engine:
         while waiting and budget > 0 and slots + _slots(waiting[0]) <= self.max_num_seqs:
             seq = waiting[0]
             need = -(-len(seq.tokens) // page) - cache.match_prefix(seq.tokens) // page
-            available = cache.allocator.num_available - reserve
+            available = cache.num_available_blocks - reserve
             if need > available and running:
                 break
             waiting.popleft()

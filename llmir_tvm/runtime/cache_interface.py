@@ -54,6 +54,10 @@ class KVCache(Protocol):
         """Blocks in the pool (for a hybrid cache, the full-attention group's)."""
 
     @property
+    def num_available_blocks(self) -> int:
+        """Blocks a step can still take (free plus evictable cached ones)."""
+
+    @property
     def pools(self) -> list[Any]:
         """The per-layer pools, in the order the compiled functions take them."""
 

@@ -59,17 +59,6 @@ def group_block_counts(
     return [max(min(n, num_blocks), int(sequences * n)) for n in need]
 
 
-class _Availability:
-    """What the engine's admission reads of an allocator: the blocks group 0 can still hand out."""
-
-    def __init__(self, caches: list[PagedKVCache]):
-        self._caches = caches
-
-    @property
-    def num_available(self) -> int:
-        return self._caches[0].allocator.num_available
-
-
 def _group_dtype(dtypes: list[str]) -> str | list[str]:
     """One dtype when a group's pools share it, else the per-pool list (mixed precision)."""
     return dtypes[0] if len(set(dtypes)) == 1 else dtypes
@@ -118,13 +107,17 @@ class HybridKVCache:
         self.num_layers = len(self._where)
         self.block_size = int(block_size)
         self.enable_prefix_caching = False
-        self.allocator = _Availability(self.caches)
 
     # ------------------------------------------------------------------ geometry
     @property
     def capabilities(self) -> KVCacheCapabilities:
         """Forks and rollback (applied to every group); no prefix reuse yet."""
         return KVCacheCapabilities(fork=True, popn=True, prefix_caching=self.enable_prefix_caching)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks the full-attention group (group 0, the one admission sizes sequences by) can still hand out."""
+        return self.caches[0].num_available_blocks
 
     @property
     def num_blocks(self) -> int:

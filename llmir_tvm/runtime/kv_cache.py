@@ -216,6 +216,11 @@ class PagedKVCache:
         return KVCacheCapabilities(fork=True, popn=True, prefix_caching=self.enable_prefix_caching)
 
     @property
+    def num_available_blocks(self) -> int:
+        """Blocks a step can still take: free ones plus cached ones that can be evicted."""
+        return self.allocator.num_available
+
+    @property
     def pools(self) -> list[tvm.runtime.Tensor]:
         """Per-layer pool tensors ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
         return list(self._pools)
