@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         same = {"ours": engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == hf_tokens}
         if ort is not None:
             same["ort"] = ort.generate(prompt, new) == hf_tokens
-        for _ in tqdm(range(args.repeats), desc="repeats", unit="round", file=sys.stderr):
+        for _ in tqdm(range(args.repeats), desc="repeats", unit="round", file=sys.stderr, disable=False):
             for side, (decode, prefill, prefill_long) in sides.items():
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))

@@ -204,6 +204,13 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
     if low_batch_gemv and target.kind.name != "cuda":
         raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
+    if isinstance(model, str) and model == "default":  # its first use converts the packaged GGUF: a stage of its own
+        from .frontend.default_model import default_model_path
+
+        start = time.perf_counter()
+        report("default model", None)
+        model = default_model_path()
+        report("default model", time.perf_counter() - start)
     options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense}
     build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
                               dump_ir=dump_ir, progress=report, **options)

@@ -83,7 +83,7 @@ class StageBar:
     def __init__(self, description: str = "compile"):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=None, desc=description, unit="stage", file=sys.stderr, leave=False,
+        self.bar = tqdm(total=None, desc=description, unit="stage", file=sys.stderr, leave=False, disable=False,
                         bar_format="{desc}: {n} stages done [{elapsed}] {postfix}")
         self.times: dict[str, float] = {}
 

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
 
     from tqdm import tqdm
 
-    with tqdm(total=len(prompts) * args.n * args.max_new_tokens, desc="generate", unit="tok") as bar:
+    with tqdm(total=len(prompts) * args.n * args.max_new_tokens, desc="generate", unit="tok", disable=False) as bar:
         def on_step(new_tokens: int) -> None:
             bar.update(new_tokens)
             step = engine.step_stats[-1]

