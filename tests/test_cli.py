@@ -132,3 +132,13 @@ def test_default_command_is_quiet_concurrent_starts_share_one_compile_and_a_rest
     assert "INFO llmir_tvm.compile_cache: loaded the compiled model from the cache" in err  # -v shows the log
     assert not TVM_LOG_LINE.search(out)
     assert out.split("> w3 w4 w5", 1)[1].split("[4 tokens", 1)[0] == texts[0]
+
+
+def test_precision_plan_round_trips_for_the_compile_summary():
+    """``llmir-tvm compile`` prints a (possibly cached) model's ``kv_dtype="auto"`` plan from its saved dict."""
+    from llmir_tvm.kv_precision import PrecisionPlan
+
+    plan = PrecisionPlan(layer_dtypes=["int8", "float16"], quant_dtype="int8", keep_dtype="float16", max_kl=0.01,
+                         calibration_tokens=256, sensitivity=[1e-4, 3e-2], keep_only_kl=1e-5, plan_kl=2e-4)
+    again = PrecisionPlan.from_dict(plan.as_dict())
+    assert again == plan and again.summary() == plan.summary()
