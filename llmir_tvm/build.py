@@ -226,7 +226,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     if target.kind.name == "llvm":
         if cpu_dense == "tir":
             note("DenseToTIR")
-            mod = DenseToTIR()(mod)
+            mod = DenseToTIR(target=target)(mod)
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())

@@ -9,6 +9,10 @@ For LLVM CPU targets. ``matmul(x, permute_dims(W, [1, 0]))`` with a 2-D float32 
 added to the module. The weight is never transposed or
 copied, and the product runs on TVM's thread pool like every other kernel of the model, so
 no BLAS worker threads compete with it for the cores.
+
+Register tiles come from the target (``llmir_tvm.target.vector_shape``: AVX-512, AVX2, NEON, ...;
+the pass's ``target``, else the enclosing ``tvm.target.Target.current()``, else the host), or per
+``(K, N)`` from ``plans`` (``llmir_tvm.dense_choice`` measures them: tiles and BLAS by row count).
 """
 
 from __future__ import annotations
@@ -21,23 +25,36 @@ from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.sym.analyzer import Analyzer
 
-from ..tir_kernels.dense import dense_nt
+from ..target import vector_shape
+from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles
 
 _DTYPE = "float32"
 
 
 @tvm.transform.module_pass(opt_level=0, name="DenseToTIR")
 class DenseToTIR:
-    """Route float32 ``x @ Wᵀ`` with a 2-D parameter ``W`` to the CPU dense kernel."""
+    """Route float32 ``x @ Wᵀ`` with a 2-D parameter ``W`` to the CPU dense kernel.
+
+    ``target``: the LLVM target whose vector registers size the tiles; ``plans``: ``(K, N) ->``
+    :class:`~llmir_tvm.tir_kernels.dense.DensePlan` for the shapes measured on the host.
+    """
+
+    def __init__(self, target: tvm.target.Target | str | dict | None = None,
+                 plans: dict[tuple[int, int], DensePlan] | None = None):
+        self.target = target
+        self.plans = dict(plans or {})
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
         kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
+        target = self.target if self.target is not None else tvm.target.Target.current(allow_none=True)
+        shape = vector_shape(target)
+        tiles = DensePlan.tiles_only(dense_tiles(shape.lanes, shape.registers))
 
         def kernel(k: int, n: int, rank: int) -> tvm.ir.GlobalVar:
             if (k, n, rank) not in kernels:
                 name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d")
-                prim = dense_nt(k, n, rank).with_attr("global_symbol", name)
+                prim = dense_nt(k, n, rank, self.plans.get((k, n), tiles)).with_attr("global_symbol", name)
                 kernels[(k, n, rank)] = builder.add_func(prim, name)
             return kernels[(k, n, rank)]
 
