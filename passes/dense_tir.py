@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Callable, Mapping
 
 import tvm
 from tvm import relax
@@ -36,13 +37,24 @@ class DenseToTIR:
     """Route float32 ``x @ Wᵀ`` with a 2-D parameter ``W`` to the CPU dense kernel.
 
     ``target``: the LLVM target whose vector registers size the tiles; ``plans``: ``(K, N) ->``
-    :class:`~llmir_tvm.tir_kernels.dense.DensePlan` for the shapes measured on the host.
+    :class:`~llmir_tvm.tir_kernels.dense.DensePlan` (a mapping, or a function returning a plan or
+    None, called once per shape: ``llmir_tvm.compile`` measures there); shapes without one get
+    the target's tiles.
     """
 
     def __init__(self, target: tvm.target.Target | str | dict | None = None,
-                 plans: dict[tuple[int, int], DensePlan] | None = None):
+                 plans: Mapping[tuple[int, int], DensePlan] | Callable[[int, int], DensePlan | None] | None = None):
         self.target = target
-        self.plans = dict(plans or {})
+        if isinstance(plans, Mapping):
+            table = dict(plans)
+            self.plans: Callable[[int, int], DensePlan | None] = lambda k, n: table.get((k, n))
+        else:
+            self.plans = plans or (lambda k, n: None)
+
+    def plan_for(self, k: int, n: int, default: DensePlan) -> DensePlan:
+        """The plan of a ``K x N`` layer: the given one, else ``default``."""
+        plan = self.plans(k, n)
+        return plan if plan is not None else default
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
@@ -54,7 +66,7 @@ class DenseToTIR:
         def kernel(k: int, n: int, rank: int) -> tvm.ir.GlobalVar:
             if (k, n, rank) not in kernels:
                 name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d")
-                prim = dense_nt(k, n, rank, self.plans.get((k, n), tiles)).with_attr("global_symbol", name)
+                prim = dense_nt(k, n, rank, self.plan_for(k, n, tiles)).with_attr("global_symbol", name)
                 kernels[(k, n, rank)] = builder.add_func(prim, name)
             return kernels[(k, n, rank)]
 

@@ -104,7 +104,9 @@ def test_tiles_fit_registers_and_reject_bad_shapes():
         DenseTiles(8, 3, 3, 9)
     with pytest.raises(ValueError, match="start at 0 rows"):
         DensePlan(((4, "blas"),))
-    with pytest.raises(ValueError, match="must be register tiles"):
-        DensePlan(((0, "blas"),))
+    plan = DensePlan(((0, DenseTiles(8, 2, 4, 8)), (256, "blas")))
+    assert plan.to_json() == [[0, "8l2x4t8"], [256, "blas"]] and DensePlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="not a dense tiling name"):
+        DenseTiles.parse("4x4")
     with pytest.raises(ValueError, match="plan must be"):
         dense_nt(8, 8, 2, "mkl")

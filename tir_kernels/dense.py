@@ -29,6 +29,7 @@ DRAM once per task. Numbers against numpy's OpenBLAS: ``scripts/benchmark.py den
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -70,8 +71,16 @@ class DenseTiles:
 
     @property
     def name(self) -> str:
-        """Short label, e.g. ``8l2x4t8``."""
+        """Short label, e.g. ``8l2x4t8`` (:meth:`parse` reads it back)."""
         return f"{self.lanes}l{self.rows}x{self.cols}t{self.task_cols}"
+
+    @staticmethod
+    def parse(name: str) -> "DenseTiles":
+        """The tiling a :attr:`name` describes."""
+        match = re.fullmatch(r"(\d+)l(\d+)x(\d+)t(\d+)", str(name))
+        if match is None:
+            raise ValueError(f"not a dense tiling name (like '8l2x4t8'): {name!r}")
+        return DenseTiles(*(int(g) for g in match.groups()))
 
 
 #: The tiling the kernel was first tuned with (AVX-512): 4 x 4 tiles of 16 lanes, 16 W rows per task.
@@ -93,8 +102,6 @@ class DensePlan:
         starts = [m for m, _ in self.segments]
         if not starts or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError(f"DensePlan: segments must start at 0 rows and increase, got {starts}")
-        if not isinstance(self.segments[0][1], DenseTiles):
-            raise ValueError("DensePlan: the first segment (from 0 rows) must be register tiles")
         for _, variant in self.segments:
             if not (isinstance(variant, DenseTiles) or variant == "blas"):
                 raise ValueError(f"DensePlan: a variant is DenseTiles or 'blas', got {variant!r}")
@@ -103,6 +110,16 @@ class DensePlan:
     def tiles_only(tiles: DenseTiles) -> "DensePlan":
         """One tiling for every row count."""
         return DensePlan(((0, tiles),))
+
+    def to_json(self) -> list:
+        """``[[min_rows, variant name], ...]`` (tiles as :attr:`DenseTiles.name`), for ``model.json``."""
+        return [[start, variant.name if isinstance(variant, DenseTiles) else variant] for start, variant in self.segments]
+
+    @staticmethod
+    def from_json(segments: list) -> "DensePlan":
+        """The inverse of :meth:`to_json`."""
+        return DensePlan(tuple((int(start), DenseTiles.parse(name)) if name != "blas" else (int(start), "blas")
+                               for start, name in segments))
 
 
 def tile_candidates(lanes: int, registers: int) -> list[DenseTiles]:
