@@ -109,4 +109,4 @@ def test_benchmark_options_parse():
     assert ISA_TARGETS[args.isa] == {"kind": "llvm", "mcpu": "haswell"}
     args = parser().parse_args(["serve", "--background-load", "--isa", "avx512"])
     assert args.background_load and args.isa == "avx512"
-    assert parser().parse_args(["dense", "--quick"]).quick
+    assert parser().parse_args(["dense", "--quick"]).quick and parser().parse_args(["threads", "--quick"]).quick
