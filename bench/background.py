@@ -1,5 +1,12 @@
 """A low-priority busy job in the background, as on a user's machine that is never idle
-(``benchmark.py serve --background-load``): one process spinning at ``nice 19``."""
+(``benchmark.py serve --background-load``): one process spinning at ``nice 19``.
+
+By default the job runs in a session of its own, like a ``nice -n 19 make`` typed in another
+terminal. With Linux's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on in
+most desktop and many server distributions) each session is a group that gets an equal share
+of the CPU whatever its processes' nice values: such a "low-priority" job takes a whole core from
+a 2-thread benchmark. ``same_session=True`` puts it in the benchmark's group, where nice 19
+really is low priority."""
 
 from __future__ import annotations
 
@@ -14,11 +21,12 @@ BUSY_LOOP = "x = 0\nwhile True:\n    x = (x * 1103515245 + 12345) & 0xFFFFFFFF\n
 
 
 @contextlib.contextmanager
-def background_load(jobs: int = 1, niceness: int = 19) -> Iterator[list[int]]:
-    """Run ``jobs`` busy processes at ``niceness`` while the block runs; yields their pids and ends
-    exactly those processes afterwards (also on error)."""
+def background_load(jobs: int = 1, niceness: int = 19, same_session: bool = False) -> Iterator[list[int]]:
+    """Run ``jobs`` busy processes at ``niceness`` (in a new session unless ``same_session``) while
+    the block runs; yields their pids and ends exactly those processes afterwards (also on error)."""
     procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], preexec_fn=lambda: os.nice(niceness),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(jobs)]
+                              start_new_session=not same_session, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(jobs)]
     try:
         yield [p.pid for p in procs]
     finally:
@@ -30,3 +38,11 @@ def background_load(jobs: int = 1, niceness: int = 19) -> Iterator[list[int]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def autogroup_enabled() -> bool | None:
+    """Whether the kernel groups scheduling by session (None where it cannot tell)."""
+    try:
+        return open("/proc/sys/kernel/sched_autogroup_enabled").read().strip() == "1"
+    except OSError:
+        return None

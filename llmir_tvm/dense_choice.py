@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 
 from .target import cpu_features, resolve_target, vector_shape
-from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, tile_candidates
+from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class HostTimer:
 
     def _kernel(self, tiles: DenseTiles):
         if tiles not in self._kernels:
-            lib = tvm.tirx.build(dense_nt(self.k, self.n, 2, tiles).with_attr("global_symbol", "dense"), self.target)
+            threads = split_threads(vector_shape(self.target).isa)  # as DenseToTIR builds it
+            lib = tvm.tirx.build(dense_nt(self.k, self.n, 2, tiles, threads).with_attr("global_symbol", "dense"), self.target)
             self._kernels[tiles] = lib["dense"]
         return self._kernels[tiles]
 

@@ -10,6 +10,8 @@ added to the module. The weight is never transposed or
 copied, and the product runs on TVM's thread pool like every other kernel of the model, so
 no BLAS worker threads compete with it for the cores.
 
+The kernel splits its tasks self-balancing over TVM's pool threads on x86 (a thread slowed by
+another process does not hold the join: ``tir_kernels.dense.split_threads``).
 Register tiles come from the target (``llmir_tvm.target.vector_shape``: AVX-512, AVX2, NEON, ...;
 the pass's ``target``, else the enclosing ``tvm.target.Target.current()``, else the host), or per
 ``(K, N)`` from ``plans`` (``llmir_tvm.dense_choice`` measures them: tiles and BLAS by row count).
@@ -27,7 +29,7 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.sym.analyzer import Analyzer
 
 from ..target import vector_shape
-from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles
+from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
 
 _DTYPE = "float32"
 
@@ -62,11 +64,12 @@ class DenseToTIR:
         target = self.target if self.target is not None else tvm.target.Target.current(allow_none=True)
         shape = vector_shape(target)
         tiles = DensePlan.tiles_only(dense_tiles(shape.lanes, shape.registers))
+        threads = split_threads(shape.isa)
 
         def kernel(k: int, n: int, rank: int) -> tvm.ir.GlobalVar:
             if (k, n, rank) not in kernels:
                 name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d")
-                prim = dense_nt(k, n, rank, self.plan_for(k, n, tiles)).with_attr("global_symbol", name)
+                prim = dense_nt(k, n, rank, self.plan_for(k, n, tiles), threads).with_attr("global_symbol", name)
                 kernels[(k, n, rank)] = builder.add_func(prim, name)
             return kernels[(k, n, rank)]
 

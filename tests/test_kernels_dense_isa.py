@@ -110,3 +110,19 @@ def test_tiles_fit_registers_and_reject_bad_shapes():
         DenseTiles.parse("4x4")
     with pytest.raises(ValueError, match="plan must be"):
         dense_nt(8, 8, 2, "mkl")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_self_balancing_split(isa, rng):
+    """The split over 2 and 3 ranges (an owner forward, its neighbour stealing backward): every task
+    computed, on odd shapes and over several row chunks; the progress loads sit behind fences."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    tiles = dense_tiles(shape.lanes, shape.registers)
+    for threads in (2, 3):
+        _check(dense_nt(37, 53, 2, tiles, threads), target, (0, 1, 5, 17), 37, 53, rng)
+    _check(dense_nt(1000, 40, 2, tiles, 2), target, (203,), 1000, 40, rng)
+    lib = tvm.tirx.build(dense_nt(37, 53, 2, tiles, 2).with_attr("global_symbol", "dense"), tvm.target.Target(target))
+    assert lib.inspect_source("ll").count("lfence") >= 3  # before the own-range loop and after each task
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        dense_nt(8, 8, 2, tiles, -1)

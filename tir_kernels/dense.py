@@ -29,6 +29,7 @@ DRAM once per task. Numbers against numpy's OpenBLAS: ``scripts/benchmark.py den
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -154,14 +155,39 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+#: A memory fence LLVM treats as reading and writing all memory (so progress counters are re-read);
+#: the self-balancing split is used on x86 only (elsewhere TVM's static split).
+X86_FENCE = "llvm.x86.sse2.lfence"
+
+
+def fence():
+    """A load fence: orders this thread's loads and stops LLVM caching memory in registers across it."""
+    return T.evaluate(T.call_llvm_intrin("void", X86_FENCE))
+
+
+def pool_threads() -> int:
+    """Threads of TVM's CPU pool as the model will run: ``TVM_NUM_THREADS`` (which ``llmir_tvm``
+    sets to the usable cores unless the user did), else the usable cores."""
+    value = os.environ.get("TVM_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+def split_threads(isa: str) -> int:
+    """Ranges of the self-balancing split for code of ``isa`` (``llmir_tvm.target.VectorShape.isa``):
+    :func:`pool_threads` on x86 (its fence is x86's), 0 (TVM's static split) elsewhere."""
+    return pool_threads() if isa in ("avx512", "avx2", "sse") else 0
+
+
 def prefetch_next(address):
     """Hint the CPU to fetch the cache line holding ``address`` into the outer caches (a read, low
     locality): the next task's W rows, so that a task never waits for DRAM at its start."""
     return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(1), T.int32(1)))
 
 
-def _products(K: int, N: int, tiles: DenseTiles):
-    """T.macro ``(n, x, w, out)``: ``out = x @ w.T`` on TVM's thread pool with ``tiles``."""
+def _products(K: int, N: int, tiles: DenseTiles, threads: int):
+    """T.macro ``(n, x, w, out)``: ``out = x @ w.T`` on TVM's thread pool with ``tiles``; with
+    ``threads > 1``, split self-balancing over that many ranges (a slow thread does not hold the
+    join: its neighbour finishes its range), else statically by TVM's parallel loop."""
     LANES, TILE_R, TILE_C, TASK_COLS = tiles.lanes, tiles.rows, tiles.cols, tiles.task_cols
     ACC = max(TILE_R * TILE_C, TASK_COLS)  # accumulators: the main tile's or the GEMV tile's
     KV, K_TAIL = K // LANES, K % LANES > 0  # whole vectors along K; a scalar tail?
@@ -240,22 +266,63 @@ def _products(K: int, N: int, tiles: DenseTiles):
                 out[i, FULL_TASKS * TASK_COLS + c] = s[0]
 
     @T.macro
+    def task_work(task, nch, n, x, w, out):
+        if task % TASKS < FULL_TASKS:
+            full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
+        elif task // TASKS == 0:
+            rest_task(n, x, w, out)
+
+    if threads <= 1:
+
+        @T.macro
+        def products(n, x, w, out):
+            nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+            for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
+                task_work(task, nch, n, x, w, out)
+
+        return products
+
+    VT = threads
+
+    @T.macro
     def products(n, x, w, out):
+        """Self-balancing split over ``VT`` ranges of tasks: range ``t``'s owner takes its tasks from
+        the front; having finished, it takes its neighbour's from the back. ``prog`` holds each
+        range's front (owner's next task) and back (lowest task the thief took), on their own cache
+        lines, re-read after a fence (LLVM may not keep them in registers). A task either side may
+        compute twice writes the same values, so no atomics are needed: each side publishes a task
+        only after computing it, and a stale read only makes a task run twice."""
         nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-        for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
-            if task % TASKS < FULL_TASKS:
-                full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
-            elif task // TASKS == 0:
-                rest_task(n, x, w, out)
+        total: T.int64 = nch * TASKS
+        prog = T.alloc_buffer((VT * 16,), "int64")
+        for t in range(VT):
+            prog[t * 16] = total * t // VT
+            prog[t * 16 + 8] = total * (t + 1) // VT
+        for t in T.parallel(VT):
+            cur = T.alloc_buffer((1,), "int64", scope="local")
+            cur[0] = total * t // VT
+            fence()
+            while cur[0] < prog[t * 16 + 8]:  # own range, forward, until it meets the thief
+                task_work(cur[0], nch, n, x, w, out)
+                cur[0] = cur[0] + 1
+                prog[t * 16] = cur[0]
+                fence()
+            u: T.int64 = (t + 1) % VT
+            cur[0] = total * (u + 1) // VT
+            while cur[0] > prog[u * 16]:  # the neighbour's range, backward, until it meets its owner
+                task_work(cur[0] - 1, nch, n, x, w, out)
+                cur[0] = cur[0] - 1
+                prog[u * 16 + 8] = cur[0]
+                fence()
 
     return products
 
 
-def _dispatch(K: int, N: int, segments: tuple):
+def _dispatch(K: int, N: int, segments: tuple, threads: int):
     """T.macro ``(n, x, w, out)`` running the plan segment that ``n`` rows fall in (last segment first)."""
     (start, variant), earlier = segments[-1], segments[:-1]
     if isinstance(variant, DenseTiles):
-        run_variant = _products(K, N, variant)
+        run_variant = _products(K, N, variant, threads)
     else:
 
         @T.macro
@@ -264,7 +331,7 @@ def _dispatch(K: int, N: int, segments: tuple):
 
     if not earlier:
         return run_variant
-    run_earlier = _dispatch(K, N, earlier)
+    run_earlier = _dispatch(K, N, earlier, threads)
 
     @T.macro
     def dispatch(n, x, w, out):
@@ -277,12 +344,15 @@ def _dispatch(K: int, N: int, segments: tuple):
 
 
 @functools.lru_cache(maxsize=None)
-def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan | DenseTiles = AVX512_TILES) -> tvm.tirx.PrimFunc:
+def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan | DenseTiles = AVX512_TILES,
+             threads: int = 0) -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
 
     ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
     ``plan``: register tiles for every row count, or a :class:`DensePlan` by row count (``"blas"``
     segments call ``llmir.blas.matmul_nt``, so the module needs ``llmir_tvm.runtime`` imported).
+    ``threads``: ranges of the self-balancing split (:func:`pool_threads`: one per thread of TVM's
+    pool); 0 or 1: TVM's static split of the parallel loop.
     Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
     over compiles (PrimFuncs are immutable, so sharing them is safe).
     """
@@ -295,7 +365,9 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         plan = DensePlan.tiles_only(plan)
     if not isinstance(plan, DensePlan):
         raise ValueError(f"dense_nt: plan must be DenseTiles or DensePlan, got {plan!r}")
-    products = _dispatch(K, N, plan.segments)
+    if int(threads) < 0:
+        raise ValueError(f"dense_nt: threads must be >= 0, got {threads}")
+    products = _dispatch(K, N, plan.segments, int(threads))
 
     if rank == 2:
 
