@@ -92,11 +92,14 @@ def _niceness(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_background_load_runs_a_nice_19_busy_job_and_ends_it():
-    with background_load() as pids:
-        assert len(pids) == 1
-        time.sleep(0.3)
-        fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
-        assert fields[0] in "RS" and _niceness(pids[0]) == 19
+    """In a session of its own by default (as if typed in another terminal: autogroup), or in ours."""
+    for same_session in (False, True):
+        with background_load(same_session=same_session) as pids:
+            assert len(pids) == 1
+            time.sleep(0.3)
+            fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+            assert fields[0] in "RS" and _niceness(pids[0]) == 19
+            assert (os.getsid(pids[0]) == os.getsid(0)) == same_session
     time.sleep(0.1)
     assert not Path(f"/proc/{pids[0]}").exists() or Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
