@@ -34,20 +34,25 @@ ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)
 #: choice): the vocabulary projection at 1024 rows would take half a second per call.
 MAX_FLOPS = 4e9
 #: Timed calls per (variant, rows); the median is kept. Candidates are interleaved call by call.
-REPEATS = 5
+REPEATS = 3
 #: Tilings tried per target (best on paper first).
 TILINGS = 2
+#: Another variant replaces the first (the target's best tiling on paper) only when its median is
+#: this much faster: timing noise on a busy machine must not flip the plan from bucket to bucket.
+MARGIN = 0.1
 
 #: ``measure(variant, rows) -> seconds`` of one call.
 Timer = Callable[[Variant, int], float]
 
 
 def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
-                buckets: Sequence[int] = ROW_BUCKETS, repeats: int = REPEATS, max_flops: float = MAX_FLOPS) -> DensePlan:
+                buckets: Sequence[int] = ROW_BUCKETS, repeats: int = REPEATS, max_flops: float = MAX_FLOPS,
+                margin: float = MARGIN) -> DensePlan:
     """The fastest of ``variants`` at each row bucket of a ``K x N`` product, as a plan.
 
     Every variant is timed ``repeats`` times per bucket, interleaved (so a burst of background
-    load hits all of them alike), and the medians compared; ties keep the earlier variant.
+    load hits all of them alike), and the medians compared; ties keep the earlier variant, and
+    the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
     Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
     """
     if not variants:
@@ -61,7 +66,8 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
             for i, variant in enumerate(variants):
                 samples[i].append(float(measure(variant, rows)))
         medians = [statistics.median(samples[i]) for i in range(len(variants))]
-        best = variants[min(range(len(variants)), key=lambda i: (medians[i], i))]
+        fastest = min(range(len(variants)), key=lambda i: (medians[i], i))
+        best = variants[fastest if medians[fastest] < (1.0 - margin) * medians[0] else 0]
         log.debug("dense %dx%d at %d rows: %s -> %s", k, n, rows,
                   ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians)), _label(best))
         if not chosen or chosen[-1][1] != best:

@@ -33,7 +33,7 @@ class FakeTimer:
 
 def test_fastest_variant_per_bucket_by_median_of_interleaved_samples():
     timer = FakeTimer()
-    plan = choose_plan(576, 576, [A, B, "blas"], timer, buckets=(1, 4, 16, 64, 256), repeats=3, max_flops=1e12)
+    plan = choose_plan(576, 576, [A, B, "blas"], timer, buckets=(1, 4, 16, 64, 256), repeats=3, max_flops=1e12, margin=0)
     # by hand: 1 and 4 rows -> A (1 < 2.8 < 10.5; 4 < 5.2 < 12); 16 -> B (14.8 < 16 < 18); 64 up -> BLAS (42 < 53.2)
     assert plan == DensePlan(((0, A), (16, B), (64, "blas")))
     first_bucket = timer.calls[:9]
@@ -42,9 +42,17 @@ def test_fastest_variant_per_bucket_by_median_of_interleaved_samples():
 
 def test_big_buckets_are_not_timed_and_keep_the_last_choice():
     timer = FakeTimer()
-    plan = choose_plan(100, 1000, [A, "blas"], timer, buckets=(1, 16, 64, 256), repeats=1, max_flops=2 * 64 * 100 * 1000)
+    plan = choose_plan(100, 1000, [A, "blas"], timer, buckets=(1, 16, 64, 256), repeats=1, max_flops=2 * 64 * 100 * 1000,
+                       margin=0)
     assert max(rows for _, rows in timer.calls) == 64
     assert plan == DensePlan(((0, A), (64, "blas")))  # 16 rows: A 16 < 18; 64 rows: BLAS; 256 not timed
+
+
+def test_the_first_variant_stays_unless_beaten_by_the_margin():
+    """16 rows: B is 7.5% faster than A (14.8 vs 16): within a 10% margin A stays; 64 rows: the BLAS
+    is 34% faster (42 vs 64) and takes over."""
+    plan = choose_plan(576, 576, [A, B, "blas"], FakeTimer(), buckets=(1, 16, 64), repeats=3, max_flops=1e12, margin=0.1)
+    assert plan == DensePlan(((0, A), (64, "blas")))
 
 
 def test_ties_keep_the_earlier_variant_and_no_variants_is_an_error():
