@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--working-set", type=float, default=256e6, help="bytes of W copies each side rotates over")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case; medians are kept")
     parser.add_argument("--quick", action="store_true",
-                        help="gate/up shape only, rows 1 16 128 512 2048, 32 MB working set, 3 repeats")
+                        help="gate/up shape only, rows 1 16 64 256 1024 2048, 32 MB working set, 3 repeats")
     add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/dense_cpu_<date>.json)")
 
@@ -54,18 +54,18 @@ def run(args: argparse.Namespace) -> int:
     import tvm
 
     from llmir_tvm.target import resolve_target, vector_shape
-    from llmir_tvm.tir_kernels.dense import dense_nt, dense_tiles
+    from llmir_tvm.tir_kernels.dense import dense_nt, dense_tiles, split_threads
 
     shapes = SHAPES
     if args.quick:
-        shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 128, 512, 2048], 32e6, 3
+        shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 64, 256, 1024, 2048], 32e6, 3
     target = resolve_target(ISA_TARGETS[args.isa])
     vec = vector_shape(target)
     tiles = dense_tiles(vec.lanes, vec.registers)
     rng = np.random.default_rng(0)
     rows_out = []
     for k, n in shapes:
-        kernel = tvm.tirx.build(dense_nt(k, n, 2, tiles), target)
+        kernel = tvm.tirx.build(dense_nt(k, n, 2, tiles, split_threads(vec.isa)), target)  # as DenseToTIR builds it
         fn = kernel[kernel.entry_name]
         w = rng.standard_normal((n, k), dtype=np.float32)
         copies = int(args.working_set // w.nbytes) + 1

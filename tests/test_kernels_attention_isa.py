@@ -44,9 +44,10 @@ def _check(out, rows, cache, cfg, tol):
         tvm.testing.assert_allclose(out[sel].astype(np.float64), ref, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-@pytest.mark.parametrize("dtype, compute", [("float32", None), ("float16", None), ("int8", "float32"),
-                                            ("float8_e4m3fn", "float32")])
+@pytest.mark.parametrize("isa, dtype, compute", [
+    ("avx2", "float32", None), ("avx2", "float16", None), ("avx2", "int8", "float32"), ("avx2", "float8_e4m3fn", "float32"),
+    ("avx512", "float16", None),  # the host-target suites (test_kernels_attention / _quant) cover the rest on AVX-512
+])
 def test_decode_and_prefill_on_odd_shapes(isa, dtype, compute, rng):
     """9 query heads over 3 KV heads (SmolLM2's grouping), head_dim 24 (8 lanes on AVX2, not 16),
     pages of 5, KV lengths around page and chunk edges, a prefill of 7 and 1 rows after a prefix."""
