@@ -20,6 +20,11 @@ AVX2: 2 x 4 of 8 lanes in 16; NEON: 4 x 4 of 4 lanes in 32), so nothing spills. 
 their ``lanes`` results. ``K`` and ``N`` need not be multiples of anything: a scalar tail finishes
 ``K``, and output features past the last full task are computed one by one.
 
+Tasks are split over the pool's threads self-balancing on x86 (``threads``, :func:`split_threads`):
+each thread owns a range and takes it from the front; having finished, it takes its neighbour's
+range from the back, so a thread slowed by another process (a background job sharing its core)
+does not hold the join with its whole static share (TVM's ``T.parallel`` splits statically).
+
 Rows of ``x`` are taken in chunks that stay in L2 (``X_CHUNK_BYTES``), chunk-major over the
 parallel tasks, so a long prefill streams ``W`` from L3 once per chunk instead of ``x`` from
 DRAM once per task. Numbers against numpy's OpenBLAS: ``scripts/benchmark.py dense``
