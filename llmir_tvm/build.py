@@ -15,6 +15,7 @@ from tvm import relax
 
 from . import compile_cache
 from .config import KVCacheConfig
+from .dense_choice import CPU_DENSE, DensePlans
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized
@@ -141,8 +142,6 @@ def _check_shardable(info: ModelInfo) -> None:
 
 #: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
 COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
-#: Where ``compile(cpu_dense=...)`` runs float32 Linear layers on ``llvm`` targets.
-CPU_DENSE = ("tir", "blas")
 
 
 def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
@@ -174,7 +173,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     progress: Callable[[str, float | None], None] | None = None,
     num_shards: int = 1,
     low_batch_gemv: bool = False,
-    cpu_dense: str = "tir",
+    cpu_dense: str | dict = "auto",
     cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
@@ -189,10 +188,12 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
     at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
-    ``cpu_dense`` (``llvm`` targets): ``"tir"`` runs float32 ``Linear`` layers in our dense kernel
-    on TVM's thread pool (``passes.DenseToTIR``; the faster at every row count measured here),
-    ``"blas"`` hands them to numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls
-    go to the BLAS either way.
+    ``cpu_dense`` (``llvm`` targets): ``"auto"`` times our dense kernel's tilings (sized from the
+    target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
+    and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
+    ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
+    target's tiles for every row count (``passes.DenseToTIR``), ``"blas"`` hands every ``Linear`` to
+    numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
     ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
     ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
     ``LLMIR_TVM_NO_CACHE=1`` turns it off too, and ``dump_ir`` bypasses it (it needs the passes to run).
@@ -200,8 +201,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     report = progress or (lambda stage, seconds: None)
     num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
-    if cpu_dense not in CPU_DENSE:
-        raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
+    if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
+        raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
     if low_batch_gemv and target.kind.name != "cuda":
         raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
     if isinstance(model, str) and model == "default":  # its first use converts the packaged GGUF: a stage of its own
@@ -261,7 +262,7 @@ def _build(
     progress: Callable[[str, float | None], None],
     num_shards: int,
     low_batch_gemv: bool,
-    cpu_dense: str,
+    cpu_dense: str | dict,
 ) -> CompiledModel:
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
@@ -297,9 +298,11 @@ def _build(
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)
     if target.kind.name == "llvm":
-        if cpu_dense == "tir":
+        if cpu_dense != "blas":
             note("DenseToTIR")
-            mod = DenseToTIR()(mod)
+            plans = DensePlans(cpu_dense, target)
+            mod = DenseToTIR(target=target, plans=plans)(mod)
+            info.dense_plans = plans.to_json()
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())
