@@ -44,8 +44,9 @@ class Outcome:
         return (self.seconds - self.ttft) / (self.completion_tokens - 1)
 
 
-def stream_request(url: str, path: str, payload: dict, timeout: float = 600.0) -> Outcome:
-    """POST ``payload`` (``stream`` forced on, with usage) and read the server-sent events to the end."""
+def stream_request(url: str, path: str, payload: dict, timeout: float = 600.0, hang_up_after: int | None = None) -> Outcome:
+    """POST ``payload`` (``stream`` forced on, with usage) and read the server-sent events to the end
+    (or, with ``hang_up_after``, close the connection after that many text chunks: a client that leaves)."""
     parts = urlsplit(url)
     body = json.dumps({**payload, "stream": True, "stream_options": {"include_usage": True}}).encode()
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
@@ -82,6 +83,9 @@ def stream_request(url: str, path: str, payload: dict, timeout: float = 600.0) -
                         out.ttft = time.perf_counter() - start
                     chunks += 1
                     out.text += piece
+            if hang_up_after is not None and chunks >= hang_up_after:
+                out.error = "hung up"
+                break
         out.seconds = time.perf_counter() - start
         if not out.completion_tokens:  # a server without usage in streams: one token per chunk
             out.completion_tokens = chunks
@@ -150,6 +154,34 @@ def _run_threads(threads: list[threading.Thread]) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def run_mixed_abuse(url: str, good: list[dict], leaving: list[dict], bad: list[bytes], hang_up_after: int = 2) -> dict:
+    """All at once: ``good`` requests read to the end, ``leaving`` ones hang up mid-stream, ``bad`` raw bodies
+    are malformed; returns the good outcomes and the statuses of the bad ones."""
+    good_out: list[Outcome | None] = [None] * len(good)
+    bad_status: list[int | None] = [None] * len(bad)
+
+    def send_bad(i: int) -> None:
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/completions", body=bad[i], headers={"Content-Type": "application/json"})
+            bad_status[i] = conn.getresponse().status
+        except OSError:
+            bad_status[i] = 0
+        finally:
+            conn.close()
+
+    def send_good(i: int) -> None:
+        good_out[i] = stream_request(url, "/v1/completions", good[i])
+
+    threads = [threading.Thread(target=send_good, args=(i,)) for i in range(len(good))]
+    threads += [threading.Thread(target=stream_request, args=(url, "/v1/completions", p),
+                                 kwargs={"hang_up_after": hang_up_after}) for p in leaving]
+    threads += [threading.Thread(target=send_bad, args=(i,)) for i in range(len(bad))]
+    _run_threads(threads)
+    return {"good": good_out, "bad_status": bad_status}
 
 
 def summarize(run: RunResult) -> dict[str, Any]:

@@ -199,6 +199,35 @@ def _workloads(target: str, url: str, model: str, sets: list[tuple], args, preem
     return out
 
 
+def _abuse(server: ServerProcess, model: str, prompts: list[list[int]], args) -> dict:
+    """64 concurrent clients: 48 good (greedy, checked against each other's repeat), 8 that hang up
+    mid-stream, 8 malformed; every good one must be answered and ``blocks_used`` must return to 0."""
+    good = [{"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": args.max_new_tokens,
+             "temperature": 0, "ignore_eos": True} for i in range(48)]
+    leaving = [{**good[i], "max_tokens": 4 * args.max_new_tokens} for i in range(8)]
+    bad = [b"{not json", b"[]", json.dumps({"model": model}).encode(), json.dumps({"model": "other", "prompt": "x"}).encode(),
+           json.dumps({"model": model, "prompt": "x", "temperature": -1}).encode(),
+           json.dumps({"model": model, "prompt": ""}).encode(),
+           json.dumps({"model": model, "prompt": "x", "max_tokens": 10 ** 6}).encode(),
+           json.dumps({"model": model, "prompt": "x", "n": "two"}).encode()]
+    start = time.perf_counter()
+    result = http_load.run_mixed_abuse(server.url, good, leaving, bad)
+    seconds = time.perf_counter() - start
+    deadline = time.time() + 60
+    while (used := server.metric("llmir_kv_blocks_used")) not in (0, None) and time.time() < deadline:
+        time.sleep(0.2)
+    answered = [o for o in result["good"] if o is not None and o.ok and o.completion_tokens == args.max_new_tokens]
+    by_prompt: dict = {}
+    for payload, o in zip(good, result["good"]):
+        by_prompt.setdefault(tuple(payload["prompt"]), set()).add(o.text if o is not None else None)
+    summary = {"good": len(good), "good_answered": len(answered), "hung_up": len(leaving),
+               "bad_statuses": result["bad_status"], "blocks_used_after": used, "seconds": seconds,
+               "same_prompt_same_text": all(len(texts) == 1 for texts in by_prompt.values())}
+    print(f"  abuse: {summary['good_answered']}/{len(good)} good answered, bad -> {result['bad_status']}, "
+          f"blocks_used after {used}", flush=True)
+    return summary
+
+
 def _preempted(preemptions, before) -> dict:
     if preemptions is None or before is None:
         return {}
@@ -271,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
                                          {"model": name, "prompt": "warm up", "max_tokens": 2})
                 out[label] = _workloads(label, server.url, name, sets, args,
                                         lambda s=server: s.metric("llmir_preemptions_total"))
+                if label == "ours":
+                    out["abuse"] = _abuse(server, name, sets[-1][0], args)
             finally:
                 server.close()
 
