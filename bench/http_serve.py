@@ -34,14 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from . import http_load
+from .serve import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 HELP = "OpenAI-compatible server under Poisson load: throughput, TTFT/TPOT, cached share; vs in-process engine, llama-server"
 RESULTS = REPO / "bench" / "results"
-WORDS = (
-    "the cat sat on a mat while rain fell softly over quiet hills and rivers ran to the sea under grey skies "
-    "as children played with kites near old stone walls beside green fields of wheat"
-).split()
 QUESTIONS = ["What should I pack for a hike?", "Summarize that in one line.", "Give me another idea.",
              "Why does that work?", "Explain it to a child.", "What could go wrong?"]
 

@@ -218,6 +218,11 @@ class Engine:
         return events
 
     @property
+    def num_steps(self) -> int:
+        """Model steps run since the engine was made."""
+        return self._step_no
+
+    @property
     def totals(self) -> dict[str, int]:
         """Lifetime counters: ``prompt_tokens`` admitted, ``cached_prompt_tokens`` (prefix hits), ``preemptions``."""
         return dict(self.scheduler.totals)

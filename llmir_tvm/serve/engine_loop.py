@@ -52,7 +52,6 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmir-engine", daemon=True)
         self.error: BaseException | None = None
-        self._steps = 0
 
     def start(self) -> None:
         """Start the engine thread."""
@@ -152,5 +151,5 @@ class EngineLoop:
             blocks_cached=int(stats["blocks_cached"]), internal_waste_pct=float(stats["internal_waste_pct"]),
             running=len(engine.scheduler.running), waiting=len(engine.scheduler.waiting),
             prompt_tokens=totals["prompt_tokens"], cached_prompt_tokens=totals["cached_prompt_tokens"],
-            preemptions=totals["preemptions"], steps=engine._step_no,
+            preemptions=totals["preemptions"], steps=engine.num_steps,
         )
