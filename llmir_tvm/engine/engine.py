@@ -110,6 +110,7 @@ class Engine:
         self._ids = itertools.count()
         self._indices = itertools.count()
         self._step_no = 0
+        self._text_deltas = compiled.tokenizer is not None  # this step's events carry text deltas
 
     @property
     def tokenizer(self) -> Any:
@@ -189,10 +190,12 @@ class Engine:
         """Requests not finished yet."""
         return len(self._requests)
 
-    def step(self) -> list[StreamEvent]:
+    def step(self, *, text_deltas: bool = True) -> list[StreamEvent]:
         """Run one scheduler step; returns its events (new tokens, text deltas, finished samples and requests).
 
-        The last event of a request carries its :class:`GenerationResult` in ``result``.
+        The last event of a request carries its :class:`GenerationResult` in ``result``. With
+        ``text_deltas=False`` events carry no text (no detokenization per token; the results'
+        texts are still decoded), which is what :meth:`generate` uses.
         ``step_stats[-1]`` then describes the step (see :meth:`generate`). With nothing to do, no
         model runs and no step is recorded.
         """
@@ -205,6 +208,7 @@ class Engine:
         if not self.scheduler.has_work():
             return events
         start = time.perf_counter()
+        self._text_deltas = text_deltas and self.tokenizer is not None
         try:
             record = self._step(events)
         finally:
@@ -259,7 +263,7 @@ class Engine:
         """
         results: dict[str, GenerationResult] = {}
         ids = None
-        for event in self._run_batch(prompts, sampling_params, overrides, on_step):
+        for event in self._run_batch(prompts, sampling_params, overrides, on_step, text_deltas=False):
             if ids is None:
                 ids = event
                 continue
@@ -278,11 +282,12 @@ class Engine:
         Events unpack as ``(request_index, token_id, text_delta)``; the text deltas of one
         sample concatenate to its final text. Closing the iterator early releases every sequence.
         """
-        it = self._run_batch(prompts, sampling_params, overrides, None)
+        it = self._run_batch(prompts, sampling_params, overrides, None, text_deltas=True)
         next(it)  # the request ids
         yield from it
 
-    def _run_batch(self, prompts: Any, sampling_params: Any, overrides: dict, on_step: Callable | None) -> Iterator[Any]:
+    def _run_batch(self, prompts: Any, sampling_params: Any, overrides: dict, on_step: Callable | None,
+                   text_deltas: bool) -> Iterator[Any]:
         """Add a batch, yield its ids, then step until it is done; every request left is aborted on exit."""
         if self.has_unfinished():
             raise RuntimeError("generate/stream run a batch alone: this engine has unfinished requests "
@@ -298,7 +303,7 @@ class Engine:
             yield ids
             while self.has_unfinished():
                 before = self._step_no
-                events = self.step()
+                events = self.step(text_deltas=text_deltas)
                 if on_step and self._step_no != before:
                     on_step(self.step_stats[-1]["new_tokens"])
                 yield from events
@@ -476,14 +481,14 @@ class Engine:
             self._finish(seq, events, token, logprob, top)
             return
         req = seq.request
-        delta = self.outputs.delta(seq, final=False) if self.tokenizer is not None else None
+        delta = self.outputs.delta(seq, final=False) if self._text_deltas else None
         events.append(StreamEvent(req.index, token, delta, seq.sample_index, request_id=req.request_id,
                                   logprob=logprob, top_logprobs=top))
 
     def _finish(self, seq: _Seq, events: list[StreamEvent], token: int | None, logprob: float | None = None,
                 top: tuple | None = None) -> None:
         req = seq.request
-        delta = self.outputs.delta(seq, final=True) if self.tokenizer is not None else None
+        delta = self.outputs.delta(seq, final=True) if self._text_deltas else None
         result = None
         if req.done or seq.finish_reason == "abort":
             req.finished = time.perf_counter()
