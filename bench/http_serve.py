@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import http_load
+from .machine import machine_stamp
 from .serve import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,17 +240,6 @@ def _our_server(folder: Path, name: str, args, extra: list[str]) -> ServerProces
     return ServerProcess(command, port, env)
 
 
-def _machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "commit": commit}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; writes the JSON and the PNG and prints a summary."""
     problem = resolve(args)
@@ -283,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
             conversations = [[QUESTIONS[(c + k) % len(QUESTIONS)] for k in range(args.turns)] for c in range(args.chats)]
             sets.append((prompts, news, _system_prompt(tokenizer, args.system_tokens, rng), conversations))
         out: dict = {"model": compiled.info.name, "page_size": compiled.info.page_size, "threads": args.threads,
-                     "rates": [str(r) for r in args.rates], "quick": args.quick, **_machine(),
+                     "rates": [str(r) for r in args.rates], "quick": args.quick, "machine": machine_stamp(),
                      "workloads": {"mixed_requests": args.requests, "max_prompt_tokens": args.max_prompt_tokens,
                                    "max_new_tokens": args.max_new_tokens, "chats": args.chats, "turns": args.turns,
                                    "system_tokens": args.system_tokens}}
