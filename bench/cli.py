@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "kernels": "bench.kernels",
     "dense": "bench.dense",
     "serve": "bench.serve",
+    "http": "bench.http_serve",
     "model": "bench.model",
     "model-gpu": "bench.model_gpu",
     "kvquant": "bench.kvquant",

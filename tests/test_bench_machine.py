@@ -105,7 +105,7 @@ def test_background_load_runs_a_nice_19_busy_job_and_ends_it():
 
 
 def test_benchmark_options_parse():
-    from scripts.benchmark import parser
+    from bench.cli import parser
 
     args = parser().parse_args(["model", "--llama-bench", "/x/llama-bench", "--isa", "avx2", "--quick"])
     assert (str(args.llama_bench), args.isa, args.quick) == ("/x/llama-bench", "avx2", True)

@@ -1,136 +1,45 @@
 """Engine: continuous batching of a compiled model over the paged KV cache of ``llmir_tvm.runtime``.
 
-Requests enter a waiting queue. Every step packs, up to ``max_num_batched_tokens`` tokens, the
-next token of every running sequence and chunks of the prompts of newly admitted ones into one
-ragged ``prefill`` call (or one ``decode`` call when every sequence appends a single token).
-Prompts are matched against the runtime's prefix cache on admission (only the uncached suffix is
-computed); ``n > 1`` samples prefill their prompt once and fork it copy-on-write; a step that
-cannot get KV blocks preempts the most recently admitted sequence, which is recomputed later
-from its prompt and the tokens it had generated. Finished sequences release their blocks at
-once. Only ``tvm.runtime`` is used, so the engine runs where only TVM's runtime is installed.
+A long-lived core: :meth:`Engine.add_request` queues a request (it joins the running batch at
+the next step), :meth:`Engine.step` runs one model step and returns its new tokens, text deltas
+and finished requests, :meth:`Engine.abort` drops a request and frees its blocks at once, and
+:meth:`Engine.has_unfinished` says whether work is left. :meth:`Engine.generate` and
+:meth:`Engine.stream` are thin loops over them. One thread must own an engine (a server talks
+to it through a queue). The work is split: :mod:`.scheduler` (queues, admission, chunked
+prefill, preemption), :mod:`.model_runner` (inputs, buffers, the model call, logits) and
+:mod:`.outputs` (stop conditions, text deltas, results). ``n > 1`` samples prefill their prompt
+once and fork it copy-on-write. Only ``tvm.runtime`` is used, so the engine runs where only
+TVM's runtime is installed.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tvm.runtime
-from tvm.runtime.vm import VirtualMachine
 
 from ..model import CompiledModel
-from ..runtime import KVCacheOutOfBlocks, create_cache
+from ..runtime import create_cache
+from .model_runner import ModelRunner
+from .outputs import GenerationResult, OutputProcessor, SampleOutput, StreamEvent, token_logprobs
 from .sampling import SamplingParams, sample
+from .scheduler import Request, Scheduler
+from .scheduler import Sequence as _Seq
 
 Prompt = str | Sequence[int]
 #: Where a step's time goes (``step_stats[i]["phases"]``, see :meth:`Engine.generate`).
 _PHASES = ("schedule", "cache", "inputs", "model", "logits", "sample", "stats")
-#: Reused device input buffers kept at most (one per role and shape).
-_MAX_INPUT_BUFFERS = 64
+#: ``step_stats`` entries kept between two :meth:`Engine.generate` calls (a server steps forever).
+_MAX_STEP_STATS = 4096
 
-
-@dataclass
-class SampleOutput:
-    """One of the ``n`` samples of a request: generated ids, text (with a tokenizer) and why it ended."""
-
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-
-
-@dataclass
-class GenerationResult:
-    """One request's output.
-
-    ``token_ids`` / ``text`` / ``finish_reason`` are those of the first sample; ``outputs`` holds
-    all ``n``. ``finish_reason`` is ``"stop"`` (end-of-sequence id, stop id or stop string),
-    ``"length"`` (``max_new_tokens`` or the model's context) or ``"abort"`` (the request cannot
-    fit the model or the KV pool; ``error`` says why). Times are seconds since the request
-    entered the queue: ``time_to_first_token`` (None when no token came) and ``total_seconds``.
-    ``cached_prompt_tokens`` counts prompt tokens served from the prefix cache on admission.
-    """
-
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str | None
-    finish_reason: str
-    time_to_first_token: float | None
-    total_seconds: float
-    outputs: list[SampleOutput] = field(default_factory=list)
-    error: str | None = None
-    cached_prompt_tokens: int = 0
-
-    @property
-    def prefill_seconds(self) -> float:
-        """Seconds until the first token (0 when none came)."""
-        return self.time_to_first_token or 0.0
-
-    @property
-    def decode_seconds(self) -> float:
-        """Seconds from the first token to the end."""
-        return self.total_seconds - self.prefill_seconds
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    """A token as it is generated; unpacks as ``(request_index, token_id, text)``.
-
-    ``text`` is the new text since the previous event of the same sample (held back while it
-    could still be the start of a stop string or an incomplete character; None without a
-    tokenizer). ``finish_reason`` is set on a sample's last event. A request aborted before
-    producing anything yields one event with ``token_id`` None, ``finish_reason`` ``"abort"``
-    and ``error`` set.
-    """
-
-    request_index: int
-    token_id: int | None
-    text: str | None
-    sample_index: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.request_index, self.token_id, self.text))
-
-
-class _Request:
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, arrival: float):
-        self.index, self.prompt, self.params, self.arrival = index, prompt, params, arrival
-        self.samples: list[_Seq] = []
-        self.forked = params.n == 1
-        self.first_token: float | None = None
-        self.finished: float | None = None
-        self.error: str | None = None
-        self.cached_prompt_tokens: int | None = None
-
-
-class _Seq:
-    def __init__(self, seq_id: int, request: _Request, sample_index: int, tokens: list[int]):
-        self.seq_id, self.request, self.sample_index = seq_id, request, sample_index
-        self.tokens = tokens  # prompt + generated
-        self.computed = 0  # tokens whose KV is in the cache (valid while admitted)
-        self.admitted = -1  # admission order (preemption picks the largest)
-        self.finish_reason: str | None = None
-        self.sent_text = ""
-        seed = request.params.seed
-        self.rng = np.random.default_rng(None if seed is None else [seed, sample_index])
-
-    @property
-    def output(self) -> list[int]:
-        return self.tokens[len(self.request.prompt):]
-
-
-def _slots(seq: _Seq) -> int:
-    """Running-sequence slots ``seq`` takes: a request with n > 1 samples not forked yet becomes n sequences."""
-    return 1 if seq.request.forked else seq.request.params.n
+__all__ = ["Engine", "GenerationResult", "SampleOutput", "StreamEvent", "Prompt"]
 
 
 class Engine:
-    """Runs a :class:`CompiledModel` with continuous batching; owns its :class:`PagedKVCache` (``engine.cache``).
+    """Runs a :class:`CompiledModel` with continuous batching; owns its KV cache (``engine.cache``).
 
     Parameters
     ----------
@@ -157,7 +66,7 @@ class Engine:
         ``step_stats`` holds the model's device time and ``"logits"`` only the copy to the host
         (without it, the wait falls into ``"logits"``; the total is the same).
 
-    After every call, ``step_stats`` holds one dict per model step (see :meth:`generate`).
+    After every step, ``step_stats`` holds one dict per model step (see :meth:`generate`).
     """
 
     def __init__(
@@ -178,19 +87,12 @@ class Engine:
         info = compiled.info
         self.compiled, self.info = compiled, info
         self.device = tvm.runtime.device(device, 0)
-        plan = self._plan = compiled.memory_plan()
+        plan = compiled.memory_plan()
         self.max_num_batched_tokens = min(max_num_batched_tokens, info.max_seq_len,
                                           plan.max_batch_tokens if plan else info.max_seq_len)
-        self.executor = None
-        if info.num_shards > 1:  # tensor parallel on a Disco session: the executor stands in for the VM
-            from ..runtime.disco_executor import ShardedExecutor
-
-            self.executor = ShardedExecutor(compiled, session=session, device=device)
-            self.vm, self.params = self.executor, []
-        else:
-            self.vm = VirtualMachine(compiled.module, self.device)
-            self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
-        self.cache = create_cache(
+        self.runner = ModelRunner(compiled, self.device, session=session, device_name=device, profile=profile)
+        self.executor, self.vm, self.params = self.runner.executor, self.runner.vm, self.runner.params
+        self.cache = self.runner.cache = create_cache(
             info,
             num_blocks=num_blocks or (plan.num_blocks if plan is not None else info.num_blocks),
             device=self.device,
@@ -200,22 +102,136 @@ class Engine:
             executor=self.executor,
         )
         self.max_num_seqs = max_num_seqs
-        self.profile = bool(profile)
+        self.scheduler = Scheduler(self.cache, self.max_num_batched_tokens, max_num_seqs)
+        self.outputs = OutputProcessor(compiled.tokenizer, info.eos_token_ids, info.max_seq_len)
         self.step_stats: list[dict[str, Any]] = []
+        self._requests: dict[str, Request] = {}  # unfinished, by id
+        self._refused: list[Request] = []  # refused on arrival: reported by the next step
         self._ids = itertools.count()
-        self._functions: dict[str, Any] = {}
-        # Device-side model inputs reused from step to step, keyed by (role, shape, dtype): a fresh
-        # device tensor per step costs an allocation and a synchronizing free.
-        self._input_buffers: dict[tuple, tvm.runtime.Tensor] = {}
-        self._reuse_inputs = self.executor is None and self.device.dlpack_device_type() != tvm.runtime.cpu().dlpack_device_type()
-        self._phases: dict[str, float] = {}
+        self._indices = itertools.count()
+        self._step_no = 0
+        self._text_deltas = compiled.tokenizer is not None  # this step's events carry text deltas
 
     @property
     def tokenizer(self) -> Any:
         """The model's tokenizer, or None."""
         return self.compiled.tokenizer
 
-    # ------------------------------------------------------------------ public API
+    @property
+    def profile(self) -> bool:
+        """Whether every model call waits for the device (see the class docstring)."""
+        return self.runner.profile
+
+    @profile.setter
+    def profile(self, value: bool) -> None:
+        self.runner.profile = bool(value)
+
+    @property
+    def _reuse_inputs(self) -> bool:
+        return self.runner.reuse_inputs
+
+    @_reuse_inputs.setter
+    def _reuse_inputs(self, value: bool) -> None:
+        self.runner.reuse_inputs = value
+
+    @property
+    def _input_buffers(self) -> dict:
+        return self.runner.input_buffers
+
+    # ------------------------------------------------------------------ long-lived core
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, index: int | None = None) -> str:
+        """Queue one request (text or token ids); it is scheduled at the next :meth:`step`. Returns its id.
+
+        Malformed input (empty prompt, out-of-vocabulary id, text without a tokenizer, ``n`` above
+        ``max_num_seqs``, a duplicate ``request_id``) raises ValueError and queues nothing. A
+        request this model cannot serve — a prompt beyond the context or the KV pool, or ``n > 1``
+        samples on a cache that cannot fork (an H2O model) — is accepted and ends, alone and before
+        anything runs, at the next step with ``finish_reason == "abort"`` and ``error`` saying why
+        (as vLLM reports a request it aborts); the other requests are not affected.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        tokens = self._tokens(prompt)
+        self._check_params(params)
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, next(self._indices) if index is None else index, tokens, params, time.perf_counter())
+        self._requests[request_id] = req
+        problem = self.refusal(tokens, params)
+        if problem:
+            req.error = problem
+            self._refused.append(req)
+        else:
+            self.scheduler.enqueue(req)
+        return request_id
+
+    def refusal(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> str | None:
+        """Why this model cannot serve a (well-formed) request — context, KV pool or cache capabilities — or None."""
+        return self._never_fits(list(prompt_token_ids)) or self.cache.capabilities.missing_for(samples=params.n)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; returns whether it was unfinished. Nothing more is reported for it."""
+        req = self._requests.pop(str(request_id), None)
+        if req is None:
+            return False
+        if req in self._refused:
+            self._refused.remove(req)
+        self.scheduler.drop(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued, running or waiting to report its refusal."""
+        return bool(self._requests)
+
+    def num_unfinished(self) -> int:
+        """Requests not finished yet."""
+        return len(self._requests)
+
+    def step(self, *, text_deltas: bool = True) -> list[StreamEvent]:
+        """Run one scheduler step; returns its events (new tokens, text deltas, finished samples and requests).
+
+        The last event of a request carries its :class:`GenerationResult` in ``result``. With
+        ``text_deltas=False`` events carry no text (no detokenization per token; the results'
+        texts are still decoded), which is what :meth:`generate` uses.
+        ``step_stats[-1]`` then describes the step (see :meth:`generate`). With nothing to do, no
+        model runs and no step is recorded.
+        """
+        events: list[StreamEvent] = []
+        for req in self._refused:
+            req.finished = time.perf_counter()
+            self._requests.pop(req.request_id, None)
+            events.append(StreamEvent(req.index, None, None, 0, "abort", req.error, req.request_id, result=self._result(req)))
+        self._refused = []
+        if not self.scheduler.has_work():
+            return events
+        start = time.perf_counter()
+        self._text_deltas = text_deltas and self.tokenizer is not None
+        try:
+            record = self._step(events)
+        finally:
+            if self.cache.in_step:
+                self.cache.end_forward()
+        record.update(step=self._step_no, seconds=time.perf_counter() - start)
+        self._step_no += 1
+        self.step_stats.append(record)
+        if len(self.step_stats) > _MAX_STEP_STATS:
+            del self.step_stats[: len(self.step_stats) - _MAX_STEP_STATS // 2]
+        return events
+
+    @property
+    def num_steps(self) -> int:
+        """Model steps run since the engine was made."""
+        return self._step_no
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Lifetime counters: ``prompt_tokens`` admitted, ``cached_prompt_tokens`` (prefix hits), ``preemptions``."""
+        return dict(self.scheduler.totals)
+
+    # ------------------------------------------------------------------ batch API
     def generate(
         self,
         prompts: Prompt | Iterable[Prompt],
@@ -229,8 +245,8 @@ class Engine:
         ``sampling_params`` is one :class:`SamplingParams` for all prompts or one per prompt;
         ``overrides`` set its fields (``max_new_tokens=8``). Malformed input (empty prompt,
         out-of-vocabulary id, text without a tokenizer) raises ValueError before anything runs;
-        a request that cannot fit the model's context or the KV pool ends with
-        ``finish_reason == "abort"`` while the others complete.
+        a request this model cannot serve (context, KV pool, or ``n > 1`` on a cache that cannot
+        fork) ends with ``finish_reason == "abort"`` and ``error`` while the others complete.
 
         ``on_step(new_tokens)`` is called after every model step; ``engine.step_stats[-1]`` is
         then that step's dict: ``step``, ``kind`` (prefill/decode/mixed), ``batch_size``,
@@ -245,10 +261,15 @@ class Engine:
         ``profile=True``), ``logits`` (logits to the host), ``sample`` (sampling, stop checks,
         finished sequences released) and ``stats`` (this record).
         """
-        requests = self._requests(prompts, sampling_params, overrides)
-        for _ in self._serve(requests, on_step, want_text=False):
-            pass
-        return [self._result(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        ids = None
+        for event in self._run_batch(prompts, sampling_params, overrides, on_step, text_deltas=False):
+            if ids is None:
+                ids = event
+                continue
+            if event.result is not None:
+                results[event.request_id] = event.result
+        return [results[i] for i in ids]
 
     def stream(
         self,
@@ -261,8 +282,34 @@ class Engine:
         Events unpack as ``(request_index, token_id, text_delta)``; the text deltas of one
         sample concatenate to its final text. Closing the iterator early releases every sequence.
         """
-        requests = self._requests(prompts, sampling_params, overrides)
-        yield from self._serve(requests, None, want_text=self.tokenizer is not None)
+        it = self._run_batch(prompts, sampling_params, overrides, None, text_deltas=True)
+        next(it)  # the request ids
+        yield from it
+
+    def _run_batch(self, prompts: Any, sampling_params: Any, overrides: dict, on_step: Callable | None,
+                   text_deltas: bool) -> Iterator[Any]:
+        """Add a batch, yield its ids, then step until it is done; every request left is aborted on exit."""
+        if self.has_unfinished():
+            raise RuntimeError("generate/stream run a batch alone: this engine has unfinished requests "
+                               "(drive it with step() or abort them first)")
+        batch, per_request = self._batch(prompts, sampling_params, overrides)
+        tokens = [self._tokens(p) for p in batch]
+        for p in per_request:
+            self._check_params(p)
+        self.step_stats = []
+        self.scheduler.reset_call_stats()
+        ids = [self.add_request(t, p, index=i) for i, (t, p) in enumerate(zip(tokens, per_request))]
+        try:
+            yield ids
+            while self.has_unfinished():
+                before = self._step_no
+                events = self.step(text_deltas=text_deltas)
+                if on_step and self._step_no != before:
+                    on_step(self.step_stats[-1]["new_tokens"])
+                yield from events
+        finally:
+            for request_id in ids:
+                self.abort(request_id)
 
     def score(self, tokens: Sequence[int], prefill_len: int | None = None) -> np.ndarray:
         """Logits ``[len(tokens), vocab]`` of every position under teacher forcing.
@@ -277,7 +324,7 @@ class Engine:
         problem = self._never_fits(tokens)
         if problem:
             raise ValueError(problem)
-        seq = next(self._ids)
+        seq = 1 << 40  # outside the scheduler's ids
         rows = []
         try:
             self.cache.add_sequence(seq)
@@ -311,14 +358,19 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {self.info.vocab_size}), got {min(tokens)}..{max(tokens)}")
         return tokens
 
-    def _requests(self, prompts: Any, sampling_params: Any, overrides: dict) -> list[_Request]:
+    def _check_params(self, params: SamplingParams) -> None:
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"SamplingParams.n = {params.n} exceeds the engine's max_num_seqs = {self.max_num_seqs}: "
+                             "the samples of one request run together")
+
+    @staticmethod
+    def _batch(prompts: Any, sampling_params: Any, overrides: dict) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
         single = isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], (int, np.integer))
         )
         batch = [prompts] if single else list(prompts)
-        token_lists = [self._tokens(p) for p in batch]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = sampling_params or SamplingParams(**overrides)
             if sampling_params is not None and overrides:
@@ -330,12 +382,7 @@ class Engine:
                 raise ValueError(f"sampling_params must be one SamplingParams or {len(batch)} of them")
             if overrides:
                 per_request = [SamplingParams(**{**p.__dict__, **overrides}) for p in per_request]
-        for p in per_request:
-            if p.n > self.max_num_seqs:
-                raise ValueError(f"SamplingParams.n = {p.n} exceeds the engine's max_num_seqs = {self.max_num_seqs}: "
-                                 "the samples of one request run together")
-        now = time.perf_counter()
-        return [_Request(i, t, p, now) for i, (t, p) in enumerate(zip(token_lists, per_request))]
+        return batch, per_request
 
     def _never_fits(self, tokens: list[int]) -> str | None:
         """Why a prompt can never be computed (context or pool too small), or None."""
@@ -350,120 +397,27 @@ class Engine:
             )
         return None
 
-    # ------------------------------------------------------------------ scheduling loop
-    def _serve(self, requests: list[_Request], on_step: Callable[[int], None] | None, want_text: bool) -> Iterator[StreamEvent]:
-        self.step_stats = []
-        waiting: deque[_Seq] = deque()
-        running: list[_Seq] = []
-        state = {"admitted": itertools.count(), "preemptions": 0, "query": 0, "hits": 0}
-        all_seqs: list[_Seq] = []
-        try:
-            for req in requests:
-                problem = self._never_fits(req.prompt)
-                if problem:
-                    req.error = problem
-                    req.finished = time.perf_counter()
-                    yield StreamEvent(req.index, None, None, 0, "abort", problem)
-                    continue
-                seq = _Seq(next(self._ids), req, 0, list(req.prompt))
-                req.samples.append(seq)
-                all_seqs.append(seq)
-                waiting.append(seq)
-            step_no = 0
-            while waiting or running:
-                start = time.perf_counter()
-                events, record = self._step(waiting, running, all_seqs, state, want_text)
-                record.update(step=step_no, seconds=time.perf_counter() - start)
-                self.step_stats.append(record)
-                step_no += 1
-                if on_step:
-                    on_step(record["new_tokens"])
-                yield from events
-        finally:
-            if self.cache.in_step:
-                self.cache.end_forward()
-            for seq in all_seqs:
-                if self.cache.has_sequence(seq.seq_id):
-                    self.cache.remove_sequence(seq.seq_id)
-
-    def _step(self, waiting: deque, running: list, all_seqs: list, state: dict, want_text: bool) -> tuple[list, dict]:
+    # ------------------------------------------------------------------ one step
+    def _step(self, events: list[StreamEvent]) -> dict:
         clock = time.perf_counter
         step_start = clock()
-        phases = self._phases = dict.fromkeys(_PHASES, 0.0)
-        cache, page = self.cache, self.cache.block_size
-        budget = self.max_num_batched_tokens
-        plan: list[list] = []  # [seq, tokens to compute]
-        for seq in running:
-            if budget == 0:
-                break
-            n = min(len(seq.tokens) - seq.computed, budget)
-            plan.append([seq, n])
-            budget -= n
-        reserve = sum(-(-(s.computed + n) // page) - (-(-s.computed // page)) for s, n in plan)
-        slots = sum(_slots(s) for s in running)
-        while waiting and budget > 0 and slots + _slots(waiting[0]) <= self.max_num_seqs:
-            seq = waiting[0]
-            need = -(-len(seq.tokens) // page) - cache.match_prefix(seq.tokens) // page
-            available = cache.num_available_blocks - reserve
-            if need > available and running:
-                break
-            waiting.popleft()
-            cached = cache.add_sequence(seq.seq_id, seq.tokens)
-            if seq.request.cached_prompt_tokens is None:
-                seq.request.cached_prompt_tokens = min(cached, len(seq.request.prompt))
-                state["query"] += len(seq.request.prompt)
-                state["hits"] += seq.request.cached_prompt_tokens
-            seq.computed = cached
-            seq.admitted = next(state["admitted"])
-            running.append(seq)
-            slots += _slots(seq)
-            n = min(len(seq.tokens) - cached, budget)
-            plan.append([seq, n])
-            budget -= n
-            reserve += -(-(cached + n) // page) - cached // page
-
-        events: list[StreamEvent] = []
-        preempted = 0
-        step = None
-        while plan:
-            lens = [n for _, n in plan]
-            toks = [t for s, n in plan for t in s.tokens[s.computed : s.computed + n]]
-            try:
-                mark = clock()
-                step = cache.begin_forward([s.seq_id for s, _ in plan], lens, np.array(toks, dtype="int64"))
-                phases["cache"] += clock() - mark
-                break
-            except KVCacheOutOfBlocks:
-                victim = max(running, key=lambda s: s.admitted)
-                running.remove(victim)
-                cache.remove_sequence(victim.seq_id)
-                plan = [p for p in plan if p[0] is not victim]
-                if not running:  # alone and still out of blocks: this sequence can never grow here
-                    victim.finish_reason = "abort"
-                    victim.request.error = (
-                        f"the KV pool ({cache.num_blocks} blocks of {page} tokens) cannot hold a sequence of "
-                        f"{len(victim.tokens)} tokens"
-                    )
-                    self._finish(victim, events, want_text, token=None)
-                    break
-                victim.computed = 0
-                victim.admitted = -1
-                waiting.appendleft(victim)
-                preempted += 1
-        state["preemptions"] += preempted
-
+        phases = self.runner.phases = dict.fromkeys(_PHASES, 0.0)
+        scheduled = self.scheduler.schedule(phases)
+        for seq in scheduled.aborted:
+            self._finish(seq, events, token=None)
+        plan, step = scheduled.plan, scheduled.step
         new_tokens = prefill_tokens = decode_tokens = 0
         kind = "idle"
         if step is not None:
             decode_only = all(n == 1 and s.computed + 1 == len(s.tokens) for s, n in plan)
             positions = np.concatenate([np.arange(s.computed, s.computed + n) for s, n in plan])
-            flat = np.array(toks, dtype="int64")
+            flat = np.array(scheduled.tokens, dtype="int64")
             try:
                 if decode_only:
                     logits = self._run("decode", flat, positions, step, [])
                     sampled = [s for s, _ in plan]
                 else:
-                    ends = np.cumsum(lens) - 1
+                    ends = np.cumsum([n for _, n in plan]) - 1
                     done = [i for i, (s, n) in enumerate(plan) if s.computed + n == len(s.tokens)]
                     rows = ends[done] if done else ends[:1]
                     logit_rows = tvm.runtime.tensor(np.asarray(rows, dtype="int32"), self.device)
@@ -471,7 +425,7 @@ class Engine:
                     sampled = [plan[i][0] for i in done]
             finally:
                 mark = clock()
-                cache.end_forward()
+                self.cache.end_forward()
                 phases["cache"] += clock() - mark
             for s, n in plan:
                 if s.computed + n == len(s.tokens) and n == 1 and s.computed >= len(s.request.prompt):
@@ -481,173 +435,91 @@ class Engine:
                 s.computed += n
             kind = "decode" if decode_only else ("prefill" if decode_tokens == 0 else "mixed")
             mark = clock()
-            new_tokens = self._sample(sampled, logits, running, all_seqs, events, want_text, state)
+            new_tokens = self._sample(sampled, logits, events)
             phases["sample"] += clock() - mark
         mark = clock()
-
-        stats = cache.stats()
-        record = {
-            "kind": kind,
-            "batch_size": len(plan),
-            "num_tokens": int(sum(n for _, n in plan)),
-            "prefill_tokens": prefill_tokens,
-            "decode_tokens": decode_tokens,
-            "new_tokens": new_tokens,
-            "running": len(running),
-            "waiting": len(waiting),
-            "blocks_used": stats["blocks_used"],
-            "blocks_free": stats["blocks_free"],
-            "blocks_cached": stats["blocks_cached"],
-            "waste_pct": stats["internal_waste_pct"],
-            "prefix_hit_rate": state["hits"] / state["query"] if state["query"] else 0.0,
-            "preemptions": preempted,
-            "preemptions_total": state["preemptions"],
-        }
+        record = self.scheduler.step_record(
+            scheduled,
+            {"kind": kind, "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "new_tokens": new_tokens},
+            self.cache.stats,
+        )
         end = clock()
         phases["stats"] += end - mark
         phases["schedule"] = end - step_start - sum(v for k, v in phases.items() if k != "schedule")
         record["phases"] = phases
-        return events, record
+        return record
 
-    def _sample(
-        self, seqs: list[_Seq], logits: np.ndarray, running: list, all_seqs: list, events: list, want_text: bool, state: dict
-    ) -> int:
+    def _sample(self, seqs: list[_Seq], logits: np.ndarray, events: list[StreamEvent]) -> int:
         """Sample the next token of ``seqs`` (row i of ``logits``), fork n > 1 requests, retire finished ones."""
         now = time.perf_counter()
-        fresh: list[tuple[_Seq, int]] = []
+        fresh: list[tuple[_Seq, int, int]] = []  # (sequence, token, logits row)
         greedy = logits.argmax(axis=-1).tolist() if any(s.request.params.temperature == 0 for s in seqs) else None
         for i, (seq, row) in enumerate(zip(seqs, logits)):
             req = seq.request
             if req.first_token is None:
                 req.first_token = now
-            fresh.append((seq, greedy[i] if req.params.temperature == 0 else sample(row, req.params, seq.rng)))
+            fresh.append((seq, greedy[i] if req.params.temperature == 0 else sample(row, req.params, seq.rng), i))
             if not req.forked:  # prompt prefilled once: fork it copy-on-write into the other samples
-                req.forked = True
-                for j in range(1, req.params.n):
-                    child = _Seq(next(self._ids), req, j, list(req.prompt))
-                    self.cache.fork_sequence(seq.seq_id, child.seq_id)
-                    child.computed = seq.computed
-                    child.admitted = next(state["admitted"])
-                    req.samples.append(child)
-                    all_seqs.append(child)
-                    running.append(child)
-                    fresh.append((child, sample(row, req.params, child.rng)))
-        for seq, token in fresh:
-            self._append(seq, token, events, want_text)
+                for child in self.scheduler.fork(seq):
+                    fresh.append((child, sample(row, req.params, child.rng), i))
+        for seq, token, row in fresh:
+            self._append(seq, token, logits[row], events)
             if seq.finish_reason is not None:
-                running.remove(seq)
-                self.cache.remove_sequence(seq.seq_id)
+                self.scheduler.retire(seq)
         return len(fresh)
 
     # ------------------------------------------------------------------ per-token bookkeeping
-    def _append(self, seq: _Seq, token: int, events: list, want_text: bool) -> None:
-        params = seq.request.params
+    def _append(self, seq: _Seq, token: int, row: np.ndarray, events: list[StreamEvent]) -> None:
         seq.tokens.append(token)
-        out = seq.output
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.info.eos_token_ids))
-        if token in stop_ids:
-            seq.finish_reason = "stop"
-        elif params.stop and self.tokenizer is not None and any(
-            s in self.tokenizer.decode(out, skip_special_tokens=True) for s in params.stop
-        ):
-            seq.finish_reason = "stop"
-        elif len(out) >= params.max_new_tokens or len(seq.tokens) >= self.info.max_seq_len:
-            seq.finish_reason = "length"
+        logprob = top = None
+        if seq.request.params.logprobs is not None:
+            logprob, top = token_logprobs(row, token, seq.request.params.logprobs)
+            seq.logprobs.append(logprob)
+            seq.top_logprobs.append(top)
+        seq.finish_reason = self.outputs.finish_reason(seq, token)
         if seq.finish_reason is not None:
-            self._finish(seq, events, want_text, token)
+            self._finish(seq, events, token, logprob, top)
             return
-        events.append(StreamEvent(seq.request.index, token, self._delta(seq, final=False) if want_text else None, seq.sample_index))
-
-    def _finish(self, seq: _Seq, events: list, want_text: bool, token: int | None) -> None:
         req = seq.request
-        delta = self._delta(seq, final=True) if want_text else None
-        events.append(StreamEvent(req.index, token, delta, seq.sample_index, seq.finish_reason, req.error))
-        if all(s.finish_reason is not None for s in req.samples) and (req.forked or seq.finish_reason == "abort"):
+        delta = self.outputs.delta(seq, final=False) if self._text_deltas else None
+        events.append(StreamEvent(req.index, token, delta, seq.sample_index, request_id=req.request_id,
+                                  logprob=logprob, top_logprobs=top))
+
+    def _finish(self, seq: _Seq, events: list[StreamEvent], token: int | None, logprob: float | None = None,
+                top: tuple | None = None) -> None:
+        req = seq.request
+        delta = self.outputs.delta(seq, final=True) if self._text_deltas else None
+        result = None
+        if req.done or seq.finish_reason == "abort":
             req.finished = time.perf_counter()
+            self._requests.pop(req.request_id, None)
+            self.scheduler.drop(req)
+            result = self._result(req)
+        events.append(StreamEvent(req.index, token, delta, seq.sample_index, seq.finish_reason, req.error,
+                                  req.request_id, logprob, top, result))
 
-    def _delta(self, seq: _Seq, final: bool) -> str:
-        """New text of a sample since its last event (holding back a possible stop-string start)."""
-        text = self._text(seq.output, seq.request.params) or ""
-        if not final:
-            if text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")
-            hold = max((len(s) for s in seq.request.params.stop), default=1) - 1
-            if hold:
-                text = text[: max(len(seq.sent_text), len(text) - hold)]
-        if not text.startswith(seq.sent_text):  # the tokenizer re-segmented earlier text: send nothing new
-            return ""
-        delta, seq.sent_text = text[len(seq.sent_text):], text
-        return delta
-
-    def _text(self, tokens: list[int], params: SamplingParams) -> str | None:
-        if self.tokenizer is None:
-            return None
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
-        return text
-
-    def _result(self, req: _Request) -> GenerationResult:
+    def _result(self, req: Request) -> GenerationResult:
         end = req.finished if req.finished is not None else time.perf_counter()
-        outputs = [SampleOutput(s.output, self._text(s.output, req.params), s.finish_reason or "abort") for s in req.samples]
-        if not outputs:
-            outputs = [SampleOutput([], self._text([], req.params), "abort") for _ in range(req.params.n)]
-        elif req.error and len(outputs) < req.params.n:  # aborted before forking
-            outputs += [SampleOutput([], self._text([], req.params), "abort") for _ in range(req.params.n - len(outputs))]
+        want = req.params.logprobs is not None
+        text = self.outputs.text
+        outputs = [
+            SampleOutput(s.output, text(s.output, req.params), s.finish_reason or "abort",
+                         list(s.logprobs) if want else None, list(s.top_logprobs) if want else None)
+            for s in req.samples
+        ]
+        if len(outputs) < req.params.n:  # refused or aborted before forking
+            outputs += [SampleOutput([], text([], req.params), "abort") for _ in range(req.params.n - len(outputs))]
         first = outputs[0]
         ttft = None if req.first_token is None else req.first_token - req.arrival
         return GenerationResult(
             list(req.prompt), first.token_ids, first.text, first.finish_reason, ttft, end - req.arrival,
-            outputs, req.error, req.cached_prompt_tokens or 0,
+            outputs, req.error, req.cached_prompt_tokens or 0, req.request_id,
         )
 
     # ------------------------------------------------------------------ model call
-    def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> np.ndarray:
-        if self._plan is not None and len(tokens) > self._plan.max_batch_tokens:  # the VM's storages hold no more
-            raise ValueError(f"{len(tokens)} tokens in one call exceed the compiled max_batch_tokens "
-                             f"{self._plan.max_batch_tokens} (KVCacheConfig.max_batch_tokens)")
-        clock, phases = time.perf_counter, self._phases
-        start = clock()
-        args = self.model_inputs(tokens, positions, step, extra)
-        mark = clock()
-        out = self._function(function)(*args, *self.params)
-        if self.profile and self.executor is None:
-            self.device.sync()
-        end = clock()
-        if not isinstance(out, tvm.runtime.Tensor):  # (logits, attention scores): an H2O model's decode
-            self.cache.record_scores(out[1].numpy())
-            out = out[0]
-        logits = out.numpy()[0]
-        phases["inputs"] = phases.get("inputs", 0.0) + mark - start
-        phases["model"] = phases.get("model", 0.0) + end - mark
-        phases["logits"] = phases.get("logits", 0.0) + clock() - end
-        return logits
+    def _run(self, function: str, tokens: np.ndarray, positions: np.ndarray, step: Any, extra: list) -> np.ndarray:
+        return self.runner.run(function, tokens, positions, step, extra)
 
-    def model_inputs(self, tokens: np.ndarray, positions: np.ndarray, step, extra: list) -> list:
+    def model_inputs(self, tokens: np.ndarray, positions: np.ndarray, step: Any, extra: list) -> list:
         """The arguments of a ``prefill`` / ``decode`` call before the weights (benchmarks call the model with them)."""
-        args = [self._device_input(0, tokens[None]), self._device_input(1, positions[None])]
-        groups = list(getattr(step, "group_tensors", ()))  # a hybrid cache's window groups >= 1
-        return args + self.cache.pools + groups + [step.slot_mapping, step.block_table, step.seq_lens] + extra
-
-    def _function(self, name: str) -> Any:
-        fn = self._functions.get(name)
-        if fn is None:
-            fn = self._functions[name] = self.vm[name]
-        return fn
-
-    def _device_input(self, role: int, array: np.ndarray) -> tvm.runtime.Tensor:
-        """``array`` as an int64 tensor on the device; off the CPU, copied into a buffer reused across steps."""
-        host = np.ascontiguousarray(array, dtype="int64")
-        if not self._reuse_inputs:
-            return tvm.runtime.tensor(host, self.device)
-        key = (role, host.shape)
-        buf = self._input_buffers.get(key)
-        if buf is None:
-            if len(self._input_buffers) >= _MAX_INPUT_BUFFERS:
-                self._input_buffers.clear()
-            buf = self._input_buffers[key] = tvm.runtime.empty(host.shape, "int64", self.device)
-        if host.size:
-            buf.copyfrom(host)
-        return buf
+        return self.runner.model_inputs(tokens, positions, step, extra)

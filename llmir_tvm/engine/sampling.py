@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Most alternatives ``SamplingParams.logprobs`` may ask for per token (OpenAI's ``top_logprobs`` bound).
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -15,7 +18,9 @@ class SamplingParams:
     (the text is cut before it). ``n`` independent samples are drawn per prompt (the prompt is
     prefilled once and its KV blocks are shared). With a ``seed``, sample ``j`` of a request draws
     from its own generator seeded by ``(seed, j)``, so a request's samples depend only on its
-    prompt and parameters, not on what it is batched with."""
+    prompt and parameters, not on what it is batched with. With ``logprobs = k`` (0..20) every
+    generated token reports its log-probability under the model's distribution and the ``k``
+    most likely alternatives."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -26,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     n: int = 1
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -40,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(str(s) for s in ((self.stop,) if isinstance(self.stop, str) else self.stop)))
         if any(not s for s in self.stop):

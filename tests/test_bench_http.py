@@ -1,0 +1,130 @@
+"""``benchmark.py http``: option handling, the llama-server command line, and the load generator's
+measurements against a fake ``llama-server`` (a script that records its arguments and streams a
+known number of tokens at a known pace), so no llama.cpp build is needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import http_load, http_serve  # noqa: E402
+
+FAKE = textwrap.dedent('''\
+    #!{python}
+    """A stand-in for llama-server: records argv, answers /health, streams TOKENS tokens DELAY s apart."""
+    import json, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    argv = sys.argv[1:]
+    port = int(argv[argv.index("--port") + 1])
+    open({record!r}, "w").write(json.dumps(argv))
+    TOKENS, DELAY = 5, 0.02
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            chat = self.path.endswith("chat/completions")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            n = min(TOKENS, body.get("max_tokens", TOKENS))
+            for i in range(n):
+                time.sleep(DELAY)
+                choice = {{"index": 0, "delta": {{"content": f"t{{i}} "}}}} if chat else {{"index": 0, "text": f"t{{i}} "}}
+                self.wfile.write(b"data: " + json.dumps({{"choices": [choice]}}).encode() + b"\\n\\n")
+                self.wfile.flush()
+            usage = {{"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n,
+                      "prompt_tokens_details": {{"cached_tokens": 3}}}}
+            self.wfile.write(b"data: " + json.dumps({{"choices": [], "usage": usage}}).encode() + b"\\n\\ndata: [DONE]\\n\\n")
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+''')
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    http_serve.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def fake_llama_server(tmp_path) -> tuple[Path, Path, Path]:
+    """(fake binary, a GGUF file, where the fake writes its argv)."""
+    binary, record, gguf = tmp_path / "llama-server", tmp_path / "argv.json", tmp_path / "model-f32.gguf"
+    binary.write_text(FAKE.format(python=sys.executable, record=str(record)))
+    binary.chmod(binary.stat().st_mode | stat.S_IEXEC)
+    gguf.write_bytes(b"GGUF")
+    return binary, gguf, record
+
+
+def test_options_are_checked_and_quick_fills_small_sizes(fake_llama_server, tmp_path):
+    binary, gguf, _ = fake_llama_server
+    args = _args("--quick")
+    assert http_serve.resolve(args) is None
+    assert args.rates == [4.0, math.inf] and args.requests == 8 and args.system_tokens == 512
+    assert _args("--rates", "inf,2,0.5").rates == [0.5, 2.0, math.inf]  # slowest first: the last is saturation
+    with pytest.raises(SystemExit):
+        _args("--rates", "fast")
+    with pytest.raises(SystemExit):
+        _args("--rates", "0")
+    assert "go together" in http_serve.resolve(_args("--llama-server", str(binary)))
+    assert "go together" in http_serve.resolve(_args("--gguf", str(gguf)))
+    assert "does not exist" in http_serve.resolve(_args("--llama-server", str(binary), "--gguf", str(tmp_path / "no.gguf")))
+    (tmp_path / "plain").write_text("")
+    assert "not an executable" in http_serve.resolve(_args("--llama-server", str(tmp_path / "plain"), "--gguf", str(gguf)))
+    assert "--requests must be >= 1" in http_serve.resolve(_args("--requests", "0"))
+
+
+def test_llama_server_gets_the_same_threads_slots_and_continuous_batching(fake_llama_server):
+    binary, gguf, record = fake_llama_server
+    port = http_serve._free_port()
+    command = http_serve.llama_server_command(binary, gguf, port, threads=2, slots=4, context=4 * 2048)
+    server = http_serve.ServerProcess(command, port, timeout=60)
+    try:
+        argv = json.loads(record.read_text())
+        assert argv[argv.index("-m") + 1] == str(gguf)
+        assert (argv[argv.index("-t") + 1], argv[argv.index("-tb") + 1], argv[argv.index("-np") + 1]) == ("2", "2", "4")
+        assert "-cb" in argv and argv[argv.index("-c") + 1] == "8192" and argv[argv.index("--host") + 1] == "127.0.0.1"
+
+        payloads = [{"model": "m", "prompt": [1, 2, 3], "max_tokens": 5}] * 4
+        arrivals = http_load.arrival_times(4, math.inf, np.random.default_rng(0))
+        run = http_load.run_requests(server.url, "/v1/completions", payloads, arrivals)
+        summary = http_load.summarize(run)
+        assert summary["ok"] == 4 and summary["output_tokens"] == 20
+        assert summary["ttft_ms_p50"] >= 20 and 15 <= summary["tpot_ms_p50"] < 200  # 20 ms between tokens
+        assert summary["cached_token_share"] == pytest.approx(3 / 7)
+        assert all(o.text == "t0 t1 t2 t3 t4 " for o in run.outcomes)
+
+        chats = http_load.run_chats(server.url, {"model": "m", "max_tokens": 2}, "be brief", [["a", "b"], ["c"]],
+                                    [0.0, 0.05])
+        assert [o.completion_tokens for o in chats.outcomes] == [2, 2, 2] and all(o.ok for o in chats.outcomes)
+        missing = http_load.stream_request(server.url.replace(str(port), str(http_serve._free_port())), "/v1/completions", {})
+        assert not missing.ok and "Error" in missing.error  # a refused connection is a failed request, not a crash
+    finally:
+        server.close()
+
+
+def test_poisson_arrivals_have_the_requested_rate():
+    times = http_load.arrival_times(4000, 8.0, np.random.default_rng(1))
+    gaps = np.diff([0.0] + times)
+    assert np.all(gaps > 0) and np.mean(gaps) == pytest.approx(1 / 8, rel=0.05)
+    assert http_load.arrival_times(3, math.inf, np.random.default_rng(1)) == [0.0, 0.0, 0.0]
