@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="folder holding the model folders")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "model_gpu.json", help="run stage: results JSON")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="run stage: batch sizes (default 1 32; cpu 1 4)")
+    parser.add_argument("--builds", default=None,
+                        help=f"comma list of folders to build / run (default all: {','.join(b[0] for b in BUILDS)})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))  # the scripts import random_weights as a top-level module
     cpu = args.device == "cpu"
-    builds = [b for b in BUILDS if not (cpu and b[2])]
+    wanted = args.builds.split(",") if args.builds else [b[0] for b in BUILDS]
+    unknown = set(wanted) - {b[0] for b in BUILDS}
+    if unknown:
+        raise SystemExit(f"unknown --builds {sorted(unknown)}; choose from {[b[0] for b in BUILDS]}")
+    builds = [b for b in BUILDS if b[0] in wanted and not (cpu and b[2])]
     folders = [args.artifacts / (name + ("_cpu" if cpu else "")) for name, _, _ in builds]
     if args.stage == "build":
         import model_gpu_build

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -46,17 +45,6 @@ SCORE_ROWS = [0, 7, 14, 21, 28, 29] + list(range(SCORE_PREFILL, len(PROMPTS[1]))
 REFERENCE_NEW_TOKENS = 16
 #: Non-weight parameters above this many bytes mean the value matching failed (a weight was transformed).
 MAX_CONSTANT_BYTES = 1 << 20
-
-
-def _gpu_kit() -> Path:
-    """The shared GPU kit (``cuda_precompile``): ``$LLMIR_GPU_KIT`` or ``/work/shared/gpu``-like paths."""
-    here = Path(__file__).resolve()
-    candidates = [os.environ.get("LLMIR_GPU_KIT", ""), here.parents[2] / "shared" / "gpu",
-                  here.parents[3] / "shared" / "gpu", Path("/work/shared/gpu")]
-    for path in candidates:
-        if path and (Path(path) / "cuda_precompile.py").exists():
-            return Path(path)
-    raise SystemExit("cuda_precompile.py not found: set LLMIR_GPU_KIT to the shared GPU kit folder")
 
 
 def match_parameters(params: list, named: dict) -> tuple[list[dict], dict]:
@@ -100,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.low_batch_gemv and args.target != "cuda":
         ap.error("--low-batch-gemv needs --target cuda")
     if args.target == "cuda":
-        sys.path.insert(0, str(_gpu_kit()))
-        import cuda_precompile
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.cuda_export import enable_precompile
 
-        tvm = cuda_precompile.enable("sm_90a")
+        tvm = enable_precompile("sm_90a")
     import numpy as np
     import torch
     import tvm  # noqa: F811  (the same module cuda_precompile returned)

@@ -1,7 +1,7 @@
 """The GPU test cases: which kernels to build and which inputs to run them on.
 
-Pure Python (no TVM): ``build_artifacts.py`` reads :data:`KERNELS` on the build machine to
-compile every kernel into one CUDA library, and ``test_gpu_kernels.py`` reads :data:`CASES`
+Pure Python (no TVM): ``build_artifacts.py`` reads :data:`CASES` and :data:`QUANT_CASES` on the build
+machine to compile every kernel they need into one CUDA library, and ``test_gpu_kernels.py`` reads :data:`CASES`
 on the GPU machine to draw inputs, run the kernels and compare with the numpy references.
 The grid mirrors the CPU kernel tests (random block tables, NaN-poisoned unused slots, page
 sizes, GQA/MQA shapes, windows with sinks, non-causal, empty sequences) with fp16 and bf16.
@@ -114,8 +114,6 @@ def _cases() -> list[Case]:
 
 #: Every GPU test case.
 CASES: tuple[Case, ...] = tuple(_cases())
-#: Every kernel the cases need, once each (build order is stable).
-KERNELS: tuple[KernelSpec, ...] = tuple(dict.fromkeys(c.spec for c in CASES))
 
 
 def _quant_cases() -> list[Case]:
@@ -139,4 +137,3 @@ def _quant_cases() -> list[Case]:
 
 #: GPU cases of quantized pools (``test_gpu_quant_kernels.py``).
 QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases())
-KERNELS = tuple(dict.fromkeys([*KERNELS, *(c.spec for c in QUANT_CASES)]))

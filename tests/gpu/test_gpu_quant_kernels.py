@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tvm
 
-from test_gpu_kernels import _dev, _poisoned, _rng, library, pytestmark  # noqa: F401  (fixture, skip marks)
+from test_gpu_kernels import _dev, _poisoned, _rng, device, library, lookup, pytestmark  # noqa: F401  (fixture, skip marks)
 from cases import QUANT_CASES, Case  # noqa: E402
 from llmir_tvm.reference import QuantizedPagedCache, attention_ref, dequantize_rows, pool_dtype, quantize_rows  # noqa: E402
 
@@ -21,7 +21,7 @@ UNQUANTIZED_BOUND = {"int8": 0.05, "float8_e4m3fn": 0.2}
 
 
 def _pool_dev(np_pool: np.ndarray, dtype: str):
-    pool = tvm.runtime.empty(np_pool.shape, dtype, tvm.cuda(0))
+    pool = tvm.runtime.empty(np_pool.shape, dtype, device())
     pool.copyfrom(np.ascontiguousarray(np_pool).view(pool_dtype(dtype)))
     return pool
 
@@ -114,6 +114,4 @@ RUNNERS = {"qdecode": run_qdecode, "qprefill": run_qprefill, "qappend": run_qapp
 
 @pytest.mark.parametrize("case", QUANT_CASES, ids=[c.name for c in QUANT_CASES])
 def test_quantized_kernel_on_gpu(library, case: Case) -> None:  # noqa: F811  (the imported fixture)
-    lib, symbols = library
-    assert case.spec.symbol in symbols, f"{case.spec.symbol} missing: rebuild the artifacts"
-    RUNNERS[case.form](lib[case.spec.symbol], case)
+    RUNNERS[case.form](lookup(library, case), case)
