@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda: quantized pool dtypes timed against the float16 pool (comma list, '' for none)")
     parser.add_argument("--no-prefill", action="store_true", help="cuda: skip the paged prefill attention part")
     parser.add_argument("--quick", action="store_true", help="small grid: batch 1,4, context 512,2048, pages 1,16")
+    parser.add_argument("--prefill-mma", action="store_true",
+                        help="cuda: also build / time the opt-in tensor-core prefill (tir_kernels/cuda_prefill_mma.py)")
     parser.add_argument("--prefill-configs", type=_pairs, default=None,
                         help="cuda: prefill BATCHxQLEN list, e.g. 16x512,1x8192 (default: bench/kernels_prefill_cuda.py's)")
     parser.add_argument("--variants", action="store_true", help="cuda: also time decode tiling variants (tuning)")
@@ -85,6 +87,7 @@ def grid(args: argparse.Namespace) -> dict:
         "quant_dtypes": [] if cpu else [d for d in args.quant_dtypes.split(",") if d],
         "prefill": not cpu and not args.no_prefill,
         "prefill_configs": args.prefill_configs,
+        "prefill_mma": args.prefill_mma,
     }
 
 

@@ -31,6 +31,10 @@ def build_funcs(grid: dict, target) -> tuple[dict, list[dict]]:
     hq, hkv, dim, dtype = grid["num_qo_heads"], grid["num_kv_heads"], grid["head_dim"], grid["dtype"]
     cfg = tir_kernels.AttentionConfig(tir_kernels.CacheLayout(hkv, dim, PREFILL_PAGE, dtype), hq, dim**-0.5)
     funcs = {"llmir_prefill": tir_kernels.paged_prefill_attention(cfg, target)}
+    if target.kind.name == "cuda" and grid.get("prefill_mma"):
+        from llmir_tvm.tir_kernels.cuda_prefill_mma import paged_prefill_attention_mma  # pylint: disable=import-outside-toplevel
+
+        funcs["llmir_prefill_mma"] = paged_prefill_attention_mma(cfg, target)
     if target.kind.name == "cuda":
         from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill  # pylint: disable=import-outside-toplevel
 
@@ -107,13 +111,13 @@ def run(lib, entries: list[dict], grid: dict, time_fn, torch, tvm, dev: str = "c
 
 
 def table(rows: list[dict]) -> str:
-    """Text table: per config our time and TFLOP/s, TVM's and SDPA's time over ours (> 1: ours faster)."""
+    """Text table: per config and kernel of ours, time and TFLOP/s, TVM's and SDPA's time over ours (> 1: ours faster)."""
     idx = {(r["impl"], r["batch"], r["q_len"]): r for r in rows if "error" not in r}
-    lines = [f"{'batch':>6s} {'q_len':>6s} {'ours us':>10s} {'TFLOP/s':>8s} {'x tvm':>7s} {'x sdpa':>7s}"]
-    for (impl, batch, q_len), r in sorted(idx.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-        if impl != "llmir_prefill":
+    lines = [f"{'kernel':>18s} {'batch':>6s} {'q_len':>6s} {'ours us':>10s} {'TFLOP/s':>8s} {'x tvm':>7s} {'x sdpa':>7s}"]
+    for (impl, batch, q_len), r in sorted(idx.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        if impl not in OUR_SIGNATURE:
             continue
         tv, sd = idx.get(("tvm_prefill", batch, q_len)), idx.get(("torch_sdpa", batch, q_len))
         ratio = lambda o: o["seconds"] / r["seconds"] if o else math.nan  # noqa: E731
-        lines.append(f"{batch:6d} {q_len:6d} {r['seconds'] * 1e6:10.1f} {r['tflops']:8.2f} {ratio(tv):7.2f} {ratio(sd):7.2f}")
+        lines.append(f"{impl:>18s} {batch:6d} {q_len:6d} {r['seconds'] * 1e6:10.1f} {r['tflops']:8.2f} {ratio(tv):7.2f} {ratio(sd):7.2f}")
     return "\n".join(lines)

@@ -169,6 +169,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     num_shards: int = 1,
     low_batch_gemv: bool = False,
     cpu_dense: str = "tir",
+    cuda_graph: bool = False,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -180,6 +181,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
     at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
+    ``cuda_graph`` (CUDA targets, opt-in until a GPU run checks it): the statically planned parts of
+    each entry point are captured as CUDA graphs, once per batch size, and replayed
+    (``passes.gpu_pipeline``; TVM's ``RewriteCUDAGraph``).
     ``cpu_dense`` (``llvm`` targets): ``"tir"`` runs float32 ``Linear`` layers in our dense kernel
     on TVM's thread pool (``passes.DenseToTIR``; the faster at every row count measured here),
     ``"blas"`` hands them to numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls
@@ -190,8 +194,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target = resolve_target(target)
     if cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
-    if low_batch_gemv and target.kind.name != "cuda":
-        raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
+    for name, flag in (("low_batch_gemv", low_batch_gemv), ("cuda_graph", cuda_graph)):
+        if flag and target.kind.name != "cuda":
+            raise ValueError(f"{name} applies to cuda targets, not {target.kind.name}")
     note("import")
     imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
     stages = [("0_imported", imported.mod)]
@@ -238,7 +243,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")
     start = time.perf_counter()
-    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)
+    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv, cuda_graph)
     executable = tvm.compile(tvm.IRModule(funcs, attrs=mod.attrs), target=target, relax_pipeline=pipeline)
     note(f"built in {time.perf_counter() - start:.1f} s")
     return CompiledModel(executable, imported.params, info, imported.tokenizer)

@@ -119,7 +119,7 @@ run() {
     T_TESTS=900 T_KERNELS=900 T_MODEL=1200
   fi
   export PYTHONUNBUFFERED=1 LLMIR_GPU_ARTIFACTS=$root/artifacts/kernels
-  export PYTHONPATH=$repo:$repo/bench${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}  # not bench/: its kernels.py shadows a transformers probe
   step tests "$T_TESTS" "${launcher[@]}" -m pytest -q -p no:cacheprovider tests/gpu --junitxml="$out/tests_gpu.xml"
   step kernels "$T_KERNELS" "${launcher[@]}" scripts/benchmark.py kernels --device cuda --stage run \
     --artifacts "$root/artifacts/bench" --out "$out/kernels.json"

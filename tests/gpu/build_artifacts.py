@@ -22,7 +22,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]
 
 from bench.cuda_export import artifact_device, build_target, export_library  # noqa: E402
-from cases import CASES, QUANT_CASES, Case, KernelSpec  # noqa: E402
+from cases import CASES, CUDA_ONLY_KINDS, QUANT_CASES, Case, KernelSpec  # noqa: E402
 
 DEFAULT_OUT = REPO / ".gpu-runtime" / "artifacts" / "kernels"
 LIBRARY = "llmir_test_kernels.so"
@@ -32,8 +32,11 @@ def kernel_func(spec: KernelSpec, target):
     """The PrimFunc of ``spec`` for ``target``, through the public dispatcher."""
     from llmir_tvm import tir_kernels  # pylint: disable=import-outside-toplevel
 
+    from llmir_tvm.tir_kernels.cuda_prefill_mma import paged_prefill_attention_mma  # pylint: disable=import-outside-toplevel
+
     layout = tir_kernels.CacheLayout(spec.heads[1], spec.head_dim, spec.page, spec.dtype)
-    factory = getattr(tir_kernels, spec.kind)
+    # the opt-in tensor-core prefill is not behind the dispatcher: built by name
+    factory = paged_prefill_attention_mma if spec.kind == "paged_prefill_attention_mma" else getattr(tir_kernels, spec.kind)
     if spec.kind.startswith("paged_"):
         cfg = tir_kernels.AttentionConfig(layout, spec.heads[0], spec.scale, spec.causal, spec.window, spec.sinks)
         return factory(cfg, target)
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     target = build_target(args.arch)
     t0 = time.time()
     cases = [*CASES, *QUANT_CASES]
+    if args.arch == "llvm":  # the CPU rehearsal: only what the CPU kernels serve
+        from llmir_tvm.tir_kernels import CPU_CACHE_DTYPES  # pylint: disable=import-outside-toplevel
+
+        cases = [c for c in cases if c.spec.kind not in CUDA_ONLY_KINDS and c.spec.dtype in CPU_CACHE_DTYPES]
     if args.quick:
         cases = quick_cases(tuple(cases))
     specs = dict.fromkeys(c.spec for c in cases)

@@ -26,6 +26,7 @@ class KernelSpec:
     """One kernel to build: its factory and the static facts it specialises on."""
 
     kind: str  # append_kv | lookup_kv | copy_blocks | copy_slots | paged_decode_attention | paged_prefill_attention
+    #            | paged_prefill_attention_mma (the opt-in tensor-core prefill, CUDA only)
     heads: tuple[int, int]  # (num_qo_heads, num_kv_heads); cache ops use only num_kv_heads
     head_dim: int
     page: int
@@ -112,8 +113,39 @@ def _cases() -> list[Case]:
     return cases
 
 
+def _mma_prefill_cases() -> list[Case]:
+    """The opt-in tensor-core prefill (``cuda_prefill_mma``) on the CUDA-core prefill's grid:
+    fp16 / bf16, head_dim 64 / 128, MHA / GQA / MQA, pages 1 and 16, chunked and whole prompts,
+    windows with sinks, non-causal, long prompts, empty sequences and unowned rows."""
+    kind = "paged_prefill_attention_mma"
+    cases: list[Case] = []
+    chunk_q = tuple(min(n, q) for n, q in zip(KV_LENS, (1, 3, 16, 5, 17, 1, 33, 9)))
+    for page, dim, heads, dtype in itertools.product((1, 16), HEAD_DIMS, HEADS, DTYPES):
+        tag = f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_{dtype}"
+        cases.append(Case(f"prefill_mma_chunked_{tag}", _attn(kind, heads, dim, page, dtype), "prefill", KV_LENS, chunk_q))
+    whole = (1, 15, 16, 17, 54, 97, 130)
+    for heads, dtype in itertools.product(HEADS, DTYPES):
+        spec = _attn(kind, heads, 128, 16, dtype)
+        cases.append(Case(f"prefill_mma_whole_h{heads[0]}x{heads[1]}_{dtype}", spec, "prefill", whole, whole))
+    for window, sinks, page, dtype in ((8, 0, 16, "float16"), (8, 4, 1, "bfloat16"), (33, 4, 8, "float16"),
+                                       (64, 16, 32, "bfloat16"), (1, 1, 16, "float16"), (100, 4, 16, "float16")):
+        spec = _attn(kind, (8, 2), 64, page, dtype, window=window, sinks=sinks)
+        cases.append(Case(f"prefill_mma_window_w{window}_s{sinks}_p{page}_{dtype}", spec, "prefill",
+                          (1, 17, 97, 300), (1, 10, 40, 300)))
+    cases.append(Case("prefill_mma_non_causal", _attn(kind, (8, 2), 64, 8, "float16", causal=False), "prefill",
+                      (3, 17, 40, 130), (3, 5, 40, 130)))
+    for dtype in DTYPES:
+        spec = _attn(kind, (32, 8), 128, 16, dtype)
+        cases.append(Case(f"prefill_mma_long_{dtype}", spec, "prefill", (1500, 700, 2048), (1500, 64, 2048)))
+    cases.append(Case("prefill_mma_rows_outside_indptr_are_zero", _attn(kind, (8, 2), 64, 8, "float16"),
+                      "prefill_unowned", (20, 0, 37), (5, 0, 12)))
+    return cases
+
+
 #: Every GPU test case.
-CASES: tuple[Case, ...] = tuple(_cases())
+CASES: tuple[Case, ...] = tuple(_cases() + _mma_prefill_cases())
+#: Kernel kinds that exist for CUDA only (a CPU rehearsal build leaves their cases out).
+CUDA_ONLY_KINDS = ("paged_prefill_attention_mma",)
 
 
 def _quant_cases() -> list[Case]:
