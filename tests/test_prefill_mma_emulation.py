@@ -8,8 +8,10 @@ prefix), the gather of K / V^T tiles from random pages by the kernel's thread ->
 Q held as A fragments, every ``mma.sync.m16n8k16`` as a 16x16x8 product assembled from and
 scattered back to per-lane fragments, the per-element mask, the online softmax with quad
 reductions, P rounded to the pool dtype and re-packed as A fragments, and the final
-normalisation. Outputs are compared with the float64 dense reference, unowned rows must be
-zero and every owned row written (NaN-poisoned output, NaN in unused pool slots).
+normalisation; quantized pools (int8 / float8_e4m3fn) are dequantized into the tiles in the
+compute dtype. Outputs are compared with the float64 dense reference (on the dequantized K/V for
+quantized pools), unowned rows must be zero and every owned row written (NaN-poisoned output,
+NaN in unused pool slots).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 from llmir_tvm import tir_kernels
-from llmir_tvm.reference import RandomPagedCache, attention_ref
+from llmir_tvm.reference import QuantizedPagedCache, RandomPagedCache, attention_ref, dequantize_rows
 from llmir_tvm.tir_kernels.cuda_common import LOG2E, NEG_INF
 from llmir_tvm.tir_kernels.cuda_prefill_mma import KV_TILE, WARP_ROWS, WARPS, a_frag, b_frag, c_frag, kernel_shape, p_frag_source
 
@@ -59,7 +61,9 @@ def emulate(cfg, q, pool, table, seq_lens, indptr) -> np.ndarray:
     TK, DK, NS, NO, KP, C = KV_TILE, D // 16, KV_TILE // 8, D // 8, KV_TILE // 16, D // 8
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
     qscale = np.float32(cfg.scale * LOG2E)
-    dt = NP_DTYPE[lay.dtype]
+    dt = NP_DTYPE[lay.compute_dtype]
+    if lay.quantized:  # what the kernel stores in the tiles: value * scale rounded to the compute dtype
+        pool = dequantize_rows(pool, lay.dtype).astype(dt)
     NQ, B = q.shape[0], len(seq_lens)
     out = np.full(q.shape, np.nan, dtype=dt)
     for bx in range(B + NQ // TQ + 1):
@@ -175,7 +179,7 @@ def emulate(cfg, q, pool, table, seq_lens, indptr) -> np.ndarray:
     return out
 
 
-# (heads, head_dim, page, dtype, causal, window, sinks, kv_lens, q_lens, lead rows, tail rows)
+# (heads, head_dim, page, pool dtype[/compute dtype], causal, window, sinks, kv_lens, q_lens, lead rows, tail rows)
 CASES = {
     "gqa4_d64_p16_causal_chunked": ((8, 2), 64, 16, "float16", True, 0, 0, (17, 97, 130), (5, 40, 130), 0, 0),
     "mqa_d128_p1_bf16_whole": ((8, 1), 128, 1, "bfloat16", True, 0, 0, (9, 70), (9, 70), 0, 0),
@@ -183,17 +187,25 @@ CASES = {
     "window_sinks_p16": ((8, 2), 64, 16, "float16", True, 33, 4, (1, 97, 150), (1, 40, 150), 0, 0),
     "window_no_sinks_bf16_p32": ((8, 2), 64, 32, "bfloat16", True, 8, 0, (17, 80), (10, 80), 0, 0),
     "empty_sequence_and_unowned_rows": ((8, 2), 64, 8, "float16", True, 0, 0, (20, 0, 37), (5, 0, 12), 3, 4),
+    "int8_pool_fp16_compute": ((8, 2), 64, 16, "int8/float16", True, 0, 0, (17, 97), (10, 97), 0, 0),
+    "fp8_pool_bf16_compute_window": ((8, 1), 128, 8, "float8_e4m3fn/bfloat16", True, 40, 4, (70, 130), (70, 20), 0, 0),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_emulated_mma_prefill_matches_dense_reference(name):
-    heads, dim, page, dtype, causal, window, sinks, kv_lens, q_lens, lead, tail = CASES[name]
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
-    cfg = tir_kernels.AttentionConfig(tir_kernels.CacheLayout(heads[1], dim, page, dtype), heads[0], dim**-0.5,
-                                      causal, window, sinks)
+    heads, dim, page, dtypes, causal, window, sinks, kv_lens, q_lens, lead, tail = CASES[name]
+    pool_dt, dtype = (dtypes.split("/") + [dtypes])[:2]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    layout = tir_kernels.CacheLayout(heads[1], dim, page, pool_dt, dtype if pool_dt != dtype else None)
+    cfg = tir_kernels.AttentionConfig(layout, heads[0], dim**-0.5, causal, window, sinks)
     np_dt = NP_DTYPE[dtype]
-    cache = RandomPagedCache(rng, kv_lens, heads[1], dim, page, np_dt)
+    if layout.quantized:
+        cache = QuantizedPagedCache(rng, kv_lens, heads[1], dim, page, pool_dt)
+        keys, values = cache.deq_keys, cache.deq_values
+    else:
+        cache = RandomPagedCache(rng, kv_lens, heads[1], dim, page, np_dt)
+        keys, values = cache.keys, cache.values
     indptr = (lead + np.concatenate([[0], np.cumsum(q_lens)])).astype(np.int32)
     q = rng.standard_normal((int(indptr[-1]) + tail, heads[0], dim)).astype(np_dt)
     out = emulate(cfg, q, cache.pool, cache.block_table, cache.seq_lens_array, indptr)
@@ -203,7 +215,7 @@ def test_emulated_mma_prefill_matches_dense_reference(name):
         if kv_lens[b] == 0:
             assert not rows.any()
             continue
-        ref = attention_ref(q[indptr[b] : indptr[b + 1]], cache.keys[b], cache.values[b], causal, window, sinks, dim**-0.5)
+        ref = attention_ref(q[indptr[b] : indptr[b + 1]], keys[b], values[b], causal, window, sinks, dim**-0.5)
         np.testing.assert_allclose(rows, ref, rtol=TOL[dtype], atol=TOL[dtype], err_msg=f"sequence {b} of {name}")
     unowned = np.concatenate([out[:lead], out[int(indptr[-1]) :]]).astype(np.float64)
     assert np.array_equal(unowned, np.zeros_like(unowned)), "rows outside q_indptr must be zero"

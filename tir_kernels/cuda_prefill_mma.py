@@ -8,7 +8,8 @@ not run on a GPU yet, so the dispatcher keeps the CUDA-core kernel; build this o
 a numpy emulation that runs the same tiles, fragment index maps (:func:`a_frag`, :func:`b_frag`,
 :func:`c_frag`, :func:`p_frag_source`), page gathering, masks and online softmax per lane.
 
-Design (one block = 4 warps = 64 query rows; float16 / bfloat16 pools, head_dim 64 or 128):
+Design (one block = 4 warps = 64 query rows; float16 / bfloat16 pools, or int8 / float8_e4m3fn
+pools with a float16 / bfloat16 compute dtype; head_dim 64 or 128):
 
 * **Rows**: ``TQ`` consecutive tokens of one sequence x the ``GP`` query heads of one KV head
   (GQA packing as in the CUDA-core kernel: each K/V tile is gathered once for the whole group);
@@ -17,7 +18,9 @@ Design (one block = 4 warps = 64 query rows; float16 / bfloat16 pools, head_dim 
 * **Q** stays in registers as m16n8k16 A fragments for the whole KV loop (``D/16`` k-steps).
 * **K/V tiles** of ``TK = 64`` positions are gathered from the pages into shared memory with
   128-bit loads: ``K [TK][D+8]`` row-major and ``V^T [D][TK+8]`` (transposed on the way in), the
-  padding making every B-fragment load (32-bit) conflict-free.
+  padding making every B-fragment load (32-bit) conflict-free. Quantized rows (values, then a
+  float16 scale; only 2-byte aligned) are read with 2-byte loads and dequantized on the way in
+  (``value * scale``, rounded to the compute dtype).
 * **S = Q K^T** with ``mma.sync.m16n8k16`` (fp32 accumulate) into ``TK/8`` accumulator tiles per
   warp; scaled by ``scale * log2(e)``, masked per element, **online softmax in registers**: each
   lane holds two rows; row maxima are reduced over the 4 lanes of a quad with xor shuffles, row
@@ -34,7 +37,8 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .config import AttentionConfig
-from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, cuda_target_info
+from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, check_quant_target, cuda_target_info
+from .kv_quant import row_scale
 
 #: Warps per block, rows per warp (the mma M), rows per block.
 WARPS, WARP_ROWS = 4, 16
@@ -93,9 +97,10 @@ def check_mma_config(cfg: AttentionConfig, target: Target) -> None:
     """Raise ValueError for what the tensor-core prefill does not serve (dtype, head_dim, arch)."""
     lay = cfg.layout
     check_cuda_layout(lay)
-    cuda_target_info(target)
-    if lay.dtype not in MMA_DTYPES or lay.quantized:
-        raise ValueError(f"the tensor-core prefill needs a float16 or bfloat16 pool, got {lay.dtype!r}")
+    check_quant_target(lay, cuda_target_info(target))
+    if lay.compute_dtype not in MMA_DTYPES:
+        raise ValueError(f"the tensor-core prefill needs a float16 or bfloat16 pool (or compute dtype of a quantized "
+                         f"pool), got {lay.dtype!r} / {lay.compute_dtype!r}")
     if lay.head_dim not in HEAD_DIMS:
         raise ValueError(f"the tensor-core prefill supports head_dim {HEAD_DIMS}, got {lay.head_dim}")
 
@@ -104,7 +109,8 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
     """Tensor-core paged prefill for CUDA (opt-in): ``(q, cache, block_table, seq_lens, q_indptr, out)``."""
     check_mma_config(cfg, target)
     lay = cfg.layout
-    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.dtype
+    H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
+    cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized  # the pool's storage (quantized: values + scale)
     ptx_t = MMA_DTYPES[dtype]
     shape = kernel_shape(cfg)
     G, GP, GZ, TQ, M = cfg.group_size, shape["GP"], shape["GZ"], shape["TQ"], shape["M"]
@@ -127,11 +133,12 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32")
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype)
+        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
         for bx in T.thread_binding(B + NQ // TQ + 1, thread="blockIdx.x"):
             for by in T.thread_binding(H * GZ, thread="blockIdx.y"):
                 for tx in T.thread_binding(_NT, thread="threadIdx.x"):
@@ -145,6 +152,7 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                     mx = T.alloc_local((2,), "float32")  # running max of the lane's rows g, g + 8
                     den = T.alloc_local((2,), "float32")  # the lane's partial row sums
                     ldv = T.alloc_local((VEC,), dtype)
+                    ldq = T.alloc_local((VEC,), cdtype)
                     tid: T.int32 = T.Cast("int32", tx)
                     lane: T.int32 = T.truncmod(tid, 32)
                     warp: T.int32 = T.truncdiv(tid, 32)
@@ -210,8 +218,16 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                             if tk < n_vis:
                                 pk: T.int32 = T.if_then_else(tk < n_sink, tk, lo + tk - n_sink)
                                 bk: T.int32 = block_table[b, T.truncdiv(pk, BS)]
-                                for v in T.vectorized(VEC):
-                                    Ks[rk * DS + ck * VEC + v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + v]
+                                if quant:
+                                    for u in T.unroll(VEC // 2):
+                                        for v in T.vectorized(2):
+                                            ldq[u * 2 + v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + u * 2 + v]
+                                    ksc: T.float32 = row_scale(cache_b, bk, 0, hk, T.truncmod(pk, BS), D)
+                                    for v in T.unroll(VEC):
+                                        Ks[rk * DS + ck * VEC + v] = T.Cast(dtype, T.Cast("float32", ldq[v]) * ksc)
+                                else:
+                                    for v in T.vectorized(VEC):
+                                        Ks[rk * DS + ck * VEC + v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + v]
                             else:
                                 for v in T.vectorized(VEC):
                                     Ks[rk * DS + ck * VEC + v] = T.Cast(dtype, T.float32(0))
@@ -222,8 +238,16 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                             if tv < n_vis:
                                 pv: T.int32 = T.if_then_else(tv < n_sink, tv, lo + tv - n_sink)
                                 bv: T.int32 = block_table[b, T.truncdiv(pv, BS)]
-                                for v in T.vectorized(VEC):
-                                    ldv[v] = cache[bv, 1, hk, T.truncmod(pv, BS), cv * VEC + v]
+                                if quant:
+                                    for u in T.unroll(VEC // 2):
+                                        for v in T.vectorized(2):
+                                            ldq[u * 2 + v] = cache[bv, 1, hk, T.truncmod(pv, BS), cv * VEC + u * 2 + v]
+                                    vsc: T.float32 = row_scale(cache_b, bv, 1, hk, T.truncmod(pv, BS), D)
+                                    for v in T.unroll(VEC):
+                                        ldv[v] = T.Cast(dtype, T.Cast("float32", ldq[v]) * vsc)
+                                else:
+                                    for v in T.vectorized(VEC):
+                                        ldv[v] = cache[bv, 1, hk, T.truncmod(pv, BS), cv * VEC + v]
                             else:
                                 for v in T.vectorized(VEC):
                                     ldv[v] = T.Cast(dtype, T.float32(0))
