@@ -239,3 +239,44 @@ def test_emulated_mma_equals_a_matrix_product():
     got = np.zeros((16, 8))
     got[C_IDX] = mma(a[A_IDX], b[B_IDX], c[C_IDX].astype(np.float32))
     np.testing.assert_allclose(got, a @ b + c, rtol=1e-5, atol=1e-5)
+
+
+# ---- the GPU tests' own runners, with this emulation standing in for the kernel -------------
+# tests/gpu runs the real kernel against these runners on a GPU; running them here on the
+# emulation checks the cases, their inputs and tolerances before any device time is spent.
+GPU_CASES = ("prefill_mma_window_w33_s4_p8_float16", "prefill_mma_rows_outside_indptr_are_zero",
+             "quant_prefill_mma_p16_d64_h8x2_w33_int8_float16", "quant_prefill_mma_p16_d64_h9x3_w0_float8_e4m3fn_bfloat16")
+
+
+@pytest.fixture
+def gpu_runners(monkeypatch):
+    """tests/gpu's runner tables, their tensors placed on the CPU."""
+    import sys
+    from pathlib import Path
+
+    gpu_dir = str(Path(__file__).resolve().parent / "gpu")
+    monkeypatch.syspath_prepend(gpu_dir)
+    import cases
+    import test_gpu_kernels
+    import test_gpu_quant_kernels
+
+    monkeypatch.setattr(test_gpu_kernels, "DEVICE", "cpu")
+    by_name = {c.name: c for c in (*cases.CASES, *cases.QUANT_CASES)}
+    runners = {**test_gpu_kernels.RUNNERS, **test_gpu_quant_kernels.RUNNERS}
+    assert gpu_dir in sys.path
+    return by_name, runners
+
+
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_gpu_mma_cases_pass_on_the_emulated_kernel(gpu_runners, name):
+    by_name, runners = gpu_runners
+    case = by_name[name]
+    spec = case.spec
+    assert spec.kind == "paged_prefill_attention_mma"
+    layout = tir_kernels.CacheLayout(spec.heads[1], spec.head_dim, spec.page, spec.dtype, spec.compute)
+    cfg = tir_kernels.AttentionConfig(layout, spec.heads[0], spec.scale, spec.causal, spec.window, spec.sinks)
+
+    def kernel(q, pool, table, lens, indptr, out):
+        out.copyfrom(emulate(cfg, q.numpy(), pool.numpy(), table.numpy(), lens.numpy(), indptr.numpy()))
+
+    runners[case.form](kernel, case)

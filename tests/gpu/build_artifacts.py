@@ -34,7 +34,7 @@ def kernel_func(spec: KernelSpec, target):
 
     from llmir_tvm.tir_kernels.cuda_prefill_mma import paged_prefill_attention_mma  # pylint: disable=import-outside-toplevel
 
-    layout = tir_kernels.CacheLayout(spec.heads[1], spec.head_dim, spec.page, spec.dtype)
+    layout = tir_kernels.CacheLayout(spec.heads[1], spec.head_dim, spec.page, spec.dtype, spec.compute)
     # the opt-in tensor-core prefill is not behind the dispatcher: built by name
     factory = paged_prefill_attention_mma if spec.kind == "paged_prefill_attention_mma" else getattr(tir_kernels, spec.kind)
     if spec.kind.startswith("paged_"):

@@ -34,12 +34,14 @@ class KernelSpec:
     causal: bool = True
     window: int = 0
     sinks: int = 0
+    compute: str | None = None  # compute dtype of a quantized pool (None: the layout's default, float32)
 
     @property
     def symbol(self) -> str:
         """The global symbol this kernel gets inside the test library (unique per spec)."""
         mask = f"c{int(self.causal)}w{self.window}s{self.sinks}"
-        return f"{self.kind}__h{self.heads[0]}x{self.heads[1]}_d{self.head_dim}_p{self.page}_{self.dtype}_{mask}"
+        dtype = f"{self.dtype}_{self.compute}" if self.compute else self.dtype
+        return f"{self.kind}__h{self.heads[0]}x{self.heads[1]}_d{self.head_dim}_p{self.page}_{dtype}_{mask}"
 
     @property
     def scale(self) -> float:
@@ -167,5 +169,17 @@ def _quant_cases() -> list[Case]:
     return cases
 
 
+def _quant_mma_cases() -> list[Case]:
+    """The opt-in tensor-core prefill on quantized pools: float16 / bfloat16 queries and output,
+    int8 / float8_e4m3fn pools dequantized into the tiles (form ``qprefill_mma``)."""
+    cases = []
+    for dtype, compute in (("int8", "float16"), ("float8_e4m3fn", "bfloat16"), ("int8", "bfloat16")):
+        for page, dim, heads, window, sinks in ((16, 64, (9, 3), 0, 0), (8, 128, (32, 4), 0, 0), (16, 64, (8, 2), 33, 4)):
+            spec = KernelSpec("paged_prefill_attention_mma", heads, dim, page, dtype, True, window, sinks, compute)
+            tag = f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_w{window}_{dtype}_{compute}"
+            cases.append(Case(f"quant_prefill_mma_{tag}", spec, "qprefill_mma", (1, 17, 97, 300), (1, 10, 40, 300)))
+    return cases
+
+
 #: GPU cases of quantized pools (``test_gpu_quant_kernels.py``).
-QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases())
+QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases() + _quant_mma_cases())
