@@ -24,7 +24,6 @@ from llmir_tvm.tir_kernels.cuda_prefill_mma import KV_TILE, paged_prefill_attent
 
 # (arch, pool dtype[/compute dtype], head_dim, (Hq, Hkv), causal, window, sinks)
 CONFIGS = [
-    ("sm_80", "float16", 128, (32, 8), True, 0, 0),
     ("sm_90a", "float16", 128, (32, 8), True, 0, 0),
     ("sm_80", "bfloat16", 64, (8, 2), True, 33, 4),
     ("sm_90a", "bfloat16", 64, (8, 1), False, 0, 0),

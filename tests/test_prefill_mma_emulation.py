@@ -244,8 +244,9 @@ def test_emulated_mma_equals_a_matrix_product():
 # ---- the GPU tests' own runners, with this emulation standing in for the kernel -------------
 # tests/gpu runs the real kernel against these runners on a GPU; running them here on the
 # emulation checks the cases, their inputs and tolerances before any device time is spent.
-GPU_CASES = ("prefill_mma_window_w33_s4_p8_float16", "prefill_mma_rows_outside_indptr_are_zero",
-             "quant_prefill_mma_p16_d64_h8x2_w33_int8_float16", "quant_prefill_mma_p16_d64_h9x3_w0_float8_e4m3fn_bfloat16")
+GPU_CASES = ("prefill_mma_window_w33_s4_p8_float16", "quant_prefill_mma_p16_d64_h9x3_w0_float8_e4m3fn_bfloat16",
+             pytest.param("prefill_mma_rows_outside_indptr_are_zero", marks=pytest.mark.slow),
+             pytest.param("quant_prefill_mma_p16_d64_h8x2_w33_int8_float16", marks=pytest.mark.slow))
 
 
 @pytest.fixture
