@@ -289,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmir_tvm.model import CompiledModel
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    from bench.machine import machine_stamp  # the repository root is on sys.path (see the top of this file)
     report = {
         "benchmark": "model_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_stamp(),
         "device": args.device, "device_name": device_name, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "models": [],
     }
