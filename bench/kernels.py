@@ -26,6 +26,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _pairs(text: str) -> list[list[int]]:
+    """``16x512,1x8192`` -> ``[[16, 512], [1, 8192]]``."""
+    try:
+        return [[int(v) for v in item.split("x")] for item in text.split(",") if item]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected BATCHxQLEN items, got {text!r}") from err
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``kernels`` subcommand."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
@@ -35,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="cuda only: build artifacts here, run them on the GPU machine, or both (default all)",
     )
-    parser.add_argument("--arch", default="sm_90a", help="cuda arch to build for (default sm_90a)")
+    parser.add_argument("--arch", default="sm_90a",
+                        help="cuda arch to build for (default sm_90a); llvm: the same flow on this CPU (rehearsal)")
     parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="cuda library + manifest directory")
     # the grid options apply to cpu runs and to the cuda build stage (the run stage reads the manifest)
     parser.add_argument("--batches", type=_ints, default=None, help="comma list (default cpu 1,4 / cuda 1,16,64)")
@@ -48,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda: quantized pool dtypes timed against the float16 pool (comma list, '' for none)")
     parser.add_argument("--no-prefill", action="store_true", help="cuda: skip the paged prefill attention part")
     parser.add_argument("--quick", action="store_true", help="small grid: batch 1,4, context 512,2048, pages 1,16")
+    parser.add_argument("--prefill-mma", action="store_true",
+                        help="cuda: also build / time the opt-in tensor-core prefill (tir_kernels/cuda_prefill_mma.py)")
+    parser.add_argument("--prefill-configs", type=_pairs, default=None,
+                        help="cuda: prefill BATCHxQLEN list, e.g. 16x512,1x8192 (default: bench/kernels_prefill_cuda.py's)")
     parser.add_argument("--variants", action="store_true", help="cuda: also time decode tiling variants (tuning)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kernels_<device>_<date>.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot of the results (needs matplotlib)")
@@ -73,6 +86,8 @@ def grid(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "quant_dtypes": [] if cpu else [d for d in args.quant_dtypes.split(",") if d],
         "prefill": not cpu and not args.no_prefill,
+        "prefill_configs": args.prefill_configs,
+        "prefill_mma": args.prefill_mma,
     }
 
 

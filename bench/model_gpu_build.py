@@ -27,11 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+# Run as a script, Python puts bench/ first on sys.path, where kernels.py would shadow the
+# optional `kernels` package that transformers probes for: use the repository root instead.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+if str(_BENCH.parent) not in sys.path:
+    sys.path.insert(0, str(_BENCH.parent))
 
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -46,17 +52,6 @@ SCORE_ROWS = [0, 7, 14, 21, 28, 29] + list(range(SCORE_PREFILL, len(PROMPTS[1]))
 REFERENCE_NEW_TOKENS = 16
 #: Non-weight parameters above this many bytes mean the value matching failed (a weight was transformed).
 MAX_CONSTANT_BYTES = 1 << 20
-
-
-def _gpu_kit() -> Path:
-    """The shared GPU kit (``cuda_precompile``): ``$LLMIR_GPU_KIT`` or ``/work/shared/gpu``-like paths."""
-    here = Path(__file__).resolve()
-    candidates = [os.environ.get("LLMIR_GPU_KIT", ""), here.parents[2] / "shared" / "gpu",
-                  here.parents[3] / "shared" / "gpu", Path("/work/shared/gpu")]
-    for path in candidates:
-        if path and (Path(path) / "cuda_precompile.py").exists():
-            return Path(path)
-    raise SystemExit("cuda_precompile.py not found: set LLMIR_GPU_KIT to the shared GPU kit folder")
 
 
 def match_parameters(params: list, named: dict) -> tuple[list[dict], dict]:
@@ -92,25 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", choices=("cuda", "llvm"), default="cuda", help="cuda (sm_90a) or llvm (CPU dry run)")
     ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="decoder layers (default 30)")
     ap.add_argument("--low-batch-gemv", action="store_true", help="cuda: compile(..., low_batch_gemv=True)")
+    ap.add_argument("--cuda-graph", action="store_true", help="cuda: compile(..., cuda_graph=True)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--out", type=Path, required=True, help="artifact folder")
     args = ap.parse_args(argv)
     kv_dtype = args.kv or args.weights
 
-    if args.low_batch_gemv and args.target != "cuda":
-        ap.error("--low-batch-gemv needs --target cuda")
+    if (args.low_batch_gemv or args.cuda_graph) and args.target != "cuda":
+        ap.error("--low-batch-gemv and --cuda-graph need --target cuda")
     if args.target == "cuda":
-        sys.path.insert(0, str(_gpu_kit()))
-        import cuda_precompile
+        from bench.cuda_export import enable_precompile
 
-        tvm = cuda_precompile.enable("sm_90a")
+        tvm = enable_precompile("sm_90a")
     import numpy as np
     import torch
     import tvm  # noqa: F811  (the same module cuda_precompile returned)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import llmir_tvm
-    from random_weights import make_weights
+    from bench.random_weights import make_weights
 
     start = time.perf_counter()
     out = args.out
@@ -129,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.target == "cuda":
         target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}, host="llvm")
         with target:
-            compiled = llmir_tvm.compile(model, target=target, kv=kv, low_batch_gemv=args.low_batch_gemv)
+            compiled = llmir_tvm.compile(model, target=target, kv=kv, low_batch_gemv=args.low_batch_gemv,
+                                         cuda_graph=args.cuda_graph)
             compiled.executable.export_library(str(out / "model.so"))
         cpu = llmir_tvm.compile(model, kv=kv)
     else:
@@ -146,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "model.json").write_text(json.dumps(asdict(compiled.info)))
     (out / "weights.json").write_text(json.dumps({
         "hf_config": config, "weight_dtype": args.weights, "kv_dtype": kv_dtype, "seed": args.seed,
-        "target": args.target, "low_batch_gemv": args.low_batch_gemv, "hf_params": hf_params, "params": mapping,
+        "target": args.target, "low_batch_gemv": args.low_batch_gemv, "cuda_graph": args.cuda_graph, "hf_params": hf_params, "params": mapping,
         "prompts": PROMPTS, "score_prefill": SCORE_PREFILL, "score_rows": SCORE_ROWS, "tokens": tokens,
     }))
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6

@@ -17,7 +17,7 @@ Runs under runtime-only TVM (only ``llmir_tvm.runtime`` / ``engine`` / ``model``
 
 Usage there (repo root, ``.gpu-runtime`` carried)::
 
-    eval "$(bash .gpu-runtime/install_runtime.sh)" && PYTHONPATH=$PWD:$PWD/bench python3 bench/model_gpu_run.py \\
+    eval "$(bash .gpu-runtime/install_runtime.sh)" && PYTHONPATH=$PWD python3 bench/model_gpu_run.py \\
         --json $OUT/model_gpu.json .gpu-runtime/artifacts/gpumodel_fp32 .gpu-runtime/artifacts/gpumodel_fp16
 
 Dry run here on the CPU: ``--device cpu`` with folders built by ``model_gpu_build.py --target llvm``.
@@ -33,6 +33,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+# Run as a script, Python puts bench/ first on sys.path, where kernels.py would shadow the
+# optional `kernels` package that transformers probes for: use the repository root instead.
+_BENCH = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
+if str(_BENCH.parent) not in sys.path:
+    sys.path.insert(0, str(_BENCH.parent))
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +73,7 @@ def load_artifact(art: Path, tvm):
     import numpy as np
 
     from llmir_tvm.model import ModelInfo
-    from random_weights import make_weights
+    from bench.random_weights import make_weights
 
     meta = json.loads((art / "weights.json").read_text())
     info = ModelInfo(**json.loads((art / "model.json").read_text()))
@@ -282,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmir_tvm.model import CompiledModel
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
-    try:  # run as bench.model_gpu_run, or standalone with bench/ on PYTHONPATH (see the docstring)
-        from .machine import machine_stamp
-    except ImportError:
-        from machine import machine_stamp
+    from bench.machine import machine_stamp  # the repository root is on sys.path (see the top of this file)
     report = {
         "benchmark": "model_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_stamp(),
@@ -296,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     for art in args.artifacts:
         meta, info, params, by_name = load_artifact(art, tvm)
         print(f"{art.name}: weights {meta['weight_dtype']}, KV {meta['kv_dtype']}, low_batch_gemv "
-              f"{meta.get('low_batch_gemv', False)}, {meta['hf_config']['num_hidden_layers']} layers")
+              f"{meta.get('low_batch_gemv', False)}, cuda_graph {meta.get('cuda_graph', False)}, "
+              f"{meta['hf_config']['num_hidden_layers']} layers")
         entry = {"artifact": art.name, "weight_dtype": meta["weight_dtype"], "kv_dtype": meta["kv_dtype"],
-                 "low_batch_gemv": meta.get("low_batch_gemv", False),
+                 "low_batch_gemv": meta.get("low_batch_gemv", False), "cuda_graph": meta.get("cuda_graph", False),
                  "num_layers": meta["hf_config"]["num_hidden_layers"]}
         try:
             compiled = CompiledModel(tvm.runtime.load_module(str(art / "model.so")), params, info)

@@ -174,6 +174,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     num_shards: int = 1,
     low_batch_gemv: bool = False,
     cpu_dense: str | dict = "auto",
+    cuda_graph: bool = False,
     cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
@@ -188,6 +189,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
     at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
+    ``cuda_graph`` (CUDA targets, opt-in until a GPU run checks it): the statically planned parts of
+    ``decode`` are captured as CUDA graphs, once per batch size, and replayed
+    (``passes.gpu_pipeline``; TVM's ``RewriteCUDAGraph``).
     ``cpu_dense`` (``llvm`` targets): ``"auto"`` times our dense kernel's tilings (sized from the
     target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
     and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
@@ -203,8 +207,9 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target = resolve_target(target)
     if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
-    if low_batch_gemv and target.kind.name != "cuda":
-        raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
+    for name, flag in (("low_batch_gemv", low_batch_gemv), ("cuda_graph", cuda_graph)):
+        if flag and target.kind.name != "cuda":
+            raise ValueError(f"{name} applies to cuda targets, not {target.kind.name}")
     if isinstance(model, str) and model == "default":  # its first use converts the packaged GGUF: a stage of its own
         from .frontend.default_model import default_model_path
 
@@ -212,7 +217,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         report("default model", None)
         model = default_model_path()
         report("default model", time.perf_counter() - start)
-    options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense}
+    options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense,
+               "cuda_graph": cuda_graph}
     build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
                               dump_ir=dump_ir, progress=report, **options)
     if dump_ir is not None or not compile_cache.cache_enabled(cache):
@@ -263,6 +269,7 @@ def _build(
     num_shards: int,
     low_batch_gemv: bool,
     cpu_dense: str | dict,
+    cuda_graph: bool,
 ) -> CompiledModel:
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
@@ -313,7 +320,7 @@ def _build(
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")
-    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv)
+    pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv, cuda_graph)
     executable = tvm.compile(ClipTakeIndices()(tvm.IRModule(funcs, attrs=mod.attrs)), target=target, relax_pipeline=pipeline)
     note.finish()
     return CompiledModel(executable, imported.params, info, imported.tokenizer)

@@ -1,7 +1,7 @@
 """The GPU test cases: which kernels to build and which inputs to run them on.
 
-Pure Python (no TVM): ``build_artifacts.py`` reads :data:`KERNELS` on the build machine to
-compile every kernel into one CUDA library, and ``test_gpu_kernels.py`` reads :data:`CASES`
+Pure Python (no TVM): ``build_artifacts.py`` reads :data:`CASES` and :data:`QUANT_CASES` on the build
+machine to compile every kernel they need into one CUDA library, and ``test_gpu_kernels.py`` reads :data:`CASES`
 on the GPU machine to draw inputs, run the kernels and compare with the numpy references.
 The grid mirrors the CPU kernel tests (random block tables, NaN-poisoned unused slots, page
 sizes, GQA/MQA shapes, windows with sinks, non-causal, empty sequences) with fp16 and bf16.
@@ -26,6 +26,7 @@ class KernelSpec:
     """One kernel to build: its factory and the static facts it specialises on."""
 
     kind: str  # append_kv | lookup_kv | copy_blocks | copy_slots | paged_decode_attention | paged_prefill_attention
+    #            | paged_prefill_attention_mma (the opt-in tensor-core prefill, CUDA only)
     heads: tuple[int, int]  # (num_qo_heads, num_kv_heads); cache ops use only num_kv_heads
     head_dim: int
     page: int
@@ -33,12 +34,14 @@ class KernelSpec:
     causal: bool = True
     window: int = 0
     sinks: int = 0
+    compute: str | None = None  # compute dtype of a quantized pool (None: the layout's default, float32)
 
     @property
     def symbol(self) -> str:
         """The global symbol this kernel gets inside the test library (unique per spec)."""
         mask = f"c{int(self.causal)}w{self.window}s{self.sinks}"
-        return f"{self.kind}__h{self.heads[0]}x{self.heads[1]}_d{self.head_dim}_p{self.page}_{self.dtype}_{mask}"
+        dtype = f"{self.dtype}_{self.compute}" if self.compute else self.dtype
+        return f"{self.kind}__h{self.heads[0]}x{self.heads[1]}_d{self.head_dim}_p{self.page}_{dtype}_{mask}"
 
     @property
     def scale(self) -> float:
@@ -112,10 +115,39 @@ def _cases() -> list[Case]:
     return cases
 
 
+def _mma_prefill_cases() -> list[Case]:
+    """The opt-in tensor-core prefill (``cuda_prefill_mma``) on the CUDA-core prefill's grid:
+    fp16 / bf16, head_dim 64 / 128, MHA / GQA / MQA, pages 1 and 16, chunked and whole prompts,
+    windows with sinks, non-causal, long prompts, empty sequences and unowned rows."""
+    kind = "paged_prefill_attention_mma"
+    cases: list[Case] = []
+    chunk_q = tuple(min(n, q) for n, q in zip(KV_LENS, (1, 3, 16, 5, 17, 1, 33, 9)))
+    for page, dim, heads, dtype in itertools.product((1, 16), HEAD_DIMS, HEADS, DTYPES):
+        tag = f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_{dtype}"
+        cases.append(Case(f"prefill_mma_chunked_{tag}", _attn(kind, heads, dim, page, dtype), "prefill", KV_LENS, chunk_q))
+    whole = (1, 15, 16, 17, 54, 97, 130)
+    for heads, dtype in itertools.product(HEADS, DTYPES):
+        spec = _attn(kind, heads, 128, 16, dtype)
+        cases.append(Case(f"prefill_mma_whole_h{heads[0]}x{heads[1]}_{dtype}", spec, "prefill", whole, whole))
+    for window, sinks, page, dtype in ((8, 0, 16, "float16"), (8, 4, 1, "bfloat16"), (33, 4, 8, "float16"),
+                                       (64, 16, 32, "bfloat16"), (1, 1, 16, "float16"), (100, 4, 16, "float16")):
+        spec = _attn(kind, (8, 2), 64, page, dtype, window=window, sinks=sinks)
+        cases.append(Case(f"prefill_mma_window_w{window}_s{sinks}_p{page}_{dtype}", spec, "prefill",
+                          (1, 17, 97, 300), (1, 10, 40, 300)))
+    cases.append(Case("prefill_mma_non_causal", _attn(kind, (8, 2), 64, 8, "float16", causal=False), "prefill",
+                      (3, 17, 40, 130), (3, 5, 40, 130)))
+    for dtype in DTYPES:
+        spec = _attn(kind, (32, 8), 128, 16, dtype)
+        cases.append(Case(f"prefill_mma_long_{dtype}", spec, "prefill", (1500, 700, 2048), (1500, 64, 2048)))
+    cases.append(Case("prefill_mma_rows_outside_indptr_are_zero", _attn(kind, (8, 2), 64, 8, "float16"),
+                      "prefill_unowned", (20, 0, 37), (5, 0, 12)))
+    return cases
+
+
 #: Every GPU test case.
-CASES: tuple[Case, ...] = tuple(_cases())
-#: Every kernel the cases need, once each (build order is stable).
-KERNELS: tuple[KernelSpec, ...] = tuple(dict.fromkeys(c.spec for c in CASES))
+CASES: tuple[Case, ...] = tuple(_cases() + _mma_prefill_cases())
+#: Kernel kinds that exist for CUDA only (a CPU rehearsal build leaves their cases out).
+CUDA_ONLY_KINDS = ("paged_prefill_attention_mma",)
 
 
 def _quant_cases() -> list[Case]:
@@ -137,6 +169,17 @@ def _quant_cases() -> list[Case]:
     return cases
 
 
+def _quant_mma_cases() -> list[Case]:
+    """The opt-in tensor-core prefill on quantized pools: float16 / bfloat16 queries and output,
+    int8 / float8_e4m3fn pools dequantized into the tiles (form ``qprefill_mma``)."""
+    cases = []
+    for dtype, compute in (("int8", "float16"), ("float8_e4m3fn", "bfloat16"), ("int8", "bfloat16")):
+        for page, dim, heads, window, sinks in ((16, 64, (9, 3), 0, 0), (8, 128, (32, 4), 0, 0), (16, 64, (8, 2), 33, 4)):
+            spec = KernelSpec("paged_prefill_attention_mma", heads, dim, page, dtype, True, window, sinks, compute)
+            tag = f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_w{window}_{dtype}_{compute}"
+            cases.append(Case(f"quant_prefill_mma_{tag}", spec, "qprefill_mma", (1, 17, 97, 300), (1, 10, 40, 300)))
+    return cases
+
+
 #: GPU cases of quantized pools (``test_gpu_quant_kernels.py``).
-QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases())
-KERNELS = tuple(dict.fromkeys([*KERNELS, *(c.spec for c in QUANT_CASES)]))
+QUANT_CASES: tuple[Case, ...] = tuple(_quant_cases() + _quant_mma_cases())

@@ -10,6 +10,10 @@ runs under the runtime-only TVM bundle on the GPU machine::
 Inputs are drawn like the CPU kernel tests: sequences scattered over random pool blocks,
 unused slots NaN-poisoned, outputs NaN-poisoned before each run (so an unwritten element or
 a read past ``seq_len`` fails), block-table entries past a sequence pointing at a NaN block.
+
+``LLMIR_GPU_DEVICE=cpu`` runs the same tests on the CPU against artifacts that
+``build_artifacts.py --arch llvm`` made (the rehearsal of ``scripts/gpu_check.sh --device cpu``);
+the manifest's ``device`` must match. Cases the manifest does not list (a ``--quick`` build) skip.
 """
 
 from __future__ import annotations
@@ -32,30 +36,61 @@ from cases import CASES, TOL, Case  # noqa: E402
 from llmir_tvm.reference import RandomPagedCache, attention_ref  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LLMIR_GPU_ARTIFACTS", REPO / ".gpu-runtime" / "artifacts" / "kernels"))
+#: Where the kernels run: ``cuda`` (default) or ``cpu`` (rehearsal with LLVM-built artifacts).
+DEVICE = os.environ.get("LLMIR_GPU_DEVICE", "cuda")
 
 
-def _gpu_available() -> bool:
+def device():
+    """The TVM device the tests run on (:data:`DEVICE`)."""
+    return tvm.cuda(0) if DEVICE == "cuda" else tvm.cpu(0)
+
+
+def _device_available() -> bool:
     try:
-        return bool(tvm.cuda(0).exist)
+        return bool(device().exist)
     except Exception:  # noqa: BLE001  (no CUDA runtime in this TVM build)
         return False
 
 
+def _manifest() -> dict | None:
+    path = ARTIFACTS / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _artifact_mismatch() -> str:
+    """Why the artifacts cannot serve :data:`DEVICE` ("" when they can)."""
+    manifest = _manifest()
+    if manifest is None:
+        return f"no GPU artifacts in {ARTIFACTS}"
+    built = manifest.get("device", "cuda")
+    return "" if built == DEVICE else f"artifacts in {ARTIFACTS} were built for {built}, tests run on {DEVICE}"
+
+
 pytestmark = [
-    pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not (ARTIFACTS / "manifest.json").is_file(), reason=f"no GPU artifacts in {ARTIFACTS}"),
+    pytest.mark.skipif(not _device_available(), reason=f"needs a {DEVICE} device (LLMIR_GPU_DEVICE)"),
+    pytest.mark.skipif(bool(_artifact_mismatch()), reason=_artifact_mismatch() or "-"),
 ]
 
 
 @pytest.fixture(scope="module")
 def library():
-    """The CUDA library of every test kernel, loaded once."""
-    manifest = json.loads((ARTIFACTS / "manifest.json").read_text())
-    return tvm.runtime.load_module(str(ARTIFACTS / manifest["library"])), set(manifest["symbols"])
+    """The library of every test kernel, loaded once, with its symbols and the cases it was built for."""
+    manifest = _manifest()
+    cases = set(manifest["cases"]) if "cases" in manifest else None
+    return tvm.runtime.load_module(str(ARTIFACTS / manifest["library"])), set(manifest["symbols"]), cases
+
+
+def lookup(library, case: Case):
+    """The kernel of ``case`` from ``library``; skips a case the (quick) build left out."""
+    lib, symbols, cases = library
+    if cases is not None and case.name not in cases:
+        pytest.skip(f"{case.name} is not in this (quick) build")
+    assert case.spec.symbol in symbols, f"{case.spec.symbol} missing: rebuild the artifacts"
+    return lib[case.spec.symbol]
 
 
 def _dev(array: np.ndarray):
-    return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cuda(0))
+    return tvm.runtime.tensor(np.ascontiguousarray(array), device())
 
 
 def _poisoned(shape, dtype):
@@ -188,7 +223,7 @@ def run_slots(fn, case: Case) -> None:
     from llmir_tvm.reference import pool_dtype  # noqa: PLC0415  (numpy dtype of a pool, float8 included)
 
     elems = (nb, 2, heads, page, spec.head_dim + 2 if quant else spec.head_dim)
-    pool_dev = tvm.runtime.empty(elems, dtype, tvm.cuda(0))
+    pool_dev = tvm.runtime.empty(elems, dtype, device())
     pool_dev.copyfrom(pool.view(pool_dtype(dtype)).reshape(elems))
     fn(pool_dev, _dev(src), _dev(dst))
     assert np.array_equal(np.ascontiguousarray(pool_dev.numpy()).view(np.uint8).reshape(pool.shape), expected)
@@ -208,6 +243,4 @@ RUNNERS = {
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_kernel_on_gpu(library, case: Case) -> None:
-    lib, symbols = library
-    assert case.spec.symbol in symbols, f"{case.spec.symbol} missing: rebuild the artifacts"
-    RUNNERS[case.form](lib[case.spec.symbol], case)
+    RUNNERS[case.form](lookup(library, case), case)

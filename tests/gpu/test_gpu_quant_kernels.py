@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import tvm
 
-from test_gpu_kernels import _dev, _poisoned, _rng, library, pytestmark  # noqa: F401  (fixture, skip marks)
-from cases import QUANT_CASES, Case  # noqa: E402
+from test_gpu_kernels import _dev, _poisoned, _rng, device, library, lookup, pytestmark  # noqa: F401  (fixture, skip marks)
+from cases import QUANT_CASES, TOL, Case  # noqa: E402
 from llmir_tvm.reference import QuantizedPagedCache, attention_ref, dequantize_rows, pool_dtype, quantize_rows  # noqa: E402
 
 UNQUANTIZED_BOUND = {"int8": 0.05, "float8_e4m3fn": 0.2}
 
 
 def _pool_dev(np_pool: np.ndarray, dtype: str):
-    pool = tvm.runtime.empty(np_pool.shape, dtype, tvm.cuda(0))
+    pool = tvm.runtime.empty(np_pool.shape, dtype, device())
     pool.copyfrom(np.ascontiguousarray(np_pool).view(pool_dtype(dtype)))
     return pool
 
@@ -54,6 +54,26 @@ def run_qprefill(fn, case: Case) -> None:
     fn(_dev(q), _pool_dev(cache.pool, spec.dtype), _dev(cache.block_table), _dev(cache.seq_lens_array), _dev(indptr), out)
     rows = [(slice(indptr[b], indptr[b + 1]), q[indptr[b] : indptr[b + 1]]) for b in range(len(case.kv_lens))]
     _check(out.numpy(), rows, cache, case)
+
+
+def run_qprefill_mma(fn, case: Case) -> None:
+    """Tensor-core prefill on a quantized pool: queries and output in the compute dtype; the
+    reference runs on the dequantized K/V within the compute dtype's tolerance."""
+    spec, rng = case.spec, _rng(case)
+    dt = np.dtype(spec.compute)
+    cache = QuantizedPagedCache(rng, case.kv_lens, spec.heads[1], spec.head_dim, spec.page, spec.dtype)
+    indptr = np.concatenate([[0], np.cumsum(case.q_lens)]).astype(np.int32)
+    q = rng.standard_normal((int(indptr[-1]), spec.heads[0], spec.head_dim)).astype(dt)
+    out = _poisoned(q.shape, dt)
+    fn(_dev(q), _pool_dev(cache.pool, spec.dtype), _dev(cache.block_table), _dev(cache.seq_lens_array), _dev(indptr), out)
+    got_all = out.numpy()
+    tol = TOL[spec.compute]
+    for b in range(len(case.kv_lens)):
+        got = got_all[indptr[b] : indptr[b + 1]].astype(np.float64)
+        assert np.isfinite(got).all(), f"sequence {b}: non-finite output (read a NaN-poisoned slot?)"
+        ref = attention_ref(q[indptr[b] : indptr[b + 1]], cache.deq_keys[b], cache.deq_values[b], spec.causal,
+                            spec.window, spec.sinks, spec.scale)
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=f"sequence {b} of {case.name}")
 
 
 def run_qappend(fn, case: Case, tokens: int = 23) -> None:
@@ -109,11 +129,9 @@ def run_qcopy(fn, case: Case) -> None:
     assert np.array_equal(pool.numpy().view(np.uint8).reshape(expected.shape), expected), "values or scales differ"
 
 
-RUNNERS = {"qdecode": run_qdecode, "qprefill": run_qprefill, "qappend": run_qappend, "qlookup": run_qlookup, "qcopy": run_qcopy}
+RUNNERS = {"qdecode": run_qdecode, "qprefill": run_qprefill, "qprefill_mma": run_qprefill_mma, "qappend": run_qappend, "qlookup": run_qlookup, "qcopy": run_qcopy}
 
 
 @pytest.mark.parametrize("case", QUANT_CASES, ids=[c.name for c in QUANT_CASES])
 def test_quantized_kernel_on_gpu(library, case: Case) -> None:  # noqa: F811  (the imported fixture)
-    lib, symbols = library
-    assert case.spec.symbol in symbols, f"{case.spec.symbol} missing: rebuild the artifacts"
-    RUNNERS[case.form](lib[case.spec.symbol], case)
+    RUNNERS[case.form](lookup(library, case), case)
