@@ -14,8 +14,6 @@ a read past ``seq_len`` fails), block-table entries past a sequence pointing at 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,41 +27,8 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(HERE)]
 
 from cases import CASES, TOL, Case  # noqa: E402
+from gpu_harness import _dev, _poisoned, _rng, library, pytestmark  # noqa: E402,F401  (fixture, skip marks)
 from llmir_tvm.reference import RandomPagedCache, attention_ref  # noqa: E402
-
-ARTIFACTS = Path(os.environ.get("LLMIR_GPU_ARTIFACTS", REPO / ".gpu-runtime" / "artifacts" / "kernels"))
-
-
-def _gpu_available() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001  (no CUDA runtime in this TVM build)
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(not (ARTIFACTS / "manifest.json").is_file(), reason=f"no GPU artifacts in {ARTIFACTS}"),
-]
-
-
-@pytest.fixture(scope="module")
-def library():
-    """The CUDA library of every test kernel, loaded once."""
-    manifest = json.loads((ARTIFACTS / "manifest.json").read_text())
-    return tvm.runtime.load_module(str(ARTIFACTS / manifest["library"])), set(manifest["symbols"])
-
-
-def _dev(array: np.ndarray):
-    return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cuda(0))
-
-
-def _poisoned(shape, dtype):
-    return _dev(np.full(shape, np.nan, dtype=dtype))
-
-
-def _rng(case: Case):
-    return np.random.default_rng(case.seed)
 
 
 def _check_attention(out: np.ndarray, rows_per_seq, cache, case: Case) -> None:

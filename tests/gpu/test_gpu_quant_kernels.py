@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tvm
 
-from test_gpu_kernels import _dev, _poisoned, _rng, library, pytestmark  # noqa: F401  (fixture, skip marks)
 from cases import QUANT_CASES, Case  # noqa: E402
+from gpu_harness import _dev, _poisoned, _rng, library, pytestmark  # noqa: F401  (fixture, skip marks)
 from llmir_tvm.reference import QuantizedPagedCache, attention_ref, dequantize_rows, pool_dtype, quantize_rows  # noqa: E402
 
 UNQUANTIZED_BOUND = {"int8": 0.05, "float8_e4m3fn": 0.2}
