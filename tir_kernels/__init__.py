@@ -83,7 +83,27 @@ def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
     raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm', 'cuda'")
 
 
+#: Kernels already made, by (factory, config, target): parsing a kernel's TVMScript costs seconds
+#: (each ``T.macro`` walks the Python stack), and every compile of a model makes the same few.
+#: PrimFuncs are immutable, so sharing one between compiles is safe.
+_MADE: dict[tuple[str, object, str | None], tvm.tirx.PrimFunc] = {}
+
+
+def _target_key(target: Target | str | dict | None) -> str | None:
+    """A hashable spelling of ``target`` that tells apart every target a factory specialises on."""
+    if target is None:
+        return None
+    return str(target if isinstance(target, Target) else Target(target))
+
+
 def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
+    key = (name, config, _target_key(target))
+    if key not in _MADE:
+        _MADE[key] = _build(name, config, target)
+    return _MADE[key]
+
+
+def _build(name: str, config, target) -> tvm.tirx.PrimFunc:
     layout = config.layout if isinstance(config, AttentionConfig) else config
     cpu = target_kind(target) in ("llvm", "c")
     for what, dtype in (("cache dtype", layout.dtype), ("compute dtype", layout.compute_dtype)):
