@@ -14,10 +14,12 @@ import tvm
 from tvm.target import Target
 
 from . import (
-    cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention, quant_cache_ops,
-    slot_copy,
+    block_copy, cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention,
+    quant_cache_ops, slot_copy,
 )
-from .config import QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized
+from .config import (
+    CPU_KV_DTYPES, QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized,
+)
 
 __all__ = [
     "AttentionConfig",
@@ -36,7 +38,7 @@ __all__ = [
 _CPU_VARIANTS: dict[str, Callable] = {
     "append_kv": cache_ops.append_kv,
     "lookup_kv": cache_ops.lookup_kv,
-    "copy_blocks": cache_ops.copy_blocks,
+    "copy_blocks": block_copy.copy_blocks,
     "copy_slots": slot_copy.copy_slots,
     "paged_decode_attention": paged_attention.paged_decode_attention,
     "paged_prefill_attention": paged_attention.paged_prefill_attention,
@@ -47,7 +49,7 @@ _CPU_VARIANTS: dict[str, Callable] = {
 _CUDA_VARIANTS: dict[str, Callable] = {
     "append_kv": cuda_cache_ops.append_kv,
     "lookup_kv": cuda_cache_ops.lookup_kv,
-    "copy_blocks": cuda_cache_ops.copy_blocks,
+    "copy_blocks": block_copy.cuda_copy_blocks,
     "copy_slots": cuda_slot_copy.copy_slots,
     "paged_decode_attention": cuda_attention.paged_decode_attention,
     "paged_prefill_attention": cuda_attention.paged_prefill_attention,
@@ -57,11 +59,10 @@ _CUDA_VARIANTS: dict[str, Callable] = {
 _CPU_QUANT_VARIANTS: dict[str, Callable] = {
     "append_kv": quant_cache_ops.append_kv,
     "lookup_kv": quant_cache_ops.lookup_kv,
-    "copy_blocks": quant_cache_ops.copy_blocks,
 }
 
 #: Cache dtypes the CPU (LLVM) kernels accept; bfloat16 is CUDA-only.
-CPU_CACHE_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
+CPU_CACHE_DTYPES = CPU_KV_DTYPES
 
 
 def target_kind(target: Target | str | dict | None) -> str:
@@ -133,7 +134,8 @@ def lookup_kv(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
 
 
 def copy_blocks(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
-    """In-place copy of whole pool blocks, for copy-on-write (see ``cache_ops.copy_blocks``)."""
+    """In-place copy of whole pool blocks, for copy-on-write; byte-wise, so one kernel serves every
+    pool dtype, quantized rows with their scales (see ``block_copy``)."""
     return _make("copy_blocks", layout, target)
 
 

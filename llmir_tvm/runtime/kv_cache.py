@@ -25,7 +25,7 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import check_kv_dtype, lookup_dtype, pool_row_elems
+from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
@@ -33,7 +33,7 @@ from .host_memory import make_resident
 __all__ = ["PagedKVCache", "StepTensors", "block_hash"]
 
 #: Cache dtypes the pool kernels accept (int8 / float8_e4m3fn: quantized rows with per-row scales).
-_POOL_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
+_POOL_DTYPES = CPU_KV_DTYPES
 #: Step tensors are packed in one int32 host buffer; each part starts on a 64-byte boundary.
 _ALIGN = 16
 #: DLPack device type of the host CPU.
