@@ -11,10 +11,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .collectives import COLLECTIVE_LIBRARY
 from .config import KVCacheConfig
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
-from .kv_dtypes import is_quantized
+from .kv_dtypes import is_quantized, kernel_name
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
@@ -117,7 +118,7 @@ def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
     funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
     if info.layer_kv_dtypes:
         for dtype in sorted(set(info.layer_kv_dtypes)):
-            funcs.update(cache_kernels_irmodule(layout(dtype), target, suffix=f"_{dtype}").functions_items())
+            funcs.update(cache_kernels_irmodule(layout(dtype), target, mixed=True).functions_items())
     return tvm.IRModule(funcs)
 
 
@@ -134,7 +135,7 @@ def _check_shardable(info: ModelInfo) -> None:
 
 
 #: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
-COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
+COLLECTIVE_TARGETS = COLLECTIVE_LIBRARY  # kept in the module (NCCL / RCCL), not cut into stages
 #: Where ``compile(cpu_dense=...)`` runs float32 Linear layers on ``llvm`` targets.
 CPU_DENSE = ("tir", "blas")
 
@@ -233,7 +234,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
-            name = f"{COPY_SLOTS}_{dtype}" if info.layer_kv_dtypes else COPY_SLOTS
+            name = kernel_name(COPY_SLOTS, dtype, bool(info.layer_kv_dtypes))
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")

@@ -32,14 +32,15 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import pool_row_elems
+from ..collectives import COLLECTIVE_LIBRARY
+from ..kv_dtypes import kernel_name, pool_row_elems
 from ..model import CompiledModel
 from .kv_cache import PagedKVCache
 
 #: Module run by worker processes 1..n-1 (worker 0 is this process).
 WORKER_ENTRYPOINT = "llmir_tvm.disco_worker"
 #: Collective library of each device kind the NCCL path runs on.
-_CCL = {"cuda": "nccl", "rocm": "rccl"}
+_CCL = COLLECTIVE_LIBRARY
 
 
 def init_disco():
@@ -218,7 +219,7 @@ class ShardedKVCache(PagedKVCache):
         self.executor = executor
         self._pools = [executor.empty_pool(num_blocks, dtype) for dtype in self.layer_dtypes]
         # mixed precision: one copy kernel per pool dtype, suffixed with it (as CompiledModel names them)
-        copies = {d: executor.kernel(f"llmir_copy_blocks_{d}" if info.layer_kv_dtypes else "llmir_copy_blocks")
+        copies = {d: executor.kernel(kernel_name("llmir_copy_blocks", d, bool(info.layer_kv_dtypes)))
                   for d in set(self.layer_dtypes)}
 
         def copy_fn(dtype: str):

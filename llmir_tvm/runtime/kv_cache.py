@@ -25,7 +25,7 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, lookup_dtype, pool_row_elems
+from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, kernel_name, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
@@ -630,7 +630,7 @@ class PagedKVCache:
             return None
         if dtype is not None:
             try:
-                return kernels[f"{name}_{dtype}"]
+                return kernels[kernel_name(name, dtype, True)]
             except (KeyError, AttributeError, TypeError, ValueError, RuntimeError):
                 pass
         try:
