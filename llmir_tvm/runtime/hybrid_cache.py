@@ -178,7 +178,8 @@ class HybridKVCache:
 
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence from every group."""
-        self.caches[0]._row(seq_id)  # unknown ids fail before any group changes
+        if not self.caches[0].has_sequence(seq_id):  # unknown ids fail before any group changes
+            raise ValueError(f"unknown sequence id {int(seq_id)}")
         for cache in self.caches:
             cache.remove_sequence(seq_id)
 
@@ -195,10 +196,7 @@ class HybridKVCache:
     def popn(self, seq_id: int, n: int) -> None:
         """Roll a sequence back by ``n`` tokens in every group (checked in every group first)."""
         for cache in self.caches:
-            row = cache._row(seq_id)
-            length = int(cache._len[row])
-            if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 0 <= n <= length:
-                cache._check_window_reachable(row, length - int(n), f"popn({n}) on sequence {int(seq_id)}")
+            cache.check_popn(seq_id, n)
         for cache in self.caches:
             cache.popn(seq_id, n)
 

@@ -404,13 +404,9 @@ class PagedKVCache:
         window raises ValueError.
         """
         self._check_no_step("popn")
-        row = self._row(seq_id)
-        n = _nonneg_int(n, "n")
-        length = int(self._len[row])
-        if n > length:
-            raise ValueError(f"cannot pop {n} tokens from sequence {int(seq_id)} of length {length}")
-        new_len = length - n
-        self._check_window_reachable(row, new_len, f"popn({n}) on sequence {int(seq_id)}")
+        self.check_popn(seq_id, n)
+        row, n = self._row(seq_id), int(n)
+        new_len = int(self._len[row]) - n
         bs = self.block_size
         old_n, new_n = int(self._nblk[row]), -(-new_len // bs)
         held = self._held(row)
@@ -420,6 +416,17 @@ class PagedKVCache:
         self._len[row] = new_len
         self._nblk[row] = new_n
         del self._hashes[row][new_len // bs :]
+
+    def check_popn(self, seq_id: int, n: int) -> None:
+        """Raise ValueError if :meth:`popn` ``(seq_id, n)`` would be refused (unknown id, ``n`` out of
+        range, released window positions made visible again); changes nothing. A cache made of
+        several (a hybrid cache's groups) checks every part before rolling any back."""
+        row = self._row(seq_id)
+        n = _nonneg_int(n, "n")
+        length = int(self._len[row])
+        if n > length:
+            raise ValueError(f"cannot pop {n} tokens from sequence {int(seq_id)} of length {length}")
+        self._check_window_reachable(row, length - n, f"popn({n}) on sequence {int(seq_id)}")
 
     def set_sliding_window(self, seq_id: int, sliding_window: int, sink_tokens: int = 0) -> None:
         """Set a sequence's attention window (0 = none) and sink tokens; out-of-window blocks are released now.
