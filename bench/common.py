@@ -1,4 +1,5 @@
-"""What every benchmark shares: timing, the machine stamp, and writing results (JSON, plot).
+"""What every benchmark shares: timing, the machine stamp (``bench/machine.py``'s, re-exported),
+and writing results (JSON, plot).
 
 Results follow one layout: ``bench/results/<name>.json`` (and ``.png``) is the current result of
 benchmark ``<name>``; writing a new one moves the previous files to ``bench/results/archive/``
@@ -7,22 +8,17 @@ under their own date and commit, so the folder holds one current result per benc
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .machine import ISA_FLAGS, machine_stamp  # noqa: F401  (re-exported: the one machine stamp)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVE = RESULTS / "archive"
-_REPO = Path(__file__).resolve().parents[1]
-#: CPU feature flags that decide which kernels a machine can run fast.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "neon", "asimd")
 
 __all__ = ["ARCHIVE", "RESULTS", "machine_stamp", "median_seconds", "write_plot", "write_result"]
 
@@ -42,37 +38,6 @@ def median_seconds(call: Callable[[], Any], repeats: int = 5, warmup: int = 1, p
     return statistics.median(times)
 
 
-def _cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "Features"):
-                flags.update(value.split())
-    except OSError:  # not Linux: the platform module's answer
-        pass
-    return model, [f for f in ISA_FLAGS if f in flags]
-
-
-def _git_commit() -> str:
-    try:
-        done = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
-def machine_stamp() -> dict[str, Any]:
-    """Where and when a result was measured: CPU model, ISA flags, usable cores, git commit, date."""
-    model, flags = _cpu_info()
-    return {"cpu": model, "isa": flags, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "commit": _git_commit(), "date": datetime.date.today().isoformat()}
-
-
 def _archive(path: Path) -> None:
     """Move ``path`` to ``archive/`` beside it, named with its result's date and commit."""
     if not path.exists():
@@ -83,7 +48,9 @@ def _archive(path: Path) -> None:
         stamp = json.loads(path.with_suffix(".json").read_text()).get("machine", {})
     except (OSError, ValueError, AttributeError):
         stamp = {}
-    tag = f"{stamp.get('date', 'undated')}_{stamp.get('commit', 'unknown')}" if isinstance(stamp, dict) else "undated"
+    if not isinstance(stamp, dict):
+        stamp = {}
+    tag = f"{str(stamp.get('date', 'undated'))[:10]}_{stamp.get('git_commit', 'unknown')}"
     shutil.move(str(path), str(archive / f"{path.stem}_{tag}{path.suffix}"))
 
 

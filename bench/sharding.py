@@ -21,8 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
 from .common import machine_stamp, write_plot, write_result
+
+HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
 BUDGET = 512 * 2**20
 
 
@@ -115,7 +116,8 @@ def _plot(result: dict, path: Path) -> None:
     lat = result["cpu_path_decode"]
     right.bar(list(lat), [v["ratio_vs_unsharded"] for v in lat.values()])
     right.set(title="CPU path: decode time per token vs unsharded", xlabel="shards", ylabel="x")
-    fig.suptitle(f"sharding, {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-                 f"{result['machine']['commit']}, {result['machine']['date']}", fontsize=8)
+    stamp = result["machine"]
+    fig.suptitle(f"sharding, {stamp['cpu_model']}, {stamp['usable_cores']} cores, {stamp['git_commit']}, {stamp['date']}",
+                 fontsize=8)
     fig.tight_layout()
     write_plot(fig, path)

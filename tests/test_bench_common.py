@@ -14,13 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
 
-def test_machine_stamp_names_cpu_isa_cores_commit_and_date():
+def test_the_machine_stamp_is_bench_machines():
+    from bench import machine
+
+    assert common.machine_stamp is machine.machine_stamp
     stamp = common.machine_stamp()
-    assert set(stamp) == {"cpu", "isa", "cores", "commit", "date"}
-    assert stamp["cpu"] and stamp["cores"] >= 1 and set(stamp["isa"]) <= set(common.ISA_FLAGS)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent, check=False).stdout.strip()
-    assert stamp["commit"] == (head or "unknown") and re.fullmatch(r"\d{4}-\d{2}-\d{2}", stamp["date"])
+    assert stamp["git_commit"].startswith(head[:7]) and re.match(r"\d{4}-\d{2}-\d{2}T", stamp["date"])
+    assert stamp["cpu_model"] and stamp["usable_cores"] >= 1
 
 
 def test_median_seconds_runs_warmup_then_repeats_and_divides_per_call():
@@ -37,7 +39,7 @@ def test_write_result_keeps_one_current_result_and_archives_the_previous(tmp_pat
     stamp = json.loads(first.read_text())["machine"]
     second = common.write_result("kvquant", {"speedup": 1.7}, results=tmp_path)
     assert second == first and json.loads(second.read_text())["speedup"] == 1.7
-    tag = f"{stamp['date']}_{stamp['commit']}"
+    tag = f"{stamp['date'][:10]}_{stamp['git_commit']}"
     archived = sorted(p.name for p in (tmp_path / "archive").iterdir())
     assert archived == [f"kvquant_{tag}.json", f"kvquant_{tag}.png"]
     assert json.loads((tmp_path / "archive" / f"kvquant_{tag}.json").read_text())["speedup"] == 1.5
