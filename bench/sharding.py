@@ -16,16 +16,14 @@ Two parts, one run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import time
 from pathlib import Path
 
-from .machine import machine_stamp
+from .common import machine_stamp, write_plot, write_result
 
 HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
-RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 512 * 2**20
 
 
@@ -33,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``sharding`` subcommand."""
     parser.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per timed run (default 24)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per setting (default 5)")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/sharding_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/sharding.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -85,12 +83,15 @@ def run(args: argparse.Namespace) -> int:
     """Compute the memory plans, measure the CPU path, write JSON + PNG, print a summary."""
     memory = _memory_rows()
     latency = _latency(args)
-    today = datetime.date.today().isoformat()
-    out = args.out or RESULTS / f"sharding_{today}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": today, "machine": machine_stamp(), "memory_default_model": memory,
-              "cpu_path_decode": latency, "new_tokens": args.new_tokens, "repeats": args.repeats}
-    out.write_text(json.dumps(result, indent=2))
+    result = {"memory_default_model": memory, "cpu_path_decode": latency, "new_tokens": args.new_tokens,
+              "repeats": args.repeats}
+    if args.out:  # an explicit file: written as given, stamped
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine_stamp(), **result}, indent=2))
+    else:  # the current result of this benchmark; the previous one goes to the archive
+        out = write_result("sharding", result)
+    result = json.loads(out.read_text())
     for row in memory:
         print(f"{row['num_shards']} shards: {row['bytes_per_block_per_device']} B/block/device, {row['num_blocks']} blocks/device, "
               f"x{row['concurrency_gain']:.1f} concurrency, {row['pool_bytes_total'] / 2**20:.0f} MiB over all devices")
@@ -115,5 +116,8 @@ def _plot(result: dict, path: Path) -> None:
     lat = result["cpu_path_decode"]
     right.bar(list(lat), [v["ratio_vs_unsharded"] for v in lat.values()])
     right.set(title="CPU path: decode time per token vs unsharded", xlabel="shards", ylabel="x")
+    stamp = result["machine"]
+    fig.suptitle(f"sharding, {stamp['cpu_model']}, {stamp['usable_cores']} cores, {stamp['git_commit']}, {stamp['date']}",
+                 fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    write_plot(fig, path)

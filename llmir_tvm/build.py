@@ -14,15 +14,17 @@ import tvm
 from tvm import relax
 
 from . import compile_cache
+from .collectives import COLLECTIVE_LIBRARY
 from .config import KVCacheConfig
 from .dense_choice import CPU_DENSE, DensePlans
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
-from .kv_dtypes import is_quantized
+from .kv_dtypes import is_quantized, kernel_name
 from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
 from .passes.clip_take_indices import ClipTakeIndices
+from .passes.kv_attrs import KVCacheAttrs
 from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
 from .passes.kv_allocation_optimization import module_memory_plan
@@ -58,24 +60,22 @@ def _vocab_from_logits(mod: tvm.IRModule) -> int:
 
 
 def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, target) -> ModelInfo:
-    attrs = mod["prefill"].attrs[KV_ATTR]
-    heads, qo_heads, dims = (sorted(set(int(x) for x in attrs[k])) for k in ("num_kv_heads", "num_qo_heads", "head_dim"))
+    attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
+    heads, qo_heads, dims = (sorted(set(attrs.num_kv_heads)), sorted(set(attrs.num_qo_heads)), sorted(set(attrs.head_dim)))
     if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
         raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
-    windows = [int(w) for w in attrs["sliding_window"]]
-    sinks = [int(w) for w in attrs["sink_tokens"]] if "sink_tokens" in attrs else [0] * len(windows)
+    windows, sinks = list(attrs.sliding_window), attrs.sinks
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     plan = module_memory_plan(mod)
-    layer_dtypes = [str(d) for d in attrs["layer_dtypes"]] if "layer_dtypes" in attrs else []
     info = ModelInfo(
         name=imported.name,
         target=str(target.kind.name),
-        num_layers=int(attrs["num_layers"]),
+        num_layers=attrs.num_layers,
         num_kv_heads=heads[0],
         num_qo_heads=qo_heads[0],
         head_dim=dims[0],
-        page_size=int(attrs["page_size"]),
-        kv_dtype=str(attrs["dtype"]),
+        page_size=attrs.page_size,
+        kv_dtype=attrs.dtype,
         num_blocks=0,
         max_seq_len=int(max_seq_len),
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
@@ -83,10 +83,10 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         sliding_window=windows[0],
         pool_windows=windows,
         pool_sinks=sinks,
-        eviction=str(attrs["eviction"]) if "eviction" in attrs else "none",
-        eviction_window=int(attrs["eviction_window"]) if "eviction_window" in attrs else 0,
-        heavy_hitters=int(attrs["heavy_hitters"]) if "heavy_hitters" in attrs else 0,
-        layer_kv_dtypes=layer_dtypes if str(attrs["dtype"]) == "mixed" else [],
+        eviction=attrs.eviction or "none",
+        eviction_window=attrs.eviction_window or 0,
+        heavy_hitters=attrs.heavy_hitters or 0,
+        layer_kv_dtypes=list(attrs.layer_dtypes or ()) if attrs.dtype == "mixed" else [],
     )
     if max(windows) > info.max_seq_len:
         raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
@@ -113,9 +113,9 @@ def _choose_precision(model: Any, imported: ImportedModel, kv: KVCacheConfig):
     )
 
 
-def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
+def _cache_kernels(info: ModelInfo, kv_attrs: KVCacheAttrs, target) -> tvm.IRModule:
     """The runtime's cache kernels: one set for a uniform pool dtype; per dtype (suffixed) when mixed."""
-    compute = str(kv_attrs["compute_dtype"]) if "compute_dtype" in kv_attrs else info.kv_dtypes[0]
+    compute = kv_attrs.compute_dtype or info.kv_dtypes[0]
 
     def layout(dtype: str) -> CacheLayout:
         return CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype,
@@ -124,7 +124,7 @@ def _cache_kernels(info: ModelInfo, kv_attrs: Any, target) -> tvm.IRModule:
     funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
     if info.layer_kv_dtypes:
         for dtype in sorted(set(info.layer_kv_dtypes)):
-            funcs.update(cache_kernels_irmodule(layout(dtype), target, suffix=f"_{dtype}").functions_items())
+            funcs.update(cache_kernels_irmodule(layout(dtype), target, mixed=True).functions_items())
     return tvm.IRModule(funcs)
 
 
@@ -141,7 +141,7 @@ def _check_shardable(info: ModelInfo) -> None:
 
 
 #: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
-COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
+COLLECTIVE_TARGETS = COLLECTIVE_LIBRARY  # kept in the module (NCCL / RCCL), not cut into stages
 
 
 def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
@@ -298,7 +298,7 @@ def _build(
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
     info = _model_info(imported, mod, kv, target)
-    kv_attrs = mod["prefill"].attrs[KV_ATTR]
+    kv_attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
     if num_shards > 1:
@@ -316,7 +316,7 @@ def _build(
     funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
-            name = f"{COPY_SLOTS}_{dtype}" if info.layer_kv_dtypes else COPY_SLOTS
+            name = kernel_name(COPY_SLOTS, dtype, bool(info.layer_kv_dtypes))
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")

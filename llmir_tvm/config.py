@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .kv_dtypes import CPU_KV_DTYPES, QUANTIZED_KV_DTYPES
 from .memory_plan import parse_budget
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -100,7 +101,7 @@ class KVCacheConfig:
 
     DEFAULT_BUDGET = 512 * 2**20
     #: Pool dtypes accepted by name (besides ``"auto"`` and per-layer tuples of them).
-    KV_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
+    KV_DTYPES = CPU_KV_DTYPES
 
     def __post_init__(self) -> None:
         if self.page_size is not None and (
@@ -117,7 +118,7 @@ class KVCacheConfig:
                 f"KV dtype {self.dtype!r} is not supported; choose one of {self.KV_DTYPES}, 'auto', "
                 "or a tuple with one of them per layer"
             )
-        if self.auto_quant_dtype not in ("int8", "float8_e4m3fn"):
+        if self.auto_quant_dtype not in QUANTIZED_KV_DTYPES:
             raise ValueError(f"auto_quant_dtype must be 'int8' or 'float8_e4m3fn', got {self.auto_quant_dtype!r}")
         if self.auto_keep_dtype not in ("float16", "float32"):
             raise ValueError(f"auto_keep_dtype must be 'float16' or 'float32', got {self.auto_keep_dtype!r}")

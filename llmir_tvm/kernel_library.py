@@ -10,6 +10,7 @@ import tvm
 from tvm.target import Target
 
 from llmir_tvm import tir_kernels
+from llmir_tvm.kv_dtypes import kernel_name
 from llmir_tvm.target import resolve_target
 from llmir_tvm.tir_kernels import CacheLayout
 
@@ -19,17 +20,15 @@ __all__ = ["CACHE_KERNEL_NAMES", "build_cache_kernels", "cache_kernels_irmodule"
 CACHE_KERNEL_NAMES = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
 
 
-def cache_kernels_irmodule(layout: CacheLayout, target: Target | str | dict | None = "llvm", suffix: str = "") -> tvm.IRModule:
+def cache_kernels_irmodule(layout: CacheLayout, target: Target | str | dict | None = "llvm", mixed: bool = False) -> tvm.IRModule:
     """IRModule of the append, lookup and block-copy PrimFuncs for ``layout``, one GlobalVar per global symbol.
 
-    ``suffix`` is appended to every name (mixed-precision models carry one set per pool dtype,
-    named ``llmir_copy_blocks_int8`` etc.; see ``PagedKVCache``).
+    ``mixed``: the names carry the pool dtype (mixed-precision models carry one set per pool dtype,
+    named ``llmir_copy_blocks_int8`` etc.; see :func:`llmir_tvm.kv_dtypes.kernel_name`).
     """
-    funcs = {
-        f"llmir_append_kv{suffix}": tir_kernels.append_kv(layout, target),
-        f"llmir_lookup_kv{suffix}": tir_kernels.lookup_kv(layout, target),
-        f"llmir_copy_blocks{suffix}": tir_kernels.copy_blocks(layout, target),
-    }
+    factories = {"llmir_append_kv": tir_kernels.append_kv, "llmir_lookup_kv": tir_kernels.lookup_kv,
+                 "llmir_copy_blocks": tir_kernels.copy_blocks}
+    funcs = {kernel_name(base, layout.dtype, mixed): make(layout, target) for base, make in factories.items()}
     for name, func in funcs.items():
         symbol = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None
         if symbol != name:

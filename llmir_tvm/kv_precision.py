@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .kv_dtypes import QMAX
+
 #: Calibration text used when none is given (plain prose; any few hundred tokens will do).
 DEFAULT_CALIBRATION_TEXT = (
     "The lighthouse keeper climbed the narrow stairs every evening at dusk, carrying a can of oil "
@@ -99,7 +101,7 @@ def fake_quantize(x, dtype: str):
     xf = x.float()
     if dtype in ("float16", "bfloat16", "float32"):
         return xf.to(getattr(torch, dtype)).to(x.dtype)
-    qmax = {"int8": 127.0, "float8_e4m3fn": 448.0}[dtype]
+    qmax = QMAX[dtype]
     scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp(max=65504.0).half().float()
     y = torch.where(scale > 0, xf / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(xf))
     if dtype == "int8":

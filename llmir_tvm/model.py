@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tvm.runtime
 
+from .kv_dtypes import kernel_name
 from .memory_plan import MemoryPlan, kv_block_bytes
 
 #: Global symbols of the cache kernels embedded in every compiled model.
@@ -121,7 +122,8 @@ class CompiledModel:
             names = CACHE_KERNELS + (OPTIONAL_CACHE_KERNELS if self.info.eviction == "h2o" else ())
             for dtype in sorted(set(self.info.layer_kv_dtypes)):
                 for name in names:
-                    kernels[f"{name}_{dtype}"] = self.module.get_function(f"{name}_{dtype}", query_imports=True)
+                    kernels[kernel_name(name, dtype, True)] = self.module.get_function(kernel_name(name, dtype, True),
+                                                                                       query_imports=True)
         return kernels
 
     def save(self, directory: str | Path) -> Path:

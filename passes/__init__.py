@@ -26,10 +26,11 @@ from .low_batch_gemv import LowBatchGemvSpecialize
 from .gpu_pipeline import gpu_build_pipeline
 from .host_pipeline import host_build_pipeline
 from .host_schedule import ScheduleHostOps
+from .kv_attrs import KVCacheAttrs
 from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

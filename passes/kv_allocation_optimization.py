@@ -48,6 +48,7 @@ from llmir_tvm.memory_plan import (
 )
 
 from .dense_offload import OffloadDenseToBLAS
+from .kv_attrs import KVCacheAttrs
 from .paged_attention_rewrite import KV_ATTR
 
 _APPEND = "relax.llm.append_kv"
@@ -216,9 +217,7 @@ def repage(func: relax.Function, page_size: int) -> relax.Function:
         new[p] = relax.Var(p.name, relax.TensorType(dims, p.ty.dtype))
     result = _RepagePools(None, new).visit_expr(func)
     attrs = {k: func.attrs[k] for k in func.attrs.keys()}
-    kv = {k: attrs[KV_ATTR][k] for k in attrs[KV_ATTR].keys()}
-    kv["page_size"] = page_size
-    attrs[KV_ATTR] = kv
+    attrs[KV_ATTR] = KVCacheAttrs.from_attrs(attrs[KV_ATTR]).replace(page_size=page_size).to_attrs()
     return relax.Function(result.params, result.body, None, result.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 

@@ -42,6 +42,7 @@ from llmir_tvm.config import check_eviction
 from llmir_tvm.kv_groups import group_step_names, window_groups
 
 from .attention_match import AttentionMatchError, emit_like, op_name
+from .kv_attrs import KVCacheAttrs
 from .paged_attention_rewrite import KV_ATTR
 
 _APPEND = "relax.llm.append_kv"
@@ -292,18 +293,15 @@ class KVCachePruning:
         params = params[:first_pool] + [new_pools.get(p, p) for p in live] + new_params + [q for q in params[first_pool:] if q not in dropped]
         if "num_input" in attrs:
             attrs["num_input"] = int(attrs["num_input"]) - (num_layers - len(live)) + len(new_params)
-        new_kv = {k: kv[k] for k in kv.keys()}
-        for name in _PER_POOL:
-            new_kv[name] = [int(kv[name][pools.index(p)]) for p in live]
-        new_kv["num_layers"] = len(live)
-        new_kv["sliding_window"] = [keep[p][0] for p in live]
-        new_kv["sink_tokens"] = [keep[p][1] for p in live]
-        new_kv["window_groups"] = [group_of[p] for p in live]
-        new_kv["layer_pool"] = layer_pool
-        new_kv["eviction"] = self.eviction
-        new_kv["eviction_window"] = self.window
-        new_kv["heavy_hitters"] = self.heavy_hitters
-        attrs[KV_ATTR] = new_kv
+        before = KVCacheAttrs.from_attrs(kv)
+        live_of = [pools.index(p) for p in live]
+        attrs[KV_ATTR] = before.replace(
+            **{name: [getattr(before, name)[i] for i in live_of] for name in _PER_POOL},
+            layer_dtypes=None if before.layer_dtypes is None else [before.layer_dtypes[i] for i in live_of],
+            sliding_window=[keep[p][0] for p in live], sink_tokens=[keep[p][1] for p in live],
+            window_groups=[group_of[p] for p in live], layer_pool=layer_pool, eviction=self.eviction,
+            eviction_window=self.window, heavy_hitters=self.heavy_hitters,
+        ).to_attrs()
         if self.eviction == "h2o" and paged and all(len(b.value.args) == 4 for b in paged):  # the decode entry point
             if not isinstance(body.body, relax.Var):
                 raise AttentionMatchError(f"KVCachePruning: {fname} must return a variable to add attention scores")

@@ -50,6 +50,7 @@ from tvm.sym.analyzer import Analyzer
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .attention_match import emit_like, op_name
+from .kv_attrs import KVCacheAttrs
 from .paged_attention_rewrite import KV_ATTR
 
 #: Function attribute holding the shard count and how each weight is sliced.
@@ -383,11 +384,9 @@ def _shard_function(mod: tvm.IRModule, fname: str, func: relax.Function, num_sha
     body = rewriter.visit_expr(func.body)
 
     attrs = dict(func.attrs)
-    attrs[KV_ATTR] = {
-        **{k: kv[k] for k in kv.keys()},
-        "num_kv_heads": [s.kv_per_shard for s in splits],
-        "num_qo_heads": [s.qo_per_shard for s in splits],
-    }
+    attrs[KV_ATTR] = KVCacheAttrs.from_attrs(kv).replace(
+        num_kv_heads=[s.kv_per_shard for s in splits], num_qo_heads=[s.qo_per_shard for s in splits],
+    ).to_attrs()
     attrs[SHARD_ATTR] = {
         "num_shards": num_shards,
         "num_kv_heads": kv_heads,

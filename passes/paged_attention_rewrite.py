@@ -29,7 +29,7 @@ from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchErr
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
 
 #: Function attribute describing the paged KV cache a rewritten function expects.
-KV_ATTR = "llmir.kv_cache"
+from .kv_attrs import KV_ATTR, KVCacheAttrs  # noqa: E402  (KV_ATTR re-exported: passes import it from here)
 STEP_PARAMS = ("slot_mapping", "block_table", "seq_lens", "q_indptr")
 
 
@@ -243,19 +243,15 @@ class PagedAttentionRewrite:
         num_inputs = int(attrs.get("num_input", len(func.params)))
         inputs = [p for p in func.params[:num_inputs] if p not in past]
         params = inputs + pools + step + list(func.params[num_inputs:])
-        attrs[KV_ATTR] = {
-            "page_size": self.page_size,
-            "dtype": dtype,
-            "num_layers": len(layers),
-            "num_kv_heads": [l.num_kv_heads for l in layers],
-            "num_qo_heads": [l.num_qo_heads for l in layers],
-            "head_dim": [l.head_dim for l in layers],
-            "sliding_window": [l.sliding_window for l in layers],
-            "causal": [int(l.causal) for l in layers],
-        }
-        if dtype == "mixed" or is_quantized(dtype):  # per-layer pool dtypes and the model's float dtype
-            attrs[KV_ATTR]["layer_dtypes"] = layer_dtypes
-            attrs[KV_ATTR]["compute_dtype"] = compute
+        per_layer_dtypes = dtype == "mixed" or is_quantized(dtype)  # per-layer pool dtypes and the model's float dtype
+        attrs[KV_ATTR] = KVCacheAttrs(
+            page_size=self.page_size, dtype=dtype,
+            num_kv_heads=tuple(l.num_kv_heads for l in layers), num_qo_heads=tuple(l.num_qo_heads for l in layers),
+            head_dim=tuple(l.head_dim for l in layers), sliding_window=tuple(l.sliding_window for l in layers),
+            causal=tuple(bool(l.causal) for l in layers),
+            layer_dtypes=tuple(layer_dtypes) if per_layer_dtypes else None,
+            compute_dtype=compute if per_layer_dtypes else None,
+        ).to_attrs()
         if "num_input" in attrs:
             attrs["num_input"] = len(inputs) + len(pools) + len(step)
         new_params = {p: q for p, q in zip(func.params + pools + step, new.params)}

@@ -30,3 +30,33 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A fresh, seeded generator per test (results do not depend on test order)."""
     return np.random.default_rng(20261123)
+
+
+#: KV settings of the session's shared tiny models: pages of 4 tokens, 64 blocks by default
+#: (an engine may size its pool otherwise with ``Engine(compiled, num_blocks=...)``).
+TINY_PAGE, TINY_BLOCKS = 4, 64
+
+
+@pytest.fixture(scope="session")
+def tiny_compiled():
+    """``family -> (HF model, compiled model)`` for the tiny models of ``helpers.models.FAMILIES``
+    (seed 0, float32 KV in pages of 4 tokens), each compiled once per session on first use.
+
+    Many modules test the same two-layer model from different sides (engine API, scheduler,
+    end-to-end, sharding references); compiling it once keeps the suite fast. The models are
+    shared: tests must not change them (use ``Engine(compiled, num_blocks=...)`` for other pools).
+    """
+    import llmir_tvm  # pylint: disable=import-outside-toplevel
+
+    from helpers.models import tiny_model  # pylint: disable=import-outside-toplevel
+
+    built: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in built:
+            model = tiny_model(family)
+            kv = llmir_tvm.KVCacheConfig(page_size=TINY_PAGE, num_blocks=TINY_BLOCKS)
+            built[family] = model, llmir_tvm.compile(model, kv=kv)
+        return built[family]
+
+    return get

@@ -16,20 +16,20 @@ import llmir_tvm
 from llmir_tvm.frontend import ModelImportError
 from llmir_tvm.passes import AttentionMatchError
 
+from helpers.models import tiny_llama
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tiny_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(LlamaConfig(**(config | overrides))).eval()
+@pytest.fixture(scope="module")
+def compiled_with_dumps(tmp_path_factory):
+    """The tiny Llama compiled once for this module (pages of 8, 12 blocks) with its IR dumped by stage."""
+    dumps = tmp_path_factory.mktemp("ir")
+    return llmir_tvm.compile(tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=12), dump_ir=dumps), dumps
 
 
-def test_dump_ir_writes_every_stage_and_each_parses_back(tmp_path):
-    llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32), dump_ir=tmp_path)
+def test_dump_ir_writes_every_stage_and_each_parses_back(compiled_with_dumps):
+    tmp_path = compiled_with_dumps[1]
     dumps = sorted(p.name for p in tmp_path.glob("*.py"))
     assert dumps == ["0_imported.py", "1_PagedAttentionRewrite.py", "2_BlockifyKVCache.py", "3_KVCachePruning.py",
                      "4_SimplifyPower.py", "5_KVCacheAllocationOptimization.py"]
@@ -44,7 +44,7 @@ def test_dump_ir_writes_every_stage_and_each_parses_back(tmp_path):
 
 def test_compile_model_script_saves_a_loadable_model(tmp_path):
     model_dir = tmp_path / "hf"
-    _tiny_llama().save_pretrained(model_dir)
+    tiny_llama().save_pretrained(model_dir)
     out, dumps = tmp_path / "compiled", tmp_path / "ir"
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts/compile_model.py"), "--model", str(model_dir), "--page-size", "8",
@@ -80,9 +80,8 @@ def test_unsupported_attention_variant_is_refused_with_the_op_named():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    compiled = llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=12))
-    return llmir_tvm.Engine(compiled)
+def engine(compiled_with_dumps):
+    return llmir_tvm.Engine(compiled_with_dumps[0])
 
 
 def test_requests_longer_than_the_context_abort_alone_and_the_pool_queues_the_rest(engine):
@@ -181,7 +180,7 @@ def test_torch_module_and_exported_program(form):
 
 
 def test_float16_kv_cache_for_a_float32_model():
-    model = _tiny_llama()
+    model = tiny_llama()
     compiled = llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="float16"))
     assert compiled.info.kv_dtype == "float16"
     engine = llmir_tvm.Engine(compiled)

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import tvm
 from tvm.target import Target
 
 from llmir_tvm import tir_kernels
+
+from helpers.cuda_source import ATTENTION, CACHE_OPS, check_source, ptxas_report
 
 ARCHS = ("sm_80", "sm_90a")
 PAGE_SIZES = (1, 8, 16, 32)
@@ -33,18 +32,26 @@ DTYPES = ("float16", "bfloat16")
 #: (causal, window, sinks); the grid cycles through them so each meets every other value.
 MASKS = ((True, 0, 0), (True, 64, 4), (False, 0, 0))
 GRID = [(*cfg, MASKS[i % len(MASKS)]) for i, cfg in enumerate(itertools.product(PAGE_SIZES, HEAD_DIMS, HEADS, DTYPES))]
-ATTENTION = {"paged_decode_attention": "llmir_paged_decode", "paged_prefill_attention": "llmir_paged_prefill"}
-CACHE_OPS = {"append_kv": "llmir_append_kv", "lookup_kv": "llmir_lookup_kv", "copy_blocks": "llmir_copy_blocks"}
-#: nvcc-compiled subset: every page size, head dim, head shape, dtype and mask at least once.
+#: nvcc-compiled subset: every page size, head dim, dtype and mask at least once; MHA and MQA heads.
 NVCC_SUBSET = [GRID[i] for i in (0, 13, 22, 35, 41, 47)]
+#: The default run builds a covering subset of the attention grid (every page size, head dim, head
+#: shape, dtype and mask at least once, and the entries other tests read); the full sweep of 48
+#: entries x 2 archs runs with --run-slow.
+ATTENTION_DEFAULT = {0, 1, 5, 9, 13, 22, 27, 35, 41, 47}
+CACHE_GRID = list(itertools.product(PAGE_SIZES, HEAD_DIMS, (8, 4, 1), DTYPES))
+#: Covering subset of the cache-op grid: every page size, head dim, KV-head count and dtype.
+CACHE_DEFAULT = {(1, 64, 8, "float16"), (8, 128, 4, "bfloat16"), (16, 64, 1, "bfloat16"), (32, 128, 8, "float16")}
+
+
+def _sweep(entries, default, ids) -> list:
+    """``entries`` as pytest params, those outside ``default`` marked slow (the full sweep)."""
+    return [pytest.param(*e, id=i, marks=() if d else pytest.mark.slow) for e, d, i in zip(entries, default, ids)]
 
 
 def _grid_id(entry) -> str:
     page, dim, heads, dtype, (causal, window, sinks) = entry
     mask = "causal" if causal and not window else f"w{window}s{sinks}" if window else "noncausal"
     return f"p{page}_d{dim}_h{heads[0]}x{heads[1]}_{dtype}_{mask}"
-
-_LOCAL_DECL = re.compile(r"^\s*alignas\(\d+\)\s+[\w:]+\s+(\w+)\[(\d+)\];", re.M)
 
 
 def _target(arch: str) -> Target:
@@ -71,31 +78,17 @@ def cuda_source(kind: str, key: tuple, arch: str) -> str:
     return lib.imports[0].inspect_source()
 
 
-def check_source(src: str, symbol: str, shared: bool) -> None:
-    """The structural checks every kernel source must pass."""
-    assert f'extern "C" __global__ void __launch_bounds__' in src
-    assert re.search(rf"__global__ void __launch_bounds__\([\d, ]+\) {symbol}_kernel\(", src), f"no {symbol}_kernel"
-    assert "blockIdx.x" in src and "threadIdx.x" in src, "blocks/threads are not bound"
-    if shared:
-        assert "__shared__" in src, "attention kernels must stage data in shared memory"
-    for name, _size in _LOCAL_DECL.findall(src):
-        if re.search(rf"__shared__\s+alignas\(\d+\)\s+[\w:]+\s+{name}\[", src):
-            continue
-        for index in re.findall(rf"\b{name}\[([^\]]*)\]", src):
-            assert index.strip().isdigit(), f"local array {name} indexed dynamically: {name}[{index}]"
-        for offset in re.findall(rf"\(\s*{name}\s*\+\s*([^)]*)\)", src):
-            assert offset.strip().isdigit(), f"local array {name} addressed dynamically: {name} + {offset}"
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("page,dim,heads,dtype,mask", GRID, ids=[_grid_id(g) for g in GRID])
+@pytest.mark.parametrize("page,dim,heads,dtype,mask",
+                         _sweep(GRID, [i in ATTENTION_DEFAULT for i in range(len(GRID))], [_grid_id(g) for g in GRID]))
 def test_attention_kernels_build_for_the_grid(arch, page, dim, heads, dtype, mask):
     for kind, symbol in ATTENTION.items():
         check_source(cuda_source(kind, (page, dim, heads, dtype, mask), arch), symbol, shared=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("page,dim,kv_heads,dtype", list(itertools.product(PAGE_SIZES, HEAD_DIMS, (8, 4, 1), DTYPES)))
+@pytest.mark.parametrize("page,dim,kv_heads,dtype",
+                         _sweep(CACHE_GRID, [c in CACHE_DEFAULT for c in CACHE_GRID], ["-".join(map(str, c)) for c in CACHE_GRID]))
 def test_cache_ops_build_for_the_grid(arch, page, dim, kv_heads, dtype):
     for kind, symbol in CACHE_OPS.items():
         src = cuda_source(kind, (kv_heads, dim, page, dtype), arch)
@@ -135,40 +128,6 @@ def test_odd_head_dim_pads_lanes():
         func = getattr(tir_kernels, kind)(cfg, _target("sm_80"))
         lib = tvm.tirx.build(func, target=_target("sm_80"))
         check_source(lib.imports[0].inspect_source(), symbol, shared=True)
-
-
-def _nvcc_flags(arch: str) -> list[str]:
-    """The flags TVM's nvcc path uses (tvm.support.nvcc), to read ptxas' resource report."""
-    from tvm.support import nvcc  # pylint: disable=import-outside-toplevel
-
-    return ["-O3", "-arch", arch, "--use_fast_math", "--expt-relaxed-constexpr",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-            f"--ptxas-options={','.join(nvcc._ptxas_option_flags())}"]
-
-
-def ptxas_report(src: str, arch: str) -> dict[str, dict[str, int]]:
-    """Compile ``src`` to a cubin with nvcc; return per kernel registers, stack and spill bytes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cu")
-        with open(path, "w") as f:
-            f.write(src)
-        cmd = ["nvcc", "--cubin", *_nvcc_flags(arch), "-o", os.path.join(tmp, "kernel.cubin"), path]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report, current = {}, None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        m = re.search(r"Function properties for (\w+)", line)
-        if m:
-            current = m.group(1)
-            report[current] = {}
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current:
-            report[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current:
-            report[current]["registers"] = int(m.group(1))
-    return report
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")

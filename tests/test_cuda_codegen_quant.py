@@ -19,7 +19,7 @@ from tvm.target import Target
 from llmir_tvm import tir_kernels
 from llmir_tvm.tir_kernels.cuda_quant_load import word_path
 
-from test_cuda_codegen import ATTENTION, CACHE_OPS, check_source, ptxas_report
+from helpers.cuda_source import ATTENTION, CACHE_OPS, check_source, ptxas_report
 
 #: (dtype, arch) pairs that must build.
 BUILDS = [("int8", "sm_80"), ("int8", "sm_90a"), ("float8_e4m3fn", "sm_89"), ("float8_e4m3fn", "sm_90a")]

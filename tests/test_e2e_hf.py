@@ -14,40 +14,17 @@ import tvm.testing
 
 import llmir_tvm
 
-NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
-FAMILIES = {
-    "llama_gqa": lambda t: t.LlamaForCausalLM(t.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, **NO_EOS)),
-    "qwen2": lambda t: t.Qwen2ForCausalLM(t.Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, **NO_EOS)),
-    "gpt2": lambda t: t.GPT2LMHeadModel(t.GPT2Config(
-        vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=256, **NO_EOS)),
-    "mistral_window": lambda t: t.MistralForCausalLM(t.MistralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, **NO_EOS)),
-}
+from helpers.models import hf_greedy
+
 PROMPT_LENS = (5, 13, 2)
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request):
-    """(HF model, compiled model, engine) for one family with random weights."""
-    import transformers
-
-    torch.manual_seed(0)
-    model = FAMILIES[request.param](transformers).eval()
-    compiled = llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=4, num_blocks=128))
-    return model, compiled, llmir_tvm.Engine(compiled)
-
-
-def _hf_greedy(model, prompt, new_tokens):
-    """transformers' greedy generate of one prompt (stops at the model's end-of-sequence id, if any)."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+@pytest.fixture(scope="module", params=["gpt2", "llama_gqa", "mistral_window", "qwen2"])
+def family(request, tiny_compiled):
+    """(HF model, compiled model, engine with 128 blocks of 4 tokens) for one family with random weights."""
+    model, compiled = tiny_compiled(request.param)
+    return model, compiled, llmir_tvm.Engine(compiled, num_blocks=128)
 
 
 def test_greedy_generation_is_token_identical(family):
@@ -57,7 +34,7 @@ def test_greedy_generation_is_token_identical(family):
     results = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
     for prompt, result in zip(prompts, results):
         assert len(result.token_ids) == NEW_TOKENS and result.finish_reason == "length"
-        assert result.token_ids == _hf_greedy(model, prompt, NEW_TOKENS)
+        assert result.token_ids == hf_greedy(model, prompt, NEW_TOKENS)
     stats = engine.cache.stats()
     assert stats["blocks_used"] == 0 and stats["num_sequences"] == 0  # everything released
 
@@ -97,6 +74,29 @@ def test_windowed_models_hold_at_most_the_window_in_blocks(family):
     assert held[:-1] and max(held[:-1]) <= -(-window // 4) + 1 and held[-1] == 0
 
 
+def test_default_model_first_layers_generate_like_transformers():
+    """The built-in SmolLM2-135M-Instruct's real weights (embeddings, head, tokenizer and its first two
+    decoder layers: 9 query / 3 KV heads of 64, tied embeddings): batch of 3 tokenized prompts, up to
+    32 greedy tokens each, token-identical with transformers. The whole 30-layer model runs in
+    ``test_default_model_generates_like_transformers`` (--run-slow)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmir_tvm.frontend.default_model import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=2).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads, hf.config.tie_word_embeddings) == (9, 3, True)
+    engine = llmir_tvm.Engine(llmir_tvm.compile(hf, kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=32)))
+    prompts = [tokenizer(p)["input_ids"] for p in ("Once upon a time, there was a little", "The capital of France is",
+                                                   "def fibonacci(n):")]
+    results = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
+    assert sum(len(r.token_ids) for r in results) >= NEW_TOKENS
+
+
+@pytest.mark.slow
 def test_default_model_generates_like_transformers():
     """The built-in SmolLM2-135M-Instruct: batch of 3 prompts, up to 32 greedy tokens each, token-identical
     (both sides stop at the model's end-of-sequence token)."""
@@ -111,6 +111,6 @@ def test_default_model_generates_like_transformers():
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
     for prompt, result in zip(prompts, results):
         ids = compiled.tokenizer(prompt)["input_ids"]
-        assert result.token_ids == _hf_greedy(hf, ids, NEW_TOKENS), prompt
+        assert result.token_ids == hf_greedy(hf, ids, NEW_TOKENS), prompt
     assert sum(len(r.token_ids) for r in results) >= 2 * NEW_TOKENS  # mostly full-length generations
     assert results[0].text.startswith(" girl named Emma who loved to play in the sun")

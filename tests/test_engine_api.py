@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import llmir_tvm
 from llmir_tvm import SamplingParams
@@ -24,15 +23,9 @@ class CharTokenizer:
 
 
 @pytest.fixture(scope="module")
-def engine():
-    import transformers
-
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
-    compiled = llmir_tvm.compile(transformers.LlamaForCausalLM(config).eval(), kv=llmir_tvm.KVCacheConfig(page_size=4, num_blocks=64))
+def engine(tiny_compiled):
+    """The session's tiny Llama (vocabulary 256) with a character tokenizer, 64 blocks of 4 tokens."""
+    compiled = tiny_compiled("llama_gqa")[1]
     with_tokenizer = CompiledModel(compiled.executable, compiled.params, compiled.info, tokenizer=CharTokenizer())
     return llmir_tvm.Engine(with_tokenizer, max_num_batched_tokens=16)
 

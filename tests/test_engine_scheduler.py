@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import llmir_tvm
 from llmir_tvm import SamplingParams
+
+from helpers.models import hf_greedy
 
 PAGE = 4
 PROMPT_LENS = (3, 17, 9, 30, 1, 12, 22)
@@ -20,23 +21,11 @@ NEW_TOKENS = (10, 20, 5, 12, 16, 8, 9)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """(HF model, compiled model) with random weights, pages of 4 tokens."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    return model, llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=PAGE, num_blocks=64))
-
-
-def _hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+def tiny(tiny_compiled):
+    """(HF model, compiled model) with random weights, pages of 4 tokens, 64 blocks (the session's tiny Llama)."""
+    model, compiled = tiny_compiled("llama_gqa")
+    assert compiled.info.page_size == PAGE and compiled.info.num_blocks == 64
+    return model, compiled
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +35,7 @@ def workload(tiny):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(1, 256, n).tolist() for n in PROMPT_LENS]
     params = [SamplingParams(max_new_tokens=n) for n in NEW_TOKENS]
-    return prompts, params, [_hf_greedy(model, p, n) for p, n in zip(prompts, NEW_TOKENS)]
+    return prompts, params, [hf_greedy(model, p, n) for p, n in zip(prompts, NEW_TOKENS)]
 
 
 def _assert_released(engine: llmir_tvm.Engine) -> None:
@@ -87,7 +76,7 @@ def test_prefix_hits_give_identical_outputs_and_skip_prefill(tiny):
     rng = np.random.default_rng(9)
     shared = rng.integers(1, 256, 3 * PAGE + 1).tolist()  # three full blocks and one token
     prompts = [shared + rng.integers(1, 256, n).tolist() for n in (2, 5, 7, 3)]
-    expected = [_hf_greedy(model, p, 6) for p in prompts]
+    expected = [hf_greedy(model, p, 6) for p in prompts]
 
     reuse = llmir_tvm.Engine(compiled, max_num_batched_tokens=64)
     first = reuse.generate(prompts[:1], max_new_tokens=6)  # computes the shared blocks
@@ -127,7 +116,7 @@ def test_parallel_samples_share_the_prompt_and_are_reproducible(tiny):
     assert [o.token_ids for o in batched.outputs] == samples
     # greedy forks equal transformers' single greedy continuation
     greedy = engine.generate([prompt], SamplingParams(max_new_tokens=8, n=4))[0]
-    assert [o.token_ids for o in greedy.outputs] == [_hf_greedy(model, prompt, 8)] * 4
+    assert [o.token_ids for o in greedy.outputs] == [hf_greedy(model, prompt, 8)] * 4
     assert engine.cache.stats()["cow_copies"] > 0
     _assert_released(engine)
 
@@ -148,7 +137,7 @@ def test_a_request_larger_than_the_pool_aborts_while_the_others_complete(tiny, w
     grown = engine.generate([prompts[0]], max_new_tokens=30)[0]
     assert grown.finish_reason == "abort" and "cannot hold a sequence" in grown.error
     assert len(grown.token_ids) == 6 * PAGE - len(prompts[0]) + 1
-    assert grown.token_ids == _hf_greedy(tiny[0], prompts[0], len(grown.token_ids))
+    assert grown.token_ids == hf_greedy(tiny[0], prompts[0], len(grown.token_ids))
     _assert_released(engine)
 
 

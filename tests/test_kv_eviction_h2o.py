@@ -23,8 +23,9 @@ from llmir_tvm.runtime import H2OKVCache
 from llmir_tvm.tir_kernels import CacheLayout
 from llmir_tvm.tir_kernels.slot_copy import copy_slots
 
+from helpers.models import NO_EOS
+
 PAGE, HEAVY, RECENT = 4, 4, 4
-NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 
 
 class ReferencePolicy:

@@ -16,7 +16,8 @@ import tvm.testing
 import llmir_tvm
 from llmir_tvm.runtime import HybridKVCache, PagedKVCache
 
-NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
+from helpers.models import NO_EOS, hf_greedy, tiny_model
+
 PAGE, WINDOW = 4, 8
 HYBRID = {
     "qwen2_max_window_layers": lambda t: t.Qwen2ForCausalLM(t.Qwen2Config(
@@ -27,12 +28,6 @@ HYBRID = {
         num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, sliding_window_pattern=2, **NO_EOS)),
 }
 EXPECTED_WINDOWS = {"qwen2_max_window_layers": [0, WINDOW, WINDOW], "gemma3_interleaved": [WINDOW, 0, WINDOW, 0]}
-
-
-def _hf_greedy(model, prompt, new_tokens):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def _blocks_held_each_step(engine, prompt, new_tokens):
@@ -75,7 +70,7 @@ def test_hybrid_model_generates_like_transformers(hybrid):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 256, n).tolist() for n in (13, 5)]
     for prompt, result in zip(prompts, engine.generate(prompts, max_new_tokens=24)):
-        assert result.token_ids == _hf_greedy(model, prompt, 24)
+        assert result.token_ids == hf_greedy(model, prompt, 24)
     tokens = rng.integers(1, 256, 30).tolist()
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()
@@ -101,12 +96,7 @@ SINKS, STREAM_WINDOW = 4, 8
 
 @pytest.fixture(scope="module")
 def streaming():
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, **NO_EOS)).eval()
+    model = tiny_model("llama_gqa")
     kv = llmir_tvm.KVCacheConfig(page_size=PAGE, num_blocks=64, eviction="streaming", eviction_window=STREAM_WINDOW,
                                  sink_tokens=SINKS)
     compiled = llmir_tvm.compile(model, kv=kv)

@@ -25,6 +25,8 @@ from llmir_tvm.frontend import ModelImportError, import_model
 from llmir_tvm.frontend.cache_export import with_flat_kv_cache
 from llmir_tvm.passes import PagedAttentionRewrite
 
+from helpers.models import hf_greedy
+
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
 CONFIG = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -146,19 +148,13 @@ def _ort_cache_logits(path: str, tokens: list[int], prefill_len: int) -> np.ndar
     return np.concatenate(rows)
 
 
-def _hf_greedy(model, prompt: list[int]) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def _assert_generates_like_transformers(engine: llmir_tvm.Engine, model) -> None:
     rng = np.random.default_rng(7)
     prompts = [rng.integers(1, VOCAB, n).tolist() for n in PROMPT_LENS]
     results = engine.generate(prompts, max_new_tokens=NEW_TOKENS)  # one ragged prefill, then batched decode
     for prompt, result in zip(prompts, results):
         assert len(result.token_ids) == NEW_TOKENS
-        assert result.token_ids == _hf_greedy(model, prompt)
+        assert result.token_ids == hf_greedy(model, prompt, NEW_TOKENS)
 
 
 def test_cache_export_imports_to_the_frontend_convention(cache_onnx):

@@ -20,16 +20,23 @@ from llmir_tvm.reference import dequantize_rows, quantize_rows
 from llmir_tvm.runtime import PagedKVCache
 from llmir_tvm.tir_kernels import CacheLayout
 
+from helpers.models import tiny_llama
+
 TOKENS = [1, 5, 9, 17, 33, 2, 64, 100, 7, 7, 7, 31, 90, 12, 45, 3, 88, 101, 11, 60]
 
 
-def _tiny_llama(layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="module")
+def quantized():
+    """``dtype -> (tiny Llama, compiled with a quantized cache of 32 blocks of 8)``, compiled once per module."""
+    built: dict = {}
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
+    def get(dtype: str):
+        if dtype not in built:
+            model = tiny_llama()
+            built[dtype] = model, llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype=dtype))
+        return built[dtype]
+
+    return get
 
 
 def _hf_logits(model, tokens, layer_dtypes):
@@ -39,9 +46,8 @@ def _hf_logits(model, tokens, layer_dtypes):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
-def test_quantized_cache_matches_fake_quantized_hugging_face(dtype):
-    model = _tiny_llama()
-    compiled = llmir_tvm.compile(model, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype=dtype))
+def test_quantized_cache_matches_fake_quantized_hugging_face(dtype, quantized):
+    model, compiled = quantized(dtype)
     info = compiled.info
     assert info.kv_dtypes == [dtype, dtype]
     assert info.bytes_per_block == 2 * 2 * 2 * 8 * (16 + 2)  # layers * K/V * heads * page * (head_dim + scale)
@@ -83,10 +89,10 @@ def test_runtime_quantized_pools_fork_and_debug_get_kv(rng):
     np.testing.assert_array_equal(k1[6], dequantize_rows(quantize_rows(new, "int8"), "int8")[0])
 
 
-def test_prefix_cache_reuses_quantized_blocks_with_identical_outputs():
+def test_prefix_cache_reuses_quantized_blocks_with_identical_outputs(quantized):
     """Prompts sharing two full blocks: the second and third find them in the prefix cache (rows and
     scales reused as written) and generate exactly what an engine without prefix caching does."""
-    compiled = llmir_tvm.compile(_tiny_llama(), kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="int8"))
+    compiled = quantized("int8")[1]
     rng = np.random.default_rng(4)
     shared = rng.integers(1, 128, 2 * 8 + 1).tolist()
     prompts = [shared + rng.integers(1, 128, n).tolist() for n in (3, 6, 2)]
@@ -100,7 +106,7 @@ def test_prefix_cache_reuses_quantized_blocks_with_identical_outputs():
 
 
 def test_auto_plan_is_chosen_stored_and_survives_save_load(tmp_path, capsys):
-    model = _tiny_llama(layers=3)
+    model = tiny_llama(num_hidden_layers=3)
     tokens = np.random.default_rng(0).integers(0, 128, 48).tolist()
     everything = choose_layer_dtypes(model, tokens, max_kl=1.0)
     assert everything.layer_dtypes == ["int8"] * 3 and everything.plan_kl <= 1.0

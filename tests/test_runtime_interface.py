@@ -44,3 +44,17 @@ def test_h2o_cache_declares_no_forks_and_its_refusal_names_the_reason(kernels):
     assert caps.missing_for(samples=1) is None
     assert "n = 2" in caps.missing_for(samples=2)
     assert KVCacheCapabilities(fork=True, popn=True, prefix_caching=False).missing_for(samples=4) is None
+
+
+def test_hybrid_stats_count_the_scale_bytes_of_quantized_rows():
+    """kv_bytes_used weighs each group's used blocks by its pools' block bytes: 2 (K, V) x 1 head x
+    4 tokens x (8 values + 2 scale bytes) = 80 bytes per int8 pool block, not 64."""
+    kernels = build_cache_kernels(CacheLayout(1, 8, PAGE, "int8"))
+    cache = HybridKVCache([0, 8, 8], None, 1, 8, PAGE, [16, 6], "int8", kernels=kernels)
+    cache.add_sequence(0)
+    cache.begin_forward([0], [13])
+    cache.end_forward()
+    stats = cache.stats()
+    full, local = stats["blocks_used_g0"], stats["blocks_used_g1"]
+    assert full == 4 and local >= 1  # 13 tokens in pages of 4; the window group holds what 8 tokens need
+    assert stats["kv_bytes_used"] == (full * 1 + local * 2) * 80  # group 0 has one pool, group 1 two

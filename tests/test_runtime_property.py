@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmir_tvm.runtime import KVCacheOutOfBlocks
-from test_runtime_scenarios import BS, Kernels, assert_same_snapshot, make
+from helpers.runtime_harness import BS, Kernels, assert_same_snapshot, kernels_for, make
 
 NUM_BLOCKS = 20
 MAX_SEQS = 6
@@ -154,7 +154,7 @@ class Driver:
 
 @pytest.fixture(scope="module")
 def kern():
-    return Kernels("float32")
+    return kernels_for("float32")
 
 
 def _run_programs(kern, examples: int, ops_per_example: int) -> dict[str, int]:

@@ -23,44 +23,36 @@ from llmir_tvm.runtime import PagedKVCache
 from llmir_tvm.runtime.disco_executor import ShardedExecutor, start_session
 from llmir_tvm.shard_memory import shard_memory_plan
 
-NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
-FAMILIES = {
-    "llama_gqa": lambda t: t.LlamaForCausalLM(t.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, **NO_EOS)),
-    "qwen2": lambda t: t.Qwen2ForCausalLM(t.Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, **NO_EOS)),
-}
+from helpers.models import tiny_model
+
 #: 2 layers x K and V x 16 dims x 4 tokens x 4 bytes, per KV head: a block of one KV head.
 HEAD_BLOCK_BYTES = 2 * 2 * 16 * 4 * 4
-KV = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32)  # every device's pool: 32 blocks
+BLOCKS = 64  # every device's pool, as the session's unsharded tiny models (tests/conftest.py)
+KV = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=BLOCKS)
 CASES = [
     pytest.param(("llama_gqa", 2), id="llama_gqa-2shards"),
     pytest.param(("llama_gqa", 4), id="llama_gqa-4shards"),
     pytest.param(("qwen2", 2), id="qwen2-2shards", marks=pytest.mark.slow),
     pytest.param(("qwen2", 4), id="qwen2-4shards", marks=pytest.mark.slow),
 ]
-_hf_models: dict = {}
-_unsharded: dict = {}
 _sessions: dict = {}
+#: The session's tiny models by this module's family names (``qwen2_kv2``: Qwen2 with 2 KV heads).
+_SESSION_FAMILY = {"llama_gqa": "llama_gqa", "qwen2": "qwen2_kv2"}
 
 
-def _hf(family: str):
-    if family not in _hf_models:
-        import transformers
+@pytest.fixture(scope="module")
+def reference(tiny_compiled):
+    """``family -> (HF model, unsharded compiled model, its engine)``: the session's tiny model."""
+    engines: dict = {}
 
-        torch.manual_seed(0)
-        _hf_models[family] = FAMILIES[family](transformers).eval()
-    return _hf_models[family]
+    def get(family: str):
+        model, compiled = tiny_compiled(_SESSION_FAMILY[family])
+        assert compiled.info.num_blocks == BLOCKS and compiled.info.page_size == KV.page_size
+        if family not in engines:
+            engines[family] = llmir_tvm.Engine(compiled)
+        return model, compiled, engines[family]
 
-
-def _reference(family: str):
-    """(compiled, engine) of the unsharded model, compiled once per module."""
-    if family not in _unsharded:
-        compiled = llmir_tvm.compile(_hf(family), kv=KV)
-        _unsharded[family] = compiled, llmir_tvm.Engine(compiled)
-    return _unsharded[family]
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +63,15 @@ def sessions():
 
 
 @pytest.fixture(scope="module", params=CASES)
-def sharded(request, sessions):
+def sharded(request, sessions, reference):
     """(family, shards, HF model, unsharded engine, sharded compiled model, sharded engine)."""
     family, shards = request.param
-    compiled = llmir_tvm.compile(_hf(family), kv=KV, num_shards=shards)
+    model, _, reference_engine = reference(family)
+    compiled = llmir_tvm.compile(model, kv=KV, num_shards=shards)
     if shards not in sessions:
         sessions[shards] = start_session(shards)
     engine = llmir_tvm.Engine(compiled, session=sessions[shards])
-    yield family, shards, _hf(family), _reference(family)[1], compiled, engine
+    yield family, shards, model, reference_engine, compiled, engine
     engine.executor.close()
 
 
@@ -110,11 +103,11 @@ def test_greedy_tokens_equal_the_unsharded_model_and_transformers(sharded):
     assert engine.cache.stats()["cow_copies"] >= 1 and engine.cache.stats()["num_sequences"] == 0
 
 
-def test_block_tables_are_identical_on_every_shard_and_pools_hold_their_heads(sharded):
+def test_block_tables_are_identical_on_every_shard_and_pools_hold_their_heads(sharded, reference):
     """One step driven by hand: every worker got the controller's block table, and shard s's pool holds
     the KV heads of the unsharded pool that its query heads read, in the same blocks."""
     family, shards, _, _, compiled, engine = sharded
-    reference = _reference(family)[0]
+    reference = reference(family)[1]
     executor: ShardedExecutor = engine.executor
     info = compiled.info
     ref_cache = PagedKVCache(info.num_layers, reference.info.num_kv_heads, info.head_dim, info.page_size, 16,
@@ -164,34 +157,34 @@ def test_sharded_model_reloads_without_recompiling(sharded, tmp_path):
     reloaded.executor.close()
 
 
-def test_memory_plan_per_shard(sharded):
+def test_memory_plan_per_shard(sharded, reference):
     family, shards, _, _, compiled, _ = sharded
     info, plan = compiled.info, shard_memory_plan(compiled.info)
     kv_heads_per_shard = max(1, 2 // shards)  # both families have 2 KV heads
     assert info.num_kv_heads == kv_heads_per_shard and info.num_qo_heads == 4 // shards
     assert info.kv_replication == max(1, shards // 2)
     assert plan.bytes_per_block_per_device == kv_heads_per_shard * HEAD_BLOCK_BYTES
-    assert plan.bytes_per_block_unsharded == 2 * HEAD_BLOCK_BYTES == _reference(family)[0].info.bytes_per_block
-    # every device's pool holds the same 32 block ids (one allocator), each block a shard's heads
-    assert info.num_blocks == 32 == _reference(family)[0].info.num_blocks
-    assert plan.pool_bytes_per_device == 32 * kv_heads_per_shard * HEAD_BLOCK_BYTES
-    assert plan.pool_bytes_total == shards * 32 * kv_heads_per_shard * HEAD_BLOCK_BYTES  # replicas included
-    assert plan.unsharded_blocks == 32 * kv_heads_per_shard // 2 and plan.concurrency_gain == 2.0  # 2 KV heads spread
+    assert plan.bytes_per_block_unsharded == 2 * HEAD_BLOCK_BYTES == reference(family)[1].info.bytes_per_block
+    # every device's pool holds the same BLOCKS block ids (one allocator), each block a shard's heads
+    assert info.num_blocks == BLOCKS == reference(family)[1].info.num_blocks
+    assert plan.pool_bytes_per_device == BLOCKS * kv_heads_per_shard * HEAD_BLOCK_BYTES
+    assert plan.pool_bytes_total == shards * BLOCKS * kv_heads_per_shard * HEAD_BLOCK_BYTES  # replicas included
+    assert plan.unsharded_blocks == BLOCKS * kv_heads_per_shard // 2 and plan.concurrency_gain == 2.0  # 2 KV heads spread
     # the compile-time memory plan (KVCacheAllocationOptimization runs after KVCacheSharding) is per device
-    device_plan, unsharded_plan = compiled.memory_plan(), _reference(family)[0].memory_plan()
+    device_plan, unsharded_plan = compiled.memory_plan(), reference(family)[1].memory_plan()
     assert device_plan.bytes_per_block == plan.bytes_per_block_per_device
-    assert device_plan.num_blocks == 32 and device_plan.weights_bytes < unsharded_plan.weights_bytes
+    assert device_plan.num_blocks == BLOCKS and device_plan.weights_bytes < unsharded_plan.weights_bytes
 
 
 def test_bad_shard_counts_are_refused_with_clear_errors():
     with pytest.raises(ShardingError, match="num_shards must be an int >= 1, got 0"):
-        llmir_tvm.compile(_hf("llama_gqa"), kv=KV, num_shards=0)
+        llmir_tvm.compile(tiny_model("llama_gqa"), kv=KV, num_shards=0)
 
 
 @pytest.mark.slow
 def test_shard_count_not_dividing_the_heads_is_refused_by_compile():
     with pytest.raises(ShardingError, match="4 query heads do not divide evenly over 3 shards"):
-        llmir_tvm.compile(_hf("llama_gqa"), kv=KV, num_shards=3)
+        llmir_tvm.compile(tiny_model("llama_gqa"), kv=KV, num_shards=3)
 
 
 def test_session_size_and_device_must_match_the_model(sharded):
@@ -208,7 +201,7 @@ def test_session_size_and_device_must_match_the_model(sharded):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_nccl_path_builds_for_cuda_with_the_all_reduce_in_the_module():
     """The GPU build keeps its all-reduces (run by NCCL; tests/gpu/test_sharded_nccl.py runs it on 2 GPUs)."""
-    compiled = llmir_tvm.compile(_hf("llama_gqa"), target={"kind": "cuda", "arch": "sm_80"},
+    compiled = llmir_tvm.compile(tiny_model("llama_gqa"), target={"kind": "cuda", "arch": "sm_80"},
                                  kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=64), num_shards=2)
     assert compiled.info.shard_stages == {} and compiled.info.num_kv_heads == 1 and compiled.info.num_shards == 2
     text = compiled.executable.as_text()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import tvm.runtime
 import tvm.testing
 
@@ -24,7 +23,8 @@ from llmir_tvm.runtime import PagedKVCache
 from llmir_tvm.runtime.disco_executor import start_session
 from llmir_tvm.shard_memory import shard_memory_plan
 
-NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
+from helpers.models import tiny_model
+
 SHARDS = 2
 #: Mixed: a quantized and a float layer, each with its own dtype's kernels on the workers; with
 #: StreamingLLM (2 sinks + 8 recent tokens), which the 19-token scoring below outgrows.
@@ -33,15 +33,6 @@ CASES = [
     pytest.param((("int8", "float16"), STREAMING), id="mixed-int8-fp16-streaming"),
     pytest.param(("float8_e4m3fn", {}), id="fp8", marks=pytest.mark.slow),
 ]
-
-
-def _hf_model():
-    import transformers
-
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, **NO_EOS)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +46,7 @@ def models(request, session):
     """(KV dtype, unsharded compiled, unsharded engine, sharded compiled, sharded engine)."""
     dtype, eviction = request.param
     kv = llmir_tvm.KVCacheConfig(page_size=4, num_blocks=32, dtype=dtype, **eviction)
-    model = _hf_model()
+    model = tiny_model("llama_gqa")
     reference = llmir_tvm.compile(model, kv=kv)
     sharded = llmir_tvm.compile(model, kv=kv, num_shards=SHARDS)
     engine = llmir_tvm.Engine(sharded, session=session)
@@ -160,7 +151,7 @@ def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
     """``compile_model.py --num-shards 2 --kv-dtype int8``: the saved folder runs on the workers with the
     logits of the unsharded int8 model."""
     model_dir, out = tmp_path / "hf", tmp_path / "compiled"
-    _hf_model().save_pretrained(model_dir)
+    tiny_model("llama_gqa").save_pretrained(model_dir)
     args = ["--model", str(model_dir), "--page-size", "4", "--num-blocks", "32", "--kv-dtype", "int8", "--num-shards", "2"]
     assert _compile_script().main([*args, "-o", str(out)]) == 0
     assert "tensor parallel: 2 shards, 1 KV head(s) and 2 query heads each" in capsys.readouterr().out
@@ -175,6 +166,6 @@ def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
 
 def test_compile_script_reports_a_shard_count_the_heads_cannot_take(tmp_path, capsys):
     model_dir = tmp_path / "hf"
-    _hf_model().save_pretrained(model_dir)
+    tiny_model("llama_gqa").save_pretrained(model_dir)
     assert _compile_script().main(["--model", str(model_dir), "--num-shards", "3", "-o", str(tmp_path / "out")]) == 2
     assert "4 query heads do not divide evenly over 3 shards" in capsys.readouterr().err

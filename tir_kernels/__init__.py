@@ -14,10 +14,12 @@ import tvm
 from tvm.target import Target
 
 from . import (
-    cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention, quant_cache_ops,
-    slot_copy,
+    block_copy, cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention,
+    quant_cache_ops, slot_copy,
 )
-from .config import QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized
+from .config import (
+    CPU_KV_DTYPES, QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized,
+)
 
 __all__ = [
     "AttentionConfig",
@@ -36,7 +38,7 @@ __all__ = [
 _CPU_VARIANTS: dict[str, Callable] = {
     "append_kv": cache_ops.append_kv,
     "lookup_kv": cache_ops.lookup_kv,
-    "copy_blocks": cache_ops.copy_blocks,
+    "copy_blocks": block_copy.copy_blocks,
     "copy_slots": slot_copy.copy_slots,
     "paged_decode_attention": paged_attention.paged_decode_attention,
     "paged_prefill_attention": paged_attention.paged_prefill_attention,
@@ -47,7 +49,7 @@ _CPU_VARIANTS: dict[str, Callable] = {
 _CUDA_VARIANTS: dict[str, Callable] = {
     "append_kv": cuda_cache_ops.append_kv,
     "lookup_kv": cuda_cache_ops.lookup_kv,
-    "copy_blocks": cuda_cache_ops.copy_blocks,
+    "copy_blocks": block_copy.cuda_copy_blocks,
     "copy_slots": cuda_slot_copy.copy_slots,
     "paged_decode_attention": cuda_attention.paged_decode_attention,
     "paged_prefill_attention": cuda_attention.paged_prefill_attention,
@@ -57,11 +59,10 @@ _CUDA_VARIANTS: dict[str, Callable] = {
 _CPU_QUANT_VARIANTS: dict[str, Callable] = {
     "append_kv": quant_cache_ops.append_kv,
     "lookup_kv": quant_cache_ops.lookup_kv,
-    "copy_blocks": quant_cache_ops.copy_blocks,
 }
 
 #: Cache dtypes the CPU (LLVM) kernels accept; bfloat16 is CUDA-only.
-CPU_CACHE_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
+CPU_CACHE_DTYPES = CPU_KV_DTYPES
 
 
 def target_kind(target: Target | str | dict | None) -> str:
@@ -83,6 +84,19 @@ def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
     raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm', 'cuda'")
 
 
+#: Kernels already made, by (factory, config, target): parsing a kernel's TVMScript costs seconds
+#: (each ``T.macro`` walks the Python stack), and every compile of a model makes the same few.
+#: PrimFuncs are immutable, so sharing one between compiles is safe.
+_MADE: dict[tuple[str, object, str | None], tvm.tirx.PrimFunc] = {}
+
+
+def _target_key(target: Target | str | dict | None) -> str | None:
+    """A hashable spelling of ``target`` that tells apart every target a factory specialises on."""
+    if target is None:
+        return None
+    return str(target if isinstance(target, Target) else Target(target))
+
+
 def _cpu_vector(target):
     """The fp32 vector lanes / registers the CPU attention kernels size their tiles from: the LLVM
     target's (the host's when None); a ``c`` target gets the kernels' defaults (AVX-512-sized)."""
@@ -94,6 +108,13 @@ def _cpu_vector(target):
 
 
 def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
+    key = (name, config, _target_key(target))
+    if key not in _MADE:
+        _MADE[key] = _build(name, config, target)
+    return _MADE[key]
+
+
+def _build(name: str, config, target) -> tvm.tirx.PrimFunc:
     layout = config.layout if isinstance(config, AttentionConfig) else config
     cpu = target_kind(target) in ("llvm", "c")
     for what, dtype in (("cache dtype", layout.dtype), ("compute dtype", layout.compute_dtype)):
@@ -127,7 +148,8 @@ def lookup_kv(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
 
 
 def copy_blocks(layout: CacheLayout, target=None) -> tvm.tirx.PrimFunc:
-    """In-place copy of whole pool blocks, for copy-on-write (see ``cache_ops.copy_blocks``)."""
+    """In-place copy of whole pool blocks, for copy-on-write; byte-wise, so one kernel serves every
+    pool dtype, quantized rows with their scales (see ``block_copy``)."""
     return _make("copy_blocks", layout, target)
 
 

@@ -1,6 +1,6 @@
-"""Paged-pool data movement kernels for LLVM CPU targets: append (scatter), lookup (gather), block copy.
+"""Paged-pool data movement kernels for LLVM CPU targets: append (scatter) and lookup (gather).
 
-All three work on one layer's pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``
+Both work on one layer's pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``
 and keep every batch/token/block dimension symbolic.
 """
 
@@ -95,31 +95,3 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
                             out_v[b, i * BS + o, h, d] = T.Cast(dtype, T.float32(0))
 
     return lookup
-
-
-def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
-    """Copy whole blocks inside the pool **in place**: ``(cache, src, dst)``, ``cache[dst[i]] = cache[src[i]]``.
-
-    Used for copy-on-write of a shared, partially filled block. ``dst`` blocks must be distinct
-    and must not appear in ``src``.
-    """
-    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
-    ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
-
-    @T.prim_func
-    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
-        NB = T.int64()
-        N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype, align=ALIGN)
-        src = T.match_buffer(src_h, (N,), "int32", align=4)
-        dst = T.match_buffer(dst_h, (N,), "int32", align=4)
-        for task in T.parallel(N * 2 * H):
-            i: T.int64 = task // (2 * H)
-            kv: T.int64 = task // H % 2
-            h: T.int64 = task % H
-            for o in range(BS):
-                for d in T.vectorized(D):
-                    cache[T.Cast("int64", dst[i]), kv, h, o, d] = cache[T.Cast("int64", src[i]), kv, h, o, d]
-
-    return copy

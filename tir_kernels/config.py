@@ -8,49 +8,16 @@ build serves every step of every sequence mix.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from dataclasses import dataclass
 
-#: Cache dtypes the kernels accept (the storage dtype of the paged pool). "bfloat16" is served
-#: by the CUDA kernels only; the dispatcher rejects it for CPU targets.
-SUPPORTED_CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
-
-#: Quantized pool dtypes. A quantized pool row (one token of one KV head, K or V) holds
-#: ``head_dim`` quantized values followed by ``SCALE_ELEMS`` bytes: the row's float16 scale,
-#: little-endian. The value is ``q * scale`` (int8: symmetric, ``scale = absmax / 127``;
-#: float8_e4m3fn: ``scale = absmax / 448``), the scale computed on write, per token per KV head.
-QUANTIZED_CACHE_DTYPES = ("int8", "float8_e4m3fn")
-#: Pool elements (one byte each) holding a quantized row's float16 scale.
-SCALE_ELEMS = 2
-#: Float dtypes the model side of a quantized cache may use (keys/values in, queries, outputs).
-COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def is_quantized(dtype: str) -> bool:
-    """True for pool dtypes that store quantized values plus per-row scales."""
-    return str(dtype) in QUANTIZED_CACHE_DTYPES
-
-
-def pool_row_elems(dtype: str, head_dim: int) -> int:
-    """Last dimension of a pool of ``dtype``: ``head_dim``, plus the scale bytes when quantized."""
-    return head_dim + SCALE_ELEMS if is_quantized(dtype) else head_dim
-
-
-def pool_row_bytes(dtype: str, head_dim: int) -> int:
-    """Bytes of one pool row (one token, one KV head, K or V), scales included."""
-    return pool_row_elems(dtype, head_dim) * element_bytes(dtype)
-
-
-def element_bytes(dtype: str) -> int:
-    """Bytes of one element: the buffer alignment CPU kernels assume.
-
-    TVM assumes 64-byte aligned buffers by default and emits aligned vector loads, which
-    crash on arrays that are not (a numpy slice, say); kernels declare element alignment.
-    """
-    if dtype == "bfloat16":
-        return 2
-    return 1 if is_quantized(dtype) else np.dtype(dtype).itemsize
+# The pool dtypes and their storage are owned by llmir_tvm.kv_dtypes (one place for runtime,
+# config, operators, passes and kernels). ``element_bytes`` is also the buffer alignment CPU
+# kernels declare: TVM assumes 64-byte aligned buffers and emits aligned vector loads, which
+# crash on arrays that are not (a numpy slice, say).
+from llmir_tvm.kv_dtypes import (  # noqa: F401  (re-exported for the kernels)
+    COMPUTE_DTYPES, CPU_KV_DTYPES, QUANTIZED_KV_DTYPES as QUANTIZED_CACHE_DTYPES, SCALE_ELEMS,
+    KV_DTYPES as SUPPORTED_CACHE_DTYPES, element_bytes, is_quantized, pool_row_bytes, pool_row_elems,
+)
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -1,4 +1,4 @@
-"""Paged-pool data movement kernels for CUDA targets: append (scatter), lookup (gather), block copy.
+"""Paged-pool data movement kernels for CUDA targets: append (scatter) and lookup (gather).
 
 Same signatures, global symbols and semantics as :mod:`.cache_ops` (the CPU variants). Every
 thread moves one 128-bit vector of a K row and the matching vector of the V row, so all global
@@ -115,42 +115,3 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
                                     out_v[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))
 
     return lookup
-
-
-def copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
-    """Copy whole blocks inside the pool **in place**: ``(cache, src, dst)``, ``cache[dst[i]] = cache[src[i]]``.
-
-    ``dst`` blocks must be distinct and must not appear in ``src``. A pool block
-    ``[2, H, block_size, D]`` is contiguous, so each pair is one 128-bit-vector memcpy:
-    ``blockIdx.x`` is the pair, ``blockIdx.y`` walks its vectors.
-    """
-    check_cuda_layout(layout)
-    cuda_target_info(target)
-    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
-    VEC = vector_width(dtype)
-    BLOCK = 2 * H * BS * D  # elements of one pool block
-    CB = BLOCK // VEC
-    NTH = _threads_for(CB)
-    NX = (CB + NTH - 1) // NTH
-
-    @T.prim_func
-    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_copy_blocks"})
-        NB = T.int64()
-        N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
-        src = T.match_buffer(src_h, (N,), "int32")
-        dst = T.match_buffer(dst_h, (N,), "int32")
-        flat = T.decl_buffer((NB * BLOCK,), dtype, data=cache.data)
-        if N > 0:  # a CUDA launch needs at least one block
-            for i in T.thread_binding(N, thread="blockIdx.x"):
-                for bx in T.thread_binding(NX, thread="blockIdx.y"):
-                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                        c: T.int32 = bx * NTH + tx
-                        if c < CB:
-                            blk_s: T.int64 = T.Cast("int64", src[i])
-                            blk_d: T.int64 = T.Cast("int64", dst[i])
-                            for v in T.vectorized(VEC):
-                                flat[blk_d * BLOCK + c * VEC + v] = flat[blk_s * BLOCK + c * VEC + v]
-
-    return copy

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from tvm.target import Target
 
-from .config import CacheLayout
+from .config import SUPPORTED_CACHE_DTYPES as KV_DTYPES, CacheLayout
 
 #: Bytes moved by one vectorised global load/store (``uint4``: 128 bits).
 VECTOR_BYTES = 16
 #: Cache dtypes the CUDA kernels accept (int8 / float8_e4m3fn: quantized rows, see ``kv_quant``).
-CUDA_CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
+CUDA_CACHE_DTYPES = KV_DTYPES  # every pool dtype (float8_e4m3fn: sm_89+, see check_quant_target)
 #: float8_e4m3fn pools need hardware e4m3 conversions: Ada (sm_89) or newer.
 FP8_MIN_SM = 89
 #: Largest head_dim the CUDA kernels accept (one warp covers a row with 128-bit loads).

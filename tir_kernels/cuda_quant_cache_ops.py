@@ -2,8 +2,8 @@
 
 Same signatures and semantics as :mod:`.quant_cache_ops` (the CPU variants): ``append_kv``
 quantizes each new row with its own float16 scale (one warp per row: the absmax is a
-warp-shuffle max), ``lookup_kv`` returns dequantized float32, ``copy_blocks`` copies whole
-blocks byte-wise (values and scales). Quantized rows are ``head_dim + 2`` bytes, so only
+warp-shuffle max), ``lookup_kv`` returns dequantized float32 (blocks are copied by the
+dtype-blind ``block_copy``). Quantized rows are ``head_dim + 2`` bytes, so only
 2-byte alignment holds: loads and stores are per byte, coalesced across the warp.
 float8_e4m3fn needs sm_89+ (hardware e4m3 conversion).
 """
@@ -15,7 +15,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from .config import CacheLayout
-from .cuda_common import check_cuda_layout, check_quant_target, cuda_target_info, next_pow2
+from .cuda_common import check_cuda_layout, check_quant_target, cuda_target_info
 from .kv_quant import QMAX, row_scale
 
 _FULL = 0xFFFFFFFF
@@ -140,31 +140,3 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
                                 out_v[b, p, h, d] = T.float32(0)
 
     return lookup
-
-
-def copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
-    """Copy whole blocks (values and scales) byte-wise **in place**: ``(cache, src, dst)``."""
-    _checked(layout, target)
-    H, BS, dtype, RW = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems
-    BLOCK = 2 * H * BS * RW  # bytes of one pool block
-    NTH = max(32, min(256, next_pow2(BLOCK)))
-    NX = (BLOCK + NTH - 1) // NTH
-
-    @T.prim_func
-    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_copy_blocks"})
-        NB = T.int64()
-        N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype)
-        src = T.match_buffer(src_h, (N,), "int32")
-        dst = T.match_buffer(dst_h, (N,), "int32")
-        flat = T.decl_buffer((NB * BLOCK,), "uint8", data=cache.data)
-        if N > 0:  # a CUDA launch needs at least one block
-            for i in T.thread_binding(N, thread="blockIdx.x"):
-                for bx in T.thread_binding(NX, thread="blockIdx.y"):
-                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                        c: T.int32 = bx * NTH + tx
-                        if c < BLOCK:
-                            flat[T.Cast("int64", dst[i]) * BLOCK + c] = flat[T.Cast("int64", src[i]) * BLOCK + c]
-
-    return copy

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .config import SCALE_ELEMS, is_quantized
+from llmir_tvm.kv_dtypes import QMAX  # largest quantized magnitude per dtype: the row's absmax maps to it
 
-#: Largest quantized magnitude per dtype: the row's absmax maps to it.
-QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+from .config import SCALE_ELEMS, is_quantized
 #: float16's largest finite value: scales are clamped to it (a row beyond 448*65504 saturates).
 _FP16_MAX = 65504.0
 

@@ -1,8 +1,8 @@
 """Data movement kernels of quantized pools (int8, float8_e4m3fn) for LLVM CPU targets.
 
 Same signatures and semantics as ``cache_ops`` except: ``append_kv`` quantizes each new row
-(per token per KV head scale, see ``kv_quant``); ``lookup_kv`` returns dequantized float32;
-``copy_blocks`` copies whole rows, scales included. The pool is
+(per token per KV head scale, see ``kv_quant``); ``lookup_kv`` returns dequantized float32
+(blocks are copied by the dtype-blind ``block_copy``, scales included). The pool is
 ``[num_blocks, 2, num_kv_heads, block_size, head_dim + SCALE_ELEMS]``.
 """
 
@@ -89,27 +89,3 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
                             out_v[b, i * BS + o, h, d] = T.float32(0)
 
     return lookup
-
-
-def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
-    """Copy whole blocks (values and scales) inside the pool **in place**: ``(cache, src, dst)``."""
-    H, BS, dtype, RW = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems
-
-    @T.prim_func
-    def copy(cache_h: T.handle, src_h: T.handle, dst_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
-        NB = T.int64()
-        N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype, align=1)
-        src = T.match_buffer(src_h, (N,), "int32", align=4)
-        dst = T.match_buffer(dst_h, (N,), "int32", align=4)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data, align=1)
-        for task in T.parallel(N * 2 * H):
-            i: T.int64 = task // (2 * H)
-            kv: T.int64 = task // H % 2
-            h: T.int64 = task % H
-            for o in range(BS):
-                for d in T.vectorized(RW):
-                    cache_b[T.Cast("int64", dst[i]), kv, h, o, d] = cache_b[T.Cast("int64", src[i]), kv, h, o, d]
-
-    return copy

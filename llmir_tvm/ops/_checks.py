@@ -11,14 +11,14 @@ from typing import Sequence
 import tvm_ffi
 from tvm import relax, tirx
 
-from ..tir_kernels.config import COMPUTE_DTYPES, QUANTIZED_CACHE_DTYPES, SCALE_ELEMS
+from ..kv_dtypes import COMPUTE_DTYPES, KV_DTYPES, QUANTIZED_KV_DTYPES, SCALE_ELEMS
 
 
 #: Pool dtypes the operators accept; which of them a target's kernels support is checked at legalization.
-CACHE_DTYPES = ("float16", "bfloat16", "float32", "int8", "float8_e4m3fn")
+CACHE_DTYPES = KV_DTYPES
 #: Quantized pool dtypes (rows hold ``head_dim`` values then ``SCALE_ELEMS`` bytes of float16 scale)
 #: and the float dtypes of keys/values/queries that meet them.
-QUANTIZED_DTYPES, SCALE_ELEMS, COMPUTE_DTYPES = QUANTIZED_CACHE_DTYPES, SCALE_ELEMS, COMPUTE_DTYPES
+QUANTIZED_DTYPES = QUANTIZED_KV_DTYPES
 
 
 @tvm_ffi.error.register_error

@@ -32,14 +32,15 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import pool_row_elems
+from ..collectives import COLLECTIVE_LIBRARY
+from ..kv_dtypes import kernel_name, pool_row_elems
 from ..model import CompiledModel
 from .kv_cache import PagedKVCache
 
 #: Module run by worker processes 1..n-1 (worker 0 is this process).
 WORKER_ENTRYPOINT = "llmir_tvm.disco_worker"
 #: Collective library of each device kind the NCCL path runs on.
-_CCL = {"cuda": "nccl", "rocm": "rccl"}
+_CCL = COLLECTIVE_LIBRARY
 
 
 def init_disco():
@@ -88,6 +89,7 @@ class ShardedExecutor:
         self._dref_type = self._disco.DRef
         self.session = session if session is not None else start_session(info.num_shards, self.device)
         self._caches: list = []
+        self._copy_kernels: dict[str, Any] = {}  # copy-on-write kernel per pool dtype, on every worker
         if self.session.num_workers != info.num_shards:
             raise ValueError(f"the model has {info.num_shards} shards but the session has {self.session.num_workers} workers")
         self._get_item = self.session.get_global_func("ffi.ArrayGetItem")
@@ -154,6 +156,14 @@ class ShardedExecutor:
         shape = (num_blocks, 2, info.num_kv_heads, info.page_size, pool_row_elems(dtype, info.head_dim))
         return self.session.empty(shape, dtype)
 
+    def copy_blocks(self, dtype: str) -> Any:
+        """The copy-on-write block copy ``(pool, src, dst)`` for pools of ``dtype`` on every worker
+        (mixed precision: the kernel named with the dtype, as ``CompiledModel`` names them)."""
+        if dtype not in self._copy_kernels:
+            self._copy_kernels[dtype] = self.kernel(kernel_name("llmir_copy_blocks", dtype, bool(self.info.layer_kv_dtypes)))
+        kernel = self._copy_kernels[dtype]
+        return lambda pool, src, dst: kernel(pool, self.broadcast(_host(src)), self.broadcast(_host(dst)))
+
     def kernel(self, name: str) -> Any:
         """A cache kernel of the model (``llmir_copy_blocks``...) on every worker."""
         return self._disco.DPackedFunc(self._get_function(self.module, name, True), self.session)
@@ -187,7 +197,7 @@ class ShardedExecutor:
         session's destructor shuts it down again and aborts the process on the closed pipes.)"""
         for cache in self._caches:
             cache._pools, cache._copy_fn, cache._copy_fns = [], None, []
-        self._caches = []
+        self._caches, self._copy_kernels = [], {}
         self.session = self.module = self._get_item = self._get_function = None
         self.weights, self.last_inputs = [], []
         self._folder.cleanup()
@@ -201,31 +211,20 @@ class ShardedKVCache(PagedKVCache):
     """The controller's :class:`PagedKVCache` of a sharded model: one allocator, pools on the workers.
 
     Sequences, block tables, the prefix cache and copy-on-write decisions are the base class's,
-    made once here. ``pools`` are DRefs (one tensor per worker); copy-on-write copies run the
-    model's ``llmir_copy_blocks`` kernel on every worker. The base class's own host pools are
-    made one head of one element wide (they are never used). ``num_kv_heads`` / ``head_dim`` are
-    a shard's.
+    made once here. The executor is the base class's pool provider: ``pools`` are DRefs (one
+    tensor per worker) and copy-on-write copies run the model's ``llmir_copy_blocks`` kernel on
+    every worker. ``num_kv_heads`` / ``head_dim`` are a shard's.
     """
 
     def __init__(self, executor: ShardedExecutor, num_blocks: int, *, enable_prefix_caching: bool = True):
         info = executor.info
         window, sinks = info.pool_windows_and_sinks[0]  # the same for every layer: compile refuses others
         super().__init__(
-            info.num_layers, 1, 1, info.page_size, num_blocks, info.kv_dtypes, device="cpu", kernels=None,
-            sliding_window=window, sink_tokens=sinks, enable_prefix_caching=enable_prefix_caching,
+            info.num_layers, info.num_kv_heads, info.head_dim, info.page_size, num_blocks, info.kv_dtypes,
+            device="cpu", kernels=None, sliding_window=window, sink_tokens=sinks,
+            enable_prefix_caching=enable_prefix_caching, pool_provider=executor,
         )
-        self.num_kv_heads, self.head_dim = info.num_kv_heads, info.head_dim
         self.executor = executor
-        self._pools = [executor.empty_pool(num_blocks, dtype) for dtype in self.layer_dtypes]
-        # mixed precision: one copy kernel per pool dtype, suffixed with it (as CompiledModel names them)
-        copies = {d: executor.kernel(f"llmir_copy_blocks_{d}" if info.layer_kv_dtypes else "llmir_copy_blocks")
-                  for d in set(self.layer_dtypes)}
-
-        def copy_fn(dtype: str):
-            return lambda pool, src, dst: copies[dtype](pool, executor.broadcast(_host(src)), executor.broadcast(_host(dst)))
-
-        self._copy_fns = [copy_fn(d) for d in self.layer_dtypes]
-        self._copy_fn = self._copy_fns[0]
 
     def shard_pools(self, layer: int) -> list[np.ndarray]:
         """Layer ``layer``'s pool as each worker holds it (for checks and debugging)."""

@@ -49,7 +49,7 @@ class H2OKVCache(PagedKVCache):
             raise ValueError("H2O eviction works on full-attention caches; sliding_window must be 0")
         kwargs["enable_prefix_caching"] = False
         super().__init__(*args, **kwargs)
-        kernels = args[7] if len(args) > 7 else kwargs.get("kernels")
+        kernels = self.kernels
         missing = ValueError("H2O eviction needs the llmir_copy_slots kernel (compile with eviction='h2o')")
         if kernels is None:
             raise missing

@@ -22,6 +22,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 import tvm.runtime
 
+from ..kv_dtypes import pool_row_bytes
 from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
 from .allocator import KVCacheOutOfBlocks
 from .cache_interface import KVCache, KVCacheCapabilities
@@ -177,7 +178,8 @@ class HybridKVCache:
 
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence from every group."""
-        self.caches[0]._row(seq_id)  # unknown ids fail before any group changes
+        if not self.caches[0].has_sequence(seq_id):  # unknown ids fail before any group changes
+            raise ValueError(f"unknown sequence id {int(seq_id)}")
         for cache in self.caches:
             cache.remove_sequence(seq_id)
 
@@ -194,10 +196,7 @@ class HybridKVCache:
     def popn(self, seq_id: int, n: int) -> None:
         """Roll a sequence back by ``n`` tokens in every group (checked in every group first)."""
         for cache in self.caches:
-            row = cache._row(seq_id)
-            length = int(cache._len[row])
-            if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 0 <= n <= length:
-                cache._check_window_reachable(row, length - int(n), f"popn({n}) on sequence {int(seq_id)}")
+            cache.check_popn(seq_id, n)
         for cache in self.caches:
             cache.popn(seq_id, n)
 
@@ -246,9 +245,8 @@ class HybridKVCache:
         slots = out["allocated_slots"]
         out["internal_waste_pct"] = 100.0 * (slots - out["tokens_stored"]) / slots if slots else 0.0
         out["prefix_hit_rate"] = 0.0
-        item = np.dtype(self.caches[0].dtype).itemsize
-        block_bytes = 2 * self.caches[0].num_kv_heads * self.block_size * self.caches[0].head_dim * item
-        out["kv_bytes_used"] = sum(s["blocks_used"] * len(g.pools) * block_bytes for s, g in zip(per, self.groups))
+        # a block of group k holds one block of each of its pools, scale bytes of quantized rows included
+        out["kv_bytes_used"] = sum(s["blocks_used"] * _group_block_bytes(c) for s, c in zip(per, self.caches))
         for k, s in enumerate(per):
             out[f"blocks_used_g{k}"] = s["blocks_used"]
             out[f"blocks_total_g{k}"] = s["blocks_total"]
@@ -304,3 +302,8 @@ def create_cache(
                             sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching, **common)
     counts = group_block_counts(groups, num_blocks, info.page_size, info.max_seq_len, max_step_tokens)
     return HybridKVCache(windows, sinks, group_blocks=counts, **common)
+
+
+def _group_block_bytes(cache: PagedKVCache) -> int:
+    """Bytes of one block of ``cache`` over all its pools (K and V rows, per-row scales included)."""
+    return sum(2 * cache.num_kv_heads * cache.block_size * pool_row_bytes(d, cache.head_dim) for d in cache.layer_dtypes)

@@ -19,27 +19,38 @@ went back to the pool; the entry holds 0). Everything else is *held* (one refere
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import check_kv_dtype, lookup_dtype, pool_row_elems
+from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, kernel_name, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
 
-__all__ = ["PagedKVCache", "StepTensors", "block_hash"]
+__all__ = ["PagedKVCache", "PoolProvider", "StepTensors", "block_hash"]
 
 #: Cache dtypes the pool kernels accept (int8 / float8_e4m3fn: quantized rows with per-row scales).
-_POOL_DTYPES = ("float16", "float32", "int8", "float8_e4m3fn")
+_POOL_DTYPES = CPU_KV_DTYPES
 #: Step tensors are packed in one int32 host buffer; each part starts on a 64-byte boundary.
 _ALIGN = 16
 #: DLPack device type of the host CPU.
 _DL_CPU = 1
 #: Device-side step tensors kept for reuse, keyed by (role, shape), on non-CPU devices.
 _MAX_STEP_BUFFERS = 64
+
+
+class PoolProvider(Protocol):
+    """Where a cache's pools live when not in this process: :class:`PagedKVCache` takes its pools
+    and block copies from one (the sharded cache's: one tensor per Disco worker)."""
+
+    def empty_pool(self, num_blocks: int, dtype: str) -> Any:
+        """One layer's pool of ``num_blocks`` blocks of ``dtype``."""
+
+    def copy_blocks(self, dtype: str) -> Callable[[Any, Any, Any], Any]:
+        """The copy-on-write block copy ``(pool, src, dst)`` for pools of ``dtype``."""
 
 
 class StepTensors(NamedTuple):
@@ -146,6 +157,7 @@ class PagedKVCache:
         sliding_window: int = 0,
         sink_tokens: int = 0,
         enable_prefix_caching: bool = True,
+        pool_provider: PoolProvider | None = None,
     ):
         for name, val in (
             ("num_layers", num_layers),
@@ -175,16 +187,24 @@ class PagedKVCache:
         self.sliding_window, self.sink_tokens = self._check_window(sliding_window, sink_tokens)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.allocator = BlockAllocator(self.num_blocks)
-        self._pools = [
-            make_resident(tvm.runtime.empty(
-                (self.num_blocks, 2, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d, self.device
-            ))
-            for d in layer_dtypes
-        ]
-        self._copy_fns = [self._kernel(kernels, "llmir_copy_blocks", d) for d in layer_dtypes]
-        self._lookup_fns = [self._kernel(kernels, "llmir_lookup_kv", d) for d in layer_dtypes]
+        self.kernels = kernels
+        if pool_provider is not None:  # pools elsewhere (e.g. on Disco workers): no local kernels to check
+            self._pools = [pool_provider.empty_pool(self.num_blocks, d) for d in layer_dtypes]
+            self._copy_fns = [pool_provider.copy_blocks(d) for d in layer_dtypes]
+            self._lookup_fns = [None] * self.num_layers
+        else:
+            self._pools = [
+                make_resident(tvm.runtime.empty(
+                    (self.num_blocks, 2, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d,
+                    self.device,
+                ))
+                for d in layer_dtypes
+            ]
+            self._copy_fns = [self._kernel(kernels, "llmir_copy_blocks", d) for d in layer_dtypes]
+            self._lookup_fns = [self._kernel(kernels, "llmir_lookup_kv", d) for d in layer_dtypes]
         self._copy_fn, self._lookup_fn = self._copy_fns[0], self._lookup_fns[0]
-        self._validate_kernels()
+        if pool_provider is None:
+            self._validate_kernels()
 
         self._row_of: dict[int, int] = {}
         self._seq_of_row: list[int | None] = []
@@ -384,13 +404,9 @@ class PagedKVCache:
         window raises ValueError.
         """
         self._check_no_step("popn")
-        row = self._row(seq_id)
-        n = _nonneg_int(n, "n")
-        length = int(self._len[row])
-        if n > length:
-            raise ValueError(f"cannot pop {n} tokens from sequence {int(seq_id)} of length {length}")
-        new_len = length - n
-        self._check_window_reachable(row, new_len, f"popn({n}) on sequence {int(seq_id)}")
+        self.check_popn(seq_id, n)
+        row, n = self._row(seq_id), int(n)
+        new_len = int(self._len[row]) - n
         bs = self.block_size
         old_n, new_n = int(self._nblk[row]), -(-new_len // bs)
         held = self._held(row)
@@ -400,6 +416,17 @@ class PagedKVCache:
         self._len[row] = new_len
         self._nblk[row] = new_n
         del self._hashes[row][new_len // bs :]
+
+    def check_popn(self, seq_id: int, n: int) -> None:
+        """Raise ValueError if :meth:`popn` ``(seq_id, n)`` would be refused (unknown id, ``n`` out of
+        range, released window positions made visible again); changes nothing. A cache made of
+        several (a hybrid cache's groups) checks every part before rolling any back."""
+        row = self._row(seq_id)
+        n = _nonneg_int(n, "n")
+        length = int(self._len[row])
+        if n > length:
+            raise ValueError(f"cannot pop {n} tokens from sequence {int(seq_id)} of length {length}")
+        self._check_window_reachable(row, length - n, f"popn({n}) on sequence {int(seq_id)}")
 
     def set_sliding_window(self, seq_id: int, sliding_window: int, sink_tokens: int = 0) -> None:
         """Set a sequence's attention window (0 = none) and sink tokens; out-of-window blocks are released now.
@@ -630,7 +657,7 @@ class PagedKVCache:
             return None
         if dtype is not None:
             try:
-                return kernels[f"{name}_{dtype}"]
+                return kernels[kernel_name(name, dtype, True)]
             except (KeyError, AttributeError, TypeError, ValueError, RuntimeError):
                 pass
         try:

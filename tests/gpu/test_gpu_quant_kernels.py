@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tvm
 
-from test_gpu_kernels import _dev, _poisoned, _rng, device, library, lookup, pytestmark  # noqa: F401  (fixture, skip marks)
+from gpu_harness import _dev, _poisoned, _rng, device, library, lookup, pytestmark  # noqa: F401  (fixture, skip marks)
 from cases import QUANT_CASES, TOL, Case  # noqa: E402
 from llmir_tvm.reference import QuantizedPagedCache, attention_ref, dequantize_rows, pool_dtype, quantize_rows  # noqa: E402
 
