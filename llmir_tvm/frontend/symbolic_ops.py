@@ -1,4 +1,9 @@
-"""Converters for ``torch.export``'s symbolic-integer ops that TVM's importer lacks.
+"""Converters for ``torch.export``'s symbolic-integer ops that TVM's importer lacks or mishandles.
+
+``view`` / ``reshape``: TVM's converter skips identity reshapes by comparing dims with Python
+``==``, which raises "Cannot use and / or / not operator to Expr" when a dim is a symbolic
+expression such as ``4 * n`` (GPTBigCode's multi-query reshapes, DeepSeek's MLA); here the
+comparison is an arithmetic proof instead.
 
 Exported decoders compute slice bounds with Python ``max``/``min`` over the token count
 (``torch.sym_max`` / ``sym_min``: MPT's ALiBi table). Where the export's value ranges decide
@@ -11,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from tvm import tirx
+from tvm.ir.expr import Expr
+from tvm.sym.analyzer import Analyzer
 
 
 def _bounds(arg: Any) -> tuple[float, float] | None:
@@ -42,5 +49,40 @@ def _select(pick_max: bool) -> Callable:
     return convert
 
 
+def _same_dims(current, dims) -> bool:
+    """Whether two shapes are provably equal (symbolic dims compared arithmetically)."""
+    current, dims = list(current), list(dims)
+    if len(current) != len(dims):
+        return False
+    analyzer = Analyzer()
+    for a, b in zip(current, dims):
+        if isinstance(b, int) and b < 0:  # -1: inferred, not the same as a written dim
+            return False
+        a = tirx.IntImm("int64", a) if isinstance(a, int) else a
+        b = tirx.IntImm("int64", b) if isinstance(b, int) else b
+        if not isinstance(a, Expr) or not isinstance(b, Expr):
+            return False
+        if not analyzer.can_prove_equal(tirx.Cast("int64", a), tirx.Cast("int64", b)):
+            return False
+    return True
+
+
+def _reshape(node, importer):
+    import torch
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    dims = args[1] if isinstance(args[1], (torch.Size, tuple, list)) else args[1:]
+    current = importer.shape_of(x)
+    if current is not None and _same_dims(current, dims):
+        return x
+    return importer._emit_torch_reshape(x, dims)  # pylint: disable=protected-access
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
-SYMBOLIC_CONVERTERS = {"sym_max": _select(True), "sym_min": _select(False)}
+SYMBOLIC_CONVERTERS = {
+    "sym_max": _select(True),
+    "sym_min": _select(False),
+    "view.default": _reshape,
+    "reshape.default": _reshape,
+}
