@@ -3,7 +3,8 @@
 ``view`` / ``reshape``: TVM's converter skips identity reshapes by comparing dims with Python
 ``==``, which raises "Cannot use and / or / not operator to Expr" when a dim is a symbolic
 expression such as ``4 * n`` (GPTBigCode's multi-query reshapes, DeepSeek's MLA); here the
-comparison is an arithmetic proof instead.
+comparison is an arithmetic proof instead. ``empty``: TVM's converter passes the fx nodes of a
+symbolic size straight to ``zeros`` (DeepSeek's attention); here they are resolved first.
 
 Exported decoders compute slice bounds with Python ``max``/``min`` over the token count
 (``torch.sym_max`` / ``sym_min``: MPT's ALiBi table). Where the export's value ranges decide
@@ -79,10 +80,23 @@ def _reshape(node, importer):
     return importer._emit_torch_reshape(x, dims)  # pylint: disable=protected-access
 
 
+def _empty(node, importer):
+    import torch
+    from tvm import relax
+
+    dtype = importer._convert_data_type(  # pylint: disable=protected-access
+        node.kwargs.get("dtype", torch.get_default_dtype()), importer.env
+    )
+    shape = importer.retrieve_args(node)[0]
+    return importer.block_builder.emit(relax.op.zeros(list(shape), dtype))
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
 SYMBOLIC_CONVERTERS = {
     "sym_max": _select(True),
     "sym_min": _select(False),
     "view.default": _reshape,
     "reshape.default": _reshape,
+    "empty.default": _empty,
+    "empty.memory_format": _empty,
 }
