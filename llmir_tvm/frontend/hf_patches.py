@@ -5,6 +5,10 @@ Each adjustment keeps the model's numbers exactly and only changes how a tensor 
   with Python ``max(0, max_seq_len - n)``; TVM cannot prove the slice is ``n`` long. The
   table is built for the step's ``n`` tokens instead: ``arange(1 - n, 1) * slopes`` is exactly
   those last ``n`` columns.
+- Mixture-of-experts layers (Mixtral, Qwen3-MoE, gpt-oss, DeepSeek) run transformers'
+  ``batched_mm`` experts: every (token, chosen expert) pair gathers its expert's weights and
+  multiplies them as a batched dense, static in shape (the default ``grouped_mm`` sorts tokens
+  by expert with ``histc`` and ragged offsets, which TVM's importer does not take).
 """
 
 from __future__ import annotations
@@ -16,6 +20,25 @@ from typing import Any, Iterator
 @contextlib.contextmanager
 def export_patches(hf: Any, length: list) -> Iterator[None]:
     """Apply the adjustments ``hf`` needs while it is exported; ``length[0]`` is the step's token count."""
+    with _batched_experts(hf.config), _mpt_alibi(hf, length):
+        yield
+
+
+@contextlib.contextmanager
+def _batched_experts(config: Any) -> Iterator[None]:
+    if getattr(config, "_experts_implementation", None) in (None, "batched_mm"):
+        yield
+        return
+    original = config._experts_implementation
+    config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        config._experts_implementation = original
+
+
+@contextlib.contextmanager
+def _mpt_alibi(hf: Any, length: list) -> Iterator[None]:
     inner = getattr(hf, "transformer", None)
     if getattr(hf.config, "model_type", "") == "mpt" and hasattr(inner, "build_mpt_alibi_tensor"):
         original = inner.build_mpt_alibi_tensor
