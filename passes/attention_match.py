@@ -295,10 +295,15 @@ class AttentionMatcher:
                 return None
 
     def _sink_column(self, logits: relax.Expr) -> tuple[relax.Expr, relax.Expr | None]:
-        """``(scores, sinks)`` of ``concat((scores, sinks), -1) [- max(..., -1)]``; else ``(logits, None)``."""
+        """``(scores, sinks)`` of ``concat((scores, sinks), -1) [- row_max]``; else ``(logits, None)``.
+
+        ``row_max`` may be spelled any way (``max``, ``topk(k=1)``): a ``[..., 1]`` operand
+        subtracted from every score of a row does not change the softmax.
+        """
         expr, value = logits, self.b.producer(logits)
-        if op_name(value) == "relax.subtract" and op_name(self.b.producer(value.args[1])) == "relax.max":
-            expr, value = value.args[0], self.b.producer(value.args[0])  # a per-row shift: softmax ignores it
+        shift = value.args[1] if op_name(value) == "relax.subtract" else None
+        if shift is not None and isinstance(shift.ty, relax.TensorType) and _last_dim_is_one(shift):
+            expr, value = value.args[0], self.b.producer(value.args[0])  # a per-row shift (the max): softmax ignores it
         if op_name(value) == "relax.concat" and isinstance(value.args[0], relax.Tuple) and len(value.args[0].fields) == 2:
             ndim = len(expr.ty.shape)
             scores, sinks = value.args[0].fields

@@ -6,8 +6,9 @@ tokens: shorter and longer than a page of 4 and than the sliding window of 8 whe
 has one) must equal ``transformers``' ``generate``, and the logits of 12 prefill + 9 decode
 positions its forward pass. Weights are redrawn wider than the defaults (std 0.2) so that
 logits are far from uniform. Each compile takes ~40 s on two busy cores: ``DEFAULT`` families
-run by default (each covers a frontend or attention path not covered elsewhere: GPTBigCode's
-multi-query reshapes, Phi-3's fused QKV), the rest with ``--run-slow``. The README's family
+run by default (each covers a path not covered elsewhere: GPTBigCode's multi-query reshapes;
+gpt-oss's learned sinks, mixture of experts and alternating sliding windows), the rest with
+``--run-slow``. The README's family
 table is this file's list.
 """
 
@@ -55,8 +56,11 @@ FAMILIES = {
     "bloom": dict(n_layer=2, n_head=4),
     "mpt": dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128, expansion_ratio=2),
     "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, multi_query=True),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, **WINDOW),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, **WINDOW),
 }
-DEFAULT = ("gpt_bigcode", "phi3")
+DEFAULT = ("gpt_bigcode", "gpt_oss")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 
