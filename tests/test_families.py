@@ -39,7 +39,7 @@ FAMILIES = {
     "gemma3_text": dict(head_dim=16, sliding_window_pattern=2, **WINDOW),
     "gpt_neox": dict(num_key_value_heads=None),
     "stablelm": {},
-    "falcon": dict(num_kv_heads=2, new_decoder_architecture=True),
+    "falcon": dict(num_key_value_heads=None),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, num_key_value_heads=None),
     "gptj": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8),
     "starcoder2": WINDOW,
