@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
+
 HELP = "CPU dense kernel (DenseToTIR) vs numpy's BLAS at the default model's layer shapes"
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152))
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 3, 16, 32, 64, 512, 2048], help="rows of x")
     parser.add_argument("--working-set", type=float, default=256e6, help="bytes of W copies each side rotates over")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case; medians are kept")
+    parser.add_argument("--quick", action="store_true",
+                        help="gate/up shape only, rows 1 16 64 256 1024 2048, 32 MB working set, 3 repeats")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/dense_cpu_<date>.json)")
 
 
@@ -48,14 +53,19 @@ def run(args: argparse.Namespace) -> int:
     """Time every (shape, rows) case on both sides, write the JSON, print a table."""
     import tvm
 
-    from llmir_tvm.target import resolve_target
-    from llmir_tvm.tir_kernels.dense import dense_nt
+    from llmir_tvm.target import resolve_target, vector_shape
+    from llmir_tvm.tir_kernels.dense import dense_nt, dense_tiles, split_threads
 
-    target = resolve_target("llvm")
+    shapes = SHAPES
+    if args.quick:
+        shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 64, 256, 1024, 2048], 32e6, 3
+    target = resolve_target(ISA_TARGETS[args.isa])
+    vec = vector_shape(target)
+    tiles = dense_tiles(vec.lanes, vec.registers)
     rng = np.random.default_rng(0)
     rows_out = []
-    for k, n in SHAPES:
-        kernel = tvm.tirx.build(dense_nt(k, n), target)
+    for k, n in shapes:
+        kernel = tvm.tirx.build(dense_nt(k, n, 2, tiles, split_threads(vec.isa)), target)  # as DenseToTIR builds it
         fn = kernel[kernel.entry_name]
         w = rng.standard_normal((n, k), dtype=np.float32)
         copies = int(args.working_set // w.nbytes) + 1
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                   f"x{r['speedup_vs_numpy']:5.2f}  {r['ours_gflops']:6.1f} GFLOP/s  {r['ours_weight_gbps']:5.1f} GB/s", flush=True)
         time.sleep(1.0)
     result = {"date": datetime.date.today().isoformat(), "target": str(target), "numpy": np.__version__,
+              "machine": machine_stamp(), "isa": args.isa, "tiles": tiles.name,
               "working_set_bytes": args.working_set, "repeats": args.repeats, "cases": rows_out}
     path = args.out or RESULTS / f"dense_cpu_{result['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ def default_path(results_dir: Path, result: dict) -> Path:
 
 
 def save(result: dict, path: Path) -> None:
-    """Write ``result`` as indented JSON (creating the directory)."""
+    """Write ``result`` as indented JSON (creating the directory), stamped with the machine."""
+    from .machine import machine_stamp
+
+    result.setdefault("machine", machine_stamp())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .machine import machine_stamp
 
 HELP = "quantized KV cache (int8, fp8, auto): perplexity / KL / greedy agreement, KV bytes, decode kernel time"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -204,7 +205,7 @@ def _plot(result: dict, path: Path) -> None:
     axes[2].legend()
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"kvquant, default model, {result['date']}, {result['machine']}")
+    fig.suptitle(f"kvquant, default model, {result['date']}, {result['machine']['cpu_model']}, {result['machine']['logical_cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     dtypes = list(args.dtypes)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": machine_stamp(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

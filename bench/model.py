@@ -6,6 +6,9 @@ prompt, ``--new-tokens`` greedy tokens, end-of-sequence ignored) and prefill tok
 model (paged KV cache, dense layers on the host BLAS), for ``transformers`` (its own KV
 cache) and for onnxruntime running the model exported to ONNX with a KV cache
 (``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
+With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
+(``bench/llama_cpp.py``; its prefill computes the last position's logits only, ours every
+position's), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
 The three run interleaved, repeat after repeat, and the medians are kept, so load from
 other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
+
 HELP = "whole-model decode/prefill tokens/s vs Hugging Face (CPU)"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats; medians are kept (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="threads of torch and onnxruntime (default 2)")
     parser.add_argument("--no-ort", action="store_true", help="leave onnxruntime out (no export needed)")
+    parser.add_argument("--llama-bench", type=Path, default=None, metavar="BIN",
+                        help="llama.cpp's llama-bench binary: adds llama.cpp F32 as a baseline")
+    parser.add_argument("--llama-gguf", type=Path, default=None, metavar="GGUF",
+                        help="F32 GGUF of the same weights (default: build_llama_cpp.sh's smol-F32.gguf)")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 64-token prefill, 1 repeat, no onnxruntime")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model_<date>.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
@@ -52,13 +63,16 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     import llmir_tvm
+    from llmir_tvm.target import resolve_target
     from llmir_tvm.frontend.default_model import cache_dir, default_model_path
 
     from .onnx_baseline import OrtDecoder, export_with_cache
 
+    if args.quick:
+        args.new_tokens, args.prefill_tokens, args.repeats, args.no_ort = 16, 64, 1, True
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    compiled = llmir_tvm.compile("default")
+    compiled = llmir_tvm.compile("default", target=ISA_TARGETS[args.isa])
     compile_seconds = time.perf_counter() - start
     engine = llmir_tvm.Engine(compiled)
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
@@ -102,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     prefill = _median_rates(long, len(long_prompt))
     out = {
         "model": compiled.info.name, "date": datetime.date.today().isoformat(), "threads": args.threads,
-        "repeats": args.repeats, "compile_seconds": compile_seconds,
+        "repeats": args.repeats, "compile_seconds": compile_seconds, "machine": machine_stamp(), "isa": args.isa,
+        "target": str(resolve_target(ISA_TARGETS[args.isa])), "dense_plans": compiled.info.dense_plans,
         "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
                           "tokens_identical_to_hf": same},
         "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position"},
@@ -113,6 +128,17 @@ def run(args: argparse.Namespace) -> int:
         out[key]["ratio_vs_hf"] = rates["ours"] / rates["hf"]
         if "ort" in rates:
             out[key]["ratio_vs_ort"] = rates["ours"] / rates["ort"]
+    if args.llama_bench is not None:
+        from .llama_cpp import DEFAULT_GGUF, run_llama_bench
+
+        llama = run_llama_bench(args.llama_bench, args.llama_gguf or DEFAULT_GGUF, args.threads, len(long_prompt), new,
+                                max(1, args.repeats))
+        out["llama_cpp"] = llama
+        out["decode_batch1"]["llama_cpp_tokens_per_s"] = llama["decode_tokens_per_s"]
+        out["decode_batch1"]["ratio_vs_llama_cpp"] = decode["ours"] / llama["decode_tokens_per_s"]
+        out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
+        out["prefill"]["llama_cpp_logits"] = "last position"
+        out["prefill"]["ratio_vs_llama_cpp"] = prefill["ours"] / llama["prefill_tokens_per_s"]
     path = args.out or RESULTS / f"model_{out['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
@@ -129,16 +155,17 @@ def _plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["decode, batch 1", f"prefill, {out['prefill']['prompt_tokens']} tokens"]
-    names = {"ours": "llmir-tvm", "hf": "HF transformers", "ort": "onnxruntime"}
-    colors = {"ours": "tab:blue", "hf": "tab:gray", "ort": "tab:orange"}
+    names = {"ours": "llmir-tvm", "hf": "HF transformers", "ort": "onnxruntime", "llama_cpp": "llama.cpp F32"}
+    colors = {"ours": "tab:blue", "hf": "tab:gray", "ort": "tab:orange", "llama_cpp": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, label, key in zip(axes, labels, ("decode_batch1", "prefill")):
         sides = [s for s in names if f"{s}_tokens_per_s" in out[key]]
         ax.bar([names[s] for s in sides], [out[key][f"{s}_tokens_per_s"] for s in sides], color=[colors[s] for s in sides])
-        ratios = ", ".join(f"{out[key][r]:.2f}x {r[9:].upper()}" for r in ("ratio_vs_hf", "ratio_vs_ort") if r in out[key])
+        ratios = ", ".join(f"{out[key][r]:.2f}x {r[9:].upper()}" for r in ("ratio_vs_hf", "ratio_vs_ort", "ratio_vs_llama_cpp")
+                           if r in out[key])
         ax.set_title(f"{label}: {ratios}")
         ax.set_ylabel("tokens/s")
-    fig.suptitle(f"{out['model']} on CPU, {out['threads']} threads ({out['date']}), compile {out['compile_seconds']:.0f} s")
+    fig.suptitle(f"{out['model']} on {out['machine']['cpu_model']} ({out['isa']}), {out['threads']} threads ({out['date']}), compile {out['compile_seconds']:.0f} s")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

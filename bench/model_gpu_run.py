@@ -282,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     from llmir_tvm.model import CompiledModel
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
+    try:  # run as bench.model_gpu_run, or standalone with bench/ on PYTHONPATH (see the docstring)
+        from .machine import machine_stamp
+    except ImportError:
+        from machine import machine_stamp
     report = {
         "benchmark": "model_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_stamp(),
         "device": args.device, "device_name": device_name, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "models": [],
     }

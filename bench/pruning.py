@@ -28,6 +28,8 @@ import json
 import time
 from pathlib import Path
 
+from .machine import machine_stamp
+
 HELP = "perplexity vs KV memory of StreamingLLM / H2O eviction on the default model"
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -146,7 +148,7 @@ def _summary(rows: list[dict], args: argparse.Namespace, page: int) -> dict:
         row["perplexity_ratio"] = row["perplexity"] / full["perplexity"]
         row["memory_ratio"] = row["peak_kv_mib"] / full["peak_kv_mib"]
     return {
-        "model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
+        "model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(), "machine": machine_stamp(),
         "tokens": args.tokens, "prefill": args.prefill, "page_size": page, "results": rows,
     }
 

@@ -11,6 +11,9 @@ against a baseline measured in the same run.
 * allocator share: time in ``begin_forward`` / ``end_forward`` over the step time of decode
   steps at batch 64.
 
+With ``--background-load`` the mixed workload runs again (engine and HF padded batch) while a
+``nice 19`` busy process runs (``bench/background.py``), and both figures are reported.
+
 Writes ``bench/results/serve_<date>.json`` and a PNG of the ratios.
 """
 
@@ -23,6 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .background import background_load
+from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
 
 REPO = Path(__file__).resolve().parents[1]
 HELP = "continuous-batching engine vs Hugging Face generate: throughput, KV bytes, prefix reuse, forks, allocator share"
@@ -47,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=32, help="requests sharing that system prompt")
     parser.add_argument("--alloc-batch", type=int, default=64, help="decode batch of the allocator-share run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--background-load", action="store_true",
+                        help="also run the mixed workload beside a nice-19 busy process; report idle and loaded figures")
+    add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/serve_<date>.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
@@ -102,13 +111,15 @@ def run(args: argparse.Namespace) -> int:
     if (Path(args.model) / "model.so").exists():
         compiled = llmir_tvm.load(args.model)
     else:
-        compiled = llmir_tvm.compile(args.model, kv=llmir_tvm.KVCacheConfig(page_size=args.page_size))
+        compiled = llmir_tvm.compile(args.model, kv=llmir_tvm.KVCacheConfig(page_size=args.page_size),
+                                     target=ISA_TARGETS[args.isa])
     info, tok = compiled.info, compiled.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
     rng = np.random.default_rng(args.seed)
     bytes_per_token = info.bytes_per_block // info.page_size
     out: dict = {"model": info.name, "page_size": info.page_size, "kv_dtype": info.kv_dtype,
-                 "torch_threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
+                 "torch_threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+                 "machine": machine_stamp(), "isa": args.isa}
 
     # ---- mixed workload: throughput and KV bytes
     prompts, news = _workload(tok, args.requests, args.max_new_tokens, rng)
@@ -141,6 +152,15 @@ def run(args: argparse.Namespace) -> int:
     m = out["mixed"]
     m["kv_bytes_vs_contiguous_padded"] = m["peak_kv_bytes"] / m["contiguous_padded_kv_bytes"]
     m["kv_bytes_vs_max_len_prealloc"] = m["peak_kv_bytes"] / m["max_len_prealloc_kv_bytes"]
+    if args.background_load:
+        with background_load() as pids:
+            start = time.perf_counter()
+            engine.generate(prompts, params)
+            loaded = time.perf_counter() - start
+            padded_loaded = _hf_padded(hf, tok, prompts, news)
+        m["background_load"] = {"jobs": len(pids), "niceness": 19,
+                                "engine_tokens_per_s": generated / loaded, "hf_padded_tokens_per_s": generated / padded_loaded,
+                                "engine_loaded_vs_idle": ours / loaded, "hf_padded_loaded_vs_idle": padded / padded_loaded}
 
     # ---- shared prefix: reuse vs none
     system = list(tok(" ".join(rng.choice(WORDS, size=args.system_tokens)))["input_ids"])[: args.system_tokens]

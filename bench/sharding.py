@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+from .machine import machine_stamp
+
 HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 512 * 2**20
@@ -81,14 +83,12 @@ def _latency(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Compute the memory plans, measure the CPU path, write JSON + PNG, print a summary."""
-    import os
-
     memory = _memory_rows()
     latency = _latency(args)
     today = datetime.date.today().isoformat()
     out = args.out or RESULTS / f"sharding_{today}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": today, "machine": f"{os.cpu_count()} CPU cores", "memory_default_model": memory,
+    result = {"date": today, "machine": machine_stamp(), "memory_default_model": memory,
               "cpu_path_decode": latency, "new_tokens": args.new_tokens, "repeats": args.repeats}
     out.write_text(json.dumps(result, indent=2))
     for row in memory:

@@ -12,6 +12,7 @@ import tvm
 from tvm import relax
 
 from .config import KVCacheConfig
+from .dense_choice import CPU_DENSE, DensePlans
 from .frontend import ImportedModel, import_model
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized
@@ -135,8 +136,6 @@ def _check_shardable(info: ModelInfo) -> None:
 
 #: Target kinds whose Disco sessions have a collective library (the all-reduce runs in the module).
 COLLECTIVE_TARGETS = {"cuda": "nccl", "rocm": "rccl"}
-#: Where ``compile(cpu_dense=...)`` runs float32 Linear layers on ``llvm`` targets.
-CPU_DENSE = ("tir", "blas")
 
 
 def _sharded_info(mod: tvm.IRModule, info: ModelInfo, target) -> tvm.IRModule:
@@ -168,7 +167,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     progress: Callable[[str], None] | None = None,
     num_shards: int = 1,
     low_batch_gemv: bool = False,
-    cpu_dense: str = "tir",
+    cpu_dense: str | dict = "auto",
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
 
@@ -180,16 +179,18 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     the memory budget is then per device); ``llmir_tvm.Engine`` runs it on ``num_shards`` workers.
     ``low_batch_gemv`` (CUDA targets): matmuls over the token axis get GEMV kernels for steps of
     at most 8 tokens, chosen at run time (``passes.LowBatchGemvSpecialize``), e.g. small-batch decode.
-    ``cpu_dense`` (``llvm`` targets): ``"tir"`` runs float32 ``Linear`` layers in our dense kernel
-    on TVM's thread pool (``passes.DenseToTIR``; the faster at every row count measured here),
-    ``"blas"`` hands them to numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls
-    go to the BLAS either way.
+    ``cpu_dense`` (``llvm`` targets): ``"auto"`` times our dense kernel's tilings (sized from the
+    target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
+    and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
+    ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
+    target's tiles for every row count (``passes.DenseToTIR``), ``"blas"`` hands every ``Linear`` to
+    numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
     """
     note = progress or (lambda stage: None)
     num_shards = check_num_shards(num_shards)
     target = resolve_target(target)
-    if cpu_dense not in CPU_DENSE:
-        raise ValueError(f"cpu_dense must be one of {CPU_DENSE}, got {cpu_dense!r}")
+    if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
+        raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
     if low_batch_gemv and target.kind.name != "cuda":
         raise ValueError(f"low_batch_gemv applies to cuda targets, not {target.kind.name}")
     note("import")
@@ -224,9 +225,11 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)
     if target.kind.name == "llvm":
-        if cpu_dense == "tir":
+        if cpu_dense != "blas":
             note("DenseToTIR")
-            mod = DenseToTIR()(mod)
+            plans = DensePlans(cpu_dense, target)
+            mod = DenseToTIR(target=target, plans=plans)(mod)
+            info.dense_plans = plans.to_json()
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())

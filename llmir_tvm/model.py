@@ -57,6 +57,10 @@ class ModelInfo:
     layer_kv_dtypes: list[str] = field(default_factory=list)
     #: How the per-layer dtypes were chosen (``kv_dtype="auto"``): budget, sensitivities, plan.
     kv_precision_plan: dict = field(default_factory=dict)
+    #: CPU dense layers: ``{"KxN": [[min_rows, variant], ...]}``, the kernel variant (register tiling
+    #: like ``"8l2x4t8"``, or ``"blas"``) each row count runs, as measured at compile time
+    #: (``llmir_tvm.dense_choice``); pass it to ``compile(cpu_dense=...)`` to reuse it.
+    dense_plans: dict = field(default_factory=dict)
 
     @property
     def pool_windows_and_sinks(self) -> list[tuple[int, int]]:

@@ -8,7 +8,9 @@ so host-tuned code accepts any array (no 64-byte alignment is assumed).
 
 from __future__ import annotations
 
-from tvm.target import Target
+from dataclasses import dataclass
+
+from tvm.target import Target, codegen
 from tvm.target.codegen import llvm_get_system_cpu
 
 
@@ -21,8 +23,71 @@ def resolve_target(target: Target | str | dict | None = None) -> Target:
             target = Target(target)
         except ValueError as err:
             raise ValueError(f"invalid target {target!r}: {err}") from None
-    if target.kind.name == "llvm" and not target.attrs.get("mcpu"):
+    if target.kind.name == "llvm" and not target.attrs.get("mcpu") and _is_host_triple(target):
         config = dict(target.export())
         config["mcpu"] = llvm_get_system_cpu()
         target = Target(config)
     return target
+
+
+@dataclass(frozen=True)
+class VectorShape:
+    """The SIMD resources a CPU kernel's register tiles are sized from.
+
+    ``lanes``: float32 lanes of one vector register; ``registers``: architectural vector
+    registers; ``isa``: a short name for logs and benchmark records.
+    """
+
+    lanes: int
+    registers: int
+    isa: str
+
+
+#: Shapes by ISA, widest first (AVX-512: 16 x 32 zmm; AVX2: 8 x 16 ymm; NEON: 4 x 32 q registers).
+AVX512 = VectorShape(16, 32, "avx512")
+AVX2 = VectorShape(8, 16, "avx2")
+NEON = VectorShape(4, 32, "neon")
+#: SSE2, the x86-64 baseline: 4 lanes x 16 xmm registers (also what an unknown LLVM CPU gets).
+SSE = VectorShape(4, 16, "sse")
+
+
+def cpu_features(target: Target | str | dict | None = None) -> frozenset[str]:
+    """The LLVM CPU feature names (``avx2``, ``avx512f``, ``avx512vnni``, ``neon``, ...) of an ``llvm``
+    target: its ``mtriple`` / ``mcpu`` with ``mattr`` applied; one with no ``mcpu`` for the host's triple
+    is the host CPU's (as :func:`resolve_target` compiles it)."""
+    target = resolve_target(_llvm_target(target))
+    return frozenset(codegen.llvm_get_cpu_features(target))
+
+
+def vector_shape(target: Target | str | dict | None = None) -> VectorShape:
+    """The float32 vector lanes and vector register count of an ``llvm`` target's CPU (why: register
+    tiles that fit AVX-512's 32 zmm registers spill on AVX2's 16 ymm ones). Unknown CPUs get
+    :data:`SSE`, which is correct, if slow, on every CPU with 128-bit vectors."""
+    features = cpu_features(target)
+    if "avx512f" in features:
+        return AVX512
+    if "avx2" in features and "fma" in features:
+        return AVX2
+    if "neon" in features or "sve" in features:
+        return NEON
+    return SSE
+
+
+def _llvm_target(target: Target | str | dict | None) -> Target:
+    if target is None:
+        target = "llvm"
+    if not isinstance(target, Target):
+        try:
+            target = Target(target)
+        except ValueError as err:
+            raise ValueError(f"invalid target {target!r}: {err}") from None
+    if target.kind.name != "llvm":
+        raise ValueError(f"vector_shape needs an llvm (CPU) target, got {target.kind.name!r}")
+    return target
+
+
+def _is_host_triple(target: Target) -> bool:
+    """Whether ``target`` compiles for this machine's triple (none given, or the same): only then
+    does a missing ``mcpu`` mean the host CPU (a cross-compile keeps the triple's generic CPU)."""
+    triple = str(target.attrs.get("mtriple") or "")
+    return not triple or triple == codegen.llvm_get_system_triple()

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "kvquant": "bench.kvquant",
     "pruning": "bench.pruning",
     "sharding": "bench.sharding",
+    "threads": "bench.threads",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 

@@ -13,8 +13,8 @@ from tvm.script import tirx as T
 
 import llmir_tvm
 from llmir_tvm.passes import DenseToTIR
-from llmir_tvm.target import resolve_target
-from llmir_tvm.tir_kernels.dense import dense_nt
+from llmir_tvm.target import resolve_target, vector_shape
+from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, split_threads
 
 KERNELS = {"llmir_dense_nt_37x53_3d": 3, "llmir_dense_nt_37x53": 2}
 
@@ -65,15 +65,26 @@ class Expected:
         return (y2, y4, s, f)
 
 
-def _expected() -> tvm.IRModule:
+def _expected(plan, isa: str) -> tvm.IRModule:
     mod = tvm.IRModule(dict(Expected.functions_items()), attrs=Expected.attrs)
     for name, rank in KERNELS.items():
-        mod.update_func(mod.get_global_var(name), dense_nt(37, 53, rank).with_attr("global_symbol", name))
+        prim = dense_nt(37, 53, rank, plan, split_threads(isa))
+        mod.update_func(mod.get_global_var(name), prim.with_attr("global_symbol", name))
     return mod
 
 
 def test_before_expected():
-    tvm.ir.assert_structural_equal(DenseToTIR()(Before), _expected())
+    """No target given: the host's tiles (the pass runs outside any target context here)."""
+    host = vector_shape()
+    tvm.ir.assert_structural_equal(DenseToTIR()(Before), _expected(dense_tiles(host.lanes, host.registers), host.isa))
+
+
+def test_tiles_follow_the_target_and_plans():
+    """An AVX2 target gets 8-lane 2 x 4 tiles; a measured plan for (37, 53) overrides them."""
+    avx2 = {"kind": "llvm", "mcpu": "haswell"}
+    tvm.ir.assert_structural_equal(DenseToTIR(target=avx2)(Before), _expected(DenseTiles(8, 2, 4, 8), "avx2"))
+    plan = DensePlan(((0, DenseTiles(8, 4, 2, 8)), (64, "blas")))
+    tvm.ir.assert_structural_equal(DenseToTIR(target=avx2, plans={(37, 53): plan})(Before), _expected(plan, "avx2"))
 
 
 @pytest.mark.parametrize("n", [1, 3, 16, 17])

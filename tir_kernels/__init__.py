@@ -83,6 +83,16 @@ def _variants_for(target: Target | str | dict | None) -> dict[str, Callable]:
     raise ValueError(f"no llmir kernels for target kind {kind!r}; supported: 'llvm', 'cuda'")
 
 
+def _cpu_vector(target):
+    """The fp32 vector lanes / registers the CPU attention kernels size their tiles from: the LLVM
+    target's (the host's when None); a ``c`` target gets the kernels' defaults (AVX-512-sized)."""
+    from ..target import VectorShape, vector_shape
+
+    if target is not None and target_kind(target) != "llvm":
+        return VectorShape(paged_attention.DEFAULT_LANES, paged_attention.DEFAULT_REGISTERS, "default")
+    return vector_shape(target)
+
+
 def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
     layout = config.layout if isinstance(config, AttentionConfig) else config
     cpu = target_kind(target) in ("llvm", "c")
@@ -98,7 +108,11 @@ def _make(name: str, config, target) -> tvm.tirx.PrimFunc:
             tgt = target if isinstance(target, Target) else Target(target)
             return getattr(cuda_quant_cache_ops, name)(config, tgt)
     if cpu and name == "paged_decode_attention":
-        return paged_attention.paged_decode_attention(config, int_dot=paged_attention.cpu_has_int16_dot(target))
+        return paged_attention.paged_decode_attention(config, int_dot=paged_attention.cpu_has_int16_dot(target),
+                                                      lanes=_cpu_vector(target).lanes)
+    if cpu and name == "paged_prefill_attention":
+        vector = _cpu_vector(target)
+        return paged_attention.paged_prefill_attention(config, lanes=vector.lanes, registers=vector.registers)
     return _variants_for(target)[name](config)
 
 

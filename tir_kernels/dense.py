@@ -4,44 +4,183 @@ Why our own kernel: at the row counts of decoding (1 to a few dozen rows of ``x`
 layer is bound by reading ``W`` once, and the fastest way to read it is on TVM's own thread
 pool, with no call out of the compiled model. Handing such small products to a BLAS library
 costs a Python call each and leaves the library's worker threads spinning on the same cores
-as TVM's pool for the next kernel.
+as TVM's pool for the next kernel. Where the host's BLAS measured faster (long prefills), the
+kernel hands the product to it itself (a :class:`DensePlan` segment ``"blas"``; chosen by
+``llmir_tvm.dense_choice``).
 
-Shape of the work: a parallel task owns ``TASK_COLS`` consecutive rows of ``W`` (output
-features). Within a task, register tiles of ``TILE`` rows of ``x`` by ``TILE`` rows of ``W``
-accumulate ``TILE x TILE`` dot products as ``LANES``-wide partial-sum vectors along ``K``
-(each loaded vector of ``x`` feeds ``TILE`` FMAs, each vector of ``W`` too); rows of ``x``
-left over below a multiple of ``TILE`` use a ``1 x TASK_COLS`` tile (the GEMV of batch-1
-decode). A butterfly (:mod:`.vector_reduce`) turns the 16 partial-sum vectors of a tile into
-one vector of its 16 results. ``K`` and ``N`` need not be multiples of anything: a scalar tail
-finishes ``K``, and output features past the last full task are computed one by one.
+Shape of the work, sized from the target (:class:`DenseTiles`, :func:`dense_tiles`): a parallel
+task owns ``task_cols`` consecutive rows of ``W`` (output features). Within a task, register
+tiles of ``rows`` rows of ``x`` by ``cols`` rows of ``W`` accumulate ``rows x cols`` dot products
+as ``lanes``-wide partial-sum vectors along ``K`` (each loaded vector of ``x`` feeds ``cols``
+FMAs, each vector of ``W`` ``rows``); rows of ``x`` left over below a multiple of ``rows`` use a
+``1 x task_cols`` tile (the GEMV of batch-1 decode). Accumulators plus the ``rows + cols`` loaded
+vectors fit the ISA's vector registers (AVX-512: 4 x 4 tiles of 16 lanes in 32 registers;
+AVX2: 2 x 4 of 8 lanes in 16; NEON: 4 x 4 of 4 lanes in 32), so nothing spills. Butterflies
+(:mod:`.vector_reduce`) turn each ``lanes`` partial-sum vectors of a tile into one vector of
+their ``lanes`` results. ``K`` and ``N`` need not be multiples of anything: a scalar tail finishes
+``K``, and output features past the last full task are computed one by one.
+
+Tasks are split over the pool's threads self-balancing on x86 (``threads``, :func:`split_threads`):
+each thread owns a range and takes it from the front; having finished, it takes its neighbour's
+range from the back, so a thread slowed by another process (a background job sharing its core)
+does not hold the join with its whole static share (TVM's ``T.parallel`` splits statically).
 
 Rows of ``x`` are taken in chunks that stay in L2 (``X_CHUNK_BYTES``), chunk-major over the
 parallel tasks, so a long prefill streams ``W`` from L3 once per chunk instead of ``x`` from
-DRAM once per task. Measured on a 2-core AVX-512 machine against numpy's OpenBLAS
-(``scripts/benchmark.py dense``, ``docs/benchmarks.md``): 1.0-3.2x faster from 3 to 64 rows (4 x 4
-tiles at up to ~185 GFLOP/s), 0.64-1.95x as a 1-row GEMV, 0.88-1.0x from 512 to 2048 rows, before
-counting the BLAS call's overheads inside a model.
+DRAM once per task. Numbers against numpy's OpenBLAS: ``scripts/benchmark.py dense``
+(``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
+from dataclasses import dataclass
+from typing import Union
 
 import tvm
 from tvm.script import tirx as T
 
 from .vector_reduce import butterfly_indices, butterfly_macro
 
-#: float32 lanes of one SIMD vector (AVX-512; LLVM splits it on narrower targets).
-LANES = 16
-#: Rows of ``x`` and of ``W`` in the main register tile (TILE x TILE = LANES dot products).
-TILE = 4
-#: Rows of ``W`` (output features) per parallel task.
-TASK_COLS = 16
 #: Bytes of ``x`` rows a task works through before moving to the next slice of W (fits in L2).
 X_CHUNK_BYTES = 256 * 1024
+#: The packed function a ``"blas"`` plan segment calls (``llmir_tvm.runtime.blas``; registered when
+#: ``llmir_tvm.runtime`` is imported, as the engine does).
+BLAS_MATMUL_NT = "llmir.blas.matmul_nt"
 
-assert TILE * TILE == LANES == TASK_COLS
+
+@dataclass(frozen=True)
+class DenseTiles:
+    """Register tiling of the dense kernel: ``lanes`` float32 per vector, ``rows x cols`` tiles
+    (``rows * cols`` a multiple of ``lanes``), ``task_cols`` W rows per parallel task (a multiple of
+    ``cols`` and of ``lanes``: the GEMV tile keeps ``task_cols`` accumulators)."""
+
+    lanes: int
+    rows: int
+    cols: int
+    task_cols: int
+
+    def __post_init__(self):
+        lanes, rows, cols, task = self.lanes, self.rows, self.cols, self.task_cols
+        if lanes < 2 or lanes & (lanes - 1):
+            raise ValueError(f"DenseTiles: lanes must be a power of two >= 2, got {lanes}")
+        if rows < 1 or cols < 2 or (rows * cols) % lanes or task % cols or task % lanes:
+            raise ValueError(f"DenseTiles: need rows >= 1, cols >= 2, rows*cols and task_cols multiples of lanes "
+                             f"and task_cols a multiple of cols; got {self}")
+
+    @property
+    def registers(self) -> int:
+        """Vector registers the main tile's inner loop keeps live (accumulators + loaded vectors)."""
+        return self.rows * self.cols + self.rows + self.cols
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``8l2x4t8`` (:meth:`parse` reads it back)."""
+        return f"{self.lanes}l{self.rows}x{self.cols}t{self.task_cols}"
+
+    @staticmethod
+    def parse(name: str) -> "DenseTiles":
+        """The tiling a :attr:`name` describes."""
+        match = re.fullmatch(r"(\d+)l(\d+)x(\d+)t(\d+)", str(name))
+        if match is None:
+            raise ValueError(f"not a dense tiling name (like '8l2x4t8'): {name!r}")
+        return DenseTiles(*(int(g) for g in match.groups()))
+
+
+#: The tiling the kernel was first tuned with (AVX-512): 4 x 4 tiles of 16 lanes, 16 W rows per task.
+AVX512_TILES = DenseTiles(16, 4, 4, 16)
+
+#: A plan segment's variant: register tiles, or ``"blas"`` (the host BLAS).
+Variant = Union[DenseTiles, str]
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Which variant computes a product, by row count: ``segments`` are ``(min_rows, variant)``
+    with increasing ``min_rows``, the first being 0; a call with ``n`` rows uses the last segment
+    whose ``min_rows <= n``."""
+
+    segments: tuple[tuple[int, Variant], ...]
+
+    def __post_init__(self):
+        starts = [m for m, _ in self.segments]
+        if not starts or starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError(f"DensePlan: segments must start at 0 rows and increase, got {starts}")
+        for _, variant in self.segments:
+            if not (isinstance(variant, DenseTiles) or variant == "blas"):
+                raise ValueError(f"DensePlan: a variant is DenseTiles or 'blas', got {variant!r}")
+
+    @staticmethod
+    def tiles_only(tiles: DenseTiles) -> "DensePlan":
+        """One tiling for every row count."""
+        return DensePlan(((0, tiles),))
+
+    def to_json(self) -> list:
+        """``[[min_rows, variant name], ...]`` (tiles as :attr:`DenseTiles.name`), for ``model.json``."""
+        return [[start, variant.name if isinstance(variant, DenseTiles) else variant] for start, variant in self.segments]
+
+    @staticmethod
+    def from_json(segments: list) -> "DensePlan":
+        """The inverse of :meth:`to_json`."""
+        return DensePlan(tuple((int(start), DenseTiles.parse(name)) if name != "blas" else (int(start), "blas")
+                               for start, name in segments))
+
+
+def tile_candidates(lanes: int, registers: int) -> list[DenseTiles]:
+    """Every register tiling that fits ``registers`` vector registers of ``lanes`` float32 lanes,
+    best first (most FMAs per loaded vector, then fewer registers). Why several: the best one on
+    paper is not always the fastest, so ``llmir_tvm.dense_choice`` can time the first few."""
+    found = []
+    for rows in range(1, 9):
+        for cols in range(2, 9):
+            if (rows * cols) % lanes or rows * cols + rows + cols > registers:
+                continue
+            step = cols * lanes // _gcd(cols, lanes)  # task_cols: a multiple of both
+            task = max(step, step * (min(16, registers - 2) // step))  # up to 16 W rows, if they fit
+            if task + 2 > registers:  # the GEMV tile's task_cols accumulators + 2 loads must fit
+                continue
+            found.append(DenseTiles(lanes, rows, cols, task))
+    found.sort(key=lambda t: (-t.rows * t.cols / (t.rows + t.cols), t.registers, -t.cols))
+    return found
+
+
+def dense_tiles(lanes: int, registers: int) -> DenseTiles:
+    """The best-on-paper register tiling for a CPU with ``registers`` vectors of ``lanes`` float32."""
+    candidates = tile_candidates(lanes, registers)
+    if not candidates:
+        raise ValueError(f"no dense tiling fits {registers} registers of {lanes} lanes")
+    return candidates[0]
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+#: A memory fence LLVM treats as reading and writing all memory (so progress counters are re-read);
+#: the self-balancing split is used on x86 only (elsewhere TVM's static split).
+X86_FENCE = "llvm.x86.sse2.lfence"
+
+
+def fence():
+    """A load fence: orders this thread's loads and stops LLVM caching memory in registers across it."""
+    return T.evaluate(T.call_llvm_intrin("void", X86_FENCE))
+
+
+def pool_threads() -> int:
+    """Threads of TVM's CPU pool as the model will run: ``TVM_NUM_THREADS`` (which ``llmir_tvm``
+    sets to the usable cores unless the user did), else the usable cores."""
+    value = os.environ.get("TVM_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+def split_threads(isa: str) -> int:
+    """Ranges of the self-balancing split for code of ``isa`` (``llmir_tvm.target.VectorShape.isa``):
+    :func:`pool_threads` on x86 (its fence is x86's), 0 (TVM's static split) elsewhere."""
+    return pool_threads() if isa in ("avx512", "avx2", "sse") else 0
 
 
 def prefetch_next(address):
@@ -50,21 +189,14 @@ def prefetch_next(address):
     return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(1), T.int32(1)))
 
 
-@functools.lru_cache(maxsize=None)
-def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.PrimFunc:
-    """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
-
-    ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
-    Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
-    over compiles (PrimFuncs are immutable, so sharing them is safe).
-    """
-    K, N = int(in_features), int(out_features)
-    if K < 1 or N < 1:
-        raise ValueError(f"dense_nt: in_features and out_features must be >= 1, got K={K}, N={N}")
-    if rank not in (2, 3):
-        raise ValueError(f"dense_nt: rank must be 2 or 3, got {rank}")
+def _products(K: int, N: int, tiles: DenseTiles, threads: int):
+    """T.macro ``(n, x, w, out)``: ``out = x @ w.T`` on TVM's thread pool with ``tiles``; with
+    ``threads > 1``, split self-balancing over that many ranges (a slow thread does not hold the
+    join: its neighbour finishes its range), else statically by TVM's parallel loop."""
+    LANES, TILE_R, TILE_C, TASK_COLS = tiles.lanes, tiles.rows, tiles.cols, tiles.task_cols
+    ACC = max(TILE_R * TILE_C, TASK_COLS)  # accumulators: the main tile's or the GEMV tile's
     KV, K_TAIL = K // LANES, K % LANES > 0  # whole vectors along K; a scalar tail?
-    CHUNK_TILES = max(1, X_CHUNK_BYTES // (4 * K * TILE))
+    CHUNK_TILES = max(1, X_CHUNK_BYTES // (4 * K * TILE_R))
     FULL_TASKS, REST = N // TASK_COLS, N % TASK_COLS
     TASKS = FULL_TASKS + (1 if REST else 0)
     butterfly = butterfly_macro(butterfly_indices(LANES), LANES, LANES // 2)
@@ -73,8 +205,9 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.Pri
     @T.macro
     def finish(acc, res, x, w, out, i0, j0, rows, cols):
         """Reduce the tile's partial sums, add the K tail, store ``rows x cols`` results."""
-        butterfly(acc, 0, 0)
-        res[V] = acc[0, 0, V]
+        for g in T.unroll(rows * cols // LANES):
+            butterfly(acc, 0, g * LANES)
+            res[T.Ramp(g * LANES, 1, LANES)] = acc[0, g * LANES, V]
         if K_TAIL:
             for r in T.unroll(rows):
                 for c in T.unroll(cols):
@@ -85,9 +218,9 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.Pri
 
     @T.macro
     def tile(acc, res, x, w, out, i0, j0, rows, cols, pf):
-        """``rows x cols`` dot products (rows * cols == LANES) of x rows ``i0..`` and w rows ``j0..``;
-        with ``pf``, prefetches the same W rows of the next task."""
-        for t in T.unroll(LANES):
+        """``rows x cols`` dot products of x rows ``i0..`` and w rows ``j0..``; with ``pf``,
+        prefetches the same W rows of the next task."""
+        for t in T.unroll(rows * cols):
             acc[0, t, V] = T.Broadcast(T.float32(0), LANES)
         for kv in range(KV):
             if pf:
@@ -103,11 +236,11 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.Pri
     @T.macro
     def gemv_tile(acc, res, x, w, w_flat, out, i, j0):
         """One row of x by TASK_COLS rows of W; prefetches the next task's W block meanwhile."""
-        for t in T.unroll(LANES):
+        for t in T.unroll(TASK_COLS):
             acc[0, t, V] = T.Broadcast(T.float32(0), LANES)
         for kv in range(KV):
-            for l in T.unroll(LANES):
-                prefetch_next(T.address_of(w_flat[T.min((j0 + TASK_COLS) * K + (kv * LANES + l) * LANES, N * K - 1)]))
+            for l in T.unroll(TASK_COLS * LANES // 16):  # one prefetch per 64-byte line of the block
+                prefetch_next(T.address_of(w_flat[T.min((j0 + TASK_COLS) * K + kv * LANES * TASK_COLS + l * 16, N * K - 1)]))
             for c in T.unroll(TASK_COLS):
                 acc[0, c, V] = acc[0, c, V] + x[i, T.Ramp(kv * LANES, 1, LANES)] * w[j0 + c, T.Ramp(kv * LANES, 1, LANES)]
         finish(acc, res, x, w, out, i, j0, 1, TASK_COLS)
@@ -115,15 +248,15 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.Pri
     @T.macro
     def full_task(ic, nch, jt, n, x, w, out):
         """W rows ``jt*TASK_COLS..`` times the x rows of chunk ``ic`` (the leftover rows in the last chunk)."""
-        acc = T.alloc_buffer((1, LANES, LANES), "float32", scope="local")
-        res = T.alloc_buffer((LANES,), "float32", scope="local")
+        acc = T.alloc_buffer((1, ACC, LANES), "float32", scope="local")
+        res = T.alloc_buffer((ACC,), "float32", scope="local")
         j0: T.int64 = jt * TASK_COLS
-        for js in range(TASK_COLS // TILE):  # a TILE-row slice of W stays in L1 over the chunk
-            for ib in range(ic * CHUNK_TILES, T.min(n // TILE, ic * CHUNK_TILES + CHUNK_TILES)):
-                tile(acc, res, x, w, out, ib * TILE, j0 + js * TILE, TILE, TILE, ib == ic * CHUNK_TILES)
+        for js in range(TASK_COLS // TILE_C):  # a TILE_C-row slice of W stays in L1 over the chunk
+            for ib in range(ic * CHUNK_TILES, T.min(n // TILE_R, ic * CHUNK_TILES + CHUNK_TILES)):
+                tile(acc, res, x, w, out, ib * TILE_R, j0 + js * TILE_C, TILE_R, TILE_C, ib == ic * CHUNK_TILES)
         if ic == nch - 1:
             w_flat = T.decl_buffer((N * K,), "float32", data=w.data, align=4)
-            for i in range(n // TILE * TILE, n):
+            for i in range(n // TILE_R * TILE_R, n):
                 gemv_tile(acc, res, x, w, w_flat, out, i, j0)
 
     @T.macro
@@ -138,13 +271,108 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2) -> tvm.tirx.Pri
                 out[i, FULL_TASKS * TASK_COLS + c] = s[0]
 
     @T.macro
+    def task_work(task, nch, n, x, w, out):
+        if task % TASKS < FULL_TASKS:
+            full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
+        elif task // TASKS == 0:
+            rest_task(n, x, w, out)
+
+    if threads <= 1:
+
+        @T.macro
+        def products(n, x, w, out):
+            nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+            for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
+                task_work(task, nch, n, x, w, out)
+
+        return products
+
+    VT = threads
+
+    @T.macro
     def products(n, x, w, out):
-        nch: T.int64 = T.max((n // TILE + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-        for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
-            if task % TASKS < FULL_TASKS:
-                full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
-            elif task // TASKS == 0:
-                rest_task(n, x, w, out)
+        """Self-balancing split over ``VT`` ranges of tasks: range ``t``'s owner takes its tasks from
+        the front; having finished, it takes its neighbour's from the back. ``prog`` holds each
+        range's front (owner's next task) and back (lowest task the thief took), on their own cache
+        lines, re-read after a fence (LLVM may not keep them in registers). A task either side may
+        compute twice writes the same values, so no atomics are needed: each side publishes a task
+        only after computing it, and a stale read only makes a task run twice."""
+        nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        total: T.int64 = nch * TASKS
+        prog = T.alloc_buffer((VT * 16,), "int64")
+        for t in range(VT):
+            prog[t * 16] = total * t // VT
+            prog[t * 16 + 8] = total * (t + 1) // VT
+        for t in T.parallel(VT):
+            cur = T.alloc_buffer((1,), "int64", scope="local")
+            cur[0] = total * t // VT
+            fence()
+            while cur[0] < prog[t * 16 + 8]:  # own range, forward, until it meets the thief
+                task_work(cur[0], nch, n, x, w, out)
+                cur[0] = cur[0] + 1
+                prog[t * 16] = cur[0]
+                fence()
+            u: T.int64 = (t + 1) % VT
+            cur[0] = total * (u + 1) // VT
+            while cur[0] > prog[u * 16]:  # the neighbour's range, backward, until it meets its owner
+                task_work(cur[0] - 1, nch, n, x, w, out)
+                cur[0] = cur[0] - 1
+                prog[u * 16 + 8] = cur[0]
+                fence()
+
+    return products
+
+
+def _dispatch(K: int, N: int, segments: tuple, threads: int):
+    """T.macro ``(n, x, w, out)`` running the plan segment that ``n`` rows fall in (last segment first)."""
+    (start, variant), earlier = segments[-1], segments[:-1]
+    if isinstance(variant, DenseTiles):
+        run_variant = _products(K, N, variant, threads)
+    else:
+
+        @T.macro
+        def run_variant(n, x, w, out):
+            T.evaluate(T.call_packed(BLAS_MATMUL_NT, x, w, out))
+
+    if not earlier:
+        return run_variant
+    run_earlier = _dispatch(K, N, earlier, threads)
+
+    @T.macro
+    def dispatch(n, x, w, out):
+        if n >= start:
+            run_variant(n, x, w, out)
+        else:
+            run_earlier(n, x, w, out)
+
+    return dispatch
+
+
+@functools.lru_cache(maxsize=None)
+def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan | DenseTiles = AVX512_TILES,
+             threads: int = 0) -> tvm.tirx.PrimFunc:
+    """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
+
+    ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
+    ``plan``: register tiles for every row count, or a :class:`DensePlan` by row count (``"blas"``
+    segments call ``llmir.blas.matmul_nt``, so the module needs ``llmir_tvm.runtime`` imported).
+    ``threads``: ranges of the self-balancing split (:func:`pool_threads`: one per thread of TVM's
+    pool); 0 or 1: TVM's static split of the parallel loop.
+    Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
+    over compiles (PrimFuncs are immutable, so sharing them is safe).
+    """
+    K, N = int(in_features), int(out_features)
+    if K < 1 or N < 1:
+        raise ValueError(f"dense_nt: in_features and out_features must be >= 1, got K={K}, N={N}")
+    if rank not in (2, 3):
+        raise ValueError(f"dense_nt: rank must be 2 or 3, got {rank}")
+    if isinstance(plan, DenseTiles):
+        plan = DensePlan.tiles_only(plan)
+    if not isinstance(plan, DensePlan):
+        raise ValueError(f"dense_nt: plan must be DenseTiles or DensePlan, got {plan!r}")
+    if int(threads) < 0:
+        raise ValueError(f"dense_nt: threads must be >= 0, got {threads}")
+    products = _dispatch(K, N, plan.segments, int(threads))
 
     if rank == 2:
 

@@ -44,9 +44,15 @@ MIN_DECODE_RUN_BYTES = 2048
 _NEG_INF = -3.0e38
 
 
-def _vector_lanes(head_dim: int) -> int:
-    """fp32 lanes of the decode kernel's partial dot products: the widest of 16/8/4/2/1 dividing head_dim."""
-    return next(v for v in (16, 8, 4, 2, 1) if head_dim % v == 0)
+#: fp32 lanes and vector registers the kernels assume when not told the target's
+#: (``llmir_tvm.target.vector_shape``: AVX-512 16 x 32, AVX2 8 x 16, NEON 4 x 32).
+DEFAULT_LANES, DEFAULT_REGISTERS = 16, 32
+
+
+def _vector_lanes(head_dim: int, max_lanes: int = DEFAULT_LANES) -> int:
+    """fp32 lanes of the decode kernel's partial dot products: the widest power of two up to the
+    target's vector (``max_lanes``) dividing head_dim."""
+    return next(v for v in (16, 8, 4, 2, 1) if v <= max_lanes and head_dim % v == 0)
 
 
 def rows_per_tile(cfg: AttentionConfig) -> int:
@@ -124,12 +130,12 @@ def _prefetch_macros(cfg: AttentionConfig, CH: int):
     return prefetch_chunk, prefetch_key
 
 
-def _float_key_dots_macro(cfg: AttentionConfig):
+def _float_key_dots_macro(cfg: AttentionConfig, max_lanes: int = DEFAULT_LANES):
     """T.macro ``(part, qf, qi, kw, cache_f, cache_fb, row, i, h)``: ``part[h * G + g, i, :]`` = the
     ``VL`` partial sums of query vector ``h * G + g``'s dot product with the key row at flat index
     ``row`` (float FMAs on converted elements; float8 elements unscaled, see :func:`_decode_body`)."""
     G, D, dt = cfg.group_size, cfg.layout.head_dim, cfg.layout.dtype
-    VL = _vector_lanes(D)
+    VL = _vector_lanes(D, max_lanes)
 
     @T.macro
     def key_dots(part, qf, qi, kw, cache_f, cache_fb, row, i, h):
@@ -198,7 +204,7 @@ def decode_heads_per_task(cfg: AttentionConfig) -> int:
     return next((ht for ht in fits if ht * run >= MIN_DECODE_RUN_BYTES), fits[-1])
 
 
-def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
+def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = DEFAULT_LANES):
     """The T.macro attending ONE query row with the ``HT * group_size`` query heads of KV heads
     ``hk0 .. hk0 + HT`` (``HT`` = :func:`decode_heads_per_task`).
 
@@ -223,7 +229,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, DECODE_CHUNK
     HT = decode_heads_per_task(cfg)
     NG = HT * G  # query vectors of a task
-    VL = _vector_lanes(D)
+    VL = _vector_lanes(D, max_lanes)
     NGRP = CH // VL  # butterflies per chunk (VL divides DECODE_CHUNK)
     butterfly = butterfly_macro(butterfly_indices(VL), VL, VL // 2)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
@@ -235,7 +241,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
     HALF = FP8_UNSCALED_FACTOR**0.5 if dt == "float8_e4m3fn" else 1.0  # see the docstring
     IDOT = _int_dot_keys(cfg, int_dot)
     PART = "int32" if IDOT else "float32"  # dtype of the partial dot products
-    key_dots = _int_key_dots_macro(cfg) if IDOT else _float_key_dots_macro(cfg)
+    key_dots = _int_key_dots_macro(cfg) if IDOT else _float_key_dots_macro(cfg, max_lanes)
     ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
 
     @T.macro
@@ -362,7 +368,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False):
     return body
 
 
-def _tile_body(cfg: AttentionConfig):
+def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int = DEFAULT_REGISTERS):
     """The T.macro attending rows ``[row0, row0 + nrows)`` of sequence ``b`` with KV head ``hk``.
 
     Compute-bound: K of a chunk is transposed once into fp32 ``[head_dim, KV_CHUNK]``; each
@@ -373,7 +379,10 @@ def _tile_body(cfg: AttentionConfig):
     lay = cfg.layout
     G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
     NV = rows_per_tile(cfg) * G
-    U = next(u for u in (10, 8, 7, 6, 5, 4, 3, 2, 1) if NV % u == 0)  # independent FMA chains (latency x 2 pipes)
+    per_vector = max(1, CH // lanes)  # registers one CH-lane score vector takes on this target
+    fit = (registers - 1 - per_vector) // per_vector  # chains + the K row vector + the broadcast query
+    # independent FMA chains (latency x 2 pipes), as many as the target's registers hold
+    U = next(u for u in (10, 8, 7, 6, 5, 4, 3, 2, 1) if NV % u == 0 and u <= max(1, fit))
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
@@ -480,18 +489,19 @@ def _tile_body(cfg: AttentionConfig):
     return body
 
 
-def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.tirx.PrimFunc:
+def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: int = DEFAULT_LANES) -> tvm.tirx.PrimFunc:
     """Paged attention for uniform queries ``q [batch, q_len, num_qo_heads, head_dim]``.
 
     ``q_len`` is symbolic (1 for decode). Signature:
     ``(q, cache, block_table, seq_lens, out)`` with ``out`` shaped like ``q``. ``int_dot``: int8
-    keys' dot products in integers (needs AVX512-VNNI: see :func:`cpu_has_int16_dot`).
+    keys' dot products in integers (needs AVX512-VNNI: see :func:`cpu_has_int16_dot`). ``lanes``:
+    the target's fp32 vector lanes (partial dot products are at most that wide).
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
-    body = _decode_body(cfg, int_dot)
+    body = _decode_body(cfg, int_dot, lanes)
 
     HT = decode_heads_per_task(cfg)
     NHT = H // HT  # tasks per query row
@@ -530,20 +540,22 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False) -> tvm.t
     return paged_decode
 
 
-def paged_prefill_attention(cfg: AttentionConfig) -> tvm.tirx.PrimFunc:
+def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
+                            registers: int = DEFAULT_REGISTERS) -> tvm.tirx.PrimFunc:
     """Paged attention for ragged queries ``q [total_q, num_qo_heads, head_dim]``.
 
     Sequence ``b`` owns query rows ``[q_indptr[b], q_indptr[b+1])`` (chunked prefill, mixed
     prefill + decode batches). Signature: ``(q, cache, block_table, seq_lens, q_indptr, out)``.
     A task takes ``rows_per_tile`` consecutive rows; where they span sequences it handles
-    each sequence's share in turn. Rows owned by no sequence are zero.
+    each sequence's share in turn. Rows owned by no sequence are zero. ``lanes`` / ``registers``:
+    the target's fp32 vector lanes and vector registers (how many score vectors stay in registers).
     """
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
     QT = rows_per_tile(cfg)
-    body = _tile_body(cfg)
+    body = _tile_body(cfg, lanes, registers)
 
     @T.prim_func
     def paged_prefill(

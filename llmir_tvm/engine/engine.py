@@ -187,18 +187,17 @@ class Engine:
 
             self.executor = ShardedExecutor(compiled, session=session, device=device)
             self.vm, self.params = self.executor, []
-            self.cache = self.executor.make_cache(num_blocks or (plan.num_blocks if plan is not None else None),
-                                                  enable_prefix_caching=enable_prefix_caching)
         else:
             self.vm = VirtualMachine(compiled.module, self.device)
             self.params = [tvm.runtime.tensor(p, self.device) for p in compiled.params]
-        self.cache = self.cache if self.executor is not None else create_cache(
+        self.cache = create_cache(
             info,
             num_blocks=num_blocks or (plan.num_blocks if plan is not None else info.num_blocks),
             device=self.device,
-            kernels=compiled.cache_kernels(),
+            kernels=None if self.executor is not None else compiled.cache_kernels(),
             enable_prefix_caching=enable_prefix_caching,
             max_step_tokens=self.max_num_batched_tokens,
+            executor=self.executor,
         )
         self.max_num_seqs = max_num_seqs
         self.profile = bool(profile)
@@ -405,7 +404,7 @@ class Engine:
         while waiting and budget > 0 and slots + _slots(waiting[0]) <= self.max_num_seqs:
             seq = waiting[0]
             need = -(-len(seq.tokens) // page) - cache.match_prefix(seq.tokens) // page
-            available = cache.allocator.num_available - reserve
+            available = cache.num_available_blocks - reserve
             if need > available and running:
                 break
             waiting.popleft()

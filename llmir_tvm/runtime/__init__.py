@@ -8,6 +8,7 @@ including the BLAS-backed dense layers compiled models call (``llmir.blas.*``).
 
 from . import blas
 from .allocator import BlockAllocator, KVCacheOutOfBlocks
+from .cache_interface import KVCache, KVCacheCapabilities
 from .h2o_cache import H2OKVCache
 from .hybrid_cache import HybridKVCache, HybridStepTensors, create_cache
 from .kv_cache import PagedKVCache, StepTensors, block_hash
@@ -20,6 +21,8 @@ __all__ = [
     "H2OKVCache",
     "HybridKVCache",
     "HybridStepTensors",
+    "KVCache",
+    "KVCacheCapabilities",
     "KVCacheOutOfBlocks",
     "PagedKVCache",
     "StepTensors",

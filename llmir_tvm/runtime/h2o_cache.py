@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import tvm.runtime
 
+from .cache_interface import KVCacheCapabilities
 from .kv_cache import PagedKVCache, StepTensors
 
 __all__ = ["H2OKVCache"]
@@ -78,6 +79,11 @@ class H2OKVCache(PagedKVCache):
         super().remove_sequence(seq_id)
         for state in (self._positions, self._scores, self._next):
             del state[int(seq_id)]
+
+    @property
+    def capabilities(self) -> KVCacheCapabilities:
+        """No forks, rollback or prefix reuse: evictions rewrite slots in place."""
+        return KVCacheCapabilities(fork=False, popn=False, prefix_caching=False)
 
     def fork_sequence(self, parent_id: int, child_id: int, fork_pos: int = -1) -> None:
         """Not available: evictions copy slots in place, which must not touch blocks another sequence shares."""

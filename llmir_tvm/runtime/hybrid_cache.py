@@ -24,6 +24,7 @@ import tvm.runtime
 
 from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
 from .allocator import KVCacheOutOfBlocks
+from .cache_interface import KVCache, KVCacheCapabilities
 from .h2o_cache import H2OKVCache
 from .kv_cache import PagedKVCache, StepTensors
 
@@ -56,17 +57,6 @@ def group_block_counts(
     per_sequence = sum(p * n for p, n in zip(pools, need))
     sequences = num_blocks * sum(pools) / per_sequence
     return [max(min(n, num_blocks), int(sequences * n)) for n in need]
-
-
-class _Availability:
-    """What the engine's admission reads of an allocator: the blocks group 0 can still hand out."""
-
-    def __init__(self, caches: list[PagedKVCache]):
-        self._caches = caches
-
-    @property
-    def num_available(self) -> int:
-        return self._caches[0].allocator.num_available
 
 
 def _group_dtype(dtypes: list[str]) -> str | list[str]:
@@ -117,9 +107,18 @@ class HybridKVCache:
         self.num_layers = len(self._where)
         self.block_size = int(block_size)
         self.enable_prefix_caching = False
-        self.allocator = _Availability(self.caches)
 
     # ------------------------------------------------------------------ geometry
+    @property
+    def capabilities(self) -> KVCacheCapabilities:
+        """Forks and rollback (applied to every group); no prefix reuse yet."""
+        return KVCacheCapabilities(fork=True, popn=True, prefix_caching=self.enable_prefix_caching)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks the full-attention group (group 0, the one admission sizes sequences by) can still hand out."""
+        return self.caches[0].num_available_blocks
+
     @property
     def num_blocks(self) -> int:
         """Blocks of group 0 (the full-context group when the model has one)."""
@@ -279,14 +278,19 @@ def create_cache(
     kernels: Any,
     enable_prefix_caching: bool,
     max_step_tokens: int,
-) -> PagedKVCache | HybridKVCache:
+    executor: Any = None,
+) -> KVCache:
     """The cache a compiled model needs: a :class:`PagedKVCache` when every pool shares one window, a hybrid one
     when they differ, an :class:`H2OKVCache` under the H2O policy.
 
     ``info`` is the model's ``ModelInfo`` (windows and sinks per pool from its
     ``pool_windows_and_sinks``); ``num_blocks`` sizes a uniform cache, a hybrid one
-    splits the same bytes (:func:`group_block_counts`).
+    splits the same bytes (:func:`group_block_counts`). With ``executor`` (a sharded model's
+    ``ShardedExecutor``), the controller's cache over the workers' pools (``device`` and
+    ``kernels`` are the executor's own then).
     """
+    if executor is not None:
+        return executor.make_cache(num_blocks, enable_prefix_caching=enable_prefix_caching)
     windows, sinks = (list(column) for column in zip(*info.pool_windows_and_sinks))
     groups = window_groups(windows, sinks)
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,

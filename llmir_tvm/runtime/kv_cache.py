@@ -27,6 +27,7 @@ import tvm_ffi
 
 from ..kv_dtypes import check_kv_dtype, lookup_dtype, pool_row_elems
 from .allocator import BlockAllocator
+from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
 
 __all__ = ["PagedKVCache", "StepTensors", "block_hash"]
@@ -209,6 +210,16 @@ class PagedKVCache:
         self._prefix_hit_tokens = 0
 
     # ================================================================== public API
+    @property
+    def capabilities(self) -> KVCacheCapabilities:
+        """Forks and rollback always; prefix reuse when enabled."""
+        return KVCacheCapabilities(fork=True, popn=True, prefix_caching=self.enable_prefix_caching)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks a step can still take: free ones plus cached ones that can be evicted."""
+        return self.allocator.num_available
+
     @property
     def pools(self) -> list[tvm.runtime.Tensor]:
         """Per-layer pool tensors ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""

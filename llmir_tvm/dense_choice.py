@@ -1,0 +1,214 @@
+"""Choose the dense layers' kernels by timing them on the host at compile time.
+
+Which is faster for ``x @ Wᵀ`` — our register-tiled kernel (which tiling) or the host's BLAS —
+depends on the CPU, the layer's shape and the number of rows, and a choice measured on one
+machine is wrong on the next (AVX-512 tiles spill on AVX2). So ``llmir_tvm.compile`` times the
+candidates for each layer shape ``(K, N)`` at a few row counts (:data:`ROW_BUCKETS`), a few
+hundred milliseconds per shape, and compiles a :class:`~llmir_tvm.tir_kernels.dense.DensePlan`
+that switches variant by row count. The plans are recorded in the compiled model
+(``ModelInfo.dense_plans``) and can be passed back to ``compile(cpu_dense=...)`` to skip timing.
+
+:func:`choose_plan` is the decision, independent of any clock (tests give it a fake timer);
+:class:`HostTimer` times real kernels; :func:`host_plans` wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+
+from .target import cpu_features, resolve_target, vector_shape
+from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
+
+log = logging.getLogger(__name__)
+
+#: Row counts a plan is measured at; a measured variant serves from its row count up to the next.
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)
+#: Buckets whose product exceeds this many FLOPs are not timed (they keep the previous bucket's
+#: choice): the vocabulary projection at 1024 rows would take half a second per call.
+MAX_FLOPS = 4e9
+#: Timed calls per (variant, rows); the median is kept. Candidates are interleaved call by call.
+REPEATS = 3
+#: Tilings tried per target (best on paper first).
+TILINGS = 2
+#: Another variant replaces the first (the target's best tiling on paper) only when its median is
+#: this much faster: timing noise on a busy machine must not flip the plan from bucket to bucket.
+MARGIN = 0.1
+
+#: ``measure(variant, rows) -> seconds`` of one call.
+Timer = Callable[[Variant, int], float]
+
+
+def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
+                buckets: Sequence[int] = ROW_BUCKETS, repeats: int = REPEATS, max_flops: float = MAX_FLOPS,
+                margin: float = MARGIN) -> DensePlan:
+    """The fastest of ``variants`` at each row bucket of a ``K x N`` product, as a plan.
+
+    Every variant is timed ``repeats`` times per bucket, interleaved (so a burst of background
+    load hits all of them alike), and the medians compared; ties keep the earlier variant, and
+    the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
+    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
+    """
+    if not variants:
+        raise ValueError("choose_plan needs at least one variant")
+    chosen: list[tuple[int, Variant]] = []
+    for rows in buckets:
+        if chosen and 2.0 * rows * k * n > max_flops:
+            break
+        samples: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+        for _ in range(repeats):
+            for i, variant in enumerate(variants):
+                samples[i].append(float(measure(variant, rows)))
+        medians = [statistics.median(samples[i]) for i in range(len(variants))]
+        fastest = min(range(len(variants)), key=lambda i: (medians[i], i))
+        best = variants[fastest if medians[fastest] < (1.0 - margin) * medians[0] else 0]
+        log.debug("dense %dx%d at %d rows: %s -> %s", k, n, rows,
+                  ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians)), _label(best))
+        if not chosen or chosen[-1][1] != best:
+            chosen.append((0 if not chosen else rows, best))
+    return DensePlan(tuple(chosen))
+
+
+def _label(variant: Variant) -> str:
+    return variant.name if isinstance(variant, DenseTiles) else str(variant)
+
+
+def runs_on_host(target: tvm.target.Target) -> bool:
+    """Whether code for ``target`` runs on this machine (same triple, no CPU feature the host lacks)."""
+    host = resolve_target("llvm")
+    if str(target.attrs.get("mtriple") or host.attrs.get("mtriple")) != str(host.attrs.get("mtriple")):
+        return False
+    isa = lambda features: {f for f in features if _ISA_FEATURE.match(f)}  # noqa: E731 - not tuning flags
+    return isa(cpu_features(target)) <= isa(cpu_features(host))
+
+
+#: LLVM feature names of instruction-set extensions (LLVM also lists tuning flags like ``slow-3ops-lea``).
+_ISA_FEATURE = re.compile(r"^(avx|sse|ssse|fma|f16c|bmi|lzcnt|popcnt|movbe|amx|vaes|vpclmul|gfni|neon|sve|fp16|bf16|dotprod|i8mm)")
+
+
+class HostTimer:
+    """Times one call of each variant of a ``K x N`` product on this machine (a :data:`Timer`).
+
+    Tilings are built once for ``target``; ``"blas"`` is numpy's ``matmul`` as the compiled model
+    calls it (``llmir.blas.matmul_nt``). ``W`` is one random copy (it stays in cache for small
+    shapes, as between consecutive calls of a layer in a batched step).
+    """
+
+    def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):
+        self.target, self.k, self.n = target, k, n
+        rng = np.random.default_rng(seed)
+        self.w = rng.standard_normal((n, k), dtype=np.float32)
+        self.w_dev = tvm.runtime.tensor(self.w)
+        self._kernels: dict[DenseTiles, Callable] = {}
+        self._inputs: dict[int, tuple] = {}
+        self._rng = rng
+
+    def _kernel(self, tiles: DenseTiles):
+        if tiles not in self._kernels:
+            threads = split_threads(vector_shape(self.target).isa)  # as DenseToTIR builds it
+            lib = tvm.tirx.build(dense_nt(self.k, self.n, 2, tiles, threads).with_attr("global_symbol", "dense"), self.target)
+            self._kernels[tiles] = lib["dense"]
+        return self._kernels[tiles]
+
+    def _io(self, rows: int):
+        if rows not in self._inputs:
+            x = self._rng.standard_normal((rows, self.k), dtype=np.float32)
+            out = np.empty((rows, self.n), np.float32)
+            self._inputs[rows] = (x, out, tvm.runtime.tensor(x), tvm.runtime.tensor(out))
+        return self._inputs[rows]
+
+    def __call__(self, variant: Variant, rows: int) -> float:
+        x, out, x_dev, out_dev = self._io(rows)
+        if variant == "blas":
+            call = lambda: np.matmul(x, self.w.T, out=out)  # noqa: E731
+        else:
+            fn = self._kernel(variant)
+            call = lambda: fn(x_dev, self.w_dev, out_dev)  # noqa: E731
+        call()  # warm: first-touch, instruction cache
+        start = time.perf_counter()
+        call()
+        return time.perf_counter() - start
+
+
+def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
+    """The candidates compiled for ``target``: its best ``tilings`` register tilings, then the BLAS."""
+    shape = vector_shape(target)
+    return [*tile_candidates(shape.lanes, shape.registers)[:tilings], "blas"]
+
+
+def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
+               timer_factory: Callable[[tvm.target.Target, int, int], Timer] | None = None) -> dict[tuple[int, int], DensePlan]:
+    """A measured plan for each ``(K, N)`` of ``shapes`` (timed by ``timer_factory(target, K, N)``,
+    default :class:`HostTimer`); when ``target``'s code cannot run here (a cross-compile, a wider
+    ISA than the host's), its best tiling for every row count."""
+    timer_factory = timer_factory or HostTimer
+    variants = host_variants(target)
+    if not runs_on_host(target):
+        log.info("dense plans: %s does not run on this CPU; using its default tiles unmeasured", target)
+        return {shape: DensePlan.tiles_only(variants[0]) for shape in shapes}
+    plans, start = {}, time.perf_counter()
+    for k, n in dict.fromkeys(shapes):
+        plans[(k, n)] = choose_plan(k, n, variants, timer_factory(target, k, n))
+        log.info("dense %dx%d: %s", k, n, plans[(k, n)].to_json())
+    log.info("dense plans measured in %.1f s", time.perf_counter() - start)
+    return plans
+
+
+#: ``compile(cpu_dense=...)`` modes (a dict of saved plans is accepted too, see :class:`DensePlans`).
+CPU_DENSE = ("auto", "tir", "blas")
+#: Layers with fewer weights than this are not timed (their best tiling is used): too small to
+#: matter next to the rest of a step, and a tiny test model then compiles without measuring.
+MIN_MEASURED_WEIGHTS = 65536
+_measured: dict[tuple[str, int, int], DensePlan] = {}
+
+
+class DensePlans:
+    """The dense plans of one compile, by ``(K, N)``: ``DenseToTIR``'s ``plans`` callable.
+
+    ``mode`` ``"auto"``: timed on the host (:func:`host_plans`; once per process per target and
+    shape); ``"tir"``: the target's best tiling; a dict ``{"KxN": [[min_rows, variant], ...]}``
+    (``ModelInfo.dense_plans`` of a compiled model): those plans, unmeasured. :attr:`chosen`
+    records every plan handed out, for ``ModelInfo.dense_plans``.
+    """
+
+    def __init__(self, mode: str | dict, target: tvm.target.Target):
+        if isinstance(mode, dict):
+            try:
+                self.saved = {_shape_key(key): DensePlan.from_json(segments) for key, segments in mode.items()}
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"cpu_dense: not a dict of saved dense plans ({err})") from None
+        elif mode in ("auto", "tir"):
+            self.saved = {}
+        else:
+            raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {mode!r}")
+        self.mode, self.target = mode, target
+        self.measure = mode == "auto" and runs_on_host(target)
+        self.chosen: dict[tuple[int, int], DensePlan] = {}
+
+    def __call__(self, k: int, n: int) -> DensePlan:
+        if (k, n) in self.saved:
+            plan = self.saved[(k, n)]
+        elif self.measure and k * n >= MIN_MEASURED_WEIGHTS:
+            key = (str(self.target), k, n)
+            if key not in _measured:
+                _measured.update({(key[0], *shape): p for shape, p in host_plans(self.target, [(k, n)]).items()})
+            plan = _measured[key]
+        else:
+            plan = DensePlan.tiles_only(host_variants(self.target, 1)[0])
+        self.chosen[(k, n)] = plan
+        return plan
+
+    def to_json(self) -> dict:
+        """``{"KxN": plan.to_json()}`` of every plan handed out."""
+        return {f"{k}x{n}": plan.to_json() for (k, n), plan in sorted(self.chosen.items())}
+
+
+def _shape_key(key: str) -> tuple[int, int]:
+    k, n = str(key).split("x")
+    return int(k), int(n)

@@ -1,0 +1,115 @@
+"""Benchmark plumbing of issue 20: the machine stamp every results JSON carries, llama-bench's
+command line and JSON parsing (with a fake llama-bench script), the nice-19 background job, and
+the CPU benchmarks' new options parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.background import background_load  # noqa: E402
+from bench.llama_cpp import llama_bench_command, parse_llama_bench, run_llama_bench  # noqa: E402
+from bench.machine import ISA_TARGETS, git_commit, machine_stamp  # noqa: E402
+
+CPUINFO_AVX2 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu sse4_2 avx f16c fma avx2 bmi2
+processor\t: 1
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu sse4_2 avx f16c fma avx2 bmi2
+"""
+CPUINFO_ARM = """processor\t: 0
+Features\t: fp asimd evtstrm aes crc32 asimddp
+CPU implementer\t: 0x41
+"""
+
+
+def test_machine_stamp_names_cpu_isa_cores_commit_date(tmp_path):
+    (tmp_path / "x86").write_text(CPUINFO_AVX2)
+    stamp = machine_stamp(tmp_path / "x86")
+    assert stamp["cpu_model"] == "AMD EPYC 7B12"
+    assert stamp["isa"]["avx2"] and stamp["isa"]["fma"] and not stamp["isa"]["avx512f"] and not stamp["isa"]["avx512_vnni"]
+    assert stamp["logical_cores"] == os.cpu_count() and 1 <= stamp["usable_cores"] <= os.cpu_count()
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert stamp["git_commit"].startswith(head) and git_commit(tmp_path) == "unknown"
+    assert stamp["date"][:4].isdigit() and stamp["date"].endswith("+00:00")
+    json.dumps(stamp)  # serialisable as it is
+    (tmp_path / "arm").write_text(CPUINFO_ARM)
+    assert machine_stamp(tmp_path / "arm")["isa"]["neon"]
+
+
+def _llama_bench_json(prompt: int, gen: int, threads: int) -> list[dict]:
+    common = {"build_commit": "abc1234", "cpu_info": "Fake CPU", "model_type": "llama ?B all F32", "n_threads": threads}
+    return [{**common, "n_prompt": prompt, "n_gen": 0, "avg_ts": 418.5, "stddev_ts": 3.25},
+            {**common, "n_prompt": 0, "n_gen": gen, "avg_ts": 46.0, "stddev_ts": 0.5}]
+
+
+def test_llama_bench_command_and_parsing_with_a_fake_binary(tmp_path):
+    """A script standing in for llama-bench checks the flags it gets and prints its JSON format."""
+    gguf = tmp_path / "smol-F32.gguf"
+    gguf.write_bytes(b"GGUF")
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+flags = dict(zip(args[::2], args[1::2]))
+assert flags == {{"-m": {str(gguf)!r}, "-t": "2", "-p": "512", "-n": "64", "-r": "3", "-o": "json"}}, args
+print(json.dumps({json.dumps(_llama_bench_json(512, 64, 2))}))
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    assert llama_bench_command(fake, gguf, 2, 512, 64, 3)[1:] == ["-m", str(gguf), "-t", "2", "-p", "512", "-n", "64",
+                                                                  "-r", "3", "-o", "json"]
+    result = run_llama_bench(fake, gguf, threads=2, prompt_tokens=512, gen_tokens=64, repeats=3)
+    assert (result["prefill_tokens_per_s"], result["decode_tokens_per_s"]) == (418.5, 46.0)
+    assert (result["prefill_stddev"], result["build_commit"], result["n_threads"]) == (3.25, "abc1234", 2)
+    with pytest.raises(FileNotFoundError, match="build_llama_cpp.sh"):
+        run_llama_bench(tmp_path / "missing", gguf, 2, 512, 64, 1)
+    with pytest.raises(RuntimeError, match="failed"):
+        run_llama_bench(fake, gguf, 2, 128, 64, 1)  # the fake asserts -p 512: exits non-zero
+
+
+def test_parse_llama_bench_rejects_other_output():
+    with pytest.raises(ValueError, match="did not print JSON"):
+        parse_llama_bench("| model | size |", 512, 64)
+    with pytest.raises(ValueError, match="lacks the pp512 / tg64"):
+        parse_llama_bench(json.dumps(_llama_bench_json(128, 64, 2)), 512, 64)
+
+
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_background_load_runs_a_nice_19_busy_job_and_ends_it():
+    """In a session of its own by default (as if typed in another terminal: autogroup), or in ours."""
+    for same_session in (False, True):
+        with background_load(same_session=same_session) as pids:
+            assert len(pids) == 1
+            time.sleep(0.3)
+            fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+            assert fields[0] in "RS" and _niceness(pids[0]) == 19
+            assert (os.getsid(pids[0]) == os.getsid(0)) == same_session
+    time.sleep(0.1)
+    assert not Path(f"/proc/{pids[0]}").exists() or Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_benchmark_options_parse():
+    from scripts.benchmark import parser
+
+    args = parser().parse_args(["model", "--llama-bench", "/x/llama-bench", "--isa", "avx2", "--quick"])
+    assert (str(args.llama_bench), args.isa, args.quick) == ("/x/llama-bench", "avx2", True)
+    assert ISA_TARGETS[args.isa] == {"kind": "llvm", "mcpu": "haswell"}
+    args = parser().parse_args(["serve", "--background-load", "--isa", "avx512"])
+    assert args.background_load and args.isa == "avx512"
+    assert parser().parse_args(["dense", "--quick"]).quick and parser().parse_args(["threads", "--quick"]).quick

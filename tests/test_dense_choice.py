@@ -1,0 +1,128 @@
+"""Choosing the dense layers' kernels by measurement (llmir_tvm.dense_choice): the decision with a
+fake, deterministic timer; plans recorded in a compiled model, saved, reloaded and reused; a model
+whose plan sends prefill rows to the BLAS from inside the dense kernel matches Hugging Face."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import llmir_tvm
+from llmir_tvm import dense_choice
+from llmir_tvm.dense_choice import DensePlans, choose_plan, host_plans, host_variants, runs_on_host
+from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles
+
+A, B = DenseTiles(8, 2, 4, 8), DenseTiles(8, 4, 2, 8)
+#: Fake per-call seconds: A is best for few rows, B in the middle, the BLAS for many (a fixed cost).
+COST = {A: lambda r: 1.0 * r, B: lambda r: 0.8 * r + 2.0, "blas": lambda r: 0.5 * r + 10.0}
+
+
+class FakeTimer:
+    """Deterministic ``measure(variant, rows)``: ``COST`` plus one huge outlier per variant and bucket."""
+
+    def __init__(self, cost=COST):
+        self.cost, self.calls = cost, []
+
+    def __call__(self, variant, rows):
+        self.calls.append((variant, rows))
+        outlier = sum(1 for c in self.calls if c == (variant, rows)) == 2  # the 2nd sample of each pair
+        return self.cost[variant](rows) + (1e6 if outlier else 0.0)
+
+
+def test_fastest_variant_per_bucket_by_median_of_interleaved_samples():
+    timer = FakeTimer()
+    plan = choose_plan(576, 576, [A, B, "blas"], timer, buckets=(1, 4, 16, 64, 256), repeats=3, max_flops=1e12, margin=0)
+    # by hand: 1 and 4 rows -> A (1 < 2.8 < 10.5; 4 < 5.2 < 12); 16 -> B (14.8 < 16 < 18); 64 up -> BLAS (42 < 53.2)
+    assert plan == DensePlan(((0, A), (16, B), (64, "blas")))
+    first_bucket = timer.calls[:9]
+    assert first_bucket == [(A, 1), (B, 1), ("blas", 1)] * 3  # interleaved call by call, not variant by variant
+
+
+def test_big_buckets_are_not_timed_and_keep_the_last_choice():
+    timer = FakeTimer()
+    plan = choose_plan(100, 1000, [A, "blas"], timer, buckets=(1, 16, 64, 256), repeats=1, max_flops=2 * 64 * 100 * 1000,
+                       margin=0)
+    assert max(rows for _, rows in timer.calls) == 64
+    assert plan == DensePlan(((0, A), (64, "blas")))  # 16 rows: A 16 < 18; 64 rows: BLAS; 256 not timed
+
+
+def test_the_first_variant_stays_unless_beaten_by_the_margin():
+    """16 rows: B is 7.5% faster than A (14.8 vs 16): within a 10% margin A stays; 64 rows: the BLAS
+    is 34% faster (42 vs 64) and takes over."""
+    plan = choose_plan(576, 576, [A, B, "blas"], FakeTimer(), buckets=(1, 16, 64), repeats=3, max_flops=1e12, margin=0.1)
+    assert plan == DensePlan(((0, A), (64, "blas")))
+
+
+def test_ties_keep_the_earlier_variant_and_no_variants_is_an_error():
+    flat = {A: lambda r: 1.0, B: lambda r: 1.0, "blas": lambda r: 1.0}
+    assert choose_plan(8, 8, [B, A, "blas"], lambda v, r: flat[v](r), buckets=(1, 64), repeats=1) == DensePlan(((0, B),))
+    with pytest.raises(ValueError, match="at least one variant"):
+        choose_plan(8, 8, [], FakeTimer())
+
+
+def test_host_plans_measure_what_runs_here_and_only_tiles_elsewhere():
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    aarch64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert not runs_on_host(aarch64)
+    assert host_variants(avx2) == [A, B, "blas"]
+
+    def refuse(*args):
+        raise AssertionError("a target that cannot run here must not be timed")
+
+    neon = host_plans(aarch64, [(64, 48)], timer_factory=refuse)
+    assert neon == {(64, 48): DensePlan(((0, DenseTiles(4, 4, 5, 20)),))}
+    if runs_on_host(avx2):
+        made = []
+        plans = host_plans(avx2, [(576, 576), (576, 576)], timer_factory=lambda t, k, n: made.append((k, n)) or FakeTimer())
+        assert made == [(576, 576)]  # one timer per distinct shape
+        assert plans[(576, 576)].segments[0] == (0, A) and plans[(576, 576)].segments[-1][1] == "blas"
+
+
+def test_saved_plans_are_reused_unmeasured_and_bad_ones_rejected(monkeypatch):
+    monkeypatch.setattr(dense_choice, "host_plans", lambda *a, **k: pytest.fail("saved plans must not be re-timed"))
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    plans = DensePlans({"576x192": [[0, "8l2x4t8"], [256, "blas"]]}, target)
+    assert plans(576, 192) == DensePlan(((0, A), (256, "blas")))
+    assert plans(64, 64) == DensePlan.tiles_only(A)  # not in the saved dict: the target's tiles
+    assert plans.to_json() == {"576x192": [[0, "8l2x4t8"], [256, "blas"]], "64x64": [[0, "8l2x4t8"]]}
+    with pytest.raises(ValueError, match="not a dict of saved dense plans"):
+        DensePlans({"576x192": [[0, "4x4"]]}, target)
+    with pytest.raises(ValueError, match="cpu_dense must be one of"):
+        DensePlans("mkl", target)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_compiled_plan_with_blas_rows_matches_hf_and_round_trips(monkeypatch, tmp_path):
+    """Every Linear timed with a fake timer that makes the BLAS win from 4 rows: a 10-token prefill
+    runs numpy's BLAS from inside the dense kernel, decode the tiles; logits match Hugging Face's;
+    the plan is recorded in the model, saved and loaded back."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if not runs_on_host(target):
+        pytest.skip("this CPU cannot run AVX2 code")
+    blas_from_4 = {A: lambda r: 1.0 * r, B: lambda r: 1.0 * r + 1.0, "blas": lambda r: 3.0 + 0.1 * r}
+    timed = []
+    monkeypatch.setattr(dense_choice, "MIN_MEASURED_WEIGHTS", 0)
+    monkeypatch.setattr(dense_choice, "_measured", {})
+    monkeypatch.setattr(dense_choice, "HostTimer", lambda t, k, n: timed.append((k, n)) or FakeTimer(blas_from_4))
+    model = _tiny_llama()
+    compiled = llmir_tvm.compile(model, target=target, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32))
+    assert len(timed) == len(set(timed)) >= 3  # each Linear shape timed once (q/o, k/v, gate/up, down)
+    assert set(compiled.info.dense_plans) == {f"{k}x{n}" for k, n in timed}
+    assert all(p == [[0, "8l2x4t8"], [4, "blas"]] for p in compiled.info.dense_plans.values())
+    tokens = list(range(5, 25))
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    ours = llmir_tvm.Engine(compiled).score(tokens, prefill_len=10)  # 10-row prefill, then 1-row decodes
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    loaded = llmir_tvm.load(compiled.save(tmp_path / "m"))
+    assert loaded.info.dense_plans == compiled.info.dense_plans

@@ -1,0 +1,128 @@
+"""The CPU dense kernel on each ISA this machine can run, every register tiling the target offers,
+plans mixing tiles and the host BLAS: numerics on odd shapes against numpy (float64); and the
+aarch64 (NEON) kernel cross-compiles to an object file (built, not run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+import tvm.testing
+
+import llmir_tvm.runtime  # noqa: F401 - registers llmir.blas.matmul_nt, which "blas" segments call
+from llmir_tvm.target import cpu_features, vector_shape
+from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, tile_candidates
+
+HOST = cpu_features()
+#: ISA name -> (LLVM target, whether this machine runs its code)
+ISAS = {
+    "avx2": ({"kind": "llvm", "mcpu": "haswell"}, {"avx2", "fma"} <= HOST),
+    "avx512": ({"kind": "llvm", "mcpu": "skylake-avx512"}, "avx512f" in HOST),
+}
+AARCH64 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+def _isa(name: str) -> dict:
+    target, runs = ISAS[name]
+    if not runs:
+        pytest.skip(f"this CPU cannot run {name} code")
+    return target
+
+
+def _check(func: tvm.tirx.PrimFunc, target, rows, k, n, rng):
+    """Build ``func`` once for ``target``; compare ``x @ w.T`` for each row count against numpy."""
+    lib = tvm.tirx.build(func.with_attr("global_symbol", "dense"), tvm.target.Target(target))
+    w = rng.standard_normal((n, k)).astype("float32")
+    for m in rows:
+        x = rng.standard_normal((m, k)).astype("float32")
+        out = tvm.runtime.tensor(np.full((m, n), np.nan, "float32"))
+        lib["dense"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        got = out.numpy()
+        tvm.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_every_tiling_on_odd_shapes(isa, rng):
+    """K = 37 (a scalar tail), N = 53 (full tasks + single features); rows that leave GEMV rows over."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    for tiles in tile_candidates(shape.lanes, shape.registers):
+        _check(dense_nt(37, 53, 2, tiles), target, (0, 1, 3, 5, 9), 37, 53, rng)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_row_chunks(isa, rng):
+    """K = 1000: a chunk of x is a few dozen register tiles; 203 rows span several chunks."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    _check(dense_nt(1000, 40, 2, dense_tiles(shape.lanes, shape.registers)), target, (203,), 1000, 40, rng)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_plan_switches_variant_by_rows(isa, rng):
+    """Rows below 4: the best tiles; 4..7: the second tiling; from 8: the host BLAS (a packed call)."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    first, second = tile_candidates(shape.lanes, shape.registers)[:2]
+    plan = DensePlan(((0, first), (4, second), (8, "blas")))
+    _check(dense_nt(37, 53, 2, plan), target, (1, 3, 4, 7, 8, 21), 37, 53, rng)
+
+
+def test_rank3_with_blas_segment(rng):
+    """[b, s, K] input with a BLAS segment: the packed call gets the 3-D buffers and the product is right."""
+    plan = DensePlan(((0, dense_tiles(8, 16)), (2, "blas")))
+    func = dense_nt(24, 19, 3, plan).with_attr("global_symbol", "dense")
+    lib = tvm.tirx.build(func, tvm.target.Target(_isa("avx2")))
+    w = rng.standard_normal((19, 24)).astype("float32")
+    for s in (1, 5):
+        x = rng.standard_normal((2, s, 24)).astype("float32")
+        out = tvm.runtime.tensor(np.zeros((2, s, 19), "float32"))
+        lib["dense"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        tvm.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
+def test_aarch64_neon_builds(tmp_path):
+    """The NEON tiling (4 lanes x 32 registers) cross-compiles for aarch64: NEON FMAs, an ELF object."""
+    shape = vector_shape(AARCH64)
+    assert (shape.lanes, shape.registers, shape.isa) == (4, 32, "neon")
+    func = dense_nt(37, 53, 2, dense_tiles(shape.lanes, shape.registers)).with_attr("global_symbol", "dense")
+    lib = tvm.tirx.build(func, tvm.target.Target(AARCH64))
+    assert ".4s" in lib.inspect_source("asm") and "fmla" in lib.inspect_source("asm")
+    lib.write_to_file(str(tmp_path / "dense.o"))
+    header = (tmp_path / "dense.o").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_tiles_fit_registers_and_reject_bad_shapes():
+    for lanes, registers in ((16, 32), (8, 16), (4, 32), (4, 16)):
+        for tiles in tile_candidates(lanes, registers):
+            assert tiles.registers <= registers and tiles.task_cols + 2 <= registers
+            assert (tiles.rows * tiles.cols) % lanes == 0 and tiles.task_cols % tiles.cols == 0
+    assert dense_tiles(16, 32) == DenseTiles(16, 4, 4, 16)
+    assert dense_tiles(8, 16) == DenseTiles(8, 2, 4, 8)
+    with pytest.raises(ValueError, match="multiples of lanes"):
+        DenseTiles(8, 3, 3, 9)
+    with pytest.raises(ValueError, match="start at 0 rows"):
+        DensePlan(((4, "blas"),))
+    plan = DensePlan(((0, DenseTiles(8, 2, 4, 8)), (256, "blas")))
+    assert plan.to_json() == [[0, "8l2x4t8"], [256, "blas"]] and DensePlan.from_json(plan.to_json()) == plan
+    with pytest.raises(ValueError, match="not a dense tiling name"):
+        DenseTiles.parse("4x4")
+    with pytest.raises(ValueError, match="plan must be"):
+        dense_nt(8, 8, 2, "mkl")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_self_balancing_split(isa, rng):
+    """The split over 2 and 3 ranges (an owner forward, its neighbour stealing backward): every task
+    computed, on odd shapes and over several row chunks; the progress loads sit behind fences."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    tiles = dense_tiles(shape.lanes, shape.registers)
+    for threads in (2, 3):
+        _check(dense_nt(37, 53, 2, tiles, threads), target, (0, 1, 5, 17), 37, 53, rng)
+    _check(dense_nt(1000, 40, 2, tiles, 2), target, (203,), 1000, 40, rng)
+    lib = tvm.tirx.build(dense_nt(37, 53, 2, tiles, 2).with_attr("global_symbol", "dense"), tvm.target.Target(target))
+    assert lib.inspect_source("ll").count("lfence") >= 3  # before the own-range loop and after each task
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        dense_nt(8, 8, 2, tiles, -1)

@@ -1,0 +1,46 @@
+"""Every cache variant implements the KV-cache interface and declares what it can do."""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+
+from llmir_tvm.kernel_library import build_cache_kernels
+from llmir_tvm.runtime import H2OKVCache, HybridKVCache, KVCache, KVCacheCapabilities, PagedKVCache
+from llmir_tvm.tir_kernels import CacheLayout, copy_slots
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    layout = CacheLayout(1, 8, PAGE, "float32")
+    lib = build_cache_kernels(layout)
+    copy = tvm.tirx.build(copy_slots(layout).with_attr("global_symbol", "llmir_copy_slots"), target="llvm")
+    return {name: lib[name] for name in ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")} | {
+        "llmir_copy_slots": copy["llmir_copy_slots"]}
+
+
+def test_uniform_cache_declares_forks_rollback_and_prefix_caching(kernels):
+    cache = PagedKVCache(2, 1, 8, PAGE, 16, "float32", kernels=kernels)
+    assert isinstance(cache, KVCache)
+    assert cache.capabilities == KVCacheCapabilities(fork=True, popn=True, prefix_caching=True)
+    assert cache.num_available_blocks == 16
+    off = PagedKVCache(2, 1, 8, PAGE, 16, "float32", kernels=kernels, enable_prefix_caching=False)
+    assert off.capabilities.prefix_caching is False
+
+
+def test_hybrid_cache_declares_forks_without_prefix_caching(kernels):
+    cache = HybridKVCache([0, 8], None, 1, 8, PAGE, [16, 6], "float32", kernels=kernels)
+    assert isinstance(cache, KVCache)
+    assert cache.capabilities == KVCacheCapabilities(fork=True, popn=True, prefix_caching=False)
+
+
+def test_h2o_cache_declares_no_forks_and_its_refusal_names_the_reason(kernels):
+    cache = H2OKVCache(1, 1, 8, PAGE, 16, "float32", kernels=kernels, heavy_hitters=2, recent_window=2)
+    assert isinstance(cache, KVCache)
+    caps = cache.capabilities
+    assert caps == KVCacheCapabilities(fork=False, popn=False, prefix_caching=False)
+    assert caps.missing_for(samples=1) is None
+    assert "n = 2" in caps.missing_for(samples=2)
+    assert KVCacheCapabilities(fork=True, popn=True, prefix_caching=False).missing_for(samples=4) is None
