@@ -21,8 +21,14 @@ def visible_mask(q_len: int, kv_len: int, causal: bool, window: int, sinks: int)
     return mask
 
 
-def attention_ref(q, k, v, causal=True, window=0, sinks=0, scale=None):
-    """Dense reference: q [q_len, Hq, D], k/v [kv_len, Hkv, D] -> [q_len, Hq, D] (float64)."""
+def attention_ref(q, k, v, causal=True, window=0, sinks=0, scale=None, softcap=0.0, alibi_slopes=(), sink_logits=()):
+    """Dense reference: q [q_len, Hq, D], k/v [kv_len, Hkv, D] -> [q_len, Hq, D] (float64).
+
+    ``softcap`` c > 0: logits become ``c * tanh(logit / c)``; ``alibi_slopes`` (one per query
+    head): logits gain ``slope * (key_position - query_position)`` (BLOOM adds ``slope * key_position``:
+    the same softmax, shifted per row); ``sink_logits`` (one per query head): an extra logit in
+    each softmax whose probability is dropped (gpt-oss).
+    """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     q_len, hq, d = q.shape
     group = hq // k.shape[1]
@@ -30,12 +36,21 @@ def attention_ref(q, k, v, causal=True, window=0, sinks=0, scale=None):
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
     logits = np.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        logits = softcap * np.tanh(logits / softcap)
+    if len(alibi_slopes):
+        rel = np.arange(k.shape[0])[None, :] - (k.shape[0] - q_len + np.arange(q_len))[:, None]
+        logits = logits + np.asarray(alibi_slopes, np.float64)[:, None, None] * rel[None]
     mask = visible_mask(q_len, k.shape[0], causal, window, sinks)
     logits = np.where(mask[None], logits, -np.inf)
+    if len(sink_logits):  # the sink joins as one more column, always visible, with no value
+        column = np.broadcast_to(np.asarray(sink_logits, np.float64)[:, None, None], (hq, q_len, 1))
+        logits = np.concatenate([logits, column], axis=-1)
     row_max = np.max(logits, axis=-1, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    p = np.where(mask[None], np.exp(logits - row_max), 0.0)
+    p = np.exp(logits - row_max)
     denom = p.sum(-1, keepdims=True)
+    p = p[..., : k.shape[0]]
     out = np.einsum("hqk,khd->qhd", p / np.where(denom > 0, denom, 1.0), v)
     return out
 

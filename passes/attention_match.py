@@ -5,6 +5,12 @@ scale split over Q and K, GQA ``repeat_kv`` as expand/broadcast/reshape, fp16 so
 a ``where`` that zeroes fully-masked rows). The matcher walks from each ``softmax`` through
 *layout* ops (reshape, permute, broadcast, expand, squeeze, astype) and scalar scalings to the
 tensors that really carry Q, K and V, and reports where their head/sequence/dim axes are.
+
+Between Q·Kᵀ and the softmax it follows additions and masked fills (``where``: their other
+operands are the bias, evaluated later with the scores taken as zeros, see
+:mod:`.mask_probe`), one ``tanh`` between scalings (logit soft-capping, ``c * tanh(s / c)``),
+and a learned-sink column (``softmax(concat(scores, sinks) - max)`` whose last column is
+dropped before P·V).
 """
 
 from __future__ import annotations
@@ -92,6 +98,12 @@ class AttentionMatch:
     mask: relax.Expr | None
     head_dim: int
     extra_vars: list = field(default_factory=list)
+    #: Soft-cap ``c`` of ``c * tanh(s / c)`` between Q·Kᵀ and the softmax (0 = none).
+    softcap: float = 0.0
+    #: The learned-sink logits concatenated to the scores (None = none).
+    sinks: relax.Expr | None = None
+    #: The Q·Kᵀ matmul: ``mask`` evaluated with it taken as zeros is the bias the graph adds.
+    scores: relax.Var | None = None
 
 
 def _has_axis(expr: relax.Expr, size: int) -> bool:
@@ -202,6 +214,8 @@ class AttentionMatcher:
                 expr = value.args[0]
             elif name == "relax.where":
                 expr = value.args[2]  # where(all_masked_row, 0, probs): rows seeing nothing are 0
+            elif name == "relax.strided_slice" and _slices_last_axis(value):
+                expr = value.args[0]  # probs[..., :-1]: the learned-sink column dropped
             else:
                 return False
 
@@ -244,31 +258,76 @@ class AttentionMatcher:
                 )
         return matches
 
+    def _score_path(self, expr, scale=1.0, outer=None, bias=False):
+        """Walk from softmax logits back to Q·Kᵀ: ``(matmul var, scale, soft-cap, has bias)`` or None.
+
+        Follows layout ops keeping the (query, key) axes, scalar scalings, additions and
+        subtractions (either operand of an add may carry the scores; the others are bias),
+        ``where`` masked fills, and one ``tanh`` (the scalings outside it are the soft-cap).
+        """
+        while True:
+            value = self.b.producer(expr)
+            name = op_name(value)
+            if name == "relax.matmul":
+                cap = outer or 0.0
+                return expr, (scale * cap if outer is not None else scale), cap, bias
+            if name in _LAYOUT_OPS and _keeps_query_key_axes(value):
+                expr = value.args[0]
+            elif name in _SCALE_OPS and scalar_constant(value.args[1]) is not None:
+                c = scalar_constant(value.args[1])
+                scale = scale * c if name == "relax.multiply" else scale / c
+                expr = value.args[0]
+            elif name == "relax.multiply" and scalar_constant(value.args[0]) is not None:
+                scale *= scalar_constant(value.args[0])
+                expr = value.args[1]
+            elif name == "relax.tanh" and outer is None:
+                if scale <= 0:
+                    raise AttentionMatchError(f"{self.fname}: soft-cap {scale} * tanh(...) of attention scores is not positive")
+                outer, scale, expr = scale, 1.0, value.args[0]
+            elif name in ("relax.add", "relax.subtract"):
+                sides = value.args if name == "relax.add" else value.args[:1]
+                found = [r for r in (self._score_path(a, scale, outer, True) for a in sides) if r is not None]
+                return found[0] if found else None
+            elif name == "relax.where":
+                found = [r for r in (self._score_path(a, scale, outer, True) for a in value.args[1:]) if r is not None]
+                return found[0] if found else None
+            else:
+                return None
+
+    def _sink_column(self, logits: relax.Expr) -> tuple[relax.Expr, relax.Expr | None]:
+        """``(scores, sinks)`` of ``concat((scores, sinks), -1) [- row_max]``; else ``(logits, None)``.
+
+        ``row_max`` may be spelled any way (``max``, ``topk(k=1)``): a ``[..., 1]`` operand
+        subtracted from every score of a row does not change the softmax.
+        """
+        expr, value = logits, self.b.producer(logits)
+        shift = value.args[1] if op_name(value) == "relax.subtract" else None
+        if shift is not None and isinstance(shift.ty, relax.TensorType) and _last_dim_is_one(shift):
+            expr, value = value.args[0], self.b.producer(value.args[0])  # a per-row shift (the max): softmax ignores it
+        if op_name(value) == "relax.concat" and isinstance(value.args[0], relax.Tuple) and len(value.args[0].fields) == 2:
+            ndim = len(expr.ty.shape)
+            scores, sinks = value.args[0].fields
+            if int(value.attrs.axis) % ndim == ndim - 1 and isinstance(sinks.ty, relax.TensorType) and _last_dim_is_one(sinks):
+                return scores, sinks
+        return logits, None
+
     def _match_softmax(self, var: relax.Var, call: relax.Call) -> AttentionMatch:
         axis = int(call.attrs.axis)
         if axis not in (-1, len(call.args[0].ty.shape) - 1):
             raise AttentionMatchError(f"{self.fname}: softmax {var.name} is not over the last axis")
-        scores, scale, mask = call.args[0], 1.0, None
-        scores, s = self._strip(scores, scores=True)
-        scale *= s
-        value = self.b.producer(scores)
-        if op_name(value) == "relax.add":
-            lhs, rhs = value.args
-            lhs_src, ls = self._strip(lhs, scores=True)
-            if op_name(self.b.producer(lhs_src)) == "relax.matmul":
-                scores, mask, scale = lhs_src, rhs, scale * ls
-            else:
-                rhs_src, rs = self._strip(rhs, scores=True)
-                scores, mask, scale = rhs_src, lhs, scale * rs
-        value = self.b.producer(scores)
-        if op_name(value) != "relax.matmul":
+        logits, sinks = self._sink_column(call.args[0])
+        path = self._score_path(logits)
+        if path is None:
+            found = op_name(self.b.producer(self._strip(logits, scores=True)[0]))
             raise AttentionMatchError(
-                f"{self.fname}: softmax {var.name} does not follow a Q·Kᵀ matmul (found {op_name(value) or 'a parameter'})"
+                f"{self.fname}: softmax {var.name} does not follow a Q·Kᵀ matmul (found {found or 'a parameter'})"
             )
+        scores, scale, softcap, has_bias = path
+        value = self.b.producer(scores)
         head_dim = int(value.args[0].ty.shape[-1])
         q_src, qs = self._strip(value.args[0], head_dim)
         k_expr, ks = self._strip(value.args[1], head_dim)
-        scale *= qs * ks
+        scale *= qs * ks  # with a soft-cap, these scalings sit inside the tanh
         output = self._pv_matmul(var)
         v_expr = self._strip(self.b.value[output].args[1], head_dim)[0]
         q = _axes_of(q_src, head_dim, "Q", self.fname)
@@ -281,4 +340,20 @@ class AttentionMatcher:
                 f"{self.fname}: attention at softmax {var.name} has {q.num_heads} query heads and "
                 f"{k.new.num_heads}/{v.new.num_heads} K/V heads (query heads must be a multiple)"
             )
-        return AttentionMatch(var, output, q, k, v, scale, mask, head_dim)
+        mask = logits if has_bias else None
+        return AttentionMatch(var, output, q, k, v, scale, mask, head_dim, softcap=softcap, sinks=sinks, scores=scores)
+
+
+def _slices_last_axis(call: relax.Call) -> bool:
+    """Whether a strided_slice only cuts the last axis (``probs[..., :-1]``)."""
+    ndim = getattr(call.args[0].ty, "ndim", -1)
+    axes = call.args[1]
+    if ndim < 1 or not isinstance(axes, relax.Tuple) or len(axes.fields) != 1:
+        return False
+    axis = axes.fields[0]
+    return isinstance(axis, tirx.IntImm) and int(axis.value) % ndim == ndim - 1
+
+
+def _last_dim_is_one(expr: relax.Expr) -> bool:
+    shape = expr.ty.shape
+    return shape is not None and isinstance(shape.values[-1], tirx.IntImm) and int(shape.values[-1].value) == 1

@@ -3,7 +3,9 @@
 Imported decoders build their masks from position ids and padding masks through dozens of
 ops (arange/compare/cumsum/where). Rather than pattern-match them, we compile the mask's
 subgraph alone, run it for a probe sequence of positions ``0..n-1`` and classify the result
-as non-causal, causal, or causal with a sliding window. Anything else is refused.
+as non-causal, causal, or causal with a sliding window. An additive bias that is linear in the
+key-query distance with a per-head slope is ALiBi (BLOOM, MPT): the slopes are read off the
+probe. Anything else is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class MaskKind:
 
     causal: bool
     sliding_window: int = 0
+    #: ALiBi slopes (bias ``slope * (key - query)``): one value, or one per head of the probed bias; () = none.
+    alibi_slopes: tuple = ()
+    #: Whether the bias adds a per-row constant to the visible scores (harmless without learned sinks).
+    row_offsets: bool = False
 
 
 def default_probe_inputs(length: int, param: relax.Var) -> np.ndarray:
@@ -71,8 +77,12 @@ def _positive_axes(axes: relax.Expr, data: relax.Expr) -> relax.Expr:
     return relax.Tuple(fixed)
 
 
-def _mask_function(func: relax.Function, mask: relax.Expr) -> tuple[relax.Function, list]:
-    """A function computing only ``mask``, and the original parameters it takes."""
+def _mask_function(func: relax.Function, mask: relax.Expr, zero: relax.Var | None = None) -> tuple[relax.Function, list]:
+    """A function computing only ``mask``, and the original parameters it takes.
+
+    ``zero``: a bound variable replaced by zeros of its type (the attention scores, so that what
+    a graph adds to them around a soft-cap or a masked fill evaluates alone).
+    """
     bound = {}
     order = []
     for block in func.body.blocks:
@@ -85,7 +95,8 @@ def _mask_function(func: relax.Function, mask: relax.Expr) -> tuple[relax.Functi
         for var in relax.analysis.free_vars(expr) if not isinstance(expr, relax.Var) else [expr]:
             if var in bound and var not in needed:
                 needed.add(var)
-                stack.append(bound[var])
+                if zero is None or not var.same_as(zero):
+                    stack.append(bound[var])
             elif var in func.params:
                 params.add(var)
     params = [p for p in func.params if p in params]
@@ -95,7 +106,9 @@ def _mask_function(func: relax.Function, mask: relax.Expr) -> tuple[relax.Functi
     with bb.function("mask_probe", new_params):
         with bb.dataflow():
             for var in order:
-                if var in needed:
+                if zero is not None and var.same_as(zero) and var in needed:
+                    remap[var] = bb.emit(relax.op.zeros(var.ty.shape, var.ty.dtype), name_hint=var.name)
+                elif var in needed:
                     remap[var] = bb.emit(_copy_expr(bound[var], remap), name_hint=var.name)
             out = bb.emit_output(_copy_expr(mask, remap))
         bb.emit_func_output(out)
@@ -131,9 +144,9 @@ class MaskEvaluator:
         self.sizes = dict(sizes or {})
         self._done: dict = {}
 
-    def __call__(self, mask: relax.Expr) -> np.ndarray:
-        """The value of ``mask`` on the probe sequence."""
-        probe, params = _mask_function(self.func, mask)
+    def __call__(self, mask: relax.Expr, zero: relax.Var | None = None) -> np.ndarray:
+        """The value of ``mask`` on the probe sequence (``zero``: a variable taken as all zeros)."""
+        probe, params = _mask_function(self.func, mask, zero)
         key = (tvm_ffi.structural_hash(probe, map_free_vars=True), tuple(p.name for p in params))
         if key not in self._done:
             self._done[key] = _run_probe(probe, params, self.length, self.probe_inputs, self.sizes)
@@ -167,20 +180,31 @@ def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: P
 
 
 def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:
-    """Classify a probe mask (boolean, or additive 0 / very negative) over ``length`` positions."""
+    """Classify a probe mask (boolean, or an additive bias: 0 / very negative, or ALiBi) over ``length`` positions.
+
+    The visible pattern must be the same for every head and batch row. An additive bias may, on
+    the visible positions, be ``slope * (key - query) + c[row]`` with its own slope per leading
+    index (head): then ``alibi_slopes`` holds one slope per leading index (or one for all).
+    """
     values = np.asarray(values)
     if values.shape[-2:] != (length, length):
         raise AttentionMatchError(f"{where}: attention mask has shape {values.shape}, not [..., {length}, {length}]")
     flat = values.reshape(-1, length, length)
-    if not all(np.array_equal(flat[0], f) for f in flat[1:]):
-        raise AttentionMatchError(f"{where}: attention mask differs between heads or batch rows")
-    m = flat[0]
-    if m.dtype == bool:
-        allowed = m
+    if values.dtype == bool:
+        allowed = flat
     else:
-        allowed = m > -1e4
-        if np.any(m[allowed] != 0):
-            raise AttentionMatchError(f"{where}: attention bias is not a 0 / -inf mask (e.g. ALiBi); not supported")
+        allowed = flat > -1e4
+    if not all(np.array_equal(allowed[0], a) for a in allowed[1:]):
+        raise AttentionMatchError(f"{where}: attention mask differs between heads or batch rows")
+    slopes, offsets = (), False
+    if values.dtype != bool:
+        slopes, offsets = _alibi_slopes(flat, allowed[0], where)
+    kind = _pattern(allowed[0], length, where)
+    return MaskKind(kind.causal, kind.sliding_window, slopes, offsets)
+
+
+def _pattern(allowed: np.ndarray, length: int, where: str) -> MaskKind:
+    """Non-causal, causal or causal sliding-window, from a boolean ``[length, length]`` pattern."""
     i, j = np.indices((length, length))
     if allowed.all():
         return MaskKind(causal=False)
@@ -190,3 +214,29 @@ def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:
     if np.array_equal(allowed, (j <= i) & (j > i - window)):
         return MaskKind(causal=True, sliding_window=window)
     raise AttentionMatchError(f"{where}: attention mask is neither causal, sliding-window nor full")
+
+
+def _alibi_slopes(flat: np.ndarray, allowed: np.ndarray, where: str) -> tuple[tuple, bool]:
+    """Per leading index, fit the bias on the visible ``allowed`` entries as ``slope * (j - i) + c[i]``
+    (least squares), checked to fit; returns (slopes, or () when all are 0; whether any ``c[i] != 0``)."""
+    length = allowed.shape[0]
+    i, j = np.indices((length, length))
+    count = np.maximum(allowed.sum(axis=1, keepdims=True), 1)
+    rel = np.where(allowed, (j - i).astype(np.float64), 0.0)
+    rel_mean = rel.sum(axis=1, keepdims=True) / count
+    rel_c = np.where(allowed, rel - rel_mean, 0.0)
+    denom = float((rel_c**2).sum())
+    slopes, offsets = [], False
+    for bias in flat.astype(np.float64):
+        vis = np.where(allowed, bias, 0.0)
+        row_mean = vis.sum(axis=1, keepdims=True) / count
+        centred = np.where(allowed, vis - row_mean, 0.0)
+        slope = float((centred * rel_c).sum() / denom) if denom > 0 else 0.0
+        tol = 1e-4 * max(1.0, float(np.abs(vis).max(initial=0.0)))
+        if np.abs(np.where(allowed, centred - slope * rel_c, 0.0)).max(initial=0.0) > tol:
+            raise AttentionMatchError(
+                f"{where}: attention bias is not a 0 / -inf mask nor an ALiBi bias (slope x key-query distance)"
+            )
+        slopes.append(0.0 if abs(slope) * length <= tol else slope)
+        offsets = offsets or bool(np.abs(row_mean - slope * rel_mean).max(initial=0.0) > tol)
+    return (tuple(slopes) if any(slopes) else ()), offsets

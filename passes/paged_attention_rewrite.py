@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -42,6 +44,10 @@ class LayerCache:
     num_qo_heads: int
     causal: bool
     sliding_window: int
+    #: Score modifiers found in the graph (see ``llm.paged_attention``): 0 / () = none.
+    logit_softcap: float = 0.0
+    alibi_slopes: tuple = ()
+    sink_logits: tuple = ()
 
 
 def _to_rows(bb: relax.BlockBuilder, t: relax.Expr, axes: TensorAxes, seq_len, dtype: str) -> relax.Expr:
@@ -111,9 +117,21 @@ class _PagedRewriter(PyExprMutator):
             ops.paged_attention(
                 q, pool, block_table, seq_lens, q_indptr,
                 scale=m.scale, causal=info.causal, sliding_window=info.sliding_window,
+                logit_softcap=info.logit_softcap, alibi_slopes=info.alibi_slopes, sink_logits=info.sink_logits,
             )
         )
         return _from_rows(bb, out, out_var.ty)
+
+
+def _sink_logits(values, heads: int, where: str) -> tuple:
+    """One learned-sink logit per query head from the probed sink column ``[..., heads, rows, 1]``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim < 3 or values.shape[-1] != 1 or values.shape[-3] not in (1, heads):
+        raise AttentionMatchError(f"{where}: learned-sink column has shape {values.shape}, not [..., {heads}, n, 1]")
+    per_head = np.moveaxis(values[..., 0], -2, 0).reshape(values.shape[-3], -1)  # [heads, everything else]
+    if not np.all(per_head == per_head[:, :1]):
+        raise AttentionMatchError(f"{where}: learned-sink logits vary along the query or batch axis")
+    return tuple(float(x) for x in np.broadcast_to(per_head[:, 0], (heads,)))
 
 
 def _present_outputs(matcher: AttentionMatcher, past: set) -> set:
@@ -194,7 +212,26 @@ class PagedAttentionRewrite:
     def _mask_kind(self, m: AttentionMatch, fname: str, evaluate: MaskEvaluator) -> MaskKind:
         if m.mask is None:
             return MaskKind(causal=False)
-        return classify_mask(evaluate(m.mask), self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
+        # the logits with Q·Kᵀ taken as zeros: everything the graph adds (mask, ALiBi bias)
+        return classify_mask(evaluate(m.mask, zero=m.scores), self.probe_len, f"{fname}: mask of softmax {m.softmax.name}")
+
+    def _layer(self, m: AttentionMatch, fname: str, evaluate: MaskEvaluator) -> LayerCache:
+        """One layer's pool facts and score modifiers, from its match and probes."""
+        kind = self._mask_kind(m, fname, evaluate)
+        where = f"{fname}: softmax {m.softmax.name}"
+        heads = m.q.num_heads
+        slopes = kind.alibi_slopes
+        if len(slopes) == 1:
+            slopes = slopes * heads
+        elif slopes and len(slopes) != heads:
+            raise AttentionMatchError(f"{where}: ALiBi bias has {len(slopes)} slopes for {heads} query heads")
+        sinks = ()
+        if m.sinks is not None:
+            sinks = _sink_logits(evaluate(m.sinks), heads, where)
+            if kind.row_offsets:
+                raise AttentionMatchError(f"{where}: a bias with per-row offsets cannot meet learned sinks")
+        return LayerCache(m.k.new.num_heads, m.head_dim, heads, kind.causal, kind.sliding_window,
+                          m.softcap, tuple(slopes), sinks)
 
     def _rewrite(self, mod, matcher: AttentionMatcher, matches: list[AttentionMatch]) -> relax.Function:
         func, fname = matcher.func, matcher.fname
@@ -209,10 +246,7 @@ class PagedAttentionRewrite:
         row_dtypes = [compute if is_quantized(d) else d for d in layer_dtypes]
         dtype = layer_dtypes[0] if len(set(layer_dtypes)) == 1 else "mixed"
         evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
-        layers = []
-        for m in matches:
-            kind = self._mask_kind(m, fname, evaluate)
-            layers.append(LayerCache(m.k.new.num_heads, m.head_dim, m.q.num_heads, kind.causal, kind.sliding_window))
+        layers = [self._layer(m, fname, evaluate) for m in matches]
         seq = matches[0].q.seq_len
         num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
         pools = [

@@ -140,13 +140,14 @@ class BiasedAttention:
 def test_refuses_attention_it_cannot_convert():
     with pytest.raises(AttentionMatchError, match=r"layer: softmax p does not follow a Q·Kᵀ matmul \(found relax.permute_dims\)"):
         PagedAttentionRewrite()(SoftmaxWithoutQK)
-    def alibi_like(n, param):  # a bias that is not a 0 / -inf mask, equal in every head
+    def quadratic(n, param):  # a bias that is neither a 0 / -inf mask nor linear in key - query (ALiBi)
         if param.name == "bias":
-            return np.broadcast_to(np.linspace(-1, 0, n * n).reshape(n, n), (1, 4, n, n)).astype("float32")
+            i, j = np.indices((n, n))
+            return np.broadcast_to(-0.01 * (i - j) ** 2, (1, 4, n, n)).astype("float32")
         return np.ones((1, 4, n, 8), "float32")
 
-    with pytest.raises(AttentionMatchError, match="layer: mask of softmax .*attention bias is not a 0 / -inf mask"):
-        PagedAttentionRewrite(probe_inputs=alibi_like)(BiasedAttention)
+    with pytest.raises(AttentionMatchError, match="layer: mask of softmax .*attention bias is not a 0 / -inf mask nor an ALiBi"):
+        PagedAttentionRewrite(probe_inputs=quadratic)(BiasedAttention)
 
 
 def test_rejects_bad_page_size():

@@ -20,6 +20,21 @@ from llmir_tvm.kv_dtypes import (  # noqa: F401  (re-exported for the kernels)
 )
 
 
+def _check_score_mods(cfg: "AttentionConfig") -> None:
+    """Soft-cap, ALiBi slopes and sink logits: finite numbers, one per query head."""
+    cap = cfg.logit_softcap
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 0:
+        raise ValueError(f"logit_softcap must be a finite number >= 0 (0 = off), got {cap!r}")
+    for name in ("alibi_slopes", "sink_logits"):
+        values = getattr(cfg, name)
+        if not isinstance(values, tuple):
+            raise ValueError(f"{name} must be a tuple of floats, got {type(values).__name__}")
+        if values and len(values) != cfg.num_qo_heads:
+            raise ValueError(f"{name} has {len(values)} values; expected one per query head ({cfg.num_qo_heads})")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must hold finite numbers, got {values!r}")
+
+
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -78,9 +93,16 @@ class AttentionConfig:
     causal: bool = True
     sliding_window: int = 0
     sink_tokens: int = 0
+    #: ``c > 0``: scores become ``c * tanh(score / c)`` before masking (Gemma 2); 0 = off.
+    logit_softcap: float = 0.0
+    #: One slope per query head: score ``+= slope * (key_pos - query_pos)`` (ALiBi: BLOOM, MPT); () = off.
+    alibi_slopes: tuple = ()
+    #: One logit per query head joining each softmax's denominator only (learned sinks: gpt-oss); () = off.
+    sink_logits: tuple = ()
 
     def __post_init__(self) -> None:
         _check_positive("num_qo_heads", self.num_qo_heads)
+        _check_score_mods(self)
         if self.num_qo_heads % self.layout.num_kv_heads:
             raise ValueError(
                 f"num_qo_heads ({self.num_qo_heads}) must be a multiple of "

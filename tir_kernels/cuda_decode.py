@@ -37,6 +37,7 @@ from .cuda_common import (
 )
 from .cuda_quant_load import int8_flipped_word, int8_from_flipped, row_scale_at, row_word, word_byte, word_path
 from .kv_quant import decode_fp8_e4m3_fast, row_scale
+from .score_mods import head_value, modify_score, sink_weight
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     PAD = TX * VEC != D  # lanes past head_dim idle
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
     qscale = float(cfg.scale) * LOG2E
+    # score modifiers (see score_mods): scores here are base-2 logits
+    MODS, SINKS = bool(cfg.logit_softcap or cfg.alibi_slopes), bool(cfg.sink_logits)
+    SINK2 = tuple(v * LOG2E for v in cfg.sink_logits)
+    ALIBI = bool(cfg.alibi_slopes)
     # accumulators of more than 4 heads x 8 lanes need more than 128 registers per thread
     BPSM = tl.blocks_per_sm if GP * VEC <= 32 else max(1, tl.blocks_per_sm // 2)
     DM = ((D + 31) // 32) * 32  # threads of the merge kernel
@@ -181,6 +186,7 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                         mx = T.alloc_local((GP,), "float32")
                         mold = T.alloc_local((GP,), "float32")
                         den = T.alloc_local((GP,), "float32")
+                        slp = T.alloc_local((GP,), "float32")  # ALiBi slope per head (score modifiers)
                         sm_o = T.alloc_shared((TY * GP * TX * VEC,), "float32")
                         sm_md = T.alloc_shared((TY * GP * 2,), "float32")
                         ns: T.int32 = T.Cast("int32", nsplit)
@@ -215,6 +221,7 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                 acc[g * VEC + v] = T.float32(0)
                             mx[g] = T.float32(NEG_INF)
                             den[g] = T.float32(0)
+                            slp[g] = head_value(cfg.alibi_slopes, h0 + g) if ALIBI else T.float32(0)
                         T.tvm_storage_sync("shared")
                         for st in range(T.truncdiv(T.max(c1 - c0, 0) + STEP - 1, STEP)):
                             # -- issue all K/V loads of this step before any math --
@@ -269,6 +276,15 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                         sc[r * GP + g] = sc[r * GP + g] + T.tvm_warp_shuffle_xor(
                                             T.uint32(FULL), sc[r * GP + g], (TX // 2) >> o, TX, 32
                                         )
+                                if MODS:  # soft-cap / ALiBi on the whole dot products
+                                    t_m: T.int32 = c0 + st * STEP + r * TY + ty
+                                    p_m: T.int32 = T.if_then_else(t_m < n_sink, t_m, lo + t_m - n_sink)
+                                    for g in T.unroll(GP):
+                                        sc[r * GP + g] = modify_score(
+                                            cfg, sc[r * GP + g],
+                                            slp[g],
+                                            p_m, pos, LOG2E,
+                                        )
                             # -- online softmax update (fp32, base 2); sc becomes the V weights --
                             for g in T.unroll(GP):
                                 mold[g] = mx[g]
@@ -318,6 +334,10 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                     w: T.float32 = T.exp2(sm_md[(y * GP + g2) * 2] - m_red[0])
                                     m_red[1] = m_red[1] + w * sm_md[(y * GP + g2) * 2 + 1]
                                     m_red[2] = m_red[2] + w * sm_o[(y * GP + g2) * (TX * VEC) + dd]
+                                if SINKS:
+                                    m_red[1] = m_red[1] + T.if_then_else(
+                                        nsplit == 1, sink_weight(head_value(SINK2, h0 + g2), m_red[0], True), T.float32(0)
+                                    )
                                 if nsplit == 1:
                                     out[b, j, h0 + g2, dd] = T.Cast(
                                         dtype, T.if_then_else(m_red[1] > T.float32(0), m_red[2] / m_red[1], T.float32(0))
@@ -344,6 +364,8 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                             w2: T.float32 = T.exp2(ws_md[(rowx * nsplit + s) * 2] - st2[0])
                             st2[1] = st2[1] + w2 * ws_md[(rowx * nsplit + s) * 2 + 1]
                             st2[2] = st2[2] + w2 * ws_o[(rowx * nsplit + s) * D + dd]
+                        if SINKS:
+                            st2[1] = st2[1] + sink_weight(head_value(SINK2, T.truncmod(rowx, Hq)), st2[0], True)
                         out_rows[rowx, dd] = T.Cast(
                             dtype, T.if_then_else(st2[1] > T.float32(0), st2[2] / st2[1], T.float32(0))
                         )

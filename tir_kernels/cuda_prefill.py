@@ -31,6 +31,7 @@ from tvm.target import Target
 from .config import AttentionConfig
 from .cuda_common import LOG2E, NEG_INF, check_cuda_layout, check_quant_target, cuda_target_info, vector_width
 from .kv_quant import row_scale
+from .score_mods import head_value, modify_score, sink_weight
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
         raise ValueError(f"prefill tile needs {smem} bytes of shared memory; {info.arch} allows {info.max_shared_bytes}")
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
     qscale = float(cfg.scale) * LOG2E
+    SINKS = bool(cfg.sink_logits)  # score modifiers (see score_mods): scores here are base-2 logits
+    SINK2 = tuple(v * LOG2E for v in cfg.sink_logits)
+    ALIBI = bool(cfg.alibi_slopes)
     KROWS_IT = (TK * C + _NT - 1) // _NT  # K/V vectors per thread per tile
     QROWS_IT = (MP * C + _NT - 1) // _NT  # Q vectors per thread per block
 
@@ -129,6 +133,7 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                             pv = T.alloc_local((RM,), "float32")
                             mx = T.alloc_local((RM,), "float32")
                             den = T.alloc_local((RM,), "float32")
+                            slp = T.alloc_local((RM,), "float32")  # ALiBi slope per row (score modifiers)
                             ldv = T.alloc_local((VEC,), cdtype)
                             ldq = T.alloc_local((VEC,), dtype) if quant else ldv
                             tid: T.int32 = ty * _TX + tx
@@ -186,6 +191,7 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                             for i in T.unroll(RM):
                                 mx[i] = T.float32(NEG_INF)
                                 den[i] = T.float32(0)
+                                slp[i] = head_value(cfg.alibi_slopes, h0 + T.truncmod(ty * RM + i, GP)) if ALIBI else T.float32(0)
                                 for c in T.unroll(RD):
                                     acc[i * RD + c] = T.float32(0)
                             for kt in range(T.truncdiv(n_vis + TK - 1, TK)):
@@ -258,7 +264,7 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                                             and t_c < n_vis
                                             and ((p_c <= pos_i) if causal else T.bool(True))
                                             and ((p_c > pos_i - W or p_c < S) if W > 0 else T.bool(True)),
-                                            sc[i * RK + k],
+                                            modify_score(cfg, sc[i * RK + k], slp[i], p_c, pos_i, LOG2E),
                                             T.float32(NEG_INF),
                                         )
                                         mx[i] = T.max(mx[i], sc[i * RK + k])
@@ -295,6 +301,8 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                             # -- normalise and store --
                             for i in T.unroll(RM):
                                 ri2: T.int32 = ty * RM + i
+                                if SINKS:
+                                    den[i] = den[i] + sink_weight(head_value(SINK2, h0 + T.truncmod(ri2, GP)), mx[i], True)
                                 if ri2 < M and r0 + T.truncdiv(ri2, GP) < r1:
                                     for cc in T.unroll(NCD):
                                         for e in T.unroll(4):

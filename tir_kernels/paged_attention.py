@@ -27,6 +27,7 @@ from tvm.script import tirx as T
 from .cache_ops import SERIAL_BELOW_ROWS
 from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
+from .score_mods import head_value, modify_score, sink_weight
 from .kv_quant import FP8_UNSCALED_FACTOR, element, element_flat, row_scale, row_scale_bits_flat, scale_bits_to_float
 from .vector_reduce import butterfly_indices, butterfly_macro, lanes_max
 
@@ -241,9 +242,15 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
     IDOT = _int_dot_keys(cfg, int_dot)
     PART = "int32" if IDOT else "float32"  # dtype of the partial dot products
     key_dots = _int_key_dots_macro(cfg) if IDOT else _float_key_dots_macro(cfg, max_lanes)
+    ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
 
     @T.macro
     def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk0):
+        slope = T.alloc_buffer((NG,), "float32", scope="local")  # ALiBi slope / sink logit per query vector
+        sink = T.alloc_buffer((NG,), "float32", scope="local")
+        for g in range(NG):
+            slope[g] = head_value(cfg.alibi_slopes, hk0 * G + g) if ALIBI else T.float32(0)
+            sink[g] = head_value(cfg.sink_logits, hk0 * G + g) if SINKS else T.float32(0)
         qf = T.alloc_buffer((NG, D), "float32", scope="local")
         acc = T.alloc_buffer((NG, D), "float32", scope="local")
         part = T.alloc_buffer((NG, CH, VL), PART, scope="local")  # per key: VL partial sums of its dot product
@@ -315,7 +322,13 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
                 for i in T.vectorized(T.int64(CH)):  # Select, not if_then_else: a lane-wise condition
                     score[g, i] = T.Select(  # in if_then_else makes TVM scalarize the loop into branches
                         i < cnt,
-                        score[g, i] * (ksc[g // G, i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
+                        modify_score(
+                            cfg,
+                            score[g, i] * (ksc[g // G, i] if quant else T.float32(1)) * (qsc[g] if IDOT else T.float32(1)),
+                            slope[g],
+                            T.Select(c * CH + i < n_sink, c * CH + i, lo + c * CH + i - n_sink),
+                            pos,
+                        ),
                         T.float32(_NEG_INF),
                     )
                 fix[g] = lanes_max(score[g, T.Ramp(0, 1, CH)], CH)  # the chunk's max, in registers
@@ -344,6 +357,8 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
             fix[g] = T.float32(0)
             for i in range(CH):
                 fix[g] = fix[g] + den[g, i]
+            if SINKS:
+                fix[g] = fix[g] + sink_weight(sink[g], mx[g])
             for d in T.vectorized(D):
                 out_rows[row, hk0 * G + g, d] = T.Cast(
                     out_rows.dtype,
@@ -370,9 +385,15 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
     U = next(u for u in (10, 8, 7, 6, 5, 4, 3, 2, 1) if NV % u == 0 and u <= max(1, fit))
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
+    ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
 
     @T.macro
     def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, cache_b, block_table, b, hk):
+        slope = T.alloc_buffer((G,), "float32", scope="local")  # ALiBi slope / sink logit per group head
+        sink = T.alloc_buffer((G,), "float32", scope="local")
+        for g in range(G):
+            slope[g] = head_value(cfg.alibi_slopes, hk * G + g) if ALIBI else T.float32(0)
+            sink[g] = head_value(cfg.sink_logits, hk * G + g) if SINKS else T.float32(0)
         qf = T.alloc_buffer((NV, D), "float32", scope="local")
         acc = T.alloc_buffer((NV, D), "float32", scope="local")
         kt = T.alloc_buffer((D, CH), "float32", scope="local")
@@ -432,7 +453,7 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                         kpos[i] >= 0
                         and (not causal or kpos[i] <= pos)
                         and (W == 0 or kpos[i] > pos - W or kpos[i] < S),
-                        prob[v, i],
+                        modify_score(cfg, prob[v, i], slope[v % G], kpos[i], pos),
                         T.float32(_NEG_INF),
                     )
                 m_old: T.float32 = mx[v]
@@ -454,6 +475,9 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                 for i in range(cnt):
                     for d in T.vectorized(D):
                         acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], 1, hk, off[i], d)
+        if SINKS:
+            for v in range(nv):
+                den[v] = den[v] + sink_weight(sink[v % G], mx[v])
         for r in range(nrows):
             for g in range(G):
                 for d in T.vectorized(D):

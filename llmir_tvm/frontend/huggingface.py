@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .hf_patches import export_patches
 from .imported import ImportedModel, ModelImportError
 from .torch_program import import_exported_program
 
@@ -53,20 +54,24 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
     class Step(torch.nn.Module):
         """One step over ``[1, n]`` tokens at the given positions, no cache."""
 
-        def __init__(self, inner):
+        def __init__(self, inner, length):
             super().__init__()
-            self.inner = inner
+            self.inner, self.length = inner, length
 
         def forward(self, input_ids, position_ids):
+            self.length[0] = input_ids.shape[1]  # read by export_patches
             return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
-    max_len = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 4096))
+    # MPT names its context "max_seq_len" (its ALiBi table has that many columns: longer exports fail)
+    max_len = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "max_seq_len", 0)
+                  or getattr(config, "n_positions", 4096))
     example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
     tokens = torch.export.Dim("num_tokens", min=2, max=max_len)
-    with torch.no_grad():
+    length = [0]
+    with torch.no_grad(), export_patches(hf, length):
         try:
             program = torch.export.export(
-                Step(hf), example, dynamic_shapes={"input_ids": {1: tokens}, "position_ids": {1: tokens}}
+                Step(hf, length), example, dynamic_shapes={"input_ids": {1: tokens}, "position_ids": {1: tokens}}
             )
         except Exception as err:  # torch.export raises many types; report the model, not torch internals
             raise ModelImportError(f"torch.export failed for {type(hf).__name__}: {str(err).splitlines()[0]}") from err

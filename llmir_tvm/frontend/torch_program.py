@@ -7,6 +7,7 @@ from typing import Any
 
 from .imported import ImportedModel, ModelImportError
 from .lift_constants import lift_constants
+from .symbolic_ops import SYMBOLIC_CONVERTERS
 
 
 def import_exported_program(program: Any, *, name: str = "exported_program", **meta) -> ImportedModel:
@@ -19,7 +20,8 @@ def import_exported_program(program: Any, *, name: str = "exported_program", **m
     from tvm.relax.frontend.torch import from_exported_program
 
     try:
-        mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+        mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                    custom_convert_map=dict(SYMBOLIC_CONVERTERS))
     except Exception as err:  # the importer raises assertion/attribute errors on unsupported ops
         raise ModelImportError(f"cannot import {name} into Relax: {str(err).splitlines()[0]}") from err
     mod, params = relax.frontend.detach_params(mod)

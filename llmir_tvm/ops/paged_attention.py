@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from tvm import relax
 
@@ -26,6 +27,9 @@ def paged_attention(
     causal: bool = True,
     sliding_window: int = 0,
     sink_tokens: int = 0,
+    logit_softcap: float = 0.0,
+    alibi_slopes: Sequence[float] | None = None,
+    sink_logits: Sequence[float] | None = None,
 ) -> relax.Call:
     """Build ``llm.paged_attention(q, kv_cache, block_table, seq_lens[, q_indptr]) -> out``.
 
@@ -35,6 +39,11 @@ def paged_attention(
     position ``seq_len - q_len + j``; ``causal`` limits it to KV positions ``<= pos``; a
     ``sliding_window`` W with ``sink_tokens`` S limits it to ``(pos - W, pos]`` plus ``[0, S)``.
     ``scale`` defaults to ``1 / sqrt(head_dim)``.
+
+    Score modifiers (attributes only present when on): ``logit_softcap`` c > 0 turns each scaled
+    score into ``c * tanh(score / c)`` (Gemma 2); ``alibi_slopes`` (one per query head) add
+    ``slope * (key_pos - query_pos)`` (BLOOM, MPT); ``sink_logits`` (one per query head) join each
+    softmax's denominator as a logit without a value (gpt-oss's learned sinks).
     """
     if scale is None:
         q_ty = q.ty
@@ -47,6 +56,11 @@ def paged_attention(
         "sliding_window": int(sliding_window),
         "sink_tokens": int(sink_tokens),
     }
+    if logit_softcap:
+        attrs["logit_softcap"] = float(logit_softcap)
+    for name, values in (("alibi_slopes", alibi_slopes), ("sink_logits", sink_logits)):
+        if values is not None and len(values):
+            attrs[name] = tuple(float(v) for v in values)
     args = [q, kv_cache, block_table, seq_lens] + ([] if q_indptr is None else [q_indptr])
     return relax.Call(get_op("paged_attention"), args, attrs=attrs)
 
@@ -75,7 +89,35 @@ def _attrs(call: relax.Call) -> dict:
         raise LLMOpError(f"{_OP}: attribute 'sink_tokens' ({attrs['sink_tokens']}) needs a sliding_window > 0")
     if not isinstance(attrs["causal"], bool):
         raise LLMOpError(f"{_OP}: attribute 'causal' must be a bool, got {attrs['causal']!r}")
+    attrs.update(_score_mod_attrs(call))
     return attrs
+
+
+def _score_mod_attrs(call: relax.Call) -> dict:
+    """The optional score modifiers, checked: ``logit_softcap`` > 0, per-head ``alibi_slopes`` / ``sink_logits``."""
+    keys = set(call.attrs.keys())
+    unknown = keys - {"scale", "causal", "sliding_window", "sink_tokens", *_MOD_ATTRS}
+    if unknown:
+        raise LLMOpError(f"{_OP}: unknown attribute(s) {', '.join(sorted(unknown))}")
+    mods = {}
+    if "logit_softcap" in keys:
+        cap = call.attrs["logit_softcap"]
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise LLMOpError(f"{_OP}: attribute 'logit_softcap' must be a positive finite number, got {cap!r}")
+        mods["logit_softcap"] = float(cap)
+    for name in ("alibi_slopes", "sink_logits"):
+        if name in keys:
+            values = call.attrs[name]
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values
+            ):
+                raise LLMOpError(f"{_OP}: attribute '{name}' must be a non-empty list of finite numbers, got {values!r}")
+            mods[name] = tuple(float(v) for v in values)
+    return mods
+
+
+#: Optional attributes: the score modifiers.
+_MOD_ATTRS = ("logit_softcap", "alibi_slopes", "sink_logits")
 
 
 def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
@@ -83,7 +125,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
         raise LLMOpError(
             f"{_OP}: expects 4 or 5 arguments (q, kv_cache, block_table, seq_lens[, q_indptr]), got {len(call.args)}"
         )
-    _attrs(call)
+    attrs = _attrs(call)
     ragged = len(call.args) == 5
     q = tensor_type(_OP, "q", call.args[0], 3 if ragged else 4)
     cache = cache_type(_OP, call.args[1])
@@ -97,6 +139,9 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
         raise LLMOpError(
             f"{_OP}: num_qo_heads of 'q' ({hq}) must be a multiple of num_kv_heads of 'kv_cache' ({hkv})"
         )
+    for name, values in attrs.items():
+        if name in ("alibi_slopes", "sink_logits") and len(values) != (hq if hq is not None else len(values)):
+            raise LLMOpError(f"{_OP}: attribute '{name}' has {len(values)} values but 'q' has {hq} query heads")
     if ragged:
         indptr = tensor_type(_OP, "q_indptr", call.args[4], 1)
         require_dtype(_OP, "q_indptr", indptr, ["int32"])
@@ -118,7 +163,8 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     ragged = len(call.args) == 5
     factory = tir_kernels.paged_prefill_attention if ragged else tir_kernels.paged_decode_attention
     kernel = make_kernel(_OP, factory, config)
-    name = f"llmir_paged_{'prefill' if ragged else 'decode'}_q{num_qo_heads}_{layout_tag(layout)}"
+    mods = "".join(f"_{m}" for m in ("logit_softcap", "alibi_slopes", "sink_logits") if m in attrs)
+    name = f"llmir_paged_{'prefill' if ragged else 'decode'}_q{num_qo_heads}_{layout_tag(layout)}{mods}"
     gv = add_kernel(bb, kernel, name)
     return relax.call_tir(gv, list(call.args), out_ty=call.ty)
 

@@ -1,0 +1,67 @@
+"""Converters for torch.export symbolic ops TVM's importer lacks or mishandles (frontend/symbolic_ops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tvm import relax, tirx
+from tvm.sym.analyzer import Analyzer
+
+from llmir_tvm.frontend.symbolic_ops import _same_dims
+from llmir_tvm.frontend.torch_program import import_torch_module
+
+N = tirx.Var("n", "int64")
+
+
+@pytest.mark.parametrize(
+    "current,dims,same",
+    [
+        ([1, N * 4, 8], [1, 4 * N, 8], True),  # Python == on these raises "Cannot use and / or / not"
+        ([N, 8], [N, 8], True),
+        ([N, 8], [N * 2, 4], False),
+        ([N, 8], [-1, 8], False),
+        ([N, 8], [N, 8, 1], False),
+    ],
+)
+def test_reshape_identity_is_an_arithmetic_proof(current, dims, same):
+    assert _same_dims(current, dims) is same
+
+
+class TableSlice(torch.nn.Module):
+    """Slices the last ``n`` rows of a fixed table with Python max (MPT's ALiBi table does so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(64, dtype=torch.float32).reshape(16, 4))
+
+    def forward(self, input_ids, position_ids):
+        n = input_ids.shape[1]
+        rows = self.table[max(0, 16 - n):]
+        return rows[None] * input_ids.float().sum()
+
+
+def test_sym_max_decided_by_the_export_range_is_the_winning_operand():
+    """Imports (TVM alone: "Unsupported function types ['sym_max']"); the slice starts at 16 - n."""
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    func = import_torch_module(TableSlice(), example, max_seq_len=15).mod["main"]
+    n = func.params[0].ty.shape[1]
+    slices = [b.value for blk in func.body.blocks for b in blk.bindings
+              if isinstance(b.value, relax.Call) and b.value.op.name == "relax.strided_slice"]
+    begins = [slc.args[2].fields[0] for slc in slices]
+    assert any(Analyzer().can_prove_equal(b, tirx.IntImm("int64", 16) - n) for b in begins), begins
+
+
+def test_deepseek_v3_imports():
+    """MLA attention builds tensors with torch.empty over a symbolic size (the empty converter)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from llmir_tvm.frontend.huggingface import import_huggingface
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64, rope_scaling=None, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1)).eval()
+    imported = import_huggingface(model)
+    assert "R.nn.softmax" in imported.mod.script()
