@@ -16,13 +16,7 @@ from tvm.target.codegen import llvm_get_system_cpu
 
 def resolve_target(target: Target | str | dict | None = None) -> Target:
     """The ``Target`` to compile for: None or a bare ``"llvm"`` becomes the host CPU's target."""
-    if target is None:
-        target = "llvm"
-    if not isinstance(target, Target):
-        try:
-            target = Target(target)
-        except ValueError as err:
-            raise ValueError(f"invalid target {target!r}: {err}") from None
+    target = _as_target(target)
     if target.kind.name == "llvm" and not target.attrs.get("mcpu") and _is_host_triple(target):
         config = dict(target.export())
         config["mcpu"] = llvm_get_system_cpu()
@@ -73,14 +67,20 @@ def vector_shape(target: Target | str | dict | None = None) -> VectorShape:
     return SSE
 
 
-def _llvm_target(target: Target | str | dict | None) -> Target:
+def _as_target(target: Target | str | dict | None) -> Target:
+    """``target`` as a ``Target`` (None: plain ``"llvm"``), with a clear error naming a bad one."""
     if target is None:
         target = "llvm"
-    if not isinstance(target, Target):
-        try:
-            target = Target(target)
-        except ValueError as err:
-            raise ValueError(f"invalid target {target!r}: {err}") from None
+    if isinstance(target, Target):
+        return target
+    try:
+        return Target(target)
+    except ValueError as err:
+        raise ValueError(f"invalid target {target!r}: {err}") from None
+
+
+def _llvm_target(target: Target | str | dict | None) -> Target:
+    target = _as_target(target)
     if target.kind.name != "llvm":
         raise ValueError(f"vector_shape needs an llvm (CPU) target, got {target.kind.name!r}")
     return target

@@ -18,7 +18,7 @@ import pytest
 import tvm
 from tvm.target import Target
 
-from cuda_sass import compile_report
+from helpers.cuda_sass import compile_report
 from llmir_tvm import tir_kernels
 from llmir_tvm.tir_kernels.cuda_prefill_mma import KV_TILE, paged_prefill_attention_mma
 

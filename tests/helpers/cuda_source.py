@@ -49,8 +49,14 @@ def ptxas_report(src: str, arch: str) -> dict[str, dict[str, int]]:
         cmd = ["nvcc", "--cubin", *_nvcc_flags(arch), "-o", os.path.join(tmp, "kernel.cubin"), path]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report, current = {}, None
-    for line in (proc.stdout + proc.stderr).splitlines():
+    return parse_ptxas_resources(proc.stdout + proc.stderr)
+
+
+def parse_ptxas_resources(output: str) -> dict[str, dict[str, int]]:
+    """Per kernel registers, stack and spill bytes from ptxas' ``-v`` resource report."""
+    report: dict[str, dict[str, int]] = {}
+    current = None
+    for line in output.splitlines():
         m = re.search(r"Function properties for (\w+)", line)
         if m:
             current = m.group(1)

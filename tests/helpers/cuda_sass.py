@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cuda_source import parse_ptxas_resources
+
 NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -71,19 +73,7 @@ def compile_report(src: str, arch: str) -> dict[str, dict]:
                               capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed for {arch}:\n{proc.stdout}{proc.stderr}")
-        report: dict[str, dict] = {}
-        current = None
-        for line in (proc.stdout + proc.stderr).splitlines():
-            m = re.search(r"Function properties for (\w+)", line)
-            if m:
-                current = m.group(1)
-                report[current] = {}
-            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m and current:
-                report[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-            m = re.search(r"Used (\d+) registers", line)
-            if m and current:
-                report[current]["registers"] = int(m.group(1))
+        report: dict[str, dict] = parse_ptxas_resources(proc.stdout + proc.stderr)
         found = find_cuobjdump()
         sass = _sass_opcodes(cubin, found) if found else {}
     for name, entry in report.items():
