@@ -71,12 +71,25 @@ def test_missing_and_corrupt_model_directories(tmp_path):
         llmir_tvm.compile(tmp_path)
 
 
-def test_unsupported_attention_variant_is_refused_with_the_op_named():
-    from transformers import BloomConfig, BloomForCausalLM
+def _sine_scored_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with an element-wise sine between Q·Kᵀ and the softmax: no attention we know."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scores = torch.sin(torch.matmul(query, key.transpose(2, 3)) * scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    bloom = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)).eval()  # ALiBi
+
+def test_unsupported_attention_variant_is_refused_with_the_op_named():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("llmir_test_sine_scores", _sine_scored_attention)
+    model = tiny_llama()
+    model.config._attn_implementation = "llmir_test_sine_scores"
     with pytest.raises(AttentionMatchError, match=r"main: softmax \w+ does not follow a Q·Kᵀ matmul \(found relax\.\w+\)"):
-        llmir_tvm.compile(bloom)
+        llmir_tvm.compile(model)
 
 
 @pytest.fixture(scope="module")
