@@ -258,10 +258,11 @@ def gpu_runners(monkeypatch):
     gpu_dir = str(Path(__file__).resolve().parent / "gpu")
     monkeypatch.syspath_prepend(gpu_dir)
     import cases
+    import gpu_harness
     import test_gpu_kernels
     import test_gpu_quant_kernels
 
-    monkeypatch.setattr(test_gpu_kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_harness, "DEVICE", "cpu")
     by_name = {c.name: c for c in (*cases.CASES, *cases.QUANT_CASES)}
     runners = {**test_gpu_kernels.RUNNERS, **test_gpu_quant_kernels.RUNNERS}
     assert gpu_dir in sys.path

@@ -8,6 +8,7 @@ so the compiled model must reproduce its logits closely, not merely "look plausi
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_prefix_cache_reuses_quantized_blocks_with_identical_outputs(quantized):
     assert [r.token_ids for r in results] == expected
 
 
-def test_auto_plan_is_chosen_stored_and_survives_save_load(tmp_path, capsys):
+def test_auto_plan_is_chosen_stored_and_survives_save_load(tmp_path, caplog):
     model = tiny_llama(num_hidden_layers=3)
     tokens = np.random.default_rng(0).integers(0, 128, 48).tolist()
     everything = choose_layer_dtypes(model, tokens, max_kl=1.0)
@@ -119,9 +120,9 @@ def test_auto_plan_is_chosen_stored_and_survives_save_load(tmp_path, capsys):
     assert one.layer_dtypes.count("int8") < 3
 
     kv = llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32, dtype="auto", auto_max_kl=float(np.sort(sens)[:2].sum() * 1.05))
-    compiled = llmir_tvm.compile(model, kv=kv)
-    printed = capsys.readouterr().out
-    assert "KV precision plan" in printed and "layer   0" in printed
+    with caplog.at_level(logging.INFO, logger="llmir_tvm"):
+        compiled = llmir_tvm.compile(model, kv=kv)
+    assert "KV precision plan" in caplog.text and "layer   0" in caplog.text
     info = compiled.info
     plan = info.kv_precision_plan
     assert plan["layer_dtypes"] == info.kv_dtypes and len(plan["sensitivity_kl"]) == 3

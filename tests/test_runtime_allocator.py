@@ -138,7 +138,7 @@ def test_allocator_invariants_under_random_operations():
 
 
 RUNTIME_DIR = pathlib.Path(__file__).resolve().parents[1] / "llmir_tvm" / "runtime"
-ALLOWED_IMPORTS = {"numpy", "tvm.runtime", "tvm_ffi", "__future__", "typing", "collections", "hashlib",
+ALLOWED_IMPORTS = {"numpy", "tvm.runtime", "tvm_ffi", "__future__", "typing", "collections", "dataclasses", "hashlib",
                    "importlib", "os", "tempfile",  # these three: the Disco executor (stdlib)
                    "ctypes", "ctypes.util", "sys"}  # host_memory's madvise (stdlib)
 
