@@ -12,11 +12,14 @@
 - :class:`LowBatchGemvSpecialize` — small-batch matmuls as GEMV kernels picked at run time (CUDA,
   ``compile(..., low_batch_gemv=True)``); :func:`gpu_build_pipeline`, the Relax build pipeline of GPU targets;
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
+- :class:`ClipTakeIndices` — ``take`` in ``"fast"`` mode → ``"clip"`` mode (bounds-safe, no TOPI
+  warning; ``llmir_tvm.compile`` runs it after the import, after every KV pass and before the build);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
 """
 
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
+from .clip_take_indices import ClipTakeIndices
 from .dense_offload import OffloadDenseToBLAS
 from .dense_tir import DenseToTIR
 from .kv_allocation_optimization import KVCacheAllocationOptimization
@@ -31,6 +34,6 @@ from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

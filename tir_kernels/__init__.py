@@ -13,11 +13,15 @@ from typing import Callable
 import tvm
 from tvm.target import Target
 
-from . import (
+from . import script_macros
+
+script_macros.install()  # before any kernel's TVMScript is parsed: see script_macros
+
+from . import (  # noqa: E402
     block_copy, cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention,
     quant_cache_ops, slot_copy,
 )
-from .config import (
+from .config import (  # noqa: E402
     CPU_KV_DTYPES, QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized,
 )
 
