@@ -10,6 +10,7 @@ probe. Anything else is refused.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -133,8 +134,11 @@ def _reemit(func: relax.Function) -> relax.Function:
 class MaskEvaluator:
     """Evaluates masks of one function, compiling each distinct mask subgraph once.
 
-    Imported graphs often rebuild the same mask for every layer; subgraphs are compared by
-    structural hash, so a 30-layer model compiles its mask probe once, not 30 times.
+    Imported graphs often rebuild the same mask for every layer, each reading its own copy of
+    a constant (a lifted ``const_<n>`` parameter: the layer's scale, multiplied by the zeroed
+    scores). Probes are compared by structure (after binding the probe sizes) and by the values
+    fed to their parameters, not by parameter names, so a 30-layer model compiles its mask probe
+    once, not 30 times (each compile and JIT costs about a second).
     ``sizes`` fixes some symbolic sizes (e.g. a contiguous cache's past length → 0); every
     other one is probed at ``length``.
     """
@@ -147,21 +151,37 @@ class MaskEvaluator:
     def __call__(self, mask: relax.Expr, zero: relax.Var | None = None) -> np.ndarray:
         """The value of ``mask`` on the probe sequence (``zero``: a variable taken as all zeros)."""
         probe, params = _mask_function(self.func, mask, zero)
-        key = (tvm_ffi.structural_hash(probe, map_free_vars=True), tuple(p.name for p in params))
-        if key not in self._done:
-            self._done[key] = _run_probe(probe, params, self.length, self.probe_inputs, self.sizes)
-        return self._done[key]
+        bound, inputs = _bind_probe(probe, params, self.length, self.probe_inputs, self.sizes)
+        key = (tvm_ffi.structural_hash(bound, map_free_vars=True), _inputs_key(inputs))
+        for seen, value in self._done.get(key, ()):
+            if tvm_ffi.structural_equal(seen, bound, map_free_vars=True):
+                return value
+        value = _execute(bound, inputs)
+        self._done.setdefault(key, []).append((bound, value))
+        return value
 
 
-def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs,
-               sizes: Mapping | None = None) -> np.ndarray:
-    """Compile and run a mask function on probe inputs.
+def _inputs_key(inputs: list) -> tuple:
+    """What identifies the probe's input values: dtype, shape and a digest of each one's bytes."""
+    key = []
+    for value in inputs:
+        if isinstance(value, np.ndarray):
+            data = np.ascontiguousarray(value)
+            key.append((str(data.dtype), data.shape, hashlib.sha256(data.view(np.uint8).reshape(-1)).hexdigest()))
+        else:  # the shape holding free symbolic sizes
+            key.append(tuple(int(v) for v in value))
+    return tuple(key)
+
+
+def _bind_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs,
+                sizes: Mapping | None = None) -> tuple[relax.Function, list]:
+    """The mask function with concrete sizes, and its input values.
 
     Symbolic dimensions are bound to ``length`` (those in ``sizes`` to their value there, e.g. a
-    contiguous cache's past length to 0) and every type re-inferred first: imported mask code
-    often has data-dependent shapes that TVM only compiles once they are concrete. A mask may
-    name a size only through the shape of an input it does not read (the past length), so
-    free symbolic variables are bound too.
+    contiguous cache's past length to 0) and every type re-inferred (in :func:`_execute`):
+    imported mask code often has data-dependent shapes that TVM only compiles once they are
+    concrete. A mask may name a size only through the shape of an input it does not read (the
+    past length), so free symbolic variables are bound too, through a trailing shape parameter.
     """
     sizes = sizes or {}
     free = list(relax.analysis.free_symbolic_vars(probe))
@@ -172,11 +192,16 @@ def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: P
         extra = [tvm_ffi.Shape([sizes.get(v, length) for v in free])]
     symbolic = {v: sizes.get(v, length) for v in relax.analysis.defined_symbolic_vars(probe)}
     bound = probe.bind_symbolic_vars(symbolic) if symbolic else probe
-    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound)}), target="llvm")
-    vm = relax.VirtualMachine(exe, tvm.cpu())
     # Probe values are made for the parameters with their bound (concrete) shapes.
     values = [np.asarray(probe_inputs(length, p), order="C") for p in bound.params[: len(params)]]
-    return vm["mask_probe"](*values, *extra).numpy()
+    return bound, values + extra
+
+
+def _execute(bound: relax.Function, inputs: list) -> np.ndarray:
+    """Compile and run a bound mask function (from :func:`_bind_probe`) on its inputs."""
+    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound)}), target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    return vm["mask_probe"](*inputs).numpy()
 
 
 def classify_mask(values: np.ndarray, length: int, where: str) -> MaskKind:

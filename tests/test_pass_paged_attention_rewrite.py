@@ -190,3 +190,45 @@ def test_default_probe_refuses_to_guess_weights_a_mask_reads():
     imported = import_model(model)
     with pytest.raises(AttentionMatchError, match="the attention mask reads weight 'const_"):
         PagedAttentionRewrite()(imported.mod)
+
+
+@I.ir_module
+class LayerMasks:
+    @R.function
+    def main(position_ids: R.Tensor((1, "n"), "int64"), c1: R.Tensor((), "float32"), c2: R.Tensor((), "float32"),
+             c3: R.Tensor((), "float32")):
+        n = T.int64()
+        with R.dataflow():
+            rows = R.reshape(position_ids, R.shape([n, 1]))
+            allowed = R.astype(R.less_equal(position_ids, rows), "float32")
+            m1 = R.multiply(allowed, c1)
+            m2 = R.multiply(allowed, c2)
+            m3 = R.multiply(allowed, c3)
+            out = (m1, m2, m3)
+            R.output(out)
+        return out
+
+
+def test_mask_probe_compiles_once_per_distinct_subgraph_and_input_values(monkeypatch):
+    """Layers' masks reading their own copy of a constant (as lifted ``const_<n>`` weights): equal
+    values share one compiled probe, a different value gets its own; results match numpy."""
+    from llmir_tvm.passes import mask_probe
+
+    func = LayerMasks["main"]
+    masks = [b.var for b in func.body.blocks[0].bindings if b.var.name in ("m1", "m2", "m3")]
+    constants = {"c1": 2.0, "c2": 2.0, "c3": 3.0}
+
+    def probe(length, param):
+        if param.name in constants:
+            return np.array(constants[param.name], dtype="float32")
+        return mask_probe.default_probe_inputs(length, param)
+
+    runs = []
+    real = mask_probe._execute
+    monkeypatch.setattr(mask_probe, "_execute", lambda bound, inputs: runs.append(1) or real(bound, inputs))
+    evaluate = mask_probe.MaskEvaluator(func, 6, probe)
+    values = [evaluate(m) for m in masks]
+    assert len(runs) == 2
+    lower = np.tril(np.ones((6, 6), dtype="float32"))
+    for value, c in zip(values, constants.values()):
+        tvm.testing.assert_allclose(value, c * lower)
