@@ -217,22 +217,19 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
         report("default model", None)
         model = default_model_path()
         report("default model", time.perf_counter() - start)
+    # Every option that changes the result, in one place: passed to the build and digested into the cache key.
     options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense,
                "cuda_graph": cuda_graph}
-    build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
-                              dump_ir=dump_ir, progress=report, **options)
+
+    def build(stage_progress: Callable[[str, float | None], None]) -> CompiledModel:
+        return _build(model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
+                      dump_ir=dump_ir, progress=stage_progress, **options)
+
     if dump_ir is not None or not compile_cache.cache_enabled(cache):
-        return build()
-    start = time.perf_counter()
-    report("cache key", None)
-    try:
-        key, _ = compile_cache.cache_key(model, target=target, kv=kv, options=options, example_inputs=example_inputs,
-                                         tokenizer=tokenizer)
-    except compile_cache.UncacheableModel as err:
-        key = None
-        logger.info("compiling without the cache: %s", err)
-    report("cache key", time.perf_counter() - start)
-    return build() if key is None else compile_cache.cached_compile(key, build, progress=report)
+        return build(report)
+    key_of = functools.partial(compile_cache.cache_key, model, target=target, kv=kv, options=options,
+                               example_inputs=example_inputs, tokenizer=tokenizer)
+    return compile_cache.cached_compile(key_of, build, progress=report)
 
 
 class _StageClock:

@@ -15,6 +15,12 @@ it is loaded), so a truncated or corrupt entry is detected, logged as a warning 
 builders of one key serialize on an ``fcntl`` lock, so concurrent processes compiling the same
 model all succeed (the later ones load what the first one stored). ``LLMIR_TVM_NO_CACHE=1``
 turns the cache off (as ``compile(..., cache=False)`` / ``--no-cache`` do).
+
+Cost on a cold compile: source files' digests are remembered by (size, mtime, inode), so a
+second start reads none; a new or changed file is digested on a background thread while the
+build runs (:func:`cached_compile`), so its hashing does not add to the wall time. The save
+links the library and writes the weights concurrently, and the CPU model handed back runs the
+linked library (no second code generation by LLVM's JIT).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -72,12 +80,21 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+class NotRemembered(LookupError):
+    """A source file whose digest is not remembered (new or changed): the key needs it read."""
+
+
 class _DigestMemo:
     """SHA-256 of source files, remembered by (size, mtime, inode) so a second start does not
-    re-read a model's weights (``<cache>/.file-digests.json``, rewritten atomically)."""
+    re-read a model's weights (``<cache>/.file-digests.json``, rewritten atomically).
 
-    def __init__(self, root: Path):
+    ``read_files=False``: a digest that is not remembered raises :class:`NotRemembered` instead
+    of reading the file (the quick look-up of :func:`cached_compile`).
+    """
+
+    def __init__(self, root: Path, read_files: bool = True):
         self.path = root / ".file-digests.json"
+        self.read_files = read_files
         try:
             self.known = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -91,6 +108,8 @@ class _DigestMemo:
         entry = self.known.get(name)
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp:
             return entry[1]
+        if not self.read_files:
+            raise NotRemembered(name)
         digest = _file_sha256(file)
         self.known[name] = [stamp, digest]
         self.changed = True
@@ -256,13 +275,15 @@ def _host_memory() -> int:
 
 
 def cache_key(model: Any, *, target: Any, kv: Any, options: dict[str, Any], example_inputs: tuple | None = None,
-              tokenizer: Any = None) -> tuple[str, dict[str, Any]]:
+              tokenizer: Any = None, read_files: bool = True) -> tuple[str, dict[str, Any]]:
     """The entry key (hex SHA-256) and the description it digests.
 
     ``target``: the resolved ``tvm.target.Target``; ``kv``: the ``KVCacheConfig``; ``options``:
-    the other compile options (JSON-serializable). Raises :class:`UncacheableModel`.
+    every other compile option that changes the result (JSON-serializable; ``llmir_tvm.compile``
+    lists them in one dict). Raises :class:`UncacheableModel`; with ``read_files=False``, raises
+    :class:`NotRemembered` rather than read a source file whose digest is not remembered.
     """
-    memo = _DigestMemo(cache_root())
+    memo = _DigestMemo(cache_root(), read_files)
     description = {
         "format": CACHE_FORMAT,
         "model": model_digest(model, example_inputs, memo),
@@ -431,52 +452,194 @@ def _remove_leftovers(root: Path, key: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def cached_compile(key: str, build: Callable[[], Any], *, progress: Callable[[str, float | None], None],
-                   root: Path | None = None) -> Any:
-    """The compiled model of ``key``: loaded from the cache, or built by ``build()`` and stored.
+Progress = Callable[[str, "float | None"], None]
+KeyOf = Callable[..., "tuple[str, dict[str, Any]]"]
 
+
+def _timed_load(folder: Path, progress: Progress) -> Any:
+    """:func:`_load_entry` reported as the ``cache load`` stage (its time only when it succeeds)."""
+    start = time.perf_counter()
+    progress("cache load", None)
+    compiled = _load_entry(folder)
+    progress("cache load", time.perf_counter() - start)
+    return compiled
+
+
+def _from_entry_library(compiled: Any, folder: Path) -> Any:
+    """``compiled`` running the entry's ``model.so``, for CPU models: the library the save just linked
+    replaces the in-memory module, whose machine code LLVM would otherwise generate a second time
+    (JIT) when the model first runs, and a later ``save`` copies the file instead of exporting again.
+    Other targets keep their module (their device code may need a runtime this host lacks)."""
+    if compiled.info.target != "llvm":
+        return compiled
+    import tvm.runtime
+
+    from .model import CompiledModel
+
+    library = folder / "model.so"
+    reloaded = CompiledModel(tvm.runtime.load_module(str(library)), compiled.params, compiled.info, compiled.tokenizer)
+    reloaded.library_path = library
+    return reloaded
+
+
+def _store_timed(root: Path, key: str, compiled: Any, progress: Progress) -> Any:
+    """Store ``compiled`` as the ``save`` stage; returns the model to hand out (see :func:`_from_entry_library`)."""
+    start = time.perf_counter()
+    progress("save", None)
+    try:
+        folder = _store(root, key, compiled)
+        compiled = _from_entry_library(compiled, folder)
+    except OSError as err:  # a full or read-only disk must not lose the compile
+        logger.warning("could not store the compiled model in the cache %s: %s", root, err)
+    progress("save", time.perf_counter() - start)
+    return compiled
+
+
+def cached_compile(key_of: KeyOf, build: Callable[[Progress], Any], *, progress: Progress,
+                   root: Path | None = None) -> Any:
+    """The compiled model: loaded from the cache, or built by ``build(progress)`` and stored.
+
+    ``key_of(read_files=...)`` is :func:`cache_key` with the compile's inputs. When every source
+    file's digest is remembered (a second start), the key is known at once (stage ``cache key``).
+    Otherwise the files are digested in a background thread while the build starts: the digest
+    (a second for a 0.5 GB model) overlaps the import instead of delaying it, and the entry is
+    looked up at the first stage boundary after the key is known (:class:`_Claim`).
     A damaged entry is reported with a warning and rebuilt. Builders of one key take turns on a
     file lock; one that finds the entry stored while it waited loads it instead of building.
     """
     root = root or cache_root()
+    start = time.perf_counter()
+    progress("cache key", None)
+    try:
+        key = key_of(read_files=False)[0]
+    except UncacheableModel as err:
+        progress("cache key", time.perf_counter() - start)
+        logger.info("compiling without the cache: %s", err)
+        return build(progress)
+    except NotRemembered as unknown:
+        logger.debug("digesting the model's files in the background (%s is new or changed)", unknown)
+        pending = _in_background(lambda: key_of(read_files=True)[0])
+        progress("cache key", time.perf_counter() - start)
+        return _claimed_compile(_Claim(root, pending, progress), build)
+    progress("cache key", time.perf_counter() - start)
     folder = root / key
     logger.debug("compiled-model cache entry: %s", folder)
     damaged = None
     if folder.is_dir():
-        start = time.perf_counter()
-        progress("cache load", None)
         try:
-            compiled = _load_entry(folder)
-            progress("cache load", time.perf_counter() - start)
+            compiled = _timed_load(folder, progress)
             logger.info("loaded the compiled model from the cache: %s", folder)
             return compiled
         except CorruptEntry as err:
             damaged = err
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = _lock(root, key)
-    except OSError as err:  # an unwritable cache must not stop the compile
-        logger.warning("compiled-model cache %s is not usable (%s); compiling without it", root, err)
-        return build()
-    try:
-        _remove_leftovers(root, key)
-        if folder.is_dir():  # stored (or repaired) by another process while this one waited, or damaged
-            try:
-                compiled = _load_entry(folder)
-                logger.info("another process stored this model meanwhile; loaded it from %s", folder)
-                return compiled
-            except CorruptEntry as err:
-                damaged = err
-        if damaged is not None:
-            logger.warning("compiled-model cache entry %s is damaged: %s; rebuilding it", folder, damaged)
-        compiled = build()
-        start = time.perf_counter()
-        progress("save", None)
+    return _claimed_compile(_Claim(root, _done(key), progress, damaged), build, settle_first=True)
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _in_background(function: Callable[[], Any]) -> Future:
+    """``function()`` run on a daemon thread (hashing releases the GIL); its result as a future."""
+    future: Future = Future()
+
+    def run() -> None:
         try:
-            _store(root, key, compiled)
-        except OSError as err:  # a full or read-only disk must not lose the compile
-            logger.warning("could not store the compiled model in the cache %s: %s", root, err)
-        progress("save", time.perf_counter() - start)
-        return compiled
+            future.set_result(function())
+        except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="llmir-tvm-cache-key", daemon=True).start()
+    return future
+
+
+class _CacheHit(Exception):
+    """Raised from the progress callback to end a build whose entry turned up (carries the model)."""
+
+    def __init__(self, compiled: Any):
+        super().__init__("the compiled model is in the cache")
+        self.compiled = compiled
+
+
+class _Claim:
+    """A build's hold on its cache key: the key's lock and what its entry held when the lock was taken.
+
+    The key may still be computed (``pending``): :meth:`progress` (the build's progress callback)
+    settles the claim at the first stage start after it is known — takes the lock, waiting while
+    another process builds that key, and loads a whole entry instead of building on
+    (:class:`_CacheHit`). Without a usable key or lock (unknown model type, unwritable cache) the
+    build goes on uncached.
+    """
+
+    def __init__(self, root: Path, pending: Future, progress: Progress, damaged: CorruptEntry | None = None):
+        self.root, self.pending, self.report, self.damaged = root, pending, progress, damaged
+        self.settled = False
+        self.key: str | None = None
+        self.lock: IO[str] | None = None
+        self.stored = False  # a whole entry exists already: nothing to store
+
+    def progress(self, stage: str, seconds: float | None) -> None:
+        """The build's progress callback: reports, and settles the claim once the key is known."""
+        if seconds is None and not self.settled and self.pending.done():
+            self.settle(load=True)
+        self.report(stage, seconds)
+
+    def settle(self, load: bool) -> None:
+        """Take the key's lock and look at its entry: with ``load``, a whole one is loaded and ends the
+        build (:class:`_CacheHit`); without, it is only verified (the build is done: nothing to store)."""
+        self.settled = True
+        try:
+            self.key = self.pending.result()
+        except UncacheableModel as err:
+            logger.info("compiling without the cache: %s", err)
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.lock = _lock(self.root, self.key)
+        except OSError as err:  # an unwritable cache must not stop the compile
+            logger.warning("compiled-model cache %s is not usable (%s); compiling without it", self.root, err)
+            return
+        _remove_leftovers(self.root, self.key)
+        folder = self.root / self.key
+        logger.debug("compiled-model cache entry: %s", folder)
+        if folder.is_dir():  # stored (or repaired) by another process, or found now that the key is known
+            try:
+                if load:
+                    compiled = _timed_load(folder, self.report)
+                    logger.info("loaded the compiled model from the cache: %s (stored while this process "
+                                "waited for the key's lock or digested the model)", folder)
+                    raise _CacheHit(compiled)
+                verify_entry(folder)
+                self.stored = True
+                return
+            except CorruptEntry as err:
+                self.damaged = err
+        if self.damaged is not None:
+            logger.warning("compiled-model cache entry %s is damaged: %s; rebuilding it", folder, self.damaged)
+
+    def release(self) -> None:
+        """Release the key's lock (if taken)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+
+def _claimed_compile(claim: _Claim, build: Callable[[Progress], Any], settle_first: bool = False) -> Any:
+    """Build under ``claim`` (ended early by a cache hit) and store the result under the key's lock.
+    ``settle_first``: the key is known; take the lock (and look at the entry) before building."""
+    try:
+        try:
+            if settle_first:
+                claim.settle(load=True)
+            compiled = build(claim.progress)
+        except _CacheHit as hit:
+            return hit.compiled
+        if not claim.settled:  # the build finished before the key: wait for it (and the lock)
+            claim.settle(load=False)
+        if claim.lock is None or claim.stored:
+            return compiled
+        return _store_timed(claim.root, claim.key, compiled, claim.report)
     finally:
-        lock.close()
+        claim.release()

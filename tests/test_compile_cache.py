@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import time
 import zipfile
 from pathlib import Path
 
@@ -166,8 +167,12 @@ def _only_entry(cache_dir: Path) -> Path:
 
 
 def _truncate_library(entry: Path) -> None:
+    """Replace the library by its first half (a new file: this process maps the old one, since a
+    compile hands out the model running the entry's library, and a mapped file cut in place faults)."""
     library = entry / "model.so"
-    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+    half = library.read_bytes()[: library.stat().st_size // 2]
+    library.unlink()
+    library.write_bytes(half)
 
 
 def _corrupt_weights(entry: Path) -> None:
@@ -249,3 +254,75 @@ def test_default_model_is_located_in_a_stage_of_its_own(monkeypatch):
     assert llmir_tvm.compile("default", cache=False, progress=lambda s, t: stages.append((s, t))) == "compiled"
     assert stages[0] == ("default model", None) and stages[1][0] == "default model" and stages[1][1] >= 0
     assert seen == [default_model_path()]
+
+
+def _saved_folder(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_unremembered_files_are_digested_while_the_build_runs(model, built, tmp_path, cache_dir, monkeypatch):
+    """A folder whose files the cache has not seen: the build starts at once (the digest runs on a
+    thread), the result is stored under the files' content key, and the next compile is a hit
+    answered from the remembered digests (no file read)."""
+    folder = _saved_folder(model, tmp_path / "model")
+    target = build_module.resolve_target("llvm")
+    options = {"num_shards": 1, "low_batch_gemv": False, "cpu_dense": "auto", "cuda_graph": False}
+    with pytest.raises(compile_cache.NotRemembered):
+        compile_cache.cache_key(folder, target=target, kv=KV, options=options, read_files=False)
+    spy = BuildSpy(result=built)
+    monkeypatch.setattr(build_module, "_build", spy)
+    stages = []
+    first = llmir_tvm.compile(folder, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    assert spy.calls == 1 and [s for s, t in stages if t is not None] == ["cache key", "save"]
+    key, _ = compile_cache.cache_key(folder, target=target, kv=KV, options=options, read_files=False)  # remembered now
+    assert _entries(cache_dir) == [key]
+    assert first.library_path == cache_dir / key / "model.so"  # the CPU model runs the library the save linked
+    assert _greedy(first) == _torch_greedy(model)
+    stages.clear()
+    llmir_tvm.compile(folder, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    assert spy.calls == 1 and [s for s, t in stages if t is not None] == ["cache key", "cache load"]
+
+
+def test_a_copy_of_a_cached_folder_ends_its_build_once_the_digest_is_known(model, built, tmp_path, cache_dir, monkeypatch):
+    """Same content at a new path (its files unremembered): the speculative build stops at the first
+    stage boundary after the digest, and the stored entry is loaded."""
+    monkeypatch.setattr(build_module, "_build", BuildSpy(result=built))
+    llmir_tvm.compile(_saved_folder(model, tmp_path / "a"), kv=KV)
+    copy = _saved_folder(model, tmp_path / "b")
+    reached = []
+
+    def slow_build(*args, progress, **kwargs):
+        for i in range(1000):  # stages of 10 ms each: the digest of a tiny folder takes far less
+            progress(f"stage {i}", None)
+            reached.append(i)
+            time.sleep(0.01)
+            progress(f"stage {i}", 0.01)
+        raise AssertionError("the build was not stopped by the cache hit")
+
+    monkeypatch.setattr(build_module, "_build", slow_build)
+    stages = []
+    loaded = llmir_tvm.compile(copy, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
+    assert 0 < len(reached) < 1000 and len(_entries(cache_dir)) == 1
+    assert stages[-2:] == [("cache load", None), ("cache load", stages[-1][1])]
+    assert loaded.library_path.parent == cache_dir / _entries(cache_dir)[0]
+    assert _greedy(loaded) == _torch_greedy(model)
+
+
+def test_changed_weight_file_misses_with_remembered_digests(model, tmp_path, cache_dir):
+    """A weight file rewritten in place (same size, one value changed) is digested again: new key."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved_folder(model, tmp_path / "model")
+    target = build_module.resolve_target("llvm")
+    key = lambda: compile_cache.cache_key(folder, target=target, kv=KV, options={})[0]  # noqa: E731
+    before = key()
+    weights_file = folder / "model.safetensors"
+    tensors = load_file(weights_file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1.0
+    size = weights_file.stat().st_size
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    assert weights_file.stat().st_size == size
+    assert key() != before
