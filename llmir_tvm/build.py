@@ -17,7 +17,8 @@ from . import compile_cache
 from .collectives import COLLECTIVE_LIBRARY
 from .config import KVCacheConfig
 from .dense_choice import CPU_DENSE, DensePlans
-from .frontend import ImportedModel, import_model
+from .frontend import ImportedModel
+from .frontend.import_memo import import_model_reusing
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized, kernel_name
 from .model import CompiledModel, ModelInfo
@@ -274,7 +275,7 @@ def _build(
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
     note("import")
-    imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    imported = import_model_reusing(model, example_inputs=example_inputs, tokenizer=tokenizer)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)
