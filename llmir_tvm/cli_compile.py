@@ -170,16 +170,21 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     return 0
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser (``scripts/compile_model.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+def run_standalone(argv: list[str] | None, description: str | None,
+                   add: Callable[[argparse.ArgumentParser], None],
+                   command: Callable[[argparse.Namespace, Callable[[str], None]], int]) -> int:
+    """A ``scripts/`` entry point: build a parser with ``add``, parse ``argv``, set up console logging, run ``command``.
+
+    Shared by ``scripts/compile_model.py`` and ``scripts/generate.py`` so the two stand-alone
+    commands parse, log and report errors alike.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(parser)
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    return command(args, parser.error)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/compile_model.py``: parse ``argv``, set up console logging, compile."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", False))
-    return run(args, parser.error)
+    return run_standalone(argv, __doc__, add_arguments, run)
