@@ -76,7 +76,7 @@ def load_artifact(art: Path, tvm):
     from bench.random_weights import make_weights
 
     meta = json.loads((art / "weights.json").read_text())
-    info = ModelInfo(**json.loads((art / "model.json").read_text()))
+    info = ModelInfo.from_dict(json.loads((art / "model.json").read_text()))
     names = [name for name, _, _ in meta["hf_params"]]
     weights = make_weights([s for _, s, _ in meta["hf_params"]], [d for _, _, d in meta["hf_params"]], seed=meta["seed"])
     by_name = dict(zip(names, weights))

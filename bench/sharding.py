@@ -42,8 +42,9 @@ def _memory_rows() -> list[dict]:
     rows = []
     for shards in (1, 3, 9):
         kv_per_shard, replication = max(1, 3 // shards), max(1, shards // 3)
-        info = ModelInfo("SmolLM2-135M", "llvm", 30, kv_per_shard, 9 // shards, 64, 16, "float32", 0, 8192, 49152,
-                         num_shards=shards, kv_replication=replication)
+        info = ModelInfo(name="SmolLM2-135M", target="llvm", num_layers=30, num_kv_heads=kv_per_shard,
+                         num_qo_heads=9 // shards, head_dim=64, page_size=16, kv_dtypes=["float32"] * 30, num_blocks=0,
+                         max_seq_len=8192, vocab_size=49152, num_shards=shards, kv_replication=replication)
         info.num_blocks = BUDGET // info.bytes_per_block
         rows.append({"num_shards": shards, "budget_per_device": BUDGET, **shard_memory_plan(info).as_dict()})
     return rows

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
         f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
-        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.layer_kv_dtypes else ''}, "
+        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.mixed_precision else ''}, "
         f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
