@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .common import machine_stamp, write_plot, write_result
+from .common import save_result, write_plot
 
 HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
 BUDGET = 512 * 2**20
@@ -86,12 +86,7 @@ def run(args: argparse.Namespace) -> int:
     latency = _latency(args)
     result = {"memory_default_model": memory, "cpu_path_decode": latency, "new_tokens": args.new_tokens,
               "repeats": args.repeats}
-    if args.out:  # an explicit file: written as given, stamped
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine_stamp(), **result}, indent=2))
-    else:  # the current result of this benchmark; the previous one goes to the archive
-        out = write_result("sharding", result)
+    out = save_result("sharding", result, args.out)
     result = json.loads(out.read_text())
     for row in memory:
         print(f"{row['num_shards']} shards: {row['bytes_per_block_per_device']} B/block/device, {row['num_blocks']} blocks/device, "
