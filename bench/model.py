@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
 
 HELP = "whole-model decode/prefill tokens/s vs Hugging Face (CPU)"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="F32 GGUF of the same weights (default: build_llama_cpp.sh's smol-F32.gguf)")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, 64-token prefill, 1 repeat, no onnxruntime")
     add_isa_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -142,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = prefill["ours"] / llama["prefill_tokens_per_s"]
-    path = args.out or RESULTS / f"model_{out['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))
     print(f"wrote {path}")

@@ -60,12 +60,12 @@ def _vocab_from_logits(mod: tvm.IRModule) -> int:
     return int(last.value)
 
 
-def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, target) -> ModelInfo:
-    attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
+def _model_info(imported: ImportedModel, mod: tvm.IRModule, attrs: KVCacheAttrs, kv: KVCacheConfig, target) -> ModelInfo:
+    """The compiled model's facts: the KV-cache ones from the compile's :class:`KVCacheAttrs`, the rest
+    from the imported model, the memory plan and the config."""
     heads, qo_heads, dims = (sorted(set(attrs.num_kv_heads)), sorted(set(attrs.num_qo_heads)), sorted(set(attrs.head_dim)))
     if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
         raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
-    windows, sinks = list(attrs.sliding_window), attrs.sinks
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     plan = module_memory_plan(mod)
     info = ModelInfo(
@@ -76,21 +76,19 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         num_qo_heads=qo_heads[0],
         head_dim=dims[0],
         page_size=attrs.page_size,
-        kv_dtype=attrs.dtype,
+        kv_dtypes=attrs.pool_dtypes,
         num_blocks=0,
         max_seq_len=int(max_seq_len),
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
-        sliding_window=windows[0],
-        pool_windows=windows,
-        pool_sinks=sinks,
+        pool_windows=list(attrs.sliding_window),
+        pool_sinks=attrs.sinks,
         eviction=attrs.eviction or "none",
         eviction_window=attrs.eviction_window or 0,
         heavy_hitters=attrs.heavy_hitters or 0,
-        layer_kv_dtypes=list(attrs.layer_dtypes or ()) if attrs.dtype == "mixed" else [],
     )
-    if max(windows) > info.max_seq_len:
-        raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
+    if max(info.pool_windows) > info.max_seq_len:
+        raise ValueError(f"{imported.name}: a sliding window of {max(info.pool_windows)} exceeds the max context length {info.max_seq_len}")
     if plan is None:
         info.num_blocks = kv.blocks_for(info.bytes_per_block)
     else:
@@ -123,8 +121,8 @@ def _cache_kernels(info: ModelInfo, kv_attrs: KVCacheAttrs, target) -> tvm.IRMod
                            compute if is_quantized(dtype) else None)
 
     funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
-    if info.layer_kv_dtypes:
-        for dtype in sorted(set(info.layer_kv_dtypes)):
+    if info.mixed_precision:
+        for dtype in sorted(set(info.kv_dtypes)):
             funcs.update(cache_kernels_irmodule(layout(dtype), target, mixed=True).functions_items())
     return tvm.IRModule(funcs)
 
@@ -298,8 +296,8 @@ def _build(
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
-    info = _model_info(imported, mod, kv, target)
     kv_attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
+    info = _model_info(imported, mod, kv_attrs, kv, target)
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
     if num_shards > 1:
@@ -317,7 +315,7 @@ def _build(
     funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
-            name = kernel_name(COPY_SLOTS, dtype, bool(info.layer_kv_dtypes))
+            name = kernel_name(COPY_SLOTS, dtype, info.mixed_precision)
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")

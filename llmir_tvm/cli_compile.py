@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
         f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
-        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.layer_kv_dtypes else ''}, "
+        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.mixed_precision else ''}, "
         f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
@@ -170,16 +170,21 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     return 0
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser (``scripts/compile_model.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+def run_standalone(argv: list[str] | None, description: str | None,
+                   add: Callable[[argparse.ArgumentParser], None],
+                   command: Callable[[argparse.Namespace, Callable[[str], None]], int]) -> int:
+    """A ``scripts/`` entry point: build a parser with ``add``, parse ``argv``, set up console logging, run ``command``.
+
+    Shared by ``scripts/compile_model.py`` and ``scripts/generate.py`` so the two stand-alone
+    commands parse, log and report errors alike.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(parser)
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    return command(args, parser.error)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/compile_model.py``: parse ``argv``, set up console logging, compile."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", False))
-    return run(args, parser.error)
+    return run_standalone(argv, __doc__, add_arguments, run)

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .cli_compile import add_common_arguments, compile_with_bar
-from .log_setup import configure_logging
+from .cli_compile import add_common_arguments, compile_with_bar, run_standalone
 
 DEFAULT_PROMPTS = [
     "Once upon a time, there was a little",
@@ -160,16 +159,6 @@ def chat(engine, params, read=input, write=None) -> int:
     return 0
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser (``scripts/generate.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """``scripts/generate.py``: parse ``argv``, set up console logging, generate or chat."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", False))
-    return run(args, parser.error)
+    return run_standalone(argv, __doc__, add_arguments, run)

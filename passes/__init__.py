@@ -26,8 +26,8 @@ from .low_batch_gemv import LowBatchGemvSpecialize
 from .gpu_pipeline import gpu_build_pipeline
 from .host_pipeline import host_build_pipeline
 from .host_schedule import ScheduleHostOps
-from .kv_attrs import KVCacheAttrs
-from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
+from .kv_attrs import KV_ATTR, KVCacheAttrs
+from .paged_attention_rewrite import PagedAttentionRewrite
 from .pipeline import kv_pipeline
 from .simplify_power import SimplifyPower
 
