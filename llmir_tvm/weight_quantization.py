@@ -66,9 +66,7 @@ def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_p
     else:
         weights = {name: None for name in candidates}
     # Only weights every use of which the pass routes (Linear, embedding) are quantized.
-    probe = QuantizeWeights({name: "int8" for name in weights}, target)(imported.mod)["main"]
-    kept_float = {p.name for p in probe.params} & set(weights)
-    for name in kept_float:
+    for name in QuantizeWeights({name: "int8" for name in weights}, target).weights_with_other_uses(func):
         weights.pop(name)
     if quantization != "gguf":
         weights = {name: quantize(arrays[name], quantization) for name in weights}

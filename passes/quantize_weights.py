@@ -61,7 +61,7 @@ class QuantizeWeights:
         tiles = quant_tiles(shape.lanes, shape.registers)
         kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
-        def kernel(kind: str, fmt: str, n: int, k: int, variant) -> tvm.ir.GlobalVar:
+        def call_kernel(kind: str, fmt: str, n: int, k: int, variant, args: list, out_ty) -> relax.Expr:
             key = (kind, fmt, n, k, variant)
             if key not in kernels:
                 if kind == "dense":
@@ -71,16 +71,24 @@ class QuantizeWeights:
                     name = f"llmir_qtake_{fmt}_{n}x{k}_{variant}"
                     prim = quant_take(fmt, n, k, variant)
                 kernels[key] = builder.add_func(prim.with_attr("global_symbol", name), name)
-            return kernels[key]
+            return relax.call_tir(kernels[key], args, out_ty=out_ty)
 
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and func.attrs is not None and "num_input" in func.attrs:
-                rewritten = self._rewrite(func, kernel)
+                rewritten = self._rewrite(func, call_kernel)
                 if not rewritten.same_as(func):
                     builder.update_func(gv, rewritten)
         return builder.get()
 
-    def _rewrite(self, func: relax.Function, kernel) -> relax.Function:
+    def weights_with_other_uses(self, func: relax.Function) -> set[str]:
+        """Names of the weights in ``formats`` that ``func`` also uses other than as a ``Linear`` or an
+        embedding (they would keep a float copy); builds no kernel (callers drop them beforehand)."""
+        stand_in = lambda kind, fmt, n, k, variant, args, out_ty: relax.op.zeros(out_ty.shape, "float32")  # noqa: E731
+        rewritten = self._rewrite(func, stand_in, warn=False)
+        names = {p.name for p in rewritten.params}
+        return {name for name in self.formats if name in names}
+
+    def _rewrite(self, func: relax.Function, call_kernel, warn: bool = True) -> relax.Function:
         first = int(func.attrs["num_input"])
         planes: dict[relax.Var, tuple[str, list[relax.Var]]] = {}
         for param in func.params[first:]:
@@ -97,7 +105,7 @@ class QuantizeWeights:
                                    for plane, (s, dtype) in specs.items()])
         if not planes:
             return func
-        body = _route_uses(func, planes, kernel)
+        body = _route_uses(func, planes, call_kernel)
         still_used = set(relax.analysis.free_vars(body.body))
         params = list(func.params[:first])
         for param in func.params[first:]:
@@ -105,15 +113,17 @@ class QuantizeWeights:
                 params.append(param)
                 continue
             if param in still_used:
-                log.warning("QuantizeWeights: %s has uses other than a Linear or an embedding lookup; "
-                            "it keeps its float32 copy for them", param.name)
+                if warn:
+                        log.warning("QuantizeWeights: %s has uses other than a Linear or an embedding lookup; "
+                                "it keeps its float32 copy for them", param.name)
                 params.append(param)
             params.extend(planes[param][1])
         return relax.Function(params, body.body, func.ret_ty, func.is_pure, func.attrs)
 
 
-def _route_uses(func: relax.Function, planes: dict, kernel) -> relax.Function:
-    """``func`` with the matmuls and takes of the weights in ``planes`` calling the quantized kernels."""
+def _route_uses(func: relax.Function, planes: dict, call_kernel) -> relax.Function:
+    """``func`` with the matmuls and takes of the weights in ``planes`` calling the quantized kernels
+    (``call_kernel(kind, fmt, N, K, variant, args, out_ty)`` makes each call)."""
     x, w, ids = wildcard(), wildcard(), wildcard()
     weight_t = is_op("relax.permute_dims")(w)
     matmul = is_op("relax.matmul")(x, weight_t)
@@ -130,14 +140,13 @@ def _route_uses(func: relax.Function, planes: dict, kernel) -> relax.Function:
         n, k = (int(d) for d in m[w].ty.shape.values)
         lead = list(x_ty.shape.values[:-1])
         if len(lead) in (1, 2):
-            return relax.call_tir(kernel("dense", fmt, n, k, len(lead) + 1), [m[x], *vars_],
-                                  out_ty=relax.TensorType(relax.ShapeExpr([*lead, n]), "float32"))
+            return call_kernel("dense", fmt, n, k, len(lead) + 1, [m[x], *vars_],
+                               relax.TensorType(relax.ShapeExpr([*lead, n]), "float32"))
         if not lead:
             return call
         rows = Analyzer().simplify(functools.reduce(operator.mul, lead))
         flat = relax.op.reshape(m[x], relax.ShapeExpr([rows, k]))
-        out = relax.call_tir(kernel("dense", fmt, n, k, 2), [flat, *vars_],
-                             out_ty=relax.TensorType(relax.ShapeExpr([rows, n]), "float32"))
+        out = call_kernel("dense", fmt, n, k, 2, [flat, *vars_], relax.TensorType(relax.ShapeExpr([rows, n]), "float32"))
         return relax.op.reshape(out, relax.ShapeExpr([*lead, n]))
 
     def to_take(call: relax.Call, m: dict) -> relax.Expr:
@@ -151,8 +160,8 @@ def _route_uses(func: relax.Function, planes: dict, kernel) -> relax.Function:
         lead = list(ids_ty.shape.values)
         count = Analyzer().simplify(functools.reduce(operator.mul, lead))
         flat = m[ids] if len(lead) == 1 else relax.op.reshape(m[ids], relax.ShapeExpr([count]))
-        out = relax.call_tir(kernel("take", fmt, n, k, str(ids_ty.dtype)), [*vars_, flat],
-                             out_ty=relax.TensorType(relax.ShapeExpr([count, k]), "float32"))
+        out = call_kernel("take", fmt, n, k, str(ids_ty.dtype), [*vars_, flat],
+                          relax.TensorType(relax.ShapeExpr([count, k]), "float32"))
         return out if len(lead) == 1 else relax.op.reshape(out, relax.ShapeExpr([*lead, k]))
 
     return rewrite_call(take, to_take, rewrite_call(matmul, to_dense, func))
