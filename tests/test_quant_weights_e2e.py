@@ -113,3 +113,12 @@ def test_default_model_gguf_blocks_token_identical_to_float32():
         top = np.sort(logits)[-2:]
         pytest.fail(f"first divergence at token {first}: fp32 logit margin {top[1] - top[0]:.4g}")
     assert len(tokens["gguf"]) == 32
+
+
+def test_cli_quantization_options():
+    from llmir_tvm.cli_compile import build_parser, quantization_options
+    from llmir_tvm.cli_generate import build_parser as generate_parser
+
+    args = build_parser().parse_args(["--quantization", "gguf", "--gguf-file", "m.gguf"])
+    assert quantization_options(args) == {"quantization": "gguf", "gguf_file": "m.gguf"}
+    assert quantization_options(generate_parser().parse_args([])) == {"quantization": None, "gguf_file": None}
