@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from tvm import relax
 
 from .frontend import ImportedModel
@@ -70,7 +71,10 @@ def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_p
         weights.pop(name)
     if quantization != "gguf":
         weights = {name: quantize(arrays[name], quantization) for name in weights}
-    mod = QuantizeWeights({name: w.format for name, w in weights.items()}, target)(imported.mod)
+    aliases = _tied(weights, arrays)
+    for name in aliases:
+        weights.pop(name)
+    mod = QuantizeWeights({name: w.format for name, w in weights.items()}, target, aliases)(imported.mod)
     planes = {plane_param_name(name, plane): array for name, w in weights.items() for plane, array in w.planes.items()}
     params = [planes[p.name] if p.name in planes else arrays[p.name] for p in mod["main"].params[first:]]
     counts = dict(Counter(w.format for w in weights.values()))
@@ -78,6 +82,23 @@ def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_p
     after = sum(a.nbytes for a in params)
     log.info("weights quantized (%s): %s; %.1f MiB -> %.1f MiB", quantization, counts, before / 2**20, after / 2**20)
     return dataclasses.replace(imported, mod=mod, params=params), counts
+
+
+def _tied(weights: dict[str, QuantizedWeight], arrays: dict) -> dict[str, str]:
+    """Weights that are one tensor (tied embeddings: the same GGUF tensor, or equal float arrays in
+    one format): ``{alias: kept}``, so their planes are stored once."""
+    aliases: dict[str, str] = {}
+    kept: list[str] = []
+    for name, weight in weights.items():
+        for other in kept:
+            a, b = arrays[name], arrays[other]
+            same_floats = a is b or (a.shape == b.shape and np.array_equal(a[0], b[0]) and np.array_equal(a, b))
+            if weight is weights[other] or (weight.format == weights[other].format and same_floats):
+                aliases[name] = other
+                break
+        else:
+            kept.append(name)
+    return aliases
 
 
 def _gguf_weights_by_param(candidates: list[str], arrays: dict, path: Path) -> dict[str, QuantizedWeight]:

@@ -8,7 +8,9 @@ place among the weights, by its planes (parameters named ``{W}__{plane}``, in
     matmul(x, permute_dims(W))  ->  call_tir(llmir_qdense_{fmt}_KxN[_3d], (x, *planes))
     take(W, ids, axis=0)        ->  call_tir(llmir_qtake_{fmt}_NxK, (*planes, ids))
 
-(``x`` of rank > 3 and ``ids`` of rank > 1 are reshaped around the call). A weight with another
+(``x`` of rank > 3 and ``ids`` of rank > 1 are reshaped around the call). ``aliases`` (weight ->
+weight) share one set of planes: tied embeddings (``lm_head`` reading the token embedding) are
+stored once; the aliased parameter is dropped. A weight with another
 use keeps its float parameter for that use (and a warning), so the module stays correct. The
 caller supplies the plane arrays in the new parameter order (:func:`plane_param_name`).
 """
@@ -47,12 +49,18 @@ class QuantizeWeights:
     enclosing ``Target.current()``, else the host).
     """
 
-    def __init__(self, formats: Mapping[str, str], target: tvm.target.Target | str | dict | None = None):
+    def __init__(self, formats: Mapping[str, str], target: tvm.target.Target | str | dict | None = None,
+                 aliases: Mapping[str, str] | None = None):
         bad = {name: fmt for name, fmt in formats.items() if fmt not in FORMATS}
         if bad:
             raise ValueError(f"QuantizeWeights: unknown formats {bad}; known: {', '.join(FORMATS)}")
         self.formats = dict(formats)
         self.target = target
+        self.aliases = dict(aliases or {})
+        for name, shared in self.aliases.items():
+            if shared not in self.formats or name in self.formats:
+                raise ValueError(f"QuantizeWeights: alias {name!r} -> {shared!r} must name a weight in formats "
+                                 f"and not be in formats itself")
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
@@ -103,12 +111,21 @@ class QuantizeWeights:
             specs = plane_specs(fmt, n, k)
             planes[param] = (fmt, [relax.Var(plane_param_name(param.name, plane), relax.TensorType(relax.ShapeExpr(list(s)), dtype))
                                    for plane, (s, dtype) in specs.items()])
+        by_name = {p.name: p for p in planes}
+        aliased = {}
+        for param in func.params[first:]:
+            shared = by_name.get(self.aliases.get(param.name))
+            if shared is not None and param.ty.shape is not None and \
+                    [int(d) for d in param.ty.shape.values] == [int(d) for d in shared.ty.shape.values]:
+                aliased[param] = planes[shared]
         if not planes:
             return func
-        body = _route_uses(func, planes, call_kernel)
+        body = _route_uses(func, {**planes, **aliased}, call_kernel)
         still_used = set(relax.analysis.free_vars(body.body))
         params = list(func.params[:first])
         for param in func.params[first:]:
+            if param in aliased and param not in still_used:
+                continue
             if param not in planes:
                 params.append(param)
                 continue

@@ -102,3 +102,24 @@ def test_weight_with_another_use_keeps_its_float_copy(caplog):
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="unknown formats"):
         QuantizeWeights({"w": "q5_k"})
+
+
+@I.ir_module
+class Tied:
+    @R.function
+    def main(ids: R.Tensor(("n",), "int64"), emb: R.Tensor((100, 64), "float32"), head: R.Tensor((100, 64), "float32")):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            e = R.take(emb, ids, axis=0)
+            logits = R.matmul(e, R.permute_dims(head, axes=[1, 0]))
+            R.output(logits)
+        return logits
+
+
+def test_tied_weights_share_one_set_of_planes():
+    after = QuantizeWeights({"emb": "q8_0"}, aliases={"head": "emb"})(Tied)
+    assert [p.name for p in after["main"].params] == ["ids", "emb__qs", "emb__d"]
+    dense = [gv for gv in after.get_global_vars() if gv.name_hint.startswith("llmir_qdense")]
+    assert [gv.name_hint for gv in dense] == ["llmir_qdense_q8_0_64x100"]
+    with pytest.raises(ValueError, match="alias 'head' -> 'w'"):
+        QuantizeWeights({"emb": "q8_0"}, aliases={"head": "w"})
