@@ -154,8 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if quantization:
         from .weight_quality import llama_quality, weight_quality
 
-        reference = llmir_tvm.Engine(compile_with_bar("default", description="compile fp32 reference",
-                                                      target=ISA_TARGETS[args.isa]))
+        def reference(ids):  # the float32 weights (our float32 build matches transformers token for token)
+            with torch.no_grad():
+                return hf(torch.tensor([ids])).logits[0].float().numpy()
+
         out["quality"] = weight_quality(engine, reference, compiled.tokenizer, args.quality_tokens)
         if args.llama_perplexity is not None:
             from .llama_cpp import BASELINES

@@ -2,7 +2,9 @@
 llama.cpp's own perplexity delta on the same GGUF formats (``llama-perplexity``) to compare with.
 
 Ours: teacher-forced logits of the first ``tokens`` tokens of ``bench/data/eval_text.txt``
-(``Engine.score``), perplexity over every position, KL(fp32 || quantized) per position.
+(``Engine.score``), perplexity over every position, KL(fp32 || quantized) per position; the
+float32 reference is the same model's float32 logits (``benchmark.py model`` uses transformers on
+the float32 weights, which our float32 build matches token for token).
 llama.cpp: ``llama-perplexity -c <tokens> --chunks 1`` on the same text, which scores the second
 half of the chunk only; its absolute value differs from ours, so the comparable figure is the
 relative change quantized vs F32 GGUF, next to ours vs our float32 model.
@@ -14,17 +16,19 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
+
 from .eval_text import EVAL_TEXT_PATH, eval_tokens, mean_kl, perplexity
 
 #: The llama.cpp GGUF (``build_llama_cpp.sh``'s names) of each ``--quantization``: the same formats.
 LLAMA_GGUF_NAMES = {"none": "smol-F32.gguf", "int8": "smol-Q8_0.gguf", "int4": "smol-Q4_1.gguf", "gguf": "smol-Q4_1.gguf"}
 
 
-def weight_quality(engine, reference_engine, tokenizer, tokens: int) -> dict:
-    """Perplexity of both engines on ``tokens`` tokens of the evaluation text, their relative change
-    and the mean KL(reference || engine) of the next-token distributions."""
+def weight_quality(engine, reference_logits, tokenizer, tokens: int) -> dict:
+    """Perplexity of ``engine`` and of the float32 reference (``reference_logits(ids) -> [len, vocab]``)
+    on ``tokens`` tokens of the evaluation text, the relative change and the mean KL(reference || engine)."""
     ids = eval_tokens(tokenizer, tokens)
-    logits, reference = engine.score(ids), reference_engine.score(ids)
+    logits, reference = engine.score(ids), np.asarray(reference_logits(ids))
     ppl, ref_ppl = perplexity(logits, ids), perplexity(reference, ids)
     return {"tokens": tokens, "perplexity": ppl, "fp32_perplexity": ref_ppl,
             "perplexity_delta_pct": 100.0 * (ppl / ref_ppl - 1.0), "mean_kl_vs_fp32": mean_kl(reference[:-1], logits[:-1])}

@@ -27,7 +27,7 @@ class FakeTokenizer:
 def test_weight_quality_against_direct_math(rng):
     reference = rng.standard_normal((16, 5))
     noisy = reference + 0.1 * rng.standard_normal((16, 5))
-    out = weight_quality(FakeEngine(noisy), FakeEngine(reference), FakeTokenizer(), 16)
+    out = weight_quality(FakeEngine(noisy), FakeEngine(reference).score, FakeTokenizer(), 16)
     ids = np.arange(16) % 5
     expected_ppl = np.exp(-np.mean([log_softmax(noisy)[i, ids[i + 1]] for i in range(15)]))
     assert out["perplexity"] == pytest.approx(expected_ppl)
