@@ -7,25 +7,15 @@ import pytest
 import tvm
 import tvm.testing
 
-from llmir_tvm.quant import dequantize, plane_specs, quantize
-from llmir_tvm.quant.gguf_blocks import BLOCK_BYTES, planes_from_blocks
+from llmir_tvm.quant import dequantize, plane_specs
 from llmir_tvm.target import resolve_target, vector_shape
 from llmir_tvm.tir_kernels.quant_dense import QuantTiles, quant_dense_nt, quant_tiles
+
+from helpers.quant_weights import random_weight
 
 HASWELL = {"kind": "llvm", "mcpu": "haswell"}
 #: (format, K): int8 / int4 with K not a multiple of the 32-element group; GGUF formats need whole blocks.
 SHAPES = {"int8": 70, "int4": 70, "q8_0": 96, "q4_0": 64, "q4_1": 96, "q4_k": 512}
-
-
-def random_weight(fmt: str, n: int, k: int, rng):
-    if fmt in ("int8", "int4"):
-        return quantize(rng.standard_normal((n, k)).astype(np.float32), fmt)
-    elements, nbytes = BLOCK_BYTES[fmt]
-    raw = rng.integers(0, 256, size=(n, k // elements, nbytes), dtype=np.uint8)
-    floats = 2 if fmt in ("q4_1", "q4_k") else 1
-    scales = (rng.standard_normal((n, k // elements, floats)) * 0.05).astype(np.float16)
-    raw[:, :, :2 * floats] = scales.view(np.uint8).reshape(n, k // elements, 2 * floats)
-    return planes_from_blocks(fmt, raw.reshape(n, -1), k)
 
 
 def run_kernel(fmt, weight, x, target, tiles=None, rank=2):

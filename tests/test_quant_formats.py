@@ -13,28 +13,19 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize  # noqa: E402
 
 from llmir_tvm.quant import QuantizedWeight, dequantize, quantize  # noqa: E402
-from llmir_tvm.quant.gguf_blocks import BLOCK_BYTES, blocks_from_planes, planes_from_blocks  # noqa: E402
+from llmir_tvm.quant.gguf_blocks import blocks_from_planes, planes_from_blocks  # noqa: E402
 from llmir_tvm.quant.gguf_file import hf_name, read_gguf_weights, rope_unpermute_rows  # noqa: E402
 from llmir_tvm.quant.gguf_parse import parse_gguf  # noqa: E402
 
+from helpers.quant_weights import random_gguf_blocks  # noqa: E402
+
 GGUF_TYPES = {"q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q4_k": QT.Q4_K}
-
-
-def random_blocks(fmt: str, n: int, k: int, rng) -> np.ndarray:
-    """Random GGUF bytes of a ``[n, k]`` tensor: every bit pattern of quants and packed scales, with
-    finite float16 scales (every 2-byte float field overwritten)."""
-    elements, nbytes = BLOCK_BYTES[fmt]
-    raw = rng.integers(0, 256, size=(n, k // elements, nbytes), dtype=np.uint8)
-    floats = 2 if fmt in ("q4_1", "q4_k") else 1
-    values = rng.standard_normal((n, k // elements, floats)).astype(np.float16) * np.float16(0.05)
-    raw[:, :, :2 * floats] = values.view(np.uint8).reshape(n, k // elements, 2 * floats)
-    return raw.reshape(n, -1)
 
 
 @pytest.mark.parametrize("fmt", sorted(GGUF_TYPES))
 @pytest.mark.parametrize("n,k", [(1, 256), (3, 512), (17, 768)])
 def test_gguf_blocks_dequantize_bit_exact_on_random_bits(fmt, n, k, rng):
-    raw = random_blocks(fmt, n, k, rng)
+    raw = random_gguf_blocks(fmt, n, k, rng)
     weight = planes_from_blocks(fmt, raw, k)
     expected = gguf_dequantize(raw, GGUF_TYPES[fmt]).reshape(n, k)
     np.testing.assert_array_equal(dequantize(weight), expected)

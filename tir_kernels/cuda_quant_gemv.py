@@ -4,7 +4,7 @@ For decode (a few rows of ``x``): a thread block of ``rows_per_block`` warps own
 ``W``; lane ``l`` of a warp reads elements ``l, l + 32, ...`` of its row, so a warp's loads of the
 packed bytes and of ``x`` are contiguous and all lanes of a step share one group's scales (one
 broadcast load). Each element is dequantized in a register right before its FMA (the same exact
-float32 formulas as the CPU kernels, ``tir_kernels.quant_dense._dequant``); a shared-memory tree
+float32 formulas as the CPU kernels, ``tir_kernels.quant_dense.dequant_expressions``); a shared-memory tree
 sums the 32 lanes' partial dot products. Checked by codegen in CI (``tests/test_cuda_quant_gemv.py``);
 not yet wired into ``compile`` (quantization is CPU-only there).
 """
@@ -17,7 +17,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..quant.formats import FORMATS, check_shape, plane_specs
-from .quant_dense import _dequant
+from .quant_dense import dequant_expressions
 
 WARP = 32
 
@@ -33,7 +33,7 @@ def cuda_quant_gemv(fmt: str, in_features: int, out_features: int, rows_per_bloc
         raise ValueError(f"cuda_quant_gemv: rows_per_block must be in 1..32, got {R}")
     specs = plane_specs(fmt, N, K)
     names = list(specs)
-    _, scalar = _dequant(fmt, 4)
+    _, scalar = dequant_expressions(fmt, 4)
     row_scale = (lambda planes, j: planes["scale"][j, 0]) if fmt == "int8" else (lambda planes, j: T.float32(1))
     STEPS = (K + WARP - 1) // WARP
     BLOCKS = (N + R - 1) // R

@@ -64,7 +64,7 @@ def quant_tiles(lanes: int, registers: int) -> QuantTiles:
     return QuantTiles(lanes, rows, cols, 16)
 
 
-def _dequant(fmt: str, lanes: int):
+def dequant_expressions(fmt: str, lanes: int):
     """``load(planes, j, g, v)``: lanes ``v*lanes ..`` of group ``g`` of W row ``j`` as a float32
     vector (an expression), and ``scalar(planes, j, k)``: element ``k`` of row ``j`` (the K tails)."""
     f32 = lambda e: T.Cast("float32", e)  # noqa: E731
@@ -137,7 +137,7 @@ def _products(fmt: str, K: int, N: int, tiles: QuantTiles):
     FULL_TASKS, REST = N // TASK, N % TASK
     TASKS = FULL_TASKS + (1 if REST else 0)
     V = T.Ramp(0, 1, L)
-    load, scalar = _dequant(fmt, L)
+    load, scalar = dequant_expressions(fmt, L)
 
     def row_scale(planes, j):  # int8's per-row scale, applied to the finished dot product
         return planes["scale"][j, 0] if fmt == "int8" else T.float32(1)

@@ -13,7 +13,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..quant.formats import FORMATS, check_shape, plane_specs
-from .quant_dense import _dequant
+from .quant_dense import dequant_expressions
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,7 +25,7 @@ def quant_take(fmt: str, vocab: int, dim: int, id_dtype: str = "int64") -> tvm.t
     check_shape(fmt, vocab, dim)
     specs = plane_specs(fmt, vocab, dim)
     names = list(specs)
-    _, scalar = _dequant(fmt, 4)
+    _, scalar = dequant_expressions(fmt, 4)
     row_scale = (lambda planes, j: planes["scale"][j, 0]) if fmt == "int8" else (lambda planes, j: T.float32(1))
     V, D = vocab, dim
 
