@@ -122,3 +122,23 @@ def test_cli_quantization_options():
     args = build_parser().parse_args(["--quantization", "gguf", "--gguf-file", "m.gguf"])
     assert quantization_options(args) == {"quantization": "gguf", "gguf_file": "m.gguf"}
     assert quantization_options(generate_parser().parse_args([])) == {"quantization": None, "gguf_file": None}
+
+
+def test_cache_key_covers_quantization_and_the_gguf_bytes(tmp_path, monkeypatch):
+    """Models of different quantizations (or GGUF files) never share a compile-cache entry."""
+    from llmir_tvm import build, compile_cache
+
+    monkeypatch.setenv("LLMIR_TVM_CACHE", str(tmp_path / "cache"))
+    seen = []
+    monkeypatch.setattr(compile_cache, "cache_enabled", lambda cache: True)
+    monkeypatch.setattr(compile_cache, "cache_key", lambda model, **kw: (seen.append(dict(kw["options"])), ("k", {}))[1])
+    monkeypatch.setattr(compile_cache, "cached_compile", lambda key, build_fn, progress: "built")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF one")
+    for quantization in (None, "int8", "gguf"):
+        assert build.compile(str(folder), quantization=quantization) == "built"
+    (folder / "model.gguf").write_bytes(b"GGUF number two")
+    build.compile(str(folder), quantization="gguf")
+    assert [o["quantization"] for o in seen] == [None, "int8", "gguf", "gguf"]
+    assert "gguf_sha256" not in seen[1] and seen[2]["gguf_sha256"] != seen[3]["gguf_sha256"]
