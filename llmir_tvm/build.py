@@ -32,6 +32,7 @@ from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.kv_cache_sharding import check_num_shards, sharding_of
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
+from .weight_quantization import check_quantization, find_gguf_file, quantize_imported
 from . import tir_kernels
 from .tir_kernels import CacheLayout
 from .tir_kernels.slot_copy import COPY_SLOTS
@@ -174,6 +175,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     low_batch_gemv: bool = False,
     cpu_dense: str | dict = "auto",
     cuda_graph: bool = False,
+    quantization: str | None = None,
+    gguf_file: str | Path | None = None,
     cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
@@ -197,6 +200,13 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
     target's tiles for every row count (``passes.DenseToTIR``), ``"blas"`` hands every ``Linear`` to
     numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
+    ``quantization`` (``llvm`` targets): ``"int8"`` (per-output-channel symmetric) or ``"int4"``
+    (groups of 32, float16 scale and offset) quantizes every ``Linear`` and embedding weight;
+    ``"gguf"`` keeps the Q8_0 / Q4_0 / Q4_1 / Q4_K blocks of the model's GGUF file as stored
+    (``gguf_file=``, or the one ``*.gguf`` of a model folder; ``"default"``: the packaged Q4_1 file).
+    The dense layers and lookups then read the packed weights (``passes.QuantizeWeights``,
+    ``tir_kernels.quant_dense``), the weights shrink in memory, in the memory plan and on disk
+    (``info.weight_quantization``, ``info.weight_formats``).
     ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
     ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
     ``LLMIR_TVM_NO_CACHE=1`` turns it off too, and ``dump_ir`` bypasses it (it needs the passes to run).
@@ -206,20 +216,30 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target = resolve_target(target)
     if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
+    check_quantization(quantization, gguf_file)
+    if quantization is not None and (target.kind.name != "llvm" or num_shards > 1):
+        raise ValueError(f"quantization={quantization!r} needs an llvm (CPU) target and num_shards=1 "
+                         f"(got {target.kind.name}, num_shards={num_shards})")
     for name, flag in (("low_batch_gemv", low_batch_gemv), ("cuda_graph", cuda_graph)):
         if flag and target.kind.name != "cuda":
             raise ValueError(f"{name} applies to cuda targets, not {target.kind.name}")
     if isinstance(model, str) and model == "default":  # its first use converts the packaged GGUF: a stage of its own
-        from .frontend.default_model import default_model_path
+        from .frontend.default_model import default_model_path, packaged_gguf_path
+
+        if quantization == "gguf" and gguf_file is None:
+            gguf_file = packaged_gguf_path()
 
         start = time.perf_counter()
         report("default model", None)
         model = default_model_path()
         report("default model", time.perf_counter() - start)
+    gguf_path = find_gguf_file(model, gguf_file) if quantization == "gguf" else None
     options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense,
-               "cuda_graph": cuda_graph}
+               "cuda_graph": cuda_graph, "quantization": quantization}
     build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
-                              dump_ir=dump_ir, progress=report, **options)
+                              dump_ir=dump_ir, progress=report, gguf_path=gguf_path, **options)
+    if gguf_path is not None:  # the key covers the GGUF file's bytes
+        options["gguf_sha256"] = compile_cache.file_sha256(gguf_path)
     if dump_ir is not None or not compile_cache.cache_enabled(cache):
         return build()
     start = time.perf_counter()
@@ -269,11 +289,17 @@ def _build(
     low_batch_gemv: bool,
     cpu_dense: str | dict,
     cuda_graph: bool,
+    quantization: str | None = None,
+    gguf_path: Path | None = None,
 ) -> CompiledModel:
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
     note("import")
     imported = import_model_reusing(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    weight_formats: dict[str, int] = {}
+    if quantization is not None:
+        note("QuantizeWeights")
+        imported, weight_formats = quantize_imported(imported, quantization, target, gguf_path)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)
@@ -298,6 +324,7 @@ def _build(
             (folder / f"{name}.py").write_text(stage.script())
     kv_attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
     info = _model_info(imported, mod, kv_attrs, kv, target)
+    info.weight_quantization, info.weight_formats = quantization or "", weight_formats
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
     if num_shards > 1:

@@ -74,6 +74,10 @@ class ModelInfo:
     #: like ``"8l2x4t8"``, or ``"blas"``) each row count runs, as measured at compile time
     #: (``llmir_tvm.dense_choice``); pass it to ``compile(cpu_dense=...)`` to reuse it.
     dense_plans: dict = field(default_factory=dict)
+    #: ``compile(quantization=...)``: ``""`` (float weights), ``"int8"``, ``"int4"`` or ``"gguf"``, and how
+    #: many weights each format holds (``{"q4_1": 210, "q8_0": 1}``; ``llmir_tvm.quant.formats``).
+    weight_quantization: str = ""
+    weight_formats: dict = field(default_factory=dict)
     #: Tensor parallelism over KV heads (``compile(..., num_shards=N)``): the shard count; the head
     #: counts above are then per shard. ``shard_weights``: ``[weight index, axis, chunks]`` of every
     #: sliced weight (shard ``s`` takes chunk ``s * chunks // num_shards``; others are replicated).

@@ -137,7 +137,8 @@ def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens:
     pools) are not counted; the in-place ``llm.append_kv`` allocates nothing.
     """
     funcs = paged_functions(mod)
-    subset = tvm.IRModule({gv: f for gv, f in funcs}, attrs=mod.attrs)
+    kernels = {gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}  # what call_tir calls
+    subset = tvm.IRModule({**kernels, **{gv: f for gv, f in funcs}}, attrs=mod.attrs)
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name == "llvm":  # as llmir_tvm.compile does for CPU targets
         subset = OffloadDenseToBLAS()(subset)
