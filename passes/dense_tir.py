@@ -30,6 +30,7 @@ from tvm.sym.analyzer import Analyzer
 
 from ..target import vector_shape
 from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
+from .relax_helpers import is_weight_matrix
 
 _DTYPE = "float32"
 
@@ -81,12 +82,6 @@ class DenseToTIR:
         return builder.get()
 
 
-def _is_float_weight(expr: relax.Expr, params: set) -> bool:
-    ty = expr.ty
-    return (expr in params and isinstance(ty, relax.TensorType) and ty.ndim == 2 and str(ty.dtype) == _DTYPE
-            and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values))
-
-
 def _rewrite(func: relax.Function, kernel) -> relax.Function:
     params = set(func.params)
     x, w = wildcard(), wildcard()
@@ -97,7 +92,7 @@ def _rewrite(func: relax.Function, kernel) -> relax.Function:
         axes = m[weight_t].attrs.axes
         swapped = axes is None or [int(a) for a in axes] == [1, 0]
         x_ty, out_ty = m[x].ty, call.ty
-        if not (swapped and _is_float_weight(m[w], params) and isinstance(x_ty, relax.TensorType)
+        if not (swapped and is_weight_matrix(m[w], params, _DTYPE, static_shape=True) and isinstance(x_ty, relax.TensorType)
                 and x_ty.shape is not None and str(x_ty.dtype) == _DTYPE and str(out_ty.dtype) == _DTYPE):
             return call
         n_out, k_in = (int(d) for d in m[w].ty.shape.values)

@@ -27,11 +27,11 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from llmir_tvm import ops
 from llmir_tvm.kv_dtypes import check_kv_dtype, is_quantized, pool_row_elems
 
-from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like, op_name
+from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes
+from .kv_attrs import KV_ATTR, KVCacheAttrs
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
+from .relax_helpers import emit_like, op_name
 
-#: Function attribute describing the paged KV cache a rewritten function expects.
-from .kv_attrs import KV_ATTR, KVCacheAttrs  # noqa: E402  (KV_ATTR re-exported: passes import it from here)
 STEP_PARAMS = ("slot_mapping", "block_table", "seq_lens", "q_indptr")
 
 
