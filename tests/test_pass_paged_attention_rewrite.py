@@ -150,6 +150,21 @@ def test_refuses_attention_it_cannot_convert():
         PagedAttentionRewrite(probe_inputs=quadratic)(BiasedAttention)
 
 
+def test_rewriting_the_same_module_again_reuses_its_compiled_mask_probe(monkeypatch):
+    """A model compiled again in one process (another KV configuration) does not recompile its mask probes."""
+    from llmir_tvm.passes import mask_probe
+
+    monkeypatch.setattr(mask_probe, "_PROBES", {})
+    compiles = []
+    real_compile = tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda mod, *args, **kwargs: compiles.append(mod) or real_compile(mod, *args, **kwargs))
+    first = PagedAttentionRewrite()(Before)
+    assert compiles and all("mask_probe" in [gv.name_hint for gv in mod.get_global_vars()] for mod in compiles)
+    probes = len(compiles)
+    tvm.ir.assert_structural_equal(PagedAttentionRewrite()(Before), first)
+    assert len(compiles) == probes
+
+
 def test_rejects_bad_page_size():
     with pytest.raises(ValueError, match="page_size must be a power of two, got 12"):
         PagedAttentionRewrite(page_size=12)
