@@ -25,7 +25,9 @@ NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, **NO_EOS)
 WINDOW = dict(sliding_window=8)
-#: model_type -> config overrides (``COMMON`` first; ``None`` values are dropped).
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=32)
+#: family -> config overrides (``COMMON`` first; ``None`` values are dropped; ``model_type`` defaults to the key).
 FAMILIES = {
     "llama": {},
     "qwen2": dict(use_sliding_window=True, max_window_layers=1, **WINDOW),
@@ -59,17 +61,23 @@ FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, **WINDOW),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
     "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, **WINDOW),
+    "olmo3": dict(layer_types=["sliding_attention", "full_attention"], **WINDOW),
+    "exaone4": dict(sliding_window_pattern=2, **WINDOW),
+    "falcon-new-decoder": dict(model_type="falcon", num_key_value_heads=None, new_decoder_architecture=True, num_kv_heads=2),
+    # MLA: keys of qk_nope + qk_rope = 24 dims, values of 16; one dense and one MoE layer
+    "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=32, **MLA, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=24, **MLA, first_k_dense_replace=1),
 }
 DEFAULT = ("gpt_bigcode", "gpt_oss")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 
 
-def _config(model_type: str):
+def _config(family: str):
     from transformers import AutoConfig
 
-    kwargs = {k: v for k, v in {**COMMON, **FAMILIES[model_type]}.items() if v is not None}
-    return AutoConfig.for_model(model_type, **kwargs)
+    kwargs = {k: v for k, v in {**COMMON, **FAMILIES[family]}.items() if v is not None}
+    return AutoConfig.for_model(kwargs.pop("model_type", family), **kwargs)
 
 
 @pytest.fixture(scope="module", params=[f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])

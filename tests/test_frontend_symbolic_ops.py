@@ -65,3 +65,36 @@ def test_deepseek_v3_imports():
         num_experts_per_tok=2, n_group=1, topk_group=1)).eval()
     imported = import_huggingface(model)
     assert "R.nn.softmax" in imported.mod.script()
+
+
+class UnsortedTopK(torch.nn.Module):
+    """Routes like DeepSeek: the sum of each row's top-3 scores, found with ``topk(sorted=False)``."""
+
+    def forward(self, input_ids, position_ids):
+        scores = torch.sin(input_ids.float()[..., None] * torch.arange(1, 9, dtype=torch.float32))  # [1, n, 8]
+        values, indices = torch.topk(scores, 3, dim=-1, sorted=False)
+        return values.sum(-1) + 0.0 * indices.sum(-1)
+
+
+def _import_unsorted_topk():
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    return import_torch_module(UnsortedTopK(), example, max_seq_len=64).mod
+
+
+def test_unsorted_topk_imports():
+    """TVM alone refuses ``sorted=False`` ("Currently supports only sorted output"); any order is valid."""
+    assert "R.topk(" in _import_unsorted_topk().script()
+
+
+@pytest.mark.slow  # a VM compile: ~20 s on two busy cores
+def test_unsorted_topk_equals_torch():
+    import numpy as np
+    import tvm
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    vm = relax.VirtualMachine(tvm.compile(_import_unsorted_topk(), "llvm"), tvm.cpu())
+    ours = vm["main"](ids.numpy(), np.arange(7)[None])
+    ours = ours.numpy() if hasattr(ours, "numpy") else ours[0].numpy()  # the logits, alone or in a tuple
+    with torch.no_grad():
+        ref = UnsortedTopK()(ids, None).numpy()
+    np.testing.assert_allclose(ours.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)

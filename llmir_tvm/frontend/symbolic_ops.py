@@ -10,6 +10,9 @@ Exported decoders compute slice bounds with Python ``max``/``min`` over the toke
 (``torch.sym_max`` / ``sym_min``: MPT's ALiBi table). Where the export's value ranges decide
 the comparison (``max(256 - n, 0)`` with ``n <= 255``), the result is the winning operand, so
 that slice shapes simplify to the token count; otherwise a TIR ``max`` / ``min``.
+
+``topk(..., sorted=False)`` (DeepSeek's expert and group routing): TVM's converter refuses it;
+unsorted leaves the order of the ``k`` results unspecified, so sorted results are a valid answer.
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ def _empty(node, importer):
     return importer.block_builder.emit(relax.op.zeros(list(shape), dtype))
 
 
+def _topk(node, importer):
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    k = args[1] if len(args) > 1 else node.kwargs.get("k", 1)
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)
+    largest = args[3] if len(args) > 3 else node.kwargs.get("largest", True)
+    return importer.block_builder.emit(relax.op.topk(args[0], k=k, axis=dim, largest=largest, ret_type="both", dtype="int64"))
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
 SYMBOLIC_CONVERTERS = {
     "sym_max": _select(True),
@@ -99,4 +112,5 @@ SYMBOLIC_CONVERTERS = {
     "reshape.default": _reshape,
     "empty.default": _empty,
     "empty.memory_format": _empty,
+    "topk.default": _topk,
 }
