@@ -61,3 +61,18 @@ def test_latent_patch_is_undone_on_exit(mla_model):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     assert "get_interface" not in vars(ALL_ATTENTION_FUNCTIONS)
+
+
+def test_deepseek_v2_rotary_in_reals_is_undone_on_exit(mla_model):
+    """DeepSeek-V2's complex rotation (``polar``, ``view_as_complex``) is written in reals while exporting."""
+    import sys
+
+    if mla_model.config.model_type != "deepseek_v2":
+        pytest.skip("DeepSeek-V2 only")
+    modeling = sys.modules[type(mla_model).__module__]
+    original = modeling.apply_rotary_emb
+    with export_patches(mla_model, [3]):
+        assert modeling.apply_rotary_emb is not original
+        table = mla_model.model.rotary_emb(torch.zeros(1), torch.arange(5)[None])
+        assert not table.is_complex() and table.shape == (1, 5, 4, 2)
+    assert modeling.apply_rotary_emb is original and "forward" not in vars(mla_model.model.rotary_emb)

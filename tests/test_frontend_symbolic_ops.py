@@ -144,3 +144,28 @@ def test_constant_slice_scatter_builds_and_equals_torch():
     with torch.no_grad():
         ref = model(ids, pos).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+class NegativeIndex(torch.nn.Module):
+    """Falcon's new-decoder QKV split picks K and V with ``qkv[..., [-2]]`` / ``[..., [-1]]``."""
+
+    def forward(self, input_ids, position_ids):
+        x = torch.sin(input_ids.float()[..., None] * torch.arange(1, 5, dtype=torch.float32))  # [1, n, 4]
+        return x[..., [-2]] * 2.0 + x[..., [-1]]
+
+
+@pytest.mark.slow  # a VM compile: ~20 s on two busy cores
+def test_negative_index_tensor_wraps_like_torch():
+    """TVM's converter takes in "fast" mode: index -2 read out of bounds."""
+    import numpy as np
+    import tvm
+
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    imported = import_torch_module(NegativeIndex(), example, max_seq_len=64)  # the indices: lifted constants
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    vm = relax.VirtualMachine(tvm.compile(imported.mod, "llvm"), tvm.cpu())
+    ours = vm["main"](ids.numpy(), np.arange(7)[None], *imported.params)
+    ours = ours.numpy() if hasattr(ours, "numpy") else ours[0].numpy()
+    with torch.no_grad():
+        ref = NegativeIndex()(ids, None).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)

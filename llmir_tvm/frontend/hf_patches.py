@@ -14,6 +14,9 @@ Each adjustment keeps the model's numbers exactly and only changes how a tensor 
   its first ``kv_lora_rank`` columns; ``kv_b_proj``'s key half is folded into the queries and its
   value half applied to the attention output. Mathematically the same scores and outputs (up to
   rounding), but the paged pool then holds one latent per token instead of every head's K and V.
+- DeepSeek-V2 rotates with complex numbers (``polar``, ``view_as_complex``), which Relax has no
+  dtype for: its rotary table becomes ``(cos, sin)`` pairs and the rotation the same products
+  written in reals.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Iterator
 @contextlib.contextmanager
 def export_patches(hf: Any, length: list) -> Iterator[None]:
     """Apply the adjustments ``hf`` needs while it is exported; ``length[0]`` is the step's token count."""
-    with _batched_experts(hf.config), _mpt_alibi(hf, length), _latent_attention(hf):
+    with _batched_experts(hf.config), _mpt_alibi(hf, length), _latent_attention(hf), _real_rotary(hf):
         yield
 
 
@@ -122,3 +125,49 @@ def _latent_attention(hf: Any) -> Iterator[None]:
         for m, groups in saved:
             del m._llmir_latent, m.expand_kv
             m.num_key_value_groups = groups
+
+
+def _real_rotary_table(rotary: Any):
+    """DeepSeek-V2's rotary ``forward`` giving ``[..., dim / 2, 2]`` (cos, sin) pairs instead of ``polar``."""
+    import torch
+
+    def forward(x, position_ids):
+        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * rotary.attention_scaling
+
+    return forward
+
+
+def _real_apply_rotary_emb(xq, xk, freqs):
+    """``apply_rotary_emb`` of DeepSeek-V2 on (cos, sin) pairs: ``(a + ib)(c + is)`` per interleaved pair."""
+    import torch
+
+    cos, sin = freqs[..., 0].unsqueeze(1), freqs[..., 1].unsqueeze(1)
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+@contextlib.contextmanager
+def _real_rotary(hf: Any) -> Iterator[None]:
+    if getattr(hf.config, "model_type", "") != "deepseek_v2":
+        yield
+        return
+    import sys
+
+    modeling = sys.modules[type(hf).__module__]
+    rotaries = [m for m in hf.modules() if type(m).__name__ == "DeepseekV2RotaryEmbedding"]
+    original = modeling.apply_rotary_emb
+    modeling.apply_rotary_emb = _real_apply_rotary_emb
+    for rotary in rotaries:
+        rotary.forward = _real_rotary_table(rotary)
+    try:
+        yield
+    finally:
+        modeling.apply_rotary_emb = original
+        for rotary in rotaries:
+            del rotary.forward

@@ -17,6 +17,9 @@ unsorted leaves the order of the ``k`` results unspecified, so sorted results ar
 ``slice_scatter`` over a constant range with step 1 (DeepSeek's ``new_empty`` key filled by two
 slice copies) becomes ``concat(x[:start], src, x[end:])``: TVM's ``slice_scatter`` kernel, fused
 and vectorised along a 24-wide axis, fails to build ("IntImm can only take scalar, but boolx24").
+
+``x[..., [-2]]`` (one index tensor; Falcon's new-decoder QKV split): TVM's converter emits a
+``take`` in "fast" mode, which reads out of bounds for negative indices; here it wraps them.
 """
 
 from __future__ import annotations
@@ -130,6 +133,17 @@ def _slice_scatter(node, importer):
     return bb.emit(relax.op.concat(parts, axis=axis)) if len(parts) > 1 else src
 
 
+def _index_tensor(node, importer):
+    from tvm import relax
+
+    data, indices = importer.retrieve_args(node)[:2]
+    given = [(axis, idx) for axis, idx in enumerate(indices) if idx is not None]
+    if len(given) != 1:
+        return importer._index_tensor(node)  # pylint: disable=protected-access
+    axis, idx = given[0]
+    return importer.block_builder.emit(relax.op.take(data, idx, axis=axis, mode="wrap"))
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
 SYMBOLIC_CONVERTERS = {
     "sym_max": _select(True),
@@ -140,4 +154,5 @@ SYMBOLIC_CONVERTERS = {
     "empty.memory_format": _empty,
     "topk.default": _topk,
     "slice_scatter.default": _slice_scatter,
+    "index.Tensor": _index_tensor,
 }
