@@ -4,12 +4,13 @@ One config per family (two layers, hidden 64, four query heads over two KV heads
 family has GQA) through ``AutoConfig.for_model``; greedy tokens of three prompts (2, 5 and 13
 tokens: shorter and longer than a page of 4 and than the sliding window of 8 where the family
 has one) must equal ``transformers``' ``generate``, and the logits of 12 prefill + 9 decode
-positions its forward pass. Weights are redrawn wider than the defaults (std 0.2) so that
-logits are far from uniform. Each compile takes ~40 s on two busy cores: ``DEFAULT`` families
-run by default (each covers a path not covered elsewhere: GPTBigCode's multi-query reshapes;
-gpt-oss's learned sinks, mixture of experts and alternating sliding windows), the rest with
-``--run-slow``. The README's family
-table is this file's list.
+positions its forward pass. DeepSeek-V2/V3 (multi-head latent attention) have keys of 24 dims
+and values of 16 (``qk_nope + qk_rope`` vs ``v_head_dim``); their export attends over the latent.
+Weights are redrawn wider than the defaults (std 0.2) so that logits are far from uniform.
+Each compile takes ~40 s on two busy cores (DeepSeek-V3: ~5 min on an overloaded one):
+``DEFAULT`` families run by default (each covers a path not covered elsewhere: GPTBigCode's
+multi-query reshapes; gpt-oss's learned sinks, mixture of experts and alternating sliding
+windows), the rest with ``--run-slow``. The README's family table is this file's list.
 """
 
 from __future__ import annotations

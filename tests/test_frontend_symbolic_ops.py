@@ -147,11 +147,11 @@ def test_constant_slice_scatter_builds_and_equals_torch():
 
 
 class NegativeIndex(torch.nn.Module):
-    """Falcon's new-decoder QKV split picks K and V with ``qkv[..., [-2]]`` / ``[..., [-1]]``."""
+    """Falcon's new-decoder QKV split picks K and V with negative indices (``select`` / ``index.Tensor``)."""
 
     def forward(self, input_ids, position_ids):
         x = torch.sin(input_ids.float()[..., None] * torch.arange(1, 5, dtype=torch.float32))  # [1, n, 4]
-        return x[..., [-2]] * 2.0 + x[..., [-1]]
+        return x[..., [-2]] * 2.0 + x[..., [-1]] + x[..., None, -3] * 3.0
 
 
 @pytest.mark.slow  # a VM compile: ~20 s on two busy cores

@@ -18,8 +18,9 @@ unsorted leaves the order of the ``k`` results unspecified, so sorted results ar
 slice copies) becomes ``concat(x[:start], src, x[end:])``: TVM's ``slice_scatter`` kernel, fused
 and vectorised along a 24-wide axis, fails to build ("IntImm can only take scalar, but boolx24").
 
-``x[..., [-2]]`` (one index tensor; Falcon's new-decoder QKV split): TVM's converter emits a
-``take`` in "fast" mode, which reads out of bounds for negative indices; here it wraps them.
+``x[..., -2, :]`` and ``x[..., [-2]]`` (``select`` and one index tensor; Falcon's new-decoder
+QKV split): TVM's converters emit a ``take`` in "fast" mode, which reads out of bounds for
+negative indices; here they wrap.
 """
 
 from __future__ import annotations
@@ -144,6 +145,14 @@ def _index_tensor(node, importer):
     return importer.block_builder.emit(relax.op.take(data, idx, axis=axis, mode="wrap"))
 
 
+def _select_int(node, importer):
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dim, index = node.args[1], node.args[2]
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim, mode="wrap"))
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
 SYMBOLIC_CONVERTERS = {
     "sym_max": _select(True),
@@ -155,4 +164,5 @@ SYMBOLIC_CONVERTERS = {
     "topk.default": _topk,
     "slice_scatter.default": _slice_scatter,
     "index.Tensor": _index_tensor,
+    "select.int": _select_int,
 }
