@@ -116,3 +116,13 @@ def test_prefill_and_decode_logits_equal_transformers(family):
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].float().numpy()
     tvm.testing.assert_allclose(ours, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_latent_attention_pools_hold_the_latent(family):
+    """MLA (DeepSeek) pages its latent: one KV head of ``kv_lora_rank + qk_rope_head_dim`` (24), not 4 heads of K/V."""
+    model, engine = family
+    config = model.config
+    if not hasattr(config, "kv_lora_rank"):
+        pytest.skip("multi-head latent attention only")
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    assert {tuple(p.shape[1:]) for p in engine.cache.pools} == {(2, 1, 4, latent)}
