@@ -88,6 +88,11 @@ class AttentionMatch:
     #: The Q·Kᵀ matmul: ``mask`` evaluated with it taken as zeros is the bias the graph adds.
     scores: relax.Var | None = None
 
+    @property
+    def v_head_dim(self) -> int:
+        """Head dim of V (and of the output): MLA models (DeepSeek) have V rows narrower than Q/K's."""
+        return int(self.v.new.tensor.ty.shape[self.v.new.dim_axis])
+
 
 def _has_axis(expr: relax.Expr, size: int) -> bool:
     """Whether ``expr`` is a tensor with an axis of the constant ``size``."""
@@ -302,10 +307,15 @@ class AttentionMatcher:
         k_expr, ks = self._strip(value.args[1], head_dim)
         scale *= qs * ks  # with a soft-cap, these scalings sit inside the tanh
         output = self._pv_matmul(var)
-        v_expr = self._strip(self.b.value[output].args[1], head_dim)[0]
+        v_in = self.b.value[output].args[1]
+        v_dim = v_in.ty.shape.values[-1] if isinstance(v_in.ty, relax.TensorType) and v_in.ty.shape is not None else None
+        if not isinstance(v_dim, tirx.IntImm):
+            raise AttentionMatchError(f"{self.fname}: V of softmax {var.name} has no constant head_dim (got {v_dim})")
+        v_head_dim = int(v_dim.value)  # may differ from Q/K's (MLA)
+        v_expr = self._strip(v_in, v_head_dim)[0]
         q = _axes_of(q_src, head_dim, "Q", self.fname)
         k = self._kv_source(k_expr, head_dim, "K")
-        v = self._kv_source(v_expr, head_dim, "V")
+        v = self._kv_source(v_expr, v_head_dim, "V")
         if (k.past_param is None) != (v.past_param is None):
             raise AttentionMatchError(f"{self.fname}: only one of K and V of softmax {var.name} comes from a cache")
         if k.new.num_heads != v.new.num_heads or q.num_heads % k.new.num_heads:

@@ -161,6 +161,29 @@ class MaskEvaluator:
         return value
 
 
+#: Probe modules compiled in this process, by structural hash: ``[(module, executable), ...]``.
+_PROBES: dict[int, list[tuple[tvm.IRModule, tvm.runtime.Executable]]] = {}
+#: Distinct probe modules kept (a process compiling many architectures drops the oldest).
+_MAX_PROBES = 64
+
+
+def _compiled_probe(mod: tvm.IRModule) -> tvm.runtime.Executable:
+    """``tvm.compile(mod)`` for the host, once per structurally distinct probe in this process.
+
+    Compiling the same model again (another KV configuration, a sharded next to an unsharded
+    build) probes the same masks; their compile is most of the probe's time.
+    """
+    key = tvm_ffi.structural_hash(mod, map_free_vars=True)
+    for known, executable in _PROBES.get(key, []):
+        if tvm_ffi.structural_equal(known, mod, map_free_vars=True):
+            return executable
+    executable = tvm.compile(mod, target="llvm")
+    if sum(len(v) for v in _PROBES.values()) >= _MAX_PROBES:
+        _PROBES.pop(next(iter(_PROBES)))
+    _PROBES.setdefault(key, []).append((mod, executable))
+    return executable
+
+
 def _inputs_key(inputs: list) -> tuple:
     """What identifies the probe's input values: dtype, shape and a digest of each one's bytes."""
     key = []
@@ -199,8 +222,7 @@ def _bind_probe(probe: relax.Function, params: list, length: int, probe_inputs: 
 
 def _execute(bound: relax.Function, inputs: list) -> np.ndarray:
     """Compile and run a bound mask function (from :func:`_bind_probe`) on its inputs."""
-    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound)}), target="llvm")
-    vm = relax.VirtualMachine(exe, tvm.cpu())
+    vm = relax.VirtualMachine(_compiled_probe(tvm.IRModule({"mask_probe": _reemit(bound)})), tvm.cpu())
     return vm["mask_probe"](*inputs).numpy()
 
 
