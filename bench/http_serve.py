@@ -7,8 +7,10 @@ Two workloads, each at several request rates (``inf``: every request at once, sa
 
 Reported per run: output throughput, TTFT and TPOT p50/p99, the cached-token share
 (``usage.prompt_tokens_details.cached_tokens`` over prompt tokens) and preemptions (from
-``/metrics``). Baselines in the same run: (a) the in-process engine on the mixed requests at
-saturation (the server's own cost), (b) the chats with prefix caching off (TTFT), and (c)
+``/metrics``). Baselines in the same run: (a) the in-process engine on the same requests at
+saturation, interleaved with the server in ``--cost-pairs`` pairs of fresh request sets (the
+server's own cost: throughput and CPU per token, median and spread; see :mod:`.http_cost`;
+``--cost-only`` runs just these), (b) the chats with prefix caching off (TTFT), and (c)
 llama.cpp's ``llama-server`` on the same requests when ``--llama-server BIN --gguf FILE`` are
 given (same threads, ``-np`` slots, continuous batching). ``--quick`` runs a small version.
 Writes ``bench/results/http.json`` (``http_quick.json`` with ``--quick``) and a PNG through ``bench.common.save_result``.
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import http_load
+from . import http_cost, http_load
 from .common import save_result
 from .machine import machine_stamp
 from .serve import WORDS
@@ -70,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary (baseline)")
     parser.add_argument("--gguf", type=Path, default=None, help="the same weights as GGUF for --llama-server")
     parser.add_argument("--no-prefix-off", action="store_true", help="skip the chats with prefix caching off")
+    parser.add_argument("--cost-pairs", type=int, default=None,
+                        help="interleaved server / in-process engine pairs measuring the server's own cost")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only the server-cost pairs (no workloads, prefix-off run, abuse or llama-server)")
     parser.add_argument("--quick", action="store_true", help="small workloads, two rates (a few minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/http.json, http_quick.json with --quick; the previous one moved to bench/results/archive/)")
@@ -78,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 #: (full, quick) defaults of the workload sizes
 _SIZES = {"rates": ([1.0, 4.0, math.inf], [4.0, math.inf]), "requests": (64, 8), "max_prompt_tokens": (512, 96),
-          "max_new_tokens": (128, 16), "chats": (16, 4), "turns": (3, 2), "system_tokens": (512, 512)}
+          "max_new_tokens": (128, 16), "chats": (16, 4), "turns": (3, 2), "system_tokens": (512, 512),
+          "cost_pairs": (5, 3)}
 
 
 def resolve(args: argparse.Namespace) -> str | None:
@@ -93,7 +100,10 @@ def resolve(args: argparse.Namespace) -> str | None:
             return f"--llama-server {args.llama_server} is not an executable file"
         if not args.gguf.is_file():
             return f"--gguf {args.gguf} does not exist"
-    for name in ("requests", "max_prompt_tokens", "max_new_tokens", "chats", "turns", "system_tokens", "threads", "slots"):
+    if args.cost_only and args.llama_server is not None:
+        return "--cost-only runs no llama-server: leave out --llama-server and --gguf"
+    for name in ("requests", "max_prompt_tokens", "max_new_tokens", "chats", "turns", "system_tokens", "threads", "slots",
+                 "cost_pairs"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     return None
@@ -275,31 +285,25 @@ def run(args: argparse.Namespace) -> int:
                      "workloads": {"mixed_requests": args.requests, "max_prompt_tokens": args.max_prompt_tokens,
                                    "max_new_tokens": args.max_new_tokens, "chats": args.chats, "turns": args.turns,
                                    "system_tokens": args.system_tokens}}
+        cost_sets = [_mixed(tokenizer, args, rng) for _ in range(args.cost_pairs)]
+        out["workloads"]["cost_pairs"] = args.cost_pairs
         name = "bench"
         for label, extra in (("ours", []), ("ours_prefix_off", ["--no-prefix-caching"])):
-            if label == "ours_prefix_off" and args.no_prefix_off:
+            if label == "ours_prefix_off" and (args.no_prefix_off or args.cost_only):
                 continue
             server = _our_server(folder, name, args, extra)
             try:
                 http_load.stream_request(server.url, "/v1/completions",  # warm-up
                                          {"model": name, "prompt": "warm up", "max_tokens": 2})
-                out[label] = _workloads(label, server.url, name, sets, args,
-                                        lambda s=server: s.metric("llmir_preemptions_total"))
+                if not args.cost_only:
+                    out[label] = _workloads(label, server.url, name, sets, args,
+                                            lambda s=server: s.metric("llmir_preemptions_total"))
                 if label == "ours":
-                    out["abuse"] = _abuse(server, name, sets[-1][0], args)
+                    if not args.cost_only:
+                        out["abuse"] = _abuse(server, name, sets[-1][0], args)
+                    out["server_cost"] = _server_cost(compiled, server, name, cost_sets)
             finally:
                 server.close()
-
-        prompts, news = sets[-1][:2]  # the saturation rate's requests (rates are listed slowest first)
-        engine = llmir_tvm.Engine(compiled)
-        engine.generate([[1, 2, 3]], max_new_tokens=2)  # warm-up
-        start = time.perf_counter()
-        results = engine.generate(prompts, [llmir_tvm.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
-        seconds = time.perf_counter() - start
-        tokens = sum(len(r.token_ids) for r in results)
-        out["engine_in_process"] = {"mixed_saturation": {"output_tokens": tokens, "wall_seconds": seconds,
-                                                         "throughput_tok_s": tokens / seconds}}
-        del engine
 
         if args.llama_server is not None:
             port = _free_port()
@@ -312,19 +316,40 @@ def run(args: argparse.Namespace) -> int:
                 server.close()
 
     out["ratios"] = ratios(out)
-    path = save_result("http_quick" if args.quick else "http", out, args.out)
-    _plot(out, args.plot or path.with_suffix(".png"))
+    kind = "_cost" if args.cost_only else ("_quick" if args.quick else "")
+    path = save_result(f"http{kind}", out, args.out)
+    if "ours" in out:
+        _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out["ratios"], indent=2))
     print(f"wrote {path}")
     return 0
 
 
+def _server_cost(compiled, server: ServerProcess, name: str, cost_sets: list[tuple]) -> dict:
+    """The server's own cost: interleaved pairs of the in-process engine and ``server`` on the same requests."""
+    import llmir_tvm
+
+    engine = llmir_tvm.Engine(compiled)
+    engine.generate([[1, 2, 3]], max_new_tokens=2)  # warm-up
+    result = http_cost.measure(engine, lambda n: llmir_tvm.SamplingParams(max_new_tokens=n, ignore_eos=True),
+                               server.url, server.proc.pid, name, cost_sets)
+    wall, cpu = result["throughput_ratio"], result["cpu_per_token_ratio"]
+    print(f"  server cost over {wall['n']} interleaved pairs: throughput server/engine median {wall['median']:.3f} "
+          f"(min {wall['min']:.3f}, max {wall['max']:.3f})"
+          + (f"; CPU per token server/engine median {cpu['median']:.3f} (min {cpu['min']:.3f}, max {cpu['max']:.3f})"
+             if cpu else ""), flush=True)
+    return result
+
+
 def ratios(out: dict) -> dict:
     """The issue's target ratios from one run's results (None where a baseline was not run)."""
-    saturation = out["rates"][-1]
+    cost = out["server_cost"]
+    r: dict = {"server_vs_engine_throughput_at_saturation": cost["throughput_ratio"]["median"],
+               "server_vs_engine_throughput_spread": [cost["throughput_ratio"]["min"], cost["throughput_ratio"]["max"]],
+               "server_vs_engine_cpu_per_token": cost["cpu_per_token_ratio"]["median"] if cost["cpu_per_token_ratio"] else None}
+    if "ours" not in out:
+        return r
     ours = out["ours"]
-    r: dict = {"server_vs_engine_throughput_at_saturation":
-               ours["mixed"][saturation]["throughput_tok_s"] / out["engine_in_process"]["mixed_saturation"]["throughput_tok_s"]}
     if "ours_prefix_off" in out:
         r["chats_ttft_p50_prefix_on_vs_off"] = {
             rate: _div(ours["chats"][rate]["ttft_ms_p50"], out["ours_prefix_off"]["chats"][rate]["ttft_ms_p50"])
@@ -358,8 +383,8 @@ def _plot(out: dict, path: Path) -> None:
         axes[1].bar(x + i * width, ttft, width, label=target)
         tpot = [out[target]["mixed"][r]["tpot_ms_p50"] or 0 for r in rates]
         axes[2].bar(x + i * width, tpot, width, label=target)
-    engine = out["engine_in_process"]["mixed_saturation"]["throughput_tok_s"]
-    axes[0].axhline(engine, color="grey", ls="--", lw=0.8, label="in-process engine (saturation)")
+    engine = out["server_cost"]["engine_throughput_tok_s"]
+    axes[0].axhline(engine, color="grey", ls="--", lw=0.8, label="in-process engine (saturation, median)")
     for ax, title in zip(axes, ("mixed: output tokens/s", "chats: TTFT p50 (ms)", "mixed: TPOT p50 (ms)")):
         ax.set_xticks(x + width * (len(targets) - 1) / 2, [f"{r}/s" for r in rates])
         ax.set_title(title, fontsize=10)

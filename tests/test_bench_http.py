@@ -11,6 +11,7 @@ import os
 import stat
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import http_load, http_serve  # noqa: E402
+from bench import http_cost, http_load, http_serve  # noqa: E402
 
 FAKE = textwrap.dedent('''\
     #!{python}
@@ -128,3 +129,59 @@ def test_poisson_arrivals_have_the_requested_rate():
     gaps = np.diff([0.0] + times)
     assert np.all(gaps > 0) and np.mean(gaps) == pytest.approx(1 / 8, rel=0.05)
     assert http_load.arrival_times(3, math.inf, np.random.default_rng(1)) == [0.0, 0.0, 0.0]
+
+
+class _SpinningEngine:
+    """Stands in for the in-process engine: burns ``seconds`` of CPU per generate and returns the asked token counts."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, []
+
+    def generate(self, prompts, params):
+        self.calls.append(len(prompts))
+        end = http_cost.own_cpu_seconds() + self.seconds
+        while http_cost.own_cpu_seconds() < end:
+            pass
+        return [argparse.Namespace(token_ids=[7] * p) for p in params]
+
+
+def test_server_cost_pairs_alternate_and_compare_throughput_and_cpu(fake_llama_server):
+    binary, gguf, _ = fake_llama_server
+    port = http_serve._free_port()
+    server = http_serve.ServerProcess(http_serve.llama_server_command(binary, gguf, port, 1, 1, 64), port, timeout=60)
+    try:
+        engine = _SpinningEngine(0.2)
+        sets = [([[1, 2, 3]] * 4, [5, 5, 5, 5]), ([[4, 5]] * 2, [3, 3])]
+        out = http_cost.measure(engine, lambda n: n, server.url, server.proc.pid, "m", sets)
+    finally:
+        server.close()
+    assert engine.calls == [4, 2] and len(out["pairs"]) == 2 and out["failed_requests"] == 0
+    first, second = out["pairs"]
+    assert first["engine"]["output_tokens"] == first["server"]["output_tokens"] == 20
+    assert second["engine"]["output_tokens"] == second["server"]["output_tokens"] == 6
+    for pair in out["pairs"]:
+        assert pair["throughput_ratio"] == pytest.approx(pair["server"]["throughput_tok_s"] / pair["engine"]["throughput_tok_s"])
+        # the engine spins 0.2 s of CPU per run; the fake server mostly sleeps between its tokens
+        assert pair["engine"]["cpu_ms_per_token"] >= 0.2e3 / pair["engine"]["output_tokens"] * 0.99
+        assert 0 <= pair["server"]["cpu_ms_per_token"] < pair["engine"]["cpu_ms_per_token"]
+        assert pair["cpu_per_token_ratio"] == pytest.approx(pair["server"]["cpu_ms_per_token"] / pair["engine"]["cpu_ms_per_token"])
+    ratios = sorted(p["throughput_ratio"] for p in out["pairs"])
+    assert out["throughput_ratio"] == {"median": pytest.approx(sum(ratios) / 2), "min": ratios[0], "max": ratios[1], "n": 2}
+    with pytest.raises(ValueError, match="at least one"):
+        http_cost.measure(engine, lambda n: n, server.url, None, "m", [])
+
+
+def test_process_cpu_seconds_counts_threads_that_ended():
+    import threading
+
+    def spin():
+        end = time.thread_time() + 0.1
+        while time.thread_time() < end:
+            pass
+
+    before = http_cost.process_cpu_seconds(os.getpid())
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
+    assert http_cost.process_cpu_seconds(os.getpid()) - before >= 0.08  # clock ticks of 10 ms
+    assert http_cost.process_cpu_seconds(2 ** 22 + 12345) is None  # no such process

@@ -116,12 +116,19 @@ def test_default_model_gguf_blocks_token_identical_to_float32():
 
 
 def test_cli_quantization_options():
-    from llmir_tvm.cli_compile import build_parser, quantization_options
-    from llmir_tvm.cli_generate import build_parser as generate_parser
+    import argparse
 
-    args = build_parser().parse_args(["--quantization", "gguf", "--gguf-file", "m.gguf"])
-    assert quantization_options(args) == {"quantization": "gguf", "gguf_file": "m.gguf"}
-    assert quantization_options(generate_parser().parse_args([])) == {"quantization": None, "gguf_file": None}
+    from llmir_tvm import cli_compile, cli_generate
+
+    def parse(add_arguments, argv):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser.parse_args(argv)
+
+    args = parse(cli_compile.add_arguments, ["--quantization", "gguf", "--gguf-file", "m.gguf"])
+    assert cli_compile.quantization_options(args) == {"quantization": "gguf", "gguf_file": "m.gguf"}
+    assert cli_compile.quantization_options(parse(cli_generate.add_arguments, [])) == {"quantization": None,
+                                                                                          "gguf_file": None}
 
 
 def test_cache_key_covers_quantization_and_the_gguf_bytes(tmp_path, monkeypatch):

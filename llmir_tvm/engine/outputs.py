@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from .detokenizer import IncrementalDetokenizer, fast_decode
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: Any, eos_token_ids: tuple[int, ...] | list[int], max_seq_len: int):
         self.tokenizer, self.eos_token_ids, self.max_seq_len = tokenizer, set(eos_token_ids), max_seq_len
+        self._decode = fast_decode(tokenizer) if tokenizer is not None else None
 
     def finish_reason(self, seq: "Sequence", token: int) -> str | None:
         """Why ``seq`` ends now that ``token`` is its last token (``"stop"`` / ``"length"``), or None."""
@@ -124,21 +126,31 @@ class OutputProcessor:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         if token in stop_ids:
             return "stop"
-        if params.stop and self.tokenizer is not None and any(
-            s in self.tokenizer.decode(out, skip_special_tokens=True) for s in params.stop
-        ):
-            return "stop"
+        if params.stop and self.tokenizer is not None:
+            text = self.running_text(seq)
+            if any(s in text for s in params.stop):
+                return "stop"
         if len(out) >= params.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
             return "length"
         return None
 
+    def running_text(self, seq: "Sequence") -> str:
+        """The text of a running sample's output so far, decoded incrementally (a constant cost per new token)."""
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalDetokenizer(self._decode, len(seq.request.prompt))
+        return seq.detokenizer.update(seq.tokens)
+
     def delta(self, seq: "Sequence", final: bool) -> str:
-        """New text of a sample since its last event (holding back a possible stop-string start)."""
-        text = self.text(seq.output, seq.request.params) or ""
-        if not final:
-            if text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")
-            hold = max((len(s) for s in seq.request.params.stop), default=1) - 1
+        """New text of a sample since its last event (holding back a possible stop-string start).
+
+        The last delta comes from decoding the whole output once, so that the deltas concatenate
+        to the result's text."""
+        params = seq.request.params
+        if final:
+            text = self.text(seq.output, params) or ""
+        else:
+            text = _cut_at_stop(self.running_text(seq), params)
+            hold = max((len(s) for s in params.stop), default=1) - 1
             if hold:
                 text = text[: max(len(seq.sent_text), len(text) - hold)]
         if not text.startswith(seq.sent_text):  # the tokenizer re-segmented earlier text: send nothing new
@@ -150,9 +162,13 @@ class OutputProcessor:
         """The decoded text of ``tokens``, cut before the first stop string (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
-        return text
+        return _cut_at_stop(self._decode(tokens), params)
+
+
+def _cut_at_stop(text: str, params: SamplingParams) -> str:
+    """``text`` up to (not including) its first stop string."""
+    for stop in params.stop:
+        cut = text.find(stop)
+        if cut >= 0:
+            text = text[:cut]
+    return text

@@ -51,6 +51,7 @@ class Sequence:
         self.admitted = -1  # admission order (preemption picks the largest)
         self.finish_reason: str | None = None
         self.sent_text = ""
+        self.detokenizer: Any = None  # the output's IncrementalDetokenizer, made by OutputProcessor on first use
         self.logprobs: list[float] = []
         self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
         seed = request.params.seed

@@ -79,7 +79,11 @@ class _Generation:
                 self.state.engine_loop.abort(request_id)
 
     async def next_events(self, http: Request | None = None) -> list[StreamEvent]:
-        """The next batch of events; raises APIError for an engine refusal, ConnectionError when ``http`` left."""
+        """Every event that arrived since the last call (waiting for at least one engine step's); raises
+        APIError for an engine refusal, ConnectionError when ``http`` left.
+
+        Steps that queued up while the response was being written come out together, so a busy
+        server writes one chunk per request for all of them instead of one per step."""
         while True:
             try:
                 items = await asyncio.wait_for(self.queue.get(), _DISCONNECT_POLL_S) if http else await self.queue.get()
@@ -87,6 +91,8 @@ class _Generation:
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     raise ConnectionError("client disconnected")
+        while not self.queue.empty():
+            items = items + self.queue.get_nowait()
         for item in items:
             if isinstance(item, BaseException):
                 raise APIError(400 if isinstance(item, ValueError) else 503, str(item),
@@ -383,7 +389,9 @@ def _full_body(state: ServerState, gen: _Generation, chat: bool) -> dict:
 
 async def _stream(state: ServerState, gen: _Generation, first: list[StreamEvent], chat: bool,
                   include_usage: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: one chunk per choice per engine step, a usage chunk if asked, then ``[DONE]``."""
+    """Server-sent events: one chunk per choice per batch of events, a usage chunk if asked, then ``[DONE]``.
+
+    Each batch (one engine step, or several that queued up) goes out as one write."""
     chunk_id = ("chatcmpl-" if chat else "cmpl-") + gen.id
     head = {"id": chunk_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": state.model_name}
@@ -391,14 +399,15 @@ async def _stream(state: ServerState, gen: _Generation, first: list[StreamEvent]
     events = first
     try:
         while True:
-            touched: dict[int, tuple[int, str, str | None]] = {}  # choice -> (first new token, text, finish)
+            touched: dict[int, tuple[int, str, str | None]] = {}  # choice -> (new tokens, text, finish)
             for e in events:
                 index = gen.request_ids.index(e.request_id) * gen.params.n + e.sample_index
+                count, text, _ = touched.get(index, (0, "", None))
+                touched[index] = (count + (e.token_id is not None), text + (e.text or ""), _finish_reason(e.finish_reason))
+            parts = []
+            for index, (count, text, reason) in sorted(touched.items()):
                 choice = gen.choices[index]
-                start, text, _ = touched.get(index, (len(choice.token_ids) - (e.token_id is not None), "", None))
-                touched[index] = (start, text + (e.text or ""), _finish_reason(e.finish_reason))
-            for index, (start, text, reason) in sorted(touched.items()):
-                choice = gen.choices[index]
+                start = len(choice.token_ids) - count  # the batch's tokens are recorded already
                 if chat:
                     delta: dict[str, Any] = {} if index in sent_role else {"role": "assistant"}
                     sent_role.add(index)
@@ -412,13 +421,16 @@ async def _stream(state: ServerState, gen: _Generation, first: list[StreamEvent]
                 payload = {**head, "choices": [body]}
                 if include_usage:
                     payload["usage"] = None
-                yield _sse(payload)
+                parts.append(_sse(payload))
             if gen.done:
+                if include_usage:
+                    parts.append(_sse({**head, "choices": [], "usage": gen.usage()}))
+                parts.append(_sse("[DONE]"))
+                yield b"".join(parts)
                 break
+            if parts:
+                yield b"".join(parts)
             events = await gen.next_events()
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": gen.usage()})
-        yield _sse("[DONE]")
     except APIError as err:  # refused after the stream began: the error as the last event
         yield _sse(err.body())
         yield _sse("[DONE]")

@@ -124,21 +124,31 @@ class EngineLoop:
             self._sinks.pop(request_id, None)
 
     def _dispatch(self, events: list[StreamEvent]) -> None:
+        """Hand a step's events to their requests' queues: one wake-up of each event loop per step, not per request."""
         by_request: dict[str, list] = {}
         for event in events:
             by_request.setdefault(event.request_id, []).append(event)
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list]]] = {}
         for request_id, batch in by_request.items():
-            self._send(request_id, batch)
+            target = self._sinks.get(request_id)
+            if target is None:
+                continue
+            loop, sink = target
+            deliveries.setdefault(loop, []).append((sink, batch))
             if batch[-1].result is not None:
-                self._sinks.pop(request_id, None)
+                del self._sinks[request_id]
+        for loop, items in deliveries.items():
+            self._post(loop, items)
 
     def _send(self, request_id: str, items: list) -> None:
         target = self._sinks.get(request_id)
-        if target is None:
-            return
-        loop, sink = target
+        if target is not None:
+            self._post(target[0], [(target[1], items)])
+
+    @staticmethod
+    def _post(loop: asyncio.AbstractEventLoop, deliveries: list[tuple[asyncio.Queue, list]]) -> None:
         try:
-            loop.call_soon_threadsafe(sink.put_nowait, items)
+            loop.call_soon_threadsafe(_deliver, deliveries)
         except RuntimeError:  # the server's loop is closed (shutting down)
             pass
 
@@ -153,3 +163,9 @@ class EngineLoop:
             prompt_tokens=totals["prompt_tokens"], cached_prompt_tokens=totals["cached_prompt_tokens"],
             preemptions=totals["preemptions"], steps=engine.num_steps,
         )
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, list]]) -> None:
+    """On the event loop: put each request's batch of events on its queue."""
+    for sink, items in deliveries:
+        sink.put_nowait(items)
