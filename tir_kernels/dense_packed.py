@@ -14,10 +14,13 @@ features per panel, zero-padded past ``N``; a panel's ``K x P`` block is contigu
 micro-kernel streams it. Register tiles (:class:`PackedTiles`, sized from the ISA by
 :func:`packed_candidates`): ``rows x vectors`` accumulators + ``vectors`` loaded ``W`` vectors
 + one broadcast fit the vector registers (AVX2: 6 x 2 of 8 lanes in 16; AVX-512: 14 x 2 or
-6 x 4 of 16 lanes in 32; NEON: 6 x 4 of 4 lanes in 32). ``K`` is walked in blocks of
-``k_block`` (a panel's block stays in L1 while every row tile of a chunk of ``x`` passes over
-it; the chunk stays in L2); rows of ``x`` left below a multiple of ``rows`` (and batch-1
-decode: 1 row) use a tile of that many rows, so a GEMV streams ``Wp`` once, contiguously.
+6 x 4 of 16 lanes in 32; NEON: 14 x 2 of 4 lanes in 32). Rows of ``x`` are packed per chunk
+(``[tile][k][row]``, the chunk stays in L2) and a panel (``K x P``: L1 or L2) passes over every
+row tile of the chunk. ``K`` is not blocked: a tile's accumulators finish in registers and are
+stored once, which keeps a task idempotent for the self-balancing split (a K-blocked kernel
+accumulates partial sums in ``out``, which a task run twice would corrupt), and streaming a
+panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
+a multiple of ``rows`` (and batch-1 decode: 1 row) use a tile of that many rows, so a GEMV streams ``Wp`` once, contiguously.
 Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool as
 :mod:`.task_split` says (self-balancing on x86).
 """
@@ -34,10 +37,8 @@ from tvm.script import tirx as T
 
 from .task_split import parallel_tasks
 
-#: Bytes of ``x`` rows (one K block) a chunk holds: stays in L2 while a panel block passes over it.
-X_CHUNK_BYTES = 64 * 1024
-#: Bytes of a panel's K block: stays in L1 while the row tiles of a chunk pass over it.
-PANEL_BLOCK_BYTES = 32 * 1024
+#: Bytes of packed ``x`` rows a chunk holds: stays in L2 while the panels pass over it.
+X_CHUNK_BYTES = 256 * 1024
 #: Most output features per parallel task (whole panels): a task's packed x chunk is reused by all
 #: its panels, so tasks are as wide as this allows while each thread still gets about
 #: :data:`TASKS_PER_THREAD` tasks (room for the self-balancing split to even out).
@@ -48,19 +49,17 @@ TASKS_PER_THREAD = 4
 @dataclass(frozen=True)
 class PackedTiles:
     """Register tiling of the packed kernel: ``rows`` rows of ``x`` by ``vectors`` vectors of
-    ``lanes`` float32 (one panel of ``vectors * lanes`` output features); ``K`` walked in blocks
-    of ``k_block``."""
+    ``lanes`` float32 (one panel of ``vectors * lanes`` output features)."""
 
     lanes: int
     rows: int
     vectors: int
-    k_block: int
 
     def __post_init__(self):
         if self.lanes < 2 or self.lanes & (self.lanes - 1):
             raise ValueError(f"PackedTiles: lanes must be a power of two >= 2, got {self.lanes}")
-        if self.rows < 1 or self.vectors < 1 or self.k_block < 1:
-            raise ValueError(f"PackedTiles: rows, vectors and k_block must be >= 1, got {self}")
+        if self.rows < 1 or self.vectors < 1:
+            raise ValueError(f"PackedTiles: rows and vectors must be >= 1, got {self}")
 
     @property
     def panel(self) -> int:
@@ -74,23 +73,22 @@ class PackedTiles:
 
     @property
     def name(self) -> str:
-        """Short label, e.g. ``p8l6x2k512`` (:meth:`parse` reads it back)."""
-        return f"p{self.lanes}l{self.rows}x{self.vectors}k{self.k_block}"
+        """Short label, e.g. ``p8l6x2`` (:meth:`parse` reads it back)."""
+        return f"p{self.lanes}l{self.rows}x{self.vectors}"
 
     @staticmethod
     def parse(name: str) -> "PackedTiles":
         """The tiling a :attr:`name` describes."""
-        match = re.fullmatch(r"p(\d+)l(\d+)x(\d+)k(\d+)", str(name))
+        match = re.fullmatch(r"p(\d+)l(\d+)x(\d+)", str(name))
         if match is None:
-            raise ValueError(f"not a packed dense tiling name (like 'p8l6x2k512'): {name!r}")
+            raise ValueError(f"not a packed dense tiling name (like 'p8l6x2'): {name!r}")
         return PackedTiles(*(int(g) for g in match.groups()))
 
 
 def packed_candidates(lanes: int, registers: int) -> list[PackedTiles]:
     """Register tilings of the packed kernel that fit ``registers`` vectors of ``lanes`` float32,
     preferred first: panels of 2 vectors (AVX2: 6 x 2 of 8 lanes, the classic 6 x 16; AVX-512:
-    14 x 2 of 16), then 4 and 3 vectors, each with the most rows that fit; ``k_block`` keeps a
-    panel's K block in L1 (:data:`PANEL_BLOCK_BYTES`). 2 vectors first because it measured
+    14 x 2 of 16), then 4 and 3 vectors, each with the most rows that fit. 2 vectors first because it measured
     fastest on AVX2 and on par on AVX-512 (``scripts/benchmark.py dense``); several because
     ``llmir_tvm.dense_choice`` times the first few on the host."""
     found = []
@@ -98,8 +96,7 @@ def packed_candidates(lanes: int, registers: int) -> list[PackedTiles]:
         rows = min(16, (registers - vectors - 1) // vectors)
         if rows < 1:
             continue
-        k_block = max(16, PANEL_BLOCK_BYTES // (4 * vectors * lanes) // 16 * 16)
-        found.append(PackedTiles(lanes, rows, vectors, k_block))
+        found.append(PackedTiles(lanes, rows, vectors))
     return found
 
 
@@ -138,44 +135,31 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
     LANES, ROWS, VECS, P = tiles.lanes, tiles.rows, tiles.vectors, tiles.panel
     PANELS = -(-N // P)
     FULL_PANELS = N // P  # panels whose P features are all stored (the last may be partial)
-    KC = min(K, tiles.k_block)
-    KB = -(-K // KC)
-    CHUNK = max(1, X_CHUNK_BYTES // (4 * KC * ROWS)) * ROWS  # rows of x per chunk, whole tiles
+    CHUNK = max(1, X_CHUNK_BYTES // (4 * K * ROWS)) * ROWS  # rows of x per chunk, whole tiles
     # Panels per task: with few chunks of rows, narrow enough that every thread gets a few tasks;
     # with many chunks, all panels (the chunk's packed x then serves the whole layer).
     NARROW = max(1, min(TASK_FEATURES // P, PANELS // (TASKS_PER_THREAD * max(1, threads))))
     MANY_CHUNKS = TASKS_PER_THREAD * max(1, threads)
 
     def micro(rows: int, full: bool, packed_x: bool):
-        """``rows x P`` outputs of x rows ``i0..`` and panel ``jp`` over K block ``kb``: x read from
-        the chunk's packed copy ``xs`` (``packed_x``: tile ``i0 // ROWS`` of the chunk, ``[k][row]``)
-        or from ``x`` itself (leftover rows); ``full``: all ``P`` features exist (else the last panel)."""
+        """``rows x P`` outputs of x rows ``i0..`` and panel ``jp``: x read from the chunk's packed
+        copy ``xs`` (``packed_x``: tile ``it`` of the chunk, ``[k][row]``) or from ``x`` itself
+        (leftover rows); ``full``: all ``P`` features exist (else the last panel)."""
         V = T.Ramp(0, 1, LANES)
 
         @T.macro
-        def tile(acc, x, xs, wp, out, i0, it, jp, kb):
-            k0: T.int64 = kb * KC
-            kl: T.int64 = T.min(KC, K - k0)
-            if kb == 0:
-                for t in T.unroll(rows * VECS):
-                    acc[t, V] = T.Broadcast(T.float32(0), LANES)
-            elif full:
-                for r in T.unroll(rows):
-                    for v in T.unroll(VECS):
-                        acc[r * VECS + v, V] = out[i0 + r, T.Ramp(jp * P + v * LANES, 1, LANES)]
-            else:
-                for r in T.unroll(rows):
-                    for c in range(N - jp * P):
-                        acc[r * VECS + c // LANES, c % LANES] = out[i0 + r, jp * P + c]
-            for k in range(kl):
+        def tile(acc, x, xs, wp, out, i0, it, jp):
+            for t in T.unroll(rows * VECS):
+                acc[t, V] = T.Broadcast(T.float32(0), LANES)
+            for k in range(K):
                 for r in T.unroll(rows):
                     for v in T.unroll(VECS):
                         if packed_x:
                             acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
-                                xs[(it * kl + k) * ROWS + r], LANES) * wp[jp, k0 + k, T.Ramp(v * LANES, 1, LANES)]
+                                xs[(it * K + k) * ROWS + r], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
                         else:
                             acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
-                                x[i0 + r, k0 + k], LANES) * wp[jp, k0 + k, T.Ramp(v * LANES, 1, LANES)]
+                                x[i0 + r, k], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
             if full:
                 for r in T.unroll(rows):
                     for v in T.unroll(VECS):
@@ -192,11 +176,11 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
         tail_tile = micro(rows, False, packed_x) if FULL_PANELS < PANELS else None
 
         @T.macro
-        def run(acc, x, xs, wp, out, i0, it, jp, kb):
+        def run(acc, x, xs, wp, out, i0, it, jp):
             if tail_tile is None or jp < FULL_PANELS:
-                full_tile(acc, x, xs, wp, out, i0, it, jp, kb)
+                full_tile(acc, x, xs, wp, out, i0, it, jp)
             else:
-                tail_tile(acc, x, xs, wp, out, i0, it, jp, kb)
+                tail_tile(acc, x, xs, wp, out, i0, it, jp)
 
         return run
 
@@ -205,9 +189,10 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
 
     @T.macro
     def task_work(task, n, x, wp, out):
-        """Chunk ``task // groups`` of x rows times panel group ``task % groups``: per K block, the
-        chunk's whole row tiles are packed (``xs``, stays in L2), then each panel's block stays in
-        L1 while every row tile passes over it; leftover rows read ``x`` directly."""
+        """Chunk ``task // groups`` of x rows times panel group ``task % groups``: the chunk's whole
+        row tiles are packed (``xs``, stays in L2), then each panel stays in L1/L2 while every row
+        tile passes over it; leftover rows read ``x`` directly. Every output is written once, from
+        registers (never accumulated in ``out``), so a task the split runs twice is harmless."""
         acc = T.alloc_buffer((ROWS * VECS, LANES), "float32", scope="local")
         chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
         group: T.int64 = T.Select(chunks >= MANY_CHUNKS, T.int64(PANELS), T.int64(NARROW))
@@ -217,18 +202,15 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
         tiles_n: T.int64 = (i_end - i_start) // ROWS
         whole_end: T.int64 = i_start + tiles_n * ROWS
         p0: T.int64 = task % groups * group
-        xs = T.alloc_buffer((CHUNK * KC,), "float32")
-        for kb in range(KB):
-            k0: T.int64 = kb * KC
-            kl: T.int64 = T.min(KC, K - k0)
+        xs = T.alloc_buffer((CHUNK * K,), "float32")
+        for it in range(tiles_n):
+            for r in T.unroll(ROWS):
+                for k in range(K):
+                    xs[(it * K + k) * ROWS + r] = x[i_start + it * ROWS + r, k]
+        for jp in range(p0, T.min(p0 + group, PANELS)):
             for it in range(tiles_n):
-                for r in T.unroll(ROWS):
-                    for k in range(kl):
-                        xs[(it * kl + k) * ROWS + r] = x[i_start + it * ROWS + r, k0 + k]
-            for jp in range(p0, T.min(p0 + group, PANELS)):
-                for it in range(tiles_n):
-                    main(acc, x, xs, wp, out, i_start + it * ROWS, it, jp, kb)
-                left(i_end - whole_end, acc, x, xs, wp, out, whole_end, 0, jp, kb)
+                main(acc, x, xs, wp, out, i_start + it * ROWS, it, jp)
+            left(i_end - whole_end, acc, x, xs, wp, out, whole_end, 0, jp)
 
     run_tasks = parallel_tasks(threads, task_work)
 
@@ -242,12 +224,12 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
 
 
 def _leftover(rows_max: int, rows_tile):
-    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp, kb)``: a tile of ``left`` (< ``rows_max``) rows."""
+    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp)``: a tile of ``left`` (< ``rows_max``) rows."""
     macros = [rows_tile(r) for r in range(1, rows_max)]
     if not macros:
 
         @T.macro
-        def nothing(left, acc, x, xs, wp, out, i0, it, jp, kb):
+        def nothing(left, acc, x, xs, wp, out, i0, it, jp):
             T.evaluate(0)
 
         return nothing
@@ -257,19 +239,19 @@ def _leftover(rows_max: int, rows_tile):
         if r == rows_max - 1:
 
             @T.macro
-            def last(left, acc, x, xs, wp, out, i0, it, jp, kb):
+            def last(left, acc, x, xs, wp, out, i0, it, jp):
                 if left == r:
-                    this(acc, x, xs, wp, out, i0, it, jp, kb)
+                    this(acc, x, xs, wp, out, i0, it, jp)
 
             return last
         rest = chain(r + 1)
 
         @T.macro
-        def step(left, acc, x, xs, wp, out, i0, it, jp, kb):
+        def step(left, acc, x, xs, wp, out, i0, it, jp):
             if left == r:
-                this(acc, x, xs, wp, out, i0, it, jp, kb)
+                this(acc, x, xs, wp, out, i0, it, jp)
             else:
-                rest(left, acc, x, xs, wp, out, i0, it, jp, kb)
+                rest(left, acc, x, xs, wp, out, i0, it, jp)
 
         return step
 
