@@ -64,6 +64,10 @@ class ModelInfo:
     #: like ``"8l2x4t8"``, or ``"blas"``) each row count runs, as measured at compile time
     #: (``llmir_tvm.dense_choice``); pass it to ``compile(cpu_dense=...)`` to reuse it.
     dense_plans: dict = field(default_factory=dict)
+    #: Weights stored packed for the CPU dense kernel: ``{str(weight index): panel}``; such a
+    #: weight ``W [N, K]`` is held (in ``params``) as ``tir_kernels.dense_packed.pack_weight(W, panel)``
+    #: (``unpack_weight`` gives it back).
+    packed_weights: dict = field(default_factory=dict)
 
     @property
     def pool_windows_and_sinks(self) -> list[tuple[int, int]]:
