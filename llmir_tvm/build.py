@@ -198,7 +198,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
     and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
     ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
-    target's tiles for every row count (``passes.DenseToTIR``), ``"blas"`` hands every ``Linear`` to
+    target's packed tiles for every row count (``passes.DenseToTIR``; weights used only by
+    ``Linear`` layers are then held packed into panels, ``info.packed_weights``), ``"blas"`` hands every ``Linear`` to
     numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
     ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
     ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
