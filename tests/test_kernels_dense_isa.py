@@ -143,6 +143,7 @@ def test_packed_kernel_on_odd_shapes(isa, rng):
     _check(dense_nt(600, 53, 2, tiles, 2), target, (0, 1, 3, 16, 17, 257), 600, 53, rng, tiles.panel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_packed_other_tilings_static_split(isa, rng):
     """The other packed tilings the host may pick (4 and 3 vectors per panel), TVM's static split,

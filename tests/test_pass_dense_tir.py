@@ -170,14 +170,16 @@ class ExpectedWeights:
         return (y, t, g)
 
 
-def test_weights_packed_unless_used_otherwise(rng):
-    """AVX2: a weight used only by Linear layers becomes a packed [4, 37, 16] parameter (6 x 16
-    tiles) and the module records it; a tied weight (also gathered) keeps [N, K] and 2 x 4 tiles.
-    The compiled function, given the packed weight, matches numpy."""
-    from llmir_tvm.passes.dense_tir import PACKED_WEIGHTS_ATTR, packed_weights
-    from llmir_tvm.tir_kernels.dense_packed import PackedTiles, pack_weight
+AVX2 = {"kind": "llvm", "mcpu": "haswell"}
 
-    avx2 = {"kind": "llvm", "mcpu": "haswell"}
+
+def test_weights_packed_unless_used_otherwise():
+    """AVX2: a weight used only by Linear layers becomes a packed [4, 37, 16] parameter (6 x 16
+    tiles) and the module records it; a tied weight (also gathered) keeps [N, K] and 2 x 4 tiles."""
+    from llmir_tvm.passes.dense_tir import PACKED_WEIGHTS_ATTR, packed_weights
+    from llmir_tvm.tir_kernels.dense_packed import PackedTiles
+
+    avx2 = AVX2
     got = DenseToTIR(target=avx2)(BeforeWeights)
     assert packed_weights(got) == {"0": 16}
     expected = tvm.IRModule(dict(ExpectedWeights.functions_items())).with_attr(PACKED_WEIGHTS_ATTR, {"0": 16})
@@ -186,10 +188,19 @@ def test_weights_packed_unless_used_otherwise(rng):
     tvm.ir.assert_structural_equal(got, expected)
     assert packed_weights(DenseToTIR(target=avx2, pack_weights=False)(BeforeWeights)) == {}
 
+
+@pytest.mark.slow
+def test_packed_weights_numerics(rng):
+    """The rewritten function, compiled and given the packed weight, matches numpy (and the tied
+    weight's products and gather too)."""
+    from llmir_tvm.passes.dense_tir import PACKED_WEIGHTS_ATTR
+    from llmir_tvm.tir_kernels.dense_packed import pack_weight
+
+    got = DenseToTIR(target=AVX2)(BeforeWeights)
     x = rng.standard_normal((17, 37)).astype("float32")
     w, e = (rng.standard_normal((53, 37)).astype("float32") for _ in range(2))
     ids = np.array([3, 52] * 8 + [0], "int64")
-    vm = relax.VirtualMachine(tvm.compile(got.without_attr(PACKED_WEIGHTS_ATTR), target=tvm.target.Target(avx2)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(got.without_attr(PACKED_WEIGHTS_ATTR), target=tvm.target.Target(AVX2)), tvm.cpu())
     y, t, g = vm["main"](*[tvm.runtime.tensor(a) for a in (x, ids, pack_weight(w, 16), e)])
     tvm.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
     tvm.testing.assert_allclose(t.numpy(), x.astype(np.float64) @ e.T.astype(np.float64), rtol=1e-5, atol=1e-4)
