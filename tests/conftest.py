@@ -12,6 +12,15 @@ import pytest
 # tests/test_compile_cache.py turns the cache on against a temporary LLMIR_TVM_CACHE.
 os.environ["LLMIR_TVM_NO_CACHE"] = "1"
 
+# Under pytest-xdist (the test command's ``-n auto``) the workers share the cores: each gets its
+# share of threads for TVM's pool, BLAS and torch (set before any of them starts), so that no
+# worker's fork-join pool spins on a core another worker computes on.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, _SHARE)
+
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
