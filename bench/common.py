@@ -3,7 +3,8 @@ and writing results (JSON, plot).
 
 Results follow one layout: ``bench/results/<name>.json`` (and ``.png``) is the current result of
 benchmark ``<name>``; writing a new one moves the previous files to ``bench/results/archive/``
-under their own date and commit, so the folder holds one current result per benchmark.
+under their own date and commit, so the folder holds one current result per benchmark. Every
+benchmark writes through :func:`save_result` (``--out`` writes a file of the user's choosing instead).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .machine import ISA_FLAGS, machine_stamp  # noqa: F401  (re-exported: the o
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVE = RESULTS / "archive"
 
-__all__ = ["ARCHIVE", "RESULTS", "machine_stamp", "median_seconds", "write_plot", "write_result"]
+__all__ = ["ARCHIVE", "RESULTS", "machine_stamp", "median_seconds", "partial_path", "save_result", "write_plot", "write_result"]
 
 
 def median_seconds(call: Callable[[], Any], repeats: int = 5, warmup: int = 1, per_call: int = 1) -> float:
@@ -61,6 +62,26 @@ def write_result(name: str, result: dict, results: Path = RESULTS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     _archive(path.with_suffix(".png"))  # first: its name comes from the JSON's stamp
     _archive(path)
+    path.write_text(json.dumps({"machine": machine_stamp(), **result}, indent=2))
+    return path
+
+
+def partial_path(name: str, out: Path | None = None, results: Path = RESULTS) -> Path:
+    """Where a long benchmark saves its progress (to resume after an interruption): ``out`` when the
+    user gave one, else ``<results>/<name>.partial.json`` (removed by :func:`save_result` at the end)."""
+    return Path(out) if out is not None else Path(results) / f"{name}.partial.json"
+
+
+def save_result(name: str, result: dict, out: Path | None = None, results: Path = RESULTS) -> Path:
+    """Every benchmark's writer: with ``out`` (the user's ``--out``), ``result`` stamped with
+    :func:`machine_stamp` into that file as given; else the current result ``<results>/<name>.json``
+    (:func:`write_result`, the previous one archived). A ``"machine"`` key of ``result`` is kept. Returns the path."""
+    if out is None:
+        path = write_result(name, result, results)
+        partial_path(name, None, results).unlink(missing_ok=True)  # the run finished: its progress file goes
+        return path
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine_stamp(), **result}, indent=2))
     return path
 

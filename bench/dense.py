@@ -14,18 +14,15 @@ Outputs are checked against float64 numpy first. Ratio: numpy's time / ours (> 1
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
+from .common import median_seconds, save_result
+from .machine import ISA_TARGETS, add_isa_argument
 
 HELP = "CPU dense kernel (DenseToTIR) vs numpy's BLAS at the default model's layer shapes"
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152))
 
 
@@ -37,17 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="gate/up shape only, rows 1 16 64 256 1024 2048, 32 MB working set, 3 repeats")
     add_isa_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/dense_cpu_<date>.json)")
-
-
-def _median_seconds(call, copies: int, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) / copies)
-    return statistics.median(times)
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/dense_cpu.json, the previous one moved to bench/results/archive/)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
             err = float(np.abs(out.numpy() - x.astype(np.float64) @ w.T.astype(np.float64)).max())
             if err > 1e-3 * max(1.0, float(np.sqrt(k))):
                 raise AssertionError(f"dense_nt {k}x{n} at {m} rows differs from numpy by {err}")
-            ours[m] = _median_seconds(lambda: [fn(xt, a, out) for a in dev], copies, args.repeats)
+            ours[m] = median_seconds(lambda: [fn(xt, a, out) for a in dev], args.repeats, per_call=copies)
         time.sleep(1.0)
         for m, x in xs.items():
             out = np.empty((m, n), np.float32)
-            theirs = _median_seconds(lambda: [np.matmul(x, a.T, out=out) for a in host], copies, args.repeats)
+            theirs = median_seconds(lambda: [np.matmul(x, a.T, out=out) for a in host], args.repeats, per_call=copies)
             rows_out.append({"in_features": k, "out_features": n, "rows": m, "ours_ms": ours[m] * 1e3,
                              "numpy_ms": theirs * 1e3, "speedup_vs_numpy": theirs / ours[m],
                              "ours_gflops": 2 * m * k * n / ours[m] / 1e9, "ours_weight_gbps": w.nbytes / ours[m] / 1e9})
@@ -93,11 +80,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{k:5d} x {n:5d}  rows {m:5d}  ours {r['ours_ms']:9.3f} ms  numpy {r['numpy_ms']:9.3f} ms  "
                   f"x{r['speedup_vs_numpy']:5.2f}  {r['ours_gflops']:6.1f} GFLOP/s  {r['ours_weight_gbps']:5.1f} GB/s", flush=True)
         time.sleep(1.0)
-    result = {"date": datetime.date.today().isoformat(), "target": str(target), "numpy": np.__version__,
-              "machine": machine_stamp(), "isa": args.isa, "tiles": tiles.name,
+    result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "tiles": tiles.name,
               "working_set_bytes": args.working_set, "repeats": args.repeats, "cases": rows_out}
-    path = args.out or RESULTS / f"dense_cpu_{result['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    path = save_result("dense_cpu", result, args.out)
     print(f"wrote {path}")
     return 0

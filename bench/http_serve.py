@@ -11,13 +11,12 @@ Reported per run: output throughput, TTFT and TPOT p50/p99, the cached-token sha
 saturation (the server's own cost), (b) the chats with prefix caching off (TTFT), and (c)
 llama.cpp's ``llama-server`` on the same requests when ``--llama-server BIN --gguf FILE`` are
 given (same threads, ``-np`` slots, continuous batching). ``--quick`` runs a small version.
-Writes ``bench/results/http_<date>.json`` and a PNG.
+Writes ``bench/results/http.json`` (``http_quick.json`` with ``--quick``) and a PNG through ``bench.common.save_result``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -33,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from . import http_load
+from .common import save_result
 from .machine import machine_stamp
 from .serve import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 HELP = "OpenAI-compatible server under Poisson load: throughput, TTFT/TPOT, cached share; vs in-process engine, llama-server"
-RESULTS = REPO / "bench" / "results"
 QUESTIONS = ["What should I pack for a hike?", "Summarize that in one line.", "Give me another idea.",
              "Why does that work?", "Explain it to a child.", "What could go wrong?"]
 
@@ -73,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-off", action="store_true", help="skip the chats with prefix caching off")
     parser.add_argument("--quick", action="store_true", help="small workloads, two rates (a few minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/http_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/http.json, http_quick.json with --quick; the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -313,10 +312,7 @@ def run(args: argparse.Namespace) -> int:
                 server.close()
 
     out["ratios"] = ratios(out)
-    stamp = datetime.date.today().isoformat()
-    path = args.out or RESULTS / f"http_{stamp}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("http_quick" if args.quick else "http", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out["ratios"], indent=2))
     print(f"wrote {path}")

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HELP = "paged decode attention kernels: bandwidth vs peak, ratios vs TVM's kernel and torch SDPA"
 DEFAULT_ARTIFACTS = REPO / ".gpu-runtime" / "artifacts" / "bench"
-RESULTS = REPO / "bench" / "results"
+
 
 
 def _ints(text: str) -> list[int]:
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-configs", type=_pairs, default=None,
                         help="cuda: prefill BATCHxQLEN list, e.g. 16x512,1x8192 (default: bench/kernels_prefill_cuda.py's)")
     parser.add_argument("--variants", action="store_true", help="cuda: also time decode tiling variants (tuning)")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kernels_<device>_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kernels_<device>.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG plot of the results (needs matplotlib)")
     parser.add_argument("--plot-only", type=Path, default=None, help="only plot an existing results JSON to --plot")
 
@@ -94,6 +94,7 @@ def grid(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Entry point of the ``kernels`` subcommand."""
     from . import kernels_report  # pylint: disable=import-outside-toplevel
+    from .common import save_result  # pylint: disable=import-outside-toplevel
 
     if args.plot_only:
         kernels_report.plot(kernels_report.load(args.plot_only), args.plot or args.plot_only.with_suffix(".png"))
@@ -113,8 +114,7 @@ def run(args: argparse.Namespace) -> int:
         from . import kernels_cuda_run  # pylint: disable=import-outside-toplevel
 
         result = kernels_cuda_run.run(args.artifacts)
-    out = args.out or kernels_report.default_path(RESULTS, result)
-    kernels_report.save(result, out)
+    out = save_result(f"kernels_{result['device_kind']}", result, args.out)
     print(kernels_report.table(result))
     if result.get("prefill_rows"):
         from . import kernels_prefill_cuda  # pylint: disable=import-outside-toplevel

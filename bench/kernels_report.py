@@ -7,20 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def default_path(results_dir: Path, result: dict) -> Path:
-    """``bench/results/kernels_<device kind>_<date>.json``."""
-    return Path(results_dir) / f"kernels_{result['device_kind']}_{result['date']}.json"
-
-
-def save(result: dict, path: Path) -> None:
-    """Write ``result`` as indented JSON (creating the directory), stamped with the machine."""
-    from .machine import machine_stamp
-
-    result.setdefault("machine", machine_stamp())
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1) + "\n")
-
-
 def load(path: Path) -> dict:
     """Read a results JSON."""
     return json.loads(Path(path).read_text())

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import partial_path, save_result
 from .machine import machine_stamp
 
 HELP = "quantized KV cache (int8, fp8, auto): perplexity / KL / greedy agreement, KV bytes, decode kernel time"
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = ("float32", "float16", "int8", "float8_e4m3fn", "auto")
 
 
@@ -49,12 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", default="512MiB", help="KV memory budget for the capacity figures (default 512MiB)")
     parser.add_argument("--seq-len", type=int, default=2048, help="sequence length for the capacity figures (default 2048)")
     parser.add_argument("--kernel-only", action="store_true",
-                        help="only the decode kernel timings (default JSON: bench/results/kvquant_kernel_cpu_<date>.json)")
+                        help="only the decode kernel timings (default JSON: bench/results/kvquant_kernel_cpu.json)")
     parser.add_argument("--batch", type=int, default=8, help="decode kernel batch (default 8)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768], help="decode kernel contexts")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default 7)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES, help="pool dtypes to run")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kvquant_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/kvquant.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -219,21 +219,19 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_stamp(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = args.out or RESULTS / f"kvquant_{datetime.date.today().isoformat()}.json"
     result["decode_kernel"] = _kernel_times(args, dtypes)
     if args.kernel_only:
-        out = args.out or RESULTS / f"kvquant_kernel_cpu_{datetime.date.today().isoformat()}.json"
-        out.write_text(json.dumps(result, indent=2))
-        print(f"results: {out}")
+        print(f"results: {save_result('kvquant_kernel_cpu', result, args.out)}")
         return 0
+    progress = partial_path("kvquant", args.out)
+    progress.parent.mkdir(parents=True, exist_ok=True)
 
     def save(rows: dict, plan: dict) -> None:
         result["quality"], result["auto_plan"] = rows, plan
-        out.write_text(json.dumps(result, indent=2))
+        progress.write_text(json.dumps(result, indent=2))
 
     result["quality"], result["auto_plan"] = _quality(args, dtypes, save)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_result("kvquant", result, args.out)
     _plot(result, args.plot or out.with_suffix(".png"))
     for dtype, row in result["quality"].items():
         print(

@@ -10,6 +10,11 @@ cache) and for onnxruntime running the model exported to ONNX with a KV cache
 With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
 (``bench/llama_cpp.py``; its prefill computes the last position's logits only, and is compared
 with ours that does the same), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
+``--quantization int8|int4|gguf`` measures the model with quantized weights (the compiled-model
+cache is used, so a second run starts at once), its llama.cpp baseline on the GGUF of the same
+format (Q8_0 for int8, Q4_1 for int4 and gguf), and its quality: perplexity on the fixed text
+and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's own perplexity
+change on the same formats when ``--llama-perplexity`` is given.
 The three run interleaved, repeat after repeat, and the medians are kept, so load from
 other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
@@ -26,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
 
 HELP = "whole-model decode/prefill tokens/s vs Hugging Face (CPU)"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llama.cpp's llama-bench binary: adds llama.cpp F32 as a baseline")
     parser.add_argument("--llama-gguf", type=Path, default=None, metavar="GGUF",
                         help="F32 GGUF of the same weights (default: build_llama_cpp.sh's smol-F32.gguf)")
-    parser.add_argument("--quick", action="store_true", help="16 new tokens, 64-token prefill, 1 repeat, no onnxruntime")
+    parser.add_argument("--quantization", choices=["none", "int8", "int4", "gguf"], default="none",
+                        help="weights of our model (and the llama.cpp GGUF format compared with); adds a quality report")
+    parser.add_argument("--quality-tokens", type=int, default=512, help="tokens of the perplexity / KL text (default 512)")
+    parser.add_argument("--llama-perplexity", type=Path, default=None, metavar="BIN",
+                        help="llama.cpp's llama-perplexity binary: its perplexity change on the same GGUF formats")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, 64-token prefill, 1 repeat, no onnxruntime"
+                        " (with --quantization: no Hugging Face side, 128 quality tokens)")
     add_isa_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/model.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -72,11 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .onnx_baseline import OrtDecoder, export_with_cache
 
+    quantization = None if args.quantization == "none" else args.quantization
     if args.quick:
         args.new_tokens, args.prefill_tokens, args.repeats, args.no_ort = 16, 64, 1, True
+        args.quality_tokens = min(args.quality_tokens, 128)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    compiled = compile_with_bar("default", target=ISA_TARGETS[args.isa], cache=False)  # timed: a real compile
+    compiled = compile_with_bar("default", target=ISA_TARGETS[args.isa], cache=quantization is not None,  # timed: a real compile
+                                quantization=quantization)
     compile_seconds = time.perf_counter() - start
     engine = llmir_tvm.Engine(compiled)
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
@@ -100,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
         out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(prompt) + new
 
-    sides = {"ours": (ours_decode, lambda: engine.score(prompt), lambda: engine.score(long_prompt)),
-             "hf": (hf_decode, lambda: hf(ids), lambda: hf(long_ids))}
+    sides = {"ours": (ours_decode, lambda: engine.score(prompt), lambda: engine.score(long_prompt))}
+    if not (quantization and args.quick):
+        sides["hf"] = (hf_decode, lambda: hf(ids), lambda: hf(long_ids))
     if ort is not None:
         sides["ort"] = (lambda: ort.generate(prompt, new), lambda: ort.prefill(prompt), lambda: ort.prefill(long_prompt))
     totals, short, long = ({side: [] for side in sides} for _ in range(3))
@@ -112,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         ours_prefill_last()
         hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         same = {"ours": engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == hf_tokens}
+        if quantization:  # identical tokens are not expected from other weights; kept for the record
+            same["note"] = f"ours runs {quantization} weights, Hugging Face float32"
         if ort is not None:
             same["ort"] = ort.generate(prompt, new) == hf_tokens
         for _ in tqdm(range(args.repeats), desc="repeats", unit="round", file=sys.stderr, disable=False):
@@ -128,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         "model": compiled.info.name, "date": datetime.date.today().isoformat(), "threads": args.threads,
         "repeats": args.repeats, "compile_seconds": compile_seconds, "machine": machine_stamp(), "isa": args.isa,
         "target": str(resolve_target(ISA_TARGETS[args.isa])), "dense_plans": compiled.info.dense_plans,
+        "quantization": args.quantization, "weight_formats": compiled.info.weight_formats,
+        "weights_bytes": sum(int(p.nbytes) for p in compiled.params),
         "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
                           "tokens_identical_to_hf": same},
         "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position",
@@ -136,13 +155,29 @@ def run(args: argparse.Namespace) -> int:
     for key, rates in (("decode_batch1", decode), ("prefill", prefill)):
         for side, rate in rates.items():
             out[key][f"{side}_tokens_per_s"] = rate
-        out[key]["ratio_vs_hf"] = rates["ours"] / rates["hf"]
+        if "hf" in rates:
+            out[key]["ratio_vs_hf"] = rates["ours"] / rates["hf"]
         if "ort" in rates:
             out[key]["ratio_vs_ort"] = rates["ours"] / rates["ort"]
-    if args.llama_bench is not None:
-        from .llama_cpp import DEFAULT_GGUF, run_llama_bench
+    if quantization:
+        from .weight_quality import llama_quality, weight_quality
 
-        llama = run_llama_bench(args.llama_bench, args.llama_gguf or DEFAULT_GGUF, args.threads, len(long_prompt), new,
+        def reference(ids):  # the float32 weights (our float32 build matches transformers token for token)
+            with torch.no_grad():
+                return hf(torch.tensor([ids])).logits[0].float().numpy()
+
+        out["quality"] = weight_quality(engine, reference, compiled.tokenizer, args.quality_tokens)
+        if args.llama_perplexity is not None:
+            from .llama_cpp import BASELINES
+
+            out["quality"]["llama_cpp"] = llama_quality(args.llama_perplexity, BASELINES, args.quantization,
+                                                        args.quality_tokens, args.threads)
+    if args.llama_bench is not None:
+        from .llama_cpp import BASELINES, DEFAULT_GGUF, run_llama_bench
+        from .weight_quality import LLAMA_GGUF_NAMES
+
+        default_gguf = BASELINES / LLAMA_GGUF_NAMES[args.quantization] if quantization else DEFAULT_GGUF
+        llama = run_llama_bench(args.llama_bench, args.llama_gguf or default_gguf, args.threads, len(long_prompt), new,
                                 max(1, args.repeats))
         out["llama_cpp"] = llama
         out["decode_batch1"]["llama_cpp_tokens_per_s"] = llama["decode_tokens_per_s"]
@@ -150,9 +185,7 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
-    path = args.out or RESULTS / f"model_{out['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))
     print(f"wrote {path}")
@@ -166,7 +199,7 @@ def _plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["decode, batch 1", f"prefill, {out['prefill']['prompt_tokens']} tokens"]
-    names = {"ours": "llmir-tvm", "hf": "HF transformers", "ort": "onnxruntime", "llama_cpp": "llama.cpp F32"}
+    names = {"ours": "llmir-tvm", "hf": "HF transformers", "ort": "onnxruntime", "llama_cpp": "llama.cpp " + {"none": "F32", "int8": "Q8_0"}.get(out.get("quantization", "none"), "Q4_1")}
     colors = {"ours": "tab:blue", "hf": "tab:gray", "ort": "tab:orange", "llama_cpp": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, label, key in zip(axes, labels, ("decode_batch1", "prefill")):

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda (sm_90a builds), or cpu: 2-layer llvm builds and a CPU run (dry run)")
     parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="folder holding the model folders")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "model_gpu.json", help="run stage: results JSON")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="run stage: results JSON (default bench/results/model_gpu.json, the previous one archived)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="run stage: batch sizes (default 1 32; cpu 1 4)")
     parser.add_argument("--builds", default=None,
                         help=f"comma list of folders to build / run (default all: {','.join(b[0] for b in BUILDS)})")
@@ -65,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
 
     batches = args.batches or ([1, 4] if cpu else [1, 32])
     extra = ["--new-tokens", "16", "--repeats", "2"] if cpu else []
-    return model_gpu_run.main(["--device", args.device, "--json", str(args.json), "--batches", *map(str, batches),
-                               *extra, *map(str, folders)])
+    out = ["--json", str(args.json)] if args.json else []
+    return model_gpu_run.main(["--device", args.device, *out, "--batches", *map(str, batches), *extra, *map(str, folders)])

@@ -29,7 +29,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 # Run as a script, Python puts bench/ first on sys.path, where kernels.py would shadow the
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     np.save(out / "score.npy", engine.score(PROMPTS[1], prefill_len=SCORE_PREFILL)[SCORE_ROWS])
     tokens = [r.token_ids for r in engine.generate(PROMPTS, max_new_tokens=REFERENCE_NEW_TOKENS)]
     np.savez(out / "constants.npz", **constants)
-    (out / "model.json").write_text(json.dumps(asdict(compiled.info)))
+    (out / "model.json").write_text(json.dumps(compiled.info.to_dict()))
     (out / "weights.json").write_text(json.dumps({
         "hf_config": config, "weight_dtype": args.weights, "kv_dtype": kv_dtype, "seed": args.seed,
         "target": args.target, "low_batch_gemv": args.low_batch_gemv, "cuda_graph": args.cuda_graph, "hf_params": hf_params, "params": mapping,

@@ -46,7 +46,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+", type=Path, help="folders written by model_gpu_build.py")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cuda, or cpu for a dry run of llvm folders")
-    ap.add_argument("--json", type=Path, required=True, help="results JSON to write")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="results JSON to write (default bench/results/model_gpu.json, the previous one archived)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new-tokens", type=int, default=128, help="generated tokens per sequence (default 128)")
@@ -76,7 +77,7 @@ def load_artifact(art: Path, tvm):
     from bench.random_weights import make_weights
 
     meta = json.loads((art / "weights.json").read_text())
-    info = ModelInfo(**json.loads((art / "model.json").read_text()))
+    info = ModelInfo.from_dict(json.loads((art / "model.json").read_text()))
     names = [name for name, _, _ in meta["hf_params"]]
     weights = make_weights([s for _, s, _ in meta["hf_params"]], [d for _, _, d in meta["hf_params"]], seed=meta["seed"])
     by_name = dict(zip(names, weights))
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     from llmir_tvm.model import CompiledModel
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"
-    from bench.machine import machine_stamp  # the repository root is on sys.path (see the top of this file)
+    from bench.common import partial_path, save_result  # the repository root is on sys.path (see the top of this file)
+    from bench.machine import machine_stamp
     report = {
         "benchmark": "model_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_stamp(),
@@ -322,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         report["models"].append(entry)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        progress = partial_path("model_gpu", args.json)  # after each folder: a failure keeps the others' figures
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.write_text(json.dumps(report, indent=1))
     print("summary (tokens/s, ours / HF eager, greedy-token agreement with HF):")
     for m in report["models"]:
         for b in m.get("batches", []):
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{b['ratio_ours_over_hf']:5.2f}x  agreement {b['agreement_with_hf']['token_share']:.1%}")
         if "error" in m:
             print(f"  {m['artifact']:<20} failed: {m['error'][:200]}")
-    print(f"wrote {args.json}")
+    print(f"wrote {save_result('model_gpu', report, args.json)}")
     return 1 if any("error" in m for m in report["models"]) else 0
 
 

@@ -28,10 +28,10 @@ import json
 import time
 from pathlib import Path
 
+from .common import partial_path, save_result
 from .machine import machine_stamp
 
 HELP = "perplexity vs KV memory of StreamingLLM / H2O eviction on the default model"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--h2o-budgets", type=int, nargs="+", default=[128, 256, 512],
                         help="KV token budgets of H2O (default 128 256 512)")
     parser.add_argument("--sinks", type=int, default=4, help="StreamingLLM sink tokens (default 4)")
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/pruning_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/pruning.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the policies already in --out (same tokens / prefill) and measure only the others")
+                        help="keep the policies already measured (in --out, else in the interrupted run's bench/results/pruning.partial.json; same tokens / prefill) and measure only the others")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -96,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from bench.eval_text import eval_tokens, perplexity
     from llmir_tvm.cli_compile import compile_with_bar
 
-    path = args.out or RESULTS / f"pruning_{datetime.date.today().isoformat()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = partial_path("pruning", args.out)
+    progress.parent.mkdir(parents=True, exist_ok=True)
     rows, page = [], 16
-    if args.resume and path.exists():
-        previous = json.loads(path.read_text())
+    if args.resume and progress.exists():
+        previous = json.loads(progress.read_text())
         if (previous["tokens"], previous["prefill"]) == (args.tokens, args.prefill):
             rows, page = previous["results"], previous["page_size"]
     done = {r["policy"] for r in rows}
@@ -134,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:>24}: perplexity {row['perplexity']:.3f}, peak KV {row['peak_kv_mib']:.1f} MiB "
               f"({row['peak_kv_tokens']} token slots)", flush=True)
         del engine, compiled, logits
-        path.write_text(json.dumps(_summary(rows, args, page), indent=2))  # after each policy: resumable
+        progress.write_text(json.dumps(_summary(rows, args, page), indent=2))  # after each policy: resumable
     out = _summary(rows, args, page)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("pruning", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(f"wrote {path}")
     return 0

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from .background import background_load
+from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
 
 REPO = Path(__file__).resolve().parents[1]
 HELP = "continuous-batching engine vs Hugging Face generate: throughput, KV bytes, prefix reuse, forks, allocator share"
-RESULTS = REPO / "bench" / "results"
 WORDS = (
     "the cat sat on a mat while rain fell softly over quiet hills and rivers ran to the sea under grey skies "
     "as children played with kites near old stone walls beside green fields of wheat"
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--background-load", action="store_true",
                         help="also run the mixed workload beside a nice-19 busy process; report idle and loaded figures")
     add_isa_argument(parser)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/serve_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/serve.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
 
 
@@ -223,10 +223,7 @@ def run(args: argparse.Namespace) -> int:
                         "decode_step_seconds": acc["step_seconds"], "cache_seconds": acc["cache_seconds"],
                         "allocator_share": acc["cache_seconds"] / acc["step_seconds"]}
 
-    stamp = datetime.date.today().isoformat()
-    path = args.out or RESULTS / f"serve_{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("serve", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps({k: v for k, v in out.items()}, indent=2))
     print(f"wrote {path}")

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .common import machine_stamp, write_plot, write_result
+from .common import save_result, write_plot
 
 HELP = "sharded KV cache: memory per device (default model) and the CPU path's decode cost"
 BUDGET = 512 * 2**20
@@ -42,8 +42,9 @@ def _memory_rows() -> list[dict]:
     rows = []
     for shards in (1, 3, 9):
         kv_per_shard, replication = max(1, 3 // shards), max(1, shards // 3)
-        info = ModelInfo("SmolLM2-135M", "llvm", 30, kv_per_shard, 9 // shards, 64, 16, "float32", 0, 8192, 49152,
-                         num_shards=shards, kv_replication=replication)
+        info = ModelInfo(name="SmolLM2-135M", target="llvm", num_layers=30, num_kv_heads=kv_per_shard,
+                         num_qo_heads=9 // shards, head_dim=64, page_size=16, kv_dtypes=["float32"] * 30, num_blocks=0,
+                         max_seq_len=8192, vocab_size=49152, num_shards=shards, kv_replication=replication)
         info.num_blocks = BUDGET // info.bytes_per_block
         rows.append({"num_shards": shards, "budget_per_device": BUDGET, **shard_memory_plan(info).as_dict()})
     return rows
@@ -85,12 +86,7 @@ def run(args: argparse.Namespace) -> int:
     latency = _latency(args)
     result = {"memory_default_model": memory, "cpu_path_decode": latency, "new_tokens": args.new_tokens,
               "repeats": args.repeats}
-    if args.out:  # an explicit file: written as given, stamped
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": machine_stamp(), **result}, indent=2))
-    else:  # the current result of this benchmark; the previous one goes to the archive
-        out = write_result("sharding", result)
+    out = save_result("sharding", result, args.out)
     result = json.loads(out.read_text())
     for row in memory:
         print(f"{row['num_shards']} shards: {row['bytes_per_block_per_device']} B/block/device, {row['num_blocks']} blocks/device, "

@@ -8,7 +8,7 @@ the parallel loop and once with the dense kernel's self-balancing split (``threa
 (``TVM_NUM_THREADS``, ``TVM_BIND_THREADS``, ``TVM_THREAD_POOL_SPIN_COUNT``) a fresh process (the
 pool reads them once) alternates idle phases and phases beside one ``nice 19`` busy process
 (``bench/background.py``; in its own session unless ``--same-session``), and reports steps/s of
-both (medians) and their ratio. Results: ``bench/results/threads_<date>.json`` with the machine
+both (medians) and their ratio. Results: ``bench/results/threads.json`` (``bench.common.save_result``) with the machine
 stamp.
 """
 
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from .background import autogroup_enabled
+from .common import save_result
 from .machine import machine_stamp
 
 HELP = "TVM thread-pool settings: decode-proxy steps/s idle vs beside a nice-19 busy job"
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
 #: name -> environment of the child process (on top of the parent's)
 SETTINGS = {
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the busy job in this process's session (autogroup) instead of its own")
     parser.add_argument("--quick", action="store_true", help="1 s phases, 2 rounds, default/no_spin/no_bind_no_spin")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/threads_<date>.json)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/threads.json, the previous one moved to bench/results/archive/)")
 
 
 def _child(args: argparse.Namespace) -> dict:
@@ -133,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     out = {"date": datetime.date.today().isoformat(), "machine": machine_stamp(), "phase_seconds": args.phase_seconds,
            "rounds": args.rounds, "layers": args.layers, "rows": args.rows, "autogroup": autogroup_enabled(),
            "background_same_session": args.same_session, "settings": results}
-    path = args.out or RESULTS / f"threads_{out['date']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
+    path = save_result("threads", out, args.out)
     print(f"wrote {path}")
     return 0

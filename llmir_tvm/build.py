@@ -17,7 +17,8 @@ from . import compile_cache
 from .collectives import COLLECTIVE_LIBRARY
 from .config import KVCacheConfig
 from .dense_choice import CPU_DENSE, DensePlans
-from .frontend import ImportedModel, import_model
+from .frontend import ImportedModel
+from .frontend.import_memo import import_model_reusing
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized, kernel_name
 from .model import CompiledModel, ModelInfo
@@ -32,6 +33,7 @@ from .passes.kv_allocation_optimization import module_memory_plan
 from .passes.kv_cache_sharding import check_num_shards, sharding_of
 from .passes.mask_probe import ProbeInputs, default_probe_inputs
 from .target import resolve_target
+from .weight_quantization import check_quantization, find_gguf_file, quantize_imported
 from . import tir_kernels
 from .tir_kernels import CacheLayout
 from .tir_kernels.dense_packed import pack_weight
@@ -61,12 +63,12 @@ def _vocab_from_logits(mod: tvm.IRModule) -> int:
     return int(last.value)
 
 
-def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, target) -> ModelInfo:
-    attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
+def _model_info(imported: ImportedModel, mod: tvm.IRModule, attrs: KVCacheAttrs, kv: KVCacheConfig, target) -> ModelInfo:
+    """The compiled model's facts: the KV-cache ones from the compile's :class:`KVCacheAttrs`, the rest
+    from the imported model, the memory plan and the config."""
     heads, qo_heads, dims = (sorted(set(attrs.num_kv_heads)), sorted(set(attrs.num_qo_heads)), sorted(set(attrs.head_dim)))
     if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
         raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
-    windows, sinks = list(attrs.sliding_window), attrs.sinks
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     plan = module_memory_plan(mod)
     info = ModelInfo(
@@ -77,21 +79,19 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, kv: KVCacheConfig, t
         num_qo_heads=qo_heads[0],
         head_dim=dims[0],
         page_size=attrs.page_size,
-        kv_dtype=attrs.dtype,
+        kv_dtypes=attrs.pool_dtypes,
         num_blocks=0,
         max_seq_len=int(max_seq_len),
         vocab_size=imported.vocab_size or _vocab_from_logits(mod),
         eos_token_ids=list(imported.eos_token_ids),
-        sliding_window=windows[0],
-        pool_windows=windows,
-        pool_sinks=sinks,
+        pool_windows=list(attrs.sliding_window),
+        pool_sinks=attrs.sinks,
         eviction=attrs.eviction or "none",
         eviction_window=attrs.eviction_window or 0,
         heavy_hitters=attrs.heavy_hitters or 0,
-        layer_kv_dtypes=list(attrs.layer_dtypes or ()) if attrs.dtype == "mixed" else [],
     )
-    if max(windows) > info.max_seq_len:
-        raise ValueError(f"{imported.name}: a sliding window of {max(windows)} exceeds the max context length {info.max_seq_len}")
+    if max(info.pool_windows) > info.max_seq_len:
+        raise ValueError(f"{imported.name}: a sliding window of {max(info.pool_windows)} exceeds the max context length {info.max_seq_len}")
     if plan is None:
         info.num_blocks = kv.blocks_for(info.bytes_per_block)
     else:
@@ -124,8 +124,8 @@ def _cache_kernels(info: ModelInfo, kv_attrs: KVCacheAttrs, target) -> tvm.IRMod
                            compute if is_quantized(dtype) else None)
 
     funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
-    if info.layer_kv_dtypes:
-        for dtype in sorted(set(info.layer_kv_dtypes)):
+    if info.mixed_precision:
+        for dtype in sorted(set(info.kv_dtypes)):
             funcs.update(cache_kernels_irmodule(layout(dtype), target, mixed=True).functions_items())
     return tvm.IRModule(funcs)
 
@@ -177,6 +177,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     low_batch_gemv: bool = False,
     cpu_dense: str | dict = "auto",
     cuda_graph: bool = False,
+    quantization: str | None = None,
+    gguf_file: str | Path | None = None,
     cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
@@ -201,6 +203,13 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target's packed tiles for every row count (``passes.DenseToTIR``; weights used only by
     ``Linear`` layers are then held packed into panels, ``info.packed_weights``), ``"blas"`` hands every ``Linear`` to
     numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
+    ``quantization`` (``llvm`` targets): ``"int8"`` (per-output-channel symmetric) or ``"int4"``
+    (groups of 32, float16 scale and offset) quantizes every ``Linear`` and embedding weight;
+    ``"gguf"`` keeps the Q8_0 / Q4_0 / Q4_1 / Q4_K blocks of the model's GGUF file as stored
+    (``gguf_file=``, or the one ``*.gguf`` of a model folder; ``"default"``: the packaged Q4_1 file).
+    The dense layers and lookups then read the packed weights (``passes.QuantizeWeights``,
+    ``tir_kernels.quant_dense``), the weights shrink in memory, in the memory plan and on disk
+    (``info.weight_quantization``, ``info.weight_formats``).
     ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
     ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
     ``LLMIR_TVM_NO_CACHE=1`` turns it off too, and ``dump_ir`` bypasses it (it needs the passes to run).
@@ -210,20 +219,30 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target = resolve_target(target)
     if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
+    check_quantization(quantization, gguf_file)
+    if quantization is not None and (target.kind.name != "llvm" or num_shards > 1):
+        raise ValueError(f"quantization={quantization!r} needs an llvm (CPU) target and num_shards=1 "
+                         f"(got {target.kind.name}, num_shards={num_shards})")
     for name, flag in (("low_batch_gemv", low_batch_gemv), ("cuda_graph", cuda_graph)):
         if flag and target.kind.name != "cuda":
             raise ValueError(f"{name} applies to cuda targets, not {target.kind.name}")
     if isinstance(model, str) and model == "default":  # its first use converts the packaged GGUF: a stage of its own
-        from .frontend.default_model import default_model_path
+        from .frontend.default_model import default_model_path, packaged_gguf_path
+
+        if quantization == "gguf" and gguf_file is None:
+            gguf_file = packaged_gguf_path()
 
         start = time.perf_counter()
         report("default model", None)
         model = default_model_path()
         report("default model", time.perf_counter() - start)
+    gguf_path = find_gguf_file(model, gguf_file) if quantization == "gguf" else None
     options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense,
-               "cuda_graph": cuda_graph}
+               "cuda_graph": cuda_graph, "quantization": quantization}
     build = functools.partial(_build, model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
-                              dump_ir=dump_ir, progress=report, **options)
+                              dump_ir=dump_ir, progress=report, gguf_path=gguf_path, **options)
+    if gguf_path is not None:  # the key covers the GGUF file's bytes
+        options["gguf_sha256"] = compile_cache.file_sha256(gguf_path)
     if dump_ir is not None or not compile_cache.cache_enabled(cache):
         return build()
     start = time.perf_counter()
@@ -273,11 +292,17 @@ def _build(
     low_batch_gemv: bool,
     cpu_dense: str | dict,
     cuda_graph: bool,
+    quantization: str | None = None,
+    gguf_path: Path | None = None,
 ) -> CompiledModel:
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
     note("import")
-    imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    imported = import_model_reusing(model, example_inputs=example_inputs, tokenizer=tokenizer)
+    weight_formats: dict[str, int] = {}
+    if quantization is not None:
+        note("QuantizeWeights")
+        imported, weight_formats = quantize_imported(imported, quantization, target, gguf_path)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)
@@ -300,8 +325,9 @@ def _build(
         folder.mkdir(parents=True, exist_ok=True)
         for name, stage in stages:
             (folder / f"{name}.py").write_text(stage.script())
-    info = _model_info(imported, mod, kv, target)
     kv_attrs = KVCacheAttrs.from_attrs(mod["prefill"].attrs[KV_ATTR])
+    info = _model_info(imported, mod, kv_attrs, kv, target)
+    info.weight_quantization, info.weight_formats = quantization or "", weight_formats
     if plan is not None:
         info.kv_precision_plan = plan.as_dict()
     if num_shards > 1:
@@ -321,7 +347,7 @@ def _build(
     funcs.update(_cache_kernels(info, kv_attrs, target).functions_items())
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
-            name = kernel_name(COPY_SLOTS, dtype, bool(info.layer_kv_dtypes))
+            name = kernel_name(COPY_SLOTS, dtype, info.mixed_precision)
             layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")

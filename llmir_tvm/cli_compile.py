@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eviction-window", type=int, default=0, help="recent tokens kept by --eviction")
     parser.add_argument("--sink-tokens", type=int, default=0, help="StreamingLLM sink tokens")
     parser.add_argument("--heavy-hitters", type=int, default=0, help="H2O heavy-hitter tokens kept")
+    add_quantization_arguments(parser)
     parser.add_argument("--num-shards", type=int, default=1,
                         help="tensor parallelism over KV heads on N devices (Disco workers; docs/passes.md, KVCacheSharding)")
     parser.add_argument("--dump-ir", default=None, metavar="DIR",
@@ -106,6 +107,20 @@ class StageBar:
         self.close()
 
 
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quantization`` and ``--gguf-file`` (``llmir_tvm.compile(quantization=..., gguf_file=...)``)."""
+    parser.add_argument("--quantization", choices=["none", "int8", "int4", "gguf"], default="none",
+                        help="weights: int8 (per channel), int4 (groups of 32, fp16 scale+offset), gguf (the GGUF "
+                             "file's Q8_0/Q4_0/Q4_1/Q4_K blocks as stored; the default model ships as Q4_1)")
+    parser.add_argument("--gguf-file", default=None, metavar="FILE",
+                        help="the GGUF file of --quantization gguf (default: the one *.gguf of the model folder)")
+
+
+def quantization_options(args: argparse.Namespace) -> dict:
+    """The ``compile`` keywords of :func:`add_quantization_arguments`."""
+    return {"quantization": None if args.quantization == "none" else args.quantization, "gguf_file": args.gguf_file}
+
+
 def compile_with_bar(model, *, description: str = "compile", **options):
     """``llmir_tvm.compile(model, **options)`` with a :class:`StageBar` showing its stages."""
     import llmir_tvm
@@ -141,7 +156,7 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     start = time.perf_counter()
     try:
         compiled = compile_with_bar(model, target=target, kv=kv, dump_ir=args.dump_ir, num_shards=args.num_shards,
-                                    cache=not args.no_cache)
+                                    cache=not args.no_cache, **quantization_options(args))
     except (ModelImportError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -150,10 +165,12 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
         f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
-        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.layer_kv_dtypes else ''}, "
+        f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.mixed_precision else ''}, "
         f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"
     )
+    if info.weight_quantization:
+        print(f"weights: {info.weight_quantization} {info.weight_formats}")
     if info.num_shards > 1:
         print(f"tensor parallel: {info.num_shards} shards, {info.num_kv_heads} KV head(s) and {info.num_qo_heads} query "
               f"heads each (the KV figures above and the plan below are per device)")
@@ -170,16 +187,21 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     return 0
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser (``scripts/compile_model.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
+def run_standalone(argv: list[str] | None, description: str | None,
+                   add: Callable[[argparse.ArgumentParser], None],
+                   command: Callable[[argparse.Namespace, Callable[[str], None]], int]) -> int:
+    """A ``scripts/`` entry point: build a parser with ``add``, parse ``argv``, set up console logging, run ``command``.
+
+    Shared by ``scripts/compile_model.py`` and ``scripts/generate.py`` so the two stand-alone
+    commands parse, log and report errors alike.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(parser)
+    args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    return command(args, parser.error)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/compile_model.py``: parse ``argv``, set up console logging, compile."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", False))
-    return run(args, parser.error)
+    return run_standalone(argv, __doc__, add_arguments, run)

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .cli_compile import add_common_arguments, compile_with_bar
-from .log_setup import configure_logging
+from .cli_compile import add_common_arguments, add_quantization_arguments, compile_with_bar, quantization_options, run_standalone
 
 DEFAULT_PROMPTS = [
     "Once upon a time, there was a little",
@@ -40,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser, chat: bool = False) -> None:
         parser.add_argument("--n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step")
     parser.add_argument("--page-size", type=int, default=16, help="when compiling on the fly")
+    add_quantization_arguments(parser)
     if chat:
         parser.set_defaults(interactive=True, prompt=None, n=1)
     else:
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
             compiled = llmir_tvm.load(args.model)
         else:
             compiled = compile_with_bar(args.model, description=f"compile {args.model}",
-                                        kv=llmir_tvm.KVCacheConfig(page_size=args.page_size), cache=not args.no_cache)
+                                        kv=llmir_tvm.KVCacheConfig(page_size=args.page_size), cache=not args.no_cache,
+                                        **quantization_options(args))
     except (ModelImportError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -160,16 +161,6 @@ def chat(engine, params, read=input, write=None) -> int:
     return 0
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser (``scripts/generate.py``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """``scripts/generate.py``: parse ``argv``, set up console logging, generate or chat."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(getattr(args, "verbose", False))
-    return run(args, parser.error)
+    return run_standalone(argv, __doc__, add_arguments, run)

@@ -72,6 +72,15 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file that a compile depends on besides the model (a GGUF file's blocks), remembered
+    by size and modification time like the model's own files."""
+    memo = _DigestMemo(cache_root())
+    digest = memo.digest(Path(path))
+    memo.save()
+    return digest
+
+
 class _DigestMemo:
     """SHA-256 of source files, remembered by (size, mtime, inode) so a second start does not
     re-read a model's weights (``<cache>/.file-digests.json``, rewritten atomically)."""

@@ -5,6 +5,8 @@
 - :class:`KVCacheAllocationOptimization` — the memory plan (weights, workspace, pool blocks, page size) from a budget;
 - :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
 - :class:`DenseToTIR` — a model's float32 ``Linear`` layers → our CPU dense kernel on TVM's thread pool;
+- :class:`QuantizeWeights` — quantized ``Linear`` / embedding weights (int8, int4, GGUF blocks) → planes read by
+  our dequantizing kernels (CPU targets, ``compile(..., quantization=...)``);
 - :class:`OffloadDenseToBLAS` — a model's (remaining) float32 weight matmuls → the host BLAS (CPU targets);
 - :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
 - :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
@@ -26,11 +28,12 @@ from .low_batch_gemv import LowBatchGemvSpecialize
 from .gpu_pipeline import gpu_build_pipeline
 from .host_pipeline import host_build_pipeline
 from .host_schedule import ScheduleHostOps
-from .kv_attrs import KVCacheAttrs
-from .paged_attention_rewrite import KV_ATTR, PagedAttentionRewrite
+from .kv_attrs import KV_ATTR, KVCacheAttrs
+from .paged_attention_rewrite import PagedAttentionRewrite
 from .pipeline import kv_pipeline
+from .quantize_weights import QuantizeWeights
 from .simplify_power import SimplifyPower
 
 __all__ = ["AttentionMatchError", "BlockifyKVCache", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
-           "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "ScheduleHostOps",
+           "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "QuantizeWeights", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

@@ -20,7 +20,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .attention_match import op_name
+from .relax_helpers import bindings as function_bindings
+from .relax_helpers import op_name
 
 #: Function attribute of a stage: its function, index and the number of stages.
 STAGE_ATTR = "llmir.stage"
@@ -64,7 +65,7 @@ def _free(expr: relax.Expr) -> list:
 
 
 def _split(fname: str, func: relax.Function) -> dict:
-    bindings = [b for block in func.body.blocks for b in block.bindings]
+    bindings = function_bindings(func)
     cuts = [i for i, b in enumerate(bindings) if op_name(b.value) == _ALLREDUCE]
     if not cuts:
         return {fname: func}

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-import tvm
 import tvm_ffi
 from tvm import relax, tirx
-from tvm.ir import Op
+
+from .relax_helpers import bound_values, op_name, scalar_constant
 
 _LAYOUT_OPS = {
     "relax.reshape",
@@ -37,22 +36,6 @@ _SCALE_OPS = {"relax.multiply", "relax.divide"}
 @tvm_ffi.error.register_error
 class AttentionMatchError(ValueError):
     """An attention-like subgraph that cannot be converted (names the function and the op)."""
-
-
-def op_name(expr: relax.Expr) -> str | None:
-    """Name of the op a call expression applies, or None."""
-    if isinstance(expr, relax.Call) and isinstance(expr.op, Op):
-        return expr.op.name
-    return None
-
-
-def scalar_constant(expr: relax.Expr) -> float | None:
-    """The value of a constant whose elements are all equal, else None."""
-    if isinstance(expr, tvm.ir.GenericConst):
-        data = expr.value.numpy()
-        if data.size and np.all(data == data.flat[0]):
-            return float(data.flat[0])
-    return None
 
 
 @dataclass
@@ -105,6 +88,11 @@ class AttentionMatch:
     #: The Q·Kᵀ matmul: ``mask`` evaluated with it taken as zeros is the bias the graph adds.
     scores: relax.Var | None = None
 
+    @property
+    def v_head_dim(self) -> int:
+        """Head dim of V (and of the output): MLA models (DeepSeek) have V rows narrower than Q/K's."""
+        return int(self.v.new.tensor.ty.shape[self.v.new.dim_axis])
+
 
 def _has_axis(expr: relax.Expr, size: int) -> bool:
     """Whether ``expr`` is a tensor with an axis of the constant ``size``."""
@@ -114,11 +102,15 @@ def _has_axis(expr: relax.Expr, size: int) -> bool:
     return any(isinstance(d, tirx.IntImm) and int(d.value) == size for d in ty.shape.values)
 
 
-def emit_like(bb: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> relax.Var:
-    """Emit ``value`` as a replacement for ``like``: a dataflow output if ``like`` was one."""
-    if isinstance(like, relax.DataflowVar):
-        return bb.emit(value, name_hint=like.name)
-    return bb.emit_output(value, name_hint=like.name)
+def _through_scaling(value: relax.Expr | None, scale: float) -> tuple[relax.Expr, float] | None:
+    """(the scaled operand, ``scale`` times the factor) when ``value`` multiplies or divides by a
+    scalar constant (``x * c``, ``x / c``, ``c * x``); None otherwise."""
+    name = op_name(value)
+    if name in _SCALE_OPS and (c := scalar_constant(value.args[1])) is not None:
+        return value.args[0], scale * c if name == "relax.multiply" else scale / c
+    if name == "relax.multiply" and (c := scalar_constant(value.args[0])) is not None:
+        return value.args[1], scale * c
+    return None
 
 
 def _keeps_query_key_axes(call: relax.Call) -> bool:
@@ -133,15 +125,11 @@ def _keeps_query_key_axes(call: relax.Call) -> bool:
 
 
 class _Bindings:
-    """Var -> bound value for every binding of a function, plus users of each var."""
+    """Var -> bound value for every binding of a function, in binding order."""
 
     def __init__(self, func: relax.Function):
-        self.value: dict = {}
-        self.order: list = []
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                self.value[binding.var] = binding.value
-                self.order.append(binding.var)
+        self.value = bound_values(func)
+        self.order = list(self.value)
         self.params = set(func.params)
 
     def producer(self, expr: relax.Expr) -> relax.Expr | None:
@@ -193,13 +181,8 @@ class AttentionMatcher:
                 return expr, scale
             if name in _LAYOUT_OPS:
                 expr = value.args[0]
-            elif name in _SCALE_OPS and scalar_constant(value.args[1]) is not None:
-                c = scalar_constant(value.args[1])
-                scale = scale * c if name == "relax.multiply" else scale / c
-                expr = value.args[0]
-            elif name == "relax.multiply" and scalar_constant(value.args[0]) is not None:
-                scale *= scalar_constant(value.args[0])
-                expr = value.args[1]
+            elif (scaled := _through_scaling(value, scale)) is not None:
+                expr, scale = scaled
             else:
                 return expr, scale
 
@@ -273,13 +256,8 @@ class AttentionMatcher:
                 return expr, (scale * cap if outer is not None else scale), cap, bias
             if name in _LAYOUT_OPS and _keeps_query_key_axes(value):
                 expr = value.args[0]
-            elif name in _SCALE_OPS and scalar_constant(value.args[1]) is not None:
-                c = scalar_constant(value.args[1])
-                scale = scale * c if name == "relax.multiply" else scale / c
-                expr = value.args[0]
-            elif name == "relax.multiply" and scalar_constant(value.args[0]) is not None:
-                scale *= scalar_constant(value.args[0])
-                expr = value.args[1]
+            elif (scaled := _through_scaling(value, scale)) is not None:
+                expr, scale = scaled
             elif name == "relax.tanh" and outer is None:
                 if scale <= 0:
                     raise AttentionMatchError(f"{self.fname}: soft-cap {scale} * tanh(...) of attention scores is not positive")
@@ -329,10 +307,15 @@ class AttentionMatcher:
         k_expr, ks = self._strip(value.args[1], head_dim)
         scale *= qs * ks  # with a soft-cap, these scalings sit inside the tanh
         output = self._pv_matmul(var)
-        v_expr = self._strip(self.b.value[output].args[1], head_dim)[0]
+        v_in = self.b.value[output].args[1]
+        v_dim = v_in.ty.shape.values[-1] if isinstance(v_in.ty, relax.TensorType) and v_in.ty.shape is not None else None
+        if not isinstance(v_dim, tirx.IntImm):
+            raise AttentionMatchError(f"{self.fname}: V of softmax {var.name} has no constant head_dim (got {v_dim})")
+        v_head_dim = int(v_dim.value)  # may differ from Q/K's (MLA)
+        v_expr = self._strip(v_in, v_head_dim)[0]
         q = _axes_of(q_src, head_dim, "Q", self.fname)
         k = self._kv_source(k_expr, head_dim, "K")
-        v = self._kv_source(v_expr, head_dim, "V")
+        v = self._kv_source(v_expr, v_head_dim, "V")
         if (k.past_param is None) != (v.past_param is None):
             raise AttentionMatchError(f"{self.fname}: only one of K and V of softmax {var.name} comes from a cache")
         if k.new.num_heads != v.new.num_heads or q.num_heads % k.new.num_heads:

@@ -21,21 +21,17 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from llmir_tvm import ops
 
-from .attention_match import AttentionMatchError, emit_like, op_name
-from .paged_attention_rewrite import KV_ATTR
+from .attention_match import AttentionMatchError
+from .relax_helpers import bound_values, emit_like, is_paged, op_name
 
 _PAGED = "relax.llm.paged_attention"
 _LAYOUT = {"relax.reshape", "relax.permute_dims", "relax.astype", "relax.squeeze", "relax.expand_dims"}
 
 
-def _bindings(func: relax.Function) -> dict:
-    return {b.var: b.value for block in func.body.blocks for b in block.bindings}
-
-
 def _lm_head(func: relax.Function):
     """(returned var, matmul producing the logits) when the output is ``layout(matmul(x, w))`` with
     ``x`` of ``[n, h]`` or ``[1, n, h]`` tokens (the token axis is the one the rows are taken from)."""
-    bound = _bindings(func)
+    bound = bound_values(func)
     ret = func.body.body
     expr = ret
     while isinstance(expr, relax.Var) and expr in bound:
@@ -129,7 +125,7 @@ class BlockifyKVCache:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         result = tvm.IRModule({}, attrs=mod.attrs)
         for gv, func in mod.functions_items():
-            if not (isinstance(func, relax.Function) and func.attrs is not None and KV_ATTR in func.attrs):
+            if not is_paged(func):
                 result[gv] = func
                 continue
             base = "" if gv.name_hint == "main" else gv.name_hint + "_"

@@ -11,7 +11,20 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, wildcard
+
+from .relax_helpers import rewrite_calls
+
+
+_DATA, _INDICES = wildcard(), wildcard()
+_TAKE = is_op("relax.take")(_DATA, _INDICES)
+
+
+def _clipped(call: relax.Call, m: dict) -> relax.Expr:
+    if str(call.attrs.mode) != "fast":
+        return call
+    axis = call.attrs.axis
+    return relax.op.take(m[_DATA], m[_INDICES], axis=None if axis is None else int(axis), mode="clip")
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipTakeIndices")
@@ -19,17 +32,4 @@ class ClipTakeIndices:
     """Give every ``relax.take`` in ``"fast"`` mode the ``"clip"`` mode (bounds-safe, no TOPI warning)."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        data, indices = wildcard(), wildcard()
-        pattern = is_op("relax.take")(data, indices)
-
-        def rewrite(call: relax.Call, m: dict) -> relax.Expr:
-            if str(call.attrs.mode) != "fast":
-                return call
-            axis = call.attrs.axis
-            return relax.op.take(m[data], m[indices], axis=None if axis is None else int(axis), mode="clip")
-
-        result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                result[gv] = rewrite_call(pattern, rewrite, func)
-        return result
+        return rewrite_calls(mod, _TAKE, _clipped)

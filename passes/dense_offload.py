@@ -13,14 +13,11 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from .relax_helpers import is_weight_matrix, map_relax_functions
+
 MATMUL = "llmir.blas.matmul"
 MATMUL_NT = "llmir.blas.matmul_nt"
-_DTYPES = ("float32",)
-
-
-def _is_weight(expr: relax.Expr, params: set) -> bool:
-    ty = expr.ty
-    return expr in params and isinstance(ty, relax.TensorType) and ty.ndim == 2 and str(ty.dtype) in _DTYPES
+_DTYPE = "float32"
 
 
 @tvm.transform.module_pass(opt_level=0, name="OffloadDenseToBLAS")
@@ -28,11 +25,7 @@ class OffloadDenseToBLAS:
     """Route float32 ``x @ W`` / ``x @ Wᵀ`` with a 2-D parameter ``W`` to the host BLAS."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                result[gv] = self._rewrite(func)
-        return result
+        return map_relax_functions(mod, self._rewrite)
 
     @staticmethod
     def _rewrite(func: relax.Function) -> relax.Function:
@@ -44,17 +37,17 @@ class OffloadDenseToBLAS:
 
         def same_dtype(call: relax.Call) -> bool:
             out = call.attrs.out_dtype
-            return not out or str(out) == str(call.args[0].ty.dtype) == str(call.ty.dtype) in _DTYPES
+            return not out or str(out) == str(call.args[0].ty.dtype) == str(call.ty.dtype) == _DTYPE
 
         def to_blas_nt(call: relax.Call, m: dict) -> relax.Expr:
             axes = m[weight_t].attrs.axes
             swap = axes is None or [int(a) for a in axes] == [1, 0]
-            if not (_is_weight(m[w], params) and swap and same_dtype(call)):
+            if not (is_weight_matrix(m[w], params, _DTYPE) and swap and same_dtype(call)):
                 return call
             return relax.call_dps_packed(MATMUL_NT, [m[x], m[w]], out_ty=call.ty)
 
         def to_blas(call: relax.Call, m: dict) -> relax.Expr:
-            if not (_is_weight(m[w], params) and same_dtype(call)):
+            if not (is_weight_matrix(m[w], params, _DTYPE) and same_dtype(call)):
                 return call
             return relax.call_dps_packed(MATMUL, [m[x], m[w]], out_ty=call.ty)
 

@@ -41,6 +41,7 @@ from tvm.sym.analyzer import Analyzer
 from ..target import vector_shape
 from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
 from ..tir_kernels.dense_packed import packed_shape, packed_tiles
+from .relax_helpers import is_weight_matrix
 
 _DTYPE = "float32"
 #: Module attribute the pass sets: ``{str(weight index): panel}`` of the weights to pack.
@@ -133,7 +134,7 @@ def _packable_weights(functions, plan) -> dict[int, int]:
     for _, func in functions:
         weights = _weights(func)
         for i, w in enumerate(weights or []):
-            if _is_float_weight(w, set(weights)):
+            if is_weight_matrix(w, set(weights), _DTYPE, static_shape=True):
                 n, k = (int(d) for d in w.ty.shape.values)
                 if plan(k, n).panel is not None:
                     candidates.setdefault(i, plan(k, n).panel)
@@ -150,19 +151,13 @@ def _packable_weights(functions, plan) -> dict[int, int]:
     return {i: p for i, p in candidates.items() if i not in blocked}
 
 
-def _is_float_weight(expr: relax.Expr, params: set) -> bool:
-    ty = expr.ty
-    return (expr in params and isinstance(ty, relax.TensorType) and ty.ndim == 2 and str(ty.dtype) == _DTYPE
-            and all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values))
-
-
 def _rewrite(func: relax.Function, kernel, packed: dict[int, int]) -> relax.Function:
     """``func`` with its ``Linear`` products on ``kernel(K, N, rank, packed)``; the weights at the
     indices of ``packed`` (``{weight index: panel}``) become packed parameters."""
     params = set(func.params)
     weights = _weights(func) or []
     swaps = {w: relax.Var(w.name, relax.TensorType(relax.ShapeExpr(list(packed_shape(*_k_n(w), packed[i]))), _DTYPE))
-             for i, w in enumerate(weights) if i in packed and _is_float_weight(w, params)}
+             for i, w in enumerate(weights) if i in packed and is_weight_matrix(w, params, _DTYPE, static_shape=True)}
     x, w = wildcard(), wildcard()
     weight_t = is_op("relax.permute_dims")(w)
     pattern = is_op("relax.matmul")(x, weight_t)
@@ -171,7 +166,7 @@ def _rewrite(func: relax.Function, kernel, packed: dict[int, int]) -> relax.Func
         axes = m[weight_t].attrs.axes
         swapped = axes is None or [int(a) for a in axes] == [1, 0]
         x_ty, out_ty = m[x].ty, call.ty
-        if not (swapped and _is_float_weight(m[w], params) and isinstance(x_ty, relax.TensorType)
+        if not (swapped and is_weight_matrix(m[w], params, _DTYPE, static_shape=True) and isinstance(x_ty, relax.TensorType)
                 and x_ty.shape is not None and str(x_ty.dtype) == _DTYPE and str(out_ty.dtype) == _DTYPE):
             return call
         k_in, n_out = _k_n(m[w])

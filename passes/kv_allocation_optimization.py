@@ -48,8 +48,8 @@ from llmir_tvm.memory_plan import (
 )
 
 from .dense_offload import OffloadDenseToBLAS
-from .kv_attrs import KVCacheAttrs
-from .paged_attention_rewrite import KV_ATTR
+from .kv_attrs import KV_ATTR
+from .relax_helpers import bindings, kv_attrs_of, op_name, paged_functions
 
 _APPEND = "relax.llm.append_kv"
 
@@ -59,25 +59,10 @@ class KVCacheBudgetError(PoolDoesNotFit):
     """:class:`PoolDoesNotFit` raised by the pass (registered with tvm_ffi so it keeps its type through the pass machinery)."""
 
 
-def _op_name(value: relax.Expr) -> str | None:
-    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
-
-
-def paged_functions(mod: tvm.IRModule) -> list[tuple[tvm.ir.GlobalVar, relax.Function]]:
-    """The Relax functions of ``mod`` carrying the ``llmir.kv_cache`` attribute."""
-    return [
-        (gv, f) for gv, f in mod.functions_items()
-        if isinstance(f, relax.Function) and f.attrs is not None and KV_ATTR in f.attrs
-    ]
-
-
 def pool_params(func: relax.Function) -> list[relax.Var]:
     """Parameters of ``func`` that ``llm.append_kv`` writes: the paged pools, in parameter order."""
-    written = set()
-    for block in func.body.blocks:
-        for b in block.bindings:
-            if _op_name(b.value) == _APPEND and isinstance(b.value.args[0], relax.Var):
-                written.add(b.value.args[0])
+    written = {b.value.args[0] for b in bindings(func)
+               if op_name(b.value) == _APPEND and isinstance(b.value.args[0], relax.Var)}
     return [p for p in func.params if p in written]
 
 
@@ -152,7 +137,8 @@ def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens:
     pools) are not counted; the in-place ``llm.append_kv`` allocates nothing.
     """
     funcs = paged_functions(mod)
-    subset = tvm.IRModule({gv: f for gv, f in funcs}, attrs=mod.attrs)
+    kernels = {gv: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}  # what call_tir calls
+    subset = tvm.IRModule({**kernels, **{gv: f for gv, f in funcs}}, attrs=mod.attrs)
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name == "llvm":  # as llmir_tvm.compile does for CPU targets
         subset = OffloadDenseToBLAS()(subset)
@@ -172,14 +158,13 @@ def allocated_bytes(func: relax.Function, max_batch_tokens: int, max_blocks: int
     for var in relax.analysis.defined_symbolic_vars(func):
         analyzer.bind(var, tirx.IntImm("int64", max_blocks if width is not None and var.same_as(width) else max_batch_tokens))
     total = 0
-    for block in func.body.blocks:
-        for b in block.bindings:
-            name = _op_name(b.value)
-            if name == "relax.memory.alloc_storage":
-                total += _shape_product(b.value.args[0], analyzer)
-            elif name == "relax.builtin.alloc_tensor":
-                dtype = tvm.DataType(str(b.value.args[1].value))
-                total += _shape_product(b.value.args[0], analyzer) * dtype.bits * dtype.lanes // 8
+    for b in bindings(func):
+        name = op_name(b.value)
+        if name == "relax.memory.alloc_storage":
+            total += _shape_product(b.value.args[0], analyzer)
+        elif name == "relax.builtin.alloc_tensor":
+            dtype = tvm.DataType(str(b.value.args[1].value))
+            total += _shape_product(b.value.args[0], analyzer) * dtype.bits * dtype.lanes // 8
     return total
 
 
@@ -217,7 +202,7 @@ def repage(func: relax.Function, page_size: int) -> relax.Function:
         new[p] = relax.Var(p.name, relax.TensorType(dims, p.ty.dtype))
     result = _RepagePools(None, new).visit_expr(func)
     attrs = {k: func.attrs[k] for k in func.attrs.keys()}
-    attrs[KV_ATTR] = KVCacheAttrs.from_attrs(attrs[KV_ATTR]).replace(page_size=page_size).to_attrs()
+    attrs[KV_ATTR] = kv_attrs_of(func).replace(page_size=page_size).to_attrs()
     return relax.Function(result.params, result.body, None, result.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
 
 
@@ -260,13 +245,12 @@ class KVCacheAllocationOptimization:
         if not funcs:
             raise ValueError("KVCacheAllocationOptimization: no function carries 'llmir.kv_cache'; "
                              "run PagedAttentionRewrite and BlockifyKVCache first")
-        geometry = funcs[0][1].attrs[KV_ATTR]
-        num_layers, dtype = int(geometry["num_layers"]), str(geometry["dtype"])
-        if "layer_dtypes" in geometry:  # mixed precision: one pool dtype per layer
-            dtype = [str(d) for d in geometry["layer_dtypes"]]
-        heads = sorted({int(h) for h in geometry["num_kv_heads"]})
-        dims = sorted({int(d) for d in geometry["head_dim"]})
-        windows = sorted({int(w) for w in geometry["sliding_window"]})
+        geometry = kv_attrs_of(funcs[0][1])
+        num_layers = geometry.num_layers
+        # per-layer pool dtypes (mixed precision, quantized pools) or the one dtype
+        dtype = geometry.pool_dtypes if geometry.layer_dtypes is not None else geometry.dtype
+        heads, dims = sorted(set(geometry.num_kv_heads)), sorted(set(geometry.head_dim))
+        windows = sorted(set(geometry.sliding_window))
         if len(heads) != 1 or len(dims) != 1:
             raise ValueError(f"KVCacheAllocationOptimization: layers differ in KV heads / head_dim ({heads} / {dims}); "
                              "one pool layout is supported")
@@ -278,7 +262,7 @@ class KVCacheAllocationOptimization:
             source = "chosen for " + (f"{len(kv.expected_seq_lens)} expected lengths" if kv.expected_seq_lens
                                       else f"lengths uniform in [1, {max_seq_len}]")
         result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        if page != int(geometry["page_size"]):
+        if page != geometry.page_size:
             for gv, func in funcs:
                 result[gv] = repage(func, page)
             funcs = paged_functions(result)

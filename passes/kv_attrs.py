@@ -63,6 +63,11 @@ class KVCacheAttrs:
         return len(self.num_kv_heads)
 
     @property
+    def pool_dtypes(self) -> list[str]:
+        """Each pool's dtype: ``layer_dtypes`` when set (mixed or quantized pools), else ``dtype``."""
+        return list(self.layer_dtypes) if self.layer_dtypes is not None else [self.dtype] * self.num_layers
+
+    @property
     def sinks(self) -> list[int]:
         """Each pool's sink tokens (0 before ``KVCachePruning`` sets them)."""
         return list(self.sink_tokens) if self.sink_tokens is not None else [0] * self.num_layers

@@ -41,9 +41,10 @@ from llmir_tvm import ops
 from llmir_tvm.config import check_eviction
 from llmir_tvm.kv_groups import group_step_names, window_groups
 
-from .attention_match import AttentionMatchError, emit_like, op_name
+from .attention_match import AttentionMatchError
 from .kv_attrs import KVCacheAttrs
-from .paged_attention_rewrite import KV_ATTR
+from .kv_attrs import KV_ATTR
+from .relax_helpers import bindings, emit_like, is_paged, kv_attrs_of, op_name
 
 _APPEND = "relax.llm.append_kv"
 _PAGED = "relax.llm.paged_attention"
@@ -54,10 +55,6 @@ _PER_POOL = ("num_kv_heads", "num_qo_heads", "head_dim", "causal")
 @tvm_ffi.error.register_error
 class KVCachePruningError(ValueError):
     """The pruning configuration does not fit the model (bad window, layer list or policy for a layer)."""
-
-
-def _bindings(func: relax.Function) -> list[relax.VarBinding]:
-    return [b for block in func.body.blocks for b in block.bindings]
 
 
 @mutator
@@ -197,15 +194,15 @@ class KVCachePruning:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         result = tvm.IRModule({}, attrs=mod.attrs)
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and func.attrs is not None and KV_ATTR in func.attrs:
+            if is_paged(func):
                 func = self._prune(mod, func, gv.name_hint)
             result[gv] = func
         return result
 
     # ------------------------------------------------------------------ windows
-    def _layer_windows(self, attrs, fname: str) -> list[int]:
+    def _layer_windows(self, before: KVCacheAttrs, fname: str) -> list[int]:
         """Each layer's attention window: its mask's, or the config's where the mask has none."""
-        graph = [int(w) for w in attrs["sliding_window"]]
+        graph = list(before.sliding_window)
         if self.layer_windows is None:
             return graph
         if len(self.layer_windows) != len(graph):
@@ -236,23 +233,22 @@ class KVCachePruning:
     # ------------------------------------------------------------------ the rewrite
     def _prune(self, mod: tvm.IRModule, func: relax.Function, fname: str) -> relax.Function:
         attrs = dict(func.attrs)
-        kv = attrs[KV_ATTR]
-        num_layers = int(kv["num_layers"])
+        before = kv_attrs_of(func)
+        num_layers = before.num_layers
         pools = _pool_params(func, num_layers, fname)
-        windows = self._layer_windows(kv, fname)
-        causal = [bool(int(c)) for c in kv["causal"]]
-        layer_window = [self._attention_window(w, c, f"{fname} layer {i}") for i, (w, c) in enumerate(zip(windows, causal))]
+        windows = self._layer_windows(before, fname)
+        layer_window = [self._attention_window(w, c, f"{fname} layer {i}") for i, (w, c) in enumerate(zip(windows, before.causal))]
         # The layer of each attention (in binding order): the pool it reads before pruning.
-        first_pool_of = {b.var: b.value.args[0] for b in _bindings(func) if op_name(b.value) == _APPEND}
-        call_layers = [pools.index(first_pool_of[b.value.args[1]]) for b in _bindings(func) if op_name(b.value) == _PAGED]
+        first_pool_of = {b.var: b.value.args[0] for b in bindings(func) if op_name(b.value) == _APPEND}
+        call_layers = [pools.index(first_pool_of[b.value.args[1]]) for b in bindings(func) if op_name(b.value) == _PAGED]
 
         # 1. dead cache state: repeated appends read the first one; unread appends go (DCE).
         body = _DropDuplicateAppends(mod).visit_expr(func.body)
         clean = relax.Function(func.params, body, None, func.is_pure, func.attrs)
         clean = relax.transform.DeadCodeElimination()(tvm.IRModule({"f": clean}))["f"]
-        bindings = _bindings(clean)
-        pool_of = {b.var: b.value.args[0] for b in bindings if op_name(b.value) == _APPEND}
-        paged = [b for b in bindings if op_name(b.value) == _PAGED]
+        clean_bindings = bindings(clean)
+        pool_of = {b.var: b.value.args[0] for b in clean_bindings if op_name(b.value) == _APPEND}
+        paged = [b for b in clean_bindings if op_name(b.value) == _PAGED]
         if len(paged) != len(call_layers):
             raise AttentionMatchError(f"KVCachePruning: {fname} has an attention whose output is never used")
         used = set(relax.analysis.free_vars(clean.body))
@@ -293,7 +289,6 @@ class KVCachePruning:
         params = params[:first_pool] + [new_pools.get(p, p) for p in live] + new_params + [q for q in params[first_pool:] if q not in dropped]
         if "num_input" in attrs:
             attrs["num_input"] = int(attrs["num_input"]) - (num_layers - len(live)) + len(new_params)
-        before = KVCacheAttrs.from_attrs(kv)
         live_of = [pools.index(p) for p in live]
         attrs[KV_ATTR] = before.replace(
             **{name: [getattr(before, name)[i] for i in live_of] for name in _PER_POOL},

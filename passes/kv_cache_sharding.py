@@ -49,9 +49,8 @@ from tvm import relax, tirx
 from tvm.sym.analyzer import Analyzer
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .attention_match import emit_like, op_name
-from .kv_attrs import KVCacheAttrs
-from .paged_attention_rewrite import KV_ATTR
+from .kv_attrs import KV_ATTR
+from .relax_helpers import bound_values, emit_like, is_paged, kv_attrs_of, op_name
 
 #: Function attribute holding the shard count and how each weight is sliced.
 SHARD_ATTR = "llmir.sharding"
@@ -124,10 +123,6 @@ class _Plan:
     out_proj: set = field(default_factory=set)
 
 
-def _bindings(func: relax.Function) -> dict:
-    return {b.var: b.value for block in func.body.blocks for b in block.bindings}
-
-
 def _root_param(expr: relax.Expr, bound: dict, params: set):
     """(param, axes) when ``expr`` is a parameter seen through permute_dims / astype; ``axes[i]`` is
     the parameter axis of ``expr``'s axis i. None otherwise."""
@@ -151,7 +146,7 @@ class _Analysis:
 
     def __init__(self, func: relax.Function, fname: str, split_of):
         self.func, self.fname, self.split_of = func, fname, split_of
-        self.bound = _bindings(func)
+        self.bound = bound_values(func)
         self.params = set(func.params)
         self.users: dict = {}
         for var, value in self.bound.items():
@@ -351,8 +346,8 @@ def _product(dims: list):
 
 
 def _shard_function(mod: tvm.IRModule, fname: str, func: relax.Function, num_shards: int) -> relax.Function:
-    kv = func.attrs[KV_ATTR]
-    qo_heads, kv_heads = [int(h) for h in kv["num_qo_heads"]], [int(h) for h in kv["num_kv_heads"]]
+    kv = kv_attrs_of(func)
+    qo_heads, kv_heads = list(kv.num_qo_heads), list(kv.num_kv_heads)
     splits = [HeadSplit.of(num_shards, q, k, f"{fname} layer {i}") for i, (q, k) in enumerate(zip(qo_heads, kv_heads))]
     def split_of(layer: int) -> HeadSplit:
         if layer >= len(splits):
@@ -384,7 +379,7 @@ def _shard_function(mod: tvm.IRModule, fname: str, func: relax.Function, num_sha
     body = rewriter.visit_expr(func.body)
 
     attrs = dict(func.attrs)
-    attrs[KV_ATTR] = KVCacheAttrs.from_attrs(kv).replace(
+    attrs[KV_ATTR] = kv.replace(
         num_kv_heads=[s.kv_per_shard for s in splits], num_qo_heads=[s.qo_per_shard for s in splits],
     ).to_attrs()
     attrs[SHARD_ATTR] = {
@@ -413,7 +408,7 @@ class KVCacheSharding:
             return mod
         result = tvm.IRModule({}, attrs=mod.attrs)
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and func.attrs is not None and KV_ATTR in func.attrs:
+            if is_paged(func):
                 if SHARD_ATTR in func.attrs:
                     raise ShardingError(f"{gv.name_hint} is already sharded")
                 func = _shard_function(mod, gv.name_hint, func, self.num_shards)

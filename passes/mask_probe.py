@@ -153,6 +153,29 @@ class MaskEvaluator:
         return self._done[key]
 
 
+#: Probe modules compiled in this process, by structural hash: ``[(module, executable), ...]``.
+_PROBES: dict[int, list[tuple[tvm.IRModule, tvm.runtime.Executable]]] = {}
+#: Distinct probe modules kept (a process compiling many architectures drops the oldest).
+_MAX_PROBES = 64
+
+
+def _compiled_probe(mod: tvm.IRModule) -> tvm.runtime.Executable:
+    """``tvm.compile(mod)`` for the host, once per structurally distinct probe in this process.
+
+    Compiling the same model again (another KV configuration, a sharded next to an unsharded
+    build) probes the same masks; their compile is most of the probe's time.
+    """
+    key = tvm_ffi.structural_hash(mod, map_free_vars=True)
+    for known, executable in _PROBES.get(key, []):
+        if tvm_ffi.structural_equal(known, mod, map_free_vars=True):
+            return executable
+    executable = tvm.compile(mod, target="llvm")
+    if sum(len(v) for v in _PROBES.values()) >= _MAX_PROBES:
+        _PROBES.pop(next(iter(_PROBES)))
+    _PROBES.setdefault(key, []).append((mod, executable))
+    return executable
+
+
 def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: ProbeInputs,
                sizes: Mapping | None = None) -> np.ndarray:
     """Compile and run a mask function on probe inputs.
@@ -172,8 +195,7 @@ def _run_probe(probe: relax.Function, params: list, length: int, probe_inputs: P
         extra = [tvm_ffi.Shape([sizes.get(v, length) for v in free])]
     symbolic = {v: sizes.get(v, length) for v in relax.analysis.defined_symbolic_vars(probe)}
     bound = probe.bind_symbolic_vars(symbolic) if symbolic else probe
-    exe = tvm.compile(tvm.IRModule({"mask_probe": _reemit(bound)}), target="llvm")
-    vm = relax.VirtualMachine(exe, tvm.cpu())
+    vm = relax.VirtualMachine(_compiled_probe(tvm.IRModule({"mask_probe": _reemit(bound)})), tvm.cpu())
     # Probe values are made for the parameters with their bound (concrete) shapes.
     values = [np.asarray(probe_inputs(length, p), order="C") for p in bound.params[: len(params)]]
     return vm["mask_probe"](*values, *extra).numpy()

@@ -27,11 +27,11 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from llmir_tvm import ops
 from llmir_tvm.kv_dtypes import check_kv_dtype, is_quantized, pool_row_elems
 
-from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes, emit_like, op_name
+from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes
+from .kv_attrs import KV_ATTR, KVCacheAttrs
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
+from .relax_helpers import emit_like, op_name
 
-#: Function attribute describing the paged KV cache a rewritten function expects.
-from .kv_attrs import KV_ATTR, KVCacheAttrs  # noqa: E402  (KV_ATTR re-exported: passes import it from here)
 STEP_PARAMS = ("slot_mapping", "block_table", "seq_lens", "q_indptr")
 
 
@@ -40,6 +40,7 @@ class LayerCache:
     """The pool of one attention layer."""
 
     num_kv_heads: int
+    #: Pool row size: the larger of Q/K's and V's head dims (they differ in MLA; see ``_pad_head_dim``).
     head_dim: int
     num_qo_heads: int
     causal: bool
@@ -111,7 +112,7 @@ class _PagedRewriter(PyExprMutator):
             moved = TensorAxes(self.visit_expr(axes.tensor), axes.head_axis, axes.seq_axis, axes.dim_axis)
             return _to_rows(bb, moved.tensor, axes, seq, dtype)
 
-        q, k, v = rows(m.q), rows(m.k.new), rows(m.v.new)
+        q, k, v = (_pad_head_dim(bb, rows(t), info.head_dim) for t in (m.q, m.k.new, m.v.new))
         pool = bb.emit(ops.append_kv(self.pools[layer], k, v, slot_mapping), name_hint=f"kv_cache_{layer}_appended")
         out = bb.emit(
             ops.paged_attention(
@@ -120,7 +121,22 @@ class _PagedRewriter(PyExprMutator):
                 logit_softcap=info.logit_softcap, alibi_slopes=info.alibi_slopes, sink_logits=info.sink_logits,
             )
         )
+        if m.v_head_dim < info.head_dim:  # V was padded: its zero columns are dropped from the output
+            out = bb.emit(relax.op.strided_slice(out, axes=[2], begin=[0], end=[m.v_head_dim]))
         return _from_rows(bb, out, out_var.ty)
+
+
+def _pad_head_dim(bb: relax.BlockBuilder, rows: relax.Expr, head_dim: int) -> relax.Expr:
+    """``rows [seq, heads, d]`` zero-padded to ``head_dim`` columns (no-op when ``d == head_dim``).
+
+    Attention whose V head dim differs from Q/K's (MLA: DeepSeek's ``qk_nope + qk_rope`` keys over
+    ``v_head_dim`` values) shares one pool row of the larger size: zero columns of Q and K leave
+    every score unchanged, zero columns of V only add output columns, sliced off again.
+    """
+    d = int(rows.ty.shape[-1])
+    if d == head_dim:
+        return rows
+    return bb.emit(relax.op.nn.pad(rows, [0, 0, 0, 0, 0, head_dim - d]))
 
 
 def _sink_logits(values, heads: int, where: str) -> tuple:
@@ -230,7 +246,7 @@ class PagedAttentionRewrite:
             sinks = _sink_logits(evaluate(m.sinks), heads, where)
             if kind.row_offsets:
                 raise AttentionMatchError(f"{where}: a bias with per-row offsets cannot meet learned sinks")
-        return LayerCache(m.k.new.num_heads, m.head_dim, heads, kind.causal, kind.sliding_window,
+        return LayerCache(m.k.new.num_heads, max(m.head_dim, m.v_head_dim), heads, kind.causal, kind.sliding_window,
                           m.softcap, tuple(slopes), sinks)
 
     def _rewrite(self, mod, matcher: AttentionMatcher, matches: list[AttentionMatch]) -> relax.Function:

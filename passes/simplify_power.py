@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .attention_match import scalar_constant
+from .relax_helpers import rewrite_calls, scalar_constant
 
 _MAX_EXPONENT = 4
+
+
+_BASE, _EXPONENT = wildcard(), is_const()
+_POWER = is_op("relax.power")(_BASE, _EXPONENT)
+
+
+def _multiplied(call: relax.Call, m: dict) -> relax.Expr:
+    exponent = scalar_constant(m[_EXPONENT])
+    if exponent is None or exponent != int(exponent) or not 1 <= exponent <= _MAX_EXPONENT:
+        return call
+    if call.ty != m[_BASE].ty:  # broadcasting or dtype change: leave it
+        return call
+    out = m[_BASE]
+    for _ in range(int(exponent) - 1):
+        out = relax.op.multiply(out, m[_BASE])
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="SimplifyPower")
@@ -21,22 +37,4 @@ class SimplifyPower:
     """Rewrite ``power(x, c)`` for integer ``1 <= c <= 4`` into ``c - 1`` multiplications."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        x, c = wildcard(), is_const()
-        pattern = is_op("relax.power")(x, c)
-
-        def rewrite(call: relax.Call, m: dict) -> relax.Expr:
-            exponent = scalar_constant(m[c])
-            if exponent is None or exponent != int(exponent) or not 1 <= exponent <= _MAX_EXPONENT:
-                return call
-            if call.ty != m[x].ty:  # broadcasting or dtype change: leave it
-                return call
-            out = m[x]
-            for _ in range(int(exponent) - 1):
-                out = relax.op.multiply(out, m[x])
-            return out
-
-        result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                result[gv] = rewrite_call(pattern, rewrite, func)
-        return result
+        return rewrite_calls(mod, _POWER, _multiplied)

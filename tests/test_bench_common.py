@@ -44,3 +44,37 @@ def test_write_result_keeps_one_current_result_and_archives_the_previous(tmp_pat
     assert archived == [f"kvquant_{tag}.json", f"kvquant_{tag}.png"]
     assert json.loads((tmp_path / "archive" / f"kvquant_{tag}.json").read_text())["speedup"] == 1.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["archive", "kvquant.json"]
+
+
+def test_save_result_writes_an_explicit_file_as_given_and_else_the_current_result(tmp_path):
+    explicit = common.save_result("dense_cpu", {"cases": [1]}, out=tmp_path / "mine" / "run.json", results=tmp_path)
+    assert explicit == tmp_path / "mine" / "run.json"
+    written = json.loads(explicit.read_text())
+    assert written["cases"] == [1] and written["machine"]["git_commit"]
+    assert not (tmp_path / "dense_cpu.json").exists()  # an explicit file leaves the current result alone
+    current = common.save_result("dense_cpu", {"cases": [2]}, results=tmp_path)
+    assert current == tmp_path / "dense_cpu.json" and json.loads(current.read_text())["cases"] == [2]
+    kept = common.save_result("dense_cpu", {"machine": {"date": "2026-01-02", "git_commit": "abc"}, "cases": [3]},
+                              results=tmp_path)
+    assert json.loads(kept.read_text())["machine"] == {"date": "2026-01-02", "git_commit": "abc"}
+    assert len(list((tmp_path / "archive").iterdir())) == 1
+
+
+def test_a_finished_run_removes_its_progress_file(tmp_path):
+    progress = common.partial_path("pruning", results=tmp_path)
+    assert progress == tmp_path / "pruning.partial.json"
+    assert common.partial_path("pruning", tmp_path / "x.json", results=tmp_path) == tmp_path / "x.json"
+    progress.write_text(json.dumps({"results": ["half"]}))
+    common.save_result("pruning", {"results": ["all"]}, results=tmp_path)
+    assert not progress.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruning.json"]
+
+
+def test_every_benchmark_with_an_output_option_writes_through_save_result():
+    bench_dir = Path(common.__file__).parent
+    writers = [p for p in sorted(bench_dir.glob("*.py")) if re.search(r'"--(out|json)"', p.read_text())]
+    assert {p.name for p in writers} >= {"dense.py", "kvquant.py", "model.py", "pruning.py", "serve.py", "threads.py"}
+    artifact_builders = {"model_gpu_build.py"}  # its --out is a folder of compiled artifacts, not a result
+    missing = [p.name for p in writers if p.name not in artifact_builders and "save_result" not in p.read_text()
+               and p.name != "model_gpu.py"]  # model_gpu.py hands --json to model_gpu_run.py
+    assert missing == []

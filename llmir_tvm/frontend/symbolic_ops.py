@@ -10,6 +10,17 @@ Exported decoders compute slice bounds with Python ``max``/``min`` over the toke
 (``torch.sym_max`` / ``sym_min``: MPT's ALiBi table). Where the export's value ranges decide
 the comparison (``max(256 - n, 0)`` with ``n <= 255``), the result is the winning operand, so
 that slice shapes simplify to the token count; otherwise a TIR ``max`` / ``min``.
+
+``topk(..., sorted=False)`` (DeepSeek's expert and group routing): TVM's converter refuses it;
+unsorted leaves the order of the ``k`` results unspecified, so sorted results are a valid answer.
+
+``slice_scatter`` over a constant range with step 1 (DeepSeek's ``new_empty`` key filled by two
+slice copies) becomes ``concat(x[:start], src, x[end:])``: TVM's ``slice_scatter`` kernel, fused
+and vectorised along a 24-wide axis, fails to build ("IntImm can only take scalar, but boolx24").
+
+``x[..., -2, :]`` and ``x[..., [-2]]`` (``select`` and one index tensor; Falcon's new-decoder
+QKV split): TVM's converters emit a ``take`` in "fast" mode, which reads out of bounds for
+negative indices; here they wrap.
 """
 
 from __future__ import annotations
@@ -91,6 +102,57 @@ def _empty(node, importer):
     return importer.block_builder.emit(relax.op.zeros(list(shape), dtype))
 
 
+def _topk(node, importer):
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    k = args[1] if len(args) > 1 else node.kwargs.get("k", 1)
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", -1)
+    largest = args[3] if len(args) > 3 else node.kwargs.get("largest", True)
+    return importer.block_builder.emit(relax.op.topk(args[0], k=k, axis=dim, largest=largest, ret_type="both", dtype="int64"))
+
+
+def _slice_scatter(node, importer):
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x, src = args[0], args[1]
+    shape = importer.shape_of(x)
+    dim = args[2] if len(args) > 2 else node.kwargs.get("dim", 0)
+    start = args[3] if len(args) > 3 else node.kwargs.get("start", 0)
+    end = args[4] if len(args) > 4 else node.kwargs.get("end", None)
+    step = args[5] if len(args) > 5 else node.kwargs.get("step", 1)
+    axis = dim % len(shape) if isinstance(dim, int) else None
+    extent = shape[axis] if axis is not None else None
+    if not (isinstance(extent, tirx.IntImm) and isinstance(start, int) and (end is None or isinstance(end, int)) and step == 1):
+        return importer._slice_scatter(node)  # pylint: disable=protected-access
+    n = int(extent.value)
+    lo, hi = (min(max(b + n if b < 0 else b, 0), n) for b in (start, n if end is None else end))
+    bb = importer.block_builder
+    parts = [bb.emit(relax.op.strided_slice(x, [axis], [a], [b])) for a, b in ((0, lo), (hi, n)) if b > a]
+    parts.insert(1 if lo > 0 else 0, src)
+    return bb.emit(relax.op.concat(parts, axis=axis)) if len(parts) > 1 else src
+
+
+def _index_tensor(node, importer):
+    from tvm import relax
+
+    data, indices = importer.retrieve_args(node)[:2]
+    given = [(axis, idx) for axis, idx in enumerate(indices) if idx is not None]
+    if len(given) != 1:
+        return importer._index_tensor(node)  # pylint: disable=protected-access
+    axis, idx = given[0]
+    return importer.block_builder.emit(relax.op.take(data, idx, axis=axis, mode="wrap"))
+
+
+def _select_int(node, importer):
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dim, index = node.args[1], node.args[2]
+    return importer.block_builder.emit(relax.op.take(x, relax.const(index, "int64"), dim, mode="wrap"))
+
+
 #: ``custom_convert_map`` entries for ``from_exported_program``.
 SYMBOLIC_CONVERTERS = {
     "sym_max": _select(True),
@@ -99,4 +161,8 @@ SYMBOLIC_CONVERTERS = {
     "reshape.default": _reshape,
     "empty.default": _empty,
     "empty.memory_format": _empty,
+    "topk.default": _topk,
+    "slice_scatter.default": _slice_scatter,
+    "index.Tensor": _index_tensor,
+    "select.int": _select_int,
 }

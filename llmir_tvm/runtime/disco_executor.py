@@ -160,7 +160,7 @@ class ShardedExecutor:
         """The copy-on-write block copy ``(pool, src, dst)`` for pools of ``dtype`` on every worker
         (mixed precision: the kernel named with the dtype, as ``CompiledModel`` names them)."""
         if dtype not in self._copy_kernels:
-            self._copy_kernels[dtype] = self.kernel(kernel_name("llmir_copy_blocks", dtype, bool(self.info.layer_kv_dtypes)))
+            self._copy_kernels[dtype] = self.kernel(kernel_name("llmir_copy_blocks", dtype, self.info.mixed_precision))
         kernel = self._copy_kernels[dtype]
         return lambda pool, src, dst: kernel(pool, self.broadcast(_host(src)), self.broadcast(_host(dst)))
 

@@ -292,9 +292,9 @@ def create_cache(
     windows, sinks = (list(column) for column in zip(*info.pool_windows_and_sinks))
     groups = window_groups(windows, sinks)
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
-                  dtype=info.kv_dtypes if getattr(info, "layer_kv_dtypes", None) else info.kv_dtype,
+                  dtype=info.kv_dtypes,
                   device=device, kernels=kernels)
-    if getattr(info, "eviction", "none") == "h2o":
+    if info.eviction == "h2o":
         return H2OKVCache(info.num_layers, num_blocks=num_blocks, heavy_hitters=info.heavy_hitters,
                           recent_window=info.eviction_window, **common)
     if len(groups) == 1:
