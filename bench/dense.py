@@ -1,4 +1,5 @@
-"""dense: our CPU dense kernel (``tir_kernels.dense``, what ``DenseToTIR`` compiles) vs numpy's BLAS.
+"""dense: our CPU dense kernel (``tir_kernels.dense_packed`` on the packed weight, what ``DenseToTIR``
+compiles by default) vs numpy's BLAS.
 
 ``out = x @ W.T`` in float32 for the default model's layer shapes (SmolLM2-135M: q/o 576x576,
 k/v 576->192, gate/up 576->1536, down 1536->576, the tied vocabulary projection 576->49152) at
@@ -41,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     import tvm
 
     from llmir_tvm.target import resolve_target, vector_shape
-    from llmir_tvm.tir_kernels.dense import dense_nt, dense_tiles, split_threads
+    from llmir_tvm.tir_kernels.dense import dense_nt, split_threads
+    from llmir_tvm.tir_kernels.dense_packed import pack_weight, packed_tiles
 
     shapes = SHAPES
     if args.quick:
         shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 64, 256, 1024, 2048], 32e6, 3
     target = resolve_target(ISA_TARGETS[args.isa])
     vec = vector_shape(target)
-    tiles = dense_tiles(vec.lanes, vec.registers)
+    tiles = packed_tiles(vec.lanes, vec.registers)
     rng = np.random.default_rng(0)
     rows_out = []
     for k, n in shapes:
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         w = rng.standard_normal((n, k), dtype=np.float32)
         copies = int(args.working_set // w.nbytes) + 1
         host = [w.copy() for _ in range(copies)]
-        dev = [tvm.runtime.tensor(a) for a in host]
+        dev = [tvm.runtime.tensor(pack_weight(a, tiles.panel)) for a in host]
         xs = {m: rng.standard_normal((m, k), dtype=np.float32) for m in args.rows}
         ours = {}
         for m, x in xs.items():

@@ -2,13 +2,14 @@
 
 Measured in one run on the same weights and threads: batch-1 decode tokens/s (32-token
 prompt, ``--new-tokens`` greedy tokens, end-of-sequence ignored) and prefill tokens/s
-(a ``--prefill-tokens`` prompt, logits of every position on all three sides) for our compiled
+(a ``--prefill-tokens`` prompt, logits of every position on all three sides; ours also with the
+last position's logits only, as a generation's prefill and llama-bench's pp512 compute) for our compiled
 model (paged KV cache, dense layers on the host BLAS), for ``transformers`` (its own KV
 cache) and for onnxruntime running the model exported to ONNX with a KV cache
 (``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
 With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
-(``bench/llama_cpp.py``; its prefill computes the last position's logits only, ours every
-position's), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
+(``bench/llama_cpp.py``; its prefill computes the last position's logits only, and is compared
+with ours that does the same), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
 ``--quantization int8|int4|gguf`` measures the model with quantized weights (the compiled-model
 cache is used, so a second run starts at once), its llama.cpp baseline on the GGUF of the same
 format (Q8_0 for int8, Q4_1 for int4 and gguf), and its quality: perplexity on the fixed text
@@ -106,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     def ours_decode():
         assert len(engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids) == new
 
+    def ours_prefill_last():  # a generation's prefill: the last position's logits (and one greedy token)
+        assert len(engine.generate([long_prompt], max_new_tokens=1, ignore_eos=True)[0].token_ids) == 1
+
     def hf_decode():
         out = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(prompt) + new
@@ -116,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     if ort is not None:
         sides["ort"] = (lambda: ort.generate(prompt, new), lambda: ort.prefill(prompt), lambda: ort.prefill(long_prompt))
     totals, short, long = ({side: [] for side in sides} for _ in range(3))
+    last_only: list[float] = []
     with torch.no_grad():
         for decode, prefill, prefill_long in sides.values():  # warm-up
             decode(), prefill(), prefill_long()
+        ours_prefill_last()
         hf_tokens = hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         same = {"ours": engine.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == hf_tokens}
         if quantization:  # identical tokens are not expected from other weights; kept for the record
@@ -130,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))
                 long[side].append(_timed(prefill_long))
+            last_only.append(_timed(ours_prefill_last))
     # Decode rate: the (new - 1) tokens after the first, whose cost is the prompt's prefill.
     decode_times = {side: [t - p for t, p in zip(totals[side], short[side])] for side in sides}
     decode = _median_rates(decode_times, new - 1)
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
         "weights_bytes": sum(int(p.nbytes) for p in compiled.params),
         "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
                           "tokens_identical_to_hf": same},
-        "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position"},
+        "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position",
+                    "ours_last_logits_tokens_per_s": len(long_prompt) / float(np.median(last_only))},
     }
     for key, rates in (("decode_batch1", decode), ("prefill", prefill)):
         for side, rate in rates.items():
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         out["decode_batch1"]["ratio_vs_llama_cpp"] = decode["ours"] / llama["decode_tokens_per_s"]
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
-        out["prefill"]["ratio_vs_llama_cpp"] = prefill["ours"] / llama["prefill_tokens_per_s"]
+        out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))

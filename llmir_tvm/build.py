@@ -25,6 +25,7 @@ from .model import CompiledModel, ModelInfo
 from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
 from .passes.clip_take_indices import ClipTakeIndices
+from .passes.dense_tir import PACKED_WEIGHTS_ATTR, packed_weights
 from .passes.kv_attrs import KVCacheAttrs
 from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
@@ -35,6 +36,7 @@ from .target import resolve_target
 from .weight_quantization import check_quantization, find_gguf_file, quantize_imported
 from . import tir_kernels
 from .tir_kernels import CacheLayout
+from .tir_kernels.dense_packed import pack_weight
 from .tir_kernels.slot_copy import COPY_SLOTS
 
 logger = logging.getLogger(__name__)
@@ -198,7 +200,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
     and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
     ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
-    target's tiles for every row count (``passes.DenseToTIR``), ``"blas"`` hands every ``Linear`` to
+    target's packed tiles for every row count (``passes.DenseToTIR``; weights used only by
+    ``Linear`` layers are then held packed into panels, ``info.packed_weights``), ``"blas"`` hands every ``Linear`` to
     numpy's BLAS (``passes.OffloadDenseToBLAS``); other weight matmuls go to the BLAS either way.
     ``quantization`` (``llvm`` targets): ``"int8"`` (per-output-channel symmetric) or ``"int4"``
     (groups of 32, float16 scale and offset) quantizes every ``Linear`` and embedding weight;
@@ -332,8 +335,10 @@ def _build(
         if cpu_dense != "blas":
             note("DenseToTIR")
             plans = DensePlans(cpu_dense, target)
-            mod = DenseToTIR(target=target, plans=plans)(mod)
+            mod = DenseToTIR(target=target, plans=plans, pack_weights=num_shards == 1)(mod)
             info.dense_plans = plans.to_json()
+            info.packed_weights = packed_weights(mod)
+            mod = mod.without_attr(PACKED_WEIGHTS_ATTR)
         note("OffloadDenseToBLAS")
         mod = OffloadDenseToBLAS()(mod)
     funcs = dict(mod.functions_items())
@@ -347,5 +352,7 @@ def _build(
     pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv, cuda_graph)
     executable = tvm.compile(ClipTakeIndices()(tvm.IRModule(funcs, attrs=mod.attrs)), target=target, relax_pipeline=pipeline)
     note.finish()
-    return CompiledModel(executable, imported.params, info, imported.tokenizer)
+    params = [pack_weight(w, info.packed_weights[str(i)]) if str(i) in info.packed_weights else w
+              for i, w in enumerate(imported.params)]
+    return CompiledModel(executable, params, info, imported.tokenizer)
 

@@ -25,6 +25,7 @@ import tvm
 
 from .target import cpu_features, resolve_target, vector_shape
 from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
+from .tir_kernels.dense_packed import PackedTiles, pack_weight, packed_candidates
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +55,54 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
     load hits all of them alike), and the medians compared; ties keep the earlier variant, and
     the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
     Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
+
+    A plan's variants share one weight layout (packed panels of one width, or ``W [N, K]``), so
+    when ``variants`` span several, each layout's best plan is scored by its mean slowdown
+    against the fastest variant of every bucket, and the first variant's layout is kept unless
+    another's score is better by ``margin``.
     """
     if not variants:
         raise ValueError("choose_plan needs at least one variant")
-    chosen: list[tuple[int, Variant]] = []
+    medians: list[tuple[int, list[float]]] = []  # (rows, median seconds per variant)
     for rows in buckets:
-        if chosen and 2.0 * rows * k * n > max_flops:
+        if medians and 2.0 * rows * k * n > max_flops:
             break
         samples: dict[int, list[float]] = {i: [] for i in range(len(variants))}
         for _ in range(repeats):
             for i, variant in enumerate(variants):
                 samples[i].append(float(measure(variant, rows)))
-        medians = [statistics.median(samples[i]) for i in range(len(variants))]
-        fastest = min(range(len(variants)), key=lambda i: (medians[i], i))
-        best = variants[fastest if medians[fastest] < (1.0 - margin) * medians[0] else 0]
-        log.debug("dense %dx%d at %d rows: %s -> %s", k, n, rows,
-                  ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians)), _label(best))
-        if not chosen or chosen[-1][1] != best:
-            chosen.append((0 if not chosen else rows, best))
-    return DensePlan(tuple(chosen))
+        medians.append((rows, [statistics.median(samples[i]) for i in range(len(variants))]))
+        log.debug("dense %dx%d at %d rows: %s", k, n, rows,
+                  ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians[-1][1])))
+    layouts = list(dict.fromkeys(_layout(v) for v in variants))
+    plans, scores = {}, {}
+    for layout in layouts:
+        members = [i for i, v in enumerate(variants) if _layout(v) == layout]
+        chosen: list[tuple[int, Variant]] = []
+        slowdown = 0.0
+        for rows, times in medians:
+            fastest = min(members, key=lambda i: (times[i], i))
+            best = fastest if times[fastest] < (1.0 - margin) * times[members[0]] else members[0]
+            slowdown += times[best] / max(min(times), 1e-30)
+            if not chosen or chosen[-1][1] != variants[best]:
+                chosen.append((0 if not chosen else rows, variants[best]))
+        plans[layout], scores[layout] = DensePlan(tuple(chosen)), slowdown / len(medians)
+    best_layout = min(layouts, key=lambda lay: (scores[lay], layouts.index(lay)))
+    if scores[best_layout] >= (1.0 - margin) * scores[layouts[0]]:
+        best_layout = layouts[0]
+    if len(layouts) > 1:
+        log.debug("dense %dx%d layouts (mean slowdown): %s -> %s", k, n,
+                  ", ".join(f"{lay or 'W[N,K]'} {scores[lay]:.2f}" for lay in layouts), best_layout or "W[N,K]")
+    return plans[best_layout]
+
+
+def _layout(variant: Variant) -> int | None:
+    """The weight layout a variant reads: its panel width if packed, else None (``W [N, K]``)."""
+    return variant.panel if isinstance(variant, PackedTiles) else None
 
 
 def _label(variant: Variant) -> str:
-    return variant.name if isinstance(variant, DenseTiles) else str(variant)
+    return variant if isinstance(variant, str) else variant.name
 
 
 def runs_on_host(target: tvm.target.Target) -> bool:
@@ -95,21 +121,28 @@ _ISA_FEATURE = re.compile(r"^(avx|sse|ssse|fma|f16c|bmi|lzcnt|popcnt|movbe|amx|v
 class HostTimer:
     """Times one call of each variant of a ``K x N`` product on this machine (a :data:`Timer`).
 
-    Tilings are built once for ``target``; ``"blas"`` is numpy's ``matmul`` as the compiled model
-    calls it (``llmir.blas.matmul_nt``). ``W`` is one random copy (it stays in cache for small
-    shapes, as between consecutive calls of a layer in a batched step).
+    Tilings are built once for ``target``; packed ones get ``W`` packed as the compiled model holds
+    it; ``"blas"`` is numpy's ``matmul`` as the compiled model calls it (``llmir.blas.matmul_nt``).
+    ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
+    a layer in a batched step).
     """
 
     def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):
         self.target, self.k, self.n = target, k, n
         rng = np.random.default_rng(seed)
         self.w = rng.standard_normal((n, k), dtype=np.float32)
-        self.w_dev = tvm.runtime.tensor(self.w)
-        self._kernels: dict[DenseTiles, Callable] = {}
+        self._weights: dict[int | None, tvm.runtime.Tensor] = {None: tvm.runtime.tensor(self.w)}
+        self._kernels: dict[Variant, Callable] = {}
         self._inputs: dict[int, tuple] = {}
         self._rng = rng
 
-    def _kernel(self, tiles: DenseTiles):
+    def _weight(self, variant: Variant):
+        layout = _layout(variant)
+        if layout not in self._weights:
+            self._weights[layout] = tvm.runtime.tensor(pack_weight(self.w, layout))
+        return self._weights[layout]
+
+    def _kernel(self, tiles: DenseTiles | PackedTiles):
         if tiles not in self._kernels:
             threads = split_threads(vector_shape(self.target).isa)  # as DenseToTIR builds it
             lib = tvm.tirx.build(dense_nt(self.k, self.n, 2, tiles, threads).with_attr("global_symbol", "dense"), self.target)
@@ -128,8 +161,8 @@ class HostTimer:
         if variant == "blas":
             call = lambda: np.matmul(x, self.w.T, out=out)  # noqa: E731
         else:
-            fn = self._kernel(variant)
-            call = lambda: fn(x_dev, self.w_dev, out_dev)  # noqa: E731
+            fn, w_dev = self._kernel(variant), self._weight(variant)
+            call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
         call()  # warm: first-touch, instruction cache
         start = time.perf_counter()
         call()
@@ -137,9 +170,11 @@ class HostTimer:
 
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
-    """The candidates compiled for ``target``: its best ``tilings`` register tilings, then the BLAS."""
+    """The candidates compiled for ``target``: its preferred packed tiling (the default), its
+    best ``tilings`` register tilings on ``W [N, K]``, then the BLAS (which reads ``W [N, K]``)."""
     shape = vector_shape(target)
-    return [*tile_candidates(shape.lanes, shape.registers)[:tilings], "blas"]
+    return [packed_candidates(shape.lanes, shape.registers)[0], *tile_candidates(shape.lanes, shape.registers)[:tilings],
+            "blas"]
 
 
 def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
@@ -172,7 +207,7 @@ class DensePlans:
     """The dense plans of one compile, by ``(K, N)``: ``DenseToTIR``'s ``plans`` callable.
 
     ``mode`` ``"auto"``: timed on the host (:func:`host_plans`; once per process per target and
-    shape); ``"tir"``: the target's best tiling; a dict ``{"KxN": [[min_rows, variant], ...]}``
+    shape); ``"tir"``: the target's packed tiling; a dict ``{"KxN": [[min_rows, variant], ...]}``
     (``ModelInfo.dense_plans`` of a compiled model): those plans, unmeasured. :attr:`chosen`
     records every plan handed out, for ``ModelInfo.dense_plans``.
     """

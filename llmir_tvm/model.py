@@ -74,6 +74,10 @@ class ModelInfo:
     #: like ``"8l2x4t8"``, or ``"blas"``) each row count runs, as measured at compile time
     #: (``llmir_tvm.dense_choice``); pass it to ``compile(cpu_dense=...)`` to reuse it.
     dense_plans: dict = field(default_factory=dict)
+    #: Weights stored packed for the CPU dense kernel: ``{str(weight index): panel}``; such a
+    #: weight ``W [N, K]`` is held (in ``params``) as ``tir_kernels.dense_packed.pack_weight(W, panel)``
+    #: (``unpack_weight`` gives it back).
+    packed_weights: dict = field(default_factory=dict)
     #: ``compile(quantization=...)``: ``""`` (float weights), ``"int8"``, ``"int4"`` or ``"gguf"``, and how
     #: many weights each format holds (``{"q4_1": 210, "q8_0": 1}``; ``llmir_tvm.quant.formats``).
     weight_quantization: str = ""

@@ -10,8 +10,18 @@ added to the module. The weight is never transposed or
 copied, and the product runs on TVM's thread pool like every other kernel of the model, so
 no BLAS worker threads compete with it for the cores.
 
+Weights packed at build time: where the plan's variants are :class:`PackedTiles` (the default:
+the target's packed tiling, ``tir_kernels.dense_packed``) and a weight is a model parameter
+(after the function's ``num_input`` inputs) that every function uses only as a ``Linear``
+weight, the parameter becomes the packed tensor ``[ceil(N/P), K, P]``: the functions take it in
+that shape, and the module attribute :data:`PACKED_WEIGHTS_ATTR` (``{weight index: P}``) says
+which of the model's weights ``compile`` must pack (``tir_kernels.dense_packed.pack_weight``)
+before they are used. A weight also used otherwise (an embedding tied to the output
+projection), or with ``pack_weights=False`` (sharded weights), keeps its layout and gets the
+target's tiles on ``W [N, K]`` (:func:`~llmir_tvm.tir_kernels.dense.dense_tiles`).
+
 The kernel splits its tasks self-balancing over TVM's pool threads on x86 (a thread slowed by
-another process does not hold the join: ``tir_kernels.dense.split_threads``).
+another process does not hold the join: ``tir_kernels.task_split``).
 Register tiles come from the target (``llmir_tvm.target.vector_shape``: AVX-512, AVX2, NEON, ...;
 the pass's ``target``, else the enclosing ``tvm.target.Target.current()``, else the host), or per
 ``(K, N)`` from ``plans`` (``llmir_tvm.dense_choice`` measures them: tiles and BLAS by row count).
@@ -30,9 +40,12 @@ from tvm.sym.analyzer import Analyzer
 
 from ..target import vector_shape
 from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
+from ..tir_kernels.dense_packed import packed_shape, packed_tiles
 from .relax_helpers import is_weight_matrix
 
 _DTYPE = "float32"
+#: Module attribute the pass sets: ``{str(weight index): panel}`` of the weights to pack.
+PACKED_WEIGHTS_ATTR = "llmir.packed_weights"
 
 
 @tvm.transform.module_pass(opt_level=0, name="DenseToTIR")
@@ -42,12 +55,15 @@ class DenseToTIR:
     ``target``: the LLVM target whose vector registers size the tiles; ``plans``: ``(K, N) ->``
     :class:`~llmir_tvm.tir_kernels.dense.DensePlan` (a mapping, or a function returning a plan or
     None, called once per shape: ``llmir_tvm.compile`` measures there); shapes without one get
-    the target's tiles.
+    the target's packed tiles. ``pack_weights``: whether weights may be packed (else every
+    packed plan falls back to the target's tiles on ``W [N, K]``).
     """
 
     def __init__(self, target: tvm.target.Target | str | dict | None = None,
-                 plans: Mapping[tuple[int, int], DensePlan] | Callable[[int, int], DensePlan | None] | None = None):
+                 plans: Mapping[tuple[int, int], DensePlan] | Callable[[int, int], DensePlan | None] | None = None,
+                 pack_weights: bool = True):
         self.target = target
+        self.pack_weights = bool(pack_weights)
         if isinstance(plans, Mapping):
             table = dict(plans)
             self.plans: Callable[[int, int], DensePlan | None] = lambda k, n: table.get((k, n))
@@ -61,29 +77,87 @@ class DenseToTIR:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
-        kernels: dict[tuple[int, int, int], tvm.ir.GlobalVar] = {}
+        kernels: dict[tuple[int, int, int, bool], tvm.ir.GlobalVar] = {}
         target = self.target if self.target is not None else tvm.target.Target.current(allow_none=True)
         shape = vector_shape(target)
-        tiles = DensePlan.tiles_only(dense_tiles(shape.lanes, shape.registers))
+        default = DensePlan.tiles_only(packed_tiles(shape.lanes, shape.registers))
+        unpacked = DensePlan.tiles_only(dense_tiles(shape.lanes, shape.registers))
         threads = split_threads(shape.isa)
+        plans: dict[tuple[int, int], DensePlan] = {}
 
-        def kernel(k: int, n: int, rank: int) -> tvm.ir.GlobalVar:
-            if (k, n, rank) not in kernels:
-                name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d")
-                prim = dense_nt(k, n, rank, self.plan_for(k, n, tiles), threads).with_attr("global_symbol", name)
-                kernels[(k, n, rank)] = builder.add_func(prim, name)
-            return kernels[(k, n, rank)]
+        def plan(k: int, n: int) -> DensePlan:
+            if (k, n) not in plans:
+                plans[(k, n)] = self.plan_for(k, n, default)
+            return plans[(k, n)]
 
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewritten = _rewrite(func, kernel)
-                if not rewritten.same_as(func):
-                    builder.update_func(gv, rewritten)
-        return builder.get()
+        def kernel(k: int, n: int, rank: int, packed: bool) -> tvm.ir.GlobalVar:
+            if (k, n, rank, packed) not in kernels:
+                name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d") + ("_packed" if packed else "")
+                chosen = plan(k, n) if packed or plan(k, n).panel is None else unpacked
+                prim = dense_nt(k, n, rank, chosen, threads).with_attr("global_symbol", name)
+                kernels[(k, n, rank, packed)] = builder.add_func(prim, name)
+            return kernels[(k, n, rank, packed)]
+
+        functions = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        packable = _packable_weights(functions, plan) if self.pack_weights else {}
+        for gv, func in functions:
+            rewritten = _rewrite(func, kernel, packable)
+            if not rewritten.same_as(func):
+                builder.update_func(gv, rewritten)
+        out = builder.get()
+        if packable:
+            out = out.with_attr(PACKED_WEIGHTS_ATTR, {str(i): int(p) for i, p in sorted(packable.items())})
+        return out
 
 
-def _rewrite(func: relax.Function, kernel) -> relax.Function:
+def packed_weights(mod: tvm.IRModule) -> dict[str, int]:
+    """``{str(weight index): panel}`` of the weights :class:`DenseToTIR` made packed parameters of
+    ``mod`` (its :data:`PACKED_WEIGHTS_ATTR`); empty if none. The caller packs those weights."""
+    attrs = mod.attrs
+    if attrs is None or PACKED_WEIGHTS_ATTR not in attrs:
+        return {}
+    return {str(i): int(p) for i, p in attrs[PACKED_WEIGHTS_ATTR].items()}
+
+
+def _weights(func: relax.Function) -> list[relax.Var] | None:
+    """The model's weights among ``func``'s parameters (after ``num_input``), or None without it."""
+    if func.attrs is None or "num_input" not in func.attrs:
+        return None
+    return list(func.params[int(func.attrs["num_input"]):])
+
+
+def _packable_weights(functions, plan) -> dict[int, int]:
+    """``{weight index: panel}`` of the weights every function uses only as ``Linear`` weights of
+    a packed plan. Found by rewriting each function as if they were all packed and seeing which
+    weight parameters the result still uses otherwise."""
+    candidates: dict[int, int] = {}
+    for _, func in functions:
+        weights = _weights(func)
+        for i, w in enumerate(weights or []):
+            if is_weight_matrix(w, set(weights), _DTYPE, static_shape=True):
+                n, k = (int(d) for d in w.ty.shape.values)
+                if plan(k, n).panel is not None:
+                    candidates.setdefault(i, plan(k, n).panel)
+    blocked: set[int] = set()
+    # A typed stand-in kernel: call_tir needs a PrimFunc callee, and the probe is thrown away.
+    probe_kernel = relax.BlockBuilder().add_func(tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)), "probe")
+    for _, func in functions:
+        weights = _weights(func)
+        if weights is None:  # weights not indexed here: nothing can be packed safely
+            return {}
+        probe = _rewrite(func, lambda k, n, rank, packed: probe_kernel, candidates)
+        still = set(relax.analysis.free_vars(probe.body))
+        blocked.update(i for i, w in enumerate(weights) if i in candidates and w in still)
+    return {i: p for i, p in candidates.items() if i not in blocked}
+
+
+def _rewrite(func: relax.Function, kernel, packed: dict[int, int]) -> relax.Function:
+    """``func`` with its ``Linear`` products on ``kernel(K, N, rank, packed)``; the weights at the
+    indices of ``packed`` (``{weight index: panel}``) become packed parameters."""
     params = set(func.params)
+    weights = _weights(func) or []
+    swaps = {w: relax.Var(w.name, relax.TensorType(relax.ShapeExpr(list(packed_shape(*_k_n(w), packed[i]))), _DTYPE))
+             for i, w in enumerate(weights) if i in packed and is_weight_matrix(w, params, _DTYPE, static_shape=True)}
     x, w = wildcard(), wildcard()
     weight_t = is_op("relax.permute_dims")(w)
     pattern = is_op("relax.matmul")(x, weight_t)
@@ -95,17 +169,30 @@ def _rewrite(func: relax.Function, kernel) -> relax.Function:
         if not (swapped and is_weight_matrix(m[w], params, _DTYPE, static_shape=True) and isinstance(x_ty, relax.TensorType)
                 and x_ty.shape is not None and str(x_ty.dtype) == _DTYPE and str(out_ty.dtype) == _DTYPE):
             return call
-        n_out, k_in = (int(d) for d in m[w].ty.shape.values)
+        k_in, n_out = _k_n(m[w])
         lead = list(x_ty.shape.values[:-1])
+        is_packed = m[w] in swaps
+        weight = swaps.get(m[w], m[w])
         if len(lead) in (1, 2):  # [n, K] or [b, s, K]: the kernel takes it as it is
-            return relax.call_tir(kernel(k_in, n_out, len(lead) + 1), [m[x], m[w]],
+            return relax.call_tir(kernel(k_in, n_out, len(lead) + 1, is_packed), [m[x], weight],
                                   out_ty=relax.TensorType(relax.ShapeExpr([*lead, n_out]), _DTYPE))
         if not lead:
             return call
         rows = Analyzer().simplify(functools.reduce(operator.mul, lead))
         flat = relax.op.reshape(m[x], relax.ShapeExpr([rows, k_in]))
-        product = relax.call_tir(kernel(k_in, n_out, 2), [flat, m[w]],
+        product = relax.call_tir(kernel(k_in, n_out, 2, is_packed), [flat, weight],
                                  out_ty=relax.TensorType(relax.ShapeExpr([rows, n_out]), _DTYPE))
         return relax.op.reshape(product, relax.ShapeExpr([*lead, n_out]))
 
-    return rewrite_call(pattern, to_tir, func)
+    rewritten = rewrite_call(pattern, to_tir, func)
+    if not swaps or rewritten.same_as(func):
+        return rewritten
+    rewritten = relax.analysis.remove_all_unused(rewritten)  # the dead permute_dims of swapped weights
+    new_params = [swaps.get(p, p) for p in rewritten.params]
+    return relax.Function(new_params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs, rewritten.span)
+
+
+def _k_n(w: relax.Var) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a ``W [N, K]`` parameter."""
+    n_out, k_in = (int(d) for d in w.ty.shape.values)
+    return k_in, n_out

@@ -13,10 +13,14 @@ import llmir_tvm
 from llmir_tvm import dense_choice
 from llmir_tvm.dense_choice import DensePlans, choose_plan, host_plans, host_variants, runs_on_host
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles
+from llmir_tvm.tir_kernels.dense_packed import PackedTiles
 
 A, B = DenseTiles(8, 2, 4, 8), DenseTiles(8, 4, 2, 8)
-#: Fake per-call seconds: A is best for few rows, B in the middle, the BLAS for many (a fixed cost).
-COST = {A: lambda r: 1.0 * r, B: lambda r: 0.8 * r + 2.0, "blas": lambda r: 0.5 * r + 10.0}
+#: AVX2's packed tiling (6 x 16, the default), and another panel width.
+P, P4 = PackedTiles(8, 6, 2), PackedTiles(8, 2, 4)
+#: Fake per-call seconds: A is best for few rows, B in the middle, the BLAS for many (a fixed cost);
+#: the packed P is slower than A everywhere (so W [N, K]'s plan wins).
+COST = {A: lambda r: 1.0 * r, B: lambda r: 0.8 * r + 2.0, "blas": lambda r: 0.5 * r + 10.0, P: lambda r: 1.2 * r}
 
 
 class FakeTimer:
@@ -55,6 +59,22 @@ def test_the_first_variant_stays_unless_beaten_by_the_margin():
     assert plan == DensePlan(((0, A), (64, "blas")))
 
 
+def test_one_weight_layout_per_plan():
+    """Packed P beats A at every row count but loses to the BLAS from 64 rows: a plan cannot mix
+    the packed weight with W [N, K], so each layout's plan is scored by its mean slowdown against
+    the per-bucket fastest (P alone 1.12, A then BLAS 1.21) and the first variant's layout (P's)
+    stays unless beaten by the margin; with P 1.2x slower than A, W [N, K]'s plan wins."""
+    fast_p = {P: lambda r: 0.7 * r, P4: lambda r: 0.75 * r, A: lambda r: 1.0 * r, "blas": lambda r: 0.5 * r + 10.0}
+    buckets = (1, 4, 16, 64, 256, 1024)
+    plan = choose_plan(576, 576, [P, P4, A, "blas"], FakeTimer(fast_p), buckets=buckets, repeats=3, max_flops=1e12)
+    assert plan == DensePlan(((0, P),))
+    plan = choose_plan(576, 576, [P, A, B, "blas"], FakeTimer(), buckets=buckets, repeats=3, max_flops=1e12, margin=0)
+    assert plan == DensePlan(((0, A), (16, B), (64, "blas")))
+    # the other panel width is its own layout: P4 (never fastest) does not join P's plan
+    slow_p = {**fast_p, P: lambda r: 0.76 * r}
+    assert choose_plan(576, 576, [P, P4], FakeTimer(slow_p), buckets=buckets, repeats=3, max_flops=1e12) == DensePlan(((0, P),))
+
+
 def test_ties_keep_the_earlier_variant_and_no_variants_is_an_error():
     flat = {A: lambda r: 1.0, B: lambda r: 1.0, "blas": lambda r: 1.0}
     assert choose_plan(8, 8, [B, A, "blas"], lambda v, r: flat[v](r), buckets=(1, 64), repeats=1) == DensePlan(((0, B),))
@@ -66,13 +86,13 @@ def test_host_plans_measure_what_runs_here_and_only_tiles_elsewhere():
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     aarch64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     assert not runs_on_host(aarch64)
-    assert host_variants(avx2) == [A, B, "blas"]
+    assert host_variants(avx2) == [P, A, B, "blas"]
 
     def refuse(*args):
         raise AssertionError("a target that cannot run here must not be timed")
 
     neon = host_plans(aarch64, [(64, 48)], timer_factory=refuse)
-    assert neon == {(64, 48): DensePlan(((0, DenseTiles(4, 4, 5, 20)),))}
+    assert neon == {(64, 48): DensePlan(((0, PackedTiles(4, 14, 2)),))}
     if runs_on_host(avx2):
         made = []
         plans = host_plans(avx2, [(576, 576), (576, 576)], timer_factory=lambda t, k, n: made.append((k, n)) or FakeTimer())
@@ -85,8 +105,8 @@ def test_saved_plans_are_reused_unmeasured_and_bad_ones_rejected(monkeypatch):
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     plans = DensePlans({"576x192": [[0, "8l2x4t8"], [256, "blas"]]}, target)
     assert plans(576, 192) == DensePlan(((0, A), (256, "blas")))
-    assert plans(64, 64) == DensePlan.tiles_only(A)  # not in the saved dict: the target's tiles
-    assert plans.to_json() == {"576x192": [[0, "8l2x4t8"], [256, "blas"]], "64x64": [[0, "8l2x4t8"]]}
+    assert plans(64, 64) == DensePlan.tiles_only(P)  # not in the saved dict: the target's packed tiles
+    assert plans.to_json() == {"576x192": [[0, "8l2x4t8"], [256, "blas"]], "64x64": [[0, "p8l6x2"]]}
     with pytest.raises(ValueError, match="not a dict of saved dense plans"):
         DensePlans({"576x192": [[0, "4x4"]]}, target)
     with pytest.raises(ValueError, match="cpu_dense must be one of"):
@@ -109,7 +129,7 @@ def test_compiled_plan_with_blas_rows_matches_hf_and_round_trips(monkeypatch, tm
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     if not runs_on_host(target):
         pytest.skip("this CPU cannot run AVX2 code")
-    blas_from_4 = {A: lambda r: 1.0 * r, B: lambda r: 1.0 * r + 1.0, "blas": lambda r: 3.0 + 0.1 * r}
+    blas_from_4 = {A: lambda r: 1.0 * r, B: lambda r: 1.0 * r + 1.0, "blas": lambda r: 3.0 + 0.1 * r, P: lambda r: 2.0 * r + 1}
     timed = []
     monkeypatch.setattr(dense_choice, "MIN_MEASURED_WEIGHTS", 0)
     monkeypatch.setattr(dense_choice, "_measured", {})
@@ -119,6 +139,7 @@ def test_compiled_plan_with_blas_rows_matches_hf_and_round_trips(monkeypatch, tm
     assert len(timed) == len(set(timed)) >= 3  # each Linear shape timed once (q/o, k/v, gate/up, down)
     assert set(compiled.info.dense_plans) == {f"{k}x{n}" for k, n in timed}
     assert all(p == [[0, "8l2x4t8"], [4, "blas"]] for p in compiled.info.dense_plans.values())
+    assert compiled.info.packed_weights == {}  # the measured plans read W [N, K]
     tokens = list(range(5, 25))
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()

@@ -12,6 +12,8 @@ import tvm.testing
 import llmir_tvm.runtime  # noqa: F401 - registers llmir.blas.matmul_nt, which "blas" segments call
 from llmir_tvm.target import cpu_features, vector_shape
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, tile_candidates
+from llmir_tvm.tir_kernels.dense_packed import (PackedTiles, pack_weight, packed_candidates, packed_shape,
+                                                 unpack_weight)
 
 HOST = cpu_features()
 #: ISA name -> (LLVM target, whether this machine runs its code)
@@ -29,14 +31,16 @@ def _isa(name: str) -> dict:
     return target
 
 
-def _check(func: tvm.tirx.PrimFunc, target, rows, k, n, rng):
-    """Build ``func`` once for ``target``; compare ``x @ w.T`` for each row count against numpy."""
+def _check(func: tvm.tirx.PrimFunc, target, rows, k, n, rng, panel: int | None = None):
+    """Build ``func`` once for ``target``; compare ``x @ w.T`` for each row count against numpy
+    (``panel``: the kernel takes ``w`` packed into panels that wide)."""
     lib = tvm.tirx.build(func.with_attr("global_symbol", "dense"), tvm.target.Target(target))
     w = rng.standard_normal((n, k)).astype("float32")
+    w_arg = tvm.runtime.tensor(w if panel is None else pack_weight(w, panel))
     for m in rows:
         x = rng.standard_normal((m, k)).astype("float32")
         out = tvm.runtime.tensor(np.full((m, n), np.nan, "float32"))
-        lib["dense"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        lib["dense"](tvm.runtime.tensor(x), w_arg, out)
         got = out.numpy()
         tvm.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
 
@@ -126,3 +130,71 @@ def test_self_balancing_split(isa, rng):
     assert lib.inspect_source("ll").count("lfence") >= 3  # before the own-range loop and after each task
     with pytest.raises(ValueError, match="threads must be >= 0"):
         dense_nt(8, 8, 2, tiles, -1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_packed_kernel_on_odd_shapes(isa, rng):
+    """The packed-weight kernel, its preferred tiling split self-balancing over 2 ranges: K = 600,
+    N = 53 ends in a partial panel; rows 1, 3 (below a
+    register tile), 16, 17 and 257 (whole tiles plus leftover rows, over many x chunks), and 0."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    tiles = packed_candidates(shape.lanes, shape.registers)[0]
+    _check(dense_nt(600, 53, 2, tiles, 2), target, (0, 1, 3, 16, 17, 257), 600, 53, rng, tiles.panel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_packed_other_tilings_static_split(isa, rng):
+    """The other packed tilings the host may pick (4 and 3 vectors per panel), TVM's static split,
+    K = 37, N = 53 (one partial panel for 4 vectors of 16 lanes)."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    for tiles in packed_candidates(shape.lanes, shape.registers)[1:]:
+        _check(dense_nt(37, 53, 2, tiles), target, (1, 5, 17), 37, 53, rng, tiles.panel)
+
+
+def test_packed_rank3(rng):
+    """[b, s, K] input on the packed kernel (AVX2 6 x 2 tiles)."""
+    tiles = packed_candidates(8, 16)[0]
+    lib = tvm.tirx.build(dense_nt(24, 19, 3, tiles).with_attr("global_symbol", "dense"), tvm.target.Target(_isa("avx2")))
+    w = rng.standard_normal((19, 24)).astype("float32")
+    x = rng.standard_normal((2, 7, 24)).astype("float32")
+    out = tvm.runtime.tensor(np.zeros((2, 7, 19), "float32"))
+    lib["dense"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_weight(w, tiles.panel)), out)
+    tvm.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_tiles_fit_registers_and_plans_keep_one_layout():
+    """Tilings sized from the ISA fit its registers (AVX2 6 x 16, AVX-512 14 x 32 first); packing
+    round-trips; a plan mixing weight layouts (or panel widths) is refused."""
+    for lanes, registers in ((16, 32), (8, 16), (4, 32), (4, 16)):
+        for tiles in packed_candidates(lanes, registers):
+            assert tiles.registers <= registers
+    assert packed_candidates(8, 16)[0] == PackedTiles(8, 6, 2)
+    assert packed_candidates(16, 32)[0] == PackedTiles(16, 14, 2)
+    w = np.arange(5 * 3, dtype="float32").reshape(5, 3)
+    wp = pack_weight(w, 4)
+    assert wp.shape == packed_shape(3, 5, 4) == (2, 3, 4)
+    assert wp[1, 2, 0] == w[4, 2] and not wp[1, :, 1:].any()  # zero past N
+    np.testing.assert_array_equal(unpack_weight(wp, 5), w)
+    a, b = packed_candidates(8, 16)[:2]
+    plan = DensePlan(((0, a), (64, PackedTiles(8, 4, 2))))
+    assert plan.panel == 16 and DensePlan.from_json(plan.to_json()) == plan
+    assert DensePlan.tiles_only(dense_tiles(8, 16)).panel is None
+    with pytest.raises(ValueError, match="all one packed panel width"):
+        DensePlan(((0, a), (64, b)))
+    with pytest.raises(ValueError, match="all one packed panel width"):
+        DensePlan(((0, a), (64, "blas")))
+    with pytest.raises(ValueError, match="not a packed dense tiling name"):
+        PackedTiles.parse("p8l6")
+    with pytest.raises(ValueError, match="expected a 2-D weight"):
+        pack_weight(np.zeros(4, "float32"), 4)
+
+
+def test_aarch64_neon_packed_builds():
+    """The packed kernel's NEON tiling cross-compiles for aarch64 with NEON FMAs."""
+    shape = vector_shape(AARCH64)
+    tiles = packed_candidates(shape.lanes, shape.registers)[0]
+    lib = tvm.tirx.build(dense_nt(37, 53, 2, tiles).with_attr("global_symbol", "dense"), tvm.target.Target(AARCH64))
+    assert "fmla" in lib.inspect_source("asm")

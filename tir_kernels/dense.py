@@ -34,7 +34,6 @@ DRAM once per task. Numbers against numpy's OpenBLAS: ``scripts/benchmark.py den
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -42,6 +41,8 @@ from typing import Union
 import tvm
 from tvm.script import tirx as T
 
+from .dense_packed import PackedTiles, packed_products, packed_shape
+from .task_split import X86_FENCE, fence, parallel_tasks, pool_threads, split_threads  # noqa: F401 - public here too
 from .vector_reduce import butterfly_indices, butterfly_macro
 
 #: Bytes of ``x`` rows a task works through before moving to the next slice of W (fits in L2).
@@ -92,15 +93,17 @@ class DenseTiles:
 #: The tiling the kernel was first tuned with (AVX-512): 4 x 4 tiles of 16 lanes, 16 W rows per task.
 AVX512_TILES = DenseTiles(16, 4, 4, 16)
 
-#: A plan segment's variant: register tiles, or ``"blas"`` (the host BLAS).
-Variant = Union[DenseTiles, str]
+#: A plan segment's variant: register tiles on ``W [N, K]``, register tiles on the packed weight
+#: (:mod:`.dense_packed`), or ``"blas"`` (the host BLAS).
+Variant = Union[DenseTiles, PackedTiles, str]
 
 
 @dataclass(frozen=True)
 class DensePlan:
     """Which variant computes a product, by row count: ``segments`` are ``(min_rows, variant)``
     with increasing ``min_rows``, the first being 0; a call with ``n`` rows uses the last segment
-    whose ``min_rows <= n``."""
+    whose ``min_rows <= n``. The variants share the weight's layout: all :class:`PackedTiles` of
+    one panel width (the kernel takes the packed weight, :attr:`panel`), or none."""
 
     segments: tuple[tuple[int, Variant], ...]
 
@@ -109,23 +112,37 @@ class DensePlan:
         if not starts or starts[0] != 0 or starts != sorted(set(starts)):
             raise ValueError(f"DensePlan: segments must start at 0 rows and increase, got {starts}")
         for _, variant in self.segments:
-            if not (isinstance(variant, DenseTiles) or variant == "blas"):
-                raise ValueError(f"DensePlan: a variant is DenseTiles or 'blas', got {variant!r}")
+            if not (isinstance(variant, (DenseTiles, PackedTiles)) or variant == "blas"):
+                raise ValueError(f"DensePlan: a variant is DenseTiles, PackedTiles or 'blas', got {variant!r}")
+        panels = {v.panel if isinstance(v, PackedTiles) else None for _, v in self.segments}
+        if len(panels) > 1:
+            raise ValueError(f"DensePlan: segments must all use W [N, K] or all one packed panel width, got {self.to_json()}")
+
+    @property
+    def panel(self) -> int | None:
+        """Output features per panel of the packed weight the plan's kernel takes; None: ``W [N, K]``."""
+        variant = self.segments[0][1]
+        return variant.panel if isinstance(variant, PackedTiles) else None
 
     @staticmethod
-    def tiles_only(tiles: DenseTiles) -> "DensePlan":
+    def tiles_only(tiles: "DenseTiles | PackedTiles") -> "DensePlan":
         """One tiling for every row count."""
         return DensePlan(((0, tiles),))
 
     def to_json(self) -> list:
         """``[[min_rows, variant name], ...]`` (tiles as :attr:`DenseTiles.name`), for ``model.json``."""
-        return [[start, variant.name if isinstance(variant, DenseTiles) else variant] for start, variant in self.segments]
+        return [[start, variant if isinstance(variant, str) else variant.name] for start, variant in self.segments]
 
     @staticmethod
     def from_json(segments: list) -> "DensePlan":
         """The inverse of :meth:`to_json`."""
-        return DensePlan(tuple((int(start), DenseTiles.parse(name)) if name != "blas" else (int(start), "blas")
-                               for start, name in segments))
+        return DensePlan(tuple((int(start), _parse_variant(name)) for start, name in segments))
+
+
+def _parse_variant(name: str) -> Variant:
+    if name == "blas":
+        return "blas"
+    return PackedTiles.parse(name) if str(name).startswith("p") else DenseTiles.parse(name)
 
 
 def tile_candidates(lanes: int, registers: int) -> list[DenseTiles]:
@@ -158,29 +175,6 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
-
-
-#: A memory fence LLVM treats as reading and writing all memory (so progress counters are re-read);
-#: the self-balancing split is used on x86 only (elsewhere TVM's static split).
-X86_FENCE = "llvm.x86.sse2.lfence"
-
-
-def fence():
-    """A load fence: orders this thread's loads and stops LLVM caching memory in registers across it."""
-    return T.evaluate(T.call_llvm_intrin("void", X86_FENCE))
-
-
-def pool_threads() -> int:
-    """Threads of TVM's CPU pool as the model will run: ``TVM_NUM_THREADS`` (which ``llmir_tvm``
-    sets to the usable cores unless the user did), else the usable cores."""
-    value = os.environ.get("TVM_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
-
-
-def split_threads(isa: str) -> int:
-    """Ranges of the self-balancing split for code of ``isa`` (``llmir_tvm.target.VectorShape.isa``):
-    :func:`pool_threads` on x86 (its fence is x86's), 0 (TVM's static split) elsewhere."""
-    return pool_threads() if isa in ("avx512", "avx2", "sse") else 0
 
 
 def prefetch_next(address):
@@ -271,54 +265,19 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
                 out[i, FULL_TASKS * TASK_COLS + c] = s[0]
 
     @T.macro
-    def task_work(task, nch, n, x, w, out):
+    def task_work(task, n, x, w, out):
+        nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         if task % TASKS < FULL_TASKS:
             full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
         elif task // TASKS == 0:
             rest_task(n, x, w, out)
 
-    if threads <= 1:
-
-        @T.macro
-        def products(n, x, w, out):
-            nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-            for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
-                task_work(task, nch, n, x, w, out)
-
-        return products
-
-    VT = threads
+    run_tasks = parallel_tasks(threads, task_work)
 
     @T.macro
     def products(n, x, w, out):
-        """Self-balancing split over ``VT`` ranges of tasks: range ``t``'s owner takes its tasks from
-        the front; having finished, it takes its neighbour's from the back. ``prog`` holds each
-        range's front (owner's next task) and back (lowest task the thief took), on their own cache
-        lines, re-read after a fence (LLVM may not keep them in registers). A task either side may
-        compute twice writes the same values, so no atomics are needed: each side publishes a task
-        only after computing it, and a stale read only makes a task run twice."""
         nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-        total: T.int64 = nch * TASKS
-        prog = T.alloc_buffer((VT * 16,), "int64")
-        for t in range(VT):
-            prog[t * 16] = total * t // VT
-            prog[t * 16 + 8] = total * (t + 1) // VT
-        for t in T.parallel(VT):
-            cur = T.alloc_buffer((1,), "int64", scope="local")
-            cur[0] = total * t // VT
-            fence()
-            while cur[0] < prog[t * 16 + 8]:  # own range, forward, until it meets the thief
-                task_work(cur[0], nch, n, x, w, out)
-                cur[0] = cur[0] + 1
-                prog[t * 16] = cur[0]
-                fence()
-            u: T.int64 = (t + 1) % VT
-            cur[0] = total * (u + 1) // VT
-            while cur[0] > prog[u * 16]:  # the neighbour's range, backward, until it meets its owner
-                task_work(cur[0] - 1, nch, n, x, w, out)
-                cur[0] = cur[0] - 1
-                prog[u * 16 + 8] = cur[0]
-                fence()
+        run_tasks(nch * TASKS, n, x, w, out)  # chunk-major: a thread's consecutive tasks share x rows
 
     return products
 
@@ -328,6 +287,8 @@ def _dispatch(K: int, N: int, segments: tuple, threads: int):
     (start, variant), earlier = segments[-1], segments[:-1]
     if isinstance(variant, DenseTiles):
         run_variant = _products(K, N, variant, threads)
+    elif isinstance(variant, PackedTiles):
+        run_variant = packed_products(K, N, variant, threads)
     else:
 
         @T.macro
@@ -356,6 +317,8 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
     ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
     ``plan``: register tiles for every row count, or a :class:`DensePlan` by row count (``"blas"``
     segments call ``llmir.blas.matmul_nt``, so the module needs ``llmir_tvm.runtime`` imported).
+    A plan of :class:`PackedTiles` takes the packed weight instead of ``w``:
+    ``wp = pack_weight(w, plan.panel)`` of shape ``packed_shape(K, N, plan.panel)``.
     ``threads``: ranges of the self-balancing split (:func:`pool_threads`: one per thread of TVM's
     pool); 0 or 1: TVM's static split of the parallel loop.
     Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
@@ -366,13 +329,14 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         raise ValueError(f"dense_nt: in_features and out_features must be >= 1, got K={K}, N={N}")
     if rank not in (2, 3):
         raise ValueError(f"dense_nt: rank must be 2 or 3, got {rank}")
-    if isinstance(plan, DenseTiles):
+    if isinstance(plan, (DenseTiles, PackedTiles)):
         plan = DensePlan.tiles_only(plan)
     if not isinstance(plan, DensePlan):
         raise ValueError(f"dense_nt: plan must be DenseTiles or DensePlan, got {plan!r}")
     if int(threads) < 0:
         raise ValueError(f"dense_nt: threads must be >= 0, got {threads}")
     products = _dispatch(K, N, plan.segments, int(threads))
+    W = (N, K) if plan.panel is None else packed_shape(K, N, plan.panel)
 
     if rank == 2:
 
@@ -381,7 +345,7 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
             T.func_attr({"tirx.noalias": True})
             n = T.int64()
             x = T.match_buffer(x_h, (n, K), "float32", align=4)
-            w = T.match_buffer(w_h, (N, K), "float32", align=4)
+            w = T.match_buffer(w_h, W, "float32", align=4)
             out = T.match_buffer(out_h, (n, N), "float32", align=4)
             products(n, x, w, out)
 
@@ -393,7 +357,7 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         b = T.int64()
         s = T.int64()
         x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
-        w = T.match_buffer(w_h, (N, K), "float32", align=4)
+        w = T.match_buffer(w_h, W, "float32", align=4)
         out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
         x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
         out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)

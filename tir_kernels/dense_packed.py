@@ -1,0 +1,305 @@
+"""Dense layers ``out = x @ Wᵀ`` on weights packed at compile time: the GEMM-shaped CPU kernel.
+
+Why: the kernel of :mod:`.dense` reads ``W [N, K]`` as the model stores it, so each register
+tile computes dot products along ``K`` (a vector of ``x`` and one of ``W`` per FMA group, and a
+butterfly at the end): loads bound it well below the FMA units' rate. A GEMM library instead
+multiplies broadcast elements of ``x`` by vectors of ``W``'s *columns*: each loaded vector of
+``W`` feeds ``rows`` FMAs and each broadcast of ``x`` feeds ``vectors`` of them, with
+``rows x vectors`` accumulators. That needs ``W`` transposed into panels — done here once, when
+the model is built (:func:`pack_weight`; the model's parameter becomes the packed tensor), not on
+every call as a BLAS does.
+
+Layout (:func:`packed_shape`): ``Wp [ceil(N / P), K, P]`` with ``P = vectors * lanes`` output
+features per panel, zero-padded past ``N``; a panel's ``K x P`` block is contiguous, so the
+micro-kernel streams it. Register tiles (:class:`PackedTiles`, sized from the ISA by
+:func:`packed_candidates`): ``rows x vectors`` accumulators + ``vectors`` loaded ``W`` vectors
++ one broadcast fit the vector registers (AVX2: 6 x 2 of 8 lanes in 16; AVX-512: 14 x 2 or
+6 x 4 of 16 lanes in 32; NEON: 14 x 2 of 4 lanes in 32). Rows of ``x`` are packed per chunk
+(``[tile][k][row]``, the chunk stays in L2) and a panel (``K x P``: L1 or L2) passes over every
+row tile of the chunk. ``K`` is not blocked: a tile's accumulators finish in registers and are
+stored once, which keeps a task idempotent for the self-balancing split (a K-blocked kernel
+accumulates partial sums in ``out``, which a task run twice would corrupt), and streaming a
+panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
+a multiple of ``rows`` (and batch-1 decode: 1 row) use a tile of that many rows, so a GEMV streams ``Wp`` once, contiguously.
+Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool as
+:mod:`.task_split` says (self-balancing on x86).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from .task_split import parallel_tasks
+
+#: Bytes of packed ``x`` rows a chunk holds: stays in L2 while the panels pass over it.
+X_CHUNK_BYTES = 256 * 1024
+#: Most output features per parallel task (whole panels): a task's packed x chunk is reused by all
+#: its panels, so tasks are as wide as this allows while each thread still gets about
+#: :data:`TASKS_PER_THREAD` tasks (room for the self-balancing split to even out).
+TASK_FEATURES = 256
+TASKS_PER_THREAD = 4
+
+
+@dataclass(frozen=True)
+class PackedTiles:
+    """Register tiling of the packed kernel: ``rows`` rows of ``x`` by ``vectors`` vectors of
+    ``lanes`` float32 (one panel of ``vectors * lanes`` output features)."""
+
+    lanes: int
+    rows: int
+    vectors: int
+
+    def __post_init__(self):
+        if self.lanes < 2 or self.lanes & (self.lanes - 1):
+            raise ValueError(f"PackedTiles: lanes must be a power of two >= 2, got {self.lanes}")
+        if self.rows < 1 or self.vectors < 1:
+            raise ValueError(f"PackedTiles: rows and vectors must be >= 1, got {self}")
+
+    @property
+    def panel(self) -> int:
+        """Output features per panel of the packed weight (``vectors * lanes``)."""
+        return self.vectors * self.lanes
+
+    @property
+    def registers(self) -> int:
+        """Vector registers the micro-kernel keeps live: accumulators, loaded W vectors, a broadcast."""
+        return self.rows * self.vectors + self.vectors + 1
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``p8l6x2`` (:meth:`parse` reads it back)."""
+        return f"p{self.lanes}l{self.rows}x{self.vectors}"
+
+    @staticmethod
+    def parse(name: str) -> "PackedTiles":
+        """The tiling a :attr:`name` describes."""
+        match = re.fullmatch(r"p(\d+)l(\d+)x(\d+)", str(name))
+        if match is None:
+            raise ValueError(f"not a packed dense tiling name (like 'p8l6x2'): {name!r}")
+        return PackedTiles(*(int(g) for g in match.groups()))
+
+
+def packed_candidates(lanes: int, registers: int) -> list[PackedTiles]:
+    """Register tilings of the packed kernel that fit ``registers`` vectors of ``lanes`` float32,
+    preferred first: panels of 2 vectors (AVX2: 6 x 2 of 8 lanes, the classic 6 x 16; AVX-512:
+    14 x 2 of 16), then 4 and 3 vectors, each with the most rows that fit. 2 vectors first because it measured
+    fastest on AVX2 and on par on AVX-512 (``scripts/benchmark.py dense``); several because
+    ``llmir_tvm.dense_choice`` times the first few on the host."""
+    found = []
+    for vectors in (2, 4, 3):
+        rows = min(16, (registers - vectors - 1) // vectors)
+        if rows < 1:
+            continue
+        found.append(PackedTiles(lanes, rows, vectors))
+    return found
+
+
+def packed_tiles(lanes: int, registers: int) -> PackedTiles:
+    """The best-on-paper packed tiling for ``registers`` vectors of ``lanes`` float32."""
+    return packed_candidates(lanes, registers)[0]
+
+
+def packed_shape(in_features: int, out_features: int, panel: int) -> tuple[int, int, int]:
+    """Shape of the packed weight of a ``W [N, K]``: ``(ceil(N / panel), K, panel)``."""
+    return (-(-int(out_features) // panel), int(in_features), int(panel))
+
+
+def pack_weight(w: np.ndarray, panel: int) -> np.ndarray:
+    """``W [N, K]`` (PyTorch ``Linear`` layout) as panels ``[ceil(N/panel), K, panel]``,
+    ``Wp[p, k, c] = W[p * panel + c, k]`` (zero past ``N``); done once when a model is built."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"pack_weight: expected a 2-D weight [N, K], got shape {w.shape}")
+    n, k = w.shape
+    panels = -(-n // panel)
+    padded = np.zeros((panels * panel, k), w.dtype)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(panels, panel, k).transpose(0, 2, 1))
+
+
+def unpack_weight(wp: np.ndarray, out_features: int) -> np.ndarray:
+    """The inverse of :func:`pack_weight`: ``W [N, K]`` from its panels."""
+    panels, k, panel = wp.shape
+    return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(panels * panel, k)[: int(out_features)])
+
+
+def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
+    """T.macro ``(n, x, wp, out)``: ``out = x @ W.T`` from the packed ``wp`` (:func:`pack_weight`),
+    ``n`` rows; ``threads``: ranges of the self-balancing split (0 or 1: TVM's static split)."""
+    LANES, ROWS, VECS, P = tiles.lanes, tiles.rows, tiles.vectors, tiles.panel
+    PANELS = -(-N // P)
+    FULL_PANELS = N // P  # panels whose P features are all stored (the last may be partial)
+    CHUNK = max(1, X_CHUNK_BYTES // (4 * K * ROWS)) * ROWS  # rows of x per chunk, whole tiles
+    # Panels per task: with few chunks of rows, narrow enough that every thread gets a few tasks;
+    # with many chunks, all panels (the chunk's packed x then serves the whole layer).
+    NARROW = max(1, min(TASK_FEATURES // P, PANELS // (TASKS_PER_THREAD * max(1, threads))))
+    MANY_CHUNKS = TASKS_PER_THREAD * max(1, threads)
+
+    def micro(rows: int, full: bool, packed_x: bool):
+        """``rows x P`` outputs of x rows ``i0..`` and panel ``jp``: x read from the chunk's packed
+        copy ``xs`` (``packed_x``: tile ``it`` of the chunk, ``[k][row]``) or from ``x`` itself
+        (leftover rows); ``full``: all ``P`` features exist (else the last panel)."""
+        V = T.Ramp(0, 1, LANES)
+
+        @T.macro
+        def tile(acc, x, xs, wp, out, i0, it, jp):
+            for t in T.unroll(rows * VECS):
+                acc[t, V] = T.Broadcast(T.float32(0), LANES)
+            for k in range(K):
+                for r in T.unroll(rows):
+                    for v in T.unroll(VECS):
+                        if packed_x:
+                            acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
+                                xs[(it * K + k) * ROWS + r], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
+                        else:
+                            acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
+                                x[i0 + r, k], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
+            if full:
+                for r in T.unroll(rows):
+                    for v in T.unroll(VECS):
+                        out[i0 + r, T.Ramp(jp * P + v * LANES, 1, LANES)] = acc[r * VECS + v, V]
+            else:
+                for r in T.unroll(rows):
+                    for c in range(N - jp * P):
+                        out[i0 + r, jp * P + c] = acc[r * VECS + c // LANES, c % LANES]
+
+        return tile
+
+    def rows_tile(rows: int, packed_x: bool = False):
+        full_tile = micro(rows, True, packed_x)
+        tail_tile = micro(rows, False, packed_x) if FULL_PANELS < PANELS else None
+
+        @T.macro
+        def run(acc, x, xs, wp, out, i0, it, jp):
+            if tail_tile is None or jp < FULL_PANELS:
+                full_tile(acc, x, xs, wp, out, i0, it, jp)
+            else:
+                tail_tile(acc, x, xs, wp, out, i0, it, jp)
+
+        return run
+
+    main = rows_tile(ROWS, True)
+    left = _leftover(ROWS, rows_tile)
+
+    @T.macro
+    def task_work(task, n, x, wp, out):
+        """Chunk ``task // groups`` of x rows times panel group ``task % groups``: the chunk's whole
+        row tiles are packed (``xs``, stays in L2), then each panel stays in L1/L2 while every row
+        tile passes over it; leftover rows read ``x`` directly. Every output is written once, from
+        registers (never accumulated in ``out``), so a task the split runs twice is harmless."""
+        acc = T.alloc_buffer((ROWS * VECS, LANES), "float32", scope="local")
+        chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
+        group: T.int64 = T.Select(chunks >= MANY_CHUNKS, T.int64(PANELS), T.int64(NARROW))
+        groups: T.int64 = (PANELS + group - 1) // group
+        i_start: T.int64 = task // groups * CHUNK
+        i_end: T.int64 = T.min(n, i_start + CHUNK)
+        tiles_n: T.int64 = (i_end - i_start) // ROWS
+        whole_end: T.int64 = i_start + tiles_n * ROWS
+        p0: T.int64 = task % groups * group
+        xs = T.alloc_buffer((CHUNK * K,), "float32")
+        for it in range(tiles_n):
+            for r in T.unroll(ROWS):
+                for k in range(K):
+                    xs[(it * K + k) * ROWS + r] = x[i_start + it * ROWS + r, k]
+        for jp in range(p0, T.min(p0 + group, PANELS)):
+            for it in range(tiles_n):
+                main(acc, x, xs, wp, out, i_start + it * ROWS, it, jp)
+            left(i_end - whole_end, acc, x, xs, wp, out, whole_end, 0, jp)
+
+    run_tasks = parallel_tasks(threads, task_work)
+
+    @T.macro
+    def products(n, x, wp, out):
+        chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
+        group: T.int64 = T.Select(chunks >= MANY_CHUNKS, T.int64(PANELS), T.int64(NARROW))
+        run_tasks(chunks * ((PANELS + group - 1) // group), n, x, wp, out)
+
+    return products
+
+
+def _leftover(rows_max: int, rows_tile):
+    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp)``: a tile of ``left`` (< ``rows_max``) rows."""
+    macros = [rows_tile(r) for r in range(1, rows_max)]
+    if not macros:
+
+        @T.macro
+        def nothing(left, acc, x, xs, wp, out, i0, it, jp):
+            T.evaluate(0)
+
+        return nothing
+
+    def chain(r: int):
+        this = macros[r - 1]
+        if r == rows_max - 1:
+
+            @T.macro
+            def last(left, acc, x, xs, wp, out, i0, it, jp):
+                if left == r:
+                    this(acc, x, xs, wp, out, i0, it, jp)
+
+            return last
+        rest = chain(r + 1)
+
+        @T.macro
+        def step(left, acc, x, xs, wp, out, i0, it, jp):
+            if left == r:
+                this(acc, x, xs, wp, out, i0, it, jp)
+            else:
+                rest(left, acc, x, xs, wp, out, i0, it, jp)
+
+        return step
+
+    return chain(1)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_packed(in_features: int, out_features: int, rank: int = 2, tiles: PackedTiles | None = None,
+                 threads: int = 0) -> tvm.tirx.PrimFunc:
+    """The PrimFunc ``(x [n, K], wp [ceil(N/P), K, P], out [n, N])``, float32, ``out = x @ W.T``
+    where ``wp = pack_weight(W, tiles.panel)``; ``n`` symbolic. ``rank=3``: ``x [b, s, K]``,
+    ``out [b, s, N]``. ``threads``: ranges of the self-balancing split (0 or 1: TVM's static
+    split). Cached: a model has a few shapes that recur over compiles."""
+    K, N = int(in_features), int(out_features)
+    if K < 1 or N < 1:
+        raise ValueError(f"dense_packed: in_features and out_features must be >= 1, got K={K}, N={N}")
+    if rank not in (2, 3):
+        raise ValueError(f"dense_packed: rank must be 2 or 3, got {rank}")
+    if not isinstance(tiles, PackedTiles):
+        raise ValueError(f"dense_packed: tiles must be PackedTiles, got {tiles!r}")
+    if int(threads) < 0:
+        raise ValueError(f"dense_packed: threads must be >= 0, got {threads}")
+    products = packed_products(K, N, tiles, int(threads))
+    WP = packed_shape(K, N, tiles.panel)
+
+    if rank == 2:
+
+        @T.prim_func
+        def dense(x_h: T.handle, w_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int64()
+            x = T.match_buffer(x_h, (n, K), "float32", align=4)
+            wp = T.match_buffer(w_h, WP, "float32", align=4)
+            out = T.match_buffer(out_h, (n, N), "float32", align=4)
+            products(n, x, wp, out)
+
+        return dense
+
+    @T.prim_func
+    def dense_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
+        wp = T.match_buffer(w_h, WP, "float32", align=4)
+        out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
+        x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
+        out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
+        products(b * s, x, wp, out)
+
+    return dense_3d
