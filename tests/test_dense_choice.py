@@ -147,3 +147,42 @@ def test_compiled_plan_with_blas_rows_matches_hf_and_round_trips(monkeypatch, tm
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
     loaded = llmir_tvm.load(compiled.save(tmp_path / "m"))
     assert loaded.info.dense_plans == compiled.info.dense_plans
+
+
+def test_small_layers_in_auto_mode_get_the_unpacked_tiles_and_are_not_timed(monkeypatch):
+    """Layers too small to time compile the target's W [N, K] tiles (10x quicker to build than the
+    packed kernel); big ones are timed."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if not runs_on_host(target):
+        pytest.skip("this CPU cannot run AVX2 code")
+    timed = []
+    monkeypatch.setattr(dense_choice, "_measured", {})
+    monkeypatch.setattr(dense_choice, "HostTimer", lambda t, k, n: timed.append((k, n)) or FakeTimer({A: lambda r: 2.0 * r,
+        B: lambda r: 2.0 * r, "blas": lambda r: 2.0 * r, P: lambda r: 1.0 * r}))
+    plans = DensePlans("auto", target)
+    assert plans(64, 128) == DensePlan.tiles_only(A) and timed == []
+    assert plans(576, 576) == DensePlan.tiles_only(P) and timed == [(576, 576)]
+
+
+def test_compiled_packed_plan_matches_hf_and_round_trips(monkeypatch, tmp_path):
+    """Every Linear timed with a fake timer that makes the packed kernel win: the model's Linear
+    weights are held packed, its logits match Hugging Face's, and it saves and loads back."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if not runs_on_host(target):
+        pytest.skip("this CPU cannot run AVX2 code")
+    packed_wins = {A: lambda r: 2.0 * r + 1, B: lambda r: 2.0 * r + 1, "blas": lambda r: 3.0 + r, P: lambda r: 1.0 * r}
+    monkeypatch.setattr(dense_choice, "MIN_MEASURED_WEIGHTS", 0)
+    monkeypatch.setattr(dense_choice, "_measured", {})
+    monkeypatch.setattr(dense_choice, "HostTimer", lambda t, k, n: FakeTimer(packed_wins))
+    model = _tiny_llama()
+    compiled = llmir_tvm.compile(model, target=target, kv=llmir_tvm.KVCacheConfig(page_size=8, num_blocks=32))
+    assert all(p == [[0, P.name]] for p in compiled.info.dense_plans.values())
+    assert len(compiled.info.packed_weights) >= 14  # 7 Linear layers a decoder layer (the tied head stays [N, K])
+    tokens = list(range(5, 25))
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    ours = llmir_tvm.Engine(compiled).score(tokens, prefill_len=10)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    loaded = llmir_tvm.load(compiled.save(tmp_path / "m"))
+    assert loaded.info.packed_weights == compiled.info.packed_weights
+    np.testing.assert_array_equal(llmir_tvm.Engine(loaded).score(tokens, prefill_len=10), ours)
