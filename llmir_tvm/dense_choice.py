@@ -15,6 +15,7 @@ that switches variant by row count. The plans are recorded in the compiled model
 from __future__ import annotations
 
 import logging
+import math
 import re
 import statistics
 import time
@@ -42,6 +43,11 @@ TILINGS = 2
 #: this much faster: timing noise on a busy machine must not flip the plan from bucket to bucket.
 MARGIN = 0.1
 
+#: Row counts below this never run on the BLAS, whatever its timing says: inside the model each
+#: BLAS call is a callback into Python whose worker threads contend with TVM's pool, which timing
+#: the BLAS alone does not see (SmolLM2-135M decode with the BLAS at 1 row ran 3.5x slower than
+#: with the tiles on a 2-core Xeon, 2026-12-06). Long prefills amortise it.
+BLAS_MIN_ROWS = 256
 #: ``measure(variant, rows) -> seconds`` of one call.
 Timer = Callable[[Variant, int], float]
 
@@ -54,7 +60,8 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
     Every variant is timed ``repeats`` times per bucket, interleaved (so a burst of background
     load hits all of them alike), and the medians compared; ties keep the earlier variant, and
     the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
-    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
+    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge. The BLAS
+    is not a candidate below :data:`BLAS_MIN_ROWS` rows.
 
     A plan's variants share one weight layout (packed panels of one width, or ``W [N, K]``), so
     when ``variants`` span several, each layout's best plan is scored by its mean slowdown
@@ -70,7 +77,8 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
         samples: dict[int, list[float]] = {i: [] for i in range(len(variants))}
         for _ in range(repeats):
             for i, variant in enumerate(variants):
-                samples[i].append(float(measure(variant, rows)))
+                blas_too_early = variant == "blas" and rows < BLAS_MIN_ROWS and len(variants) > 1
+                samples[i].append(math.inf if blas_too_early else float(measure(variant, rows)))
         medians.append((rows, [statistics.median(samples[i]) for i in range(len(variants))]))
         log.debug("dense %dx%d at %d rows: %s", k, n, rows,
                   ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians[-1][1])))

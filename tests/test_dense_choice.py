@@ -35,6 +35,23 @@ class FakeTimer:
         return self.cost[variant](rows) + (1e6 if outlier else 0.0)
 
 
+@pytest.fixture(autouse=True)
+def blas_at_any_row_count(monkeypatch):
+    """The decision tests below let the BLAS compete at every row count (the default keeps it out
+    below ``BLAS_MIN_ROWS``: see ``test_the_blas_is_no_candidate_below_its_row_floor``)."""
+    monkeypatch.setattr(dense_choice, "BLAS_MIN_ROWS", 0)
+
+
+def test_the_blas_is_no_candidate_below_its_row_floor(monkeypatch):
+    """However fast the BLAS times alone, rows under ``BLAS_MIN_ROWS`` stay on the tiles (in the model
+    its calls contend with TVM's pool), and it is not even timed there."""
+    monkeypatch.setattr(dense_choice, "BLAS_MIN_ROWS", 256)
+    timer = FakeTimer({A: lambda r: 10.0 * r, B: lambda r: 11.0 * r, "blas": lambda r: 1.0 * r})
+    plan = choose_plan(576, 576, [A, B, "blas"], timer, buckets=(1, 16, 256), repeats=1, max_flops=1e12, margin=0)
+    assert plan == DensePlan(((0, A), (256, "blas")))
+    assert [rows for variant, rows in timer.calls if variant == "blas"] == [256]
+
+
 def test_fastest_variant_per_bucket_by_median_of_interleaved_samples():
     timer = FakeTimer()
     plan = choose_plan(576, 576, [A, B, "blas"], timer, buckets=(1, 4, 16, 64, 256), repeats=3, max_flops=1e12, margin=0)
