@@ -27,7 +27,6 @@ Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
@@ -256,50 +255,3 @@ def _leftover(rows_max: int, rows_tile):
         return step
 
     return chain(1)
-
-
-@functools.lru_cache(maxsize=None)
-def dense_packed(in_features: int, out_features: int, rank: int = 2, tiles: PackedTiles | None = None,
-                 threads: int = 0) -> tvm.tirx.PrimFunc:
-    """The PrimFunc ``(x [n, K], wp [ceil(N/P), K, P], out [n, N])``, float32, ``out = x @ W.T``
-    where ``wp = pack_weight(W, tiles.panel)``; ``n`` symbolic. ``rank=3``: ``x [b, s, K]``,
-    ``out [b, s, N]``. ``threads``: ranges of the self-balancing split (0 or 1: TVM's static
-    split). Cached: a model has a few shapes that recur over compiles."""
-    K, N = int(in_features), int(out_features)
-    if K < 1 or N < 1:
-        raise ValueError(f"dense_packed: in_features and out_features must be >= 1, got K={K}, N={N}")
-    if rank not in (2, 3):
-        raise ValueError(f"dense_packed: rank must be 2 or 3, got {rank}")
-    if not isinstance(tiles, PackedTiles):
-        raise ValueError(f"dense_packed: tiles must be PackedTiles, got {tiles!r}")
-    if int(threads) < 0:
-        raise ValueError(f"dense_packed: threads must be >= 0, got {threads}")
-    products = packed_products(K, N, tiles, int(threads))
-    WP = packed_shape(K, N, tiles.panel)
-
-    if rank == 2:
-
-        @T.prim_func
-        def dense(x_h: T.handle, w_h: T.handle, out_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            n = T.int64()
-            x = T.match_buffer(x_h, (n, K), "float32", align=4)
-            wp = T.match_buffer(w_h, WP, "float32", align=4)
-            out = T.match_buffer(out_h, (n, N), "float32", align=4)
-            products(n, x, wp, out)
-
-        return dense
-
-    @T.prim_func
-    def dense_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
-        wp = T.match_buffer(w_h, WP, "float32", align=4)
-        out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
-        x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
-        out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
-        products(b * s, x, wp, out)
-
-    return dense_3d
