@@ -138,6 +138,27 @@ def block_dot(fmt: str, isa: str):
     return generic if isa == "generic" else simd
 
 
+def biased_activations(fmt: str, isa: str) -> bool:
+    """Whether activations are stored ``xq + 128`` (unsigned): VNNI with 8-bit weights, where
+    ``vpdpbusd(-128 * sum(w), xq + 128, w)`` (the correction computed once per W block, shared by a
+    tile's rows) replaces the two ``vpsignb`` of every activation row x W row pair."""
+    return isa == "vnni" and fmt in ("int8", "q8_0")
+
+
+def biased_dot():
+    """``(correction(planes, j, g), dot(planes, j, g, xu, i, correction))`` of :func:`biased_activations`:
+    ``-128 * sum(w)`` as int32x8 partial sums, and the exact block dot product's partial sums."""
+    def correction(planes, j, g):
+        w = planes["qs"][j, T.Ramp(g * BLOCK, 1, BLOCK)]
+        return T.Broadcast(T.int32(0), LANES) - _udot("vnni", T.Broadcast(T.uint8(128), BLOCK), w)
+
+    def dot(planes, j, g, xu, i, corr):
+        return _intrin(f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.256", corr,
+                       xu[i, T.Ramp(g * BLOCK, 1, BLOCK)], planes["qs"][j, T.Ramp(g * BLOCK, 1, BLOCK)])
+
+    return correction, dot
+
+
 def _block_terms(fmt: str):
     """``(scale(planes, j, g), offset(planes, j, g) or None)``: a block's float weight scale and offset."""
     f32 = lambda e: T.Cast("float32", e)  # noqa: E731
@@ -163,6 +184,9 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     FULL_TASKS, REST = N // TASK, N % TASK
     TASKS = FULL_TASKS + (1 if REST else 0)
     dot = block_dot(fmt, tiles.isa)
+    biased = biased_activations(fmt, tiles.isa)
+    correction, biased_block_dot = biased_dot()
+    XQ = "uint8" if biased else "int8"
     scale, offset = _block_terms(fmt)
     L = LANES
     V = T.Ramp(0, 1, L)
@@ -173,23 +197,47 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     def x_at(x, i, k):  # int4's zero-padded last block reads zeros past K
         return x[i, k] if K == KP else T.if_then_else(k < K, x[i, k], T.float32(0))
 
+    def tree(op, v, lanes):  # a vector expression reduced to a scalar by halving shuffles
+        while lanes > 1:
+            lanes //= 2
+            v = op(T.Shuffle([v], list(range(lanes))), T.Shuffle([v], list(range(lanes, 2 * lanes))))
+        return v
+
+    @T.macro
+    def quantize_block_vector(x, i, g, xq, xd, xs):  # a whole block of 32, as vectors
+        v = T.decl_buffer((BLOCK,), "float32", scope="local")
+        m = T.decl_buffer((2,), "float32", scope="local")  # 127 / max |x|, then the sum of quants
+        v[T.Ramp(0, 1, BLOCK)] = x[i, T.Ramp(g * BLOCK, 1, BLOCK)]
+        m[1] = tree(T.max, T.abs(v[T.Ramp(0, 1, BLOCK)]), BLOCK)
+        m[0] = T.Select(m[1] > T.float32(0), T.float32(127) / m[1], T.float32(0))
+        xd[i, g] = T.Cast("float32", T.Cast("float16", m[1] / T.float32(127)))
+        v[T.Ramp(0, 1, BLOCK)] = T.nearbyint(v[T.Ramp(0, 1, BLOCK)] * T.Broadcast(m[0], BLOCK))
+        xq[i, T.Ramp(g * BLOCK, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)] + T.Broadcast(
+            T.float32(128 if biased else 0), BLOCK))
+        xs[i, g] = xd[i, g] * tree(T.Add, v[T.Ramp(0, 1, BLOCK)], BLOCK)
+
+    @T.macro
+    def quantize_block_scalar(x, i, g, xq, xd, xs):  # int4's zero-padded last block
+        m = T.decl_buffer((3,), "float32", scope="local")  # max |x|, 127 / max |x|, sum of quants
+        m[0] = T.float32(0)
+        for e in range(BLOCK):
+            m[0] = T.max(m[0], T.abs(x_at(x, i, g * BLOCK + e)))
+        m[1] = T.Select(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
+        m[2] = T.float32(0)
+        for e in range(BLOCK):
+            q = T.nearbyint(x_at(x, i, g * BLOCK + e) * m[1])
+            xq[i, g * BLOCK + e] = T.Cast("int8", q)
+            m[2] = m[2] + q
+        xd[i, g] = T.Cast("float32", T.Cast("float16", m[0] / T.float32(127)))
+        xs[i, g] = xd[i, g] * m[2]
+
     @T.macro
     def quantize_rows(n, x, xq, xd, xs):
         for i in T.parallel(n):
-            for g in range(G):
-                m = T.decl_buffer((3,), "float32", scope="local")  # max |x|, 1 / d, sum of quants
-                m[0] = T.float32(0)
-                for e in range(BLOCK):
-                    m[0] = T.max(m[0], T.abs(x_at(x, i, g * BLOCK + e)))
-                m[1] = T.Select(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
-                m[2] = T.float32(0)
-                for e in range(BLOCK):
-                    q = T.nearbyint(x_at(x, i, g * BLOCK + e) * m[1])
-                    xq[i, g * BLOCK + e] = T.Cast("int8", q)
-                    m[2] = m[2] + q
-                d = T.Cast("float32", T.Cast("float16", m[0] / T.float32(127)))
-                xd[i, g] = d
-                xs[i, g] = d * m[2]
+            for g in range(K // BLOCK):
+                quantize_block_vector(x, i, g, xq, xd, xs)
+            if K < KP:
+                quantize_block_scalar(x, i, G - 1, xq, xd, xs)
 
     @T.macro
     def tile(acc, sacc, xq, xd, xs, planes, out, i0, j0, rows, cols):
@@ -198,9 +246,16 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
             sacc[t] = T.float32(0)
         for g in range(G):
             for c in T.unroll(cols):
+                corr = T.decl_buffer((LANES,), "int32", scope="local")
+                if biased:
+                    corr[T.Ramp(0, 1, LANES)] = correction(planes, j0 + c, g)
                 for r in T.unroll(rows):
-                    p = dot(planes, j0 + c, g, xq, i0 + r)
-                    acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", p) * T.Broadcast(
+                    p = T.decl_buffer((LANES,), "int32", scope="local")
+                    if biased:
+                        p[T.Ramp(0, 1, LANES)] = biased_block_dot(planes, j0 + c, g, xq, i0 + r, corr[T.Ramp(0, 1, LANES)])
+                    else:
+                        p[T.Ramp(0, 1, LANES)] = dot(planes, j0 + c, g, xq, i0 + r)
+                    acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", p[T.Ramp(0, 1, LANES)]) * T.Broadcast(
                         scale(planes, j0 + c, g) * xd[i0 + r, g], L)
                     if offset is not None:
                         sacc[r * cols + c] = sacc[r * cols + c] + offset(planes, j0 + c, g) * xs[i0 + r, g]
@@ -239,7 +294,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def products(n, x, planes, out):
-        xq = T.alloc_buffer((n, KP), "int8", align=32)
+        xq = T.alloc_buffer((n, KP), XQ, align=32)
         xd = T.alloc_buffer((n, G), "float32")
         xs = T.alloc_buffer((n, G), "float32")
         quantize_rows(n, x, xq, xd, xs)
