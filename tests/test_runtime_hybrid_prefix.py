@@ -225,3 +225,108 @@ def test_uniform_window_cache_hits_past_evicted_old_blocks(kernels):
     assert cache.allocator.evictions == 1
     assert cache.match_prefix(B) == 12 and cache.match_prefix(SHORT) == 0
     assert cache.add_sequence(3, B) == 12 and cache.sequence_blocks(3).tolist() == [-1, 1, 2]
+
+
+def _prefix_value(tokens) -> float:
+    """K of the last position of ``tokens``: a rolling hash of the whole prefix (a block reused under
+    another prefix reads a different value), small enough to be exact in float32."""
+    h = 0
+    for t in tokens:
+        h = (h * 131 + int(t) + 1) % 9973
+    return float(h)
+
+
+def _write_step(cache, kernels, batch, refs):
+    """Append ``batch`` (seq -> tokens) as one step; K of each position is :func:`_prefix_value` of its prefix, V = -K."""
+    import tvm
+
+    seqs = list(batch)
+    kv = []
+    for s in seqs:
+        for t in batch[s]:
+            refs[s].append(t)
+            kv.append(_prefix_value(refs[s]))
+    step = cache.begin_forward(seqs, [len(batch[s]) for s in seqs], np.array([t for s in seqs for t in batch[s]]))
+    k = np.broadcast_to(np.array(kv, dtype="float32")[:, None, None], (len(kv), 1, HEAD_DIM)).copy()
+    for pool, slots in zip(cache.pools, [step.slot_mapping, step.group_tensors[0]]):
+        kernels["llmir_append_kv"](pool, tvm.runtime.tensor(k), tvm.runtime.tensor(-k), slots)
+    cache.end_forward()
+
+
+def _check(cache, refs):
+    """Every sequence's K/V equals its reference where held, the next query's window is held, ref counts match."""
+    for g, group_cache in enumerate(cache.caches):
+        holders = np.zeros(group_cache.num_blocks, dtype=np.int64)
+        for s, tokens in refs.items():
+            blocks = group_cache.sequence_blocks(s)
+            assert cache.get_length(s) == len(tokens)
+            np.add.at(holders, blocks[blocks >= 0], 1)
+            if not tokens:
+                continue
+            k = group_cache.debug_get_kv(s, 0)[0].numpy()[:, 0, 0]
+            held = np.repeat(blocks >= 0, PAGE)[: len(tokens)]
+            expect = np.array([_prefix_value(tokens[: p + 1]) for p in range(len(tokens))], dtype="float32")
+            np.testing.assert_array_equal(k[held], expect[held])
+            np.testing.assert_array_equal(k[~held], 0)
+            if g == 1:  # the window the next query sees is held
+                assert held[max(0, len(tokens) + 1 - WINDOW):].all()
+            else:
+                assert held.all()
+        np.testing.assert_array_equal(group_cache.allocator.ref_counts, holders)
+        assert all(group_cache.allocator.hashed_mask[b] for b in group_cache.allocator.cached_blocks())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_programs_keep_contents_windows_and_ref_counts(kernels, seed):
+    """Random adds (prompts sharing prefixes), steps, forks, rollbacks and removals on small pools that evict."""
+    rng = np.random.default_rng(seed)
+    cache = _cache(kernels, blocks=(24, 10))
+    bases = [rng.integers(0, 50, 24).tolist() for _ in range(2)]
+    refs: dict[int, list[int]] = {}
+    next_id, reused_total = 0, 0
+    for _ in range(100):
+        op = rng.choice(["add", "step", "step", "fork", "popn", "remove"])
+        live = list(refs)
+        if op == "add" or not live:
+            prompt = bases[rng.integers(2)][: rng.integers(1, 25)] + rng.integers(0, 50, rng.integers(1, 4)).tolist()
+            expected = cache.match_prefix(prompt)
+            reused = cache.add_sequence(next_id, prompt)
+            assert reused == expected and reused % PAGE == 0 and reused < len(prompt)
+            reused_total += reused
+            refs[next_id] = list(prompt[:reused])
+            try:
+                _write_step(cache, kernels, {next_id: prompt[reused:]}, refs)
+            except KVCacheOutOfBlocks:  # nothing was appended: drop the sequence, as the engine would
+                cache.remove_sequence(next_id)
+                del refs[next_id]
+            next_id += 1
+        elif op == "step":
+            batch = {s: rng.integers(0, 50, rng.integers(1, 4)).tolist() for s in live if rng.random() < 0.7}
+            before = {s: list(t) for s, t in refs.items()}
+            try:
+                _write_step(cache, kernels, batch, refs)
+            except KVCacheOutOfBlocks:
+                refs.clear()
+                refs.update(before)
+                victim = live[rng.integers(len(live))]
+                cache.remove_sequence(victim)
+                del refs[victim]
+        elif op == "fork":
+            parent = live[rng.integers(len(live))]
+            cache.fork_sequence(parent, next_id)
+            refs[next_id] = list(refs[parent])
+            next_id += 1
+        elif op == "popn":
+            s = live[rng.integers(len(live))]
+            n = int(rng.integers(0, min(4, len(refs[s])) + 1))
+            try:
+                cache.popn(s, n)
+                del refs[s][len(refs[s]) - n:]
+            except ValueError as err:
+                assert "released by the sliding window" in str(err)
+        else:
+            s = live[rng.integers(len(live))]
+            cache.remove_sequence(s)
+            del refs[s]
+        _check(cache, refs)
+    assert reused_total > 0 and cache.caches[1].allocator.evictions > 0
