@@ -149,6 +149,9 @@ def test_only_window_group_evicted_gives_no_hit(kernels):
     _step(cache, kernels, {3: other})
     assert g1.evictions == 3 and g0.evictions == 0
     assert cache.match_prefix(B) == 0 and cache.caches[0].match_prefix(B) == 12
+    # the full group's keys end at its first uncached block; the window group's run on past gaps
+    assert cache.caches[0].prefix_keys(B) == _hashes(B) and cache.caches[0].prefix_keys([1] * 9) == []
+    assert cache.caches[1].prefix_keys([1] * 9) == _hashes([1] * 9) and len(_hashes([1] * 9)) == 2
     assert cache.add_sequence(5, B) == 0
     assert [b.tolist() for b in cache.sequence_blocks(5)] == [[], []]
 

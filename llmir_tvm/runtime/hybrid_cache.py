@@ -12,11 +12,12 @@ everything. Every sequence exists in every group with the same length, so ``seq_
 right after the pools (KVCachePruning puts them there).
 
 Prefix caching works as vLLM's hybrid KV-cache manager's: every group hashes its full blocks
-under the same chained keys (:func:`prefix_block_hashes`), and a prompt's hit is the longest prefix
-of ``k`` full blocks that every group can serve: the full-context group needs all ``k`` blocks
-cached, a windowed group only its sink blocks and the blocks of the last ``window`` positions
-before the hit (the ones the next query sees; older ones may long have been evicted). Each group
-then starts the sequence with those ``k`` blocks (the windowed ones with the older ones released).
+under the same chained keys (:func:`.kv_cache.prefix_block_hashes`), and a prompt's hit is the
+longest prefix of ``k`` full blocks that every group can serve: the full-context group needs all
+``k`` blocks cached, a windowed group only its sink blocks and the blocks of the last ``window``
+positions before the hit (the ones the next query sees; older ones may long have been evicted).
+Each group then starts the sequence with those ``k`` blocks (a windowed one with the older ones
+released).
 Only numpy, ``tvm.runtime`` and ``tvm_ffi`` are used.
 """
 
@@ -32,7 +33,7 @@ from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
 from .allocator import KVCacheOutOfBlocks
 from .cache_interface import KVCache, KVCacheCapabilities
 from .h2o_cache import H2OKVCache
-from .kv_cache import PagedKVCache, StepTensors, _int_array, prefix_block_hashes
+from .kv_cache import PagedKVCache, StepTensors, _int_array
 
 __all__ = ["HybridKVCache", "HybridStepTensors", "create_cache", "group_block_counts"]
 
@@ -201,7 +202,7 @@ class HybridKVCache:
         PagedKVCache._check_tokens(toks)
         if not self.enable_prefix_caching:
             return 0
-        hashes = prefix_block_hashes(toks, self.block_size)
+        hashes = self.caches[0].prefix_keys(toks)  # group 0 (full context) bounds the hit: no key past its chain
         servable = np.ones(len(hashes) + 1, dtype=bool)
         for cache in self.caches:
             servable &= cache.prefix_hit_mask(hashes)

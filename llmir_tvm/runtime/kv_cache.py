@@ -74,16 +74,22 @@ def block_hash(parent: bytes, tokens: np.ndarray) -> bytes:
     return hashlib.blake2b(parent + data, digest_size=16).digest()
 
 
-def prefix_block_hashes(tokens: np.ndarray, block_size: int) -> list[bytes]:
+def prefix_block_hashes(
+    tokens: np.ndarray, block_size: int, lookup: Callable[[bytes], int] | None = None
+) -> list[bytes]:
     """Chained keys (:func:`block_hash`) of the full blocks of a prompt a prefix hit may cover.
 
     The block holding the prompt's last token is left out (a hit always leaves at least one
-    token to compute), so a prompt of ``n`` tokens has ``(n - 1) // block_size`` keys.
+    token to compute), so a prompt of ``n`` tokens has ``(n - 1) // block_size`` keys; with
+    ``lookup`` (key -> block or -1), the keys end before the first one it misses (a chain
+    that must be cached whole stops there, and long prompts are not hashed in vain).
     """
     keys: list[bytes] = []
     parent = b""
     for i in range(max(0, (tokens.size - 1) // block_size)):
         parent = block_hash(parent, tokens[i * block_size : (i + 1) * block_size])
+        if lookup is not None and lookup(parent) < 0:
+            break
         keys.append(parent)
     return keys
 
@@ -326,7 +332,7 @@ class PagedKVCache:
         hashes: list[bytes] = []
         tracks = toks is not None and self.enable_prefix_caching
         if tracks:
-            hashes = prefix_block_hashes(toks, bs)
+            hashes = self._prefix_keys(toks, window)
             hits = np.flatnonzero(self._hit_mask(hashes, window, sinks)[: None if limit is None else limit + 1])
             hashes = hashes[: int(hits[-1])]
         n = len(hashes)
@@ -363,8 +369,15 @@ class PagedKVCache:
         self._check_tokens(toks)
         if not self.enable_prefix_caching:
             return 0
-        mask = self.prefix_hit_mask(prefix_block_hashes(toks, self.block_size))
+        mask = self.prefix_hit_mask(self.prefix_keys(toks))
         return int(np.flatnonzero(mask)[-1]) * self.block_size
+
+    def prefix_keys(self, token_ids: Iterable[int] | np.ndarray) -> list[bytes]:
+        """The chained block keys of ``token_ids`` a hit could use (cache-default window): all of them under a
+        window (older blocks may be missing), without one up to the first uncached block; [] when prefix caching is off."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._prefix_keys(_int_array(token_ids, "token_ids"), self.sliding_window)
 
     def prefix_hit_mask(self, hashes: list[bytes]) -> np.ndarray:
         """``mask[k]``: whether a new sequence (cache-default window) could start with the first ``k`` of the
@@ -866,6 +879,9 @@ class PagedKVCache:
             copy_fn(pool, src_t, dst_t)
         self.allocator.decref(src)
         self._cow_copies += len(plan)
+
+    def _prefix_keys(self, toks: np.ndarray, window: int) -> list[bytes]:
+        return prefix_block_hashes(toks, self.block_size, None if window > 0 else self.allocator.lookup)
 
     def _hit_mask(self, hashes: list[bytes], window: int, sinks: int) -> np.ndarray:
         """``mask[k]``: the blocks a query at position ``k * block_size`` sees (the sink blocks and the window's,
