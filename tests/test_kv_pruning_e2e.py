@@ -105,6 +105,11 @@ def test_second_request_with_a_shared_prefix_computes_only_its_suffix(hybrid):
     assert out1.cached_prompt_tokens == 0 and out2.cached_prompt_tokens == 24
     assert computed[0] == len(second) - 24  # the prefill step computed only the suffix
     assert out2.token_ids == hf_greedy(model, second, 8)
+    # without the local group's cached blocks (evicted) the global chain alone serves nothing
+    engine.cache.caches[1].reset_prefix_cache()
+    assert engine.cache.caches[0].match_prefix(second) >= 24 and engine.cache.match_prefix(second) == 0
+    out3 = engine.generate([second], max_new_tokens=8)[0]
+    assert out3.cached_prompt_tokens == 0 and out3.token_ids == out2.token_ids
     assert engine.cache.stats()["blocks_used"] == 0
 
 
