@@ -24,8 +24,8 @@ def kernels():
     return build_cache_kernels(CacheLayout(1, HEAD_DIM, PAGE, "float32"))
 
 
-def _cache(kernels, blocks=(16, 6), prefix=True):
-    return HybridKVCache([0, WINDOW], None, 1, HEAD_DIM, PAGE, list(blocks), "float32", kernels=kernels,
+def _cache(kernels, blocks=(16, 6), prefix=True, sinks=0):
+    return HybridKVCache([0, WINDOW], [0, sinks], 1, HEAD_DIM, PAGE, list(blocks), "float32", kernels=kernels,
                          enable_prefix_caching=prefix)
 
 
@@ -256,8 +256,9 @@ def _write_step(cache, kernels, batch, refs):
     cache.end_forward()
 
 
-def _check(cache, refs):
-    """Every sequence's K/V equals its reference where held, the next query's window is held, ref counts match."""
+def _check(cache, refs, sinks):
+    """Every sequence's K/V equals its reference where held, the next query's window and the sinks are held,
+    ref counts match."""
     for g, group_cache in enumerate(cache.caches):
         holders = np.zeros(group_cache.num_blocks, dtype=np.int64)
         for s, tokens in refs.items():
@@ -271,19 +272,20 @@ def _check(cache, refs):
             expect = np.array([_prefix_value(tokens[: p + 1]) for p in range(len(tokens))], dtype="float32")
             np.testing.assert_array_equal(k[held], expect[held])
             np.testing.assert_array_equal(k[~held], 0)
-            if g == 1:  # the window the next query sees is held
-                assert held[max(0, len(tokens) + 1 - WINDOW):].all()
+            if g == 1:  # the window the next query sees is held, and the sinks
+                assert held[max(0, len(tokens) + 1 - WINDOW):].all() and held[:sinks].all()
             else:
                 assert held.all()
         np.testing.assert_array_equal(group_cache.allocator.ref_counts, holders)
         assert all(group_cache.allocator.hashed_mask[b] for b in group_cache.allocator.cached_blocks())
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_programs_keep_contents_windows_and_ref_counts(kernels, seed):
-    """Random adds (prompts sharing prefixes), steps, forks, rollbacks and removals on small pools that evict."""
+@pytest.mark.parametrize("seed,sinks", [(0, 0), (1, 0), (2, 4)])
+def test_random_programs_keep_contents_windows_and_ref_counts(kernels, seed, sinks):
+    """Random adds (prompts sharing prefixes), steps, forks, rollbacks and removals on small pools that evict
+    (the window group with or without a sink block)."""
     rng = np.random.default_rng(seed)
-    cache = _cache(kernels, blocks=(24, 10))
+    cache = _cache(kernels, blocks=(24, 10), sinks=sinks)
     bases = [rng.integers(0, 50, 24).tolist() for _ in range(2)]
     refs: dict[int, list[int]] = {}
     next_id, reused_total = 0, 0
@@ -331,5 +333,5 @@ def test_random_programs_keep_contents_windows_and_ref_counts(kernels, seed):
             s = live[rng.integers(len(live))]
             cache.remove_sequence(s)
             del refs[s]
-        _check(cache, refs)
+        _check(cache, refs, sinks)
     assert reused_total > 0 and cache.caches[1].allocator.evictions > 0
