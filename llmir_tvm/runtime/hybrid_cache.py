@@ -183,12 +183,13 @@ class HybridKVCache:
         for i, cache in enumerate(self.caches):
             try:
                 got = cache.add_sequence(seq_id, toks, max_prefix_tokens=reuse)
+                if got != reuse:  # every group can serve `reuse` (match_prefix), so each takes exactly that
+                    cache.remove_sequence(seq_id)
+                    raise RuntimeError(f"window group {i} reused {got} prompt tokens, the others {reuse}")
             except Exception:
                 for done in self.caches[:i]:
                     done.remove_sequence(seq_id)
                 raise
-            if got != reuse:  # every group can serve `reuse` (match_prefix), so each takes exactly that
-                raise RuntimeError(f"window group {i} reused {got} prompt tokens, the others {reuse}")
         return reuse
 
     def match_prefix(self, token_ids: Iterable[int] | np.ndarray) -> int:
