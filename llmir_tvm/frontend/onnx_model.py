@@ -43,6 +43,13 @@ from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
 from .imported import ImportedModel, ModelImportError
 from .lift_constants import lift_constants
+from .onnx_contrib import (
+    CONVERTERS,
+    default_domain_contrib_nodes,
+    fill_kv_head_dims,
+    tag_contrib_nodes,
+    with_contrib_domain,
+)
 from .shape_values import SizeEvaluator, resolve_computed_shapes
 
 TOKENS = "num_tokens"
@@ -93,10 +100,13 @@ def _check(proto: Any, where: str, path: str | None) -> None:
     """Refuse an empty or invalid model with a one-line message (the ONNX checker's first line)."""
     if not proto.graph.node or not proto.opset_import:
         raise ModelImportError(f"{where} is not a valid ONNX model: it has no graph nodes or no opset")
-    if path is None and proto.ByteSize() >= 2**31:  # the checker cannot serialise it; from_onnx still reads it
+    checked = proto
+    if default_domain_contrib_nodes(proto.graph):  # the checker knows no onnxruntime op of the default domain
+        checked, path = with_contrib_domain(proto), None
+    if path is None and checked.ByteSize() >= 2**31:  # the checker cannot serialise it; from_onnx still reads it
         return
     try:
-        onnx.checker.check_model(path if path is not None else proto)
+        onnx.checker.check_model(path if path is not None else checked)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise ModelImportError(f"{where} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
 
@@ -192,8 +202,8 @@ def _is_weight(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" and array.size > 1
 
 
-def _ranks(proto: Any) -> dict:
-    """Rank of every value (ONNX shape inference on a copy without weight data)."""
+def _inferred_dims(proto: Any) -> dict:
+    """Dims of every value (ONNX shape inference on a copy without weight data; ``_dims`` style)."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(proto)
     graph = skeleton.graph
@@ -202,10 +212,15 @@ def _ranks(proto: Any) -> dict:
     del graph.initializer[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton).graph
-    except Exception:  # inference is only a help for the Reshape fix below
+    except Exception:  # inference is only a help (the Reshape fix, contrib caches' head dims)
         return {}
     infos = list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-    return {i.name: len(i.type.tensor_type.shape.dim) for i in infos if i.type.tensor_type.HasField("shape")}
+    return {i.name: _dims(i) for i in infos if i.type.tensor_type.HasField("shape")}
+
+
+def _ranks(proto: Any) -> dict:
+    """Rank of every value (see :func:`_inferred_dims`)."""
+    return {name: len(dims) for name, dims in _inferred_dims(proto).items()}
 
 
 def _prepare_nodes(proto: Any) -> None:
@@ -221,6 +236,7 @@ def _prepare_nodes(proto: Any) -> None:
     """
 
     graph = proto.graph
+    tag_contrib_nodes(graph)
     constants: dict = {}
     weights = []
     for tensor in graph.initializer:
@@ -282,8 +298,9 @@ def _int_scalar(expr: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _symbolic_range():
-    """Import ONNX ``Range`` over known integer scalars as ``R.arange(start, limit, delta)``.
+def _converters():
+    """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
+    limit, delta)``, and onnxruntime's contrib operators (:mod:`.onnx_contrib`).
 
     TVM's converter computes every non-constant range length with tensor ops and binds it to a
     fresh symbolic variable, so ``Range(0, num_tokens)`` loses its length: a later broadcast
@@ -302,7 +319,7 @@ def _symbolic_range():
             return super()._impl_v12(bb, inputs, attr, params)
 
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), "Range": SymbolicRange}
+    onnx_frontend._get_convert_map = lambda: {**original(), "Range": SymbolicRange, **CONVERTERS}
     try:
         yield
     finally:
@@ -311,7 +328,7 @@ def _symbolic_range():
 
 def _import_relax(proto: Any, where: str):
     try:
-        with warnings.catch_warnings(), _symbolic_range():
+        with warnings.catch_warnings(), _converters():
             warnings.simplefilter("ignore")  # input renames (past_key_values.0.key -> past_key_values_0_key)
             mod = from_onnx(proto, keep_params_in_input=True)
     except Exception as err:  # the importer raises many kinds (OpNotImplemented, TVMError, ValueError)
@@ -337,6 +354,7 @@ def import_onnx(
     proto, default_name, path = _load(model)
     where = path or f"ONNX model '{default_name}'"
     _check(proto, where, path)
+    fill_kv_head_dims(proto.graph, _inferred_dims(proto))
     sig = _signature(proto.graph, where)
     _specialise(proto, sig)
     _prepare_nodes(proto)
