@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 from onnx import helper as onnx_helper
+import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 
@@ -204,16 +205,16 @@ def apply_rotary(bb, x: relax.Expr, cos: relax.Expr, sin: relax.Expr, rotary_dim
     return _emit(bb, relax.op.concat([rotated, _slice(bb, x, last, rotary_dim, head_dim)], axis=last))
 
 
-def _cos_sin_rows(bb, cos_cache, sin_cache, positions) -> tuple:
+def _cos_sin_rows(bb, cos_cache, sin_cache, positions, x: relax.Expr) -> tuple:
     """cos/sin rows of ``positions [batch, seq]`` or ``[seq]``, shaped ``[batch|1, seq, 1, half]`` to
-    broadcast over the heads of a ``[batch, seq, heads, head_dim]`` tensor."""
+    broadcast over the heads of ``x [batch, seq, heads, head_dim]`` (whose ``seq`` they take: the
+    positions may have been computed with a length the importer could not relate to it)."""
     rows = []
     for cache in (cos_cache, sin_cache):
         r = _take_rows(bb, cache, positions)
         dims = _shape(r)
-        if len(dims) == 2:  # [seq, half]
-            dims = [1] + dims
-        rows.append(_emit(bb, relax.op.reshape(r, dims[:2] + [1] + dims[2:])))
+        batch = dims[0] if len(dims) == 3 else 1
+        rows.append(_emit(bb, relax.op.reshape(r, [batch, _shape(x)[1], 1, dims[-1]])))
     return tuple(rows)
 
 
@@ -243,7 +244,7 @@ class RotaryEmbedding(onnx_frontend.OnnxOpConverter):
             start = _emit(bb, relax.op.reshape(positions, [1]))
             positions = _emit(bb, relax.op.add(relax.op.arange(0, seq, 1, "int64"),
                                                relax.op.astype(start, "int64")))
-        cos, sin = _cos_sin_rows(bb, cos_cache, sin_cache, positions)
+        cos, sin = _cos_sin_rows(bb, cos_cache, sin_cache, positions, x4)
         out = apply_rotary(bb, x4, cos, sin, rotary_dim, bool(attr.get("interleaved", 0)))
         if len(dims) == 4:
             return relax.op.permute_dims(out, [0, 2, 1, 3])
@@ -267,6 +268,41 @@ _GQA_UNSUPPORTED_ATTRS = {
 }
 
 
+def _unpadded(bb, cache: relax.Expr) -> relax.Expr:
+    """A rotary cache without the zero rows appended to it (``concat((rows, zeros), axis=0)``).
+
+    transformers' exporter computes one cos/sin row per token of the step and pads the table with
+    zero rows, never read, up to the total length (``GroupQueryAttention`` wants that many rows);
+    the padding would size a buffer by the cache length, which the paged model does not have.
+    """
+    value = _value_of(bb, cache)
+    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.concat"):
+        return cache
+    parts = value.args[0]
+    if not isinstance(parts, relax.Tuple) or len(parts.fields) != 2 or int(value.attrs.axis) != 0:
+        return cache
+    fill = _value_of(bb, parts.fields[1])
+    if isinstance(fill, relax.Call) and getattr(fill.op, "name", "") == "relax.broadcast_to":
+        source = fill.args[0]
+        while True:  # through bindings and reshapes to the filled value
+            if isinstance(source, relax.Var) and bb.lookup_binding(source) is not None:
+                source = bb.lookup_binding(source)
+            elif isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.reshape":
+                source = source.args[0]
+            else:
+                break
+        if isinstance(source, tvm.ir.GenericConst) and not np.any(source.value.numpy()):
+            return parts.fields[0]
+    return cache
+
+
+def _value_of(bb, expr: relax.Expr) -> relax.Expr | None:
+    """The expression ``expr`` stands for: its binding when it is a bound variable, else itself."""
+    if isinstance(expr, relax.Var):
+        return bb.lookup_binding(expr)
+    return expr
+
+
 def _heads(bb, x: relax.Expr, batch, seq, heads: int, head_dim: int) -> relax.Expr:
     """``[batch, seq, heads·head_dim]`` → ``[batch, heads, seq, head_dim]``."""
     x = _emit(bb, relax.op.reshape(x, [batch, seq, heads, head_dim]))
@@ -284,14 +320,15 @@ def _repeat_kv(bb, x: relax.Expr, groups: int) -> relax.Expr:
 
 def _causal_mask(bb, seq, total, window: int, dtype: str) -> relax.Expr:
     """Additive ``[seq, total]`` mask: row ``i`` (at position ``total - seq + i``) sees the keys ``j`` with
-    ``0 <= (total - seq + i) - j <= window`` (``window`` < 0: no lower bound)."""
+    ``0 <= (total - seq + i) - j < window`` (``window`` keys, itself included, as transformers'
+    ``sliding_window``; ``window`` < 0: no lower bound)."""
     rows = _emit(bb, relax.op.reshape(relax.op.arange(0, seq, 1, "int64"), [seq, 1]))
     cols = _emit(bb, relax.op.reshape(relax.op.arange(seq - total, seq, 1, "int64"), [1, total]))  # j - past
     behind = _emit(bb, relax.op.subtract(rows, cols))  # how far key j lies behind the row's position
     zero = relax.const(0, "int64")
     allowed = _emit(bb, relax.op.greater_equal(behind, zero))
     if window >= 0:
-        near = _emit(bb, relax.op.less_equal(behind, relax.const(window, "int64")))
+        near = _emit(bb, relax.op.less(behind, relax.const(window, "int64")))
         allowed = _emit(bb, relax.op.logical_and(allowed, near))
     lowest = float(np.finfo(np.dtype(dtype)).min)
     return _emit(bb, relax.op.where(allowed, relax.const(0.0, dtype), relax.const(lowest, dtype)))
@@ -351,15 +388,19 @@ class GroupQueryAttention(onnx_frontend.OnnxOpConverter):
         cos_cache, sin_cache, positions = inputs[7], inputs[8], inputs[9]
         if cos_cache is None or sin_cache is None:
             raise ModelImportError(f"GroupQueryAttention node '{_node(attr)}': do_rotary needs cos_cache and sin_cache")
+        cos_cache, sin_cache = _unpadded(bb, cos_cache), _unpadded(bb, sin_cache)
+        if cos_cache.ty.shape is None:
+            raise ModelImportError(f"GroupQueryAttention node '{_node(attr)}': cos_cache has no known shape")
         if positions is None:
             past = _shape(past_key)[2] if past_key is not None else tirx.IntImm("int64", 0)
             positions = relax.op.arange(past, past + seq, 1, "int64")
         rotary_dim = 2 * _static(_shape(cos_cache)[1], "the cos_cache width", attr)
-        cos, sin = _cos_sin_rows(bb, cos_cache, sin_cache, _emit(bb, positions))
         interleaved = bool(attr.get("rotary_interleaved", 0))
-        rotated = []
+        rotated, cos, sin = [], None, None
         for x in (q, k):  # rotate in [batch, seq, heads, head_dim], where cos/sin broadcast over heads
             bshd = _emit(bb, relax.op.permute_dims(x, [0, 2, 1, 3]))
+            if cos is None:
+                cos, sin = _cos_sin_rows(bb, cos_cache, sin_cache, _emit(bb, positions), bshd)
             out = apply_rotary(bb, bshd, cos, sin, rotary_dim, interleaved)
             rotated.append(_emit(bb, relax.op.permute_dims(out, [0, 2, 1, 3])))
         return rotated
@@ -395,18 +436,32 @@ def fill_kv_head_dims(graph: Any, dims: dict) -> None:
     leaves it symbolic (onnxruntime-genai's builder writes ``kv_cache_dim``), computed from the
     node's query width and head counts (``dims``: inferred dims by value name)."""
     infos = {i.name: i for i in list(graph.input) + list(graph.output)}
+    producers = {o: n for n in graph.node for o in n.output}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+
+    def width(name: str, depth: int = 0) -> int | None:
+        """The static last dim of ``name``: inferred, or a projection's weight width (MatMul [+ bias])."""
+        last = (dims.get(name) or [None])[-1]
+        if isinstance(last, int) or depth > 4 or name not in producers:
+            return last if isinstance(last, int) else None
+        node = producers[name]
+        if node.op_type == "MatMul" and len(weights.get(node.input[1], [])) == 2:
+            return weights[node.input[1]][1]
+        if node.op_type in ("Add", "RotaryEmbedding", _TAG + "RotaryEmbedding"):
+            return width(node.input[0], depth + 1)
+        return None
+
     for node in graph.node:
         if node.domain != MS_DOMAIN or node.op_type.removeprefix(_TAG) != "GroupQueryAttention":
             continue
         attrs = {a.name: onnx_helper.get_attribute_value(a) for a in node.attribute}
-        width = (dims.get(node.input[0]) or [None])[-1]
-        if not isinstance(width, int) or "num_heads" not in attrs or "kv_num_heads" not in attrs:
+        query_width = width(node.input[0])
+        if query_width is None or "num_heads" not in attrs or "kv_num_heads" not in attrs:
             continue
         packed = len(node.input) < 2 or not node.input[1]
         heads = attrs["num_heads"] + (2 * attrs["kv_num_heads"] if packed else 0)
-        head_dim = width // heads
-        names = list(node.input[3:5]) + list(node.output[1:3])
-        for name in names:
+        head_dim = query_width // heads
+        for name in list(node.input[3:5]) + list(node.output[1:3]):
             info = infos.get(name)
             if info is None or len(info.type.tensor_type.shape.dim) != 4:
                 continue

@@ -70,8 +70,16 @@ class _Signature:
 
 
 def _dims(info) -> list:
+    """The dims of a value: ints where static, else the symbol (``"?"`` when unnamed). A symbol that
+    is a decimal number counts as that size: dynamic exports (transformers') name fixed sizes ``"2"``."""
     shape = info.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+    return [_dim(d) for d in shape.dim]
+
+
+def _dim(d) -> Any:
+    if d.HasField("dim_value"):
+        return d.dim_value
+    return int(d.dim_param) if d.dim_param.isdigit() else (d.dim_param or "?")
 
 
 def _describe(info) -> str:
@@ -223,6 +231,11 @@ def _ranks(proto: Any) -> dict:
     return {name: len(dims) for name, dims in _inferred_dims(proto).items()}
 
 
+#: Operators TVM's importer lets take a ``Shape`` result (a Relax ``ShapeExpr``) as an operand.
+_SHAPE_OPERAND_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand", "Concat", "Equal",
+                      "Where", "Cast", "CastLike", "Squeeze"}
+
+
 def _prepare_nodes(proto: Any) -> None:
     """Non-weight initializers → Constant nodes (TVM folds them); work around two importer gaps.
 
@@ -232,7 +245,10 @@ def _prepare_nodes(proto: Any) -> None:
     ``Unsqueeze(axis 0)``. It broadcasts ``ConstantOfShape``'s one-element ``value`` as given,
     which fails for a rank-0 result: the value becomes a scalar. A one-input ``Concat`` of a graph
     input (the legacy exporter emits one on a past input, hiding the cache concat) becomes the
-    ``Identity`` it is.
+    ``Identity`` it is. It refuses a ``Shape`` result in arithmetic (``Mul(Shape(a), Shape(b))``,
+    onnxscript's fusions write one): such operands go through an int64 ``Cast`` to a tensor. A
+    one-element ``[1]`` float constant scaling a tensor of higher rank (onnxscript's attention scale)
+    becomes the scalar it broadcasts as, so that it stays an inline scalar.
     """
 
     graph = proto.graph
@@ -251,7 +267,27 @@ def _prepare_nodes(proto: Any) -> None:
         onnx.helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
         for name, array in constants.items()
     ]
+    shapes = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
+    scalars: set = set()
     for node in graph.node:
+        if node.op_type not in _SHAPE_OPERAND_OPS and shapes.intersection(node.input):
+            for i, name in enumerate(node.input):
+                if name in shapes:
+                    cast = f"{name}__tensor"
+                    nodes.append(onnx.helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.INT64))
+                    node.input[i] = cast
+        if node.op_type in ("Mul", "Div") and len(node.input) == 2:
+            for i, name in enumerate(node.input):
+                value, other = constants.get(name), node.input[1 - i]
+                # the other operand's rank: inferred, or unknown after a contrib op (then it is an activation)
+                higher = ranks.get(other, 99) > getattr(value, "ndim", 99) and other not in constants
+                if value is not None and value.dtype.kind == "f" and value.size == 1 and value.ndim > 0 and higher:
+                    node.input[i] = f"{name}__scalar"
+                    if node.input[i] not in scalars:
+                        scalars.add(node.input[i])
+                        nodes.append(onnx.helper.make_node(
+                            "Constant", [], [node.input[i]], value=numpy_helper.from_array(value.reshape(()), node.input[i])
+                        ))
         if node.op_type == "ConstantOfShape":
             for attr in node.attribute:
                 if attr.name == "value" and len(attr.t.dims) == 1:  # TVM broadcasts it, so [v] breaks rank 0
@@ -300,7 +336,8 @@ def _int_scalar(expr: Any) -> Any:
 @contextlib.contextmanager
 def _converters():
     """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
-    limit, delta)``, and onnxruntime's contrib operators (:mod:`.onnx_contrib`).
+    limit, delta)``, ``Concat`` of shapes with tensors, and onnxruntime's contrib operators
+    (:mod:`.onnx_contrib`).
 
     TVM's converter computes every non-constant range length with tensor ops and binds it to a
     fresh symbolic variable, so ``Range(0, num_tokens)`` loses its length: a later broadcast
@@ -318,8 +355,21 @@ def _converters():
                 return relax.op.arange(values[0], values[1], values[2], dtype=dtype)
             return super()._impl_v12(bb, inputs, attr, params)
 
+    class MixedConcat(onnx_frontend.Concat):
+        """``Concat`` of shapes (``ShapeExpr``) and tensors: the shapes become int64 tensors first."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            kinds = {isinstance(x.ty, relax.ShapeType) for x in inputs if x is not None}
+            if len(kinds) > 1:
+                inputs = [bb.normalize(relax.op.shape_to_tensor(x)) if isinstance(x.ty, relax.ShapeType) else x
+                          for x in inputs]
+            return super()._impl_v13(bb, inputs, attr, params)
+
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), "Range": SymbolicRange, **CONVERTERS}
+    onnx_frontend._get_convert_map = lambda: {
+        **original(), "Range": SymbolicRange, "Concat": MixedConcat, **CONVERTERS
+    }
     try:
         yield
     finally:
@@ -364,6 +414,9 @@ def import_onnx(
     func = _to_convention(mod["main"], sig, input_names, where)
 
     mod = tvm.IRModule({"main": func}, attrs=mod.attrs)
+    # reshape round trips (onnxscript's unfused attention: [1, T, 4, 16] -> [1, T, 64] -> [1, T, 4, 16])
+    # hide the cache concat behind the K/V heads from the attention matcher
+    mod = relax.transform.RemoveRedundantReshape()(mod)
     try:
         relax.analysis.well_formed(mod)
     except Exception as err:
