@@ -156,7 +156,8 @@ def ort_logits(model, tokens: list[int], prefill_len: int, head_dim: int = HEAD_
     past = {n: np.zeros((1, inputs[n].shape[1], 0, head_dim), "float32") for n in past_names}
     rows, start = [], 0
     for end in [prefill_len] + list(range(prefill_len + 1, len(tokens) + 1)):
-        feed = {"input_ids": np.array([tokens[start:end]], "int64"), "attention_mask": np.ones((1, end), "int64"), **past}
+        feed = {"input_ids": np.array([tokens[start:end]], "int64"), "attention_mask": np.ones((1, end), "int64"),
+                **past}
         if "position_ids" in inputs:
             feed["position_ids"] = np.arange(start, end, dtype="int64")[None]
         outs = dict(zip(out_names, sess.run(None, feed)))
@@ -192,7 +193,8 @@ def test_builder_style_gqa_imports_and_pages_into_paged_attention(builder_style_
     names = [p.name for p in main.params[: int(main.attrs["num_input"])]]
     assert names[:2] == ["input_ids", "position_ids"] and "attention_mask" not in names
     assert len(names) == 2 + 2 * LAYERS and all(n.startswith("past_key_values") for n in names[2:])
-    assert [int(d) for d in main.params[2].ty.shape.values[1:2] + main.params[2].ty.shape.values[3:]] == [KV_HEADS, HEAD_DIM]
+    past_dims = main.params[2].ty.shape.values  # the builder's symbolic kv_cache_dim became the head dim
+    assert (int(past_dims[1]), int(past_dims[3])) == (KV_HEADS, HEAD_DIM)
     paged = PagedAttentionRewrite(page_size=4)(imported.mod)["main"]
     relax.analysis.well_formed(tvm.IRModule({"main": paged}))
     assert not any("past" in p.name for p in paged.params)
@@ -246,7 +248,8 @@ def _with_gqa_attribute(model: onnx.ModelProto, **attrs) -> onnx.ModelProto:
 ])
 def test_unsupported_gqa_attributes_are_refused_by_name(attrs, words):
     model = _with_gqa_attribute(contrib_decoder("builder"), **attrs)
-    with pytest.raises(ModelImportError, match=f"GroupQueryAttention node 'GroupQueryAttention_[0-9]+': attribute {words}"):
+    where = "^ONNX model 'contrib_builder': GroupQueryAttention node 'GroupQueryAttention_[0-9]+'"
+    with pytest.raises(ModelImportError, match=f"{where}: attribute {words} is not supported"):
         import_model(model)
 
 
@@ -256,6 +259,14 @@ def test_unsupported_gqa_input_is_refused_by_name():
         if node.op_type == "GroupQueryAttention":
             node.input.extend(["", "", "", "", "", "embed"])  # ... k_scale, v_scale, q_norm_weight
     with pytest.raises(ModelImportError, match="input q_norm_weight"):
+        import_model(model)
+
+
+def test_unknown_contrib_operators_are_refused_by_name():
+    model = contrib_decoder("builder")
+    node = next(n for n in model.graph.node if n.op_type == "MatMul")
+    node.op_type, node.domain = "MatMulNBits", "com.microsoft"  # what an int4 export has
+    with pytest.raises(ModelImportError, match="contrib operator\\(s\\) MatMulNBits, which llmir_tvm does not import"):
         import_model(model)
 
 
@@ -278,7 +289,8 @@ def genai_exports(tmp_path_factory) -> dict:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", bos_token="t1", eos_token="t2",
                                         pad_token="t0")  # the builder copies a tokenizer
     exports = {}
-    for family, (cfg, cls) in {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}.items():
+    families = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    for family, (cfg, cls) in families.items():
         torch.manual_seed(0)
         folder, out = root / family, root / f"{family}_onnx"
         cls(cfg(**config)).eval().save_pretrained(folder)
@@ -317,7 +329,8 @@ def test_genai_builder_export_matches_onnxruntime(genai_exports, family):
     path = genai_exports[family]
     engine = llmir_tvm.Engine(llmir_tvm.compile(path, kv=KV))
     tokens = np.random.default_rng(3).integers(3, 256, 12).tolist()
-    np.testing.assert_allclose(engine.score(tokens, prefill_len=7), ort_logits(path, tokens, 7, head_dim=16), rtol=1e-4, atol=1e-4)
+    reference = ort_logits(path, tokens, 7, head_dim=16)
+    np.testing.assert_allclose(engine.score(tokens, prefill_len=7), reference, rtol=1e-4, atol=1e-4)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 13, 2)]
     results = engine.generate(prompts, max_new_tokens=16)

@@ -43,10 +43,18 @@ MS_DOMAIN = "com.microsoft"
 _TAG = MS_DOMAIN + "."
 
 
-def tag_contrib_nodes(graph: Any) -> None:
+def tag_contrib_nodes(graph: Any, where: str) -> None:
     """Rename ``com.microsoft`` nodes of ``graph`` to ``com.microsoft.<Op>`` so that they reach
     :data:`CONVERTERS` (TVM looks converters up by name only, and the standard ``RotaryEmbedding``
-    of opset 23 differs from onnxruntime's)."""
+    of opset 23 differs from onnxruntime's); refuse operators of that domain that have none."""
+    unknown = sorted({n.op_type.removeprefix(_TAG) for n in graph.node if n.domain == MS_DOMAIN}
+                     - {name.removeprefix(_TAG) for name in CONVERTERS})
+    if unknown:
+        supported = ", ".join(sorted({name.removeprefix(_TAG) for name in CONVERTERS}))
+        raise ModelImportError(
+            f"{where} uses onnxruntime contrib operator(s) {', '.join(unknown)}, which llmir_tvm does not import "
+            f"(supported: {supported}); export it without them (e.g. fp32/fp16 instead of int4 for MatMulNBits)"
+        )
     for node in graph.node:
         if node.domain == MS_DOMAIN and not node.op_type.startswith(_TAG):
             node.op_type = _TAG + node.op_type

@@ -236,6 +236,40 @@ _SHAPE_OPERAND_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice",
                       "Where", "Cast", "CastLike", "Squeeze"}
 
 
+def _shape_operands_as_tensors(node: Any, shapes: set) -> list:
+    """``Cast`` nodes turning the ``Shape`` results (``shapes``) that ``node`` cannot take into int64
+    tensors; ``node`` is rewired to read them."""
+    if node.op_type in _SHAPE_OPERAND_OPS:
+        return []
+    casts = []
+    for i, name in enumerate(node.input):
+        if name in shapes:
+            node.input[i] = f"{name}__tensor"
+            casts.append(onnx.helper.make_node("Cast", [name], [node.input[i]], to=onnx.TensorProto.INT64))
+    return casts
+
+
+def _one_element_scales_as_scalars(node: Any, constants: dict, ranks: dict, made: set) -> list:
+    """For ``Mul``/``Div`` by a ``[1]`` float constant of a tensor of higher rank (the result's shape is
+    the same either way): read a rank-0 copy instead, returned as a new ``Constant`` node (once per
+    name, tracked in ``made``)."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return []
+    new = []
+    for i, name in enumerate(node.input):
+        value, other = constants.get(name), node.input[1 - i]
+        if value is None or value.dtype.kind != "f" or value.size != 1 or value.ndim == 0 or other in constants:
+            continue
+        if ranks.get(other, value.ndim + 1) <= value.ndim:  # unknown rank (after a contrib op): an activation
+            continue
+        node.input[i] = f"{name}__scalar"
+        if node.input[i] not in made:
+            made.add(node.input[i])
+            tensor = numpy_helper.from_array(value.reshape(()), node.input[i])
+            new.append(onnx.helper.make_node("Constant", [], [node.input[i]], value=tensor))
+    return new
+
+
 def _prepare_nodes(proto: Any) -> None:
     """Non-weight initializers → Constant nodes (TVM folds them); work around two importer gaps.
 
@@ -252,7 +286,6 @@ def _prepare_nodes(proto: Any) -> None:
     """
 
     graph = proto.graph
-    tag_contrib_nodes(graph)
     constants: dict = {}
     weights = []
     for tensor in graph.initializer:
@@ -270,24 +303,8 @@ def _prepare_nodes(proto: Any) -> None:
     shapes = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
     scalars: set = set()
     for node in graph.node:
-        if node.op_type not in _SHAPE_OPERAND_OPS and shapes.intersection(node.input):
-            for i, name in enumerate(node.input):
-                if name in shapes:
-                    cast = f"{name}__tensor"
-                    nodes.append(onnx.helper.make_node("Cast", [name], [cast], to=onnx.TensorProto.INT64))
-                    node.input[i] = cast
-        if node.op_type in ("Mul", "Div") and len(node.input) == 2:
-            for i, name in enumerate(node.input):
-                value, other = constants.get(name), node.input[1 - i]
-                # the other operand's rank: inferred, or unknown after a contrib op (then it is an activation)
-                higher = ranks.get(other, 99) > getattr(value, "ndim", 99) and other not in constants
-                if value is not None and value.dtype.kind == "f" and value.size == 1 and value.ndim > 0 and higher:
-                    node.input[i] = f"{name}__scalar"
-                    if node.input[i] not in scalars:
-                        scalars.add(node.input[i])
-                        nodes.append(onnx.helper.make_node(
-                            "Constant", [], [node.input[i]], value=numpy_helper.from_array(value.reshape(()), node.input[i])
-                        ))
+        nodes.extend(_shape_operands_as_tensors(node, shapes))
+        nodes.extend(_one_element_scales_as_scalars(node, constants, ranks, scalars))
         if node.op_type == "ConstantOfShape":
             for attr in node.attribute:
                 if attr.name == "value" and len(attr.t.dims) == 1:  # TVM broadcasts it, so [v] breaks rank 0
@@ -360,8 +377,12 @@ def _converters():
 
         @classmethod
         def _impl_v13(cls, bb, inputs, attr, params):
-            kinds = {isinstance(x.ty, relax.ShapeType) for x in inputs if x is not None}
-            if len(kinds) > 1:
+            _, param_dict = params
+            shapes = [isinstance(x.ty, relax.ShapeType) for x in inputs]
+            # TVM concatenates shapes with constants (and int64 parameters) itself; a computed tensor it cannot
+            computed = [not (s or isinstance(x, tvm.ir.GenericConst) or getattr(x, "name_hint", None) in param_dict)
+                        for x, s in zip(inputs, shapes)]
+            if any(shapes) and any(computed):
                 inputs = [bb.normalize(relax.op.shape_to_tensor(x)) if isinstance(x.ty, relax.ShapeType) else x
                           for x in inputs]
             return super()._impl_v13(bb, inputs, attr, params)
@@ -381,6 +402,8 @@ def _import_relax(proto: Any, where: str):
         with warnings.catch_warnings(), _converters():
             warnings.simplefilter("ignore")  # input renames (past_key_values.0.key -> past_key_values_0_key)
             mod = from_onnx(proto, keep_params_in_input=True)
+    except ModelImportError as err:  # a contrib operator's own refusal (names the node)
+        raise ModelImportError(f"{where}: {err}") from None
     except Exception as err:  # the importer raises many kinds (OpNotImplemented, TVMError, ValueError)
         raise ModelImportError(f"TVM cannot import {where}: {_first_line(err)}") from err
     return relax.frontend.detach_params(mod)
@@ -404,6 +427,7 @@ def import_onnx(
     proto, default_name, path = _load(model)
     where = path or f"ONNX model '{default_name}'"
     _check(proto, where, path)
+    tag_contrib_nodes(proto.graph, where)
     fill_kv_head_dims(proto.graph, _inferred_dims(proto))
     sig = _signature(proto.graph, where)
     _specialise(proto, sig)
