@@ -298,6 +298,7 @@ def genai_exports(tmp_path_factory) -> dict:
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(folder), "-i", str(folder),
                         "-o", str(out), "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
         exports[family] = str(out / "model.onnx")
+        exports[f"{family}_folder"] = str(folder)
     return exports
 
 
@@ -336,3 +337,36 @@ def test_genai_builder_export_matches_onnxruntime(genai_exports, family):
     results = engine.generate(prompts, max_new_tokens=16)
     for prompt, result in zip(prompts, results):
         assert result.token_ids == _ort_greedy(path, prompt, 16)
+
+
+def _transformers_ort_fusions_export(folder, out, batch: int) -> str:
+    """transformers' own exporter with onnxruntime's CPU fusions (``OnnxConfig(ort_fusions="cpu")``),
+    traced with a populated cache: batch 1 fuses ``GroupQueryAttention`` (rotary inside, per-token
+    cos/sin tables, the mask as ``attention_bias``); batch 2 keeps ``RotaryEmbedding`` nodes and
+    unfused attention, each output wrapped in ``where(row sees no key, 0, out)``."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers.exporters.exporter_onnx import OnnxConfig, OnnxExporter
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    cache = DynamicCache(config=model.config)
+    for layer in range(model.config.num_hidden_layers):
+        cache.update(torch.randn(batch, 2, 5, 16), torch.randn(batch, 2, 5, 16), layer)
+    inputs = dict(input_ids=torch.randint(0, 256, (batch, 3)), attention_mask=torch.ones(batch, 8, dtype=torch.int64),
+                  position_ids=torch.arange(5, 8).expand(batch, 3), past_key_values=cache)
+    OnnxExporter().export(model, inputs, config=OnnxConfig(dynamic=True, ort_fusions="cpu")).save_pretrained(out)
+    return str(out / "model.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed (it writes the model folder's tokenizer)")
+@pytest.mark.parametrize("batch, fused", [(1, "GroupQueryAttention"), (2, "RotaryEmbedding")])
+def test_transformers_ort_fusions_export_matches_onnxruntime(genai_exports, tmp_path, batch, fused):
+    folder = genai_exports["llama_folder"]
+    path = _transformers_ort_fusions_export(folder, tmp_path / f"fused_b{batch}", batch)
+    graph = onnx.load(path, load_external_data=False).graph
+    assert any(n.op_type == fused and n.domain == "com.microsoft" for n in graph.node)
+    engine = llmir_tvm.Engine(llmir_tvm.compile(path, kv=KV))
+    tokens = np.random.default_rng(3).integers(3, 256, 12).tolist()
+    reference = ort_logits(path, tokens, 7, head_dim=16)
+    np.testing.assert_allclose(engine.score(tokens, prefill_len=7), reference, rtol=1e-4, atol=1e-4)

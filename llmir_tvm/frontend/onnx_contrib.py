@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto, numpy_helper
 from onnx import helper as onnx_helper
 import tvm
 from tvm import relax, tirx
@@ -276,41 +277,6 @@ _GQA_UNSUPPORTED_ATTRS = {
 }
 
 
-def _unpadded(bb, cache: relax.Expr) -> relax.Expr:
-    """A rotary cache without the zero rows appended to it (``concat((rows, zeros), axis=0)``).
-
-    transformers' exporter computes one cos/sin row per token of the step and pads the table with
-    zero rows, never read, up to the total length (``GroupQueryAttention`` wants that many rows);
-    the padding would size a buffer by the cache length, which the paged model does not have.
-    """
-    value = _value_of(bb, cache)
-    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.concat"):
-        return cache
-    parts = value.args[0]
-    if not isinstance(parts, relax.Tuple) or len(parts.fields) != 2 or int(value.attrs.axis) != 0:
-        return cache
-    fill = _value_of(bb, parts.fields[1])
-    if isinstance(fill, relax.Call) and getattr(fill.op, "name", "") == "relax.broadcast_to":
-        source = fill.args[0]
-        while True:  # through bindings and reshapes to the filled value
-            if isinstance(source, relax.Var) and bb.lookup_binding(source) is not None:
-                source = bb.lookup_binding(source)
-            elif isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.reshape":
-                source = source.args[0]
-            else:
-                break
-        if isinstance(source, tvm.ir.GenericConst) and not np.any(source.value.numpy()):
-            return parts.fields[0]
-    return cache
-
-
-def _value_of(bb, expr: relax.Expr) -> relax.Expr | None:
-    """The expression ``expr`` stands for: its binding when it is a bound variable, else itself."""
-    if isinstance(expr, relax.Var):
-        return bb.lookup_binding(expr)
-    return expr
-
-
 def _heads(bb, x: relax.Expr, batch, seq, heads: int, head_dim: int) -> relax.Expr:
     """``[batch, seq, heads·head_dim]`` → ``[batch, heads, seq, head_dim]``."""
     x = _emit(bb, relax.op.reshape(x, [batch, seq, heads, head_dim]))
@@ -396,7 +362,6 @@ class GroupQueryAttention(onnx_frontend.OnnxOpConverter):
         cos_cache, sin_cache, positions = inputs[7], inputs[8], inputs[9]
         if cos_cache is None or sin_cache is None:
             raise ModelImportError(f"GroupQueryAttention node '{_node(attr)}': do_rotary needs cos_cache and sin_cache")
-        cos_cache, sin_cache = _unpadded(bb, cos_cache), _unpadded(bb, sin_cache)
         if cos_cache.ty.shape is None:
             raise ModelImportError(f"GroupQueryAttention node '{_node(attr)}': cos_cache has no known shape")
         if positions is None:
@@ -437,6 +402,31 @@ CONVERTERS: dict = {
     _TAG + "RotaryEmbedding": RotaryEmbedding,
     _TAG + "GroupQueryAttention": GroupQueryAttention,
 }
+
+
+def unpad_rotary_caches(graph: Any) -> None:
+    """Feed ``GroupQueryAttention`` its rotary caches without the zero rows appended to them.
+
+    transformers' exporter computes one cos/sin row per token of the step and pads the tables
+    with zero rows, never read, up to the total length (``Concat(rows, Expand(0, ...))``, axis 0),
+    as onnxruntime wants that many rows; the padding is sized by the cache length, which the
+    paged model does not have. The node reads the unpadded rows instead (the padding is then dead).
+    """
+    producers = {o: n for n in graph.node for o in n.output}
+    zeros = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and not numpy_helper.to_array(t).any()}
+    zeros |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
+              and n.attribute[0].name == "value" and not numpy_helper.to_array(n.attribute[0].t).any()}
+    for node in graph.node:
+        if node.domain != MS_DOMAIN or node.op_type.removeprefix(_TAG) != "GroupQueryAttention":
+            continue
+        for index in (7, 8):
+            concat = producers.get(node.input[index]) if len(node.input) > index else None
+            if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+                continue
+            axis = next((a.i for a in concat.attribute if a.name == "axis"), None)
+            pad = producers.get(concat.input[1])
+            if axis == 0 and pad is not None and pad.op_type == "Expand" and pad.input[0] in zeros:
+                node.input[index] = concat.input[0]
 
 
 def fill_kv_head_dims(graph: Any, dims: dict) -> None:

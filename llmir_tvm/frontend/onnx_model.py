@@ -48,9 +48,11 @@ from .onnx_contrib import (
     default_domain_contrib_nodes,
     fill_kv_head_dims,
     tag_contrib_nodes,
+    unpad_rotary_caches,
     with_contrib_domain,
 )
 from .shape_values import SizeEvaluator, resolve_computed_shapes
+from .unmasked_rows import drop_unmasked_row_zeroing
 
 TOKENS = "num_tokens"
 PAST = "past_len"
@@ -236,16 +238,18 @@ _SHAPE_OPERAND_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice",
                       "Where", "Cast", "CastLike", "Squeeze"}
 
 
-def _shape_operands_as_tensors(node: Any, shapes: set) -> list:
+def _shape_operands_as_tensors(node: Any, shapes: set, made: set) -> list:
     """``Cast`` nodes turning the ``Shape`` results (``shapes``) that ``node`` cannot take into int64
-    tensors; ``node`` is rewired to read them."""
+    tensors (once per name, tracked in ``made``); ``node`` is rewired to read them."""
     if node.op_type in _SHAPE_OPERAND_OPS:
         return []
     casts = []
     for i, name in enumerate(node.input):
         if name in shapes:
             node.input[i] = f"{name}__tensor"
-            casts.append(onnx.helper.make_node("Cast", [name], [node.input[i]], to=onnx.TensorProto.INT64))
+            if node.input[i] not in made:
+                made.add(node.input[i])
+                casts.append(onnx.helper.make_node("Cast", [name], [node.input[i]], to=onnx.TensorProto.INT64))
     return casts
 
 
@@ -268,6 +272,21 @@ def _one_element_scales_as_scalars(node: Any, constants: dict, ranks: dict, made
             tensor = numpy_helper.from_array(value.reshape(()), node.input[i])
             new.append(onnx.helper.make_node("Constant", [], [node.input[i]], value=tensor))
     return new
+
+
+def _live(nodes: list, outputs: set) -> list:
+    """The nodes some graph output depends on, in order (TVM converts every node, dead or not)."""
+    producers = {o: n for n in nodes for o in n.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If branches) read outer values too
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    return [n for n in nodes if id(n) in needed]
 
 
 def _prepare_nodes(proto: Any) -> None:
@@ -301,10 +320,10 @@ def _prepare_nodes(proto: Any) -> None:
         for name, array in constants.items()
     ]
     shapes = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
-    scalars: set = set()
+    made: set = set()  # names of the values added below
     for node in graph.node:
-        nodes.extend(_shape_operands_as_tensors(node, shapes))
-        nodes.extend(_one_element_scales_as_scalars(node, constants, ranks, scalars))
+        nodes.extend(_shape_operands_as_tensors(node, shapes, made))
+        nodes.extend(_one_element_scales_as_scalars(node, constants, ranks, made))
         if node.op_type == "ConstantOfShape":
             for attr in node.attribute:
                 if attr.name == "value" and len(attr.t.dims) == 1:  # TVM broadcasts it, so [v] breaks rank 0
@@ -327,7 +346,7 @@ def _prepare_nodes(proto: Any) -> None:
     del graph.input[:]
     graph.input.extend(kept_inputs)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
 
 
 def _first_line(err: BaseException) -> str:
@@ -428,6 +447,7 @@ def import_onnx(
     where = path or f"ONNX model '{default_name}'"
     _check(proto, where, path)
     tag_contrib_nodes(proto.graph, where)
+    unpad_rotary_caches(proto.graph)
     fill_kv_head_dims(proto.graph, _inferred_dims(proto))
     sig = _signature(proto.graph, where)
     _specialise(proto, sig)
@@ -441,6 +461,10 @@ def import_onnx(
     # reshape round trips (onnxscript's unfused attention: [1, T, 4, 16] -> [1, T, 64] -> [1, T, 4, 16])
     # hide the cache concat behind the K/V heads from the attention matcher
     mod = relax.transform.RemoveRedundantReshape()(mod)
+    mask = _built_in_mask(mod["main"], sig)
+    if mask is not None:
+        past_len = mod["main"].params[2].ty.shape.values[2] if sig.past else None
+        mod["main"] = drop_unmasked_row_zeroing(mod["main"], mask, past_len)
     try:
         relax.analysis.well_formed(mod)
     except Exception as err:
@@ -509,6 +533,18 @@ def _to_convention(func, sig: _Signature, input_names: list[str], where: str):
     attrs = {k: func.attrs[k] for k in func.attrs.keys()}
     attrs["num_input"] = 2 + len(past)
     return _rebuild(func, new_params, params_map, prologue, replace, attrs)
+
+
+def _built_in_mask(func, sig: _Signature):
+    """The binding of the all-ones attention mask that replaced the ``attention_mask`` input, if any."""
+    if sig.attention_mask is None:
+        return None
+    prologue = func.body.blocks[0].bindings[:2]  # the mask and maybe a cast of input_ids (see _to_convention)
+    for binding in prologue:
+        value = binding.value
+        if getattr(getattr(value, "op", None), "name", None) == "relax.ones" and "mask" in binding.var.name.lower():
+            return binding.var
+    return None
 
 
 def _users(func) -> dict:
