@@ -153,7 +153,7 @@ def ort_logits(model, tokens: list[int], prefill_len: int, head_dim: int = HEAD_
     inputs = {i.name: i for i in sess.get_inputs()}
     past_names = [n for n, i in inputs.items() if i.type == "tensor(float)"]
     out_names = [o.name for o in sess.get_outputs()]
-    past = {n: np.zeros((1, inputs[n].shape[1], 0, head_dim), "float32") for n in past_names}
+    past = {n: np.zeros((1, int(inputs[n].shape[1]), 0, head_dim), "float32") for n in past_names}
     rows, start = [], 0
     for end in [prefill_len] + list(range(prefill_len + 1, len(tokens) + 1)):
         feed = {"input_ids": np.array([tokens[start:end]], "int64"), "attention_mask": np.ones((1, end), "int64"),
@@ -310,7 +310,7 @@ def _ort_greedy(path: str, prompt: list[int], new_tokens: int) -> list[int]:
     inputs = {i.name: i for i in sess.get_inputs()}
     past_names = [n for n, i in inputs.items() if i.type == "tensor(float)"]
     out_names = [o.name for o in sess.get_outputs()]
-    past = {n: np.zeros((1, inputs[n].shape[1], 0, 16), "float32") for n in past_names}
+    past = {n: np.zeros((1, int(inputs[n].shape[1]), 0, 16), "float32") for n in past_names}
     tokens, step = list(prompt), list(prompt)
     for _ in range(new_tokens):
         feed = {"input_ids": np.array([step], "int64"), "attention_mask": np.ones((1, len(tokens)), "int64"), **past}

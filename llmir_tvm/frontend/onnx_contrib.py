@@ -413,7 +413,8 @@ def unpad_rotary_caches(graph: Any) -> None:
     paged model does not have. The node reads the unpadded rows instead (the padding is then dead).
     """
     producers = {o: n for n in graph.node for o in n.output}
-    zeros = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and not numpy_helper.to_array(t).any()}
+    zeros = {t.name for t in graph.initializer
+             if t.data_type == TensorProto.FLOAT and not numpy_helper.to_array(t).any()}
     zeros |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.attribute
               and n.attribute[0].name == "value" and not numpy_helper.to_array(n.attribute[0].t).any()}
     for node in graph.node:

@@ -55,6 +55,34 @@ def _is_zero(expr: relax.Expr) -> bool:
     return False
 
 
+_LAYOUT = {"relax.permute_dims", "relax.reshape", "relax.broadcast_to", "relax.expand_dims", "relax.squeeze",
+           "relax.astype", "relax.logical_not"}
+_COMPARE = {"relax.less", "relax.less_equal", "relax.greater", "relax.greater_equal", "relax.equal", "relax.not_equal"}
+_REDUCE = {"relax.sum", "relax.max", "relax.min", "relax.mean"}
+
+
+def _is_row_condition(bound: dict, cond: relax.Expr) -> bool:
+    """Whether ``cond`` is a per-row test of a reduction over the keys (``sum(mask, -1) < 1``), through
+    layout ops and one comparison with a constant: a condition of whole rows, never of single keys
+    (a key-level condition false on short probes may be true for longer sequences)."""
+    expr, compared = cond, False
+    while isinstance(expr, relax.Var) and expr in bound:
+        value = bound[expr]
+        name = getattr(getattr(value, "op", None), "name", "")
+        if name in _REDUCE:
+            return compared
+        if name in _LAYOUT:
+            expr = value.args[0]
+        elif name in _COMPARE and not compared:
+            tensors = [a for a in value.args if not isinstance(a, tvm.ir.GenericConst)]
+            if len(tensors) != 1:
+                return False
+            expr, compared = tensors[0], True
+        else:
+            return False
+    return False
+
+
 def drop_unmasked_row_zeroing(func: relax.Function, mask: relax.Var, past_len) -> relax.Function:
     """``func`` with every ``where(cond, 0, x)`` whose ``cond`` (computed from the built-in ``mask``
     binding, no weights) is false on the probes replaced by ``x`` (see the module docstring)."""
@@ -74,6 +102,8 @@ def drop_unmasked_row_zeroing(func: relax.Function, mask: relax.Var, past_len) -
             continue
         cond, zero, kept = value.args
         if str(getattr(cond.ty, "dtype", "")) != "bool" or not _is_zero(zero) or not _reads(bound, cond, mask):
+            continue
+        if not _is_row_condition(bound, cond):
             continue
         try:
             never = all(not np.any(evaluate(cond)) for evaluate in evaluators)
