@@ -148,12 +148,14 @@ def ort_logits(model, tokens: list[int], prefill_len: int, head_dim: int = HEAD_
     per token, each feeding back the ``present`` outputs as the past (what onnxruntime users run)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.enable_mem_reuse = False  # onnxruntime 1.32 fails to reuse a buffer in the fp16 builder graph
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
-    past_names = [n for n, i in inputs.items() if i.type == "tensor(float)"]
+    past_names = [n for n, i in inputs.items() if i.type.startswith("tensor(float")]
     out_names = [o.name for o in sess.get_outputs()]
-    past = {n: np.zeros((1, int(inputs[n].shape[1]), 0, head_dim), "float32") for n in past_names}
+    dtype = {n: "float16" if "float16" in inputs[n].type else "float32" for n in past_names}
+    past = {n: np.zeros((1, int(inputs[n].shape[1]), 0, head_dim), dtype[n]) for n in past_names}
     rows, start = [], 0
     for end in [prefill_len] + list(range(prefill_len + 1, len(tokens) + 1)):
         feed = {"input_ids": np.array([tokens[start:end]], "int64"), "attention_mask": np.ones((1, end), "int64"),
@@ -295,10 +297,14 @@ def genai_exports(tmp_path_factory) -> dict:
         folder, out = root / family, root / f"{family}_onnx"
         cls(cfg(**config)).eval().save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(folder), "-i", str(folder),
-                        "-o", str(out), "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
+        for precision in ("fp32", "fp16") if family == "llama" else ("fp32",):
+            target = out if precision == "fp32" else root / f"{family}_{precision}_onnx"
+            command = ["-m", str(folder), "-i", str(folder), "-o", str(target), "-p", precision, "-e", "cpu"]
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", *command], check=True,
+                           capture_output=True)
         exports[family] = str(out / "model.onnx")
         exports[f"{family}_folder"] = str(folder)
+    exports["llama_fp16"] = str(root / "llama_fp16_onnx" / "model.onnx")
     return exports
 
 
@@ -370,3 +376,17 @@ def test_transformers_ort_fusions_export_matches_onnxruntime(genai_exports, tmp_
     tokens = np.random.default_rng(3).integers(3, 256, 12).tolist()
     reference = ort_logits(path, tokens, 7, head_dim=16)
     np.testing.assert_allclose(engine.score(tokens, prefill_len=7), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed")
+def test_genai_builder_fp16_export_with_multi_head_attention_matches_onnxruntime(genai_exports):
+    """The builder's fp16 CPU graph: ``RotaryEmbedding`` on ``position_ids``, K/V concatenated with the past
+    and repeated per head in standard ops, ``MultiHeadAttention`` with the mask as ``attention_bias``."""
+    path = genai_exports["llama_fp16"]
+    graph = onnx.load(path, load_external_data=False).graph
+    assert any(n.op_type == "MultiHeadAttention" for n in graph.node)
+    engine = llmir_tvm.Engine(llmir_tvm.compile(path, kv=KV))
+    tokens = np.random.default_rng(3).integers(3, 256, 12).tolist()
+    reference = ort_logits(path, tokens, 7, head_dim=16).astype("float32")
+    np.testing.assert_allclose(engine.score(tokens, prefill_len=7), reference, rtol=1e-2, atol=1e-2)

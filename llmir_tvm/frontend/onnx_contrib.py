@@ -394,6 +394,51 @@ class GroupQueryAttention(onnx_frontend.OnnxOpConverter):
         return _slice(bb, probs, 3, 0, t)
 
 
+class MultiHeadAttention(onnx_frontend.OnnxOpConverter):
+    """``com.microsoft.MultiHeadAttention`` → ``softmax(scale · Q·Kᵀ + attention_bias [+ causal]) · V``.
+
+    onnxruntime-genai's builder writes it for fp16 CPU models: Q ``[batch, seq, heads·head_dim]``,
+    K/V already concatenated with the past and repeated per query head ``[batch, heads, total,
+    head_dim]``, and the mask as ``attention_bias``. A ``past_key`` / ``past_value`` of the node is
+    concatenated like ``GroupQueryAttention``'s.
+    """
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        attr["_op"] = "MultiHeadAttention"
+        _refuse(attr, inputs, attrs_default={},
+                inputs_absent={3: "bias (packed projection bias)", 4: "key_padding_mask", 8: "past_sequence_length",
+                               9: "cache_indirection (beam search)"})
+        query, key, value, past_key, past_value = inputs[0], inputs[1], inputs[2], inputs[6], inputs[7]
+        if key is None or value is None or len(_shape(query)) != 3:
+            raise ModelImportError(
+                f"MultiHeadAttention node '{_node(attr)}': only a 3-D query with separate key and value is supported"
+            )
+        heads = int(attr["num_heads"])
+        batch, seq, width = _shape(query)
+        head_dim = _static(width, "the query width", attr) // heads
+        q = _heads(bb, query, batch, seq, heads, head_dim)
+        k, v = (x if len(_shape(x)) == 4 else _heads(bb, x, batch, _shape(x)[1], heads, head_dim) for x in (key, value))
+        if past_key is not None:
+            k = _emit(bb, relax.op.concat([past_key, k], axis=2))
+            v = _emit(bb, relax.op.concat([past_value, v], axis=2))
+        kv_heads = _static(_shape(k)[1], "the key heads", attr)
+        dtype = str(q.ty.dtype)
+        scale = float(attr.get("scale", 0.0)) or 1.0 / math.sqrt(head_dim)
+        keys_t = _emit(bb, relax.op.permute_dims(_repeat_kv(bb, k, heads // kv_heads), [0, 1, 3, 2]))
+        scores = _emit(bb, relax.op.multiply(relax.op.matmul(q, keys_t), relax.const(scale, dtype)))
+        if inputs[5] is not None:
+            scores = _emit(bb, relax.op.add(scores, inputs[5]))
+        if int(attr.get("unidirectional", 0)):
+            scores = _emit(bb, relax.op.add(scores, _causal_mask(bb, seq, _shape(k)[2], -1, dtype)))
+        probs = _emit(bb, relax.op.nn.softmax(scores, axis=-1))
+        out = _emit(bb, relax.op.matmul(probs, _repeat_kv(bb, v, heads // kv_heads)))
+        out = _emit(bb, relax.op.reshape(relax.op.permute_dims(out, [0, 2, 1, 3]), [batch, seq, heads * head_dim]))
+        if past_key is None:
+            return out
+        return relax.Tuple([out, k, v])
+
+
 CONVERTERS: dict = {
     "SimplifiedLayerNormalization": SimplifiedLayerNormalization,
     _TAG + "SimplifiedLayerNormalization": SimplifiedLayerNormalization,
@@ -401,6 +446,7 @@ CONVERTERS: dict = {
     _TAG + "SkipLayerNormalization": SkipLayerNormalization,
     _TAG + "RotaryEmbedding": RotaryEmbedding,
     _TAG + "GroupQueryAttention": GroupQueryAttention,
+    _TAG + "MultiHeadAttention": MultiHeadAttention,
 }
 
 
@@ -428,6 +474,42 @@ def unpad_rotary_caches(graph: Any) -> None:
             pad = producers.get(concat.input[1])
             if axis == 0 and pad is not None and pad.op_type == "Expand" and pad.input[0] in zeros:
                 node.input[index] = concat.input[0]
+
+
+#: Contrib operators whose outputs (all that are set) have the shape of their first input.
+_SHAPE_PRESERVING = {"RotaryEmbedding", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                     "SkipLayerNormalization"}
+
+
+def shape_preserving_stand_ins(graph: Any) -> None:
+    """Replace (in a copy used for ONNX shape inference) each shape-preserving contrib node by
+    ``Identity`` nodes of its first input, so that inference sees through it (it skips unknown ops)."""
+    nodes = []
+    for node in graph.node:
+        op = node.op_type.removeprefix(_TAG)
+        if op in _SHAPE_PRESERVING and (node.domain == MS_DOMAIN or op in DEFAULT_DOMAIN_OPS):
+            nodes.extend(onnx_helper.make_node("Identity", [node.input[0]], [out]) for out in node.output if out)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def fill_cache_head_dims(graph: Any, dims: dict) -> None:
+    """A static head dim for past inputs ``[batch, kv_heads, past, ?]`` concatenated (axis 2) with new
+    K/V whose head dim is known (onnxruntime-genai's builder names it ``kv_cache_dim``)."""
+    infos = {i.name: i for i in graph.input}
+    for node in graph.node:
+        if node.op_type != "Concat" or len(node.input) != 2 or node.input[0] not in infos:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        new = dims.get(node.input[1]) or []
+        shape = infos[node.input[0]].type.tensor_type.shape
+        if axis not in (2, -2) or len(new) != 4 or not isinstance(new[3], int) or len(shape.dim) != 4:
+            continue
+        if not shape.dim[3].HasField("dim_value"):
+            shape.dim[3].Clear()
+            shape.dim[3].dim_value = new[3]
 
 
 def fill_kv_head_dims(graph: Any, dims: dict) -> None:

@@ -46,7 +46,9 @@ from .lift_constants import lift_constants
 from .onnx_contrib import (
     CONVERTERS,
     default_domain_contrib_nodes,
+    fill_cache_head_dims,
     fill_kv_head_dims,
+    shape_preserving_stand_ins,
     tag_contrib_nodes,
     unpad_rotary_caches,
     with_contrib_domain,
@@ -220,6 +222,7 @@ def _inferred_dims(proto: Any) -> dict:
     for tensor in list(graph.initializer):
         graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     del graph.initializer[:]
+    shape_preserving_stand_ins(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton).graph
     except Exception:  # inference is only a help (the Reshape fix, contrib caches' head dims)
@@ -321,8 +324,15 @@ def _prepare_nodes(proto: Any) -> None:
     ]
     shapes = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
     made: set = set()  # names of the values added below
+    sizes: set = set()  # values TVM imports as one symbolic size
     for node in graph.node:
         nodes.extend(_shape_operands_as_tensors(node, shapes, made))
+        if node.op_type in ("Slice", "Concat") and shapes.intersection(node.input):
+            shapes.update(node.output)  # TVM keeps these a ShapeExpr too
+        elif node.op_type == "Gather" and node.input[0] in shapes:
+            sizes.update(node.output)  # one size (a PrimValue)
+        elif node.op_type == "Unsqueeze" and node.input[0] in sizes:
+            shapes.update(node.output)  # TVM makes a ShapeExpr of it
         nodes.extend(_one_element_scales_as_scalars(node, constants, ranks, made))
         if node.op_type == "ConstantOfShape":
             for attr in node.attribute:
@@ -372,7 +382,7 @@ def _int_scalar(expr: Any) -> Any:
 @contextlib.contextmanager
 def _converters():
     """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
-    limit, delta)``, ``Concat`` of shapes with tensors, and onnxruntime's contrib operators
+    limit, delta)``, ``Concat`` of shapes with tensors, ``Tile`` as ``R.tile``, and onnxruntime's contrib operators
     (:mod:`.onnx_contrib`).
 
     TVM's converter computes every non-constant range length with tensor ops and binds it to a
@@ -406,9 +416,19 @@ def _converters():
                           for x in inputs]
             return super()._impl_v13(bb, inputs, attr, params)
 
+    class RelaxTile(onnx_frontend.Tile):
+        """``Tile`` by constant repeats as ``R.tile`` (TVM emits a TE PrimFunc, which mask probes lose)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            reps = onnx_frontend.get_constant(inputs[1], params)
+            if isinstance(reps, tvm.ir.GenericConst):
+                return relax.op.tile(inputs[0], [int(r) for r in reps.value.numpy().tolist()])
+            return super()._impl_v13(bb, inputs, attr, params)
+
     original = onnx_frontend._get_convert_map
     onnx_frontend._get_convert_map = lambda: {
-        **original(), "Range": SymbolicRange, "Concat": MixedConcat, **CONVERTERS
+        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, **CONVERTERS
     }
     try:
         yield
@@ -448,7 +468,9 @@ def import_onnx(
     _check(proto, where, path)
     tag_contrib_nodes(proto.graph, where)
     unpad_rotary_caches(proto.graph)
-    fill_kv_head_dims(proto.graph, _inferred_dims(proto))
+    dims = _inferred_dims(proto)
+    fill_kv_head_dims(proto.graph, dims)
+    fill_cache_head_dims(proto.graph, dims)
     sig = _signature(proto.graph, where)
     _specialise(proto, sig)
     _prepare_nodes(proto)
@@ -457,7 +479,9 @@ def import_onnx(
     input_names = [i.name for i in proto.graph.input if i.name not in initializers]
     func = _to_convention(mod["main"], sig, input_names, where)
 
-    mod = tvm.IRModule({"main": func}, attrs=mod.attrs)
+    # keep the PrimFuncs some converters add (Tile's ``call_te``)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}, attrs=mod.attrs)
+    mod["main"] = func
     # reshape round trips (onnxscript's unfused attention: [1, T, 4, 16] -> [1, T, 64] -> [1, T, 4, 16])
     # hide the cache concat behind the K/V heads from the attention matcher
     mod = relax.transform.RemoveRedundantReshape()(mod)
