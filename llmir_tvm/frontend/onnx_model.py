@@ -304,7 +304,8 @@ def _prepare_nodes(proto: Any) -> None:
     ``Identity`` it is. It refuses a ``Shape`` result in arithmetic (``Mul(Shape(a), Shape(b))``,
     onnxscript's fusions write one): such operands go through an int64 ``Cast`` to a tensor. A
     one-element ``[1]`` float constant scaling a tensor of higher rank (onnxscript's attention scale)
-    becomes the scalar it broadcasts as, so that it stays an inline scalar.
+    becomes the scalar it broadcasts as, so that it stays an inline scalar. Nodes no graph output
+    needs are dropped (TVM converts every node, and a dead one may not convert).
     """
 
     graph = proto.graph
