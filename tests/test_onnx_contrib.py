@@ -366,9 +366,13 @@ def _transformers_ort_fusions_export(folder, out, batch: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GENAI, reason="onnxruntime-genai is not installed (it writes the model folder's tokenizer)")
-@pytest.mark.parametrize("batch, fused", [(1, "GroupQueryAttention"), (2, "RotaryEmbedding")])
-def test_transformers_ort_fusions_export_matches_onnxruntime(genai_exports, tmp_path, batch, fused):
-    folder = genai_exports["llama_folder"]
+@pytest.mark.parametrize("family, batch, fused", [
+    ("llama", 1, "GroupQueryAttention"),  # packed QKV
+    ("llama", 2, "RotaryEmbedding"),
+    ("qwen2", 1, "GroupQueryAttention"),  # separate Q, K, V (projection biases)
+])
+def test_transformers_ort_fusions_export_matches_onnxruntime(genai_exports, tmp_path, family, batch, fused):
+    folder = genai_exports[f"{family}_folder"]
     path = _transformers_ort_fusions_export(folder, tmp_path / f"fused_b{batch}", batch)
     graph = onnx.load(path, load_external_data=False).graph
     assert any(n.op_type == fused and n.domain == "com.microsoft" for n in graph.node)
