@@ -293,6 +293,7 @@ class KVCachePruning:
         attrs[KV_ATTR] = before.replace(
             **{name: [getattr(before, name)[i] for i in live_of] for name in _PER_POOL},
             layer_dtypes=None if before.layer_dtypes is None else [before.layer_dtypes[i] for i in live_of],
+            kv_planes=None if before.kv_planes is None else [before.kv_planes[i] for i in live_of],
             sliding_window=[keep[p][0] for p in live], sink_tokens=[keep[p][1] for p in live],
             window_groups=[group_of[p] for p in live], layer_pool=layer_pool, eviction=self.eviction,
             eviction_window=self.window, heavy_hitters=self.heavy_hitters,
