@@ -61,8 +61,9 @@ def _leaves(values: dict, roots: list) -> list | None:
                 stack.append(value)
             elif isinstance(var.ty, relax.TensorType) and var.ty.shape is not None:
                 leaves.append(var)
-            else:
-                return None
+            elif value is not None or isinstance(var.ty, relax.TensorType):
+                return None  # a computed non-tensor, or a tensor of unknown shape: not probed
+            # else: a symbolic size the data movement names; the probe binds it
     return sorted(leaves, key=lambda v: v.name)
 
 

@@ -42,7 +42,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
     cache_expr, keys_expr, *values_expr, slots_expr = call.args
     cache = cache_type(_OP, cache_expr)
     planes = cache_planes(cache)
-    if planes != 4 - len(call.args):
+    if planes != len(call.args) - 2:
         raise LLMOpError(
             f"{_OP}: a latent 'kv_cache' (dim 1 = 1) takes (kv_cache, keys, slot_mapping) without values"
             if planes == 1 else
