@@ -99,8 +99,8 @@ class _AssignGroups(PyExprMutator):
         if name == _APPEND:
             steps = self.group_params.get(value.args[0])
             if steps is not None:
-                args[0], args[3] = self.new_pools[value.args[0]], steps[0]
-            call = ops.append_kv(*args)
+                args[0], args[-1] = self.new_pools[value.args[0]], steps[0]  # the slot mapping is last
+            call = ops.append_kv(args[0], args[1], args[2] if len(args) == 4 else None, args[-1])  # 3 args: a latent pool
         else:
             steps = self.group_params.get(self.pool_of[value.args[1]])
             if steps is not None:

@@ -105,7 +105,7 @@ def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
     if planes not in (1, 2):
         raise LLMOpError(
             f"{op}: argument 'kv_cache' must be [num_blocks, 2, num_kv_heads, block_size, head_dim] "
-            f"(dim 1 = K/V) or a latent pool with dim 1 = 1, got dim 1 = {shape_of(ty)[1]}"
+            f"(dim 1 = K/V) or a latent pool with dim 1 = 1, got dim 1 = {shape_of(ty)[1] if planes is None else planes}"
         )
     if planes == 1 and str(ty.dtype) in QUANTIZED_DTYPES:
         raise LLMOpError(f"{op}: a latent 'kv_cache' (dim 1 = 1) must have a float dtype, got {ty.dtype}")
