@@ -132,7 +132,7 @@ def test_latent_attention_pools_hold_the_latent(family):
     assert engine.cache.stats()["bytes_per_token"] == per_token
     info = engine.info
     assert info.kv_planes == 1 and info.bytes_per_block == per_token * info.page_size
-    plan = engine.compiled.memory_plan
+    plan = engine.compiled.memory_plan()
     if plan is not None:
         assert plan.kv_planes == 1 and plan.bytes_per_block == per_token * plan.page_size
         row = next(line for line in plan.table().splitlines() if line.startswith("KV bytes per token"))
