@@ -257,10 +257,8 @@ class PagedAttentionRewrite:
         return LayerCache(m.k.new.num_heads, max(m.head_dim, m.v_head_dim), heads, kind.causal, kind.sliding_window,
                           m.softcap, tuple(slopes), sinks)
 
-    def _latent(self, func: relax.Function, m: AttentionMatch, layer: LayerCache, dtype: str) -> LayerCache:
-        """``layer`` with a latent pool when its V is a prefix of its K (float pools only)."""
-        if is_quantized(dtype):
-            return layer
+    def _latent(self, func: relax.Function, m: AttentionMatch, layer: LayerCache) -> LayerCache:
+        """``layer`` with a latent pool when its V is a prefix of its K."""
         v_dim = latent_v_dim(func, m, self.probe_len)
         return replace(layer, kv_planes=1, latent_v_dim=v_dim) if v_dim else layer
 
@@ -277,7 +275,9 @@ class PagedAttentionRewrite:
         row_dtypes = [compute if is_quantized(d) else d for d in layer_dtypes]
         dtype = layer_dtypes[0] if len(set(layer_dtypes)) == 1 else "mixed"
         evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
-        layers = [self._latent(func, m, self._layer(m, fname, evaluate), d) for m, d in zip(matches, layer_dtypes)]
+        layers = [self._layer(m, fname, evaluate) for m in matches]
+        if not any(is_quantized(d) for d in layer_dtypes):  # one pool layout for every layer: latent pools are float pools
+            layers = [self._latent(func, m, layer) for m, layer in zip(matches, layers)]
         seq = matches[0].q.seq_len
         num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
         pools = [
