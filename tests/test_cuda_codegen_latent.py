@@ -9,6 +9,7 @@ dispatcher with ``kv_planes=1`` / ``latent_v_dim``, pass the structural checks o
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import tvm
@@ -16,7 +17,7 @@ from tvm.target import Target
 
 from llmir_tvm import tir_kernels
 from llmir_tvm.tir_kernels import cuda_prefill_mma
-from helpers.cuda_source import ATTENTION, CACHE_OPS, check_source
+from helpers.cuda_source import ATTENTION, CACHE_OPS, check_source, ptxas_report
 
 TARGET = Target({"kind": "cuda", "arch": "sm_80"}, host="llvm")
 #: (row dims, V dims): DeepSeek's tiny test config (16 + 8) and a 128-bit-aligned wider one.
@@ -58,3 +59,12 @@ def test_latent_cache_kernels_build_for_sm80(dim):
         check_source(src, symbol, shared=False)
     append = tir_kernels.append_kv(_layout(dim), TARGET)
     assert len(append.params) == 3  # (cache, keys, slot_mapping)
+
+
+@pytest.mark.slow  # two nvcc compiles: ~25 s
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_nvcc_compiles_latent_attention_without_local_memory():
+    cfg = tir_kernels.AttentionConfig(_layout(72), 8, 72**-0.5, latent_v_dim=64)
+    for kind in ATTENTION:
+        for name, usage in ptxas_report(_source(getattr(tir_kernels, kind)(cfg, TARGET)), "sm_80").items():
+            assert usage.get("stack") == 0 and usage.get("spill_stores") == 0, f"{kind} {name} uses local memory: {usage}"
