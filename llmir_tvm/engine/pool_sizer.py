@@ -51,7 +51,7 @@ class PoolSizer:
     (TVM's pool by default; tests pass fakes).
     """
 
-    def __init__(self, max_threads: int, *, probe_every: int = 32, probe_steps: int = 3, max_probe_every: int = 512,
+    def __init__(self, max_threads: int, *, probe_every: int = 64, probe_steps: int = 3, max_probe_every: int = 1024,
                  margin: float = 0.05, set_threads: Callable[[int], None] = set_tvm_pool_threads):
         if max_threads < 2:
             raise ValueError(f"a pool sizer needs at least 2 threads to choose from, got {max_threads}")
