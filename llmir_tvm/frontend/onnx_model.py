@@ -43,7 +43,18 @@ from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
 from .imported import ImportedModel, ModelImportError
 from .lift_constants import lift_constants
+from .onnx_contrib import (
+    CONVERTERS,
+    default_domain_contrib_nodes,
+    fill_cache_head_dims,
+    fill_kv_head_dims,
+    shape_preserving_stand_ins,
+    tag_contrib_nodes,
+    unpad_rotary_caches,
+    with_contrib_domain,
+)
 from .shape_values import SizeEvaluator, resolve_computed_shapes
+from .unmasked_rows import drop_unmasked_row_zeroing
 
 TOKENS = "num_tokens"
 PAST = "past_len"
@@ -63,8 +74,16 @@ class _Signature:
 
 
 def _dims(info) -> list:
+    """The dims of a value: ints where static, else the symbol (``"?"`` when unnamed). A symbol that
+    is a decimal number counts as that size: dynamic exports (transformers') name fixed sizes ``"2"``."""
     shape = info.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+    return [_dim(d) for d in shape.dim]
+
+
+def _dim(d) -> Any:
+    if d.HasField("dim_value"):
+        return d.dim_value
+    return int(d.dim_param) if d.dim_param.isdigit() else (d.dim_param or "?")
 
 
 def _describe(info) -> str:
@@ -93,10 +112,13 @@ def _check(proto: Any, where: str, path: str | None) -> None:
     """Refuse an empty or invalid model with a one-line message (the ONNX checker's first line)."""
     if not proto.graph.node or not proto.opset_import:
         raise ModelImportError(f"{where} is not a valid ONNX model: it has no graph nodes or no opset")
-    if path is None and proto.ByteSize() >= 2**31:  # the checker cannot serialise it; from_onnx still reads it
+    checked = proto
+    if default_domain_contrib_nodes(proto.graph):  # the checker knows no onnxruntime op of the default domain
+        checked, path = with_contrib_domain(proto), None
+    if path is None and checked.ByteSize() >= 2**31:  # the checker cannot serialise it; from_onnx still reads it
         return
     try:
-        onnx.checker.check_model(path if path is not None else proto)
+        onnx.checker.check_model(path if path is not None else checked)
     except (onnx.checker.ValidationError, ValueError) as err:
         raise ModelImportError(f"{where} is not a valid ONNX model: {str(err).splitlines()[0]}") from None
 
@@ -192,20 +214,82 @@ def _is_weight(array: np.ndarray) -> bool:
     return array.dtype.kind == "f" and array.size > 1
 
 
-def _ranks(proto: Any) -> dict:
-    """Rank of every value (ONNX shape inference on a copy without weight data)."""
+def _inferred_dims(proto: Any) -> dict:
+    """Dims of every value (ONNX shape inference on a copy without weight data; ``_dims`` style)."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(proto)
     graph = skeleton.graph
     for tensor in list(graph.initializer):
         graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     del graph.initializer[:]
+    shape_preserving_stand_ins(graph)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton).graph
-    except Exception:  # inference is only a help for the Reshape fix below
+    except Exception:  # inference is only a help (the Reshape fix, contrib caches' head dims)
         return {}
     infos = list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-    return {i.name: len(i.type.tensor_type.shape.dim) for i in infos if i.type.tensor_type.HasField("shape")}
+    return {i.name: _dims(i) for i in infos if i.type.tensor_type.HasField("shape")}
+
+
+def _ranks(proto: Any) -> dict:
+    """Rank of every value (see :func:`_inferred_dims`)."""
+    return {name: len(dims) for name, dims in _inferred_dims(proto).items()}
+
+
+#: Operators TVM's importer lets take a ``Shape`` result (a Relax ``ShapeExpr``) as an operand.
+_SHAPE_OPERAND_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand", "Concat", "Equal",
+                      "Where", "Cast", "CastLike", "Squeeze"}
+
+
+def _shape_operands_as_tensors(node: Any, shapes: set, made: set) -> list:
+    """``Cast`` nodes turning the ``Shape`` results (``shapes``) that ``node`` cannot take into int64
+    tensors (once per name, tracked in ``made``); ``node`` is rewired to read them."""
+    if node.op_type in _SHAPE_OPERAND_OPS:
+        return []
+    casts = []
+    for i, name in enumerate(node.input):
+        if name in shapes:
+            node.input[i] = f"{name}__tensor"
+            if node.input[i] not in made:
+                made.add(node.input[i])
+                casts.append(onnx.helper.make_node("Cast", [name], [node.input[i]], to=onnx.TensorProto.INT64))
+    return casts
+
+
+def _one_element_scales_as_scalars(node: Any, constants: dict, ranks: dict, made: set) -> list:
+    """For ``Mul``/``Div`` by a ``[1]`` float constant of a tensor of higher rank (the result's shape is
+    the same either way): read a rank-0 copy instead, returned as a new ``Constant`` node (once per
+    name, tracked in ``made``)."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return []
+    new = []
+    for i, name in enumerate(node.input):
+        value, other = constants.get(name), node.input[1 - i]
+        if value is None or value.dtype.kind != "f" or value.size != 1 or value.ndim == 0 or other in constants:
+            continue
+        if ranks.get(other, value.ndim + 1) <= value.ndim:  # unknown rank (after a contrib op): an activation
+            continue
+        node.input[i] = f"{name}__scalar"
+        if node.input[i] not in made:
+            made.add(node.input[i])
+            tensor = numpy_helper.from_array(value.reshape(()), node.input[i])
+            new.append(onnx.helper.make_node("Constant", [], [node.input[i]], value=tensor))
+    return new
+
+
+def _live(nodes: list, outputs: set) -> list:
+    """The nodes some graph output depends on, in order (TVM converts every node, dead or not)."""
+    producers = {o: n for n in nodes for o in n.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If branches) read outer values too
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    return [n for n in nodes if id(n) in needed]
 
 
 def _prepare_nodes(proto: Any) -> None:
@@ -217,7 +301,11 @@ def _prepare_nodes(proto: Any) -> None:
     ``Unsqueeze(axis 0)``. It broadcasts ``ConstantOfShape``'s one-element ``value`` as given,
     which fails for a rank-0 result: the value becomes a scalar. A one-input ``Concat`` of a graph
     input (the legacy exporter emits one on a past input, hiding the cache concat) becomes the
-    ``Identity`` it is.
+    ``Identity`` it is. It refuses a ``Shape`` result in arithmetic (``Mul(Shape(a), Shape(b))``,
+    onnxscript's fusions write one): such operands go through an int64 ``Cast`` to a tensor. A
+    one-element ``[1]`` float constant scaling a tensor of higher rank (onnxscript's attention scale)
+    becomes the scalar it broadcasts as, so that it stays an inline scalar. Nodes no graph output
+    needs are dropped (TVM converts every node, and a dead one may not convert).
     """
 
     graph = proto.graph
@@ -235,7 +323,18 @@ def _prepare_nodes(proto: Any) -> None:
         onnx.helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
         for name, array in constants.items()
     ]
+    shapes = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
+    made: set = set()  # names of the values added below
+    sizes: set = set()  # values TVM imports as one symbolic size
     for node in graph.node:
+        nodes.extend(_shape_operands_as_tensors(node, shapes, made))
+        if node.op_type in ("Slice", "Concat") and shapes.intersection(node.input):
+            shapes.update(node.output)  # TVM keeps these a ShapeExpr too
+        elif node.op_type == "Gather" and node.input[0] in shapes:
+            sizes.update(node.output)  # one size (a PrimValue)
+        elif node.op_type == "Unsqueeze" and node.input[0] in sizes:
+            shapes.update(node.output)  # TVM makes a ShapeExpr of it
+        nodes.extend(_one_element_scales_as_scalars(node, constants, ranks, made))
         if node.op_type == "ConstantOfShape":
             for attr in node.attribute:
                 if attr.name == "value" and len(attr.t.dims) == 1:  # TVM broadcasts it, so [v] breaks rank 0
@@ -258,7 +357,7 @@ def _prepare_nodes(proto: Any) -> None:
     del graph.input[:]
     graph.input.extend(kept_inputs)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
 
 
 def _first_line(err: BaseException) -> str:
@@ -282,8 +381,10 @@ def _int_scalar(expr: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _symbolic_range():
-    """Import ONNX ``Range`` over known integer scalars as ``R.arange(start, limit, delta)``.
+def _converters():
+    """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
+    limit, delta)``, ``Concat`` of shapes with tensors, ``Tile`` as ``R.tile``, and onnxruntime's contrib operators
+    (:mod:`.onnx_contrib`).
 
     TVM's converter computes every non-constant range length with tensor ops and binds it to a
     fresh symbolic variable, so ``Range(0, num_tokens)`` loses its length: a later broadcast
@@ -301,8 +402,35 @@ def _symbolic_range():
                 return relax.op.arange(values[0], values[1], values[2], dtype=dtype)
             return super()._impl_v12(bb, inputs, attr, params)
 
+    class MixedConcat(onnx_frontend.Concat):
+        """``Concat`` of shapes (``ShapeExpr``) and tensors: the shapes become int64 tensors first."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            _, param_dict = params
+            shapes = [isinstance(x.ty, relax.ShapeType) for x in inputs]
+            # TVM concatenates shapes with constants (and int64 parameters) itself; a computed tensor it cannot
+            computed = [not (s or isinstance(x, tvm.ir.GenericConst) or getattr(x, "name_hint", None) in param_dict)
+                        for x, s in zip(inputs, shapes)]
+            if any(shapes) and any(computed):
+                inputs = [bb.normalize(relax.op.shape_to_tensor(x)) if isinstance(x.ty, relax.ShapeType) else x
+                          for x in inputs]
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    class RelaxTile(onnx_frontend.Tile):
+        """``Tile`` by constant repeats as ``R.tile`` (TVM emits a TE PrimFunc, which mask probes lose)."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            reps = onnx_frontend.get_constant(inputs[1], params)
+            if isinstance(reps, tvm.ir.GenericConst):
+                return relax.op.tile(inputs[0], [int(r) for r in reps.value.numpy().tolist()])
+            return super()._impl_v13(bb, inputs, attr, params)
+
     original = onnx_frontend._get_convert_map
-    onnx_frontend._get_convert_map = lambda: {**original(), "Range": SymbolicRange}
+    onnx_frontend._get_convert_map = lambda: {
+        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, **CONVERTERS
+    }
     try:
         yield
     finally:
@@ -311,9 +439,11 @@ def _symbolic_range():
 
 def _import_relax(proto: Any, where: str):
     try:
-        with warnings.catch_warnings(), _symbolic_range():
+        with warnings.catch_warnings(), _converters():
             warnings.simplefilter("ignore")  # input renames (past_key_values.0.key -> past_key_values_0_key)
             mod = from_onnx(proto, keep_params_in_input=True)
+    except ModelImportError as err:  # a contrib operator's own refusal (names the node)
+        raise ModelImportError(f"{where}: {err}") from None
     except Exception as err:  # the importer raises many kinds (OpNotImplemented, TVMError, ValueError)
         raise ModelImportError(f"TVM cannot import {where}: {_first_line(err)}") from err
     return relax.frontend.detach_params(mod)
@@ -337,6 +467,11 @@ def import_onnx(
     proto, default_name, path = _load(model)
     where = path or f"ONNX model '{default_name}'"
     _check(proto, where, path)
+    tag_contrib_nodes(proto.graph, where)
+    unpad_rotary_caches(proto.graph)
+    dims = _inferred_dims(proto)
+    fill_kv_head_dims(proto.graph, dims)
+    fill_cache_head_dims(proto.graph, dims)
     sig = _signature(proto.graph, where)
     _specialise(proto, sig)
     _prepare_nodes(proto)
@@ -345,7 +480,16 @@ def import_onnx(
     input_names = [i.name for i in proto.graph.input if i.name not in initializers]
     func = _to_convention(mod["main"], sig, input_names, where)
 
-    mod = tvm.IRModule({"main": func}, attrs=mod.attrs)
+    # keep the PrimFuncs some converters add (Tile's ``call_te``)
+    mod = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}, attrs=mod.attrs)
+    mod["main"] = func
+    # reshape round trips (onnxscript's unfused attention: [1, T, 4, 16] -> [1, T, 64] -> [1, T, 4, 16])
+    # hide the cache concat behind the K/V heads from the attention matcher
+    mod = relax.transform.RemoveRedundantReshape()(mod)
+    mask = _built_in_mask(mod["main"], sig)
+    if mask is not None:
+        past_len = mod["main"].params[2].ty.shape.values[2] if sig.past else None
+        mod["main"] = drop_unmasked_row_zeroing(mod["main"], mask, past_len)
     try:
         relax.analysis.well_formed(mod)
     except Exception as err:
@@ -414,6 +558,18 @@ def _to_convention(func, sig: _Signature, input_names: list[str], where: str):
     attrs = {k: func.attrs[k] for k in func.attrs.keys()}
     attrs["num_input"] = 2 + len(past)
     return _rebuild(func, new_params, params_map, prologue, replace, attrs)
+
+
+def _built_in_mask(func, sig: _Signature):
+    """The binding of the all-ones attention mask that replaced the ``attention_mask`` input, if any."""
+    if sig.attention_mask is None:
+        return None
+    prologue = func.body.blocks[0].bindings[:2]  # the mask and maybe a cast of input_ids (see _to_convention)
+    for binding in prologue:
+        value = binding.value
+        if getattr(getattr(value, "op", None), "name", None) == "relax.ones" and "mask" in binding.var.name.lower():
+            return binding.var
+    return None
 
 
 def _users(func) -> dict:
