@@ -86,6 +86,8 @@ def test_quantization_arguments_are_checked(tmp_path):
         check_quantization("int3", None)
     with pytest.raises(ValueError, match="only used with quantization='gguf'"):
         check_quantization("int8", "model.gguf")
+    with pytest.raises(ValueError, match="quant_activations must be one of"):
+        check_quantization("int8", None, "int4")
     with pytest.raises(ValueError, match="needs the model's GGUF file"):
         find_gguf_file(str(tmp_path), None)
     with pytest.raises(FileNotFoundError, match="does not exist"):
