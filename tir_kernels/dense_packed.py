@@ -20,7 +20,8 @@ row tile of the chunk. ``K`` is not blocked: a tile's accumulators finish in reg
 stored once, which keeps a task idempotent for the self-balancing split (a K-blocked kernel
 accumulates partial sums in ``out``, which a task run twice would corrupt), and streaming a
 panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
-a multiple of ``rows`` (and batch-1 decode: 1 row) use a tile of that many rows, so a GEMV streams ``Wp`` once, contiguously.
+a multiple of ``rows`` use tiles of 8, 4, 2 and 1 rows (the binary digits of their count: few
+micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously.
 Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool as
 :mod:`.task_split` says (self-balancing on x86).
 """
