@@ -238,7 +238,7 @@ def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
 CPU_DENSE = ("auto", "tir", "blas")
 #: Layers with fewer weights than this are not timed: too small to matter next to the rest of a
 #: step. In ``"auto"`` mode they get the target's register tiles on ``W [N, K]`` rather than the
-#: packed kernel: LLVM compiles those about 10x faster (0.4 s against 4-8 s a shape on AVX-512),
+#: packed kernel: LLVM compiles those faster (0.4-0.5 s against 0.7-0.8 s a shape on AVX-512),
 #: and a tiny model then compiles in seconds without measuring.
 MIN_MEASURED_WEIGHTS = 65536
 _measured: dict[tuple[str, int, int], DensePlan] = {}
