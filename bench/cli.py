@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "pruning": "bench.pruning",
     "sharding": "bench.sharding",
     "threads": "bench.threads",
+    "startup": "bench.startup",
 }
 DEFAULT_ARGS = ["kernels", "--device", "cpu", "--quick"]
 

@@ -14,6 +14,9 @@ against a baseline measured in the same run.
 With ``--background-load`` the mixed workload runs again (engine and HF padded batch) while a
 ``nice 19`` busy process runs (``bench/background.py``), and both figures are reported.
 
+With ``--hybrid-prefix`` only the shared-prefix workload runs, on a random-weight Gemma-3-shaped
+model whose cache is hybrid (``bench/hybrid_prefix.py``).
+
 Writes ``bench/results/serve_<date>.json`` and a PNG of the ratios.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hybrid_prefix
 from .background import background_load
 from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
@@ -55,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-load", action="store_true",
                         help="also run the mixed workload beside a nice-19 busy process; report idle and loaded figures")
+    parser.add_argument("--hybrid-prefix", action="store_true",
+                        help="only the shared-prefix workload, on a random-weight Gemma-3-shaped model (hybrid KV cache: "
+                             "sliding-window layers of 512 beside global ones), prefix caching on vs off (bench/hybrid_prefix.py)")
     add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/serve.json, the previous one moved to bench/results/archive/)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: the JSON path with .png)")
@@ -101,6 +108,8 @@ def _peak(engine, key: str = "blocks_used") -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run every measurement, write the JSON and the PNG, print a summary."""
+    if args.hybrid_prefix:
+        return hybrid_prefix.run(args)
     import torch
     from transformers import AutoModelForCausalLM
 

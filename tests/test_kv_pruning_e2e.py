@@ -90,6 +90,29 @@ def test_local_layers_hold_window_blocks_and_global_layers_the_context(hybrid):
     assert held[-2][1] * 3 < held[-2][0]
 
 
+def test_second_request_with_a_shared_prefix_computes_only_its_suffix(hybrid):
+    """The prefix cache serves a shared 24-token prefix to the second request in both window groups
+    (the local group keeps the blocks of the last window before the hit point); tokens equal transformers'."""
+    _, model, _, engine = hybrid
+    engine.cache.reset_prefix_cache()
+    rng = np.random.default_rng(7)
+    prefix = rng.integers(1, 256, 24).tolist()
+    first, second = (prefix + rng.integers(1, 256, n).tolist() for n in (3, 6))
+    computed = []
+    out1 = engine.generate([first], max_new_tokens=8)[0]
+    out2 = engine.generate([second], max_new_tokens=8,
+                           on_step=lambda _: computed.append(engine.step_stats[-1]["num_tokens"]))[0]
+    assert out1.cached_prompt_tokens == 0 and out2.cached_prompt_tokens == 24
+    assert computed[0] == len(second) - 24  # the prefill step computed only the suffix
+    assert out2.token_ids == hf_greedy(model, second, 8)
+    # without the local group's cached blocks (evicted) the global chain alone serves nothing
+    engine.cache.caches[1].reset_prefix_cache()
+    assert engine.cache.caches[0].match_prefix(second) >= 24 and engine.cache.match_prefix(second) == 0
+    out3 = engine.generate([second], max_new_tokens=8)[0]
+    assert out3.cached_prompt_tokens == 0 and out3.token_ids == out2.token_ids
+    assert engine.cache.stats()["blocks_used"] == 0
+
+
 # ---------------------------------------------------------------- StreamingLLM
 SINKS, STREAM_WINDOW = 4, 8
 

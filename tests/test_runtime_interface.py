@@ -30,10 +30,12 @@ def test_uniform_cache_declares_forks_rollback_and_prefix_caching(kernels):
     assert off.capabilities.prefix_caching is False
 
 
-def test_hybrid_cache_declares_forks_without_prefix_caching(kernels):
+def test_hybrid_cache_declares_forks_rollback_and_prefix_caching(kernels):
     cache = HybridKVCache([0, 8], None, 1, 8, PAGE, [16, 6], "float32", kernels=kernels)
     assert isinstance(cache, KVCache)
-    assert cache.capabilities == KVCacheCapabilities(fork=True, popn=True, prefix_caching=False)
+    assert cache.capabilities == KVCacheCapabilities(fork=True, popn=True, prefix_caching=True)
+    off = HybridKVCache([0, 8], None, 1, 8, PAGE, [16, 6], "float32", kernels=kernels, enable_prefix_caching=False)
+    assert off.capabilities.prefix_caching is False
 
 
 def test_h2o_cache_declares_no_forks_and_its_refusal_names_the_reason(kernels):

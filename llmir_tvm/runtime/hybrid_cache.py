@@ -11,7 +11,13 @@ everything. Every sequence exists in every group with the same length, so ``seq_
 ``block_table_g{k}`` (``HybridStepTensors.group_tensors``), which the compiled functions take
 right after the pools (KVCachePruning puts them there).
 
-Prefix caching is off in a hybrid cache: a prefix would have to be cached in every group at once.
+Prefix caching works as vLLM's hybrid KV-cache manager's: every group hashes its full blocks
+under the same chained keys (:func:`.kv_cache.prefix_block_hashes`), and a prompt's hit is the
+longest prefix of ``k`` full blocks that every group can serve: the full-context group needs all
+``k`` blocks cached, a windowed group only its sink blocks and the blocks of the last ``window``
+positions before the hit (the ones the next query sees; older ones may long have been evicted).
+Each group then starts the sequence with those ``k`` blocks (a windowed one with the older ones
+released).
 Only numpy, ``tvm.runtime`` and ``tvm_ffi`` are used.
 """
 
@@ -27,7 +33,7 @@ from ..kv_groups import WindowGroup, blocks_per_sequence, window_groups
 from .allocator import KVCacheOutOfBlocks
 from .cache_interface import KVCache, KVCacheCapabilities
 from .h2o_cache import H2OKVCache
-from .kv_cache import PagedKVCache, StepTensors
+from .kv_cache import PagedKVCache, StepTensors, _int_array
 
 __all__ = ["HybridKVCache", "HybridStepTensors", "create_cache", "group_block_counts"]
 
@@ -72,7 +78,9 @@ class HybridKVCache:
     ``i`` (in the order of the compiled functions' pool parameters); ``group_blocks[k]``: blocks
     of group ``k``'s pools (see :func:`group_block_counts`). The other parameters are those of
     :class:`PagedKVCache`. The sequence API (``add_sequence``, ``fork_sequence``, ``popn``,
-    ``begin_forward`` ...) is that of :class:`PagedKVCache`, applied to every group at once.
+    ``begin_forward`` ...) is that of :class:`PagedKVCache`, applied to every group at once;
+    with ``enable_prefix_caching``, ``add_sequence(seq_id, token_ids)`` reuses the longest prefix
+    every group can serve (see the module docstring).
     """
 
     def __init__(
@@ -86,6 +94,7 @@ class HybridKVCache:
         dtype: str | Sequence[str] = "float16",
         device: Any = None,
         kernels: Any = None,
+        enable_prefix_caching: bool = True,
     ):
         self.groups = window_groups(pool_windows, pool_sinks)
         per_pool = [dtype] * len(pool_windows) if isinstance(dtype, str) else list(dtype)
@@ -97,7 +106,8 @@ class HybridKVCache:
             PagedKVCache(
                 len(g.pools), num_kv_heads, head_dim, block_size, int(n), _group_dtype([per_pool[p] for p in g.pools]),
                 device, kernels,
-                sliding_window=g.sliding_window, sink_tokens=g.sink_tokens, enable_prefix_caching=False,
+                sliding_window=g.sliding_window, sink_tokens=g.sink_tokens,
+                enable_prefix_caching=enable_prefix_caching,
             )
             for g, n in zip(self.groups, group_blocks)
         ]
@@ -107,12 +117,12 @@ class HybridKVCache:
                 self._where[p] = (gi, j)
         self.num_layers = len(self._where)
         self.block_size = int(block_size)
-        self.enable_prefix_caching = False
+        self.enable_prefix_caching = bool(enable_prefix_caching)
 
     # ------------------------------------------------------------------ geometry
     @property
     def capabilities(self) -> KVCacheCapabilities:
-        """Forks and rollback (applied to every group); no prefix reuse yet."""
+        """Forks and rollback (applied to every group); prefix reuse when enabled."""
         return KVCacheCapabilities(fork=True, popn=True, prefix_caching=self.enable_prefix_caching)
 
     @property
@@ -162,19 +172,42 @@ class HybridKVCache:
         return [int((c.sequence_blocks(seq_id) >= 0).sum()) for c in self.caches]
 
     def add_sequence(self, seq_id: int, token_ids: Iterable[int] | np.ndarray | None = None) -> int:
-        """Start an empty sequence in every group (no prefix reuse: returns 0)."""
+        """Start a sequence in every group; returns the prompt tokens served from the prefix cache.
+
+        With ``token_ids`` and prefix caching on, every group starts it with the same prefix (the
+        longest all groups can serve, :meth:`match_prefix`) and it tracks tokens: later steps
+        that append to it must pass their token ids. Without ``token_ids`` it starts empty.
+        """
+        toks = None if token_ids is None else _int_array(token_ids, "token_ids")
+        reuse = self.match_prefix(toks) if toks is not None else 0
         for i, cache in enumerate(self.caches):
             try:
-                cache.add_sequence(seq_id)
+                got = cache.add_sequence(seq_id, toks, max_prefix_tokens=reuse)
+                if got != reuse:  # every group can serve `reuse` (match_prefix), so each takes exactly that
+                    cache.remove_sequence(seq_id)
+                    raise RuntimeError(f"window group {i} reused {got} prompt tokens, the others {reuse}")
             except Exception:
                 for done in self.caches[:i]:
                     done.remove_sequence(seq_id)
                 raise
-        return 0
+        return reuse
 
     def match_prefix(self, token_ids: Iterable[int] | np.ndarray) -> int:
-        """Always 0: a hybrid cache does not share prefixes."""
-        return 0
+        """Tokens of ``token_ids`` that :meth:`add_sequence` would serve from the prefix cache now (a pure query).
+
+        The longest prefix of full blocks (never the block of the last token) that the
+        full-context group holds entirely and every windowed group holds the sink and window
+        blocks of; 0 when prefix caching is off.
+        """
+        toks = _int_array(token_ids, "token_ids")
+        PagedKVCache._check_tokens(toks)
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self.caches[0].prefix_keys(toks)  # group 0 (full context) bounds the hit: no key past its chain
+        servable = np.ones(len(hashes) + 1, dtype=bool)
+        for cache in self.caches:
+            servable &= cache.prefix_hit_mask(hashes)
+        return int(np.flatnonzero(servable)[-1]) * self.block_size
 
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence from every group."""
@@ -217,7 +250,7 @@ class HybridKVCache:
         steps: list[StepTensors] = []
         try:
             for cache in self.caches:
-                steps.append(cache.begin_forward(seq_ids, append_lengths))
+                steps.append(cache.begin_forward(seq_ids, append_lengths, token_ids))
         except Exception:  # cannot happen after the checks above; keep the groups consistent anyway
             for cache in self.caches[: len(steps)]:
                 cache.end_forward()
@@ -227,9 +260,13 @@ class HybridKVCache:
         return HybridStepTensors(first.slot_mapping, first.block_table, first.seq_lens, first.q_indptr, extra)
 
     def end_forward(self) -> None:
-        """Close the step in every group (each releases what left its window)."""
+        """Close the step in every group (each hashes its newly full blocks and releases what left its window)."""
         for cache in self.caches:
             cache.end_forward()
+
+    def reset_prefix_cache(self) -> int:
+        """Free every cached block not held by a sequence, in every group; returns how many were freed."""
+        return sum(cache.reset_prefix_cache() for cache in self.caches)
 
     # ------------------------------------------------------------------ inspection
     def stats(self) -> dict[str, int | float]:
@@ -240,11 +277,12 @@ class HybridKVCache:
         """
         per = [c.stats() for c in self.caches]
         out: dict[str, int | float] = {k: sum(s[k] for s in per) for k in per[0] if k not in ("internal_waste_pct", "prefix_hit_rate")}
-        out["num_sequences"] = per[0]["num_sequences"]
-        out["sequence_tokens"] = per[0]["sequence_tokens"]
+        # per sequence, not per group: every group sees the same sequences and prefix queries
+        for key in ("num_sequences", "sequence_tokens", "prefix_queries", "prefix_query_tokens", "prefix_hit_tokens",
+                    "prefix_hit_rate"):
+            out[key] = per[0][key]
         slots = out["allocated_slots"]
         out["internal_waste_pct"] = 100.0 * (slots - out["tokens_stored"]) / slots if slots else 0.0
-        out["prefix_hit_rate"] = 0.0
         # a block of group k holds one block of each of its pools, scale bytes of quantized rows included
         out["kv_bytes_used"] = sum(s["blocks_used"] * _group_block_bytes(c) for s, c in zip(per, self.caches))
         for k, s in enumerate(per):
@@ -301,7 +339,7 @@ def create_cache(
         return PagedKVCache(num_layers=info.num_layers, num_blocks=num_blocks, sliding_window=groups[0].sliding_window,
                             sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching, **common)
     counts = group_block_counts(groups, num_blocks, info.page_size, info.max_seq_len, max_step_tokens)
-    return HybridKVCache(windows, sinks, group_blocks=counts, **common)
+    return HybridKVCache(windows, sinks, group_blocks=counts, enable_prefix_caching=enable_prefix_caching, **common)
 
 
 def _group_block_bytes(cache: PagedKVCache) -> int:

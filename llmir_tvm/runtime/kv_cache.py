@@ -30,7 +30,7 @@ from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
 
-__all__ = ["PagedKVCache", "PoolProvider", "StepTensors", "block_hash"]
+__all__ = ["PagedKVCache", "PoolProvider", "StepTensors", "block_hash", "prefix_block_hashes"]
 
 #: Cache dtypes the pool kernels accept (int8 / float8_e4m3fn: quantized rows with per-row scales).
 _POOL_DTYPES = CPU_KV_DTYPES
@@ -72,6 +72,26 @@ def block_hash(parent: bytes, tokens: np.ndarray) -> bytes:
     """Prefix-cache key of a full block: BLAKE2b-128 of the parent block's key and the block's token ids."""
     data = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
     return hashlib.blake2b(parent + data, digest_size=16).digest()
+
+
+def prefix_block_hashes(
+    tokens: np.ndarray, block_size: int, lookup: Callable[[bytes], int] | None = None
+) -> list[bytes]:
+    """Chained keys (:func:`block_hash`) of the full blocks of a prompt a prefix hit may cover.
+
+    The block holding the prompt's last token is left out (a hit always leaves at least one
+    token to compute), so a prompt of ``n`` tokens has ``(n - 1) // block_size`` keys; with
+    ``lookup`` (key -> block or -1), the keys end before the first one it misses (a chain
+    that must be cached whole stops there, and long prompts are not hashed in vain).
+    """
+    keys: list[bytes] = []
+    parent = b""
+    for i in range(max(0, (tokens.size - 1) // block_size)):
+        parent = block_hash(parent, tokens[i * block_size : (i + 1) * block_size])
+        if lookup is not None and lookup(parent) < 0:
+            break
+        keys.append(parent)
+    return keys
 
 
 def _as_device(device: Any) -> tvm.runtime.Device:
@@ -280,16 +300,21 @@ class PagedKVCache:
         *,
         sliding_window: int | None = None,
         sink_tokens: int | None = None,
+        max_prefix_tokens: int | None = None,
     ) -> int:
         """Start a new sequence; returns the number of prompt tokens served from the prefix cache.
 
         With ``token_ids`` (the prompt) and prefix caching on, the sequence starts with the
-        longest cached chain of full blocks of the prompt (never covering its last token, so
-        at least one token is left to compute) and its length is that many tokens; the caller
-        then appends ``token_ids[reused:]``. Such a sequence *tracks tokens*: every later
+        longest prefix of full blocks of the prompt whose blocks the next query sees are all
+        cached (never covering its last token, so at least one token is left to compute) and
+        its length is that many tokens; the caller then appends ``token_ids[reused:]``. Without
+        a window that is the whole chain of blocks; with one, the sink blocks and the blocks of
+        the last ``window`` positions before the hit (older ones may have been evicted: the
+        sequence starts with them released). Such a sequence *tracks tokens*: every later
         :meth:`begin_forward` that appends to it must pass the appended token ids.
         Without ``token_ids`` the sequence starts empty and is never hashed.
-        ``sliding_window`` / ``sink_tokens`` override the cache defaults for this sequence.
+        ``sliding_window`` / ``sink_tokens`` override the cache defaults for this sequence;
+        ``max_prefix_tokens`` caps the reuse (a hybrid cache reuses one length in every group).
         """
         self._check_no_step("add_sequence")
         seq_id = _seq_id(seq_id)
@@ -302,25 +327,30 @@ class PagedKVCache:
         toks = None if token_ids is None else _int_array(token_ids, "token_ids")
         if toks is not None:
             self._check_tokens(toks)
-        blocks: list[int] = []
+        bs = self.block_size
+        limit = None if max_prefix_tokens is None else _nonneg_int(max_prefix_tokens, "max_prefix_tokens") // bs
         hashes: list[bytes] = []
         tracks = toks is not None and self.enable_prefix_caching
         if tracks:
-            blocks, hashes = self._match(toks)
-        bs = self.block_size
+            hashes = self._prefix_keys(toks, window)
+            hits = np.flatnonzero(self._hit_mask(hashes, window, sinks)[: None if limit is None else limit + 1])
+            hashes = hashes[: int(hits[-1])]
+        n = len(hashes)
+        sb = -(-sinks // bs)
+        live = max(sb, self._dead_blocks(n * bs, window))  # blocks [sb, live) are out of the window: released
         row = self._new_row(seq_id)
-        n = len(blocks)
         self._ensure_cols(n)
         if n:
-            self.allocator.incref(blocks)
-            self._table[row, :n] = blocks
+            held = np.concatenate([np.arange(min(sb, n)), np.arange(live, n)]) if live > sb else np.arange(n)
+            self._table[row, held] = [self.allocator.lookup(hashes[i]) for i in held.tolist()]
+            self.allocator.incref(self._table[row, held])
             self._tokens[row, : n * bs] = toks[: n * bs]
         self._len[row] = n * bs
         self._nblk[row] = n
         self._window[row] = window
         self._sinks[row] = sinks
-        self._sb[row] = -(-sinks // bs)
-        self._live[row] = self._sb[row]
+        self._sb[row] = sb
+        self._live[row] = live
         self._tracks[row] = tracks
         self._hashes[row] = hashes
         if tracks:
@@ -339,7 +369,27 @@ class PagedKVCache:
         self._check_tokens(toks)
         if not self.enable_prefix_caching:
             return 0
-        return len(self._match(toks)[0]) * self.block_size
+        mask = self.prefix_hit_mask(self.prefix_keys(toks))
+        return int(np.flatnonzero(mask)[-1]) * self.block_size
+
+    def prefix_keys(self, token_ids: Iterable[int] | np.ndarray) -> list[bytes]:
+        """The chained block keys of ``token_ids`` a hit could use (cache-default window): all of them under a
+        window (older blocks may be missing), without one up to the first uncached block; [] when prefix caching is off."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._prefix_keys(_int_array(token_ids, "token_ids"), self.sliding_window)
+
+    def prefix_hit_mask(self, hashes: list[bytes]) -> np.ndarray:
+        """``mask[k]``: whether a new sequence (cache-default window) could start with the first ``k`` of the
+        chained block keys ``hashes`` (:func:`prefix_block_hashes`) from the prefix cache now; a pure query.
+
+        Without a window a hit needs every block of the prefix cached (so the mask is True up to
+        the longest cached chain); with one, only the blocks the next query sees (see
+        :meth:`add_sequence`), so the mask may have gaps. ``mask[0]`` is always True.
+        """
+        if not self.enable_prefix_caching:
+            return np.arange(len(hashes) + 1) == 0
+        return self._hit_mask(hashes, self.sliding_window, self.sink_tokens)
 
     def remove_sequence(self, seq_id: int) -> None:
         """Drop a sequence; its blocks lose one reference (tail block first).
@@ -763,7 +813,10 @@ class PagedKVCache:
 
     def _n_dead(self, row: int, length: int) -> int:
         """Leading table entries invisible to a query at position ``length`` under the row's window."""
-        window = int(self._window[row])
+        return self._dead_blocks(length, int(self._window[row]))
+
+    def _dead_blocks(self, length: int, window: int) -> int:
+        """Leading blocks invisible to a query at position ``length`` under ``window`` (0: none)."""
         if window <= 0:
             return 0
         return max(0, (length + 1 - window) // self.block_size)
@@ -827,21 +880,22 @@ class PagedKVCache:
         self.allocator.decref(src)
         self._cow_copies += len(plan)
 
-    def _match(self, toks: np.ndarray) -> tuple[list[int], list[bytes]]:
-        bs = self.block_size
-        n_full = max(0, (toks.size - 1) // bs)
-        parent = b""
-        blocks: list[int] = []
-        hashes: list[bytes] = []
-        for i in range(n_full):
-            h = block_hash(parent, toks[i * bs : (i + 1) * bs])
-            b = self.allocator.lookup(h)
-            if b < 0:
-                break
-            blocks.append(b)
-            hashes.append(h)
-            parent = h
-        return blocks, hashes
+    def _prefix_keys(self, toks: np.ndarray, window: int) -> list[bytes]:
+        return prefix_block_hashes(toks, self.block_size, None if window > 0 else self.allocator.lookup)
+
+    def _hit_mask(self, hashes: list[bytes], window: int, sinks: int) -> np.ndarray:
+        """``mask[k]``: the blocks a query at position ``k * block_size`` sees (the sink blocks and the window's,
+        everything without a window) are all among the cached blocks of the chain ``hashes``."""
+        n, bs = len(hashes), self.block_size
+        present = np.fromiter((self.allocator.lookup(h) >= 0 for h in hashes), dtype=bool, count=n)
+        cached = np.zeros(n + 1, dtype=np.int64)  # cached[k]: cached blocks among the first k
+        np.cumsum(present, out=cached[1:])
+        k = np.arange(n + 1)
+        if window <= 0:
+            return cached == k
+        sink = np.minimum(-(-sinks // bs), k)
+        first = np.maximum(sink, np.maximum(0, (k * bs + 1 - window) // bs))
+        return (cached[sink] == sink) & (cached[k] - cached[first] == k - first)
 
     def _register_blocks(self, row: int, first: int, last: int) -> None:
         """Hash a tracking row's newly full blocks [first, last) and register them."""
