@@ -13,7 +13,11 @@ server's own cost: throughput and CPU per token, median and spread; see :mod:`.h
 ``--cost-only`` runs just these), (b) the chats with prefix caching off (TTFT), and (c)
 llama.cpp's ``llama-server`` on the same requests when ``--llama-server BIN --gguf FILE`` are
 given (same threads, ``-np`` slots, continuous batching). ``--quick`` runs a small version.
-Writes ``bench/results/http.json`` (``http_quick.json`` with ``--quick``) and a PNG through ``bench.common.save_result``.
+``--mixed-only`` runs only the mixed workload, and at saturation also the in-process engine on the
+very same requests: the three-way comparison (engine, our server, llama-server) of issue #20's
+"32 mixed requests" (``--requests 32 --max-prompt-tokens 512 --max-new-tokens 128 --rates inf``).
+Writes ``bench/results/http.json`` (``http_quick.json`` with ``--quick``, ``http_mixed[_quick].json`` with
+``--mixed-only``, ``http_cost.json`` with ``--cost-only``) and a PNG through ``bench.common.save_result``.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interleaved server / in-process engine pairs measuring the server's own cost")
     parser.add_argument("--cost-only", action="store_true",
                         help="only the server-cost pairs (no workloads, prefix-off run, abuse or llama-server)")
+    parser.add_argument("--mixed-only", action="store_true",
+                        help="only the mixed workload (no chats, prefix-off run or abuse), plus the in-process engine "
+                             "on the saturation run's own requests")
     parser.add_argument("--quick", action="store_true", help="small workloads, two rates (a few minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/http.json, http_quick.json with --quick; the previous one moved to bench/results/archive/)")
@@ -102,10 +109,13 @@ def resolve(args: argparse.Namespace) -> str | None:
             return f"--gguf {args.gguf} does not exist"
     if args.cost_only and args.llama_server is not None:
         return "--cost-only runs no llama-server: leave out --llama-server and --gguf"
+    if args.cost_only and args.mixed_only:
+        return "--cost-only and --mixed-only exclude each other"
     for name in ("requests", "max_prompt_tokens", "max_new_tokens", "chats", "turns", "system_tokens", "threads", "slots",
                  "cost_pairs"):
-        if getattr(args, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1"
+        least = 0 if name == "cost_pairs" and not args.cost_only else 1  # --cost-only runs nothing but the pairs
+        if getattr(args, name) < least:
+            return f"--{name.replace('_', '-')} must be >= {least}"
     return None
 
 
@@ -183,8 +193,9 @@ def _system_prompt(tokenizer, tokens: int, rng) -> str:
 
 
 def _workloads(target: str, url: str, model: str, sets: list[tuple], args, preemptions=None) -> dict:
-    """Run both workloads at every rate against ``url``; ``sets[i]`` = (mixed prompts, outputs, system, chats) of rate i
-    (fresh prompts per rate, so that no rate starts with the previous one's prefix cache)."""
+    """Run both workloads (only the mixed one with ``--mixed-only``) at every rate against ``url``; ``sets[i]`` =
+    (mixed prompts, outputs, system, chats) of rate i (fresh prompts per rate, so that no rate starts with the
+    previous one's prefix cache)."""
     out: dict = {"mixed": {}, "chats": {}}
     for i, rate in enumerate(args.rates):
         prompts, news, system, conversations = sets[i]
@@ -194,6 +205,10 @@ def _workloads(target: str, url: str, model: str, sets: list[tuple], args, preem
                     for p, n in zip(prompts, news)]
         run = http_load.run_requests(url, "/v1/completions", payloads, http_load.arrival_times(len(payloads), rate, rng))
         out["mixed"][str(rate)] = {**http_load.summarize(run), **_preempted(preemptions, before)}
+        if args.mixed_only:
+            print(f"  {target} rate {rate}: mixed {out['mixed'][str(rate)]['throughput_tok_s']:.1f} tok/s "
+                  f"({out['mixed'][str(rate)]['failed']} failed)", flush=True)
+            continue
         before = preemptions() if preemptions else None
         payload = {"model": model, "max_tokens": args.max_new_tokens, "temperature": 0, "ignore_eos": True}
         run = http_load.run_chats(url, payload, system, conversations,
@@ -288,8 +303,10 @@ def run(args: argparse.Namespace) -> int:
         cost_sets = [_mixed(tokenizer, args, rng) for _ in range(args.cost_pairs)]
         out["workloads"]["cost_pairs"] = args.cost_pairs
         name = "bench"
+        if args.mixed_only and math.isinf(args.rates[-1]):
+            out["engine_in_process"] = _engine_in_process(compiled, *sets[-1][:2])
         for label, extra in (("ours", []), ("ours_prefix_off", ["--no-prefix-caching"])):
-            if label == "ours_prefix_off" and (args.no_prefix_off or args.cost_only):
+            if label == "ours_prefix_off" and (args.no_prefix_off or args.cost_only or args.mixed_only):
                 continue
             server = _our_server(folder, name, args, extra)
             try:
@@ -299,15 +316,16 @@ def run(args: argparse.Namespace) -> int:
                     out[label] = _workloads(label, server.url, name, sets, args,
                                             lambda s=server: s.metric("llmir_preemptions_total"))
                 if label == "ours":
-                    if not args.cost_only:
+                    if not (args.cost_only or args.mixed_only):
                         out["abuse"] = _abuse(server, name, sets[-1][0], args)
-                    out["server_cost"] = _server_cost(compiled, server, name, cost_sets)
+                    if cost_sets:
+                        out["server_cost"] = _server_cost(compiled, server, name, cost_sets)
             finally:
                 server.close()
 
         if args.llama_server is not None:
             port = _free_port()
-            context = args.slots * compiled.info.max_seq_len
+            context = args.slots * _slot_context(args, compiled.info.max_seq_len)
             command = llama_server_command(args.llama_server, args.gguf, port, args.threads, args.slots, context)
             server = ServerProcess(command, port)
             try:
@@ -316,13 +334,41 @@ def run(args: argparse.Namespace) -> int:
                 server.close()
 
     out["ratios"] = ratios(out)
-    kind = "_cost" if args.cost_only else ("_quick" if args.quick else "")
+    kind = "_cost" if args.cost_only else ("_mixed" if args.mixed_only else "") + ("_quick" if args.quick else "")
     path = save_result(f"http{kind}", out, args.out)
     if "ours" in out:
         _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out["ratios"], indent=2))
     print(f"wrote {path}")
     return 0
+
+
+def _slot_context(args, max_seq_len: int) -> int:
+    """Context of one llama-server slot: the longest sequence the workloads make (a mixed request, or a
+    chat's last turn unless ``--mixed-only``) rounded up to 256 tokens, at most ``max_seq_len`` (so that 16
+    slots do not each reserve the model's whole context)."""
+    need = args.max_prompt_tokens + args.max_new_tokens + 16
+    if not args.mixed_only:
+        need = max(need, args.system_tokens + args.turns * (args.max_new_tokens + 40) + 64)
+    return min(max_seq_len, -(-need // 256) * 256)
+
+
+def _engine_in_process(compiled, prompts: list[list[int]], news: list[int]) -> dict:
+    """The in-process engine on the saturation run's requests (all at once, greedy, ``ignore_eos``): output
+    throughput and mean time to first token, as the load generator reports them for a server."""
+    import llmir_tvm
+
+    engine = llmir_tvm.Engine(compiled)
+    engine.generate([[1, 2, 3]], max_new_tokens=2)  # warm-up
+    start = time.perf_counter()
+    results = engine.generate(prompts, [llmir_tvm.SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    out = {"requests": len(prompts), "output_tokens": tokens, "wall_seconds": seconds, "throughput_tok_s": tokens / seconds,
+           "ttft_ms_p50": float(np.median([r.time_to_first_token for r in results])) * 1e3,
+           "load_average": os.getloadavg()[0]}
+    print(f"  in-process engine: {out['throughput_tok_s']:.1f} tok/s", flush=True)
+    return out
 
 
 def _server_cost(compiled, server: ServerProcess, name: str, cost_sets: list[tuple]) -> dict:
@@ -343,13 +389,24 @@ def _server_cost(compiled, server: ServerProcess, name: str, cost_sets: list[tup
 
 def ratios(out: dict) -> dict:
     """The issue's target ratios from one run's results (None where a baseline was not run)."""
-    cost = out["server_cost"]
-    r: dict = {"server_vs_engine_throughput_at_saturation": cost["throughput_ratio"]["median"],
-               "server_vs_engine_throughput_spread": [cost["throughput_ratio"]["min"], cost["throughput_ratio"]["max"]],
-               "server_vs_engine_cpu_per_token": cost["cpu_per_token_ratio"]["median"] if cost["cpu_per_token_ratio"] else None}
+    r: dict = {}
+    cost = out.get("server_cost")
+    if cost is not None:
+        share = cost.get("http_thread_cpu_share")
+        r.update({"server_vs_engine_throughput_at_saturation": cost["throughput_ratio"]["median"],
+                  "server_vs_engine_throughput_spread": [cost["throughput_ratio"]["min"], cost["throughput_ratio"]["max"]],
+                  "server_vs_engine_cpu_per_token": cost["cpu_per_token_ratio"]["median"] if cost["cpu_per_token_ratio"] else None,
+                  "server_http_thread_cpu_share": share["median"] if share else None})
     if "ours" not in out:
         return r
     ours = out["ours"]
+    engine = out.get("engine_in_process")
+    if engine is not None:
+        saturation = out["rates"][-1]
+        r["mixed_server_vs_engine_same_requests"] = _div(ours["mixed"][saturation]["throughput_tok_s"], engine["throughput_tok_s"])
+        if "llama_server" in out:
+            r["mixed_engine_vs_llama_server"] = _div(engine["throughput_tok_s"],
+                                                     out["llama_server"]["mixed"][saturation]["throughput_tok_s"])
     if "ours_prefix_off" in out:
         r["chats_ttft_p50_prefix_on_vs_off"] = {
             rate: _div(ours["chats"][rate]["ttft_ms_p50"], out["ours_prefix_off"]["chats"][rate]["ttft_ms_p50"])
@@ -379,12 +436,16 @@ def _plot(out: dict, path: Path) -> None:
     for i, target in enumerate(targets):
         mixed = [out[target]["mixed"][r]["throughput_tok_s"] for r in rates]
         axes[0].bar(x + i * width, mixed, width, label=target)
-        ttft = [out[target]["chats"][r]["ttft_ms_p50"] or 0 for r in rates]
+        ttft = [(out[target]["chats"].get(r) or {}).get("ttft_ms_p50") or 0 for r in rates]
         axes[1].bar(x + i * width, ttft, width, label=target)
         tpot = [out[target]["mixed"][r]["tpot_ms_p50"] or 0 for r in rates]
         axes[2].bar(x + i * width, tpot, width, label=target)
-    engine = out["server_cost"]["engine_throughput_tok_s"]
-    axes[0].axhline(engine, color="grey", ls="--", lw=0.8, label="in-process engine (saturation, median)")
+    if "server_cost" in out:
+        axes[0].axhline(out["server_cost"]["engine_throughput_tok_s"], color="grey", ls="--", lw=0.8,
+                        label="in-process engine (saturation, median)")
+    if "engine_in_process" in out:
+        axes[0].axhline(out["engine_in_process"]["throughput_tok_s"], color="black", ls=":", lw=0.8,
+                        label="in-process engine (saturation, same requests)")
     for ax, title in zip(axes, ("mixed: output tokens/s", "chats: TTFT p50 (ms)", "mixed: TPOT p50 (ms)")):
         ax.set_xticks(x + width * (len(targets) - 1) / 2, [f"{r}/s" for r in rates])
         ax.set_title(title, fontsize=10)

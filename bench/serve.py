@@ -12,7 +12,11 @@ against a baseline measured in the same run.
   steps at batch 64.
 
 With ``--background-load`` the mixed workload runs again (engine and HF padded batch) while a
-``nice 19`` busy process runs (``bench/background.py``), and both figures are reported.
+``nice 19`` busy process runs (``bench/background.py``), then once more idle, and both figures are
+reported (loaded against the mean of the idle runs before and after, so that a machine whose other
+load changed meanwhile shows as a gap between the two idle figures). ``--mixed-only`` runs only the
+mixed workload (engine and HF padded batch; no HF one-by-one run, prefix, fork or allocator
+measurements) and writes ``serve_mixed.json``.
 
 With ``--hybrid-prefix`` only the shared-prefix workload runs, on a random-weight Gemma-3-shaped
 model whose cache is hybrid (``bench/hybrid_prefix.py``).
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 
@@ -59,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-load", action="store_true",
                         help="also run the mixed workload beside a nice-19 busy process; report idle and loaded figures")
+    parser.add_argument("--mixed-only", action="store_true",
+                        help="only the mixed workload: the engine and HF's padded batch (and --background-load)")
     parser.add_argument("--hybrid-prefix", action="store_true",
                         help="only the shared-prefix workload, on a random-weight Gemma-3-shaped model (hybrid KV cache: "
                              "sliding-window layers of 512 beside global ones), prefix caching on vs off (bench/hybrid_prefix.py)")
@@ -102,6 +109,31 @@ def _hf_sequential(hf, prompts: list[list[int]], news: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def _background_load(engine, hf, tok, prompts: list[list[int]], params: list, news: list[int],
+                     idle_before: tuple[float, float]) -> dict:
+    """The mixed workload (engine, then HF padded) beside one nice-19 busy process, then idle again;
+    ``idle_before`` = (engine, HF padded) seconds of the idle run before. Ratios are loaded tok/s over
+    the mean of the idle runs before and after."""
+    generated = sum(news)
+
+    def both() -> tuple[float, float]:
+        start = time.perf_counter()
+        engine.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        return seconds, _hf_padded(hf, tok, prompts, news)
+
+    with background_load() as pids:
+        load = os.getloadavg()[0]
+        loaded = both()
+    idle_after = both()
+    idle = [(b + a) / 2 for b, a in zip(idle_before, idle_after)]
+    return {"jobs": len(pids), "niceness": 19, "load_average_while_loaded": load,
+            "engine_tokens_per_s": generated / loaded[0], "hf_padded_tokens_per_s": generated / loaded[1],
+            "engine_idle_tokens_per_s": [generated / idle_before[0], generated / idle_after[0]],
+            "hf_padded_idle_tokens_per_s": [generated / idle_before[1], generated / idle_after[1]],
+            "engine_loaded_vs_idle": idle[0] / loaded[0], "hf_padded_loaded_vs_idle": idle[1] / loaded[1]}
+
+
 def _peak(engine, key: str = "blocks_used") -> int:
     return max(s[key] for s in engine.step_stats)
 
@@ -142,15 +174,16 @@ def run(args: argparse.Namespace) -> int:
     generated = sum(len(r.token_ids) for r in results)
     assert generated == sum(news)
     padded = _hf_padded(hf, tok, prompts, news)
-    sequential = _hf_sequential(hf, prompts, news)
+    sequential = None if args.mixed_only else _hf_sequential(hf, prompts, news)
     peak_blocks = _peak(engine)
     longest = max(len(p) + n for p, n in zip(prompts, news))
     out["mixed"] = {
         "requests": len(prompts), "prompt_tokens": sum(map(len, prompts)), "generated_tokens": generated,
         "engine_seconds": ours, "hf_padded_seconds": padded, "hf_sequential_seconds": sequential,
         "engine_tokens_per_s": generated / ours, "hf_padded_tokens_per_s": generated / padded,
-        "hf_sequential_tokens_per_s": generated / sequential,
-        "speedup_vs_hf_padded": padded / ours, "speedup_vs_hf_sequential": sequential / ours,
+        "hf_sequential_tokens_per_s": None if sequential is None else generated / sequential,
+        "speedup_vs_hf_padded": padded / ours, "speedup_vs_hf_sequential": None if sequential is None else sequential / ours,
+        "load_average": os.getloadavg()[0],
         "steps": len(engine.step_stats), "mean_ttft_s": float(np.mean([r.time_to_first_token for r in results])),
         "peak_kv_bytes": peak_blocks * info.bytes_per_block,
         "contiguous_padded_kv_bytes": len(prompts) * longest * bytes_per_token,
@@ -162,14 +195,15 @@ def run(args: argparse.Namespace) -> int:
     m["kv_bytes_vs_contiguous_padded"] = m["peak_kv_bytes"] / m["contiguous_padded_kv_bytes"]
     m["kv_bytes_vs_max_len_prealloc"] = m["peak_kv_bytes"] / m["max_len_prealloc_kv_bytes"]
     if args.background_load:
-        with background_load() as pids:
-            start = time.perf_counter()
-            engine.generate(prompts, params)
-            loaded = time.perf_counter() - start
-            padded_loaded = _hf_padded(hf, tok, prompts, news)
-        m["background_load"] = {"jobs": len(pids), "niceness": 19,
-                                "engine_tokens_per_s": generated / loaded, "hf_padded_tokens_per_s": generated / padded_loaded,
-                                "engine_loaded_vs_idle": ours / loaded, "hf_padded_loaded_vs_idle": padded / padded_loaded}
+        m["background_load"] = _background_load(engine, hf, tok, prompts, params, news, (ours, padded))
+        b = m["background_load"]
+        print(f"background load: engine {b['engine_tokens_per_s']:.1f} tok/s ({b['engine_loaded_vs_idle']:.2f} of idle), "
+              f"HF padded {b['hf_padded_tokens_per_s']:.1f} tok/s ({b['hf_padded_loaded_vs_idle']:.2f} of idle)", flush=True)
+    if args.mixed_only:
+        path = save_result("serve_mixed", out, args.out)
+        print(json.dumps(out, indent=2))
+        print(f"wrote {path}")
+        return 0
 
     # ---- shared prefix: reuse vs none
     system = list(tok(" ".join(rng.choice(WORDS, size=args.system_tokens)))["input_ids"])[: args.system_tokens]

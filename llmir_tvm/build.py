@@ -67,8 +67,10 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, attrs: KVCacheAttrs,
     """The compiled model's facts: the KV-cache ones from the compile's :class:`KVCacheAttrs`, the rest
     from the imported model, the memory plan and the config."""
     heads, qo_heads, dims = (sorted(set(attrs.num_kv_heads)), sorted(set(attrs.num_qo_heads)), sorted(set(attrs.head_dim)))
-    if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1:
-        raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim ({heads} / {dims}); one pool layout is supported")
+    planes = sorted(set(attrs.planes))
+    if len(heads) != 1 or len(dims) != 1 or len(qo_heads) != 1 or len(planes) != 1:
+        raise ValueError(f"{imported.name}: layers differ in KV heads / head_dim / planes ({heads} / {dims} / {planes}); "
+                         "one pool layout is supported")
     max_seq_len = kv.max_seq_len or imported.max_seq_len
     plan = module_memory_plan(mod)
     info = ModelInfo(
@@ -78,6 +80,7 @@ def _model_info(imported: ImportedModel, mod: tvm.IRModule, attrs: KVCacheAttrs,
         num_kv_heads=heads[0],
         num_qo_heads=qo_heads[0],
         head_dim=dims[0],
+        kv_planes=planes[0],
         page_size=attrs.page_size,
         kv_dtypes=attrs.pool_dtypes,
         num_blocks=0,
@@ -121,7 +124,7 @@ def _cache_kernels(info: ModelInfo, kv_attrs: KVCacheAttrs, target) -> tvm.IRMod
 
     def layout(dtype: str) -> CacheLayout:
         return CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype,
-                           compute if is_quantized(dtype) else None)
+                           compute if is_quantized(dtype) else None, info.kv_planes)
 
     funcs = dict(cache_kernels_irmodule(layout(info.kv_dtypes[0]), target).functions_items())
     if info.mixed_precision:
@@ -346,7 +349,7 @@ def _build(
     if info.eviction == "h2o":  # token eviction compacts slots: a copy kernel per pool dtype (suffixed when mixed)
         for dtype in sorted(set(info.kv_dtypes)):
             name = kernel_name(COPY_SLOTS, dtype, info.mixed_precision)
-            layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype)
+            layout = CacheLayout(info.num_kv_heads, info.head_dim, info.page_size, dtype, kv_planes=info.kv_planes)
             funcs[name] = tir_kernels.copy_slots(layout, target).with_attr("global_symbol", name)
     note("build")
     pipeline = host_build_pipeline() if target.kind.name == "llvm" else gpu_build_pipeline(target, low_batch_gemv, cuda_graph)

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace, error: Callable[[str], None]) -> int:
     info = compiled.info
     print(f"compiled {info.name} for {info.target} in {time.perf_counter() - start:.1f} s -> {path}")
     print(
-        f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}, "
+        f"KV cache: {info.num_layers} layers x {info.num_kv_heads} KV heads x head_dim {info.head_dim}"
+        f"{' (latent: K rows only, V = their first columns)' if info.kv_planes == 1 else ''}, "
         f"page {info.page_size}, {info.kv_dtype}{' ' + str(info.kv_dtypes) if info.mixed_precision else ''}, "
         f"{info.num_blocks} blocks "
         f"({info.num_blocks * info.bytes_per_block / 2**20:.0f} MiB, {info.num_blocks * info.page_size} tokens)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +34,8 @@ BLOCK_OVERHEAD_BYTES = 16
 DEFAULT_CUDA_MEMORY = 80 * 10**9
 #: The pool's layout, as the runtime allocates it (see docs/passes.md, KVCacheAllocationOptimization).
 POOL_LAYOUT = "per-layer pools [num_blocks, 2, kv_heads, page_size, head_dim] (block-major)"
+#: The layout of latent pools (MLA: one plane of K rows, V read as their first columns).
+LATENT_POOL_LAYOUT = "per-layer latent pools [num_blocks, 1, kv_heads, page_size, latent + rope dims] (block-major, V = K[:latent])"
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -49,19 +51,25 @@ def layer_dtypes(dtype: str | Sequence[str], num_layers: int) -> list[str]:
     return dtypes
 
 
-def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str | Sequence[str]) -> int:
-    """Pool bytes of one block over all layers (K and V; quantized rows with their scales): the single
-    source of this number. ``dtype`` is one pool dtype or one per layer.
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: str | Sequence[str],
+                   kv_planes: int = 2) -> int:
+    """Pool bytes of one block over all layers (K and V, or K only in latent pools: ``kv_planes`` 1;
+    quantized rows with their scales): the single source of this number. ``dtype`` is one pool dtype
+    or one per layer.
 
     ``ModelInfo.bytes_per_block``, the memory plan and the pool-size checks all call it.
     """
-    return sum(layer_block_bytes(num_kv_heads, head_dim, page_size, d) for d in layer_dtypes(dtype, num_layers))
+    return sum(layer_block_bytes(num_kv_heads, head_dim, page_size, d, kv_planes) for d in layer_dtypes(dtype, num_layers))
 
 
-def layer_block_bytes(num_kv_heads: int, head_dim: int, page_size: int, dtype: str) -> int:
-    """Bytes of one block of one layer's pool: ``2 (K, V) x kv_heads x page_size x`` the bytes of a pool row
-    (``head_dim`` values, plus the scale of a quantized row: :func:`llmir_tvm.kv_dtypes.pool_row_bytes`)."""
-    return 2 * num_kv_heads * page_size * pool_row_bytes(dtype, head_dim)
+def layer_block_bytes(num_kv_heads: int, head_dim: int, page_size: int, dtype: str, kv_planes: int = 2) -> int:
+    """Bytes of one block of one layer's pool: ``kv_planes (2: K, V; 1: a latent pool's K) x kv_heads x
+    page_size x`` the bytes of a pool row (``head_dim`` values, plus the scale of a quantized row:
+    :func:`llmir_tvm.kv_dtypes.pool_row_bytes`). A latent (MLA) pool's token costs
+    ``(kv_lora_rank + qk_rope_head_dim) x dtype bytes`` per layer."""
+    if kv_planes not in (1, 2):
+        raise ValueError(f"kv_planes must be 2 (K and V) or 1 (a latent pool), got {kv_planes!r}")
+    return kv_planes * num_kv_heads * page_size * pool_row_bytes(dtype, head_dim)
 
 
 def parse_budget(value: int | float | str) -> tuple[str, float]:
@@ -188,6 +196,8 @@ class MemoryPlan:
     max_concurrent_seqs: int
     expected_concurrency: int
     expected_blocks: int
+    #: Planes per pool: 2 (K and V) or 1 (latent pools, MLA); plans saved before latent pools: 2.
+    kv_planes: int = 2
 
     @property
     def total_bytes(self) -> int:
@@ -202,10 +212,11 @@ class MemoryPlan:
     def from_attrs(cls, attrs) -> "MemoryPlan":
         """Inverse of :meth:`to_attrs` (accepts a TVM ``Map`` too)."""
         names = {f.name: f.type for f in fields(cls)}
-        missing = sorted(set(names) - set(attrs.keys()))
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = sorted(set(names) - set(attrs.keys()) - optional)
         if missing:
             raise ValueError(f"memory plan lacks {missing}")
-        return cls(**{k: (str(attrs[k]) if names[k] == "str" else int(attrs[k])) for k in names})
+        return cls(**{k: (str(attrs[k]) if names[k] == "str" else int(attrs[k])) for k in names if k in attrs.keys()})
 
     def table(self) -> str:
         """The plan as a two-column text table (``scripts/compile_model.py`` prints it)."""
@@ -215,6 +226,7 @@ class MemoryPlan:
             ("weights", mib(self.weights_bytes)),
             ("activation workspace", f"{mib(self.workspace_bytes)} at {self.max_batch_tokens} tokens/step"),
             ("KV pool", f"{mib(self.pool_bytes)} = {self.num_blocks:,} blocks x {self.bytes_per_block:,} B"),
+            ("KV bytes per token", self._token_bytes()),
             ("total", mib(self.total_bytes)),
             ("page size", f"{self.page_size} tokens ({self.page_size_source})"),
             ("KV dtype", self.kv_dtype),
@@ -227,6 +239,14 @@ class MemoryPlan:
             rows.append(("expected load", f"{self.expected_concurrency} sequences ~ {self.expected_blocks} blocks ({fits})"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+    def _token_bytes(self) -> str:
+        """Pool bytes of one token over all layers; latent pools say that they hold the latent only."""
+        per_token = self.bytes_per_block // self.page_size
+        if self.kv_planes == 1:
+            return f"{per_token:,} B (latent: one row of kv_lora_rank + rope dims per layer, no V plane)"
+        return f"{per_token:,} B (K and V)"
 
 
 def plan_memory(
@@ -247,16 +267,17 @@ def plan_memory(
     sliding_window: int = 0,
     expected_concurrency: int = 0,
     expected_seq_lens: Sequence[int] | None = None,
+    kv_planes: int = 2,
 ) -> MemoryPlan:
     """Split a budget into weights, workspace and the largest pool that fits; check one max-context sequence fits.
 
     With ``budget_bytes`` the pool gets what the weights and the workspace leave; with
     ``num_blocks`` (and no budget) it has exactly that many blocks. Raises :class:`PoolDoesNotFit`
     naming the numbers when a budget cannot hold the weights, the workspace and one sequence of
-    ``max_seq_len`` tokens.
+    ``max_seq_len`` tokens. ``kv_planes`` 1: latent pools (MLA), K rows only.
     """
     dtypes = layer_dtypes(kv_dtype, num_layers)
-    layer_bytes = [layer_block_bytes(num_kv_heads, head_dim, page_size, d) for d in dtypes]
+    layer_bytes = [layer_block_bytes(num_kv_heads, head_dim, page_size, d, kv_planes) for d in dtypes]
     block = sum(layer_bytes)
     if not isinstance(kv_dtype, str):  # mixed precision: name the mix, e.g. "mixed (float16 x2, int8 x28)"
         kv_dtype = "mixed (" + ", ".join(f"{d} x{dtypes.count(d)}" for d in sorted(set(dtypes))) + ")"
@@ -299,10 +320,11 @@ def plan_memory(
         num_blocks=int(blocks),
         pool_bytes=aligned_pool_bytes(int(blocks), num_layers, layer_bytes),
         alignment=POOL_ALIGNMENT,
-        layout=POOL_LAYOUT,
+        layout=LATENT_POOL_LAYOUT if kv_planes == 1 else POOL_LAYOUT,
         max_seq_len=int(max_seq_len),
         blocks_per_seq=int(per_seq),
         max_concurrent_seqs=int(blocks // per_seq),
         expected_concurrency=int(expected_concurrency),
         expected_blocks=expected,
+        kv_planes=int(kv_planes),
     )

@@ -30,8 +30,9 @@ OPTIONAL_CACHE_KERNELS = ("llmir_copy_slots",)
 #: Version of the ``model.json`` layout that :meth:`ModelInfo.to_dict` writes (key ``format_version``).
 #: 1 (no key; written before versions existed): one ``kv_dtype`` (``"mixed"`` with ``layer_kv_dtypes``)
 #: and one ``sliding_window`` beside optional ``pool_windows`` / ``pool_sinks``. 2: one spelling of
-#: each fact: ``kv_dtypes``, ``pool_windows`` and ``pool_sinks`` with one entry per layer.
-FORMAT_VERSION = 2
+#: each fact: ``kv_dtypes``, ``pool_windows`` and ``pool_sinks`` with one entry per layer. 3: ``kv_planes``
+#: (1 for latent MLA pools); older folders have two-plane pools, so 2 reads as 3 unchanged.
+FORMAT_VERSION = 3
 
 
 @dataclass(kw_only=True)
@@ -49,6 +50,9 @@ class ModelInfo:
     num_kv_heads: int
     num_qo_heads: int
     head_dim: int
+    #: Planes of every pool: 2 (K and V) or 1 (latent pools of MLA models: ``head_dim`` is then
+    #: ``kv_lora_rank + qk_rope_head_dim`` and V is read as the first columns of each row).
+    kv_planes: int = 2
     page_size: int
     #: The pool dtype of every layer (one entry per layer; they differ under mixed precision,
     #: ``kv_dtype="auto"`` or a per-layer tuple).
@@ -120,7 +124,8 @@ class ModelInfo:
     def bytes_per_block(self) -> int:
         """Pool bytes of one block over all layers (K and V; quantized rows include their scales):
         :func:`llmir_tvm.memory_plan.kv_block_bytes`."""
-        return kv_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.kv_dtypes)
+        return kv_block_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.page_size, self.kv_dtypes,
+                              self.kv_planes)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``model.json`` contents: the fields and ``format_version``."""

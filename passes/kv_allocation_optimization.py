@@ -251,13 +251,15 @@ class KVCacheAllocationOptimization:
         dtype = geometry.pool_dtypes if geometry.layer_dtypes is not None else geometry.dtype
         heads, dims = sorted(set(geometry.num_kv_heads)), sorted(set(geometry.head_dim))
         windows = sorted(set(geometry.sliding_window))
-        if len(heads) != 1 or len(dims) != 1:
-            raise ValueError(f"KVCacheAllocationOptimization: layers differ in KV heads / head_dim ({heads} / {dims}); "
+        planes = sorted(set(geometry.planes))
+        if len(heads) != 1 or len(dims) != 1 or len(planes) != 1:
+            raise ValueError(f"KVCacheAllocationOptimization: layers differ in KV heads / head_dim / planes "
+                             f"({heads} / {dims} / {planes}); "
                              "one pool layout is supported")
         kv, max_seq_len = self.kv, int(self.max_seq_len)
         page, source = kv.page_size, "given"
         if page is None:
-            bytes_per_token = kv_block_bytes(num_layers, heads[0], dims[0], 1, dtype)
+            bytes_per_token = kv_block_bytes(num_layers, heads[0], dims[0], 1, dtype, planes[0])
             page = choose_page_size(kv.expected_seq_lens or range(1, max_seq_len + 1), bytes_per_token, max_seq_len)
             source = "chosen for " + (f"{len(kv.expected_seq_lens)} expected lengths" if kv.expected_seq_lens
                                       else f"lengths uniform in [1, {max_seq_len}]")
@@ -275,17 +277,18 @@ class KVCacheAllocationOptimization:
         workspace = max(activation_workspace_bytes(result, self.target, max_tokens, max_blocks).values())
         try:
             plan = self._plan(num_layers, heads[0], dims[0], page, source, dtype, weights, workspace, max_tokens,
-                              max_seq_len, windows)
+                              max_seq_len, windows, planes[0])
         except PoolDoesNotFit as err:
             raise KVCacheBudgetError(str(err)) from None
         return result.with_attr(PLAN_ATTR, plan.to_attrs())
 
-    def _plan(self, num_layers, heads, dims, page, source, dtype, weights, workspace, max_tokens, max_seq_len, windows):
+    def _plan(self, num_layers, heads, dims, page, source, dtype, weights, workspace, max_tokens, max_seq_len, windows,
+              planes=2):
         kv = self.kv
         budget, budget_source = self._budget()
         num_blocks = None
         if budget is None:
-            num_blocks = kv.blocks_for(kv_block_bytes(num_layers, heads, dims, page, dtype))
+            num_blocks = kv.blocks_for(kv_block_bytes(num_layers, heads, dims, page, dtype, planes))
         return plan_memory(
             num_layers=num_layers, num_kv_heads=heads, head_dim=dims, page_size=page,
             page_size_source=source, kv_dtype=dtype, weights_bytes=weights, workspace_bytes=workspace,
@@ -293,6 +296,7 @@ class KVCacheAllocationOptimization:
             budget_source=budget_source, num_blocks=num_blocks,
             sliding_window=windows[0] if len(windows) == 1 else 0,
             expected_concurrency=kv.expected_concurrency or 0, expected_seq_lens=kv.expected_seq_lens,
+            kv_planes=planes,
         )
 
     def _max_batch_tokens(self, funcs, max_seq_len: int) -> int:

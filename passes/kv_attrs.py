@@ -47,12 +47,14 @@ class KVCacheAttrs:
     eviction: str | None = None
     eviction_window: int | None = None
     heavy_hitters: int | None = None
+    #: Planes of every pool: 2 (K and V) or 1 (a latent pool: MLA, V read from the K rows); None = all 2.
+    kv_planes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         lengths = {name: len(getattr(self, name)) for name in PER_POOL}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"KVCacheAttrs: per-pool fields differ in length: {lengths}")
-        for name in ("layer_dtypes", "sink_tokens", "window_groups"):
+        for name in ("layer_dtypes", "sink_tokens", "window_groups", "kv_planes"):
             value = getattr(self, name)
             if value is not None and len(value) != self.num_layers:
                 raise ValueError(f"KVCacheAttrs: {name} has {len(value)} entries for {self.num_layers} pools")
@@ -66,6 +68,11 @@ class KVCacheAttrs:
     def pool_dtypes(self) -> list[str]:
         """Each pool's dtype: ``layer_dtypes`` when set (mixed or quantized pools), else ``dtype``."""
         return list(self.layer_dtypes) if self.layer_dtypes is not None else [self.dtype] * self.num_layers
+
+    @property
+    def planes(self) -> list[int]:
+        """Each pool's planes (2 unless a latent pool)."""
+        return list(self.kv_planes) if self.kv_planes is not None else [2] * self.num_layers
 
     @property
     def sinks(self) -> list[int]:
@@ -110,6 +117,7 @@ class KVCacheAttrs:
             compute_dtype=opt("compute_dtype", str), sink_tokens=ints("sink_tokens"),
             window_groups=ints("window_groups"), layer_pool=ints("layer_pool"), eviction=opt("eviction", str),
             eviction_window=opt("eviction_window", int), heavy_hitters=opt("heavy_hitters", int),
+            kv_planes=ints("kv_planes"),
         )
 
 

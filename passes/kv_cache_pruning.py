@@ -99,8 +99,8 @@ class _AssignGroups(PyExprMutator):
         if name == _APPEND:
             steps = self.group_params.get(value.args[0])
             if steps is not None:
-                args[0], args[3] = self.new_pools[value.args[0]], steps[0]
-            call = ops.append_kv(*args)
+                args[0], args[-1] = self.new_pools[value.args[0]], steps[0]  # the slot mapping is last
+            call = ops.append_kv(args[0], args[1], args[2] if len(args) == 4 else None, args[-1])  # 3 args: a latent pool
         else:
             steps = self.group_params.get(self.pool_of[value.args[1]])
             if steps is not None:
@@ -293,6 +293,7 @@ class KVCachePruning:
         attrs[KV_ATTR] = before.replace(
             **{name: [getattr(before, name)[i] for i in live_of] for name in _PER_POOL},
             layer_dtypes=None if before.layer_dtypes is None else [before.layer_dtypes[i] for i in live_of],
+            kv_planes=None if before.kv_planes is None else [before.kv_planes[i] for i in live_of],
             sliding_window=[keep[p][0] for p in live], sink_tokens=[keep[p][1] for p in live],
             window_groups=[group_of[p] for p in live], layer_pool=layer_pool, eviction=self.eviction,
             eviction_window=self.window, heavy_hitters=self.heavy_hitters,

@@ -167,6 +167,9 @@ class _Analysis:
             append = self.bound.get(pool)
             if append is None or op_name(append) != _APPEND:
                 raise ShardingError(f"{self.fname}: the pool of attention {var.name} is not written by llm.append_kv")
+            if len(append.args) == 3:
+                raise ShardingError(f"{self.fname}: attention {var.name} reads a latent (MLA) pool: its one latent "
+                                    "head cannot be split across shards")
             self._projection(append.args[1], "key", kv_chunks, plan)
             self._projection(append.args[2], "value", kv_chunks, plan)
             self._out_projection(var, split.num_shards, plan)

@@ -7,7 +7,9 @@ queries attend over the pool in the ragged form. The function's signature gains 
 ``block_table``, ``seq_lens``, ``q_indptr``). Contiguous caches (``concat(past, new)`` with
 ``past`` a parameter and the concat returned as a ``present`` output) are dropped: the pool
 replaces them. The mask is evaluated on probe inputs and becomes the op's ``causal`` /
-``sliding_window`` attributes. An attention-like graph that cannot be converted raises
+``sliding_window`` attributes. Attention whose V is the first columns of its K (MLA in the
+absorbed-weights form, found by evaluation: :mod:`.latent_probe`) gets a latent pool
+``[num_blocks, 1, heads, page, head_dim]`` of K rows only, read with ``latent_v_dim``. An attention-like graph that cannot be converted raises
 :class:`AttentionMatchError` naming the function and the op, so no half-paged model is made.
 
 The imported graph must use batch 1 with the tokens of the step along its sequence axis (the
@@ -16,7 +18,7 @@ engine flattens every sequence of a step into that axis; ``q_indptr`` tells them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from llmir_tvm.kv_dtypes import check_kv_dtype, is_quantized, pool_row_elems
 
 from .attention_match import AttentionMatch, AttentionMatcher, AttentionMatchError, TensorAxes
 from .kv_attrs import KV_ATTR, KVCacheAttrs
+from .latent_probe import latent_v_dim
 from .mask_probe import MaskEvaluator, MaskKind, ProbeInputs, classify_mask, default_probe_inputs
 from .relax_helpers import emit_like, op_name
 
@@ -49,6 +52,9 @@ class LayerCache:
     logit_softcap: float = 0.0
     alibi_slopes: tuple = ()
     sink_logits: tuple = ()
+    #: 2: K and V planes; 1: a latent pool (V = the first ``latent_v_dim`` columns of each K row).
+    kv_planes: int = 2
+    latent_v_dim: int = 0
 
 
 def _to_rows(bb: relax.BlockBuilder, t: relax.Expr, axes: TensorAxes, seq_len, dtype: str) -> relax.Expr:
@@ -112,13 +118,15 @@ class _PagedRewriter(PyExprMutator):
             moved = TensorAxes(self.visit_expr(axes.tensor), axes.head_axis, axes.seq_axis, axes.dim_axis)
             return _to_rows(bb, moved.tensor, axes, seq, dtype)
 
-        q, k, v = (_pad_head_dim(bb, rows(t), info.head_dim) for t in (m.q, m.k.new, m.v.new))
+        q, k = (_pad_head_dim(bb, rows(t), info.head_dim) for t in (m.q, m.k.new))
+        v = None if info.kv_planes == 1 else _pad_head_dim(bb, rows(m.v.new), info.head_dim)  # latent: V is in K
         pool = bb.emit(ops.append_kv(self.pools[layer], k, v, slot_mapping), name_hint=f"kv_cache_{layer}_appended")
         out = bb.emit(
             ops.paged_attention(
                 q, pool, block_table, seq_lens, q_indptr,
                 scale=m.scale, causal=info.causal, sliding_window=info.sliding_window,
                 logit_softcap=info.logit_softcap, alibi_slopes=info.alibi_slopes, sink_logits=info.sink_logits,
+                latent_v_dim=info.latent_v_dim,
             )
         )
         if m.v_head_dim < info.head_dim:  # V was padded: its zero columns are dropped from the output
@@ -249,6 +257,11 @@ class PagedAttentionRewrite:
         return LayerCache(m.k.new.num_heads, max(m.head_dim, m.v_head_dim), heads, kind.causal, kind.sliding_window,
                           m.softcap, tuple(slopes), sinks)
 
+    def _latent(self, func: relax.Function, m: AttentionMatch, layer: LayerCache) -> LayerCache:
+        """``layer`` with a latent pool when its V is a prefix of its K."""
+        v_dim = latent_v_dim(func, m, self.probe_len)
+        return replace(layer, kv_planes=1, latent_v_dim=v_dim) if v_dim else layer
+
     def _rewrite(self, mod, matcher: AttentionMatcher, matches: list[AttentionMatch]) -> relax.Function:
         func, fname = matcher.func, matcher.fname
         compute = str(matches[0].q.tensor.ty.dtype)
@@ -263,12 +276,14 @@ class PagedAttentionRewrite:
         dtype = layer_dtypes[0] if len(set(layer_dtypes)) == 1 else "mixed"
         evaluate = MaskEvaluator(func, self.probe_len, self._probe_for(func, fname), sizes=_empty_past_sizes(matches))
         layers = [self._layer(m, fname, evaluate) for m in matches]
+        if not any(is_quantized(d) for d in layer_dtypes):  # one pool layout for every layer: latent pools are float pools
+            layers = [self._latent(func, m, layer) for m, layer in zip(matches, layers)]
         seq = matches[0].q.seq_len
         num_blocks, batch, max_blocks = (tirx.Var(n, "int64") for n in ("num_blocks", "batch", "max_blocks"))
         pools = [
             relax.Var(
                 f"kv_cache_{i}",
-                relax.TensorType((num_blocks, 2, l.num_kv_heads, self.page_size, pool_row_elems(d, l.head_dim)), d),
+                relax.TensorType((num_blocks, l.kv_planes, l.num_kv_heads, self.page_size, pool_row_elems(d, l.head_dim)), d),
             )
             for i, (l, d) in enumerate(zip(layers, layer_dtypes))
         ]
@@ -301,6 +316,7 @@ class PagedAttentionRewrite:
             causal=tuple(bool(l.causal) for l in layers),
             layer_dtypes=tuple(layer_dtypes) if per_layer_dtypes else None,
             compute_dtype=compute if per_layer_dtypes else None,
+            kv_planes=tuple(l.kv_planes for l in layers) if any(l.kv_planes != 2 for l in layers) else None,
         ).to_attrs()
         if "num_input" in attrs:
             attrs["num_input"] = len(inputs) + len(pools) + len(step)

@@ -93,6 +93,29 @@ def test_options_are_checked_and_quick_fills_small_sizes(fake_llama_server, tmp_
     (tmp_path / "plain").write_text("")
     assert "not an executable" in http_serve.resolve(_args("--llama-server", str(tmp_path / "plain"), "--gguf", str(gguf)))
     assert "--requests must be >= 1" in http_serve.resolve(_args("--requests", "0"))
+    assert "exclude each other" in http_serve.resolve(_args("--mixed-only", "--cost-only"))
+    assert http_serve.resolve(_args("--mixed-only", "--cost-pairs", "0")) is None  # the three-way run alone
+    assert "--cost-pairs must be >= 1" in http_serve.resolve(_args("--cost-only", "--cost-pairs", "0"))
+
+
+def test_llama_server_slots_get_the_context_the_workload_needs():
+    mixed = _args("--mixed-only", "--requests", "32", "--max-prompt-tokens", "512", "--max-new-tokens", "128")
+    http_serve.resolve(mixed)
+    assert http_serve._slot_context(mixed, 8192) == 768  # 512 + 128 + 16 rounded up to 256
+    full = _args()
+    http_serve.resolve(full)  # chats: 512 system tokens + 3 turns of (128 + 40) + 64 = 1080
+    assert http_serve._slot_context(full, 8192) == 1280 and http_serve._slot_context(full, 1024) == 1024
+
+
+def test_mixed_only_ratios_compare_engine_server_and_llama_server_on_the_same_run():
+    run = {"rates": ["4.0", "inf"], "engine_in_process": {"throughput_tok_s": 60.0},
+           "ours": {"mixed": {"4.0": {"throughput_tok_s": 20.0}, "inf": {"throughput_tok_s": 57.0}}, "chats": {}},
+           "llama_server": {"mixed": {"4.0": {"throughput_tok_s": 10.0}, "inf": {"throughput_tok_s": 40.0}}, "chats": {}}}
+    r = http_serve.ratios(run)
+    assert r["mixed_server_vs_engine_same_requests"] == pytest.approx(0.95)
+    assert r["mixed_engine_vs_llama_server"] == pytest.approx(1.5)
+    assert r["mixed_throughput_vs_llama_server"] == {"4.0": pytest.approx(2.0), "inf": pytest.approx(57 / 40)}
+    assert "server_vs_engine_throughput_at_saturation" not in r  # no server-cost pairs were run
 
 
 def test_llama_server_gets_the_same_threads_slots_and_continuous_batching(fake_llama_server):
@@ -165,6 +188,8 @@ def test_server_cost_pairs_alternate_and_compare_throughput_and_cpu(fake_llama_s
         assert pair["engine"]["cpu_ms_per_token"] >= 0.2e3 / pair["engine"]["output_tokens"] * 0.99
         assert 0 <= pair["server"]["cpu_ms_per_token"] < pair["engine"]["cpu_ms_per_token"]
         assert pair["cpu_per_token_ratio"] == pytest.approx(pair["server"]["cpu_ms_per_token"] / pair["engine"]["cpu_ms_per_token"])
+        share = pair["server"]["http_thread_cpu_share"]  # the fake server's main thread only accepts connections
+        assert share is None or 0 <= share <= 1
     ratios = sorted(p["throughput_ratio"] for p in out["pairs"])
     assert out["throughput_ratio"] == {"median": pytest.approx(sum(ratios) / 2), "min": ratios[0], "max": ratios[1], "n": 2}
     with pytest.raises(ValueError, match="at least one"):
@@ -185,3 +210,31 @@ def test_process_cpu_seconds_counts_threads_that_ended():
     worker.join()
     assert http_cost.process_cpu_seconds(os.getpid()) - before >= 0.08  # clock ticks of 10 ms
     assert http_cost.process_cpu_seconds(2 ** 22 + 12345) is None  # no such process
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_thread_cpu_seconds_splits_the_main_thread_from_the_others():
+    import threading
+
+    def spin():
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+
+    pid = os.getpid()
+    before = http_cost.thread_cpu_seconds(pid)
+    assert pid in before and all(isinstance(name, str) and seconds >= 0 for name, seconds in before.values())
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join(0.0)
+    end = time.thread_time() + 0.1  # the main thread spins a third of what the worker does
+    while time.thread_time() < end:
+        pass
+    during = http_cost.thread_cpu_seconds(pid)  # the worker still runs: it is among the live threads
+    worker.join()
+    share = http_cost.main_thread_share(pid, before, during)
+    assert 0.08 <= share["main_thread_cpu_seconds"] <= 0.3  # clock ticks of 10 ms
+    assert share["main_thread_share"] == pytest.approx(
+        share["main_thread_cpu_seconds"] / (share["main_thread_cpu_seconds"] + share["other_threads_cpu_seconds"]))
+    assert http_cost.main_thread_share(pid, during, during)["main_thread_share"] is None  # nothing ran in between
+    assert http_cost.thread_cpu_seconds(2 ** 22 + 12345) == {}  # no such process

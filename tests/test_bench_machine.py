@@ -113,3 +113,43 @@ def test_benchmark_options_parse():
     args = parser().parse_args(["serve", "--background-load", "--isa", "avx512"])
     assert args.background_load and args.isa == "avx512"
     assert parser().parse_args(["dense", "--quick"]).quick and parser().parse_args(["threads", "--quick"]).quick
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(monkeypatch):
+    """A fake engine and HF batch that take a known time and record whether the busy job was running:
+    only the loaded pair runs beside it, and the ratios are loaded tok/s over the mean idle tok/s."""
+    import bench.serve as serve
+
+    seen: list[tuple[str, bool]] = []
+
+    def busy_job_running() -> bool:
+        """Whether a running child of this process has niceness 19 (fields after the name: state, ppid...)."""
+        for stat_file in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] in "RS" and int(fields[16]) == 19:
+                return True
+        return False
+
+    class FakeEngine:
+        def generate(self, prompts, params):
+            seen.append(("engine", busy_job_running()))
+            time.sleep(0.2)
+
+    def fake_padded(hf, tok, prompts, news):
+        seen.append(("hf", busy_job_running()))
+        return 0.4
+
+    monkeypatch.setattr(serve, "_hf_padded", fake_padded)
+    out = serve._background_load(FakeEngine(), None, None, [[1]] * 2, [None] * 2, [30, 10], idle_before=(0.6, 0.4))
+    assert seen == [("engine", True), ("hf", True), ("engine", False), ("hf", False)]
+    assert out["jobs"] == 1 and out["niceness"] == 19
+    assert out["engine_tokens_per_s"] == pytest.approx(40 / 0.2, rel=0.25)  # slept 0.2 s for 40 tokens
+    assert out["hf_padded_tokens_per_s"] == pytest.approx(100.0) and out["hf_padded_idle_tokens_per_s"] == [100.0, 100.0]
+    assert out["engine_idle_tokens_per_s"][0] == pytest.approx(40 / 0.6)
+    idle_mean = (0.6 + 40 / out["engine_idle_tokens_per_s"][1]) / 2
+    assert out["engine_loaded_vs_idle"] == pytest.approx(idle_mean / (40 / out["engine_tokens_per_s"]))
+    assert out["hf_padded_loaded_vs_idle"] == pytest.approx(1.0)

@@ -119,10 +119,21 @@ def test_prefill_and_decode_logits_equal_transformers(family):
 
 
 def test_latent_attention_pools_hold_the_latent(family):
-    """MLA (DeepSeek) pages its latent: one KV head of ``kv_lora_rank + qk_rope_head_dim`` (24), not 4 heads of K/V."""
+    """MLA (DeepSeek) pages its latent once: one plane of one KV head of ``kv_lora_rank + qk_rope_head_dim``
+    (24) per token and layer, no V plane, and the memory plan and cache stats count those bytes."""
     model, engine = family
     config = model.config
     if not hasattr(config, "kv_lora_rank"):
         pytest.skip("multi-head latent attention only")
     latent = config.kv_lora_rank + config.qk_rope_head_dim
-    assert {tuple(p.shape[1:]) for p in engine.cache.pools} == {(2, 1, 4, latent)}
+    assert {tuple(p.shape[1:]) for p in engine.cache.pools} == {(1, 1, 4, latent)}
+    per_token = latent * 4 * config.num_hidden_layers  # float32
+    assert engine.cache.bytes_per_token == per_token
+    assert engine.cache.stats()["bytes_per_token"] == per_token
+    info = engine.info
+    assert info.kv_planes == 1 and info.bytes_per_block == per_token * info.page_size
+    plan = engine.compiled.memory_plan()
+    if plan is not None:
+        assert plan.kv_planes == 1 and plan.bytes_per_block == per_token * plan.page_size
+        row = next(line for line in plan.table().splitlines() if line.startswith("KV bytes per token"))
+        assert row.split(None, 4)[4].startswith(f"{per_token:,} B (latent")

@@ -73,6 +73,7 @@ PLAN_1MB = {
     "kv_dtype": "float32", "num_layers": 1, "bytes_per_block": BLOCK, "num_blocks": FREE // BLOCK,
     "pool_bytes": FREE // BLOCK * BLOCK, "alignment": 64, "layout": POOL_LAYOUT, "max_seq_len": 64,
     "blocks_per_seq": 4, "max_concurrent_seqs": FREE // BLOCK // 4, "expected_concurrency": 0, "expected_blocks": 0,
+    "kv_planes": 2,
 }
 
 

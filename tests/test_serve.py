@@ -391,6 +391,15 @@ def test_metrics_parse_and_move(server):
         after["llmir_kv_blocks_total"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_engine_thread_is_named_for_the_operating_system(server):
+    """``top -H``, ``py-spy`` and the http benchmark's CPU split see the engine thread by name."""
+    names = [Path(f"/proc/{server.proc.pid}/task/{tid}/comm").read_text().strip()
+             for tid in os.listdir(f"/proc/{server.proc.pid}/task")]
+    assert "llmir-engine" in names
+    assert Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/comm").read_text().strip() != "llmir-engine"
+
+
 @pytest.mark.slow
 def test_the_default_model_answers_a_chat(tmp_path):
     srv = Server("default", name="smol")

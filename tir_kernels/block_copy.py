@@ -1,6 +1,6 @@
 """Copy-on-write block copy: one byte-wise kernel per target for every pool dtype.
 
-A pool block ``[2, num_kv_heads, block_size, row]`` is contiguous and a copy never looks at what
+A pool block ``[kv_planes, num_kv_heads, block_size, row]`` is contiguous and a copy never looks at what
 the bytes mean, so float rows and quantized rows (values followed by their scale) are moved by
 the same kernel: ``(cache, src, dst)``, ``cache[dst[i]] = cache[src[i]]``. ``dst`` blocks must
 be distinct and must not appear in ``src``.
@@ -25,12 +25,12 @@ _WORD = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 
 def _block_bytes(layout: CacheLayout) -> int:
-    return 2 * layout.num_kv_heads * layout.block_size * pool_row_bytes(layout.dtype, layout.head_dim)
+    return layout.kv_planes * layout.num_kv_heads * layout.block_size * pool_row_bytes(layout.dtype, layout.head_dim)
 
 
 def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     """CPU (LLVM): one parallel task per (block pair, K/V, head), each row's bytes a vector copy."""
-    H, BS, dtype, RW = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems
+    H, BS, dtype, RW, P = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems, layout.kv_planes
     RB = pool_row_bytes(dtype, layout.head_dim)
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
 
@@ -39,13 +39,13 @@ def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "global_symbol": "llmir_copy_blocks"})
         NB = T.int64()
         N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), dtype, align=ALIGN)
         src = T.match_buffer(src_h, (N,), "int32", align=4)
         dst = T.match_buffer(dst_h, (N,), "int32", align=4)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RB), "uint8", data=cache.data, align=1)
-        for task in T.parallel(N * 2 * H):
-            i: T.int64 = task // (2 * H)
-            kv: T.int64 = task // H % 2
+        cache_b = T.decl_buffer((NB, P, H, BS, RB), "uint8", data=cache.data, align=1)
+        for task in T.parallel(N * P * H):
+            i: T.int64 = task // (P * H)
+            kv: T.int64 = task // H % P
             h: T.int64 = task % H
             for o in range(BS):
                 for d in T.vectorized(RB):
@@ -59,7 +59,7 @@ def cuda_copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     block is whole 16-byte vectors (every float layout), else the widest word dividing it."""
     check_cuda_layout(layout)
     check_quant_target(layout, cuda_target_info(target))
-    H, BS, dtype, RW = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems
+    H, BS, dtype, RW, P = layout.num_kv_heads, layout.block_size, layout.dtype, layout.row_elems, layout.kv_planes
     BLOCK_BYTES = _block_bytes(layout)
     UNIT = math.gcd(BLOCK_BYTES, VECTOR_BYTES)  # bytes each thread moves
     WORD, LANES = ("uint32", UNIT // 4) if UNIT == VECTOR_BYTES else (_WORD[UNIT], 1)
@@ -74,7 +74,7 @@ def cuda_copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_copy_blocks"})
         NB = T.int64()
         N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), dtype)
         src = T.match_buffer(src_h, (N,), "int32")
         dst = T.match_buffer(dst_h, (N,), "int32")
         flat = T.decl_buffer((NB * BLOCK,), WORD, data=cache.data)

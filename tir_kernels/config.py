@@ -35,6 +35,17 @@ def _check_score_mods(cfg: "AttentionConfig") -> None:
             raise ValueError(f"{name} must hold finite numbers, got {values!r}")
 
 
+def _check_latent(cfg: "AttentionConfig") -> None:
+    """``latent_v_dim`` is set exactly for latent pools, within the row."""
+    dv, lay = cfg.latent_v_dim, cfg.layout
+    if isinstance(dv, bool) or not isinstance(dv, int) or dv < 0:
+        raise ValueError(f"latent_v_dim must be an int >= 0, got {dv!r}")
+    if lay.latent and not 0 < dv <= lay.head_dim:
+        raise ValueError(f"a latent (one-plane) pool needs 0 < latent_v_dim <= head_dim ({lay.head_dim}), got {dv}")
+    if not lay.latent and dv:
+        raise ValueError(f"latent_v_dim ({dv}) needs a latent pool (kv_planes=1); this pool has K and V planes")
+
+
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -42,7 +53,12 @@ def _check_positive(name: str, value: int) -> None:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shape facts of one layer's paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``.
+    """Shape facts of one layer's paged pool ``[num_blocks, kv_planes, num_kv_heads, block_size, head_dim]``.
+
+    ``kv_planes`` is 2 (plane 0 = K, plane 1 = V) or 1: a latent pool (MLA: DeepSeek's compressed
+    ``kv_lora_rank + qk_rope_head_dim`` row per token) that stores K only; attention then reads V
+    as the first ``latent_v_dim`` columns of each K row (:class:`AttentionConfig`). Latent pools
+    are float pools.
 
     ``num_blocks`` is not part of the layout: it stays symbolic in every kernel. Quantized
     dtypes (``QUANTIZED_CACHE_DTYPES``) have ``head_dim + SCALE_ELEMS`` pool elements per row
@@ -56,9 +72,14 @@ class CacheLayout:
     block_size: int
     dtype: str
     compute_dtype: str | None = None
+    kv_planes: int = 2
 
     def __post_init__(self) -> None:
         _check_positive("num_kv_heads", self.num_kv_heads)
+        if self.kv_planes not in (1, 2) or isinstance(self.kv_planes, bool):
+            raise ValueError(f"kv_planes must be 2 (K and V) or 1 (a latent pool: K only), got {self.kv_planes!r}")
+        if self.kv_planes == 1 and is_quantized(self.dtype):
+            raise ValueError(f"a latent (one-plane) pool must have a float dtype, got {self.dtype!r}")
         _check_positive("head_dim", self.head_dim)
         _check_positive("block_size", self.block_size)
         if self.dtype not in SUPPORTED_CACHE_DTYPES:
@@ -76,6 +97,11 @@ class CacheLayout:
     def quantized(self) -> bool:
         """Whether the pool stores quantized rows with per-row scales."""
         return is_quantized(self.dtype)
+
+    @property
+    def latent(self) -> bool:
+        """Whether the pool is a latent pool: one K plane, V read from its rows."""
+        return self.kv_planes == 1
 
     @property
     def row_elems(self) -> int:
@@ -99,10 +125,14 @@ class AttentionConfig:
     alibi_slopes: tuple = ()
     #: One logit per query head joining each softmax's denominator only (learned sinks: gpt-oss); () = off.
     sink_logits: tuple = ()
+    #: Latent pools (``layout.kv_planes == 1``): V is the first ``latent_v_dim`` columns of each K
+    #: row; output columns from ``latent_v_dim`` on are zero. 0 = a two-plane pool.
+    latent_v_dim: int = 0
 
     def __post_init__(self) -> None:
         _check_positive("num_qo_heads", self.num_qo_heads)
         _check_score_mods(self)
+        _check_latent(self)
         if self.num_qo_heads % self.layout.num_kv_heads:
             raise ValueError(
                 f"num_qo_heads ({self.num_qo_heads}) must be a multiple of "

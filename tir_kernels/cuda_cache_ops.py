@@ -38,6 +38,8 @@ def append_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     CH = H * C  # vectors per token (per K or V)
     NTH = _threads_for(CH)
     NY = (CH + NTH - 1) // NTH
+    if layout.latent:
+        return _append_latent(layout, C, CH, NTH, NY, VEC)
 
     @T.prim_func
     def append(cache_h: T.handle, k_h: T.handle, v_h: T.handle, slot_h: T.handle):
@@ -67,6 +69,35 @@ def append_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     return append
 
 
+def _append_latent(layout: CacheLayout, C: int, CH: int, NTH: int, NY: int, VEC: int) -> tvm.tirx.PrimFunc:
+    """A latent (one-plane) pool's append: ``(cache, keys, slot_mapping)``, the grid of :func:`append_kv`."""
+    H, D, BS, dtype = layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype
+
+    @T.prim_func
+    def append(cache_h: T.handle, k_h: T.handle, slot_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": "llmir_append_kv"})
+        NB = T.int64()
+        NT = T.int64()
+        cache = T.match_buffer(cache_h, (NB, 1, H, BS, D), dtype)
+        keys = T.match_buffer(k_h, (NT, H, D), dtype)
+        slot_mapping = T.match_buffer(slot_h, (NT,), "int32")
+        if NT > 0:  # a CUDA launch needs at least one block
+            for t in T.thread_binding(NT, thread="blockIdx.x"):
+                for cy in T.thread_binding(NY, thread="blockIdx.y"):
+                    for tx in T.thread_binding(NTH, thread="threadIdx.x"):
+                        c: T.int32 = cy * NTH + tx
+                        slot: T.int32 = slot_mapping[t]
+                        if slot >= 0 and c < CH:
+                            blk: T.int32 = T.truncdiv(slot, BS)
+                            off: T.int32 = T.truncmod(slot, BS)
+                            h: T.int32 = T.truncdiv(c, C)
+                            e: T.int32 = T.truncmod(c, C)
+                            for v in T.vectorized(VEC):
+                                cache[blk, 0, h, off, e * VEC + v] = keys[t, h, e * VEC + v]
+
+    return append
+
+
 def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     """Gather each sequence's K/V into contiguous tensors (destination-passing style).
 
@@ -81,6 +112,7 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     C = D // VEC
     CH = H * C  # vectors per position
     NTH = _threads_for(CH * BS)
+    P, VP = layout.kv_planes, layout.kv_planes - 1  # latent pools: V rows are the K rows (the caller slices)
 
     @T.prim_func
     def lookup(cache_h: T.handle, table_h: T.handle, lens_h: T.handle, ok_h: T.handle, ov_h: T.handle):
@@ -88,7 +120,7 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         NB = T.int64()
         B = T.int64()
         MB = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, D), dtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, D), dtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype)
@@ -107,7 +139,7 @@ def lookup_kv(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
                                 for v in T.vectorized(VEC):
                                     out_k[b, p, h, e * VEC + v] = cache[blk, 0, h, p % BS, e * VEC + v]
                                 for v in T.vectorized(VEC):
-                                    out_v[b, p, h, e * VEC + v] = cache[blk, 1, h, p % BS, e * VEC + v]
+                                    out_v[b, p, h, e * VEC + v] = cache[blk, VP, h, p % BS, e * VEC + v]
                             else:
                                 for v in T.vectorized(VEC):
                                     out_k[b, p, h, e * VEC + v] = T.Cast(dtype, T.float32(0))

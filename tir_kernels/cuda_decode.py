@@ -96,6 +96,7 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     # The pool's storage; quantized rows (values + float16 scale) are read byte-wise and scaled per row.
     cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized
+    P, LATENT, DV = lay.kv_planes, lay.latent, cfg.latent_v_dim  # latent pools: V = the first DV columns of K
     LOAD = T.unroll if quant else T.vectorized
     G = cfg.group_size
     GP = _heads_per_block(G, tl.max_group)
@@ -131,11 +132,11 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
     QT = VEC if tl.q_in_smem else 0  # stride of a lane
     QW = 1 if tl.q_in_smem else 0  # only row group 0 writes the shared copy
 
-    RB = 2 * H * BS * RW  # bytes of a pool block (quantized pools: one byte per element)
+    RB = P * H * BS * RW  # bytes of a pool block (quantized pools: one byte per element)
 
     def row_addr(blk, kv, hk, off):
         """Byte offset (int64) of pool row ``[blk, kv, hk, off]``."""
-        return ((T.Cast("int64", blk) * 2 + kv) * H + hk) * (BS * RW) + T.Cast("int64", off) * RW
+        return ((T.Cast("int64", blk) * P + kv) * H + hk) * (BS * RW) + T.Cast("int64", off) * RW
 
     def flip(word):
         """A loaded word as kept in registers (int8: sign bits flipped for :func:`int8_from_flipped`)."""
@@ -157,11 +158,11 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
         NB = T.int64()
         MB = T.int64()
         q = T.match_buffer(q_h, (B, L, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
+        cache_b = T.decl_buffer((NB, P, H, BS, RW), "uint8", data=cache.data)
         cache_w = T.decl_buffer((NB * (RB // 4),), "uint32", data=cache.data)
         cache_u16 = T.decl_buffer((NB * (RB // 2),), "uint16", data=cache.data)
         # ---- host: split count from the symbolic shapes ----
@@ -244,7 +245,10 @@ def paged_decode_attention(cfg: AttentionConfig, target: Target, tiling: DecodeT
                                         for v in LOAD(VEC):
                                             kr[r * VEC + v] = cache[blk, 0, hk, off, tx * VEC + v]
                                         for v in LOAD(VEC):
-                                            vr[r * VEC + v] = cache[blk, 1, hk, off, tx * VEC + v]
+                                            vr[r * VEC + v] = (
+                                                T.if_then_else(tx * VEC + v < DV, kr[r * VEC + v], T.Cast(cdtype, T.float32(0)))
+                                                if LATENT else cache[blk, 1, hk, off, tx * VEC + v]
+                                            )
                                         if quant:
                                             ksr[r] = row_scale(cache_b, blk, 0, hk, off, D)
                                             vsr[r] = row_scale(cache_b, blk, 1, hk, off, D)

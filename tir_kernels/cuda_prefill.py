@@ -71,6 +71,7 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     # The pool's storage; quantized rows (values + float16 scale) are 2-byte aligned: 2-byte loads.
     cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized
+    P, VP, LATENT, DV = lay.kv_planes, lay.kv_planes - 1, lay.latent, cfg.latent_v_dim  # latent: V = K[:, :DV]
     G = cfg.group_size
     GP = _heads_per_block(G, tl.max_group)
     GZ = G // GP
@@ -109,12 +110,12 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32")
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
+        cache_b = T.decl_buffer((NB, P, H, BS, RW), "uint8", data=cache.data)
         for bx in T.thread_binding(B + NQ // TQ + 1, thread="blockIdx.x"):
             for by in T.thread_binding(H * GZ, thread="blockIdx.y"):
                 for ty in T.thread_binding(_TY, thread="threadIdx.y"):
@@ -227,14 +228,17 @@ def paged_prefill_attention(cfg: AttentionConfig, target: Target, tiling: Prefil
                                             pp: T.int32 = T.if_then_else(tv < n_sink, tv, lo + tv - n_sink)
                                             bv: T.int32 = block_table[b, T.truncdiv(pp, BS)]
                                             for v in T.vectorized(VEC):
-                                                ldv[v] = cache[bv, 1, hk, T.truncmod(pp, BS), cv * VEC + v]
+                                                ldv[v] = cache[bv, VP, hk, T.truncmod(pp, BS), cv * VEC + v]
                                             if quant:
                                                 vsc: T.float32 = row_scale(cache_b, bv, 1, hk, T.truncmod(pp, BS), D)
                                                 for v in T.unroll(VEC):
                                                     Vs[rv * DP + cv * VEC + v] = T.Cast("float32", ldv[v]) * vsc
                                             else:
                                                 for v in T.unroll(VEC):
-                                                    Vs[rv * DP + cv * VEC + v] = T.Cast("float32", ldv[v])
+                                                    Vs[rv * DP + cv * VEC + v] = (
+                                                        T.if_then_else(cv * VEC + v < DV, T.Cast("float32", ldv[v]), T.float32(0))
+                                                        if LATENT else T.Cast("float32", ldv[v])
+                                                    )
                                         else:
                                             for v in T.unroll(VEC):
                                                 Vs[rv * DP + cv * VEC + v] = T.float32(0)

@@ -111,6 +111,7 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     cdtype, RW, quant = lay.dtype, lay.row_elems, lay.quantized  # the pool's storage (quantized: values + scale)
+    P, VP, LATENT, DV = lay.kv_planes, lay.kv_planes - 1, lay.latent, cfg.latent_v_dim  # latent: V = K[:, :DV]
     ptx_t = MMA_DTYPES[dtype]
     shape = kernel_shape(cfg)
     G, GP, GZ, TQ, M = cfg.group_size, shape["GP"], shape["GZ"], shape["TQ"], shape["M"]
@@ -149,12 +150,12 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), cdtype)
         block_table = T.match_buffer(table_h, (B, MB), "int32")
         seq_lens = T.match_buffer(lens_h, (B,), "int32")
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32")
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data)
+        cache_b = T.decl_buffer((NB, P, H, BS, RW), "uint8", data=cache.data)
         for bx in T.thread_binding(B + NQ // TQ + 1, thread="blockIdx.x"):
             for by in T.thread_binding(H * GZ, thread="blockIdx.y"):
                 for tx in T.thread_binding(_NT, thread="threadIdx.x"):
@@ -243,7 +244,10 @@ def paged_prefill_attention_mma(cfg: AttentionConfig, target: Target) -> tvm.tir
                             tv: T.int32 = kt * TK + rv
                             if tv < n_vis:
                                 pv: T.int32 = T.if_then_else(tv < n_sink, tv, lo + tv - n_sink)
-                                gather_vector(ldv, 0, 1, pv, cv, cache, cache_b, ldq, block_table, b, hk)
+                                gather_vector(ldv, 0, VP, pv, cv, cache, cache_b, ldq, block_table, b, hk)
+                                if LATENT:  # V is the first DV columns of the K row
+                                    for v in T.unroll(VEC):
+                                        ldv[v] = T.if_then_else(cv * VEC + v < DV, ldv[v], T.Cast(dtype, T.float32(0)))
                             else:
                                 for v in T.vectorized(VEC):
                                     ldv[v] = T.Cast(dtype, T.float32(0))

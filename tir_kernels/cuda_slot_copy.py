@@ -24,9 +24,9 @@ def copy_slots(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
     """The in-place slot copy PrimFunc for ``layout`` on CUDA ``target`` (see module doc)."""
     check_cuda_layout(layout)
     cuda_target_info(target)
-    H, BS, dtype = layout.num_kv_heads, layout.block_size, layout.dtype
+    H, BS, dtype, P = layout.num_kv_heads, layout.block_size, layout.dtype, layout.kv_planes
     RW, RB = pool_row_elems(dtype, layout.head_dim), pool_row_bytes(dtype, layout.head_dim)
-    SLOT = 2 * H * RB  # bytes of one slot: K and V rows of every head
+    SLOT = P * H * RB  # bytes of one slot: K and V rows (latent: K rows) of every head
     NX = (SLOT + _THREADS - 1) // _THREADS
 
     @T.prim_func
@@ -34,10 +34,10 @@ def copy_slots(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "global_symbol": COPY_SLOTS})
         NB = T.int64()
         N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), dtype)
         src = T.match_buffer(src_h, (N,), "int32")
         dst = T.match_buffer(dst_h, (N,), "int32")
-        rows = T.decl_buffer((NB * 2 * H * BS * RB,), "uint8", data=cache.data)
+        rows = T.decl_buffer((NB * P * H * BS * RB,), "uint8", data=cache.data)
         for bx in T.thread_binding(NX, thread="blockIdx.x"):
             for tx in T.thread_binding(_THREADS, thread="threadIdx.x"):
                 e: T.int32 = bx * _THREADS + tx
@@ -47,8 +47,8 @@ def copy_slots(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
                     for i in range(N):
                         s: T.int64 = T.Cast("int64", src[i])
                         d: T.int64 = T.Cast("int64", dst[i])
-                        rows[((d // BS * 2 * H + kvh) * BS + d % BS) * RB + byte] = rows[
-                            ((s // BS * 2 * H + kvh) * BS + s % BS) * RB + byte
+                        rows[((d // BS * P * H + kvh) * BS + d % BS) * RB + byte] = rows[
+                            ((s // BS * P * H + kvh) * BS + s % BS) * RB + byte
                         ]
 
     return copy

@@ -1,7 +1,9 @@
 """Paged attention kernels for LLVM CPU targets: decode (uniform queries) and ragged prefill.
 
 Semantics (shared by every form and target):
-- the pool of one layer is ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``;
+- the pool of one layer is ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` (plane 0 = K,
+  1 = V), or a latent pool ``[num_blocks, 1, num_kv_heads, block_size, head_dim]`` whose V is the
+  first ``latent_v_dim`` columns of each K row (MLA); output columns past ``latent_v_dim`` are zero;
   ``block_table[b, i]`` names the pool block holding positions ``[i*block_size, (i+1)*block_size)``
   of sequence ``b``; ``seq_lens[b]`` is its KV length including the new tokens;
 - query ``j`` of a sequence with ``q_len`` new tokens sits at position ``seq_len - q_len + j``;
@@ -109,15 +111,15 @@ def _prefetch_macros(cfg: AttentionConfig, CH: int):
     prefetches overran the miss buffers (float16 at 32768 tokens: 1.34x faster spread out).
     """
     lay = cfg.layout
-    BS, H, HT = lay.block_size, lay.num_kv_heads, decode_heads_per_task(cfg)
+    BS, H, HT, P = lay.block_size, lay.num_kv_heads, decode_heads_per_task(cfg), lay.kv_planes
     RB = lay.row_elems * element_bytes(lay.dtype)  # bytes per pool row
     NL = (RB + 63) // 64  # offsets 0, 64, ...: consecutive rows of a block cover each other's tails
 
     @T.macro
     def prefetch_key(t, n_sink, lo, cache_fb, block_table, b, hk0):
         p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-        row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk0) * BS + p % BS) * RB
-        for kv in range(2):
+        row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * P * H + hk0) * BS + p % BS) * RB
+        for kv in range(P):
             for h in T.unroll(HT):
                 for j in T.unroll(NL):
                     prefetch(T.address_of(cache_fb[row + (kv * H + h) * BS * RB + j * 64]))
@@ -235,9 +237,10 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     prefetch_chunk, prefetch_key = _prefetch_macros(cfg, CH)
-    H, RW = lay.num_kv_heads, lay.row_elems
+    H, RW, P = lay.num_kv_heads, lay.row_elems, lay.kv_planes
     HOFF = BS * RW  # the next head's row sits this many pool elements further
-    VOFF = H * HOFF  # a V row sits this many pool elements after its K row
+    VOFF = 0 if lay.latent else H * HOFF  # a V row sits this many pool elements after its K row (latent: it is the K row)
+    DV = cfg.latent_v_dim or D  # V columns accumulated (latent: a prefix of the K row; the rest stay zero)
     HALF = FP8_UNSCALED_FACTOR**0.5 if dt == "float8_e4m3fn" else 1.0  # see the docstring
     IDOT = _int_dot_keys(cfg, int_dot)
     PART = "int32" if IDOT else "float32"  # dtype of the partial dot products
@@ -292,7 +295,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
             for i in range(cnt):
                 t: T.int64 = c * CH + i
                 p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-                rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * 2 * H + hk0) * BS + p % BS) * RW
+                rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * P * H + hk0) * BS + p % BS) * RW
                 if quant:
                     for h in range(HT):
                         ksw[h, i] = row_scale_bits_flat(cache_fb, rk[i] + h * HOFF, D)
@@ -349,7 +352,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
             for h in range(HT):  # per head, so that its G x D accumulators stay in registers over the chunk
                 for i in range(cnt):
                     for g in range(G):
-                        for d in T.vectorized(D):
+                        for d in T.vectorized(DV):
                             acc[h * G + g, d] = acc[h * G + g, d] + score[h * G + g, i] * element_flat(
                                 dt, cache_f, cache_fb, rk[i] + h * HOFF + VOFF + d, unscaled=True
                             )
@@ -386,6 +389,7 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
+    VP, DV = (0, cfg.latent_v_dim) if lay.latent else (1, D)  # the plane V is read from, and its columns
 
     @T.macro
     def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, cache_b, block_table, b, hk):
@@ -475,8 +479,8 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                         prob[v, i] = prob[v, i] * vsc[i]
             for v in range(nv):
                 for i in range(cnt):
-                    for d in T.vectorized(D):
-                        acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], 1, hk, off[i], d)
+                    for d in T.vectorized(DV):
+                        acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], VP, hk, off[i], d)
         for v in range(nv):
             total[v] = T.float32(0)
             for i in range(CH):
@@ -505,7 +509,7 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
-    cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
+    cdtype, RW, CA, P = lay.dtype, lay.row_elems, element_bytes(lay.dtype), lay.kv_planes  # the pool's storage
     body = _decode_body(cfg, int_dot, lanes)
 
     HT = decode_heads_per_task(cfg)
@@ -527,14 +531,14 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
         NB = T.int64()
         MB = T.int64()
         q = T.match_buffer(q_h, (B, L, Hq, D), dtype, align=ALIGN)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype, align=CA)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), cdtype, align=CA)
         block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         out = T.match_buffer(out_h, (B, L, Hq, D), dtype, align=ALIGN)
         q_rows = T.decl_buffer((B * L, Hq, D), dtype, data=q.data, align=ALIGN)
         out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
-        cache_f = T.decl_buffer((NB * 2 * H * BS * RW,), cdtype, data=cache.data, align=CA)  # flat views
-        cache_fb = T.decl_buffer((NB * 2 * H * BS * RW * CA,), "uint8", data=cache.data, align=1)
+        cache_f = T.decl_buffer((NB * P * H * BS * RW,), cdtype, data=cache.data, align=CA)  # flat views
+        cache_fb = T.decl_buffer((NB * P * H * BS * RW * CA,), "uint8", data=cache.data, align=1)
         if B * L >= SERIAL_BELOW_ROWS:
             for task in T.parallel(B * L * NHT):
                 decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
@@ -558,7 +562,7 @@ def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
     lay = cfg.layout
     H, Hq, D, BS, dtype = lay.num_kv_heads, cfg.num_qo_heads, lay.head_dim, lay.block_size, lay.compute_dtype
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
-    cdtype, RW, CA = lay.dtype, lay.row_elems, element_bytes(lay.dtype)  # the pool's storage
+    cdtype, RW, CA, P = lay.dtype, lay.row_elems, element_bytes(lay.dtype), lay.kv_planes  # the pool's storage
     QT = rows_per_tile(cfg)
     body = _tile_body(cfg, lanes, registers)
 
@@ -573,12 +577,12 @@ def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
         MB = T.int64()
         B1 = T.int64()
         q = T.match_buffer(q_h, (NQ, Hq, D), dtype, align=ALIGN)
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), cdtype, align=CA)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), cdtype, align=CA)
         block_table = T.match_buffer(table_h, (B, MB), "int32", align=4)
         seq_lens = T.match_buffer(lens_h, (B,), "int32", align=4)
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
-        cache_b = T.decl_buffer((NB, 2, H, BS, RW * CA), "uint8", data=cache.data, align=1)
+        cache_b = T.decl_buffer((NB, P, H, BS, RW * CA), "uint8", data=cache.data, align=1)
         NT: T.int64 = (NQ + QT - 1) // QT * H
         for task in T.parallel(NT):
             # Causal tiles cost more the later they are and the pool hands each thread one contiguous

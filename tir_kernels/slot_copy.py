@@ -19,7 +19,7 @@ COPY_SLOTS = "llmir_copy_slots"
 
 def copy_slots(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     """The in-place slot copy PrimFunc for ``layout`` (see module doc)."""
-    H, BS, dtype = layout.num_kv_heads, layout.block_size, layout.dtype
+    H, BS, dtype, P = layout.num_kv_heads, layout.block_size, layout.dtype, layout.kv_planes
     RW, RB, ALIGN = pool_row_elems(dtype, layout.head_dim), pool_row_bytes(dtype, layout.head_dim), element_bytes(dtype)
 
     @T.prim_func
@@ -27,16 +27,16 @@ def copy_slots(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True, "global_symbol": COPY_SLOTS})
         NB = T.int64()
         N = T.int64()
-        cache = T.match_buffer(cache_h, (NB, 2, H, BS, RW), dtype, align=ALIGN)
+        cache = T.match_buffer(cache_h, (NB, P, H, BS, RW), dtype, align=ALIGN)
         src = T.match_buffer(src_h, (N,), "int32", align=4)
         dst = T.match_buffer(dst_h, (N,), "int32", align=4)
-        rows = T.decl_buffer((NB, 2, H, BS, RB), "uint8", data=cache.data, align=1)
+        rows = T.decl_buffer((NB, P, H, BS, RB), "uint8", data=cache.data, align=1)
         for i in range(N):
             sb: T.int64 = T.Cast("int64", src[i]) // BS
             so: T.int64 = T.Cast("int64", src[i]) % BS
             db: T.int64 = T.Cast("int64", dst[i]) // BS
             do: T.int64 = T.Cast("int64", dst[i]) % BS
-            for kv in range(2):
+            for kv in range(P):
                 for h in range(H):
                     for e in T.vectorized(RB):
                         rows[db, kv, h, do, e] = rows[sb, kv, h, so, e]

@@ -24,6 +24,7 @@ import tvm.runtime
 from ..model import CompiledModel
 from ..runtime import create_cache
 from .model_runner import ModelRunner
+from .pool_sizer import PoolSizer, tvm_pool_threads
 from .outputs import GenerationResult, OutputProcessor, SampleOutput, StreamEvent, token_logprobs
 from .sampling import SamplingParams, sample
 from .scheduler import Request, Scheduler
@@ -65,6 +66,11 @@ class Engine:
         Wait for the device after every model call, so that the ``"model"`` phase of
         ``step_stats`` holds the model's device time and ``"logits"`` only the copy to the host
         (without it, the wait falls into ``"logits"``; the total is the same).
+    adapt_threads:
+        On a CPU with a TVM pool of two or more threads, time decode steps at the pool's full
+        width and at one thread fewer while running and keep the faster (``engine.pool_sizer``,
+        :class:`~llmir_tvm.engine.pool_sizer.PoolSizer`): beside another busy process, a
+        fork-join pool as wide as the machine waits on its descheduled thread at every kernel.
 
     After every step, ``step_stats`` holds one dict per model step (see :meth:`generate`).
     """
@@ -80,6 +86,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         session: Any = None,
         profile: bool = False,
+        adapt_threads: bool = True,
     ):
         for name, value in (("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -111,6 +118,8 @@ class Engine:
         self._indices = itertools.count()
         self._step_no = 0
         self._text_deltas = compiled.tokenizer is not None  # this step's events carry text deltas
+        pool = tvm_pool_threads() if adapt_threads and device == "cpu" and self.executor is None else 0
+        self.pool_sizer: PoolSizer | None = PoolSizer(pool) if pool >= 2 else None
 
     @property
     def tokenizer(self) -> Any:
@@ -207,6 +216,9 @@ class Engine:
         self._refused = []
         if not self.scheduler.has_work():
             return events
+        sizer = self.pool_sizer
+        if sizer is not None:
+            sizer.before_step()
         start = time.perf_counter()
         self._text_deltas = text_deltas and self.tokenizer is not None
         try:
@@ -215,6 +227,9 @@ class Engine:
             if self.cache.in_step:
                 self.cache.end_forward()
         record.update(step=self._step_no, seconds=time.perf_counter() - start)
+        if sizer is not None:
+            record["threads"] = sizer.threads_now()
+            sizer.after_step(record["kind"], record["decode_tokens"], record["seconds"])
         self._step_no += 1
         self.step_stats.append(record)
         if len(self.step_stats) > _MAX_STEP_STATS:
@@ -259,7 +274,8 @@ class Engine:
         ``end_forward``, step tensors to the device included), ``inputs`` (token and position
         tensors to the device), ``model`` (the model call; its device time too with
         ``profile=True``), ``logits`` (logits to the host), ``sample`` (sampling, stop checks,
-        finished sequences released) and ``stats`` (this record).
+        finished sequences released) and ``stats`` (this record); with a pool sizer
+        (``adapt_threads``), ``threads``: the width of TVM's pool the step ran at.
         """
         results: dict[str, GenerationResult] = {}
         ids = None

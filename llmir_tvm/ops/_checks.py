@@ -79,6 +79,11 @@ def cache_head_dim(cache: relax.TensorType):
     return dim - SCALE_ELEMS if str(cache.dtype) in QUANTIZED_DTYPES else dim
 
 
+def cache_planes(cache: relax.TensorType) -> int:
+    """Planes of a pool type checked by :func:`cache_type`: 2 (K and V) or 1 (latent: K only)."""
+    return static_int(shape_of(cache)[1])
+
+
 def require_compute_dtype(op: str, arg_name: str, ty: relax.TensorType, cache: relax.TensorType) -> None:
     """``ty`` must have the float pool's dtype, or any compute float dtype for a quantized pool."""
     if str(cache.dtype) in QUANTIZED_DTYPES:
@@ -92,15 +97,18 @@ def require_compute_dtype(op: str, arg_name: str, ty: relax.TensorType, cache: r
 
 
 def cache_type(op: str, expr: relax.Expr) -> relax.TensorType:
-    """Check a paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
+    """Check a paged pool ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``, or a latent pool
+    ``[num_blocks, 1, ...]`` (K rows only; MLA) of a float dtype."""
     ty = tensor_type(op, "kv_cache", expr, 5)
     require_dtype(op, "kv_cache", ty, CACHE_DTYPES)
-    two = static_int(shape_of(ty)[1])
-    if two is not None and two != 2:
+    planes = static_int(shape_of(ty)[1])
+    if planes not in (1, 2):
         raise LLMOpError(
             f"{op}: argument 'kv_cache' must be [num_blocks, 2, num_kv_heads, block_size, head_dim] "
-            f"(dim 1 = K/V), got dim 1 = {two}"
+            f"(dim 1 = K/V) or a latent pool with dim 1 = 1, got dim 1 = {shape_of(ty)[1] if planes is None else planes}"
         )
+    if planes == 1 and str(ty.dtype) in QUANTIZED_DTYPES:
+        raise LLMOpError(f"{op}: a latent 'kv_cache' (dim 1 = 1) must have a float dtype, got {ty.dtype}")
     row = static_int(shape_of(ty)[4])
     if str(ty.dtype) in QUANTIZED_DTYPES and row is not None and row <= SCALE_ELEMS:
         raise LLMOpError(

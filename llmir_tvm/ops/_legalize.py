@@ -19,7 +19,7 @@ def cache_layout(op: str, cache_ty: relax.TensorType, compute_dtype: str | None 
 
     ``compute_dtype``: the float dtype meeting a quantized pool (keys, queries); ignored for float pools.
     """
-    _, _, heads, block, dim = shape_of(cache_ty)
+    _, planes, heads, block, dim = shape_of(cache_ty)
     quantized = str(cache_ty.dtype) in QUANTIZED_DTYPES
     try:
         return tir_kernels.CacheLayout(
@@ -28,6 +28,7 @@ def cache_layout(op: str, cache_ty: relax.TensorType, compute_dtype: str | None 
             block_size=require_static(op, "kv_cache", block, "block_size (dim 3)"),
             dtype=str(cache_ty.dtype),
             compute_dtype=compute_dtype if quantized else None,
+            kv_planes=require_static(op, "kv_cache", planes, "K/V planes (dim 1)"),
         )
     except ValueError as err:
         if isinstance(err, LLMOpError):
@@ -53,4 +54,5 @@ def add_kernel(bb: relax.BlockBuilder, prim_func, name: str) -> relax.GlobalVar:
 def layout_tag(layout: tir_kernels.CacheLayout) -> str:
     """A short name fragment identifying a layout, for readable kernel names."""
     tag = f"h{layout.num_kv_heads}_d{layout.head_dim}_bs{layout.block_size}_{layout.dtype}"
+    tag = f"latent_{tag}" if layout.latent else tag
     return tag if layout.compute_dtype == layout.dtype else f"{tag}_{layout.compute_dtype}"

@@ -8,7 +8,7 @@ from typing import Sequence
 from tvm import relax
 
 from .. import tir_kernels
-from ._checks import LLMOpError, cache_head_dim, cache_type, require_compute_dtype, require_dtype, require_same_dim, shape_of, static_int, tensor_type
+from ._checks import LLMOpError, cache_head_dim, cache_planes, cache_type, require_compute_dtype, require_dtype, require_same_dim, shape_of, static_int, tensor_type
 from ._legalize import add_kernel, cache_layout, layout_tag, make_kernel
 from ._registry import get_op, register_op
 from .lookup_kv import _check_tables
@@ -30,6 +30,7 @@ def paged_attention(
     logit_softcap: float = 0.0,
     alibi_slopes: Sequence[float] | None = None,
     sink_logits: Sequence[float] | None = None,
+    latent_v_dim: int = 0,
 ) -> relax.Call:
     """Build ``llm.paged_attention(q, kv_cache, block_table, seq_lens[, q_indptr]) -> out``.
 
@@ -44,6 +45,10 @@ def paged_attention(
     score into ``c * tanh(score / c)`` (Gemma 2); ``alibi_slopes`` (one per query head) add
     ``slope * (key_pos - query_pos)`` (BLOOM, MPT); ``sink_logits`` (one per query head) join each
     softmax's denominator as a logit without a value (gpt-oss's learned sinks).
+
+    ``latent_v_dim`` d > 0 (required for, and only for, a latent pool ``[num_blocks, 1, ...]``:
+    MLA in the absorbed-weights form): V is the first d columns of each cached K row; output
+    columns from d on are zero.
     """
     if scale is None:
         q_ty = q.ty
@@ -58,6 +63,8 @@ def paged_attention(
     }
     if logit_softcap:
         attrs["logit_softcap"] = float(logit_softcap)
+    if latent_v_dim:
+        attrs["latent_v_dim"] = latent_v_dim
     for name, values in (("alibi_slopes", alibi_slopes), ("sink_logits", sink_logits)):
         if values is not None and len(values):
             attrs[name] = tuple(float(v) for v in values)
@@ -105,6 +112,11 @@ def _score_mod_attrs(call: relax.Call) -> dict:
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise LLMOpError(f"{_OP}: attribute 'logit_softcap' must be a positive finite number, got {cap!r}")
         mods["logit_softcap"] = float(cap)
+    if "latent_v_dim" in keys:
+        dv = call.attrs["latent_v_dim"]
+        if isinstance(dv, bool) or not isinstance(dv, int) or dv <= 0:
+            raise LLMOpError(f"{_OP}: attribute 'latent_v_dim' must be an int > 0, got {dv!r}")
+        mods["latent_v_dim"] = int(dv)
     for name in ("alibi_slopes", "sink_logits"):
         if name in keys:
             values = call.attrs[name]
@@ -117,7 +129,7 @@ def _score_mod_attrs(call: relax.Call) -> dict:
 
 
 #: Optional attributes: the score modifiers.
-_MOD_ATTRS = ("logit_softcap", "alibi_slopes", "sink_logits")
+_MOD_ATTRS = ("logit_softcap", "alibi_slopes", "sink_logits", "latent_v_dim")
 
 
 def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
@@ -139,6 +151,7 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
         raise LLMOpError(
             f"{_OP}: num_qo_heads of 'q' ({hq}) must be a multiple of num_kv_heads of 'kv_cache' ({hkv})"
         )
+    _check_latent(attrs.get("latent_v_dim", 0), cache, head_dim)
     for name, values in attrs.items():
         if name in ("alibi_slopes", "sink_logits") and len(values) != (hq if hq is not None else len(values)):
             raise LLMOpError(f"{_OP}: attribute '{name}' has {len(values)} values but 'q' has {hq} query heads")
@@ -153,6 +166,17 @@ def _infer(call: relax.Call, bb: relax.BlockBuilder) -> relax.Type:
     return relax.TensorType(q.shape, q.dtype)
 
 
+def _check_latent(v_dim: int, cache: relax.TensorType, head_dim) -> None:
+    """``latent_v_dim`` is set exactly for a latent pool (dim 1 = 1) and fits its rows."""
+    if cache_planes(cache) == 1 and not v_dim:
+        raise LLMOpError(f"{_OP}: a latent 'kv_cache' (dim 1 = 1) holds no V plane; set latent_v_dim (V = K[..., :latent_v_dim])")
+    if cache_planes(cache) == 2 and v_dim:
+        raise LLMOpError(f"{_OP}: attribute 'latent_v_dim' ({v_dim}) needs a latent 'kv_cache' (dim 1 = 1); this one has K and V planes")
+    dim = static_int(head_dim)
+    if v_dim and dim is not None and v_dim > dim:
+        raise LLMOpError(f"{_OP}: attribute 'latent_v_dim' ({v_dim}) exceeds the cached rows' head_dim ({dim})")
+
+
 def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     attrs = _attrs(call)
     layout = cache_layout(_OP, call.args[1].ty, str(call.args[0].ty.dtype))
@@ -164,6 +188,7 @@ def _legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     factory = tir_kernels.paged_prefill_attention if ragged else tir_kernels.paged_decode_attention
     kernel = make_kernel(_OP, factory, config)
     mods = "".join(f"_{m}" for m in ("logit_softcap", "alibi_slopes", "sink_logits") if m in attrs)
+    mods += f"_v{attrs['latent_v_dim']}" if "latent_v_dim" in attrs else ""
     name = f"llmir_paged_{'prefill' if ragged else 'decode'}_q{num_qo_heads}_{layout_tag(layout)}{mods}"
     gv = add_kernel(bb, kernel, name)
     return relax.call_tir(gv, list(call.args), out_ty=call.ty)

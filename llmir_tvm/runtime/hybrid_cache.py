@@ -332,12 +332,15 @@ def create_cache(
     common = dict(num_kv_heads=info.num_kv_heads, head_dim=info.head_dim, block_size=info.page_size,
                   dtype=info.kv_dtypes,
                   device=device, kernels=kernels)
+    if info.kv_planes != 2 and (info.eviction == "h2o" or len(groups) != 1):
+        raise ValueError(f"{info.name}: latent (MLA) pools need one window group and no H2O eviction")
     if info.eviction == "h2o":
         return H2OKVCache(info.num_layers, num_blocks=num_blocks, heavy_hitters=info.heavy_hitters,
                           recent_window=info.eviction_window, **common)
     if len(groups) == 1:
         return PagedKVCache(num_layers=info.num_layers, num_blocks=num_blocks, sliding_window=groups[0].sliding_window,
-                            sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching, **common)
+                            sink_tokens=groups[0].sink_tokens, enable_prefix_caching=enable_prefix_caching,
+                            kv_planes=info.kv_planes, **common)
     counts = group_block_counts(groups, num_blocks, info.page_size, info.max_seq_len, max_step_tokens)
     return HybridKVCache(windows, sinks, group_blocks=counts, enable_prefix_caching=enable_prefix_caching, **common)
 

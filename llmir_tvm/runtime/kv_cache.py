@@ -25,7 +25,7 @@ import numpy as np
 import tvm.runtime
 import tvm_ffi
 
-from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, kernel_name, lookup_dtype, pool_row_elems
+from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, is_quantized, kernel_name, lookup_dtype, pool_row_bytes, pool_row_elems
 from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
 from .host_memory import make_resident
@@ -146,6 +146,10 @@ class PagedKVCache:
     num_layers, num_kv_heads, head_dim, block_size, num_blocks:
         Model and pool geometry; each layer's pool is
         ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` (index 0 = K, 1 = V).
+    kv_planes:
+        2 (K and V), or 1 for latent pools (MLA: DeepSeek's ``kv_lora_rank + qk_rope_head_dim``
+        row per token, ``[num_blocks, 1, num_kv_heads, block_size, head_dim]``; the model reads V
+        as the first columns of each K row).
     dtype:
         ``"float16"``, ``"float32"``, or quantized ``"int8"`` / ``"float8_e4m3fn"`` (a quantized
         pool is ``[..., head_dim + 2]``: each row's float16 scale follows its values); or a list
@@ -178,6 +182,7 @@ class PagedKVCache:
         sink_tokens: int = 0,
         enable_prefix_caching: bool = True,
         pool_provider: PoolProvider | None = None,
+        kv_planes: int = 2,
     ):
         for name, val in (
             ("num_layers", num_layers),
@@ -196,6 +201,11 @@ class PagedKVCache:
         else:
             dtype = check_kv_dtype(dtype, _POOL_DTYPES)
             layer_dtypes = [dtype] * int(num_layers)
+        if kv_planes not in (1, 2) or isinstance(kv_planes, bool):
+            raise ValueError(f"kv_planes must be 2 (K and V) or 1 (a latent pool), got {kv_planes!r}")
+        if kv_planes == 1 and any(is_quantized(d) for d in layer_dtypes):
+            raise ValueError(f"latent pools (kv_planes=1) need float dtypes, got {layer_dtypes}")
+        self.kv_planes = int(kv_planes)
         self.num_layers = int(num_layers)
         self.num_kv_heads = int(num_kv_heads)
         self.head_dim = int(head_dim)
@@ -215,7 +225,7 @@ class PagedKVCache:
         else:
             self._pools = [
                 make_resident(tvm.runtime.empty(
-                    (self.num_blocks, 2, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d,
+                    (self.num_blocks, self.kv_planes, self.num_kv_heads, self.block_size, pool_row_elems(d, self.head_dim)), d,
                     self.device,
                 ))
                 for d in layer_dtypes
@@ -261,8 +271,14 @@ class PagedKVCache:
         return self.allocator.num_available
 
     @property
+    def bytes_per_token(self) -> int:
+        """Pool bytes one token slot takes over all layers: ``kv_planes x kv_heads x`` row bytes per layer
+        (a latent pool: the latent row alone)."""
+        return sum(self.kv_planes * self.num_kv_heads * pool_row_bytes(d, self.head_dim) for d in self.layer_dtypes)
+
+    @property
     def pools(self) -> list[tvm.runtime.Tensor]:
-        """Per-layer pool tensors ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``."""
+        """Per-layer pool tensors ``[num_blocks, kv_planes, num_kv_heads, block_size, head_dim]``."""
         return list(self._pools)
 
     def pool(self, layer: int) -> tvm.runtime.Tensor:
@@ -652,6 +668,8 @@ class PagedKVCache:
             "tokens_stored": stored,
             "sequence_tokens": int(self._len[rows].sum()) if rows else 0,
             "allocated_slots": slots,
+            "bytes_per_token": self.bytes_per_token,
+            "bytes_stored": stored * self.bytes_per_token,
             "internal_waste_pct": 100.0 * (slots - stored) / slots if slots else 0.0,
             "prefix_queries": self._prefix_queries,
             "prefix_query_tokens": self._prefix_query_tokens,
@@ -667,7 +685,8 @@ class PagedKVCache:
         """A sequence's contiguous K and V of one layer, ``[len, num_kv_heads, head_dim]`` each, via the lookup kernel.
 
         Positions in released sliding-window blocks read as zeros. Quantized layers return
-        their dequantized values in float32.
+        their dequantized values in float32. Latent pools return each K row as V too (the model
+        reads V as its first columns).
         """
         row = self._row(seq_id)
         layer = self._check_layer(layer)
