@@ -4,7 +4,7 @@ Measured in one run on the same weights and threads: batch-1 decode tokens/s (32
 prompt, ``--new-tokens`` greedy tokens, end-of-sequence ignored) and prefill tokens/s
 (a ``--prefill-tokens`` prompt, logits of every position on all three sides; ours also with the
 last position's logits only, as a generation's prefill and llama-bench's pp512 compute) for our compiled
-model (paged KV cache, dense layers on the host BLAS), for ``transformers`` (its own KV
+model (paged KV cache, dense layers on the kernels ``cpu_dense="auto"`` measured at compile time), for ``transformers`` (its own KV
 cache) and for onnxruntime running the model exported to ONNX with a KV cache
 (``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
 With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
