@@ -261,11 +261,8 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
                         sacc[r * cols + c] = sacc[r * cols + c] + offset(planes, j0 + c, g) * xs[i0 + r, g]
         for r in T.unroll(rows):
             for c in T.unroll(cols):
-                s = T.decl_buffer((1,), "float32", scope="local")
-                s[0] = sacc[r * cols + c]
-                for l in T.unroll(L):
-                    s[0] = s[0] + acc[r * cols + c, l]
-                out[i0 + r, j0 + c] = s[0] * row_scale(planes, j0 + c)
+                # summed in registers by halving shuffles (a store / reload of the vector stalls)
+                out[i0 + r, j0 + c] = (sacc[r * cols + c] + tree(T.Add, acc[r * cols + c, V], L)) * row_scale(planes, j0 + c)
 
     @T.macro
     def _task(task, n, xq, xd, xs, planes, out):
