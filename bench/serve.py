@@ -117,6 +117,7 @@ def _background_load(engine, hf, tok, prompts: list[list[int]], params: list, ne
     generated = sum(news)
 
     def both() -> tuple[float, float]:
+        engine.cache.reset_prefix_cache()  # the same prompts again: compute them, as the idle run did
         start = time.perf_counter()
         engine.generate(prompts, params)
         seconds = time.perf_counter() - start
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     budget = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     engine = llmir_tvm.Engine(compiled, **budget)
     engine.generate(prompts[:2], max_new_tokens=2)  # warm-up
+    engine.cache.reset_prefix_cache()  # the timed run computes every prompt
     start = time.perf_counter()
     results = engine.generate(prompts, params)
     ours = time.perf_counter() - start

@@ -134,7 +134,13 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
                 return True
         return False
 
+    class FakeCache:
+        def reset_prefix_cache(self):  # the same prompts run again: none may come from the prefix cache
+            seen.append(("reset", False))
+
     class FakeEngine:
+        cache = FakeCache()
+
         def generate(self, prompts, params):
             seen.append(("engine", busy_job_running()))
             time.sleep(0.2)
@@ -145,7 +151,7 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
 
     monkeypatch.setattr(serve, "_hf_padded", fake_padded)
     out = serve._background_load(FakeEngine(), None, None, [[1]] * 2, [None] * 2, [30, 10], idle_before=(0.6, 0.4))
-    assert seen == [("engine", True), ("hf", True), ("engine", False), ("hf", False)]
+    assert seen == [("reset", False), ("engine", True), ("hf", True), ("reset", False), ("engine", False), ("hf", False)]
     assert out["jobs"] == 1 and out["niceness"] == 19
     assert out["engine_tokens_per_s"] == pytest.approx(40 / 0.2, rel=0.25)  # slept 0.2 s for 40 tokens
     assert out["hf_padded_tokens_per_s"] == pytest.approx(100.0) and out["hf_padded_idle_tokens_per_s"] == [100.0, 100.0]
