@@ -10,7 +10,7 @@ then one step per token) and ``transformers``' ``generate`` on the exported torc
 of 2, 5 and 13 tokens are shorter and longer than a page (4) and than the window (8); 16 new
 tokens carry every sequence past the window. Families: Qwen2 (a windowed and a full layer,
 ``max_window_layers``), Gemma 2 (attention and final logit soft-capping, alternating windows),
-Mixtral (mixture of experts, window). Llama's ONNX export is ``tests/test_onnx_path.py``.
+Mixtral (mixture of experts, window) and Qwen3-MoE (mixture of experts, QK norms). Llama's ONNX export is ``tests/test_onnx_path.py``.
 Each family exports (~20 s) and compiles (~40 s) on two busy cores: ``--run-slow``.
 """
 
@@ -32,7 +32,7 @@ from test_families import _config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.onnx_baseline import OrtDecoder  # noqa: E402
 
-FAMILIES = ("qwen2", "gemma2", "mixtral")
+FAMILIES = ("qwen2", "gemma2", "mixtral", "qwen3_moe")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 VOCAB = 256
