@@ -11,7 +11,8 @@ of 2, 5 and 13 tokens are shorter and longer than a page (4) and than the window
 tokens carry every sequence past the window. Families: Qwen2 (a windowed and a full layer,
 ``max_window_layers``), Gemma 2 (attention and final logit soft-capping, alternating windows),
 Mixtral (mixture of experts, window) and Qwen3-MoE (mixture of experts, QK norms). Llama's ONNX export is ``tests/test_onnx_path.py``.
-Each family exports (~20 s) and compiles (~40 s) on two busy cores: ``--run-slow``.
+Each family exports and compiles in 15-30 s on two busy cores: ``--run-slow``. The importer's
+pieces these exports need are tested on small hand-written graphs in the default suite.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+import tvm
 import tvm.testing
+from tvm import relax
 
 import llmir_tvm
+from llmir_tvm.frontend import ModelImportError
 from llmir_tvm.frontend.cache_export import with_flat_kv_cache
 
 from test_families import _config
@@ -86,6 +91,15 @@ def exported(request, tmp_path_factory):
     return model, path, engine
 
 
+def ort_session(path: str):
+    """A one-thread onnxruntime CPU session of ``path``."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def _prompts() -> list[list[int]]:
     rng = np.random.default_rng(1)
     return [rng.integers(1, VOCAB, n).tolist() for n in PROMPT_LENS]
@@ -114,3 +128,83 @@ def test_prefill_and_decode_logits_equal_onnxruntime(exported):
         logits, past = ort._run([tokens[i]], i, past)
         rows.append(logits[0])
     tvm.testing.assert_allclose(engine.score(tokens, prefill_len=12), np.concatenate(rows), rtol=2e-3, atol=2e-3)
+
+
+# --- the importer's pieces these exports need, on graphs written with onnx.helper (default suite) ---
+
+
+def _save(graph, path: Path) -> str:
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_symbolic_max_and_expand_to_a_constant_shape_match_onnxruntime(tmp_path):
+    """A sliding-window cache's ``Max(0, n - 2)`` of a symbolic size feeding a ``Range``, and a MoE router's
+    ``Expand`` of a ``[n, 1, 4]`` tensor to the constant shape ``[1, 3, 1]``: TVM's own converters take
+    neither; ours import them with the symbolic size kept, and both outputs equal onnxruntime's for sizes
+    below and above the offset."""
+    from onnx import TensorProto, helper
+
+    from llmir_tvm.frontend.onnx_model import _import_relax
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [], [value])
+                                if np.ndim(value) == 0 else helper.make_tensor(name, TensorProto.INT64, [len(value)], value))
+
+    nodes = [
+        const("zero", 0), const("two", 2), const("one", 1), const("expand_to", [1, 3, 1]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+        helper.make_node("Sub", ["n", "two"], ["n_minus_2"]),
+        helper.make_node("Max", ["zero", "n_minus_2"], ["start"]),
+        helper.make_node("Range", ["start", "n", "one"], ["kept"]),
+        helper.make_node("Cast", ["kept"], ["kept_f"], to=TensorProto.FLOAT),
+        helper.make_node("Expand", ["x", "expand_to"], ["expanded"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "window_and_router", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4])],
+        [helper.make_tensor_value_info("kept_f", TensorProto.FLOAT, ["k"]),
+         helper.make_tensor_value_info("expanded", TensorProto.FLOAT, ["n", 3, 4])],
+    )
+    path = _save(graph, tmp_path / "window_and_router.onnx")
+    mod, _ = _import_relax(onnx.load(path), "window_and_router")
+    main = mod["main"]
+    assert main.ret_ty.fields[1].shape.values[1] == 3  # the expanded shape is known: [n, 3, 4]
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    session = ort_session(path)
+    for n in (1, 5):
+        x = np.random.default_rng(n).standard_normal((n, 1, 4)).astype("float32")
+        kept, expanded = vm["main"](tvm.runtime.tensor(x))
+        ref_kept, ref_expanded = session.run(None, {"x": x})
+        np.testing.assert_array_equal(kept.numpy(), ref_kept)
+        np.testing.assert_array_equal(expanded.numpy(), ref_expanded)
+
+
+def test_a_cache_layer_that_slices_its_past_is_refused_by_name(tmp_path):
+    """A windowed cache layer (``DynamicCache(config=...)`` of a sliding-window model) exports the past
+    sliced to its last ``window - 1`` tokens: refused with the export that works, not a TVM error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.zeros((16, 16), "float32"), "embed")
+    ints = {name: numpy_helper.from_array(np.array(v, "int64"), name)
+            for name, v in (("starts", [-7]), ("ends", [2**62]), ("axes", [2]))}
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["logits"], axis=0),
+             helper.make_node("Slice", ["past_key_values.0.key", "starts", "ends", "axes"], ["present.0.key"])]
+    graph = helper.make_graph(
+        nodes, "windowed_cache",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["B", 2, "P", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", 16]),
+         helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["B", 2, "T", 8])],
+        [emb, *ints.values()],
+    )
+    path = _save(graph, tmp_path / "windowed.onnx")
+    with pytest.raises(ModelImportError) as err:
+        llmir_tvm.compile(path)
+    message = str(err.value)
+    assert "windowed.onnx: past input 'past_key_values.0.key' is sliced along its length" in message
+    assert "DynamicCache() without a config" in message and "\n" not in message
