@@ -117,6 +117,17 @@ def test_greedy_tokens_equal_onnxruntime_and_transformers(exported):
         assert result.token_ids == ref[0, len(prompt):].tolist()
 
 
+def test_each_layers_window_is_read_off_the_exported_mask(exported):
+    """The paged cache's per-layer windows come from the ONNX graph's mask alone (an ONNX file has no
+    config): Qwen2's full then windowed layer, Gemma 2's alternation, Mixtral's window on every layer."""
+    model, _, engine = exported
+    config = model.config
+    layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if config.sliding_window else "full_attention"] * layers
+    expected = [config.sliding_window if kind == "sliding_attention" else 0 for kind in types]
+    assert engine.info.pool_windows == expected
+
+
 def test_prefill_and_decode_logits_equal_onnxruntime(exported):
     """12 prefill + 9 decode positions (past the window of 8) against onnxruntime's step-by-step logits."""
     _, path, engine = exported
