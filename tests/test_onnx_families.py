@@ -10,7 +10,8 @@ then one step per token) and ``transformers``' ``generate`` on the exported torc
 of 2, 5 and 13 tokens are shorter and longer than a page (4) and than the window (8); 16 new
 tokens carry every sequence past the window. Families: Qwen2 (a windowed and a full layer,
 ``max_window_layers``), Gemma 2 (attention and final logit soft-capping, alternating windows),
-Mixtral (mixture of experts, window) and Qwen3-MoE (mixture of experts, QK norms). Llama's ONNX export is ``tests/test_onnx_path.py``.
+Gemma 3 (alternating local/global layers, QK norms), Mixtral (mixture of experts, window), Qwen3-MoE
+(mixture of experts, QK norms) and gpt-oss (learned sinks, mixture of experts, alternating windows). Llama's ONNX export is ``tests/test_onnx_path.py``.
 Each family exports and compiles in 15-30 s on two busy cores: ``--run-slow``. The importer's
 pieces these exports need are tested on small hand-written graphs in the default suite.
 """
@@ -37,7 +38,7 @@ from test_families import _config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.onnx_baseline import OrtDecoder  # noqa: E402
 
-FAMILIES = ("qwen2", "gemma2", "mixtral", "qwen3_moe")
+FAMILIES = ("qwen2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "gpt_oss")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 VOCAB = 256
@@ -119,7 +120,8 @@ def test_greedy_tokens_equal_onnxruntime_and_transformers(exported):
 
 def test_each_layers_window_is_read_off_the_exported_mask(exported):
     """The paged cache's per-layer windows come from the ONNX graph's mask alone (an ONNX file has no
-    config): Qwen2's full then windowed layer, Gemma 2's alternation, Mixtral's window on every layer."""
+    config): Qwen2's full then windowed layer, Gemma 2/3's and gpt-oss's alternation, Mixtral's window on
+    every layer."""
     model, _, engine = exported
     config = model.config
     layers = config.num_hidden_layers
