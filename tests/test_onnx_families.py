@@ -11,7 +11,8 @@ of 2, 5 and 13 tokens are shorter and longer than a page (4) and than the window
 tokens carry every sequence past the window. Families: Qwen2 (a windowed and a full layer,
 ``max_window_layers``), Gemma 2 (attention and final logit soft-capping, alternating windows),
 Gemma 3 (alternating local/global layers, QK norms), Mixtral (mixture of experts, window), Qwen3-MoE
-(mixture of experts, QK norms) and gpt-oss (learned sinks, mixture of experts, alternating windows). Llama's ONNX export is ``tests/test_onnx_path.py``.
+(mixture of experts, QK norms), gpt-oss (learned sinks, mixture of experts, alternating windows), BLOOM
+(ALiBi) and GPTBigCode (multi-query attention). Llama's ONNX export is ``tests/test_onnx_path.py``.
 Each family exports and compiles in 15-30 s on two busy cores: ``--run-slow``. The importer's
 pieces these exports need are tested on small hand-written graphs in the default suite.
 """
@@ -38,7 +39,7 @@ from test_families import _config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.onnx_baseline import OrtDecoder  # noqa: E402
 
-FAMILIES = ("qwen2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "gpt_oss")
+FAMILIES = ("qwen2", "gemma2", "gemma3_text", "mixtral", "qwen3_moe", "gpt_oss", "bloom", "gpt_bigcode")
 PROMPT_LENS = (2, 5, 13)
 NEW_TOKENS = 16
 VOCAB = 256
@@ -61,13 +62,16 @@ def _tiny(family: str):
 
 def _export(model, path: Path) -> str:
     """MODELS.md's dynamo route: past K/V as a flat tuple, every batch/sequence dim dynamic, opset 18."""
-    config = model.config
-    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
     batch, new, past = 2, 3, 5  # sizes avoid 0/1 so that nothing specialises
+    with torch.no_grad():  # the past's [kv_heads, head_dim] per layer and kind, as the model's own cache holds them
+        cache = model(torch.randint(0, VOCAB, (1, past)), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    shapes = [t.shape for layer in cache.layers for t in (layer.keys, layer.values)]
     args = (torch.randint(0, VOCAB, (batch, new)), torch.ones(batch, past + new, dtype=torch.int64),
             torch.arange(past, past + new).expand(batch, new),
-            tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers)))
+            tuple(torch.randn(batch, s[1], past, s[3]) for s in shapes))
     dyn = torch.export.Dim.DYNAMIC
     dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
                "past": tuple({0: dyn, 2: dyn} for _ in range(2 * layers))}
@@ -124,9 +128,9 @@ def test_each_layers_window_is_read_off_the_exported_mask(exported):
     every layer."""
     model, _, engine = exported
     config = model.config
-    layers = config.num_hidden_layers
-    types = getattr(config, "layer_types", None) or ["sliding_attention" if config.sliding_window else "full_attention"] * layers
-    expected = [config.sliding_window if kind == "sliding_attention" else 0 for kind in types]
+    layers, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * layers
+    expected = [window if kind == "sliding_attention" else 0 for kind in types]
     assert engine.info.pool_windows == expected
 
 
@@ -156,10 +160,10 @@ def _save(graph, path: Path) -> str:
 
 
 def test_symbolic_max_and_expand_to_a_constant_shape_match_onnxruntime(tmp_path):
-    """A sliding-window cache's ``Max(0, n - 2)`` of a symbolic size feeding a ``Range``, and a MoE router's
-    ``Expand`` of a ``[n, 1, 4]`` tensor to the constant shape ``[1, 3, 1]``: TVM's own converters take
-    neither; ours import them with the symbolic size kept, and both outputs equal onnxruntime's for sizes
-    below and above the offset."""
+    """A sliding-window cache's ``Max(0, n - 2)`` of a symbolic size feeding a ``Range``, a MoE router's
+    ``Expand`` of a ``[n, 1, 4]`` tensor to the constant shape ``[1, 3, 1]`` and DeepSeek's unsorted
+    ``TopK``: TVM's own converters take none of them; ours import them with the symbolic size kept, and the
+    outputs equal onnxruntime's (the unsorted top-k as a set) for sizes below and above the offset."""
     from onnx import TensorProto, helper
 
     from llmir_tvm.frontend.onnx_model import _import_relax
@@ -169,7 +173,7 @@ def test_symbolic_max_and_expand_to_a_constant_shape_match_onnxruntime(tmp_path)
                                 if np.ndim(value) == 0 else helper.make_tensor(name, TensorProto.INT64, [len(value)], value))
 
     nodes = [
-        const("zero", 0), const("two", 2), const("one", 1), const("expand_to", [1, 3, 1]),
+        const("zero", 0), const("two", 2), const("one", 1), const("expand_to", [1, 3, 1]), const("one_axis", [1]),
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
         helper.make_node("Sub", ["n", "two"], ["n_minus_2"]),
@@ -177,11 +181,15 @@ def test_symbolic_max_and_expand_to_a_constant_shape_match_onnxruntime(tmp_path)
         helper.make_node("Range", ["start", "n", "one"], ["kept"]),
         helper.make_node("Cast", ["kept"], ["kept_f"], to=TensorProto.FLOAT),
         helper.make_node("Expand", ["x", "expand_to"], ["expanded"]),
+        const("k", [2]),
+        helper.make_node("Squeeze", ["x", "one_axis"], ["rows"]),
+        helper.make_node("TopK", ["rows", "k"], ["top", "top_index"], axis=-1, sorted=0),
     ]
     graph = helper.make_graph(
         nodes, "window_and_router", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4])],
         [helper.make_tensor_value_info("kept_f", TensorProto.FLOAT, ["k"]),
-         helper.make_tensor_value_info("expanded", TensorProto.FLOAT, ["n", 3, 4])],
+         helper.make_tensor_value_info("expanded", TensorProto.FLOAT, ["n", 3, 4]),
+         helper.make_tensor_value_info("top", TensorProto.FLOAT, ["n", 2])],
     )
     path = _save(graph, tmp_path / "window_and_router.onnx")
     mod, _ = _import_relax(onnx.load(path), "window_and_router")
@@ -191,10 +199,11 @@ def test_symbolic_max_and_expand_to_a_constant_shape_match_onnxruntime(tmp_path)
     session = ort_session(path)
     for n in (1, 5):
         x = np.random.default_rng(n).standard_normal((n, 1, 4)).astype("float32")
-        kept, expanded = vm["main"](tvm.runtime.tensor(x))
-        ref_kept, ref_expanded = session.run(None, {"x": x})
+        kept, expanded, top = vm["main"](tvm.runtime.tensor(x))
+        ref_kept, ref_expanded, ref_top = session.run(None, {"x": x})
         np.testing.assert_array_equal(kept.numpy(), ref_kept)
         np.testing.assert_array_equal(expanded.numpy(), ref_expanded)
+        np.testing.assert_array_equal(np.sort(top.numpy(), axis=-1), np.sort(ref_top, axis=-1))  # any order
 
 
 def test_a_cache_layer_that_slices_its_past_is_refused_by_name(tmp_path):

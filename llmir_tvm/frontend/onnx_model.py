@@ -413,7 +413,7 @@ def _int_scalar(expr: Any) -> Any:
 def _converters():
     """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
     limit, delta)``, ``Min`` / ``Max`` of integer scalars as one symbolic size, ``Expand`` of symbolic-shaped tensors to
-    constant shapes, ``Concat`` of shapes with tensors,
+    constant shapes, ``TopK`` with ``sorted=0`` as sorted, ``Concat`` of shapes with tensors,
     ``Tile`` as ``R.tile``, and onnxruntime's contrib operators
     (:mod:`.onnx_contrib`).
 
@@ -479,6 +479,14 @@ def _converters():
                 data = relax.op.reshape(data, relax.ShapeExpr(data_dims))
             return relax.op.broadcast_to(data, relax.ShapeExpr(out))
 
+    class AnyOrderTopK(onnx_frontend.TopK):
+        """``TopK`` with ``sorted=0`` (DeepSeek's expert-group choice): the order of its results is then
+        unspecified, so the sorted order TVM computes is one valid result."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            return super()._impl_v11(bb, inputs, {**attr, "sorted": 1}, params)
+
     def symbolic_extremum(base, combine):
         class SymbolicExtremum(base):
             """``Min`` / ``Max`` of integer scalars (a sliding-window cache's ``max(0, past - window + 1)``)
@@ -498,7 +506,7 @@ def _converters():
 
     original = onnx_frontend._get_convert_map
     onnx_frontend._get_convert_map = lambda: {
-        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, "Expand": SymbolicExpand,
+        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, "Expand": SymbolicExpand, "TopK": AnyOrderTopK,
         "Max": symbolic_extremum(onnx_frontend.Max, tirx.max), "Min": symbolic_extremum(onnx_frontend.Min, tirx.min),
         **CONVERTERS
     }
