@@ -1,87 +1,136 @@
-"""dense: our CPU dense kernel (``tir_kernels.dense_packed`` on the packed weight, what ``DenseToTIR``
-compiles by default) vs numpy's BLAS.
+"""dense: our CPU dense kernels (``tir_kernels.dense_packed`` on the packed weight, ``tir_kernels.dense``'s
+register tiles on ``W [N, K]``) vs numpy's BLAS, interleaved, from 1 to 2048 rows.
 
 ``out = x @ W.T`` in float32 for the default model's layer shapes (SmolLM2-135M: q/o 576x576,
 k/v 576->192, gate/up 576->1536, down 1536->576, the tied vocabulary projection 576->49152) at
 ``--rows`` rows of ``x`` (1 = batch-1 decode, 16-64 = batched decode, 512+ = prefill). Each
-side's calls rotate over copies of ``W`` totalling at least ``--working-set`` bytes, so the
-weights come from DRAM as in a model step. All our timings of a shape are taken before numpy's,
-after a pause: OpenBLAS's worker threads keep spinning for a while after each call and would
-slow TVM's thread pool down (the contention ``DenseToTIR`` removes from compiled models).
-Outputs are checked against float64 numpy first. Ratio: numpy's time / ours (> 1: ours faster).
+candidate's calls rotate over copies of ``W`` totalling at least ``--working-set`` bytes, so the
+weights come from DRAM as in a model step (the vocabulary projection's copies are capped by
+``--max-copies``). The candidates run interleaved: every round times each candidate's pass over
+its copies in turn, the order rotating from round to round, so load from other processes hits
+all alike; medians of the rounds are kept. OpenBLAS's worker threads keep spinning for a while
+after a call and would slow the TVM pass that follows (the contention ``DenseToTIR`` removes from
+compiled models), so a pause (``--blas-pause``) follows every BLAS pass. Threads: TVM's pool
+(``TVM_NUM_THREADS``) and OpenBLAS's, both the usable cores unless set. Outputs are checked against
+float64 numpy first. Ratio: numpy's time / the candidate's (> 1: ours faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import median_seconds, save_result
+from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument
 
-HELP = "CPU dense kernel (DenseToTIR) vs numpy's BLAS at the default model's layer shapes"
+HELP = "CPU dense kernels (packed and register tiles) vs numpy's BLAS, interleaved, 1 to 2048 rows"
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152))
+ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the ``dense`` subcommand."""
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 3, 16, 32, 64, 512, 2048], help="rows of x")
-    parser.add_argument("--working-set", type=float, default=256e6, help="bytes of W copies each side rotates over")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case; medians are kept")
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS), help="rows of x")
+    parser.add_argument("--working-set", type=float, default=256e6, help="bytes of W copies each candidate rotates over")
+    parser.add_argument("--max-copies", type=int, default=64, help="most W copies per shape")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per case; medians are kept")
+    parser.add_argument("--blas-pause", type=float, default=0.05, help="seconds of pause after each BLAS pass")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="KxN", help="layer shapes (default: the model's)")
     parser.add_argument("--quick", action="store_true",
-                        help="gate/up shape only, rows 1 16 64 256 1024 2048, 32 MB working set, 3 repeats")
+                        help="gate/up shape only, rows 1 16 256 2048, 32 MB working set, 3 rounds")
     add_isa_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/dense_cpu.json, the previous one moved to bench/results/archive/)")
 
 
+def candidates(target) -> dict:
+    """``{label: tiles}`` timed besides the BLAS: the target's packed tiling (``DenseToTIR``'s
+    default) and its best register tiling on ``W [N, K]`` (what ``dense_choice`` picks most)."""
+    from llmir_tvm.target import vector_shape
+    from llmir_tvm.tir_kernels.dense import tile_candidates
+    from llmir_tvm.tir_kernels.dense_packed import packed_tiles
+
+    vec = vector_shape(target)
+    packed, tiles = packed_tiles(vec.lanes, vec.registers), tile_candidates(vec.lanes, vec.registers)[0]
+    return {packed.name: packed, tiles.name: tiles}
+
+
 def run(args: argparse.Namespace) -> int:
-    """Time every (shape, rows) case on both sides, write the JSON, print a table."""
+    """Time every (shape, rows) case for every candidate, interleaved; write the JSON, print a table."""
     import tvm
 
     from llmir_tvm.target import resolve_target, vector_shape
-    from llmir_tvm.tir_kernels.dense import dense_nt, split_threads
-    from llmir_tvm.tir_kernels.dense_packed import pack_weight, packed_tiles
+    from llmir_tvm.tir_kernels.dense import DensePlan, dense_nt, split_threads
+    from llmir_tvm.tir_kernels.dense_packed import PackedTiles, pack_weight
 
-    shapes = SHAPES
+    shapes = SHAPES if args.shapes is None else tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes)
     if args.quick:
-        shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 64, 256, 1024, 2048], 32e6, 3
+        shapes, args.rows, args.working_set, args.repeats = ((576, 1536),), [1, 16, 256, 2048], 32e6, 3
     target = resolve_target(ISA_TARGETS[args.isa])
-    vec = vector_shape(target)
-    tiles = packed_tiles(vec.lanes, vec.registers)
+    ours = candidates(target)
+    threads = split_threads(vector_shape(target).isa)
     rng = np.random.default_rng(0)
     rows_out = []
     for k, n in shapes:
-        kernel = tvm.tirx.build(dense_nt(k, n, 2, tiles, split_threads(vec.isa)), target)  # as DenseToTIR builds it
-        fn = kernel[kernel.entry_name]
         w = rng.standard_normal((n, k), dtype=np.float32)
-        copies = int(args.working_set // w.nbytes) + 1
+        copies = max(1, min(args.max_copies, int(args.working_set // w.nbytes) + 1))
         host = [w.copy() for _ in range(copies)]
-        dev = [tvm.runtime.tensor(pack_weight(a, tiles.panel)) for a in host]
-        xs = {m: rng.standard_normal((m, k), dtype=np.float32) for m in args.rows}
-        ours = {}
-        for m, x in xs.items():
-            xt, out = tvm.runtime.tensor(x), tvm.runtime.empty((m, n), "float32")
-            fn(xt, dev[0], out)
-            err = float(np.abs(out.numpy() - x.astype(np.float64) @ w.T.astype(np.float64)).max())
-            if err > 1e-3 * max(1.0, float(np.sqrt(k))):
-                raise AssertionError(f"dense_nt {k}x{n} at {m} rows differs from numpy by {err}")
-            ours[m] = median_seconds(lambda: [fn(xt, a, out) for a in dev], args.repeats, per_call=copies)
-        time.sleep(1.0)
-        for m, x in xs.items():
-            out = np.empty((m, n), np.float32)
-            theirs = median_seconds(lambda: [np.matmul(x, a.T, out=out) for a in host], args.repeats, per_call=copies)
-            rows_out.append({"in_features": k, "out_features": n, "rows": m, "ours_ms": ours[m] * 1e3,
-                             "numpy_ms": theirs * 1e3, "speedup_vs_numpy": theirs / ours[m],
-                             "ours_gflops": 2 * m * k * n / ours[m] / 1e9, "ours_weight_gbps": w.nbytes / ours[m] / 1e9})
-            r = rows_out[-1]
-            print(f"{k:5d} x {n:5d}  rows {m:5d}  ours {r['ours_ms']:9.3f} ms  numpy {r['numpy_ms']:9.3f} ms  "
-                  f"x{r['speedup_vs_numpy']:5.2f}  {r['ours_gflops']:6.1f} GFLOP/s  {r['ours_weight_gbps']:5.1f} GB/s", flush=True)
-        time.sleep(1.0)
-    result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "tiles": tiles.name,
-              "working_set_bytes": args.working_set, "repeats": args.repeats, "cases": rows_out}
+        kernels, build_seconds = {}, {}
+        for label, tiles in ours.items():
+            start = time.perf_counter()
+            lib = tvm.tirx.build(dense_nt(k, n, 2, DensePlan.tiles_only(tiles), threads), target)  # as DenseToTIR builds it
+            build_seconds[label] = time.perf_counter() - start
+            weights = [tvm.runtime.tensor(pack_weight(a, tiles.panel) if isinstance(tiles, PackedTiles) else a) for a in host]
+            kernels[label] = (lib[lib.entry_name], weights)
+        for m in args.rows:
+            x = rng.standard_normal((m, k), dtype=np.float32)
+            reference = x.astype(np.float64) @ w.T.astype(np.float64)
+            xt, out_dev, out = tvm.runtime.tensor(x), tvm.runtime.empty((m, n), "float32"), np.empty((m, n), np.float32)
+            passes = {label: (lambda fn=fn, ws=ws: [fn(xt, a, out_dev) for a in ws]) for label, (fn, ws) in kernels.items()}
+            passes["numpy"] = lambda: [np.matmul(x, a.T, out=out) for a in host]
+            for label, (fn, ws) in kernels.items():
+                fn(xt, ws[0], out_dev)
+                err = float(np.abs(out_dev.numpy() - reference).max())
+                if err > 1e-3 * max(1.0, float(np.sqrt(k))):
+                    raise AssertionError(f"dense {label} {k}x{n} at {m} rows differs from numpy by {err}")
+            seconds = _interleaved(passes, args.repeats, copies, args.blas_pause)
+            case = {"in_features": k, "out_features": n, "rows": m, "copies": copies,
+                    "numpy_ms": seconds["numpy"] * 1e3}
+            for label in ours:
+                case[f"{label}_ms"] = seconds[label] * 1e3
+                case[f"{label}_speedup_vs_numpy"] = seconds["numpy"] / seconds[label]
+                case[f"{label}_gflops"] = 2 * m * k * n / seconds[label] / 1e9
+            best = min(ours, key=lambda label: seconds[label])
+            case.update(best=best, best_speedup_vs_numpy=seconds["numpy"] / seconds[best])
+            rows_out.append(case)
+            print(f"{k:5d} x {n:5d}  rows {m:5d}  numpy {case['numpy_ms']:9.3f} ms  " + "  ".join(
+                f"{label} {case[f'{label}_ms']:9.3f} ms x{case[f'{label}_speedup_vs_numpy']:5.2f}" for label in ours), flush=True)
+        rows_out.append({"in_features": k, "out_features": n, "build_seconds": build_seconds})
+    result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "candidates": list(ours),
+              "pool_threads": threads, "working_set_bytes": args.working_set, "repeats": args.repeats,
+              "timing": "interleaved rounds, rotating order, median per call", "cases": rows_out}
     path = save_result("dense_cpu", result, args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _interleaved(passes: dict, repeats: int, per_pass: int, blas_pause: float) -> dict[str, float]:
+    """Median seconds per call of each pass (``per_pass`` calls each): one warm-up pass each, then
+    ``repeats`` rounds timing every pass in turn, the order rotating by one each round."""
+    labels = list(passes)
+    for label in labels:
+        passes[label]()
+        if label == "numpy":
+            time.sleep(blas_pause)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            start = time.perf_counter()
+            passes[label]()
+            times[label].append((time.perf_counter() - start) / per_pass)
+            if label == "numpy":
+                time.sleep(blas_pause)
+    return {label: statistics.median(t) for label, t in times.items()}

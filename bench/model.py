@@ -4,7 +4,7 @@ Measured in one run on the same weights and threads: batch-1 decode tokens/s (32
 prompt, ``--new-tokens`` greedy tokens, end-of-sequence ignored) and prefill tokens/s
 (a ``--prefill-tokens`` prompt, logits of every position on all three sides; ours also with the
 last position's logits only, as a generation's prefill and llama-bench's pp512 compute) for our compiled
-model (paged KV cache, dense layers on the host BLAS), for ``transformers`` (its own KV
+model (paged KV cache, dense layers on the kernels ``cpu_dense="auto"`` measured at compile time), for ``transformers`` (its own KV
 cache) and for onnxruntime running the model exported to ONNX with a KV cache
 (``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
 With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
@@ -12,7 +12,7 @@ With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the sa
 with ours that does the same), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
 ``--quantization int8|int4|gguf`` measures the model with quantized weights (the compiled-model
 cache is used, so a second run starts at once), its llama.cpp baseline on the GGUF of the same
-format (Q8_0 for int8, Q4_1 for int4 and gguf), and its quality: perplexity on the fixed text
+format (Q8_0 for int8, Q4_1 for int4 and gguf; ``--gguf-file``: that file, for both sides), and its quality: perplexity on the fixed text
 and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's own perplexity
 change on the same formats when ``--llama-perplexity`` is given.
 The three run interleaved, repeat after repeat, and the medians are kept, so load from
@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="F32 GGUF of the same weights (default: build_llama_cpp.sh's smol-F32.gguf)")
     parser.add_argument("--quantization", choices=["none", "int8", "int4", "gguf"], default="none",
                         help="weights of our model (and the llama.cpp GGUF format compared with); adds a quality report")
+    parser.add_argument("--gguf-file", type=Path, default=None, metavar="GGUF",
+                        help="with --quantization gguf: the GGUF whose blocks we run (default: the packaged Q4_1 file);"
+                             " also llama.cpp's baseline file unless --llama-gguf is given")
+    parser.add_argument("--quant-activations", choices=["int8", "float32"], default="int8",
+                        help="quantized dense kernels' activations: int8 blocks and integer dots (llama.cpp's math,"
+                             " default) or float32 (dequantized weights)")
     parser.add_argument("--quality-tokens", type=int, default=512, help="tokens of the perplexity / KL text (default 512)")
     parser.add_argument("--llama-perplexity", type=Path, default=None, metavar="BIN",
                         help="llama.cpp's llama-perplexity binary: its perplexity change on the same GGUF formats")
@@ -90,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     compiled = compile_with_bar("default", target=ISA_TARGETS[args.isa], cache=quantization is not None,  # timed: a real compile
-                                quantization=quantization)
+                                quantization=quantization, gguf_file=args.gguf_file,
+                                **({"quant_activations": args.quant_activations} if quantization else {}))
     compile_seconds = time.perf_counter() - start
     engine = llmir_tvm.Engine(compiled)
     hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
@@ -148,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats, "compile_seconds": compile_seconds, "machine": machine_stamp(), "isa": args.isa,
         "target": str(resolve_target(ISA_TARGETS[args.isa])), "dense_plans": compiled.info.dense_plans,
         "quantization": args.quantization, "weight_formats": compiled.info.weight_formats,
+        "gguf_file": str(args.gguf_file) if args.gguf_file else None,
+        "quant_activations": args.quant_activations if quantization else None,
         "weights_bytes": sum(int(p.nbytes) for p in compiled.params),
         "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
                           "tokens_identical_to_hf": same},
@@ -173,13 +182,13 @@ def run(args: argparse.Namespace) -> int:
             from .llama_cpp import BASELINES
 
             out["quality"]["llama_cpp"] = llama_quality(args.llama_perplexity, BASELINES, args.quantization,
-                                                        args.quality_tokens, args.threads)
+                                                        args.quality_tokens, args.threads, args.gguf_file)
     if args.llama_bench is not None:
         from .llama_cpp import BASELINES, DEFAULT_GGUF, run_llama_bench
         from .weight_quality import LLAMA_GGUF_NAMES
 
         default_gguf = BASELINES / LLAMA_GGUF_NAMES[args.quantization] if quantization else DEFAULT_GGUF
-        llama = run_llama_bench(args.llama_bench, args.llama_gguf or default_gguf, args.threads, len(long_prompt), new,
+        llama = run_llama_bench(args.llama_bench, args.llama_gguf or args.gguf_file or default_gguf, args.threads, len(long_prompt), new,
                                 max(1, args.repeats))
         out["llama_cpp"] = llama
         out["decode_batch1"]["llama_cpp_tokens_per_s"] = llama["decode_tokens_per_s"]

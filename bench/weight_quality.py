@@ -54,9 +54,12 @@ def llama_perplexity(binary: Path, gguf: Path, tokens: int, threads: int, timeou
     return parse_llama_perplexity(done.stdout + done.stderr)
 
 
-def llama_quality(binary: Path, baselines: Path, quantization: str, tokens: int, threads: int) -> dict:
-    """llama.cpp's perplexity on its F32 GGUF and on the GGUF of ``quantization``'s format, and the change."""
+def llama_quality(binary: Path, baselines: Path, quantization: str, tokens: int, threads: int,
+                  gguf: Path | None = None) -> dict:
+    """llama.cpp's perplexity on its F32 GGUF and on ``gguf`` (default: the GGUF of ``quantization``'s
+    format, :data:`LLAMA_GGUF_NAMES`), and the change."""
+    gguf = gguf or baselines / LLAMA_GGUF_NAMES[quantization]
     base = llama_perplexity(binary, baselines / LLAMA_GGUF_NAMES["none"], tokens, threads)
-    quant = llama_perplexity(binary, baselines / LLAMA_GGUF_NAMES[quantization], tokens, threads)
-    return {"gguf": LLAMA_GGUF_NAMES[quantization], "perplexity": quant, "f32_perplexity": base,
+    quant = llama_perplexity(binary, gguf, tokens, threads)
+    return {"gguf": Path(gguf).name, "perplexity": quant, "f32_perplexity": base,
             "perplexity_delta_pct": 100.0 * (quant / base - 1.0)}

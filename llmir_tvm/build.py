@@ -182,6 +182,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     cuda_graph: bool = False,
     quantization: str | None = None,
     gguf_file: str | Path | None = None,
+    quant_activations: str = "int8",
     cache: bool = True,
 ) -> CompiledModel:
     """Compile a decoder LLM with a paged KV cache.
@@ -212,7 +213,10 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     (``gguf_file=``, or the one ``*.gguf`` of a model folder; ``"default"``: the packaged Q4_1 file).
     The dense layers and lookups then read the packed weights (``passes.QuantizeWeights``,
     ``tir_kernels.quant_dense``), the weights shrink in memory, in the memory plan and on disk
-    (``info.weight_quantization``, ``info.weight_formats``).
+    (``info.weight_quantization``, ``info.weight_formats``). ``quant_activations``: ``"int8"``
+    (llama.cpp's arithmetic: activations quantized to int8 per block of 32, integer dot products,
+    ``tir_kernels.quant_intdot``) or ``"float32"`` (weights dequantized to float32 in registers:
+    no activation rounding, slower; ``docs/weight_quantization.md``).
     ``cache``: reuse / store the result in the compiled-model cache (``llmir_tvm.compile_cache``:
     ``$LLMIR_TVM_CACHE/compiled``, keyed by the weights, configs, target, options and versions);
     ``LLMIR_TVM_NO_CACHE=1`` turns it off too, and ``dump_ir`` bypasses it (it needs the passes to run).
@@ -222,7 +226,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     target = resolve_target(target)
     if not isinstance(cpu_dense, dict) and cpu_dense not in CPU_DENSE:
         raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {cpu_dense!r}")
-    check_quantization(quantization, gguf_file)
+    check_quantization(quantization, gguf_file, quant_activations)
     if quantization is not None and (target.kind.name != "llvm" or num_shards > 1):
         raise ValueError(f"quantization={quantization!r} needs an llvm (CPU) target and num_shards=1 "
                          f"(got {target.kind.name}, num_shards={num_shards})")
@@ -242,7 +246,8 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     gguf_path = find_gguf_file(model, gguf_file) if quantization == "gguf" else None
     # Every option that changes the result, in one place: passed to the build and digested into the cache key.
     options = {"num_shards": num_shards, "low_batch_gemv": low_batch_gemv, "cpu_dense": cpu_dense,
-               "cuda_graph": cuda_graph, "quantization": quantization}
+               "cuda_graph": cuda_graph, "quantization": quantization,
+               "quant_activations": quant_activations}
 
     def build(stage_progress: Callable[[str, float | None], None]) -> CompiledModel:
         return _build(model, target=target, kv=kv, example_inputs=example_inputs, tokenizer=tokenizer,
@@ -295,6 +300,7 @@ def _build(
     cuda_graph: bool,
     quantization: str | None = None,
     gguf_path: Path | None = None,
+    quant_activations: str = "int8",
 ) -> CompiledModel:
     """The compile itself (no cache): import, KV passes, build. Arguments as :func:`compile`, validated."""
     note = _StageClock(progress)
@@ -303,7 +309,8 @@ def _build(
     weight_formats: dict[str, int] = {}
     if quantization is not None:
         note("QuantizeWeights")
-        imported, weight_formats = quantize_imported(imported, quantization, target, gguf_path)
+        imported, weight_formats = quantize_imported(imported, quantization, target, gguf_path,
+                                                      activations=quant_activations)
     stages = [("0_imported", imported.mod)]
     probe_len = max(16, imported.sliding_window + 8)
     _check_max_seq_len(imported, kv)

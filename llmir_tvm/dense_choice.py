@@ -133,6 +133,16 @@ class HostTimer:
     it; ``"blas"`` is numpy's ``matmul`` as the compiled model calls it (``llmir.blas.matmul_nt``).
     ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
     a layer in a batched step).
+
+    Measured as the model runs it: each call is followed by a call of the layer on TVM's pool (the
+    target's unpacked tiles, :attr:`follow`), the kernel the next layer of a step runs, and the
+    pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
+    kernel takes beyond its own time after itself is charged to the variant. Why: timed
+    alone, OpenBLAS looked faster from 256 rows, but its worker threads keep spinning after each
+    call on the cores TVM's pool needs next; SmolLM2-135M's 512-token prefill on a 2-core Xeon
+    took 2.9x the CPU seconds with the BLAS at 256+ rows of the q/o layers (1.36 s without,
+    3.98 s with; 2026-12-06). CPU seconds rather than wall time also keep other processes'
+    load (which takes cores, not CPU seconds, from this one) from deciding the plan.
     """
 
     def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):
@@ -143,6 +153,7 @@ class HostTimer:
         self._kernels: dict[Variant, Callable] = {}
         self._inputs: dict[int, tuple] = {}
         self._rng = rng
+        self._follow_alone: dict[int, float] = {}
 
     def _weight(self, variant: Variant):
         layout = _layout(variant)
@@ -164,6 +175,12 @@ class HostTimer:
             self._inputs[rows] = (x, out, tvm.runtime.tensor(x), tvm.runtime.tensor(out))
         return self._inputs[rows]
 
+    @property
+    def follow(self) -> DenseTiles:
+        """The kernel timed after every call: the target's best register tiling on ``W [N, K]``."""
+        shape = vector_shape(self.target)
+        return tile_candidates(shape.lanes, shape.registers)[0]
+
     def __call__(self, variant: Variant, rows: int) -> float:
         x, out, x_dev, out_dev = self._io(rows)
         if variant == "blas":
@@ -171,10 +188,24 @@ class HostTimer:
         else:
             fn, w_dev = self._kernel(variant), self._weight(variant)
             call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
+        follow = lambda: self._kernel(self.follow)(x_dev, self._weights[None], out_dev)  # noqa: E731
+        if rows not in self._follow_alone:  # the next layer's own CPU seconds, after itself
+            follow()
+            self._follow_alone[rows] = min(_cpu_seconds(follow) for _ in range(3))
         call()  # warm: first-touch, instruction cache
-        start = time.perf_counter()
+        follow()
+        start = time.process_time()
         call()
-        return time.perf_counter() - start
+        mid = time.process_time()
+        follow()
+        return mid - start + max(0.0, time.process_time() - mid - self._follow_alone[rows])
+
+
+def _cpu_seconds(call: Callable[[], object]) -> float:
+    """The process's CPU seconds (all threads) one ``call()`` took."""
+    start = time.process_time()
+    call()
+    return time.process_time() - start
 
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
@@ -207,7 +238,7 @@ def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
 CPU_DENSE = ("auto", "tir", "blas")
 #: Layers with fewer weights than this are not timed: too small to matter next to the rest of a
 #: step. In ``"auto"`` mode they get the target's register tiles on ``W [N, K]`` rather than the
-#: packed kernel: LLVM compiles those about 10x faster (0.4 s against 4-8 s a shape on AVX-512),
+#: packed kernel: LLVM compiles those faster (0.4-0.5 s against 0.7-0.8 s a shape on AVX-512),
 #: and a tiny model then compiles in seconds without measuring.
 MIN_MEASURED_WEIGHTS = 65536
 _measured: dict[tuple[str, int, int], DensePlan] = {}

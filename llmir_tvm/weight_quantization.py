@@ -18,7 +18,7 @@ import numpy as np
 from tvm import relax
 
 from .frontend import ImportedModel
-from .passes.quantize_weights import QuantizeWeights, plane_param_name
+from .passes.quantize_weights import ACTIVATIONS, QuantizeWeights, plane_param_name
 from .quant import QuantizedWeight, quantize
 from .quant.gguf_file import read_gguf_weights
 
@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("int8", "int4", "gguf")
 
 
-def check_quantization(quantization: str | None, gguf_file) -> None:
-    """Raise a ``ValueError`` naming a bad ``quantization`` / ``gguf_file`` combination."""
+def check_quantization(quantization: str | None, gguf_file, activations: str = "int8") -> None:
+    """Raise a ``ValueError`` naming a bad ``quantization`` / ``gguf_file`` / ``quant_activations`` combination."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quant_activations must be one of {ACTIVATIONS}, got {activations!r}")
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
     if gguf_file is not None and quantization != "gguf":
@@ -54,9 +56,10 @@ def find_gguf_file(model, gguf_file) -> Path:
                      "or a folder holding exactly one *.gguf)")
 
 
-def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_path: Path | None = None
-                      ) -> tuple[ImportedModel, dict[str, int]]:
-    """``imported`` with its weights quantized (module and weight list), and ``{format: weights}``."""
+def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_path: Path | None = None,
+                      activations: str = "int8") -> tuple[ImportedModel, dict[str, int]]:
+    """``imported`` with its weights quantized (module and weight list), and ``{format: weights}``;
+    ``activations``: the dense kernels' arithmetic (``QuantizeWeights(activations=...)``)."""
     func = imported.mod["main"]
     first = int(func.attrs["num_input"])
     arrays = {p.name: a for p, a in zip(func.params[first:], imported.params)}
@@ -74,7 +77,7 @@ def quantize_imported(imported: ImportedModel, quantization: str, target, gguf_p
     aliases = _tied(weights, arrays)
     for name in aliases:
         weights.pop(name)
-    mod = QuantizeWeights({name: w.format for name, w in weights.items()}, target, aliases)(imported.mod)
+    mod = QuantizeWeights({name: w.format for name, w in weights.items()}, target, aliases, activations)(imported.mod)
     planes = {plane_param_name(name, plane): array for name, w in weights.items() for plane, array in w.planes.items()}
     params = [planes[p.name] if p.name in planes else arrays[p.name] for p in mod["main"].params[first:]]
     counts = dict(Counter(w.format for w in weights.values()))

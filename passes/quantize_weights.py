@@ -8,7 +8,12 @@ place among the weights, by its planes (parameters named ``{W}__{plane}``, in
     matmul(x, permute_dims(W))  ->  call_tir(llmir_qdense_{fmt}_KxN[_3d], (x, *planes))
     take(W, ids, axis=0)        ->  call_tir(llmir_qtake_{fmt}_NxK, (*planes, ids))
 
-(``x`` of rank > 3 and ``ids`` of rank > 1 are reshaped around the call). ``aliases`` (weight ->
+(``x`` of rank > 3 and ``ids`` of rank > 1 are reshaped around the call). ``activations`` picks
+the dense kernels' arithmetic: ``"int8"`` (default, llama.cpp's: each ``x`` row quantized to int8 in
+blocks of 32 and integer dot products, ``tir_kernels.quant_intdot``, for the formats it serves;
+the others, ``q4_k`` and ``int8`` with ``K`` not a multiple of 32, fall back to the float kernel)
+or ``"float32"`` (weights dequantized to float32 in registers, ``tir_kernels.quant_dense``: no
+activation rounding, slower). ``aliases`` (weight ->
 weight) share one set of planes: tied embeddings (``lm_head`` reading the token embedding) are
 stored once; the aliased parameter is dropped. A weight with another
 use keeps its float parameter for that use (and a warning), so the module stays correct. The
@@ -28,11 +33,16 @@ from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.sym.analyzer import Analyzer
 
 from ..quant.formats import FORMATS, plane_specs
-from ..target import vector_shape
+from ..target import cpu_features, vector_shape
 from ..tir_kernels.quant_dense import quant_dense_nt, quant_tiles
+from ..tir_kernels.quant_intdot import dot_isa, intdot_supported, intdot_tiles, quant_intdot_nt
+from ..tir_kernels.task_split import split_threads
 from ..tir_kernels.quant_embedding import quant_take
 
 log = logging.getLogger(__name__)
+
+#: ``QuantizeWeights(activations=...)`` values: the dense kernels' activation arithmetic.
+ACTIVATIONS = ("int8", "float32")
 
 
 def plane_param_name(weight: str, plane: str) -> str:
@@ -45,15 +55,20 @@ class QuantizeWeights:
     """Replace the weights named in ``formats`` by their quantized planes and route their matmuls
     and embedding lookups to ``tir_kernels.quant_dense`` / ``quant_embedding``.
 
-    ``target``: the LLVM target whose vector registers size the kernel tiles (default: the
-    enclosing ``Target.current()``, else the host).
+    ``target``: the LLVM target whose vector registers size the kernel tiles and whose features pick
+    the integer dot product (default: the enclosing ``Target.current()``, else the host).
+    ``activations``: ``"int8"`` (integer dot products on int8-quantized activations, llama.cpp's math)
+    or ``"float32"`` (the module docstring).
     """
 
     def __init__(self, formats: Mapping[str, str], target: tvm.target.Target | str | dict | None = None,
-                 aliases: Mapping[str, str] | None = None):
+                 aliases: Mapping[str, str] | None = None, activations: str = "int8"):
         bad = {name: fmt for name, fmt in formats.items() if fmt not in FORMATS}
         if bad:
             raise ValueError(f"QuantizeWeights: unknown formats {bad}; known: {', '.join(FORMATS)}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"QuantizeWeights: activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.activations = activations
         self.formats = dict(formats)
         self.target = target
         self.aliases = dict(aliases or {})
@@ -67,12 +82,16 @@ class QuantizeWeights:
         target = self.target if self.target is not None else tvm.target.Target.current(allow_none=True)
         shape = vector_shape(target)
         tiles = quant_tiles(shape.lanes, shape.registers)
+        int_tiles = intdot_tiles(dot_isa(cpu_features(target)), shape.registers, split_threads(shape.isa))
         kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
         def call_kernel(kind: str, fmt: str, n: int, k: int, variant, args: list, out_ty) -> relax.Expr:
             key = (kind, fmt, n, k, variant)
             if key not in kernels:
-                if kind == "dense":
+                if kind == "dense" and self.activations == "int8" and intdot_supported(fmt, k):
+                    name = f"llmir_qdense_{fmt}_i8_{k}x{n}" + ("" if variant == 2 else "_3d")
+                    prim = quant_intdot_nt(fmt, k, n, int_tiles, variant)
+                elif kind == "dense":
                     name = f"llmir_qdense_{fmt}_{k}x{n}" + ("" if variant == 2 else "_3d")
                     prim = quant_dense_nt(fmt, k, n, tiles, variant)
                 else:

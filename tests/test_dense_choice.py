@@ -4,6 +4,8 @@ whose plan sends prefill rows to the BLAS from inside the dense kernel matches H
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,34 @@ def test_host_plans_measure_what_runs_here_and_only_tiles_elsewhere():
         plans = host_plans(avx2, [(576, 576), (576, 576)], timer_factory=lambda t, k, n: made.append((k, n)) or FakeTimer())
         assert made == [(576, 576)]  # one timer per distinct shape
         assert plans[(576, 576)].segments[0] == (0, A) and plans[(576, 576)].segments[-1][1] == "blas"
+
+
+def test_host_timer_charges_a_variant_what_the_next_pool_kernel_loses_after_it(monkeypatch):
+    """HostTimer times real kernels in CPU seconds; a variant is charged its own call plus what the
+    next layer's kernel (the target's tiles on the pool) takes beyond its time after itself: a
+    stand-in BLAS that leaves the next call 50 ms slower is charged those 50 ms."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if not runs_on_host(target):
+        pytest.skip("this CPU cannot run AVX2 code")
+    timer = dense_choice.HostTimer(target, 40, 48)
+    assert timer.follow == A  # AVX2's best register tiling
+    assert all(timer(v, rows) > 0 for v in (A, "blas") for rows in (1, 5))
+    assert set(timer._follow_alone) == {1, 5}
+    follow = timer._kernel(A)
+    slowed = []
+
+    def slow_next_call(*args):  # the next layer's kernel after a variant that leaves threads spinning
+        follow(*args)
+        if slowed:
+            slowed.pop()
+            end = time.process_time() + 0.05
+            while time.process_time() < end:
+                pass
+
+    timer._kernels[A] = slow_next_call
+    monkeypatch.setattr(dense_choice.np, "matmul", lambda *args, **kwargs: slowed.append(1))
+    assert timer("blas", 5) >= 0.045
+    assert timer(A, 5) < 0.045
 
 
 def test_saved_plans_are_reused_unmeasured_and_bad_ones_rejected(monkeypatch):

@@ -143,6 +143,16 @@ def test_packed_kernel_on_odd_shapes(isa, rng):
     _check(dense_nt(600, 53, 2, tiles, 2), target, (0, 1, 3, 16, 17, 257), 600, 53, rng, tiles.panel)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_packed_every_leftover_row_count(isa, rng):
+    """Rows 0 to 31 on the preferred packed tiling (AVX2 6 rows, AVX-512 14): every count of rows
+    left below a whole tile (tiled as binary digits: 8, 4, 2, 1 rows) at K = 19, N = 40."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    tiles = packed_candidates(shape.lanes, shape.registers)[0]
+    _check(dense_nt(19, 40, 2, tiles, 2), target, range(32), 19, 40, rng, tiles.panel)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_packed_other_tilings_static_split(isa, rng):

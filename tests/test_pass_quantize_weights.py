@@ -10,8 +10,10 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from llmir_tvm.passes import QuantizeWeights
-from llmir_tvm.target import vector_shape
+from llmir_tvm.target import cpu_features, vector_shape
 from llmir_tvm.tir_kernels.quant_dense import quant_dense_nt, quant_tiles
+from llmir_tvm.tir_kernels.quant_intdot import dot_isa, intdot_tiles, quant_intdot_nt
+from llmir_tvm.tir_kernels.task_split import split_threads
 from llmir_tvm.tir_kernels.quant_embedding import quant_take
 
 
@@ -76,8 +78,61 @@ def _expected() -> tvm.IRModule:
 
 
 def test_before_expected():
-    after = QuantizeWeights({"emb": "q8_0", "w": "int4"})(Before)
+    after = QuantizeWeights({"emb": "q8_0", "w": "int4"}, activations="float32")(Before)
     tvm.ir.assert_structural_equal(after, _expected())
+
+
+@I.ir_module
+class BeforeLinear:
+    @R.function
+    def main(x: R.Tensor((1, "n", 64), "float32"), x70: R.Tensor(("n", 70), "float32"),
+             w: R.Tensor((32, 64), "float32"), v: R.Tensor((32, 70), "float32")):
+        R.func_attr({"num_input": 2})
+        with R.dataflow():
+            y = R.matmul(x, R.permute_dims(w, axes=[1, 0]))
+            z = R.matmul(x70, R.permute_dims(v, axes=[1, 0]))  # int8 with K=70: the float kernel
+            R.output(y, z)
+        return (y, z)
+
+
+@I.ir_module
+class ExpectedIntDot:
+    @T.prim_func
+    def llmir_qdense_q4_1_i8_64x32_3d(a: T.handle, b: T.handle, c: T.handle, d: T.handle, e: T.handle):
+        T.evaluate(0)  # stand-in body: swapped for the generated kernel
+
+    @T.prim_func
+    def llmir_qdense_int8_70x32(a: T.handle, b: T.handle, c: T.handle, d: T.handle):
+        T.evaluate(0)
+
+    @R.function
+    def main(x: R.Tensor((1, "n", 64), "float32"), x70: R.Tensor(("n", 70), "float32"),
+             w__qs: R.Tensor((32, 32), "uint8"), w__d: R.Tensor((32, 2), "float16"),
+             w__m: R.Tensor((32, 2), "float16"), v__qs: R.Tensor((32, 70), "int8"), v__scale: R.Tensor((32, 1), "float32")):
+        R.func_attr({"num_input": 2})
+        n = T.int64()
+        cls = ExpectedIntDot
+        with R.dataflow():
+            y = R.call_tir(cls.llmir_qdense_q4_1_i8_64x32_3d, (x, w__qs, w__d, w__m), out_ty=R.Tensor((1, n, 32), "float32"))
+            z = R.call_tir(cls.llmir_qdense_int8_70x32, (x70, v__qs, v__scale), out_ty=R.Tensor((n, 32), "float32"))
+            R.output(y, z)
+        return (y, z)
+
+
+def test_int8_activations_route_to_the_integer_kernel():
+    """The default ``activations="int8"``: the q4_1 Linear calls ``quant_intdot`` with the target's dot
+    product; int8 with K=70 (not whole blocks of 32) keeps the float kernel."""
+    shape = vector_shape()
+    tiles = intdot_tiles(dot_isa(cpu_features()), shape.registers, split_threads(shape.isa))
+    after = QuantizeWeights({"w": "q4_1", "v": "int8"})(BeforeLinear)
+    expected = tvm.IRModule(dict(ExpectedIntDot.functions_items()))
+    kernels = {"llmir_qdense_q4_1_i8_64x32_3d": quant_intdot_nt("q4_1", 64, 32, tiles, 3),
+               "llmir_qdense_int8_70x32": quant_dense_nt("int8", 70, 32, quant_tiles(shape.lanes, shape.registers), 2)}
+    for name, prim in kernels.items():
+        expected.update_func(expected.get_global_var(name), prim.with_attr("global_symbol", name))
+    tvm.ir.assert_structural_equal(after, expected)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        QuantizeWeights({"w": "q4_1"}, activations="int4")
 
 
 @I.ir_module
@@ -96,7 +151,7 @@ def test_weight_with_another_use_keeps_its_float_copy(caplog):
     after = QuantizeWeights({"w": "int8"})(OtherUse)
     assert [p.name for p in after["main"].params] == ["x", "w", "w__qs", "w__scale"]
     assert "keeps its float32 copy" in caplog.text
-    assert any(gv.name_hint == "llmir_qdense_int8_64x32" for gv in after.get_global_vars())
+    assert any(gv.name_hint == "llmir_qdense_int8_i8_64x32" for gv in after.get_global_vars())
 
 
 def test_unknown_format_is_refused():
@@ -120,6 +175,6 @@ def test_tied_weights_share_one_set_of_planes():
     after = QuantizeWeights({"emb": "q8_0"}, aliases={"head": "emb"})(Tied)
     assert [p.name for p in after["main"].params] == ["ids", "emb__qs", "emb__d"]
     dense = [gv for gv in after.get_global_vars() if gv.name_hint.startswith("llmir_qdense")]
-    assert [gv.name_hint for gv in dense] == ["llmir_qdense_q8_0_64x100"]
+    assert [gv.name_hint for gv in dense] == ["llmir_qdense_q8_0_i8_64x100"]
     with pytest.raises(ValueError, match="alias 'head' -> 'w'"):
         QuantizeWeights({"emb": "q8_0"}, aliases={"head": "w"})

@@ -20,7 +20,8 @@ row tile of the chunk. ``K`` is not blocked: a tile's accumulators finish in reg
 stored once, which keeps a task idempotent for the self-balancing split (a K-blocked kernel
 accumulates partial sums in ``out``, which a task run twice would corrupt), and streaming a
 panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
-a multiple of ``rows`` (and batch-1 decode: 1 row) use a tile of that many rows, so a GEMV streams ``Wp`` once, contiguously.
+a multiple of ``rows`` use tiles of 8, 4, 2 and 1 rows (the binary digits of their count: few
+micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously.
 Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool as
 :mod:`.task_split` says (self-balancing on x86).
 """
@@ -223,35 +224,29 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
 
 
 def _leftover(rows_max: int, rows_tile):
-    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp)``: a tile of ``left`` (< ``rows_max``) rows."""
-    macros = [rows_tile(r) for r in range(1, rows_max)]
-    if not macros:
+    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp)``: ``left`` (< ``rows_max`` <= 16) rows by
+    tiles of 8, 4, 2 and 1 rows, the binary digits of ``left`` (13 = 8 + 4 + 1). Why not one tile
+    per leftover count: those ``rows_max - 1`` unrolled micro-kernels were most of the code LLVM
+    built (4-8 s a layer shape on AVX-512); four cost a few passes over the panel for odd counts."""
+    if rows_max > 16:
+        raise ValueError(f"packed dense: leftover rows are tiled up to 15, got tiles of {rows_max} rows")
+    sizes = [size for size in (8, 4, 2, 1) if size < rows_max]
 
-        @T.macro
-        def nothing(left, acc, x, xs, wp, out, i0, it, jp):
-            T.evaluate(0)
+    @T.macro
+    def nothing(left, acc, x, xs, wp, out, i0, it, jp):
+        T.evaluate(0)
 
-        return nothing
-
-    def chain(r: int):
-        this = macros[r - 1]
-        if r == rows_max - 1:
-
-            @T.macro
-            def last(left, acc, x, xs, wp, out, i0, it, jp):
-                if left == r:
-                    this(acc, x, xs, wp, out, i0, it, jp)
-
-            return last
-        rest = chain(r + 1)
+    def chain(index: int):
+        if index == len(sizes):
+            return nothing
+        size, this, rest = sizes[index], rows_tile(sizes[index]), chain(index + 1)
 
         @T.macro
         def step(left, acc, x, xs, wp, out, i0, it, jp):
-            if left == r:
-                this(acc, x, xs, wp, out, i0, it, jp)
-            else:
-                rest(left, acc, x, xs, wp, out, i0, it, jp)
+            if left // size % 2 == 1:  # this binary digit of left: the rows after the larger digits'
+                this(acc, x, xs, wp, out, i0 + left // (2 * size) * (2 * size), it, jp)
+            rest(left, acc, x, xs, wp, out, i0, it, jp)
 
         return step
 
-    return chain(1)
+    return chain(0)

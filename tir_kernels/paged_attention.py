@@ -404,7 +404,8 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
         prob = T.alloc_buffer((NV, CH), "float32", scope="local")
         sacc = T.alloc_buffer((U,), f"float32x{CH}", scope="local")
         mx = T.alloc_buffer((NV,), "float32", scope="local")
-        den = T.alloc_buffer((NV,), "float32", scope="local")
+        den = T.alloc_buffer((NV, CH), "float32", scope="local")  # per-lane partial sums of the softmax denominators
+        total = T.alloc_buffer((NV,), "float32", scope="local")
         blk = T.alloc_buffer((CH,), "int64", scope="local")
         off = T.alloc_buffer((CH,), "int64", scope="local")
         kpos = T.alloc_buffer((CH,), "int64", scope="local")
@@ -421,7 +422,8 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
             for d in T.vectorized(D):
                 acc[v, d] = T.float32(0)
             mx[v] = T.float32(_NEG_INF)
-            den[v] = T.float32(0)
+            for i in T.vectorized(CH):
+                den[v, i] = T.float32(0)
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos0, pos0 + nrows - 1, seq_len)
         for c in range((n_vis + CH - 1) // CH):
             cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
@@ -452,25 +454,25 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                     prob[vu * U + u, T.Ramp(0, 1, CH)] = sacc[u]
             for v in range(nv):
                 pos: T.int64 = pos0 + v // G
-                for i in T.vectorized(CH):
-                    prob[v, i] = T.if_then_else(
+                for i in T.vectorized(CH):  # Select, not if_then_else: a lane-wise condition in
+                    prob[v, i] = T.Select(  # if_then_else makes TVM scalarize the loop into branches
                         kpos[i] >= 0
                         and (not causal or kpos[i] <= pos)
                         and (W == 0 or kpos[i] > pos - W or kpos[i] < S),
                         modify_score(cfg, prob[v, i], slope[v % G], kpos[i], pos),
                         T.float32(_NEG_INF),
                     )
-                m_old: T.float32 = mx[v]
-                for i in range(CH):
-                    mx[v] = T.max(mx[v], prob[v, i])
-                fix: T.float32 = exp_nonpositive(m_old - mx[v])
-                for d in T.vectorized(D):
-                    acc[v, d] = acc[v, d] * fix
-                den[v] = den[v] * fix
-                for i in T.vectorized(CH):
-                    prob[v, i] = T.if_then_else(prob[v, i] > T.float32(_NEG_INF), exp_nonpositive(prob[v, i] - mx[v]), T.float32(0))
-                for i in range(CH):
-                    den[v] = den[v] + prob[v, i]
+                top: T.float32 = lanes_max(prob[v, T.Ramp(0, 1, CH)], CH)  # the chunk's max, in registers
+                if top > mx[v]:  # the running max grew: rescale (rare once a long context is under way)
+                    fix: T.float32 = exp_nonpositive(mx[v] - top)
+                    mx[v] = top
+                    for d in T.vectorized(D):
+                        acc[v, d] = acc[v, d] * fix
+                    for i in T.vectorized(CH):
+                        den[v, i] = den[v, i] * fix
+                for i in T.vectorized(CH):  # masked keys (a row may see none of the chunk yet) weigh 0
+                    prob[v, i] = T.Select(prob[v, i] > T.float32(_NEG_INF), exp_nonpositive(prob[v, i] - mx[v]), T.float32(0))
+                    den[v, i] = den[v, i] + prob[v, i]
             if quant:
                 for v in range(nv):
                     for i in range(cnt):
@@ -479,15 +481,18 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                 for i in range(cnt):
                     for d in T.vectorized(DV):
                         acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], VP, hk, off[i], d)
-        if SINKS:
-            for v in range(nv):
-                den[v] = den[v] + sink_weight(sink[v % G], mx[v])
+        for v in range(nv):
+            total[v] = T.float32(0)
+            for i in range(CH):
+                total[v] = total[v] + den[v, i]
+            if SINKS:
+                total[v] = total[v] + sink_weight(sink[v % G], mx[v])
         for r in range(nrows):
             for g in range(G):
                 for d in T.vectorized(D):
                     out_rows[row0 + r, hk * G + g, d] = T.Cast(
                         out_rows.dtype,
-                        T.if_then_else(den[r * G + g] > T.float32(0), acc[r * G + g, d] / den[r * G + g], T.float32(0)),
+                        T.if_then_else(total[r * G + g] > T.float32(0), acc[r * G + g, d] / total[r * G + g], T.float32(0)),
                     )
 
     return body

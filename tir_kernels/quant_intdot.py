@@ -1,0 +1,368 @@
+"""Dense layers over quantized weights with int8 activations and integer dot products (llama.cpp's math).
+
+Why: the float kernel (:mod:`.quant_dense`) dequantizes every weight to float32 in registers and
+does one FMA per weight, so a batch-1 decode is bound by that arithmetic, not by the bytes it
+reads. llama.cpp instead quantizes the activation row to int8 in blocks of 32 (its ``q8_0`` /
+``q8_1``: ``d = max|x| / 127``, ``xq = round(x / d)``, ``d`` rounded to float16) and multiplies
+32 int8 activations by 32 4- or 8-bit weights in one or two integer instructions:
+
+* ``vnni`` (AVX-512 VNNI + VL, or AVX-VNNI): ``vpdpbusd`` on a 256-bit vector (32 u8 x s8 -> 8 int32);
+* ``avx2``: ``vpmaddubsw`` (u8 x s8 -> int16 pairs) then ``vpmaddwd`` with ones (-> 8 int32);
+* ``generic``: int32 vector multiplies LLVM lowers for any CPU (aarch64, SSE), the same sums.
+
+``vpdpbusd`` / ``vpmaddubsw`` take unsigned x signed bytes: 4-bit quants (``0..15``) are unsigned
+already; for int8 weights the sign moves onto the activation (``|w| * sign(w) x``, llama.cpp's
+trick). Per block ``g`` of output row ``j`` and activation row ``i``::
+
+    dot   = sum_e q[j, g, e] * xq[i, g, e]                      (exact, int32)
+    out  += d_w[j, g] * d_x[i, g] * dot  +  off_w[j, g] * s_x[i, g]
+
+with ``s_x = d_x * sum_e xq`` (float32) and ``off_w`` the weight's offset (``q4_1`` / ``int4``:
+``m``; ``q4_0``: ``-8 d``; int8 formats: none); ``int8``'s per-row scale multiplies the finished
+sum. Results differ from ``x @ dequantize(W).T`` by the activation rounding (about 0.4% of a
+block's largest activation per element, as in llama.cpp), not only by the order of the float sums;
+:func:`reference` is the numpy model of exactly this math.
+
+Formats: :data:`INTDOT_FORMATS` (``q4_k`` and ``int8`` with ``K`` not a multiple of 32 use the
+float kernel). Work split: activation rows are quantized first (one parallel loop), then the
+same register tiling as the float kernel (``rows x cols`` tiles, ``task_cols`` W rows a task,
+``x`` rows in L2-sized chunks) over :func:`.task_split.parallel_tasks`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from ..quant.formats import FORMATS, QuantizedWeight, check_shape, plane_specs, unpack_nibbles
+from .quant_dense import X_CHUNK_BYTES, _entry
+from .task_split import parallel_tasks
+
+#: Activation block (elements of x sharing one int8 scale) = weight group.
+BLOCK = 32
+#: Weight formats the integer kernel serves.
+INTDOT_FORMATS = ("int8", "int4", "q8_0", "q4_0", "q4_1")
+#: Integer dot-product instruction sets, fastest first.
+DOT_ISAS = ("vnni", "avx2", "generic")
+#: int32 lanes of one block's partial sums (a 256-bit vector).
+LANES = 8
+
+
+def dot_isa(features: frozenset[str] | set[str]) -> str:
+    """The integer dot product a CPU with LLVM ``features`` gets (see :data:`DOT_ISAS`)."""
+    if ("avx512vnni" in features and "avx512vl" in features) or "avxvnni" in features:
+        return "vnni"
+    if "avx2" in features:
+        return "avx2"
+    return "generic"
+
+
+def intdot_supported(fmt: str, in_features: int) -> bool:
+    """Whether the integer kernel serves a ``fmt`` weight with ``in_features`` columns."""
+    return fmt in INTDOT_FORMATS and (fmt != "int8" or in_features % BLOCK == 0)
+
+
+@dataclass(frozen=True)
+class IntDotTiles:
+    """Register tiling: ``rows x cols`` tiles of x rows by W rows, ``task_cols`` W rows per parallel task,
+    the dot-product ``isa`` (:data:`DOT_ISAS`) and ``threads`` of the self-balancing split (0: static)."""
+
+    isa: str
+    rows: int
+    cols: int
+    task_cols: int
+    threads: int = 0
+
+    def __post_init__(self):
+        if self.isa not in DOT_ISAS:
+            raise ValueError(f"IntDotTiles: isa must be one of {DOT_ISAS}, got {self.isa!r}")
+        if self.rows < 1 or self.cols < 1 or self.task_cols % self.cols:
+            raise ValueError(f"IntDotTiles: need rows, cols >= 1 and task_cols a multiple of cols; got {self}")
+
+
+def intdot_tiles(isa: str, registers: int, threads: int = 0) -> IntDotTiles:
+    """Tiles for ``registers`` vector registers: ``rows x 4`` accumulators, 4 weight vectors, one
+    activation block and two temporaries fit (16 ymm: 2 x 4; 32: 4 x 4)."""
+    return IntDotTiles(isa, 4 if registers >= 32 else 2, 4, 16, threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# One block's integer dot product (int32 x LANES) per ISA.
+
+def _intrin(dtype, name, *args):
+    return T.call_llvm_pure_intrin(dtype, name, *args)
+
+
+def _udot(isa: str, u, s):
+    """Partial sums (int32x8) of 32 unsigned bytes ``u`` times 32 signed bytes ``s`` (vector expressions)."""
+    if isa == "vnni":
+        return _intrin(f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.256",
+                       T.Broadcast(T.int32(0), LANES), u, s)  # LLVM >= 20 types the bytes as <32 x i8>
+    pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u, s)
+    return _intrin(f"int32x{LANES}", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+
+
+def block_dot(fmt: str, isa: str):
+    """``dot(planes, j, g, xq, i)``: int32x8 partial sums of block ``g`` of W row ``j`` times block ``g``
+    of quantized activation row ``i`` (lanes sum to the exact block dot product)."""
+    eight = fmt in ("int8", "q8_0")
+
+    def generic(planes, j, g, xq, i):
+        total = T.Broadcast(T.int32(0), LANES)
+        for c in range(BLOCK // LANES):
+            xs = T.Cast(f"int32x{LANES}", xq[i, T.Ramp(g * BLOCK + c * LANES, 1, LANES)])
+            if eight:
+                ws = T.Cast(f"int32x{LANES}", planes["qs"][j, T.Ramp(g * BLOCK + c * LANES, 1, LANES)])
+            else:  # chunks 0, 1: low nibbles of bytes 0..15; chunks 2, 3: high nibbles
+                b = T.Cast(f"int32x{LANES}", planes["qs"][j, T.Ramp(g * 16 + (c % 2) * LANES, 1, LANES)])
+                ws = T.bitwise_and(T.shift_right(b, T.Broadcast(T.int32(4 * (c // 2)), LANES)),
+                                   T.Broadcast(T.int32(15), LANES))
+            total = total + ws * xs
+        return total
+
+    def simd(planes, j, g, xq, i):
+        x = xq[i, T.Ramp(g * BLOCK, 1, BLOCK)]
+        if eight:
+            w = planes["qs"][j, T.Ramp(g * BLOCK, 1, BLOCK)]
+            sign = lambda a, b: _intrin("int8x32", "llvm.x86.avx2.psign.b", a, b)  # noqa: E731
+            return _udot(isa, T.reinterpret("uint8x32", sign(w, w)), sign(x, w))
+        b = planes["qs"][j, T.Ramp(g * 16, 1, 16)]
+        low = T.bitwise_and(b, T.Broadcast(T.uint8(15), 16))
+        high = T.shift_right(b, T.Broadcast(T.uint8(4), 16))
+        return _udot(isa, T.Shuffle([low, high], list(range(BLOCK))), x)
+
+    return generic if isa == "generic" else simd
+
+
+def biased_activations(fmt: str, isa: str) -> bool:
+    """Whether activations are stored ``xq + 128`` (unsigned): VNNI with 8-bit weights, where
+    ``vpdpbusd(-128 * sum(w), xq + 128, w)`` (the correction computed once per W block, shared by a
+    tile's rows) replaces the two ``vpsignb`` of every activation row x W row pair."""
+    return isa == "vnni" and fmt in ("int8", "q8_0")
+
+
+def biased_dot():
+    """``(correction(planes, j, g), dot(planes, j, g, xu, i, correction))`` of :func:`biased_activations`:
+    ``-128 * sum(w)`` as int32x8 partial sums, and the exact block dot product's partial sums."""
+    def correction(planes, j, g):
+        w = planes["qs"][j, T.Ramp(g * BLOCK, 1, BLOCK)]
+        return T.Broadcast(T.int32(0), LANES) - _udot("vnni", T.Broadcast(T.uint8(128), BLOCK), w)
+
+    def dot(planes, j, g, xu, i, corr):
+        return _intrin(f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.256", corr,
+                       xu[i, T.Ramp(g * BLOCK, 1, BLOCK)], planes["qs"][j, T.Ramp(g * BLOCK, 1, BLOCK)])
+
+    return correction, dot
+
+
+def _block_terms(fmt: str):
+    """``(scale(planes, j, g), offset(planes, j, g) or None)``: a block's float weight scale and offset."""
+    f32 = lambda e: T.Cast("float32", e)  # noqa: E731
+    if fmt == "int8":
+        return (lambda planes, j, g: T.float32(1)), None
+    scale = lambda planes, j, g: f32(planes["d"][j, g])  # noqa: E731
+    if fmt == "q8_0":
+        return scale, None
+    if fmt == "q4_0":
+        return scale, (lambda planes, j, g: f32(planes["d"][j, g]) * T.float32(-8))
+    return scale, (lambda planes, j, g: f32(planes["m"][j, g]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel.
+
+def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
+    """T.macro ``(n, x, planes, out)``: quantize x's rows, then ``out`` from integer block dots."""
+    R, C, TASK = tiles.rows, tiles.cols, tiles.task_cols
+    G = -(-K // BLOCK)
+    KP = G * BLOCK
+    CHUNK_TILES = max(1, X_CHUNK_BYTES // (KP * R))
+    FULL_TASKS, REST = N // TASK, N % TASK
+    TASKS = FULL_TASKS + (1 if REST else 0)
+    dot = block_dot(fmt, tiles.isa)
+    biased = biased_activations(fmt, tiles.isa)
+    correction, biased_block_dot = biased_dot()
+    XQ = "uint8" if biased else "int8"
+    scale, offset = _block_terms(fmt)
+    L = LANES
+    V = T.Ramp(0, 1, L)
+
+    def row_scale(planes, j):
+        return planes["scale"][j, 0] if fmt == "int8" else T.float32(1)
+
+    def x_at(x, i, k):  # int4's zero-padded last block reads zeros past K
+        return x[i, k] if K == KP else T.if_then_else(k < K, x[i, k], T.float32(0))
+
+    def tree(op, v, lanes):  # a vector expression reduced to a scalar by halving shuffles
+        while lanes > 1:
+            lanes //= 2
+            v = op(T.Shuffle([v], list(range(lanes))), T.Shuffle([v], list(range(lanes, 2 * lanes))))
+        return v
+
+    @T.macro
+    def quantize_block_vector(x, i, g, xq, xd, xs):  # a whole block of 32, as vectors
+        v = T.decl_buffer((BLOCK,), "float32", scope="local")
+        m = T.decl_buffer((2,), "float32", scope="local")  # 127 / max |x|, then the sum of quants
+        v[T.Ramp(0, 1, BLOCK)] = x[i, T.Ramp(g * BLOCK, 1, BLOCK)]
+        m[1] = tree(T.max, T.abs(v[T.Ramp(0, 1, BLOCK)]), BLOCK)
+        m[0] = T.Select(m[1] > T.float32(0), T.float32(127) / m[1], T.float32(0))
+        xd[i, g] = T.Cast("float32", T.Cast("float16", m[1] / T.float32(127)))
+        v[T.Ramp(0, 1, BLOCK)] = T.nearbyint(v[T.Ramp(0, 1, BLOCK)] * T.Broadcast(m[0], BLOCK))
+        xq[i, T.Ramp(g * BLOCK, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)] + T.Broadcast(
+            T.float32(128 if biased else 0), BLOCK))
+        xs[i, g] = xd[i, g] * tree(T.Add, v[T.Ramp(0, 1, BLOCK)], BLOCK)
+
+    @T.macro
+    def quantize_block_scalar(x, i, g, xq, xd, xs):  # int4's zero-padded last block
+        m = T.decl_buffer((3,), "float32", scope="local")  # max |x|, 127 / max |x|, sum of quants
+        m[0] = T.float32(0)
+        for e in range(BLOCK):
+            m[0] = T.max(m[0], T.abs(x_at(x, i, g * BLOCK + e)))
+        m[1] = T.Select(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
+        m[2] = T.float32(0)
+        for e in range(BLOCK):
+            q = T.nearbyint(x_at(x, i, g * BLOCK + e) * m[1])
+            xq[i, g * BLOCK + e] = T.Cast("int8", q)
+            m[2] = m[2] + q
+        xd[i, g] = T.Cast("float32", T.Cast("float16", m[0] / T.float32(127)))
+        xs[i, g] = xd[i, g] * m[2]
+
+    @T.macro
+    def quantize_rows(n, x, xq, xd, xs):
+        for i in T.parallel(n):
+            for g in range(K // BLOCK):
+                quantize_block_vector(x, i, g, xq, xd, xs)
+            if K < KP:
+                quantize_block_scalar(x, i, G - 1, xq, xd, xs)
+
+    @T.macro
+    def tile(acc, sacc, xq, xd, xs, planes, out, i0, j0, rows, cols):
+        for t in T.unroll(rows * cols):
+            acc[t, V] = T.Broadcast(T.float32(0), L)
+            sacc[t] = T.float32(0)
+        for g in range(G):
+            for c in T.unroll(cols):
+                corr = T.decl_buffer((LANES,), "int32", scope="local")
+                if biased:
+                    corr[T.Ramp(0, 1, LANES)] = correction(planes, j0 + c, g)
+                for r in T.unroll(rows):
+                    p = T.decl_buffer((LANES,), "int32", scope="local")
+                    if biased:
+                        p[T.Ramp(0, 1, LANES)] = biased_block_dot(planes, j0 + c, g, xq, i0 + r, corr[T.Ramp(0, 1, LANES)])
+                    else:
+                        p[T.Ramp(0, 1, LANES)] = dot(planes, j0 + c, g, xq, i0 + r)
+                    acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", p[T.Ramp(0, 1, LANES)]) * T.Broadcast(
+                        scale(planes, j0 + c, g) * xd[i0 + r, g], L)
+                    if offset is not None:
+                        sacc[r * cols + c] = sacc[r * cols + c] + offset(planes, j0 + c, g) * xs[i0 + r, g]
+        for r in T.unroll(rows):
+            for c in T.unroll(cols):
+                # summed in registers by halving shuffles (a store / reload of the vector stalls)
+                out[i0 + r, j0 + c] = (sacc[r * cols + c] + tree(T.Add, acc[r * cols + c, V], L)) * row_scale(planes, j0 + c)
+
+    @T.macro
+    def _task(task, n, xq, xd, xs, planes, out):
+        acc = T.alloc_buffer((R * C, L), "float32", scope="local")
+        sacc = T.alloc_buffer((R * C,), "float32", scope="local")
+        ic: T.int64 = task // TASKS
+        jt: T.int64 = task % TASKS
+        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        if jt < FULL_TASKS:
+            for jc in range(TASK // C):
+                for ib in range(ic * CHUNK_TILES, T.min(n // R, ic * CHUNK_TILES + CHUNK_TILES)):
+                    tile(acc, sacc, xq, xd, xs, planes, out, ib * R, jt * TASK + jc * C, R, C)
+                if ic == nch - 1:
+                    for i in range(n // R * R, n):
+                        tile(acc, sacc, xq, xd, xs, planes, out, i, jt * TASK + jc * C, 1, C)
+        elif ic == 0:
+            for i in range(n):
+                for c in range(REST):
+                    tile(acc, sacc, xq, xd, xs, planes, out, i, FULL_TASKS * TASK + c, 1, 1)
+
+    @T.macro
+    def task_work(task, n, x, w, out):  # w: (xq, xd, xs, planes)
+        _task(task, n, w[0], w[1], w[2], w[3], out)
+
+    run = parallel_tasks(tiles.threads, task_work)
+
+    @T.macro
+    def products(n, x, planes, out):
+        xq = T.alloc_buffer((n, KP), XQ, align=32)
+        xd = T.alloc_buffer((n, G), "float32")
+        xs = T.alloc_buffer((n, G), "float32")
+        quantize_rows(n, x, xq, xd, xs)
+        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
+
+    return products
+
+
+@functools.lru_cache(maxsize=None)
+def quant_intdot_nt(fmt: str, in_features: int, out_features: int, tiles: IntDotTiles, rank: int = 2) -> tvm.tirx.PrimFunc:
+    """The PrimFunc ``(x [n, K], *planes, out [n, N])`` computing float32 ``out`` by int8-activation
+    integer dot products (the module docstring; :func:`reference` is its numpy model); ``n`` symbolic.
+    ``rank=3``: ``x [b, s, K]``, ``out [b, s, N]``. Cached (PrimFuncs are immutable)."""
+    K, N = int(in_features), int(out_features)
+    if fmt not in FORMATS:
+        raise ValueError(f"quant_intdot_nt: unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+    check_shape(fmt, N, K)
+    if not intdot_supported(fmt, K):
+        raise ValueError(f"quant_intdot_nt: {fmt} with K={K} has no integer kernel (formats {INTDOT_FORMATS}; "
+                         f"int8 needs K a multiple of {BLOCK})")
+    if rank not in (2, 3):
+        raise ValueError(f"quant_intdot_nt: rank must be 2 or 3, got {rank}")
+    specs = plane_specs(fmt, N, K)
+    names = list(specs)
+
+    def bind(handles) -> dict:
+        return {name: T.match_buffer(h, specs[name][0], specs[name][1], align=1) for name, h in zip(names, handles)}
+
+    return _entry(len(names), rank, K, N)(_products(fmt, K, N, tiles), bind)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy reference of exactly the kernel's math.
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xq int8 [n, G*32], d float32 [n, G], s float32 [n, G])`` of ``x [n, K]``: blocks of 32
+    (zero-padded), ``d`` = float16-rounded ``max|x| / 127``, ``xq = rint(x * 127 / max|x|)``,
+    ``s = d * sum(xq)``: llama.cpp's ``quantize_row_q8_1`` (``s`` kept in float32)."""
+    x = np.asarray(x, np.float32)
+    n, k = x.shape
+    groups = -(-k // BLOCK)
+    padded = np.zeros((n, groups * BLOCK), np.float32)
+    padded[:, :k] = x
+    blocks = padded.reshape(n, groups, BLOCK)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(blocks * inverse)
+    d = (amax[..., 0] / np.float32(127)).astype(np.float16).astype(np.float32)
+    return q.astype(np.int8).reshape(n, -1), d, (d * q.sum(axis=-1)).astype(np.float32)
+
+
+def reference(x: np.ndarray, weight: QuantizedWeight) -> np.ndarray:
+    """float64 ``out [n, N]`` of the integer kernel's math on ``x [n, K]`` (exact int32 block dots,
+    float64 scaling, so only the kernel's float32 summation order differs)."""
+    fmt, (n, k), p = weight.format, weight.shape, weight.planes
+    if not intdot_supported(fmt, k):
+        raise ValueError(f"reference: {fmt} with K={k} has no integer kernel")
+    xq, d_x, s_x = quantize_activations(x)
+    groups = d_x.shape[1]
+    if fmt in ("int8", "q8_0"):
+        q = p["qs"].astype(np.int64).reshape(n, groups, BLOCK)
+    else:
+        q = unpack_nibbles(p["qs"], BLOCK).astype(np.int64).reshape(n, groups, BLOCK)
+    dots = np.einsum("jge,ige->ijg", q, xq.astype(np.int64).reshape(len(x), groups, BLOCK)).astype(np.float64)
+    d_w = np.ones((n, groups)) if fmt == "int8" else p["d"].astype(np.float64)
+    out = np.einsum("ijg,jg,ig->ij", dots, d_w, d_x.astype(np.float64))
+    if fmt == "q4_0":
+        out += np.einsum("jg,ig->ij", -8 * p["d"].astype(np.float64), s_x.astype(np.float64))
+    elif fmt in ("q4_1", "int4"):
+        out += np.einsum("jg,ig->ij", p["m"].astype(np.float64), s_x.astype(np.float64))
+    if fmt == "int8":
+        out *= p["scale"][:, 0].astype(np.float64)
+    return out
