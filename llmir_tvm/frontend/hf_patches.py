@@ -28,12 +28,13 @@ from typing import Any, Iterator
 @contextlib.contextmanager
 def export_patches(hf: Any, length: list) -> Iterator[None]:
     """Apply the adjustments ``hf`` needs while it is exported; ``length[0]`` is the step's token count."""
-    with _batched_experts(hf.config), _mpt_alibi(hf, length), _latent_attention(hf), _real_rotary(hf):
+    with batched_experts(hf.config), _mpt_alibi(hf, length), _latent_attention(hf), _real_rotary(hf):
         yield
 
 
 @contextlib.contextmanager
-def _batched_experts(config: Any) -> Iterator[None]:
+def batched_experts(config: Any) -> Iterator[None]:
+    """Trace mixture-of-experts layers with ``batched_mm`` experts (static shapes, no ``histc``) while active."""
     if getattr(config, "_experts_implementation", None) in (None, "batched_mm"):
         yield
         return

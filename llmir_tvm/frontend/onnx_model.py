@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
+from tvm.sym.analyzer import Analyzer
 
 from .imported import ImportedModel, ModelImportError
 from .lift_constants import lift_constants
@@ -182,6 +183,34 @@ def _signature(graph, where: str) -> _Signature:
         logits=logits.name,
         present=[p.name for p in present],
     )
+
+
+def _constant_values(graph) -> dict:
+    """Initializers and ``Constant`` node outputs of ``graph`` as numpy arrays."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.data_type in (6, 7)}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _refuse_windowed_past(graph, sig: _Signature, where: str) -> None:
+    """A past input sliced along its length is a sliding-window cache layer that keeps only its last
+    ``window - 1`` tokens (``DynamicCache(config=...)``): its attention reads part of the past,
+    which a paged cache cannot stand for. Refuse it by name."""
+    past = set(sig.past)
+    constants = _constant_values(graph)
+    for node in graph.node:
+        if node.op_type != "Slice" or node.input[0] not in past:
+            continue
+        axes = constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(4)
+        if axes is not None and {2, -2} & {int(a) for a in np.ravel(axes)}:
+            raise ModelImportError(
+                f"{where}: past input '{node.input[0]}' is sliced along its length (a sliding-window cache "
+                "layer that keeps only its last tokens); export with a cache whose layers keep the whole past "
+                "(DynamicCache() without a config, as llmir_tvm.frontend.cache_export.with_flat_kv_cache does) "
+                "and the window in the attention mask"
+            )
 
 
 def _set_dims(info, dims: list) -> None:
@@ -383,7 +412,9 @@ def _int_scalar(expr: Any) -> Any:
 @contextlib.contextmanager
 def _converters():
     """TVM's ONNX converters plus ours: ``Range`` over known integer scalars as ``R.arange(start,
-    limit, delta)``, ``Concat`` of shapes with tensors, ``Tile`` as ``R.tile``, and onnxruntime's contrib operators
+    limit, delta)``, ``Min`` / ``Max`` of integer scalars as one symbolic size, ``Expand`` of symbolic-shaped tensors to
+    constant shapes, ``TopK`` with ``sorted=0`` as sorted, ``Concat`` of shapes with tensors,
+    ``Tile`` as ``R.tile``, and onnxruntime's contrib operators
     (:mod:`.onnx_contrib`).
 
     TVM's converter computes every non-constant range length with tensor ops and binds it to a
@@ -427,9 +458,57 @@ def _converters():
                 return relax.op.tile(inputs[0], [int(r) for r in reps.value.numpy().tolist()])
             return super()._impl_v13(bb, inputs, attr, params)
 
+    class SymbolicExpand(onnx_frontend.Expand):
+        """``Expand`` of a tensor with symbolic dims to a constant shape (a mixture-of-experts router's
+        ``[tokens, 1, ...]`` to ``[1, experts, ...]``): TVM's converter reads every data dim as an integer."""
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            data, shape = inputs[0], onnx_frontend.get_constant(inputs[1], params)
+            dims = getattr(data.ty, "shape", None)
+            if not isinstance(shape, tvm.ir.GenericConst) or dims is None or \
+                    all(isinstance(d, tirx.IntImm) for d in dims.values):
+                return super()._impl_v13(bb, inputs, attr, params)
+            target = [int(t) for t in shape.value.numpy().tolist()]
+            data_dims = list(dims.values)
+            rank = max(len(target), len(data_dims))
+            target = [1] * (rank - len(target)) + target
+            data_dims = [tirx.IntImm("int64", 1)] * (rank - len(data_dims)) + data_dims
+            out = [d if t == 1 else tirx.IntImm("int64", t) for d, t in zip(data_dims, target)]
+            if len(dims.values) < rank:
+                data = relax.op.reshape(data, relax.ShapeExpr(data_dims))
+            return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+
+    class AnyOrderTopK(onnx_frontend.TopK):
+        """``TopK`` with ``sorted=0`` (DeepSeek's expert-group choice): the order of its results is then
+        unspecified, so the sorted order TVM computes is one valid result."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            return super()._impl_v11(bb, inputs, {**attr, "sorted": 1}, params)
+
+    def symbolic_extremum(base, combine):
+        class SymbolicExtremum(base):
+            """``Min`` / ``Max`` of integer scalars (a sliding-window cache's ``max(0, past - window + 1)``)
+            as one symbolic size: TVM's converter expects tensors."""
+
+            @classmethod
+            def _impl_v1(cls, bb, inputs, attr, params):
+                values = [_int_scalar(onnx_frontend.get_constant(x, params)) for x in inputs]
+                if all(v is not None for v in values) and not all(isinstance(x, tvm.ir.GenericConst) for x in inputs):
+                    result = values[0]
+                    for value in values[1:]:
+                        result = combine(result, value)
+                    return relax.prim_value(Analyzer().simplify(result))
+                return super()._impl_v1(bb, inputs, attr, params)
+
+        return SymbolicExtremum
+
     original = onnx_frontend._get_convert_map
     onnx_frontend._get_convert_map = lambda: {
-        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, **CONVERTERS
+        **original(), "Range": SymbolicRange, "Concat": MixedConcat, "Tile": RelaxTile, "Expand": SymbolicExpand, "TopK": AnyOrderTopK,
+        "Max": symbolic_extremum(onnx_frontend.Max, tirx.max), "Min": symbolic_extremum(onnx_frontend.Min, tirx.min),
+        **CONVERTERS
     }
     try:
         yield
@@ -473,6 +552,7 @@ def import_onnx(
     fill_kv_head_dims(proto.graph, dims)
     fill_cache_head_dims(proto.graph, dims)
     sig = _signature(proto.graph, where)
+    _refuse_windowed_past(proto.graph, sig, where)
     _specialise(proto, sig)
     _prepare_nodes(proto)
     mod, params = _import_relax(proto, where)
