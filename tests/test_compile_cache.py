@@ -267,7 +267,8 @@ def test_unremembered_files_are_digested_while_the_build_runs(model, built, tmp_
     answered from the remembered digests (no file read)."""
     folder = _saved_folder(model, tmp_path / "model")
     target = build_module.resolve_target("llvm")
-    options = {"num_shards": 1, "low_batch_gemv": False, "cpu_dense": "auto", "cuda_graph": False, "quantization": None}
+    options = {"num_shards": 1, "low_batch_gemv": False, "cpu_dense": "auto", "cuda_graph": False, "quantization": None,
+               "quant_activations": "int8"}
     with pytest.raises(compile_cache.NotRemembered):
         compile_cache.cache_key(folder, target=target, kv=KV, options=options, read_files=False)
     spy = BuildSpy(result=built)
