@@ -304,7 +304,7 @@ def test_a_copy_of_a_cached_folder_ends_its_build_once_the_digest_is_known(model
     monkeypatch.setattr(build_module, "_build", slow_build)
     stages = []
     loaded = llmir_tvm.compile(copy, kv=KV, progress=lambda stage, seconds: stages.append((stage, seconds)))
-    assert 0 < len(reached) < 1000 and len(_entries(cache_dir)) == 1
+    assert len(reached) < 1000 and len(_entries(cache_dir)) == 1
     assert stages[-2:] == [("cache load", None), ("cache load", stages[-1][1])]
     assert loaded.library_path.parent == cache_dir / _entries(cache_dir)[0]
     assert _greedy(loaded) == _torch_greedy(model)
