@@ -138,7 +138,12 @@ class _SkipNorm(onnx_frontend.OnnxOpConverter):
 
     @classmethod
     def _normalise(cls, bb, s, inputs, epsilon):
-        raise NotImplementedError
+        """LayerNorm by ``gamma`` (+ optional ``beta``) when ``centred``, else RMSNorm by ``gamma``."""
+        gamma = inputs[2]
+        if not cls.centred:
+            return _rms_norm(bb, s, gamma, epsilon, [len(_shape(s)) - 1])
+        beta = inputs[3] if inputs[3] is not None else relax.op.zeros_like(gamma)
+        return _emit(bb, relax.op.nn.layer_norm(s, gamma, beta, axes=[-1], epsilon=epsilon))
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -158,22 +163,11 @@ class _SkipNorm(onnx_frontend.OnnxOpConverter):
 class SkipSimplifiedLayerNormalization(_SkipNorm):
     """``com.microsoft.SkipSimplifiedLayerNormalization``: residual add, then RMSNorm by ``gamma``."""
 
-    @classmethod
-    def _normalise(cls, bb, s, inputs, epsilon):
-        return _rms_norm(bb, s, inputs[2], epsilon, [len(_shape(s)) - 1])
-
 
 class SkipLayerNormalization(_SkipNorm):
     """``com.microsoft.SkipLayerNormalization``: residual add (+ bias), then LayerNorm (beta optional)."""
 
     centred = True
-
-    @classmethod
-    def _normalise(cls, bb, s, inputs, epsilon):
-        gamma, beta = inputs[2], inputs[3]
-        if beta is None:
-            beta = relax.op.zeros_like(gamma)
-        return _emit(bb, relax.op.nn.layer_norm(s, gamma, beta, axes=[-1], epsilon=epsilon))
 
 
 def _take_rows(bb, cache: relax.Expr, positions: relax.Expr) -> relax.Expr:
