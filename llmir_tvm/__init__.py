@@ -26,6 +26,12 @@ __version__ = "0.1.0"
 # first parallel kernel), so defaulting it here to the usable cores makes kernels use them.
 # A value set by the user wins.
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# TVM binds its pool's threads to cores when the pool starts, and the calling thread to the first
+# TVM_NUM_THREADS cores: with TVM_NUM_THREADS=1 (a pytest-xdist worker, a user sharing the machine)
+# every such process ran pinned to core 0, side by side. A pinned thread also cannot move off a
+# core a background job holds. Unbound, decode ran as fast idle and beside a busy job (2-core
+# Xeon, 2026-12-06: 35-37 tok/s idle either way), so threads stay unbound unless the user says.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 _SUBMODULES = ("ops", "tir_kernels", "passes", "runtime", "reference", "frontend", "engine")
 #: Public names, by the module that defines them (imported on first use).

@@ -7,6 +7,9 @@ model and must not change a token while the width changes under it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -87,6 +90,21 @@ def test_the_tvm_hook_sets_the_calling_threads_pool():
     finally:
         set_tvm_pool_threads(before)
     assert tvm_pool_threads() == before
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_starting_and_resizing_the_pool_leaves_the_process_free_to_use_every_core(threads):
+    # TVM binds the calling thread to its first TVM_NUM_THREADS cores when the pool starts: two
+    # pytest workers at one thread each then ran on core 0 side by side. llmir_tvm keeps it unbound.
+    script = ("import os, llmir_tvm\n"
+              "from llmir_tvm.engine.pool_sizer import set_tvm_pool_threads, tvm_pool_threads\n"
+              "before = sorted(os.sched_getaffinity(0))\n"
+              "set_tvm_pool_threads(tvm_pool_threads())\n"
+              "print(before == sorted(os.sched_getaffinity(0)), os.environ['TVM_BIND_THREADS'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    env["TVM_NUM_THREADS"] = threads
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "0"]
 
 
 def test_changing_the_width_every_step_changes_no_token(tiny_compiled):
