@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 #: Row counts a plan is measured at; a measured variant serves from its row count up to the next.
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)
 #: Buckets whose product exceeds this many FLOPs are not timed (they keep the previous bucket's
-#: choice): the vocabulary projection at 1024 rows would take half a second per call.
-MAX_FLOPS = 4e9
+#: choice): a call of 1 GFLOP is already well past where the kernels' relative speed settles, and
+#: SmolLM2-135M's MLP shapes at 1024 rows (1.8 GFLOP) took half of its 17.6 s of timing on one
+#: core (2026-12-06) to confirm the 256-row choice.
+MAX_FLOPS = 1e9
 #: Timed calls per (variant, rows); the median is kept. Candidates are interleaved call by call.
 REPEATS = 3
 #: Tilings tried per target (best on paper first).
@@ -154,6 +156,7 @@ class HostTimer:
         self._inputs: dict[int, tuple] = {}
         self._rng = rng
         self._follow_alone: dict[int, float] = {}
+        self._warm: set[tuple[Variant, int]] = set()
 
     def _weight(self, variant: Variant):
         layout = _layout(variant)
@@ -192,8 +195,10 @@ class HostTimer:
         if rows not in self._follow_alone:  # the next layer's own CPU seconds, after itself
             follow()
             self._follow_alone[rows] = min(_cpu_seconds(follow) for _ in range(3))
-        call()  # warm: first-touch, instruction cache
-        follow()
+        if (variant, rows) not in self._warm:  # first-touch, instruction cache; later samples follow a follow()
+            self._warm.add((variant, rows))
+            call()
+            follow()
         start = time.process_time()
         call()
         mid = time.process_time()

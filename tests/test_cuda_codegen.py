@@ -32,11 +32,12 @@ DTYPES = ("float16", "bfloat16")
 #: (causal, window, sinks); the grid cycles through them so each meets every other value.
 MASKS = ((True, 0, 0), (True, 64, 4), (False, 0, 0))
 GRID = [(*cfg, MASKS[i % len(MASKS)]) for i, cfg in enumerate(itertools.product(PAGE_SIZES, HEAD_DIMS, HEADS, DTYPES))]
-#: nvcc-compiled subset: every page size, head dim, dtype and mask at least once; MHA and MQA heads.
+#: nvcc-compiled subset: every page size, head dim, dtype and mask at least once; MHA and MQA heads
+#: (each for one arch, alternating, by default; for both with --run-slow).
 NVCC_SUBSET = [GRID[i] for i in (0, 13, 22, 35, 41, 47)]
 #: The default run builds a covering subset of the attention grid (every page size, head dim, head
-#: shape, dtype and mask at least once, and the entries other tests read); the full sweep of 48
-#: entries x 2 archs runs with --run-slow.
+#: shape, dtype and mask at least once, and the entries other tests read), each for one arch,
+#: alternating; the full sweep of 48 entries x 2 archs runs with --run-slow.
 ATTENTION_DEFAULT = {0, 1, 5, 9, 13, 22, 27, 35, 41, 47}
 CACHE_GRID = list(itertools.product(PAGE_SIZES, HEAD_DIMS, (8, 4, 1), DTYPES))
 #: Covering subset of the cache-op grid: every page size, head dim, KV-head count and dtype.
@@ -46,6 +47,17 @@ CACHE_DEFAULT = {(1, 64, 8, "float16"), (8, 128, 4, "bfloat16"), (16, 64, 1, "bf
 def _sweep(entries, default, ids) -> list:
     """``entries`` as pytest params, those outside ``default`` marked slow (the full sweep)."""
     return [pytest.param(*e, id=i, marks=() if d else pytest.mark.slow) for e, d, i in zip(entries, default, ids)]
+
+
+def _by_arch(entries, default, ids) -> list:
+    """``(arch, *entry)`` params for both archs; the default run builds each default entry for one arch,
+    alternating (both archs are met), the other arch and the other entries run with --run-slow."""
+    params = []
+    for n, (entry, chosen, name) in enumerate(zip(entries, default, ids)):
+        for a, arch in enumerate(ARCHS):
+            quick = chosen and a == n % len(ARCHS)
+            params.append(pytest.param(arch, *entry, id=f"{name}-{arch}", marks=() if quick else pytest.mark.slow))
+    return params
 
 
 def _grid_id(entry) -> str:
@@ -78,9 +90,8 @@ def cuda_source(kind: str, key: tuple, arch: str) -> str:
     return lib.imports[0].inspect_source()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("page,dim,heads,dtype,mask",
-                         _sweep(GRID, [i in ATTENTION_DEFAULT for i in range(len(GRID))], [_grid_id(g) for g in GRID]))
+@pytest.mark.parametrize("arch,page,dim,heads,dtype,mask",
+                         _by_arch(GRID, [i in ATTENTION_DEFAULT for i in range(len(GRID))], [_grid_id(g) for g in GRID]))
 def test_attention_kernels_build_for_the_grid(arch, page, dim, heads, dtype, mask):
     for kind, symbol in ATTENTION.items():
         check_source(cuda_source(kind, (page, dim, heads, dtype, mask), arch), symbol, shared=True)
@@ -131,8 +142,8 @@ def test_odd_head_dim_pads_lanes():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("entry", NVCC_SUBSET, ids=[_grid_id(g) for g in NVCC_SUBSET])
+@pytest.mark.parametrize("arch,entry", _by_arch([(g,) for g in NVCC_SUBSET], [True] * len(NVCC_SUBSET),
+                                                [_grid_id(g) for g in NVCC_SUBSET]))
 def test_nvcc_compiles_attention_without_local_memory(arch, entry):
     for kind, symbol in ATTENTION.items():
         src = cuda_source(kind, entry, arch)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+import tvm
 
-from helpers.models import tiny_llama
+from helpers.models import tiny_llama, tiny_model
 from llmir_tvm.frontend.import_memo import import_model_reusing
+from llmir_tvm.frontend.loader import import_model
 
 
 def _holds(imported, array: np.ndarray) -> bool:
@@ -29,3 +32,23 @@ def test_an_unchanged_module_reuses_its_import_and_a_changed_one_does_not():
     model.config.rms_norm_eps = 1e-3  # the config takes part too
     assert import_model_reusing(model) is not changed
 
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt2"])
+def test_another_instance_of_the_same_structure_reuses_the_graph_with_its_own_weights(family):
+    first = import_model_reusing(tiny_model(family, seed=1))
+    other = tiny_model(family, seed=2)
+    reused = import_model_reusing(other)
+    fresh = import_model(other)  # the reference: a full import of the second instance
+    assert reused.mod is first.mod
+    tvm.ir.assert_structural_equal(reused.mod, fresh.mod)
+    assert len(reused.params) == len(fresh.params) == len(first.params)
+    for got, want in zip(reused.params, fresh.params):
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(reused.params, first.params))  # the seeds differ
+
+
+def test_a_different_config_is_imported_afresh():
+    first = import_model_reusing(tiny_llama(num_hidden_layers=1))
+    deeper = import_model_reusing(tiny_llama(num_hidden_layers=2))
+    assert deeper.mod is not first.mod and len(deeper.params) > len(first.params)

@@ -83,7 +83,7 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
     if layer_types and window:
         layer_windows = [int(window) if kind == "sliding_attention" else 0 for kind in layer_types]
     eos = config.eos_token_id if config.eos_token_id is not None else []
-    return import_exported_program(
+    imported = import_exported_program(
         program,
         name=Path(getattr(config, "name_or_path", "") or type(hf).__name__).name,
         tokenizer=tokenizer or loaded_tokenizer,
@@ -93,3 +93,10 @@ def import_huggingface(model: Any, tokenizer: Any = None) -> ImportedModel:
         vocab_size=int(config.vocab_size),
         layer_windows=layer_windows,
     )
+    if imported.param_sources is not None:  # names in the model itself, not in the Step wrapper
+        imported.param_sources = [_unwrapped(source) for source in imported.param_sources]
+    return imported
+
+
+def _unwrapped(source: str | None) -> str | None:
+    return source[len("inner."):] if source is not None and source.startswith("inner.") else source

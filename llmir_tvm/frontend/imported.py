@@ -28,3 +28,6 @@ class ImportedModel:
     vocab_size: int = 0
     #: Sliding window of each attention layer from the model config (0 = full), when it says.
     layer_windows: list[int] | None = None
+    #: Where each of ``params`` came from: the name of the module's parameter or buffer, or None
+    #: for a constant of the traced graph (``import_memo`` rebinds another instance's weights by it).
+    param_sources: list[str | None] | None = None

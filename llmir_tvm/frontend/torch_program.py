@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
+
 from .imported import ImportedModel, ModelImportError
 from .lift_constants import lift_constants
 from .symbolic_ops import SYMBOLIC_CONVERTERS
@@ -25,8 +27,30 @@ def import_exported_program(program: Any, *, name: str = "exported_program", **m
     except Exception as err:  # the importer raises assertion/attribute errors on unsupported ops
         raise ModelImportError(f"cannot import {name} into Relax: {str(err).splitlines()[0]}") from err
     mod, params = relax.frontend.detach_params(mod)
-    mod, weights = lift_constants(mod, [p.numpy() for p in params.get("main", [])])
-    return ImportedModel(mod=mod, params=weights, name=name, **meta)
+    detached = [p.numpy() for p in params.get("main", [])]
+    mod, weights = lift_constants(mod, detached)
+    sources = _param_sources(program, detached)
+    if sources is not None:
+        sources += [None] * (len(weights) - len(detached))
+    return ImportedModel(mod=mod, params=weights, name=name, param_sources=sources, **meta)
+
+
+def _param_sources(program: Any, detached: list) -> list[str] | None:
+    """The program's name of each weight TVM's importer detached, in its order: its non-user inputs, or
+    its parameters alone (the importer embeds buffers it folds as constants); checked value by value
+    against the program's tensors. None where neither lines up."""
+    from torch.export.graph_signature import InputKind
+
+    tensors = dict(program.named_parameters())
+    tensors.update(program.named_buffers())
+    inputs = [spec for spec in program.graph_signature.input_specs if spec.kind is not InputKind.USER_INPUT]
+    for specs in (inputs, [spec for spec in inputs if spec.kind is InputKind.PARAMETER]):
+        names = [spec.target for spec in specs]
+        if len(names) == len(detached) and all(
+                name in tensors and tuple(tensors[name].shape) == array.shape
+                and np.array_equal(tensors[name].detach().cpu().numpy(), array) for name, array in zip(names, detached)):
+            return names
+    return None
 
 
 def import_torch_module(module: Any, example_inputs: tuple, **meta) -> ImportedModel:
