@@ -201,7 +201,7 @@ def compile(  # noqa: A001 - the public name the design fixes (llmir_tvm.compile
     ``decode`` are captured as CUDA graphs, once per batch size, and replayed
     (``passes.gpu_pipeline``; TVM's ``RewriteCUDAGraph``).
     ``cpu_dense`` (``llvm`` targets): ``"auto"`` times our dense kernel's tilings (sized from the
-    target's vector registers) and numpy's BLAS on this machine for each float32 ``Linear`` shape
+    target's vector registers) on this machine for each float32 ``Linear`` shape
     and row bucket and compiles the fastest per bucket (``llmir_tvm.dense_choice``; recorded in
     ``info.dense_plans``, which can be passed back here to skip the timing); ``"tir"`` uses the
     target's packed tiles for every row count (``passes.DenseToTIR``; weights used only by

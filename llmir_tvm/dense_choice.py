@@ -15,7 +15,6 @@ that switches variant by row count. The plans are recorded in the compiled model
 from __future__ import annotations
 
 import logging
-import math
 import re
 import statistics
 import time
@@ -45,11 +44,6 @@ TILINGS = 2
 #: this much faster: timing noise on a busy machine must not flip the plan from bucket to bucket.
 MARGIN = 0.1
 
-#: Row counts below this never run on the BLAS, whatever its timing says: inside the model each
-#: BLAS call is a callback into Python whose worker threads contend with TVM's pool, which timing
-#: the BLAS alone does not see (SmolLM2-135M decode with the BLAS at 1 row ran 3.5x slower than
-#: with the tiles on a 2-core Xeon, 2026-12-06). Long prefills amortise it.
-BLAS_MIN_ROWS = 256
 #: ``measure(variant, rows) -> seconds`` of one call.
 Timer = Callable[[Variant, int], float]
 
@@ -62,8 +56,7 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
     Every variant is timed ``repeats`` times per bucket, interleaved (so a burst of background
     load hits all of them alike), and the medians compared; ties keep the earlier variant, and
     the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
-    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge. The BLAS
-    is not a candidate below :data:`BLAS_MIN_ROWS` rows.
+    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
 
     A plan's variants share one weight layout (packed panels of one width, or ``W [N, K]``), so
     when ``variants`` span several, each layout's best plan is scored by its mean slowdown
@@ -79,8 +72,7 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
         samples: dict[int, list[float]] = {i: [] for i in range(len(variants))}
         for _ in range(repeats):
             for i, variant in enumerate(variants):
-                blas_too_early = variant == "blas" and rows < BLAS_MIN_ROWS and len(variants) > 1
-                samples[i].append(math.inf if blas_too_early else float(measure(variant, rows)))
+                samples[i].append(float(measure(variant, rows)))
         medians.append((rows, [statistics.median(samples[i]) for i in range(len(variants))]))
         log.debug("dense %dx%d at %d rows: %s", k, n, rows,
                   ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians[-1][1])))
@@ -214,11 +206,17 @@ def _cpu_seconds(call: Callable[[], object]) -> float:
 
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
-    """The candidates compiled for ``target``: its preferred packed tiling (the default), its
-    best ``tilings`` register tilings on ``W [N, K]``, then the BLAS (which reads ``W [N, K]``)."""
+    """The candidates compiled for ``target``: its preferred packed tiling (the default), then its
+    best ``tilings`` register tilings on ``W [N, K]``.
+
+    Not the BLAS (``compile(cpu_dense="blas")`` still asks for it): inside the model its worker
+    threads keep spinning on the cores TVM's pool computes on next, which no timing of one layer,
+    even followed by the next layer's kernel (:class:`HostTimer`), sees. SmolLM2-135M's 512-token
+    prefill with the BLAS at 256+ rows of one layer shape ran at 232-297 tok/s, at 657-752 with
+    the same plan and ``OPENBLAS_NUM_THREADS=1`` (2-core Xeon, 2026-12-06); the timing had still
+    put the BLAS in 2 of 5 shapes' plans."""
     shape = vector_shape(target)
-    return [packed_candidates(shape.lanes, shape.registers)[0], *tile_candidates(shape.lanes, shape.registers)[:tilings],
-            "blas"]
+    return [packed_candidates(shape.lanes, shape.registers)[0], *tile_candidates(shape.lanes, shape.registers)[:tilings]]
 
 
 def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],

@@ -24,7 +24,7 @@ The kernel splits its tasks self-balancing over TVM's pool threads on x86 (a thr
 another process does not hold the join: ``tir_kernels.task_split``).
 Register tiles come from the target (``llmir_tvm.target.vector_shape``: AVX-512, AVX2, NEON, ...;
 the pass's ``target``, else the enclosing ``tvm.target.Target.current()``, else the host), or per
-``(K, N)`` from ``plans`` (``llmir_tvm.dense_choice`` measures them: tiles and BLAS by row count).
+``(K, N)`` from ``plans`` (``llmir_tvm.dense_choice`` measures the tilings by row count; a saved plan may name the BLAS).
 """
 
 from __future__ import annotations

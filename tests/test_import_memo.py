@@ -48,7 +48,13 @@ def test_another_instance_of_the_same_structure_reuses_the_graph_with_its_own_we
     assert any(not np.array_equal(a, b) for a, b in zip(reused.params, first.params))  # the seeds differ
 
 
-def test_a_different_config_is_imported_afresh():
+def test_a_different_config_is_imported_afresh_and_the_older_structure_still_serves():
     first = import_model_reusing(tiny_llama(num_hidden_layers=1))
     deeper = import_model_reusing(tiny_llama(num_hidden_layers=2))
     assert deeper.mod is not first.mod and len(deeper.params) > len(first.params)
+    # the memo keeps only the newest import's weights; the older graph still serves a new instance
+    again = tiny_llama(seed=3, num_hidden_layers=1)
+    reused = import_model_reusing(again)
+    assert reused.mod is first.mod
+    for got, want in zip(reused.params, import_model(again).params):
+        assert np.array_equal(got, want)

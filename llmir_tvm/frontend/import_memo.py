@@ -17,8 +17,9 @@ compile (3.5-4 s of a tiny Llama's 8-10 s on a 2-core Xeon). Two levels of reuse
   outside its parameters and buffers, and code patched at class level between two compiles (a
   forward replaced on an instance is seen, and never reused).
 
-The few most recent structures are kept (:data:`KEPT`). Paths, ONNX and exported programs are
-imported afresh each time.
+The few most recent structures are kept (:data:`KEPT`); only the most recent import keeps its
+weights (the others keep their graph and constants, enough to serve another instance), so the
+memo holds at most one model's weights. Paths, ONNX and exported programs are imported afresh.
 """
 
 from __future__ import annotations
@@ -119,8 +120,24 @@ def import_model_reusing(model: Any, example_inputs: tuple | None = None, tokeni
     else:
         imported = import_model(model, example_inputs=example_inputs, tokenizer=tokenizer)
     with _lock:
+        for key, (_, _, kept) in list(_imports.items()):  # older entries give up their weights
+            if kept.param_sources is None:  # nothing to rebind: no use without them
+                del _imports[key]
+            else:
+                _imports[key] = (_nobody, (), _skeleton(kept))
         _imports[structure] = (weakref.ref(model), fingerprint, imported)
         _imports.move_to_end(structure)
         while len(_imports) > KEPT:
             _imports.popitem(last=False)
     return imported
+
+
+def _nobody() -> None:
+    """A dead reference: an entry without its weights serves no module as it is."""
+    return None
+
+
+def _skeleton(imported: ImportedModel) -> ImportedModel:
+    """``imported`` without its module weights (the graph's constants kept)."""
+    return dataclasses.replace(imported, params=[p if source is None else None
+                                                 for source, p in zip(imported.param_sources, imported.params)])
