@@ -38,7 +38,7 @@ from .loader import import_model
 
 log = logging.getLogger(__name__)
 
-#: Structures whose import is kept (most recent first out last).
+#: Structures whose import is kept (the least recently used is dropped first).
 KEPT = 4
 
 _lock = threading.Lock()
