@@ -121,21 +121,17 @@ _ISA_FEATURE = re.compile(r"^(avx|sse|ssse|fma|f16c|bmi|lzcnt|popcnt|movbe|amx|v
 
 
 class HostTimer:
-    """Times one call of each variant of a ``K x N`` product on this machine (a :data:`Timer`).
+    """Times one call of each tiling of a ``K x N`` product on this machine (a :data:`Timer`).
 
     Tilings are built once for ``target``; packed ones get ``W`` packed as the compiled model holds
-    it; ``"blas"`` is numpy's ``matmul`` as the compiled model calls it (``llmir.blas.matmul_nt``).
-    ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
+    it. ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
     a layer in a batched step).
 
     Measured as the model runs it: each call is followed by a call of the layer on TVM's pool (the
     target's unpacked tiles, :attr:`follow`), the kernel the next layer of a step runs, and the
     pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
-    kernel takes beyond its own time after itself is charged to the variant. Why: timed
-    alone, OpenBLAS looked faster from 256 rows, but its worker threads keep spinning after each
-    call on the cores TVM's pool needs next; SmolLM2-135M's 512-token prefill on a 2-core Xeon
-    took 2.9x the CPU seconds with the BLAS at 256+ rows of the q/o layers (1.36 s without,
-    3.98 s with; 2026-12-06). CPU seconds rather than wall time also keep other processes'
+    kernel takes beyond its own time after itself is charged to the variant (a kernel that leaves
+    threads busy pays for them). CPU seconds rather than wall time also keep other processes'
     load (which takes cores, not CPU seconds, from this one) from deciding the plan.
     """
 
@@ -166,8 +162,7 @@ class HostTimer:
     def _io(self, rows: int):
         if rows not in self._inputs:
             x = self._rng.standard_normal((rows, self.k), dtype=np.float32)
-            out = np.empty((rows, self.n), np.float32)
-            self._inputs[rows] = (x, out, tvm.runtime.tensor(x), tvm.runtime.tensor(out))
+            self._inputs[rows] = (tvm.runtime.tensor(x), tvm.runtime.empty((rows, self.n), "float32"))
         return self._inputs[rows]
 
     @property
@@ -176,13 +171,10 @@ class HostTimer:
         shape = vector_shape(self.target)
         return tile_candidates(shape.lanes, shape.registers)[0]
 
-    def __call__(self, variant: Variant, rows: int) -> float:
-        x, out, x_dev, out_dev = self._io(rows)
-        if variant == "blas":
-            call = lambda: np.matmul(x, self.w.T, out=out)  # noqa: E731
-        else:
-            fn, w_dev = self._kernel(variant), self._weight(variant)
-            call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
+    def __call__(self, variant: DenseTiles | PackedTiles, rows: int) -> float:
+        x_dev, out_dev = self._io(rows)
+        fn, w_dev = self._kernel(variant), self._weight(variant)
+        call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
         follow = lambda: self._kernel(self.follow)(x_dev, self._weights[None], out_dev)  # noqa: E731
         if rows not in self._follow_alone:  # the next layer's own CPU seconds, after itself
             follow()

@@ -6,9 +6,9 @@ page sizes, a test comparing sharded with unsharded) imports the same weights ea
 import (``torch.export`` plus the Relax translation) is the largest stage of a small model's
 compile (3.5-4 s of a tiny Llama's 8-10 s on a 2-core Xeon). Two levels of reuse:
 
-* the same module object, unchanged, gets the very same import back: each tensor's storage and
-  torch's in-place version counter (``copy_``, ``load_state_dict``, an optimizer step all bump
-  it), the config (Hugging Face's ``config`` as JSON) and the tokenizer object must match;
+* the same module object, unchanged, gets the very same import back: its structure (below) and
+  each tensor's storage and torch's in-place version counter (``copy_``, ``load_state_dict``, an
+  optimizer step all bump it) must match;
 * another module of the same *structure* — class, every config attribute (private ones such as
   ``_attn_implementation`` too), its submodules' classes, and the name, shape and dtype of every
   parameter and buffer (a fresh instance, or the same one with new weights) — reuses the traced
@@ -64,12 +64,10 @@ def _structure(model: Any, tokenizer: Any) -> tuple:
 
 
 def _fingerprint(model: Any) -> tuple:
-    """Which tensors the module holds now: storage and in-place version of each (and the config's JSON,
-    as before: :func:`_structure` sees the attributes, this the values nested in them)."""
-    config = getattr(model, "config", None)
-    config_json = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else None
-    return config_json, tuple((name, t.data_ptr(), t._version)  # pylint: disable=protected-access
-                              for name, t in _named_tensors(model).items())
+    """Which tensors the module holds now: storage and in-place version of each (the config is part
+    of :func:`_structure`)."""
+    return tuple((name, t.data_ptr(), t._version)  # pylint: disable=protected-access
+                 for name, t in _named_tensors(model).items())
 
 
 def _memoizable(model: Any, example_inputs: tuple | None) -> bool:
