@@ -39,6 +39,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..quant.formats import FORMATS, QuantizedWeight, check_shape, plane_specs, unpack_nibbles
+from .dense import prefetch_next
 from .quant_dense import X_CHUNK_BYTES, _entry
 from .task_split import parallel_tasks
 
@@ -188,6 +189,9 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     correction, biased_block_dot = biased_dot()
     XQ = "uint8" if biased else "int8"
     scale, offset = _block_terms(fmt)
+    QS_BLOCK_BYTES = BLOCK if fmt in ("int8", "q8_0") else BLOCK // 2
+    HAS_D, HAS_M = ("d" in plane_specs(fmt, N, K)), ("m" in plane_specs(fmt, N, K))  # float16 block scale planes
+    SCALES_PER_LINE = 32  # float16 block scales in a 64-byte cache line
     L = LANES
     V = T.Ramp(0, 1, L)
 
@@ -240,12 +244,27 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
                 quantize_block_scalar(x, i, G - 1, xq, xd, xs)
 
     @T.macro
-    def tile(acc, sacc, xq, xd, xs, planes, out, i0, j0, rows, cols):
+    def prefetch_task_ahead(planes, j, g):
+        """Hint the same block of W row ``j + TASK`` (the next task's, when this thread runs it next):
+        few x rows do little work per byte, so W's streams must be in flight before they are read."""
+        prefetch_next(T.address_of(planes["qs"][T.min(j + TASK, N - 1), g * QS_BLOCK_BYTES]))
+        if g % SCALES_PER_LINE == 0:
+            if HAS_D:
+                prefetch_next(T.address_of(planes["d"][T.min(j + TASK, N - 1), g]))
+            if HAS_M:
+                prefetch_next(T.address_of(planes["m"][T.min(j + TASK, N - 1), g]))
+
+    @T.macro
+    def tile(acc, sacc, xq, xd, xs, planes, out, i0, j0, rows, cols, pf):
+        """``rows x cols`` outputs of x rows ``i0..`` and W rows ``j0..``; with ``pf`` (the tile's W rows
+        are read for the first time), prefetches the next task's rows meanwhile."""
         for t in T.unroll(rows * cols):
             acc[t, V] = T.Broadcast(T.float32(0), L)
             sacc[t] = T.float32(0)
         for g in range(G):
             for c in T.unroll(cols):
+                if pf:
+                    prefetch_task_ahead(planes, j0 + c, g)
                 corr = T.decl_buffer((LANES,), "int32", scope="local")
                 if biased:
                     corr[T.Ramp(0, 1, LANES)] = correction(planes, j0 + c, g)
@@ -274,14 +293,14 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
         if jt < FULL_TASKS:
             for jc in range(TASK // C):
                 for ib in range(ic * CHUNK_TILES, T.min(n // R, ic * CHUNK_TILES + CHUNK_TILES)):
-                    tile(acc, sacc, xq, xd, xs, planes, out, ib * R, jt * TASK + jc * C, R, C)
+                    tile(acc, sacc, xq, xd, xs, planes, out, ib * R, jt * TASK + jc * C, R, C, ib == ic * CHUNK_TILES)
                 if ic == nch - 1:
                     for i in range(n // R * R, n):
-                        tile(acc, sacc, xq, xd, xs, planes, out, i, jt * TASK + jc * C, 1, C)
+                        tile(acc, sacc, xq, xd, xs, planes, out, i, jt * TASK + jc * C, 1, C, n < R and i == 0)
         elif ic == 0:
             for i in range(n):
                 for c in range(REST):
-                    tile(acc, sacc, xq, xd, xs, planes, out, i, FULL_TASKS * TASK + c, 1, 1)
+                    tile(acc, sacc, xq, xd, xs, planes, out, i, FULL_TASKS * TASK + c, 1, 1, False)
 
     @T.macro
     def task_work(task, n, x, w, out):  # w: (xq, xd, xs, planes)
