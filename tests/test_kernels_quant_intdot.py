@@ -11,7 +11,7 @@ import tvm.testing
 
 from llmir_tvm.quant import dequantize, plane_specs
 from llmir_tvm.target import cpu_features, resolve_target
-from llmir_tvm.tir_kernels.quant_intdot import (IntDotTiles, dot_isa, intdot_supported, intdot_tiles,
+from llmir_tvm.tir_kernels.quant_intdot import (IntDotTiles, dot_isa, intdot_supported, intdot_tiles, paired_supported,
                                                  quantize_activations, quant_intdot_nt, reference)
 
 from helpers.quant_weights import random_weight
@@ -36,10 +36,10 @@ def run_kernel(fmt, weight, xs, target, tiles, rank=2):
     return results
 
 
-def check(fmt, target, tiles, rng, n=37):
+def check(fmt, target, tiles, rng, n=37, k=None):
     """Every row count against :func:`reference` (exact int32 dots, float64 scaling): only the
-    kernel's float32 summation order may differ."""
-    k = SHAPES[fmt]
+    kernel's float32 summation order may differ. ``k``: :data:`SHAPES`'s by default."""
+    k = k or SHAPES[fmt]
     weight = random_weight(fmt, n, k, rng)
     xs = [rng.standard_normal((rows, k)).astype(np.float32) for rows in ROWS]
     for x, got in zip(xs, run_kernel(fmt, weight, xs, target, tiles)):
@@ -57,6 +57,17 @@ def test_intdot_host_isa_matches_reference(fmt, rng):
 def test_intdot_avx2_matches_reference(fmt, rng):
     assert dot_isa(cpu_features(HASWELL)) == "avx2"
     check(fmt, resolve_target(HASWELL), intdot_tiles("avx2", 16), rng)
+
+
+@pytest.mark.parametrize("isa", ["host", "avx2"])
+@pytest.mark.parametrize(("fmt", "k"), [("int4", 128), ("q4_0", 160)])
+def test_intdot_paired_blocks_match_reference(fmt, k, isa, rng):
+    """4-bit formats with whole blocks take them two at a time (pair-interleaved activations): an even
+    and an odd block count (the last block then runs alone), on the host's dot and on AVX2's."""
+    assert paired_supported(fmt, dot_isa(cpu_features(HASWELL)), k)
+    target, tiles = (resolve_target("llvm"), intdot_tiles(HOST_ISA, 32, threads=2)) if isa == "host" else (
+        resolve_target(HASWELL), intdot_tiles("avx2", 16))
+    check(fmt, target, tiles, rng, n=21, k=k)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "q8_0"])

@@ -160,6 +160,40 @@ def biased_dot():
     return correction, dot
 
 
+def paired_supported(fmt: str, isa: str, in_features: int) -> bool:
+    """Whether the kernel takes ``fmt``'s blocks two at a time (:func:`paired_dot`): 4-bit formats on the
+    x86 integer dots, ``K`` a whole number of blocks (the activations are then stored pair-interleaved)."""
+    return fmt in ("int4", "q4_0", "q4_1") and isa in ("vnni", "avx2") and in_features % BLOCK == 0 \
+        and in_features >= 2 * BLOCK
+
+
+def paired_dot(isa: str, planes, j, p, xq, i):
+    """int32x8 partial sums of blocks ``2p`` (lanes 0-3) and ``2p + 1`` (lanes 4-7) of 4-bit W row ``j``
+    times pair-interleaved activation row ``i``: the 32 bytes of the two blocks hold their elements
+    ``0..15`` in the low nibbles and ``16..31`` in the high ones, and ``xq`` holds, per pair, the
+    first halves of both blocks then their second halves, so no byte crosses a 128-bit lane."""
+    b = planes["qs"][j, T.Ramp(p * BLOCK, 1, BLOCK)]
+    low = T.bitwise_and(b, T.Broadcast(T.uint8(15), BLOCK))
+    high = T.shift_right(b, T.Broadcast(T.uint8(4), BLOCK))
+    x_low = xq[i, T.Ramp(p * 2 * BLOCK, 1, BLOCK)]
+    x_high = xq[i, T.Ramp(p * 2 * BLOCK + BLOCK, 1, BLOCK)]
+    if isa == "vnni":
+        first = _intrin(f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.256", T.Broadcast(T.int32(0), LANES), low, x_low)
+        return _intrin(f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.256", first, high, x_high)
+    pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", low, x_low) + _intrin(
+        "int16x16", "llvm.x86.avx2.pmadd.ub.sw", high, x_high)  # |sum| <= 4 * 15 * 127: no int16 overflow
+    return _intrin(f"int32x{LANES}", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
+
+
+def _pair_offset(fmt: str):
+    """``offset(planes, j, p)``: float32x2 offsets of blocks ``2p, 2p + 1`` of W row ``j`` (None: no offset)."""
+    if fmt == "q4_0":
+        return lambda planes, j, p: T.Cast("float32x2", planes["d"][j, T.Ramp(2 * p, 1, 2)]) * T.Broadcast(T.float32(-8), 2)
+    if fmt in ("q4_1", "int4"):
+        return lambda planes, j, p: T.Cast("float32x2", planes["m"][j, T.Ramp(2 * p, 1, 2)])
+    return None
+
+
 def _block_terms(fmt: str):
     """``(scale(planes, j, g), offset(planes, j, g) or None)``: a block's float weight scale and offset."""
     f32 = lambda e: T.Cast("float32", e)  # noqa: E731
@@ -189,9 +223,13 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     correction, biased_block_dot = biased_dot()
     XQ = "uint8" if biased else "int8"
     scale, offset = _block_terms(fmt)
+    pair_offset = _pair_offset(fmt)
     QS_BLOCK_BYTES = BLOCK if fmt in ("int8", "q8_0") else BLOCK // 2
     HAS_D, HAS_M = ("d" in plane_specs(fmt, N, K)), ("m" in plane_specs(fmt, N, K))  # float16 block scale planes
     SCALES_PER_LINE = 32  # float16 block scales in a 64-byte cache line
+    HALF = BLOCK // 2
+    #: Block pairs the paired kernel takes (:func:`paired_supported`); a last odd block runs alone.
+    PAIRS = G // 2 if paired_supported(fmt, tiles.isa, K) else 0
     L = LANES
     V = T.Ramp(0, 1, L)
 
@@ -208,7 +246,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
         return v
 
     @T.macro
-    def quantize_block_vector(x, i, g, xq, xd, xs):  # a whole block of 32, as vectors
+    def quantize_block_vector(x, i, g, xq, xd, xs, paired):  # a whole block of 32, as vectors
         v = T.decl_buffer((BLOCK,), "float32", scope="local")
         m = T.decl_buffer((2,), "float32", scope="local")  # 127 / max |x|, then the sum of quants
         v[T.Ramp(0, 1, BLOCK)] = x[i, T.Ramp(g * BLOCK, 1, BLOCK)]
@@ -216,8 +254,14 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
         m[0] = T.Select(m[1] > T.float32(0), T.float32(127) / m[1], T.float32(0))
         xd[i, g] = T.Cast("float32", T.Cast("float16", m[1] / T.float32(127)))
         v[T.Ramp(0, 1, BLOCK)] = T.nearbyint(v[T.Ramp(0, 1, BLOCK)] * T.Broadcast(m[0], BLOCK))
-        xq[i, T.Ramp(g * BLOCK, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)] + T.Broadcast(
-            T.float32(128 if biased else 0), BLOCK))
+        if paired:  # first halves of blocks 2p, 2p+1, then their second halves (:func:`paired_dot`)
+            q = T.decl_buffer((BLOCK,), XQ, scope="local")
+            q[T.Ramp(0, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)])
+            xq[i, T.Ramp(g // 2 * 2 * BLOCK + g % 2 * HALF, 1, HALF)] = q[T.Ramp(0, 1, HALF)]
+            xq[i, T.Ramp(g // 2 * 2 * BLOCK + g % 2 * HALF + BLOCK, 1, HALF)] = q[T.Ramp(HALF, 1, HALF)]
+        else:
+            xq[i, T.Ramp(g * BLOCK, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)] + T.Broadcast(
+                T.float32(128 if biased else 0), BLOCK))
         xs[i, g] = xd[i, g] * tree(T.Add, v[T.Ramp(0, 1, BLOCK)], BLOCK)
 
     @T.macro
@@ -236,12 +280,22 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
         xs[i, g] = xd[i, g] * m[2]
 
     @T.macro
+    def quantize_row(x, i, xq, xd, xs):
+        for g in range(PAIRS * 2):
+            quantize_block_vector(x, i, g, xq, xd, xs, True)
+        for g in range(PAIRS * 2, K // BLOCK):
+            quantize_block_vector(x, i, g, xq, xd, xs, False)
+        if K < KP:
+            quantize_block_scalar(x, i, G - 1, xq, xd, xs)
+
+    @T.macro
     def quantize_rows(n, x, xq, xd, xs):
-        for i in T.parallel(n):
-            for g in range(K // BLOCK):
-                quantize_block_vector(x, i, g, xq, xd, xs)
-            if K < KP:
-                quantize_block_scalar(x, i, G - 1, xq, xd, xs)
+        if n < R:  # a few rows (decode): on the calling thread, no pool launch for a microsecond of work
+            for i in range(n):
+                quantize_row(x, i, xq, xd, xs)
+        else:
+            for i in T.parallel(n):
+                quantize_row(x, i, xq, xd, xs)
 
     @T.macro
     def prefetch_task_ahead(planes, j, g):
@@ -255,13 +309,39 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
                 prefetch_next(T.address_of(planes["m"][T.min(j + TASK, N - 1), g]))
 
     @T.macro
+    def pair_products(acc, sacc, xq, xd, xs, planes, i0, j0, rows, cols, pf):
+        """Blocks ``2p, 2p + 1`` at once (nibble formats): one 32-byte load of W gives both blocks' low
+        and high nibbles, two integer dots fill int32 lanes 0-3 (block 2p) and 4-7 (2p + 1), and the
+        two block scales are converted and applied as one vector."""
+        sacc2 = T.decl_buffer((R * C, 2), "float32", scope="local")
+        for t in T.unroll(rows * cols):
+            sacc2[t, T.Ramp(0, 1, 2)] = T.Broadcast(T.float32(0), 2)
+        for p in range(PAIRS):
+            for c in T.unroll(cols):
+                if pf:
+                    prefetch_task_ahead(planes, j0 + c, 2 * p)
+                for r in T.unroll(rows):
+                    q = T.decl_buffer((LANES,), "int32", scope="local")
+                    q[T.Ramp(0, 1, LANES)] = paired_dot(tiles.isa, planes, j0 + c, p, xq, i0 + r)
+                    s2 = T.Cast("float32x2", planes["d"][j0 + c, T.Ramp(2 * p, 1, 2)]) * xd[i0 + r, T.Ramp(2 * p, 1, 2)]
+                    acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", q[T.Ramp(0, 1, LANES)]) * T.Shuffle(
+                        [s2] * (LANES // 2), list(range(0, LANES, 2)) + list(range(1, LANES, 2)))
+                    if offset is not None:
+                        sacc2[r * cols + c, T.Ramp(0, 1, 2)] = sacc2[r * cols + c, T.Ramp(0, 1, 2)] + pair_offset(
+                            planes, j0 + c, p) * xs[i0 + r, T.Ramp(2 * p, 1, 2)]
+        for t in T.unroll(rows * cols):
+            sacc[t] = sacc2[t, 0] + sacc2[t, 1]
+
+    @T.macro
     def tile(acc, sacc, xq, xd, xs, planes, out, i0, j0, rows, cols, pf):
         """``rows x cols`` outputs of x rows ``i0..`` and W rows ``j0..``; with ``pf`` (the tile's W rows
         are read for the first time), prefetches the next task's rows meanwhile."""
         for t in T.unroll(rows * cols):
             acc[t, V] = T.Broadcast(T.float32(0), L)
             sacc[t] = T.float32(0)
-        for g in range(G):
+        if PAIRS > 0:
+            pair_products(acc, sacc, xq, xd, xs, planes, i0, j0, rows, cols, pf)
+        for g in range(PAIRS * 2, G):
             for c in T.unroll(cols):
                 if pf:
                     prefetch_task_ahead(planes, j0 + c, g)
