@@ -9,12 +9,14 @@ cache) and for onnxruntime running the model exported to ONNX with a KV cache
 (``bench/onnx_baseline.py``; exported once into the model cache), plus the compile time.
 With ``--llama-bench BIN``, llama.cpp's ``llama-bench`` on an F32 GGUF of the same weights
 (``bench/llama_cpp.py``; its prefill computes the last position's logits only, and is compared
-with ours that does the same), same threads, run after the others. ``--isa avx2`` compiles for an AVX2 target.
+with ours that does the same), same threads, once in every repeat round after the others (medians kept). ``--isa avx2`` compiles for an AVX2 target.
 ``--quantization int8|int4|gguf`` measures the model with quantized weights (the compiled-model
 cache is used, so a second run starts at once), its llama.cpp baseline on the GGUF of the same
 format (Q8_0 for int8, Q4_1 for int4 and gguf; ``--gguf-file``: that file, for both sides), and its quality: perplexity on the fixed text
 and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's own perplexity
 change on the same formats when ``--llama-perplexity`` is given.
+The decode's roof is recorded too: the machine's read bandwidth (``bench/bandwidth.py``) over the
+weight bytes a token reads, and each side's decode rate as a fraction of it.
 The three run interleaved, repeat after repeat, and the medians are kept, so load from
 other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
@@ -130,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         sides["ort"] = (lambda: ort.generate(prompt, new), lambda: ort.prefill(prompt), lambda: ort.prefill(long_prompt))
     totals, short, long = ({side: [] for side in sides} for _ in range(3))
     last_only: list[float] = []
+    llama_rounds: list[dict] = []
+    llama_round = _llama_bench_round(args, quantization, len(long_prompt), new)
     with torch.no_grad():
         for decode, prefill, prefill_long in sides.values():  # warm-up
             decode(), prefill(), prefill_long()
@@ -146,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                 short[side].append(_timed(prefill))
                 long[side].append(_timed(prefill_long))
             last_only.append(_timed(ours_prefill_last))
+            if llama_round is not None:  # in every round too: the machine's drift hits both sides alike
+                llama_rounds.append(llama_round())
     # Decode rate: the (new - 1) tokens after the first, whose cost is the prompt's prefill.
     decode_times = {side: [t - p for t, p in zip(totals[side], short[side])] for side in sides}
     decode = _median_rates(decode_times, new - 1)
@@ -183,24 +189,50 @@ def run(args: argparse.Namespace) -> int:
 
             out["quality"]["llama_cpp"] = llama_quality(args.llama_perplexity, BASELINES, args.quantization,
                                                         args.quality_tokens, args.threads, args.gguf_file)
-    if args.llama_bench is not None:
-        from .llama_cpp import BASELINES, DEFAULT_GGUF, run_llama_bench
-        from .weight_quality import LLAMA_GGUF_NAMES
-
-        default_gguf = BASELINES / LLAMA_GGUF_NAMES[args.quantization] if quantization else DEFAULT_GGUF
-        llama = run_llama_bench(args.llama_bench, args.llama_gguf or args.gguf_file or default_gguf, args.threads, len(long_prompt), new,
-                                max(1, args.repeats))
+    if llama_rounds:
+        llama = {**llama_rounds[-1], "rounds": llama_rounds}
+        for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            llama[key] = float(np.median([r[key] for r in llama_rounds]))
         out["llama_cpp"] = llama
         out["decode_batch1"]["llama_cpp_tokens_per_s"] = llama["decode_tokens_per_s"]
         out["decode_batch1"]["ratio_vs_llama_cpp"] = decode["ours"] / llama["decode_tokens_per_s"]
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
+    out["decode_batch1"].update(_bandwidth_bound(out["weights_bytes"], out["decode_batch1"]))
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))
     print(f"wrote {path}")
     return 0
+
+
+def _llama_bench_round(args: argparse.Namespace, quantization: str | None, prompt_tokens: int, new: int):
+    """A callable running ``llama-bench`` once (prefill and decode, one repetition each) on the GGUF of
+    the compared weights, returning its parsed result; None without ``--llama-bench``."""
+    if args.llama_bench is None:
+        return None
+    from .llama_cpp import BASELINES, DEFAULT_GGUF, run_llama_bench
+    from .weight_quality import LLAMA_GGUF_NAMES
+
+    default_gguf = BASELINES / LLAMA_GGUF_NAMES[args.quantization] if quantization else DEFAULT_GGUF
+    gguf = Path(args.llama_gguf or args.gguf_file or default_gguf)
+    for what, path in (("--llama-bench", Path(args.llama_bench)), ("the llama.cpp GGUF", gguf)):
+        if not path.exists():  # before any measurement, not after the first round
+            raise FileNotFoundError(f"{what} {path} does not exist (../shared/baselines/build_llama_cpp.sh builds it)")
+    return lambda: run_llama_bench(args.llama_bench, gguf, args.threads, prompt_tokens, new, 1)
+
+
+def _bandwidth_bound(weights_bytes: int, decode: dict) -> dict:
+    """The decode roof: the machine's read bandwidth (``bench/bandwidth.py``, measured now) over the
+    weight bytes a token reads, and each side's decode rate as a fraction of it."""
+    from .bandwidth import read_bandwidth_gbps
+
+    gbps = read_bandwidth_gbps()
+    bound = gbps * 1e9 / weights_bytes
+    fractions = {f"{key[:-len('_tokens_per_s')]}_fraction_of_bound": rate / bound
+                 for key, rate in decode.items() if key.endswith("_tokens_per_s")}
+    return {"read_bandwidth_gbps": gbps, "bandwidth_bound_tokens_per_s": bound, **fractions}
 
 
 def _plot(out: dict, path: Path) -> None:

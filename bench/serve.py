@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import hybrid_prefix
-from .background import background_load
+from .background import autogroup_enabled, background_load
 from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument, machine_stamp
 
@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-load", action="store_true",
                         help="also run the mixed workload beside a nice-19 busy process; report idle and loaded figures")
+    parser.add_argument("--background-session", choices=["own", "same"], default="own",
+                        help="the busy process's session: 'own' (default) as a job typed in another terminal, which "
+                             "under Linux's autogroup competes at full weight whatever its nice value; 'same' (the "
+                             "benchmark's session), where nice 19 makes it a low-priority job (bench/background.py)")
     parser.add_argument("--mixed-only", action="store_true",
                         help="only the mixed workload: the engine and HF's padded batch (and --background-load)")
     parser.add_argument("--hybrid-prefix", action="store_true",
@@ -110,10 +114,10 @@ def _hf_sequential(hf, prompts: list[list[int]], news: list[int]) -> float:
 
 
 def _background_load(engine, hf, tok, prompts: list[list[int]], params: list, news: list[int],
-                     idle_before: tuple[float, float]) -> dict:
-    """The mixed workload (engine, then HF padded) beside one nice-19 busy process, then idle again;
-    ``idle_before`` = (engine, HF padded) seconds of the idle run before. Ratios are loaded tok/s over
-    the mean of the idle runs before and after."""
+                     idle_before: tuple[float, float], same_session: bool) -> dict:
+    """The mixed workload (engine, then HF padded) beside one nice-19 busy process (in the benchmark's
+    session when ``same_session``, else its own), then idle again; ``idle_before`` = (engine, HF padded)
+    seconds of the idle run before. Ratios are loaded tok/s over the mean of the idle runs before and after."""
     generated = sum(news)
 
     def both() -> tuple[float, float]:
@@ -123,12 +127,13 @@ def _background_load(engine, hf, tok, prompts: list[list[int]], params: list, ne
         seconds = time.perf_counter() - start
         return seconds, _hf_padded(hf, tok, prompts, news)
 
-    with background_load() as pids:
+    with background_load(same_session=same_session) as pids:
         load = os.getloadavg()[0]
         loaded = both()
     idle_after = both()
     idle = [(b + a) / 2 for b, a in zip(idle_before, idle_after)]
-    return {"jobs": len(pids), "niceness": 19, "load_average_while_loaded": load,
+    return {"jobs": len(pids), "niceness": 19, "session": "same" if same_session else "own",
+            "autogroup": autogroup_enabled(), "load_average_while_loaded": load,
             "engine_tokens_per_s": generated / loaded[0], "hf_padded_tokens_per_s": generated / loaded[1],
             "engine_idle_tokens_per_s": [generated / idle_before[0], generated / idle_after[0]],
             "hf_padded_idle_tokens_per_s": [generated / idle_before[1], generated / idle_after[1]],
@@ -197,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
     m["kv_bytes_vs_contiguous_padded"] = m["peak_kv_bytes"] / m["contiguous_padded_kv_bytes"]
     m["kv_bytes_vs_max_len_prealloc"] = m["peak_kv_bytes"] / m["max_len_prealloc_kv_bytes"]
     if args.background_load:
-        m["background_load"] = _background_load(engine, hf, tok, prompts, params, news, (ours, padded))
+        m["background_load"] = _background_load(engine, hf, tok, prompts, params, news, (ours, padded),
+                                                same_session=args.background_session == "same")
         b = m["background_load"]
         print(f"background load: engine {b['engine_tokens_per_s']:.1f} tok/s ({b['engine_loaded_vs_idle']:.2f} of idle), "
               f"HF padded {b['hf_padded_tokens_per_s']:.1f} tok/s ({b['hf_padded_loaded_vs_idle']:.2f} of idle)", flush=True)

@@ -111,12 +111,14 @@ def test_benchmark_options_parse():
     assert (str(args.llama_bench), args.isa, args.quick) == ("/x/llama-bench", "avx2", True)
     assert ISA_TARGETS[args.isa] == {"kind": "llvm", "mcpu": "haswell"}
     args = parser().parse_args(["serve", "--background-load", "--isa", "avx512"])
-    assert args.background_load and args.isa == "avx512"
+    assert args.background_load and args.isa == "avx512" and args.background_session == "own"
+    assert parser().parse_args(["serve", "--background-load", "--background-session", "same"]).background_session == "same"
     assert parser().parse_args(["dense", "--quick"]).quick and parser().parse_args(["threads", "--quick"]).quick
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(monkeypatch):
+@pytest.mark.parametrize("same_session", [False, True])
+def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(monkeypatch, same_session):
     """A fake engine and HF batch that take a known time and record whether the busy job was running:
     only the loaded pair runs beside it, and the ratios are loaded tok/s over the mean idle tok/s."""
     import bench.serve as serve
@@ -150,12 +152,53 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
         return 0.4
 
     monkeypatch.setattr(serve, "_hf_padded", fake_padded)
-    out = serve._background_load(FakeEngine(), None, None, [[1]] * 2, [None] * 2, [30, 10], idle_before=(0.6, 0.4))
+    out = serve._background_load(FakeEngine(), None, None, [[1]] * 2, [None] * 2, [30, 10], idle_before=(0.6, 0.4),
+                                 same_session=same_session)
     assert seen == [("reset", False), ("engine", True), ("hf", True), ("reset", False), ("engine", False), ("hf", False)]
-    assert out["jobs"] == 1 and out["niceness"] == 19
+    assert out["jobs"] == 1 and out["niceness"] == 19 and out["session"] == ("same" if same_session else "own")
     assert out["engine_tokens_per_s"] == pytest.approx(40 / 0.2, rel=0.25)  # slept 0.2 s for 40 tokens
     assert out["hf_padded_tokens_per_s"] == pytest.approx(100.0) and out["hf_padded_idle_tokens_per_s"] == [100.0, 100.0]
     assert out["engine_idle_tokens_per_s"][0] == pytest.approx(40 / 0.6)
     idle_mean = (0.6 + 40 / out["engine_idle_tokens_per_s"][1]) / 2
     assert out["engine_loaded_vs_idle"] == pytest.approx(idle_mean / (40 / out["engine_tokens_per_s"]))
     assert out["hf_padded_loaded_vs_idle"] == pytest.approx(1.0)
+
+
+def test_read_bandwidth_probe_reads_every_element_and_the_decode_bound_follows(monkeypatch):
+    """The probe's kernel sums every element (it raises otherwise); the roof is bandwidth / weight bytes."""
+    import bench.bandwidth as bandwidth
+    import bench.model as model
+
+    assert bandwidth.read_bandwidth_gbps(read_bytes=8 * 1024 * 1024, repeats=2) > 0
+    monkeypatch.setattr(bandwidth, "read_bandwidth_gbps", lambda: 25.0)
+    out = model._bandwidth_bound(500_000_000, {"ours_tokens_per_s": 40.0, "llama_cpp_tokens_per_s": 45.0,
+                                               "ratio_vs_llama_cpp": 0.89})
+    assert out["bandwidth_bound_tokens_per_s"] == pytest.approx(50.0)
+    assert out["ours_fraction_of_bound"] == pytest.approx(0.8)
+    assert out["llama_cpp_fraction_of_bound"] == pytest.approx(0.9)
+    assert set(out) == {"read_bandwidth_gbps", "bandwidth_bound_tokens_per_s", "ours_fraction_of_bound",
+                        "llama_cpp_fraction_of_bound"}
+
+
+def test_llama_bench_round_runs_one_repetition_of_the_compared_gguf(tmp_path):
+    """``benchmark.py model`` runs llama-bench once per repeat round (``-r 1``) on the GGUF it compares
+    with, and refuses a missing binary or GGUF before measuring anything."""
+    import argparse
+
+    import bench.model as model
+
+    gguf = tmp_path / "smol-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+flags = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+assert flags["-r"] == "1" and flags["-m"] == {str(gguf)!r} and flags["-n"] == "64", sys.argv
+print(json.dumps({json.dumps(_llama_bench_json(512, 64, 2))}))
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    args = argparse.Namespace(llama_bench=fake, llama_gguf=None, gguf_file=gguf, threads=2, quantization="gguf")
+    assert model._llama_bench_round(argparse.Namespace(llama_bench=None), None, 512, 64) is None
+    assert model._llama_bench_round(args, "gguf", 512, 64)()["decode_tokens_per_s"] == 46.0
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        model._llama_bench_round(argparse.Namespace(**{**vars(args), "gguf_file": tmp_path / "none.gguf"}), "gguf", 512, 64)

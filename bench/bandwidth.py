@@ -1,0 +1,57 @@
+"""The machine's memory read bandwidth, measured with TVM's own thread pool: the roof of a batch-1
+decode, which reads every weight once per token. ``benchmark.py model`` records it beside the
+decode rates, so a ratio to llama.cpp can be read against what the memory allows (a decode at 90%
+of this bound cannot get 1.1x faster at the same weights)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tvm
+from tvm.script import tirx as T
+
+from llmir_tvm.target import resolve_target
+
+#: Bytes read per pass: larger than any last-level cache we run on (300 MB on the 2-core Xeon VMs).
+READ_BYTES = 512 * 1024 * 1024
+#: float32 lanes of one load (64 bytes: a cache line).
+LANES = 16
+#: Parallel chunks (many more than cores: the pool's static split evens them out).
+CHUNKS = 64
+
+
+def _reader(elements: int) -> tvm.tirx.PrimFunc:
+    """``(a [elements], out [CHUNKS, LANES])``: every chunk of ``a`` summed by vector loads on TVM's pool."""
+    per_chunk = elements // CHUNKS
+
+    @T.prim_func
+    def read_all(a: T.Buffer((elements,), "float32"), out: T.Buffer((CHUNKS, LANES), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for c in T.parallel(CHUNKS):
+            acc = T.decl_buffer((LANES,), "float32", scope="local")
+            acc[T.Ramp(0, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+            for i in range(per_chunk // LANES):
+                acc[T.Ramp(0, 1, LANES)] = acc[T.Ramp(0, 1, LANES)] + a[T.Ramp(c * per_chunk + i * LANES, 1, LANES)]
+            out[c, T.Ramp(0, 1, LANES)] = acc[T.Ramp(0, 1, LANES)]
+
+    return read_all
+
+
+def read_bandwidth_gbps(read_bytes: int = READ_BYTES, repeats: int = 5) -> float:
+    """The best of ``repeats`` passes reading ``read_bytes`` of float32 on the host's threads, in GB/s
+    (10^9 bytes per second); also checks the sum, so a pass that skipped memory cannot count."""
+    elements = read_bytes // 4 // (CHUNKS * LANES) * (CHUNKS * LANES)
+    run = tvm.compile(_reader(elements), target=resolve_target("llvm"))
+    a = tvm.runtime.tensor(np.ones(elements, np.float32))
+    out = tvm.runtime.tensor(np.zeros((CHUNKS, LANES), np.float32))
+    run(a, out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(a, out)
+        best = min(best, time.perf_counter() - start)
+    total = float(out.numpy().astype(np.float64).sum())
+    if total != elements:
+        raise RuntimeError(f"read_bandwidth_gbps: the pass summed {total}, expected {elements}")
+    return elements * 4 / best / 1e9
