@@ -1,7 +1,7 @@
-"""The machine's memory read bandwidth, measured with TVM's own thread pool: the roof of a batch-1
+"""The machine's memory read bandwidth, measured with TVM's own thread pool: the yardstick of a batch-1
 decode, which reads every weight once per token. ``benchmark.py model`` records it beside the
-decode rates, so a ratio to llama.cpp can be read against what the memory allows (a decode at 90%
-of this bound cannot get 1.1x faster at the same weights)."""
+decode rates, so a ratio to llama.cpp can be read against what the memory gives. A yardstick, not a
+roof: where a large last-level cache keeps part of the weights between tokens, a decode can beat it."""
 
 from __future__ import annotations
 

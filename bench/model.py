@@ -15,8 +15,8 @@ cache is used, so a second run starts at once), its llama.cpp baseline on the GG
 format (Q8_0 for int8, Q4_1 for int4 and gguf; ``--gguf-file``: that file, for both sides), and its quality: perplexity on the fixed text
 and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's own perplexity
 change on the same formats when ``--llama-perplexity`` is given.
-The decode's roof is recorded too: the machine's read bandwidth (``bench/bandwidth.py``) over the
-weight bytes a token reads, and each side's decode rate as a fraction of it.
+The decode's yardstick is recorded too: the rate of a plain stream read (``bench/bandwidth.py``) over the
+weight bytes a token reads, and each side's decode rate over it.
 The three run interleaved, repeat after repeat, and the medians are kept, so load from
 other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
-    out["decode_batch1"].update(_bandwidth_bound(out["weights_bytes"], out["decode_batch1"]))
+    out["decode_batch1"].update(_stream_rate(out["weights_bytes"], out["decode_batch1"]))
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))
@@ -223,16 +223,18 @@ def _llama_bench_round(args: argparse.Namespace, quantization: str | None, promp
     return lambda: run_llama_bench(args.llama_bench, gguf, args.threads, prompt_tokens, new, 1)
 
 
-def _bandwidth_bound(weights_bytes: int, decode: dict) -> dict:
-    """The decode roof: the machine's read bandwidth (``bench/bandwidth.py``, measured now) over the
-    weight bytes a token reads, and each side's decode rate as a fraction of it."""
+def _stream_rate(weights_bytes: int, decode: dict) -> dict:
+    """The decode's yardstick: the rate of a plain 512 MB stream read on TVM's pool (``bench/bandwidth.py``,
+    measured now), the tokens/s at which the weights would stream at that rate, and each side's decode
+    rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
+    tokens (the 2-core Xeon's 300 MB L3 lets both llama.cpp and us exceed it at float32)."""
     from .bandwidth import read_bandwidth_gbps
 
     gbps = read_bandwidth_gbps()
-    bound = gbps * 1e9 / weights_bytes
-    fractions = {f"{key[:-len('_tokens_per_s')]}_fraction_of_bound": rate / bound
-                 for key, rate in decode.items() if key.endswith("_tokens_per_s")}
-    return {"read_bandwidth_gbps": gbps, "bandwidth_bound_tokens_per_s": bound, **fractions}
+    rate = gbps * 1e9 / weights_bytes
+    ratios = {f"{key[:-len('_tokens_per_s')]}_vs_stream_rate": value / rate
+              for key, value in decode.items() if key.endswith("_tokens_per_s")}
+    return {"stream_read_gbps": gbps, "stream_rate_tokens_per_s": rate, **ratios}
 
 
 def _plot(out: dict, path: Path) -> None:

@@ -164,20 +164,19 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
     assert out["hf_padded_loaded_vs_idle"] == pytest.approx(1.0)
 
 
-def test_read_bandwidth_probe_reads_every_element_and_the_decode_bound_follows(monkeypatch):
-    """The probe's kernel sums every element (it raises otherwise); the roof is bandwidth / weight bytes."""
+def test_read_bandwidth_probe_reads_every_element_and_the_decode_yardstick_follows(monkeypatch):
+    """The probe's kernel sums every element (it raises otherwise); the stream rate is bandwidth / weight bytes."""
     import bench.bandwidth as bandwidth
     import bench.model as model
 
     assert bandwidth.read_bandwidth_gbps(read_bytes=8 * 1024 * 1024, repeats=2) > 0
     monkeypatch.setattr(bandwidth, "read_bandwidth_gbps", lambda: 25.0)
-    out = model._bandwidth_bound(500_000_000, {"ours_tokens_per_s": 40.0, "llama_cpp_tokens_per_s": 45.0,
-                                               "ratio_vs_llama_cpp": 0.89})
-    assert out["bandwidth_bound_tokens_per_s"] == pytest.approx(50.0)
-    assert out["ours_fraction_of_bound"] == pytest.approx(0.8)
-    assert out["llama_cpp_fraction_of_bound"] == pytest.approx(0.9)
-    assert set(out) == {"read_bandwidth_gbps", "bandwidth_bound_tokens_per_s", "ours_fraction_of_bound",
-                        "llama_cpp_fraction_of_bound"}
+    out = model._stream_rate(500_000_000, {"ours_tokens_per_s": 40.0, "llama_cpp_tokens_per_s": 45.0,
+                                           "ratio_vs_llama_cpp": 0.89})
+    assert out["stream_rate_tokens_per_s"] == pytest.approx(50.0)
+    assert out["ours_vs_stream_rate"] == pytest.approx(0.8)
+    assert out["llama_cpp_vs_stream_rate"] == pytest.approx(0.9)
+    assert set(out) == {"stream_read_gbps", "stream_rate_tokens_per_s", "ours_vs_stream_rate", "llama_cpp_vs_stream_rate"}
 
 
 def test_llama_bench_round_runs_one_repetition_of_the_compared_gguf(tmp_path):
