@@ -12,13 +12,17 @@ all alike; medians of the rounds are kept. OpenBLAS's worker threads keep spinni
 after a call and would slow the TVM pass that follows (the contention ``DenseToTIR`` removes from
 compiled models), so a pause (``--blas-pause``) follows every BLAS pass. Threads: TVM's pool
 (``TVM_NUM_THREADS``) and OpenBLAS's, both the usable cores unless set. Outputs are checked against
-float64 numpy first. Ratio: numpy's time / the candidate's (> 1: ours faster).
+float64 numpy first. Ratio: numpy's time / the candidate's (> 1: ours faster). With ``--isa avx2`` /
+``avx512`` numpy's OpenBLAS runs that ISA's kernels too (``OPENBLAS_CORETYPE``, :data:`BLAS_CORETYPES`):
+the process starts again with it set, since OpenBLAS reads it when it loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,8 +62,25 @@ def candidates(target) -> dict:
     return {packed.name: packed, tiles.name: tiles}
 
 
+#: OpenBLAS's kernels for each ``--isa`` (its ``OPENBLAS_CORETYPE``): the baseline runs the ISA ours is
+#: compiled for, so ``--isa avx2`` on an AVX-512 machine compares AVX2 code with AVX2 code.
+BLAS_CORETYPES = {"avx2": "Haswell", "avx512": "SkylakeX"}
+
+
+def blas_coretype_env(isa: str, environ: dict) -> dict | None:
+    """The environment to re-run this process in so that OpenBLAS (loaded with numpy, before any option
+    is read) uses ``isa``'s kernels; None when ``environ`` already says so, or for the host's own ISA."""
+    want = BLAS_CORETYPES.get(isa)
+    if want is None or environ.get("OPENBLAS_CORETYPE") == want:
+        return None
+    return {**environ, "OPENBLAS_CORETYPE": want}
+
+
 def run(args: argparse.Namespace) -> int:
     """Time every (shape, rows) case for every candidate, interleaved; write the JSON, print a table."""
+    env = blas_coretype_env(args.isa, dict(os.environ))
+    if env is not None:  # OpenBLAS picks its kernels when it loads: start again with the variable set
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     import tvm
 
     from llmir_tvm.target import resolve_target, vector_shape
@@ -110,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{label} {case[f'{label}_ms']:9.3f} ms x{case[f'{label}_speedup_vs_numpy']:5.2f}" for label in ours), flush=True)
         rows_out.append({"in_features": k, "out_features": n, "build_seconds": build_seconds})
     result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "candidates": list(ours),
+              "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
               "pool_threads": threads, "working_set_bytes": args.working_set, "repeats": args.repeats,
               "timing": "interleaved rounds, rotating order, median per call", "cases": rows_out}
     path = save_result("dense_cpu", result, args.out)

@@ -201,3 +201,14 @@ print(json.dumps({json.dumps(_llama_bench_json(512, 64, 2))}))
     assert model._llama_bench_round(args, "gguf", 512, 64)()["decode_tokens_per_s"] == 46.0
     with pytest.raises(FileNotFoundError, match="GGUF"):
         model._llama_bench_round(argparse.Namespace(**{**vars(args), "gguf_file": tmp_path / "none.gguf"}), "gguf", 512, 64)
+
+
+def test_dense_benchmark_runs_openblas_on_the_isa_it_compiles_for():
+    """``dense --isa avx2`` restarts with OpenBLAS's Haswell kernels (the baseline an AVX2 machine has)."""
+    from bench.dense import blas_coretype_env
+
+    env = blas_coretype_env("avx2", {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "OPENBLAS_CORETYPE": "Haswell"}
+    assert blas_coretype_env("avx2", env) is None  # already set: no second restart
+    assert blas_coretype_env("host", {"PATH": "/bin"}) is None
+    assert blas_coretype_env("avx512", {})["OPENBLAS_CORETYPE"] == "SkylakeX"
