@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--working-set", type=float, default=256e6, help="bytes of W copies each candidate rotates over")
     parser.add_argument("--max-copies", type=int, default=64, help="most W copies per shape")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds per case; medians are kept")
-    parser.add_argument("--blas-pause", type=float, default=0.05, help="seconds of pause after each BLAS pass")
+    parser.add_argument("--blas-pause", type=float, default=0.3,
+                        help="seconds of pause after each BLAS pass (default 0.3: on the 2-core Xeon OpenBLAS's "
+                             "threads still spun 50 ms after a pass and halved the next 1-row TVM pass)")
     parser.add_argument("--shapes", nargs="+", default=None, metavar="KxN", help="layer shapes (default: the model's)")
     parser.add_argument("--quick", action="store_true",
                         help="gate/up shape only, rows 1 16 256 2048, 32 MB working set, 3 rounds")
