@@ -14,7 +14,8 @@ server's own cost: throughput and CPU per token, median and spread; see :mod:`.h
 llama.cpp's ``llama-server`` on the same requests when ``--llama-server BIN --gguf FILE`` are
 given (same threads, ``-np`` slots, continuous batching). ``--quick`` runs a small version.
 ``--mixed-only`` runs only the mixed workload, and at saturation also the in-process engine on the
-very same requests: the three-way comparison (engine, our server, llama-server) of issue #20's
+very same requests, before and after our server (their mean is the engine's figure; their ratio shows
+the machine's drift meanwhile): the three-way comparison (engine, our server, llama-server) of issue #20's
 "32 mixed requests" (``--requests 32 --max-prompt-tokens 512 --max-new-tokens 128 --rates inf``).
 Writes ``bench/results/http.json`` (``http_quick.json`` with ``--quick``, ``http_mixed[_quick].json`` with
 ``--mixed-only``, ``http_cost.json`` with ``--cost-only``) and a PNG through ``bench.common.save_result``.
@@ -323,6 +324,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 server.close()
 
+        if "engine_in_process" in out:  # again after our server: the machine's drift shows as a gap between the two
+            out["engine_in_process_after"] = _engine_in_process(compiled, *sets[-1][:2])
         if args.llama_server is not None:
             port = _free_port()
             context = args.slots * _slot_context(args, compiled.info.max_seq_len)
@@ -400,13 +403,15 @@ def ratios(out: dict) -> dict:
     if "ours" not in out:
         return r
     ours = out["ours"]
-    engine = out.get("engine_in_process")
-    if engine is not None:
+    engines = [out[key]["throughput_tok_s"] for key in ("engine_in_process", "engine_in_process_after") if key in out]
+    if engines:
+        engine = sum(engines) / len(engines)  # the runs before and after our server, averaged
         saturation = out["rates"][-1]
-        r["mixed_server_vs_engine_same_requests"] = _div(ours["mixed"][saturation]["throughput_tok_s"], engine["throughput_tok_s"])
+        r["mixed_server_vs_engine_same_requests"] = _div(ours["mixed"][saturation]["throughput_tok_s"], engine)
+        if len(engines) == 2:
+            r["mixed_engine_after_vs_before"] = _div(engines[1], engines[0])
         if "llama_server" in out:
-            r["mixed_engine_vs_llama_server"] = _div(engine["throughput_tok_s"],
-                                                     out["llama_server"]["mixed"][saturation]["throughput_tok_s"])
+            r["mixed_engine_vs_llama_server"] = _div(engine, out["llama_server"]["mixed"][saturation]["throughput_tok_s"])
     if "ours_prefix_off" in out:
         r["chats_ttft_p50_prefix_on_vs_off"] = {
             rate: _div(ours["chats"][rate]["ttft_ms_p50"], out["ours_prefix_off"]["chats"][rate]["ttft_ms_p50"])

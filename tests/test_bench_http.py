@@ -116,6 +116,11 @@ def test_mixed_only_ratios_compare_engine_server_and_llama_server_on_the_same_ru
     assert r["mixed_engine_vs_llama_server"] == pytest.approx(1.5)
     assert r["mixed_throughput_vs_llama_server"] == {"4.0": pytest.approx(2.0), "inf": pytest.approx(57 / 40)}
     assert "server_vs_engine_throughput_at_saturation" not in r  # no server-cost pairs were run
+    run["engine_in_process_after"] = {"throughput_tok_s": 54.0}  # the engine again after our server: the mean counts
+    r = http_serve.ratios(run)
+    assert r["mixed_server_vs_engine_same_requests"] == pytest.approx(1.0)
+    assert r["mixed_engine_after_vs_before"] == pytest.approx(0.9)
+    assert r["mixed_engine_vs_llama_server"] == pytest.approx(57 / 40)
 
 
 def test_llama_server_gets_the_same_threads_slots_and_continuous_batching(fake_llama_server):
