@@ -24,7 +24,11 @@ block's largest activation per element, as in llama.cpp), not only by the order 
 :func:`reference` is the numpy model of exactly this math.
 
 Formats: :data:`INTDOT_FORMATS` (``q4_k`` and ``int8`` with ``K`` not a multiple of 32 use the
-float kernel). Work split: activation rows are quantized first (one parallel loop), then the
+float kernel). 4-bit blocks go two at a time on x86 (:func:`paired_dot`: one 32-byte load gives both
+blocks' nibbles, the activations are stored pair-interleaved, the two block scales are applied as one
+vector; a last odd block runs alone). A tile reading its W rows for the first time prefetches the
+same rows of the next task: with few x rows, a batch-1 decode is otherwise bound by memory latency.
+Work split: activation rows are quantized first (one parallel loop), then the
 same register tiling as the float kernel (``rows x cols`` tiles, ``task_cols`` W rows a task,
 ``x`` rows in L2-sized chunks) over :func:`.task_split.parallel_tasks`.
 """
