@@ -28,7 +28,8 @@ float kernel). 4-bit blocks go two at a time on x86 (:func:`paired_dot`: one 32-
 blocks' nibbles, the activations are stored pair-interleaved, the two block scales are applied as one
 vector; a last odd block runs alone). A tile reading its W rows for the first time prefetches the
 same rows of the next task: with few x rows, a batch-1 decode is otherwise bound by memory latency.
-Work split: activation rows are quantized first (one parallel loop), then the
+Work split: activation rows are quantized first (one parallel loop; fewer rows than a register
+tile, as in a decode, on the calling thread), then the
 same register tiling as the float kernel (``rows x cols`` tiles, ``task_cols`` W rows a task,
 ``x`` rows in L2-sized chunks) over :func:`.task_split.parallel_tasks`.
 """
