@@ -17,8 +17,8 @@ and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's
 change on the same formats when ``--llama-perplexity`` is given.
 The decode's yardstick is recorded too: the rate of a plain stream read (``bench/bandwidth.py``) over the
 weight bytes a token reads, and each side's decode rate over it.
-The three run interleaved, repeat after repeat, and the medians are kept, so load from
-other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
+The sides run interleaved, repeat after repeat (llama-bench once per round, after ours), and the
+medians are kept, so load from other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
 """
 
