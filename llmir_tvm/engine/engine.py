@@ -358,7 +358,7 @@ class Engine:
                 self.cache.end_forward()
             if self.cache.has_sequence(seq):
                 self.cache.remove_sequence(seq)
-        return np.concatenate(rows)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)  # one prefill: no second copy of the logits
 
     # ------------------------------------------------------------------ input
     def _tokens(self, prompt: Prompt) -> list[int]:
