@@ -160,3 +160,20 @@ def test_reused_device_input_buffers_give_the_same_tokens(engine, reference):
         engine._reuse_inputs = False
         engine._input_buffers.clear()
     assert [r.token_ids for r in results] == [r.token_ids[:8] for r in reference]
+
+
+def test_logits_viewed_in_host_memory_stay_valid_across_calls(engine):
+    """On the CPU the runner views the VM's logits instead of copying them: a later call must not
+    overwrite an earlier result, and the values equal those of the copying path."""
+    assert engine.runner.view_logits
+    first = engine.score(list(b"hello world"))
+    kept = first.copy()
+    other = engine.score(list(b"the quick brown fox jumps"))
+    engine.generate(PROMPTS, max_new_tokens=4)
+    assert np.array_equal(first, kept) and not np.shares_memory(first, other)
+    engine.runner.view_logits = False
+    try:
+        copied = engine.score(list(b"hello world"))
+    finally:
+        engine.runner.view_logits = True
+    assert np.array_equal(first, copied)
