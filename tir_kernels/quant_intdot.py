@@ -190,25 +190,18 @@ def paired_dot(isa: str, planes, j, p, xq, i):
     return _intrin(f"int32x{LANES}", "llvm.x86.avx2.pmadd.wd", pairs, T.Broadcast(T.int16(1), 16))
 
 
-def _pair_offset(fmt: str):
-    """``offset(planes, j, p)``: float32x2 offsets of blocks ``2p, 2p + 1`` of W row ``j`` (None: no offset)."""
-    if fmt == "q4_0":
-        return lambda planes, j, p: T.Cast("float32x2", planes["d"][j, T.Ramp(2 * p, 1, 2)]) * T.Broadcast(T.float32(-8), 2)
-    if fmt in ("q4_1", "int4"):
-        return lambda planes, j, p: T.Cast("float32x2", planes["m"][j, T.Ramp(2 * p, 1, 2)])
-    return None
-
-
-def _block_terms(fmt: str):
-    """``(scale(planes, j, g), offset(planes, j, g) or None)``: a block's float weight scale and offset."""
-    f32 = lambda e: T.Cast("float32", e)  # noqa: E731
+def _block_terms(fmt: str, lanes: int = 1):
+    """``(scale(planes, j, g), offset(planes, j, g) or None)``: the float weight scale and offset of
+    block ``g`` of W row ``j`` (``lanes > 1``: ``g`` a Ramp over that many blocks, vectors out)."""
+    f32 = lambda e: T.Cast("float32" if lanes == 1 else f"float32x{lanes}", e)  # noqa: E731
+    const = lambda v: T.float32(v) if lanes == 1 else T.Broadcast(T.float32(v), lanes)  # noqa: E731
     if fmt == "int8":
-        return (lambda planes, j, g: T.float32(1)), None
+        return (lambda planes, j, g: const(1)), None
     scale = lambda planes, j, g: f32(planes["d"][j, g])  # noqa: E731
     if fmt == "q8_0":
         return scale, None
     if fmt == "q4_0":
-        return scale, (lambda planes, j, g: f32(planes["d"][j, g]) * T.float32(-8))
+        return scale, (lambda planes, j, g: f32(planes["d"][j, g]) * const(-8))
     return scale, (lambda planes, j, g: f32(planes["m"][j, g]))
 
 
@@ -228,9 +221,10 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     correction, biased_block_dot = biased_dot()
     XQ = "uint8" if biased else "int8"
     scale, offset = _block_terms(fmt)
-    pair_offset = _pair_offset(fmt)
+    pair_scale, pair_offset = _block_terms(fmt, 2)
     QS_BLOCK_BYTES = BLOCK if fmt in ("int8", "q8_0") else BLOCK // 2
-    HAS_D, HAS_M = ("d" in plane_specs(fmt, N, K)), ("m" in plane_specs(fmt, N, K))  # float16 block scale planes
+    planes_of_fmt = plane_specs(fmt, N, K)
+    HAS_D, HAS_M = "d" in planes_of_fmt, "m" in planes_of_fmt  # float16 block scale planes
     SCALES_PER_LINE = 32  # float16 block scales in a 64-byte cache line
     HALF = BLOCK // 2
     #: Block pairs the paired kernel takes (:func:`paired_supported`); a last odd block runs alone.
@@ -328,12 +322,12 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
                 for r in T.unroll(rows):
                     q = T.decl_buffer((LANES,), "int32", scope="local")
                     q[T.Ramp(0, 1, LANES)] = paired_dot(tiles.isa, planes, j0 + c, p, xq, i0 + r)
-                    s2 = T.Cast("float32x2", planes["d"][j0 + c, T.Ramp(2 * p, 1, 2)]) * xd[i0 + r, T.Ramp(2 * p, 1, 2)]
+                    s2 = pair_scale(planes, j0 + c, T.Ramp(2 * p, 1, 2)) * xd[i0 + r, T.Ramp(2 * p, 1, 2)]
                     acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", q[T.Ramp(0, 1, LANES)]) * T.Shuffle(
                         [s2] * (LANES // 2), list(range(0, LANES, 2)) + list(range(1, LANES, 2)))
                     if offset is not None:
                         sacc2[r * cols + c, T.Ramp(0, 1, 2)] = sacc2[r * cols + c, T.Ramp(0, 1, 2)] + pair_offset(
-                            planes, j0 + c, p) * xs[i0 + r, T.Ramp(2 * p, 1, 2)]
+                            planes, j0 + c, T.Ramp(2 * p, 1, 2)) * xs[i0 + r, T.Ramp(2 * p, 1, 2)]
         for t in T.unroll(rows * cols):
             sacc[t] = sacc2[t, 0] + sacc2[t, 1]
 
