@@ -1,12 +1,12 @@
-"""threads: how TVM's thread pool settings hold up beside a low-priority background job.
+"""threads: how the CPU thread pools hold up beside a low-priority background job.
 
 A proxy of batch-1 decode: the dense layers of SmolLM2-135M's 30 layers (q/o 576x576, k/v
 576x192, gate/up 576x1536, down 1536x576) at ``--rows`` rows, built with the host's tiles, run
-as "steps" of 210 kernel calls (each a fork-join on TVM's pool), once with TVM's static split of
+as "steps" of 210 kernel calls (each a fork-join on the pool), once with TVM's static split of
 the parallel loop and once with the dense kernel's self-balancing split (``threads`` of
-``tir_kernels.dense.dense_nt``), interleaved. For every setting of the pool's environment knobs
-(``TVM_NUM_THREADS``, ``TVM_BIND_THREADS``, ``TVM_THREAD_POOL_SPIN_COUNT``) a fresh process (the
-pool reads them once) alternates idle phases and phases beside one ``nice 19`` busy process
+``tir_kernels.dense.dense_nt``), interleaved. For every setting (our pool,
+``llmir_tvm.runtime.parallel_pool``, or TVM's with its environment knobs ``TVM_NUM_THREADS``,
+``TVM_BIND_THREADS``, ``TVM_THREAD_POOL_SPIN_COUNT``) a fresh process (the pools read them once) alternates idle phases and phases beside one ``nice 19`` busy process
 (``bench/background.py``; in its own session unless ``--same-session``), and reports steps/s of
 both (medians) and their ratio. Results: ``bench/results/threads.json`` (``bench.common.save_result``) with the machine
 stamp.
@@ -28,16 +28,19 @@ from .background import autogroup_enabled
 from .common import save_result
 from .machine import machine_stamp
 
-HELP = "TVM thread-pool settings: decode-proxy steps/s idle vs beside a nice-19 busy job"
+HELP = "thread pools (ours, TVM's settings): decode-proxy steps/s idle vs beside a nice-19 busy job"
 LAYER = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
 #: name -> environment of the child process (on top of the parent's)
 SETTINGS = {
-    "default": {},
-    "no_bind": {"TVM_BIND_THREADS": "0"},
-    "no_spin": {"TVM_THREAD_POOL_SPIN_COUNT": "0"},
-    "no_bind_no_spin": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0"},
+    "llmir_pool": {},
+    "tvm_pool": {"LLMIR_THREAD_POOL": "tvm"},
+    "tvm_bind": {"LLMIR_THREAD_POOL": "tvm", "TVM_BIND_THREADS": "1"},
+    "tvm_no_spin": {"LLMIR_THREAD_POOL": "tvm", "TVM_THREAD_POOL_SPIN_COUNT": "0"},
     "one_thread": {"TVM_NUM_THREADS": "1"},
 }
+#: The environment variables the settings set (removed from the parent's before each is applied).
+_POOL_VARS = ("TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS", "LLMIR_THREAD_POOL",
+              "LLMIR_POOL_SPIN_US")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows of x (1: batch-1 decode)")
     parser.add_argument("--same-session", action="store_true",
                         help="run the busy job in this process's session (autogroup) instead of its own")
-    parser.add_argument("--quick", action="store_true", help="1 s phases, 2 rounds, default/no_spin/no_bind_no_spin")
+    parser.add_argument("--quick", action="store_true", help="1 s phases, 2 rounds, llmir_pool and tvm_pool")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/threads.json, the previous one moved to bench/results/archive/)")
 
@@ -59,6 +62,7 @@ def _child(args: argparse.Namespace) -> dict:
     import numpy as np
     import tvm
 
+    from llmir_tvm.runtime import parallel_pool  # installs our pool (before any kernel loads) unless told not to
     from llmir_tvm.target import resolve_target, vector_shape
     from llmir_tvm.tir_kernels.dense import dense_nt, dense_tiles, pool_threads
 
@@ -100,7 +104,8 @@ def _child(args: argparse.Namespace) -> dict:
             time.sleep(0.05)
             for split in splits:
                 loaded[split].append(steps_per_s(split, args.phase_seconds))
-    return {split: {"idle_steps_per_s": statistics.median(idle[split]), "loaded_steps_per_s": statistics.median(loaded[split]),
+    pool = "llmir" if parallel_pool.library_path() is not None else "tvm"
+    return {split: {"pool": pool, "idle_steps_per_s": statistics.median(idle[split]), "loaded_steps_per_s": statistics.median(loaded[split]),
                     "idle_samples": idle[split], "loaded_samples": loaded[split],
                     "loaded_vs_idle": statistics.median(loaded[split]) / statistics.median(idle[split])}
             for split in splits}
@@ -114,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.phase_seconds, args.rounds = 1.0, 2
         if args.settings == list(SETTINGS):
-            args.settings = ["default"]
+            args.settings = ["llmir_pool", "tvm_pool"]
     results = {}
     for name in args.settings:
-        env = {k: v for k, v in os.environ.items() if k not in ("TVM_BIND_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS")}
+        env = {k: v for k, v in os.environ.items() if k not in _POOL_VARS}
         env.update(SETTINGS[name])
         cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"), "threads", "--child",
                "--phase-seconds", str(args.phase_seconds), "--rounds", str(args.rounds), "--layers", str(args.layers),

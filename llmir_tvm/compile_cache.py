@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from .cache_dir import cache_base
+
 logger = logging.getLogger(__name__)
 
 #: Bumped when the entry layout or the key's recipe changes (old entries then simply miss).
@@ -62,8 +64,7 @@ class UncacheableModel(TypeError):
 
 def cache_root() -> Path:
     """Where compiled models are kept: ``$LLMIR_TVM_CACHE/compiled`` (default ``~/.cache/llmir-tvm/compiled``)."""
-    base = os.environ.get("LLMIR_TVM_CACHE") or str(Path.home() / ".cache" / "llmir-tvm")
-    return Path(base).expanduser() / "compiled"
+    return cache_base() / "compiled"
 
 
 def cache_enabled(requested: bool = True) -> bool:

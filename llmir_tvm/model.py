@@ -2,8 +2,10 @@
 
 Only ``tvm.runtime`` is used, so :func:`load` works where only TVM's runtime is installed.
 Folder layout: ``model.so`` (the VM executable with the cache kernels), ``params.npz`` (weights
-in parameter order), ``model.json`` (KV-cache layout and generation facts) and, when the model
-has one, ``tokenizer/`` (a Hugging Face tokenizer, loaded if ``transformers`` is installed).
+in parameter order), ``model.json`` (KV-cache layout and generation facts), the thread pool's library
+built for this machine (``parallel_pool-<arch>.so``, used where no C compiler can build it) and,
+when the model has one, ``tokenizer/`` (a Hugging Face tokenizer, loaded if ``transformers`` is
+installed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tvm.runtime
 
 from .kv_dtypes import kernel_name
 from .memory_plan import MemoryPlan, kv_block_bytes
+from .runtime import parallel_pool
 
 #: Global symbols of the cache kernels embedded in every compiled model.
 CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
@@ -221,6 +224,8 @@ class CompiledModel:
                 self.executable.export_library(str(path / "model.so"))
             weights.result()
         (path / "model.json").write_text(json.dumps(self.info.to_dict(), indent=2))
+        if (pool := parallel_pool.library_path()) is not None:  # for a machine without a C compiler
+            shutil.copyfile(pool, path / parallel_pool.bundled_name())
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(path / "tokenizer")
         return path
@@ -247,6 +252,7 @@ def load(directory: str | Path) -> CompiledModel:
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         except ImportError:
             tokenizer = None
+    parallel_pool.install(bundled=path / parallel_pool.bundled_name())  # before the library loads
     compiled = CompiledModel(tvm.runtime.load_module(str(path / "model.so")), params, info, tokenizer)
     compiled.library_path = path / "model.so"
     return compiled

@@ -15,7 +15,8 @@ import threading
 import pytest
 
 import llmir_tvm
-from llmir_tvm.engine.pool_sizer import PoolSizer, set_tvm_pool_threads, tvm_pool_threads
+from llmir_tvm.engine.pool_sizer import PoolSizer
+from llmir_tvm.runtime.parallel_pool import pool_threads, set_pool_threads
 
 LOADED = {2: 0.016, 1: 0.010}  # seconds per token: a busy background job holds one core
 IDLE = {2: 0.006, 1: 0.010}
@@ -82,27 +83,30 @@ def test_bad_settings_are_refused(kwargs):
         PoolSizer(**kwargs)
 
 
-def test_the_tvm_hook_sets_the_calling_threads_pool():
-    before = tvm_pool_threads()
+def test_the_pool_hook_sets_the_width_the_pool_reports():
+    before = pool_threads()
     try:
-        set_tvm_pool_threads(1)
-        assert tvm_pool_threads() == 1
+        set_pool_threads(1)
+        assert pool_threads() == 1
     finally:
-        set_tvm_pool_threads(before)
-    assert tvm_pool_threads() == before
+        set_pool_threads(before)
+    assert pool_threads() == before
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])
-def test_starting_and_resizing_the_pool_leaves_the_process_free_to_use_every_core(threads):
+def test_starting_and_resizing_tvms_pool_leaves_the_process_free_to_use_every_core(threads):
     # TVM binds the calling thread to its first TVM_NUM_THREADS cores when the pool starts: two
     # pytest workers at one thread each then ran on core 0 side by side. llmir_tvm keeps it unbound.
-    script = ("import os, llmir_tvm\n"
-              "from llmir_tvm.engine.pool_sizer import set_tvm_pool_threads, tvm_pool_threads\n"
+    # (LLMIR_THREAD_POOL=tvm: TVM's pool, which a user may choose instead of ours.)
+    script = ("import os, llmir_tvm.runtime\n"
+              "from llmir_tvm.runtime.parallel_pool import pool_threads, set_pool_threads\n"
+              "assert llmir_tvm.runtime.parallel_pool.library_path() is None\n"
               "before = sorted(os.sched_getaffinity(0))\n"
-              "set_tvm_pool_threads(tvm_pool_threads())\n"
+              "set_pool_threads(pool_threads())\n"
               "print(before == sorted(os.sched_getaffinity(0)), os.environ['TVM_BIND_THREADS'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
     env["TVM_NUM_THREADS"] = threads
+    env["LLMIR_THREAD_POOL"] = "tvm"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "0"]
 
@@ -115,11 +119,11 @@ def test_changing_the_width_every_step_changes_no_token(tiny_compiled):
     expected = [r.outputs[0].token_ids for r in fixed.generate(prompts, max_new_tokens=12)]
     engine = llmir_tvm.Engine(compiled)
     engine.pool_sizer = PoolSizer(2, probe_every=1, probe_steps=1, max_probe_every=1)  # a probe every other step
-    before = tvm_pool_threads()
+    before = pool_threads()
     try:
         got = [r.outputs[0].token_ids for r in engine.generate(prompts, max_new_tokens=12)]
     finally:
-        set_tvm_pool_threads(before)
+        set_pool_threads(before)
     assert got == expected
     widths = {s["threads"] for s in engine.step_stats if s["kind"] == "decode"}
     assert widths == {1, 2}

@@ -140,7 +140,9 @@ def test_allocator_invariants_under_random_operations():
 RUNTIME_DIR = pathlib.Path(__file__).resolve().parents[1] / "llmir_tvm" / "runtime"
 ALLOWED_IMPORTS = {"numpy", "tvm.runtime", "tvm_ffi", "__future__", "typing", "collections", "dataclasses", "hashlib",
                    "importlib", "os", "tempfile",  # these three: the Disco executor (stdlib)
-                   "ctypes", "ctypes.util", "sys"}  # host_memory's madvise (stdlib)
+                   "ctypes", "ctypes.util", "sys",  # host_memory's madvise (stdlib)
+                   # parallel_pool: builds its C library and registers it with tvm_ffi (stdlib, tvm_ffi's own)
+                   "logging", "platform", "shutil", "subprocess", "threading", "pathlib", "tvm_ffi.libinfo"}
 
 
 def test_runtime_package_imports_only_runtime_modules():

@@ -24,7 +24,8 @@ import tvm.runtime
 from ..model import CompiledModel
 from ..runtime import create_cache
 from .model_runner import ModelRunner
-from .pool_sizer import PoolSizer, tvm_pool_threads
+from ..runtime.parallel_pool import pool_threads
+from .pool_sizer import PoolSizer
 from .outputs import GenerationResult, OutputProcessor, SampleOutput, StreamEvent, token_logprobs
 from .sampling import SamplingParams, sample
 from .scheduler import Request, Scheduler
@@ -118,7 +119,7 @@ class Engine:
         self._indices = itertools.count()
         self._step_no = 0
         self._text_deltas = compiled.tokenizer is not None  # this step's events carry text deltas
-        pool = tvm_pool_threads() if adapt_threads and device == "cpu" and self.executor is None else 0
+        pool = pool_threads() if adapt_threads and device == "cpu" and self.executor is None else 0
         self.pool_sizer: PoolSizer | None = PoolSizer(pool) if pool >= 2 else None
 
     @property

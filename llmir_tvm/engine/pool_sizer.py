@@ -1,6 +1,6 @@
-"""How many threads TVM's CPU pool uses, chosen by timing decode steps while the engine runs.
+"""How many threads the CPU pool uses, chosen by timing decode steps while the engine runs.
 
-TVM's pool is fork-join: every parallel kernel waits for its slowest thread. On a user's
+The pool (``llmir_tvm.runtime.parallel_pool``, or TVM's) is fork-join: every parallel kernel waits for its slowest thread. On a user's
 machine another process (a compile, a browser) often holds one core; a pool as wide as the
 machine then waits on the descheduled thread at every one of the hundreds of kernel calls of a
 step, and on the 2-core test machine two threads beside a ``nice 19`` job ran *slower* than one
@@ -11,7 +11,7 @@ per token with the current width's recent steps of the same batch size, and keep
 A probe that confirms the current width doubles the interval to the next (up to
 ``max_probe_every``), so an idle machine pays a probe rarely; a switch resets it.
 
-The pool is per thread (``runtime.config_threadpool`` configures the calling thread's pool),
+TVM's pool is per thread (``runtime.config_threadpool`` configures the calling thread's pool),
 so the width is applied on the thread that runs the steps, whichever that is.
 """
 
@@ -23,36 +23,21 @@ import threading
 from collections import deque
 from typing import Callable
 
+from ..runtime.parallel_pool import set_pool_threads
+
 logger = logging.getLogger(__name__)
-
-#: TVM's ``ThreadGroup::kBig`` affinity mode (all cores of a homogeneous CPU).
-_AFFINITY_BIG = 1
-
-
-def tvm_pool_threads() -> int:
-    """Threads of the calling thread's TVM pool."""
-    import tvm_ffi
-
-    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
-
-
-def set_tvm_pool_threads(threads: int) -> None:
-    """Make the calling thread's TVM pool use ``threads`` threads (it keeps its workers)."""
-    import tvm_ffi
-
-    tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(threads))
 
 
 class PoolSizer:
     """Chooses the pool width (``max_threads`` or ``max_threads - 1``) by timing decode steps.
 
     The engine calls :meth:`before_step` before and :meth:`after_step` after each model step.
-    ``set_threads(n)`` applies a width on the calling thread and ``read_threads()`` reads it
-    (TVM's pool by default; tests pass fakes).
+    ``set_threads(n)`` applies a width on the calling thread (the CPU pool by default; tests
+    pass fakes).
     """
 
     def __init__(self, max_threads: int, *, probe_every: int = 64, probe_steps: int = 3, max_probe_every: int = 1024,
-                 margin: float = 0.05, set_threads: Callable[[int], None] = set_tvm_pool_threads):
+                 margin: float = 0.05, set_threads: Callable[[int], None] = set_pool_threads):
         if max_threads < 2:
             raise ValueError(f"a pool sizer needs at least 2 threads to choose from, got {max_threads}")
         if probe_every < 1 or probe_steps < 1 or max_probe_every < probe_every:

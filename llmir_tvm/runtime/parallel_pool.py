@@ -1,0 +1,188 @@
+"""The thread pool our compiled CPU kernels run their parallel loops on (``parallel_pool.c``).
+
+TVM's pool waits by spinning on ``sched_yield``, which hands a core to any runnable process at
+each of the hundreds of parallel kernels of a decode step; beside one ``nice 19`` job the engine
+kept half of its idle speed (docs/benchmarks.md, background load). The C pool next to this file
+waits by spinning on ``pause`` for a bounded time, then sleeps. :func:`install` builds it once
+per machine with the C compiler (cached under ``$LLMIR_TVM_CACHE/pool``; a saved model folder
+carries a copy for machines without one) and registers it with tvm_ffi as the
+``__TVMBackendParallelLaunch`` / ``__TVMBackendParallelBarrier`` of every library loaded or
+JIT-compiled afterwards.
+
+Settings (environment): ``LLMIR_THREAD_POOL=tvm`` keeps TVM's pool; ``LLMIR_POOL_SPIN_US``
+(default 10000) is how long a waiting thread spins before it sleeps; the pool's width is
+``TVM_NUM_THREADS`` (which ``llmir_tvm`` defaults to the usable cores), changeable with
+:func:`set_pool_threads`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from ..cache_dir import cache_base
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("parallel_pool.c")
+#: The environment variable that selects TVM's own pool instead of ours (value ``tvm``).
+POOL_ENV = "LLMIR_THREAD_POOL"
+#: The environment variable with the spin time of a waiting thread, in microseconds.
+SPIN_ENV = "LLMIR_POOL_SPIN_US"
+#: 10 ms: longer than a low-priority job's time slice. With 2 ms, a decode step beside a nice-19
+#: job slept ~180 times in 64 tokens (each sleep gives the core away and can wake on the core of
+#: the thread it waits for) and ran at 0.7-0.8 of idle; with 10 ms it never slept (0.94-0.95).
+DEFAULT_SPIN_US = 10000
+#: The C compiler's flags (the library is position-independent C11 with pthreads, nothing else).
+_CFLAGS = ("-O2", "-std=c11", "-shared", "-fPIC", "-pthread")
+#: TVM's ``ThreadGroup::kBig`` affinity mode, for ``runtime.config_threadpool`` (all cores).
+_AFFINITY_BIG = 1
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_library_path: Path | None = None
+
+
+def bundled_name() -> str:
+    """File name of the pool library a saved model folder carries for this machine's architecture."""
+    return f"parallel_pool-{platform.machine()}.so"
+
+
+def _compiler() -> str | None:
+    """The C compiler: ``$CC`` if set, else ``cc`` or ``gcc`` on the PATH."""
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name.split()[0]):
+            return name
+    return None
+
+
+def build_library() -> Path | None:
+    """Build the pool library for this machine once (cached by source digest); None without a C compiler."""
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *_CFLAGS)).encode()).hexdigest()[:16]
+    target = cache_base() / "pool" / f"parallel_pool-{platform.machine()}-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [*compiler.split(), *_CFLAGS, str(SOURCE), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building the thread pool failed ({' '.join(command)}):\n{result.stderr}")
+        os.replace(built, target)  # atomic: a concurrent build of the same source writes the same file
+    return target
+
+
+def _spin_ns() -> int:
+    """The spin time from ``LLMIR_POOL_SPIN_US``, in nanoseconds."""
+    raw = os.environ.get(SPIN_ENV, "")
+    try:
+        micros = float(raw) if raw.strip() else DEFAULT_SPIN_US
+    except ValueError:
+        raise ValueError(f"{SPIN_ENV} must be a number of microseconds, got {raw!r}") from None
+    if micros < 0:
+        raise ValueError(f"{SPIN_ENV} must be >= 0, got {raw!r}")
+    return int(micros * 1000)
+
+
+def _default_threads() -> int:
+    """The pool's starting width: ``TVM_NUM_THREADS`` when set, else the cores this process may use."""
+    raw = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return len(os.sched_getaffinity(0))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Load the pool library, hand it tvm_ffi's error functions and register it with tvm_ffi."""
+    import tvm.runtime  # noqa: F401 - TVM's runtime registers its own pool when it loads: ours must come after
+    import tvm_ffi.libinfo
+
+    library = ctypes.CDLL(str(path))
+    ffi = ctypes.CDLL(tvm_ffi.libinfo.find_libtvm_ffi())
+    library.llmir_pool_set_error_api(
+        ctypes.cast(ffi.TVMFFIErrorMoveFromRaised, ctypes.c_void_p),
+        ctypes.cast(ffi.TVMFFIErrorSetRaised, ctypes.c_void_p),
+        ctypes.cast(ffi.TVMFFIObjectDecRef, ctypes.c_void_p))
+    library.llmir_pool_configure.argtypes = (ctypes.c_int, ctypes.c_int64)
+    library.llmir_pool_stats.argtypes = (ctypes.POINTER(ctypes.c_uint64 * 3),)
+    if library.llmir_pool_configure(_default_threads(), _spin_ns()) != 0:
+        raise ValueError(f"invalid thread pool settings: {_default_threads()} threads, {_spin_ns()} ns of spin")
+    register = ffi.TVMFFIEnvModRegisterContextSymbol
+    register.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+    for symbol, function in (("__TVMBackendParallelLaunch", library.llmir_pool_launch),
+                             ("__TVMBackendParallelBarrier", library.llmir_pool_barrier)):
+        if register(symbol.encode(), ctypes.cast(function, ctypes.c_void_p)) != 0:
+            raise RuntimeError(f"tvm_ffi refused to register {symbol}")
+    return library
+
+
+def install(bundled: Path | None = None) -> bool:
+    """Make libraries loaded from now on run their parallel loops on our pool; returns whether it is in use.
+
+    Builds the library with the C compiler (once per machine and source), else takes ``bundled``
+    (a saved model folder's copy) when given. Without either, or with ``LLMIR_THREAD_POOL=tvm``,
+    TVM's pool stays. Libraries already loaded keep the pool they were loaded with.
+    """
+    global _library, _library_path
+    with _lock:
+        if _library is not None:
+            return True
+        if os.environ.get(POOL_ENV, "").strip().lower() == "tvm":
+            return False
+        path = build_library()
+        if path is None and bundled is not None and bundled.exists():
+            path = bundled
+        if path is None:
+            logger.info("no C compiler and no bundled thread pool: parallel kernels run on TVM's pool")
+            return False
+        _library, _library_path = _load(path), path
+        return True
+
+
+def library_path() -> Path | None:
+    """The pool library in use (None while TVM's pool runs the kernels)."""
+    return _library_path if _library is not None else None
+
+
+def stats() -> dict[str, int]:
+    """Our pool's counters in this process (zeros while it is not installed): ``launches``
+    (parallel kernels run), ``worker_sleeps`` and ``launcher_sleeps`` (waits that outlasted the
+    spin and slept: frequent ones mean the spin is shorter than the gaps between kernels)."""
+    counters = (ctypes.c_uint64 * 3)()
+    if _library is not None:
+        _library.llmir_pool_stats(ctypes.byref(counters))
+    return dict(zip(("launches", "worker_sleeps", "launcher_sleeps"), map(int, counters)))
+
+
+def pool_threads() -> int:
+    """Threads a parallel kernel launched from the calling thread uses (ours, or TVM's pool's)."""
+    if _library is not None:
+        return int(_library.llmir_pool_threads())
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+def set_pool_threads(threads: int) -> None:
+    """Run later parallel kernels on ``threads`` threads (caller included)."""
+    if threads < 1:
+        raise ValueError(f"a thread pool needs at least one thread, got {threads}")
+    if _library is not None:
+        if _library.llmir_pool_configure(int(threads), _spin_ns()) != 0:
+            raise ValueError(f"the thread pool takes 1 to 256 threads, got {threads}")
+        return
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(threads))
