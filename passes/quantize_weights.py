@@ -82,7 +82,9 @@ class QuantizeWeights:
         target = self.target if self.target is not None else tvm.target.Target.current(allow_none=True)
         shape = vector_shape(target)
         tiles = quant_tiles(shape.lanes, shape.registers)
-        int_tiles = intdot_tiles(dot_isa(cpu_features(target)), shape.registers, split_threads(shape.isa))
+        features = cpu_features(target)
+        int_tiles = intdot_tiles(dot_isa(features), shape.registers, split_threads(shape.isa),
+                                 wide_vnni="avx512vnni" in features)
         kernels: dict[tuple, tvm.ir.GlobalVar] = {}
 
         def call_kernel(kind: str, fmt: str, n: int, k: int, variant, args: list, out_ty) -> relax.Expr:

@@ -11,8 +11,9 @@ import tvm.testing
 
 from llmir_tvm.quant import dequantize, plane_specs
 from llmir_tvm.target import cpu_features, resolve_target
-from llmir_tvm.tir_kernels.quant_intdot import (IntDotTiles, dot_isa, intdot_supported, intdot_tiles, paired_supported,
-                                                 quantize_activations, quant_intdot_nt, reference)
+from llmir_tvm.tir_kernels.quant_intdot import (OUTER_MIN_ROWS, IntDotTiles, dot_isa, intdot_supported, intdot_tiles,
+                                                 outer_supported, paired_supported, quantize_activations, quant_intdot_nt,
+                                                 reference)
 
 from helpers.quant_weights import random_weight
 
@@ -68,6 +69,32 @@ def test_intdot_paired_blocks_match_reference(fmt, k, isa, rng):
     target, tiles = (resolve_target("llvm"), intdot_tiles(HOST_ISA, 32, threads=2)) if isa == "host" else (
         resolve_target(HASWELL), intdot_tiles("avx2", 16))
     check(fmt, target, tiles, rng, n=21, k=k)
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+@pytest.mark.parametrize(("fmt", "k"), [("q8_0", 96), ("int8", 64), ("q8_0", 1536)])
+def test_outer_product_gemm_matches_reference(fmt, k, lanes, rng):
+    """8-bit weights on VNNI from :data:`OUTER_MIN_ROWS` rows: 512- and 256-bit ``vpdpbusd``, 37 W rows
+    (two or four whole vectors of rows and a rest of 5 or 21), row counts around the register tile and,
+    at K=1536 (80-row chunks), rows over two chunks; fewer rows take the row-dot tiles."""
+    if HOST_ISA != "vnni" or (lanes == 16 and "avx512vnni" not in cpu_features(None)):
+        pytest.skip(f"no {32 * lanes}-bit VNNI on this CPU")
+    tiles = intdot_tiles("vnni", 32 if lanes == 16 else 16, threads=2, wide_vnni=lanes == 16)
+    assert tiles.outer == lanes and outer_supported(fmt, tiles)
+    weight = random_weight(fmt, 37, k, rng)
+    rows = (OUTER_MIN_ROWS - 1, OUTER_MIN_ROWS, 8, 9, 17) + ((90,) if k == 1536 else ())
+    xs = [rng.standard_normal((n, k)).astype(np.float32) for n in rows]
+    for x, got in zip(xs, run_kernel(fmt, weight, xs, resolve_target("llvm"), tiles)):
+        expected = reference(x, weight)
+        tvm.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_outer_product_gemm_only_where_it_applies():
+    assert intdot_tiles("vnni", 32).outer == 16 and intdot_tiles("vnni", 32, wide_vnni=False).outer == 8
+    assert intdot_tiles("avx2", 16).outer == 0 and intdot_tiles("generic", 32).outer == 0
+    assert not outer_supported("q4_1", intdot_tiles("vnni", 32))
+    with pytest.raises(ValueError, match="outer must be"):
+        IntDotTiles("avx2", 2, 4, 16, outer=8)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "q8_0"])

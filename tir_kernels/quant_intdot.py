@@ -32,6 +32,13 @@ Work split: activation rows are quantized first (one parallel loop; fewer rows t
 tile, as in a decode, on the calling thread), then the
 same register tiling as the float kernel (``rows x cols`` tiles, ``task_cols`` W rows a task,
 ``x`` rows in L2-sized chunks) over :func:`.task_split.parallel_tasks`.
+
+8-bit weights on VNNI with :data:`OUTER_MIN_ROWS` or more x rows (a prefill, a large decode batch)
+take an outer-product GEMM instead (:func:`outer_supported`): a task copies 16 (8 on 256-bit VNNI)
+W rows into ``wp[k / 4, j]`` (4 bytes of each row side by side: one vector holds bytes ``k..k+3``
+of all 16 rows), then each ``vpdpbusd`` multiplies 4 activation bytes, broadcast, by that vector:
+64 multiply-adds into 16 outputs, no horizontal sums, and one FMA per block scales all 16 outputs
+of a row. The copy (the W rows' bytes once per task) is what lets the weights keep their GGUF layout.
 """
 
 from __future__ import annotations
@@ -75,25 +82,35 @@ def intdot_supported(fmt: str, in_features: int) -> bool:
 @dataclass(frozen=True)
 class IntDotTiles:
     """Register tiling: ``rows x cols`` tiles of x rows by W rows, ``task_cols`` W rows per parallel task,
-    the dot-product ``isa`` (:data:`DOT_ISAS`) and ``threads`` of the self-balancing split (0: static)."""
+    the dot-product ``isa`` (:data:`DOT_ISAS`) and ``threads`` of the self-balancing split (0: static).
+    ``outer``: int32 lanes of the 8-bit formats' outer-product GEMM on VNNI (:func:`outer_supported`;
+    16: 512-bit ``vpdpbusd``, 8: 256-bit, 0: none)."""
 
     isa: str
     rows: int
     cols: int
     task_cols: int
     threads: int = 0
+    outer: int = 0
 
     def __post_init__(self):
         if self.isa not in DOT_ISAS:
             raise ValueError(f"IntDotTiles: isa must be one of {DOT_ISAS}, got {self.isa!r}")
         if self.rows < 1 or self.cols < 1 or self.task_cols % self.cols:
             raise ValueError(f"IntDotTiles: need rows, cols >= 1 and task_cols a multiple of cols; got {self}")
+        if self.outer not in (0, 8, 16) or (self.outer and self.isa != "vnni"):
+            raise ValueError(f"IntDotTiles: outer must be 0, or 8 / 16 lanes with the vnni isa; got {self}")
 
 
-def intdot_tiles(isa: str, registers: int, threads: int = 0) -> IntDotTiles:
+def intdot_tiles(isa: str, registers: int, threads: int = 0, wide_vnni: bool | None = None) -> IntDotTiles:
     """Tiles for ``registers`` vector registers: ``rows x 4`` accumulators, 4 weight vectors, one
-    activation block and two temporaries fit (16 ymm: 2 x 4; 32: 4 x 4)."""
-    return IntDotTiles(isa, 4 if registers >= 32 else 2, 4, 16, threads)
+    activation block and two temporaries fit (16 ymm: 2 x 4; 32: 4 x 4). ``wide_vnni``: whether
+    512-bit ``vpdpbusd`` exists (AVX-512 VNNI; default: VNNI with 32 registers); the outer-product
+    GEMM then takes 16 W rows a vector, else 8 (VNNI) or none."""
+    if wide_vnni is None:
+        wide_vnni = isa == "vnni" and registers >= 32
+    outer = 0 if isa != "vnni" else (16 if wide_vnni else 8)
+    return IntDotTiles(isa, 4 if registers >= 32 else 2, 4, 16, threads, outer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +187,20 @@ def paired_supported(fmt: str, isa: str, in_features: int) -> bool:
     x86 integer dots, ``K`` a whole number of blocks (the activations are then stored pair-interleaved)."""
     return fmt in ("int4", "q4_0", "q4_1") and isa in ("vnni", "avx2") and in_features % BLOCK == 0 \
         and in_features >= 2 * BLOCK
+
+
+#: Fewest x rows the outer-product GEMM takes. Below, the row-dot tiles, whose GEMV prefetches the
+#: next task's W rows: at 1-4 rows they were as fast or faster (2-core Xeon, warm W, 2026-12-06),
+#: from 6 rows on the outer product won by 1.3-1.6x, and by 3-5x at 64-512 rows.
+OUTER_MIN_ROWS = 5
+
+
+def outer_supported(fmt: str, tiles: IntDotTiles) -> bool:
+    """Whether ``fmt`` gets the outer-product GEMM (:func:`_products`' many-row path): 8-bit weights on
+    VNNI. Each ``vpdpbusd`` there multiplies 4 activation bytes (broadcast) by 4 bytes of ``outer`` W
+    rows at once, so one instruction does ``4 * outer`` multiply-adds into ``outer`` outputs, where
+    the row-dot tiles do 32 into one output's partial sums and pay the block scale on every pair."""
+    return tiles.outer > 0 and fmt in ("int8", "q8_0") and biased_activations(fmt, tiles.isa)
 
 
 def paired_dot(isa: str, planes, j, p, xq, i):
@@ -387,14 +418,109 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     run = parallel_tasks(tiles.threads, task_work)
 
+    # ---- the outer-product GEMM of 8-bit weights (:func:`outer_supported`), for many x rows.
+    OUTER = outer_supported(fmt, tiles)
+    OL = tiles.outer  # W rows (outputs) per vector
+    ORT = 8 if OL == 16 else 4  # x rows per register tile: ORT int32 + ORT float32 accumulators
+    K4 = KP // 4  # 4-byte groups of a row
+    STEPS = BLOCK // 4  # vpdpbusd steps per block
+    OUTER_BLOCKS, OUTER_REST = N // OL if OUTER else 0, N % OL if OUTER else 0
+    OUTER_TASKS = OUTER_BLOCKS + (1 if OUTER_REST else 0)
+    OUTER_CHUNK = max(ORT, X_CHUNK_BYTES // KP // ORT * ORT)  # x rows a task takes: an L2-sized chunk
+    OV = T.Ramp(0, 1, OL) if OUTER else None
+    dpbusd = f"llvm.x86.avx512.vpdpbusd.{OL * 32}"
+
+    def bytes_of(dtype, vec):  # int32xOL reinterpreted as the 4 * OL bytes vpdpbusd multiplies
+        return T.reinterpret(f"{dtype}x{4 * OL}", vec)
+
+    @T.macro
+    def outer_pack(planes, j0, wp, corr, ds):
+        """W rows ``j0 .. j0 + OL`` as ``wp[k4, jj]`` = bytes ``4 k4 .. 4 k4 + 3`` of row ``j0 + jj`` (what
+        one ``vpdpbusd`` takes), per block ``corr`` = ``-128 * sum(w)`` (the biased activations'
+        correction: the block's int32 accumulators start there) and ``ds`` = the float32 block scales."""
+        qs32 = T.decl_buffer((N, K4), "int32", data=planes["qs"].data, align=1)
+        for k4 in range(K4):
+            for jj in T.vectorized(OL):
+                wp[k4, jj] = qs32[j0 + jj, k4]
+        for g in range(G):
+            c = T.decl_buffer((OL,), "int32", scope="local")
+            c[OV] = T.Broadcast(T.int32(0), OL)
+            for e in T.unroll(STEPS):
+                c[OV] = _intrin(f"int32x{OL}", dpbusd, c[OV], T.Broadcast(T.uint8(128), 4 * OL),
+                                bytes_of("int8", wp[g * STEPS + e, OV]))
+            corr[g, OV] = T.Broadcast(T.int32(0), OL) - c[OV]
+            for jj in T.vectorized(OL):
+                ds[g, jj] = scale(planes, j0 + jj, g)
+
+    @T.macro
+    def outer_tile(xq32, xd, wp, corr, ds, planes, out, i0, j0, rows):
+        """``rows x OL`` outputs: x rows ``i0..``, W rows ``j0..``; every block's int32 sums are scaled
+        into the float32 accumulators once, for all ``OL`` outputs of a row in one FMA."""
+        iacc = T.decl_buffer((ORT, OL), "int32", scope="local")
+        facc = T.decl_buffer((ORT, OL), "float32", scope="local")
+        for r in T.unroll(rows):
+            facc[r, OV] = T.Broadcast(T.float32(0), OL)
+        for g in range(G):
+            for r in T.unroll(rows):
+                iacc[r, OV] = corr[g, OV]
+            for e in T.unroll(STEPS):
+                for r in T.unroll(rows):
+                    iacc[r, OV] = _intrin(f"int32x{OL}", dpbusd, iacc[r, OV],
+                                          bytes_of("uint8", T.Broadcast(xq32[i0 + r, g * STEPS + e], OL)),
+                                          bytes_of("int8", wp[g * STEPS + e, OV]))
+            for r in T.unroll(rows):
+                facc[r, OV] = facc[r, OV] + T.Cast(f"float32x{OL}", iacc[r, OV]) * (
+                    ds[g, OV] * T.Broadcast(xd[i0 + r, g], OL))
+        for r in T.unroll(rows):
+            if fmt == "int8":  # the per-row scale plane [N, 1], read as a vector over W rows
+                row_scales = T.decl_buffer((N,), "float32", data=planes["scale"].data, align=1)
+                out[i0 + r, T.Ramp(j0, 1, OL)] = facc[r, OV] * row_scales[T.Ramp(j0, 1, OL)]
+            else:
+                out[i0 + r, T.Ramp(j0, 1, OL)] = facc[r, OV]
+
+    @T.macro
+    def outer_task(task, n, xq, xd, xs, planes, out):
+        ic: T.int64 = task // OUTER_TASKS
+        jt: T.int64 = task % OUTER_TASKS
+        if jt < OUTER_BLOCKS:
+            wp = T.alloc_buffer((K4, OL), "int32", align=64)
+            corr = T.alloc_buffer((G, OL), "int32", align=64)
+            ds = T.alloc_buffer((G, OL), "float32", align=64)
+            xq32 = T.decl_buffer((n, K4), "int32", data=xq.data)
+            outer_pack(planes, jt * OL, wp, corr, ds)
+            i_end: T.int64 = T.min(n, ic * OUTER_CHUNK + OUTER_CHUNK)
+            for it in range((i_end - ic * OUTER_CHUNK) // ORT):
+                outer_tile(xq32, xd, wp, corr, ds, planes, out, ic * OUTER_CHUNK + it * ORT, jt * OL, ORT)
+            for i in range(ic * OUTER_CHUNK + (i_end - ic * OUTER_CHUNK) // ORT * ORT, i_end):
+                outer_tile(xq32, xd, wp, corr, ds, planes, out, i, jt * OL, 1)
+        else:  # the last N % OL W rows: one row-dot tile per output
+            acc = T.alloc_buffer((R * C, L), "float32", scope="local")
+            sacc = T.alloc_buffer((R * C,), "float32", scope="local")
+            for i in range(ic * OUTER_CHUNK, T.min(n, ic * OUTER_CHUNK + OUTER_CHUNK)):
+                for c in range(OUTER_REST):
+                    tile(acc, sacc, xq, xd, xs, planes, out, i, OUTER_BLOCKS * OL + c, 1, 1, False)
+
+    @T.macro
+    def outer_work(task, n, x, w, out):  # w: (xq, xd, xs, planes)
+        outer_task(task, n, w[0], w[1], w[2], w[3], out)
+
+    run_outer = parallel_tasks(tiles.threads, outer_work) if OUTER else None
+
     @T.macro
     def products(n, x, planes, out):
-        xq = T.alloc_buffer((n, KP), XQ, align=32)
+        xq = T.alloc_buffer((n, KP), XQ, align=64)
         xd = T.alloc_buffer((n, G), "float32")
         xs = T.alloc_buffer((n, G), "float32")
         quantize_rows(n, x, xq, xd, xs)
-        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-        run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
+        if OUTER:
+            if n >= OUTER_MIN_ROWS:
+                run_outer((n + OUTER_CHUNK - 1) // OUTER_CHUNK * OUTER_TASKS, n, x, (xq, xd, xs, planes), out)
+            else:
+                nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+                run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
+        else:
+            nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+            run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
 
     return products
 
