@@ -12,6 +12,7 @@ import tvm.testing
 import llmir_tvm.runtime  # noqa: F401 - registers llmir.blas.matmul_nt, which "blas" segments call
 from llmir_tvm.target import cpu_features, vector_shape
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, tile_candidates
+from llmir_tvm.tir_kernels import dense_packed
 from llmir_tvm.tir_kernels.dense_packed import (PackedTiles, pack_weight, packed_candidates, packed_shape,
                                                  unpack_weight)
 
@@ -151,6 +152,20 @@ def test_packed_every_leftover_row_count(isa, rng):
     shape = vector_shape(target)
     tiles = packed_candidates(shape.lanes, shape.registers)[0]
     _check(dense_nt(19, 40, 2, tiles, 2), target, range(32), 19, 40, rng, tiles.panel)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_packed_weight_beyond_l3_goes_in_panel_groups(isa, rng, monkeypatch):
+    """A W larger than ``W_STREAM_BYTES`` (here: any) under many chunks of x rows: panel groups of
+    ``W_GROUP_BYTES`` (here 3 panels: 3 groups of 7 panels, the last partial, and a partial panel)
+    with the tasks group-major. K = 1000 (56-row chunks on AVX-512, 60 on AVX2), 500 rows: 9 chunks."""
+    target = _isa(isa)
+    shape = vector_shape(target)
+    tiles = packed_candidates(shape.lanes, shape.registers)[0]
+    monkeypatch.setattr(dense_packed, "W_STREAM_BYTES", 0)
+    monkeypatch.setattr(dense_packed, "W_GROUP_BYTES", 1000 * tiles.panel * 4 * 3)
+    n = 6 * tiles.panel + 5
+    _check(dense_nt.__wrapped__(1000, n, 2, tiles, 2), target, (500, 40), 1000, n, rng, tiles.panel)  # not the cached build
 
 
 @pytest.mark.slow
