@@ -127,7 +127,7 @@ class HostTimer:
     it. ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
     a layer in a batched step).
 
-    Measured as the model runs it: each call is followed by a call of the layer on TVM's pool (the
+    Measured as the model runs it: each call is followed by a call of the layer on the thread pool (the
     target's unpacked tiles, :attr:`follow`), the kernel the next layer of a step runs, and the
     pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
     kernel takes beyond its own time after itself is charged to the variant (a kernel that leaves
@@ -202,7 +202,7 @@ def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Var
     best ``tilings`` register tilings on ``W [N, K]``.
 
     Not the BLAS (``compile(cpu_dense="blas")`` still asks for it): inside the model its worker
-    threads keep spinning on the cores TVM's pool computes on next, which no timing of one layer,
+    threads keep spinning on the cores the thread pool computes on next, which no timing of one layer,
     even followed by the next layer's kernel (:class:`HostTimer`), sees. SmolLM2-135M's 512-token
     prefill with the BLAS at 256+ rows of one layer shape ran at 232-297 tok/s, at 657-752 with
     the same plan and ``OPENBLAS_NUM_THREADS=1`` (2-core Xeon, 2026-12-06); the timing had still

@@ -20,7 +20,7 @@ before they are used. A weight also used otherwise (an embedding tied to the out
 projection), or with ``pack_weights=False`` (sharded weights), keeps its layout and gets the
 target's tiles on ``W [N, K]`` (:func:`~llmir_tvm.tir_kernels.dense.dense_tiles`).
 
-The kernel splits its tasks self-balancing over TVM's pool threads on x86 (a thread slowed by
+The kernel splits its tasks self-balancing over the pool's threads on x86 (a thread slowed by
 another process does not hold the join: ``tir_kernels.task_split``).
 Register tiles come from the target (``llmir_tvm.target.vector_shape``: AVX-512, AVX2, NEON, ...;
 the pass's ``target``, else the enclosing ``tvm.target.Target.current()``, else the host), or per

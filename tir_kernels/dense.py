@@ -4,7 +4,7 @@ Why our own kernel: at the row counts of decoding (1 to a few dozen rows of ``x`
 layer is bound by reading ``W`` once, and the fastest way to read it is on TVM's own thread
 pool, with no call out of the compiled model. Handing such small products to a BLAS library
 costs a Python call each and leaves the library's worker threads spinning on the same cores
-as TVM's pool for the next kernel. Where the host's BLAS measured faster (long prefills), the
+as the thread pool for the next kernel. Where the host's BLAS measured faster (long prefills), the
 kernel hands the product to it itself (a :class:`DensePlan` segment ``"blas"``; chosen by
 ``llmir_tvm.dense_choice``).
 

@@ -22,8 +22,9 @@ accumulates partial sums in ``out``, which a task run twice would corrupt), and 
 panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
 a multiple of ``rows`` use tiles of 8, 4, 2 and 1 rows (the binary digits of their count: few
 micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously.
-Parallel tasks are ``(chunk of x rows, group of panels)``, split over TVM's pool as
-:mod:`.task_split` says (self-balancing on x86).
+Parallel tasks are ``(chunk of x rows, group of panels)``, chunk-major (group-major for a W that
+L3 does not hold, :data:`W_STREAM_BYTES`), split over the pool as :mod:`.task_split` says
+(self-balancing on x86).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def split_threads(isa: str) -> int:
 
 def parallel_tasks(threads: int, task_work):
     """T.macro ``(total, n, x, w, out)`` running ``task_work(task, n, x, w, out)`` for every task
-    ``0 <= task < total`` on TVM's pool: with ``threads > 1`` split self-balancing over that many
+    ``0 <= task < total`` on the thread pool: with ``threads > 1`` split self-balancing over that many
     ranges, else statically by TVM's parallel loop.
 
     ``prog`` holds each range's front (owner's next task) and back (lowest task the thief took),

@@ -276,7 +276,7 @@ class Engine:
         tensors to the device), ``model`` (the model call; its device time too with
         ``profile=True``), ``logits`` (logits to the host), ``sample`` (sampling, stop checks,
         finished sequences released) and ``stats`` (this record); with a pool sizer
-        (``adapt_threads``), ``threads``: the width of TVM's pool the step ran at.
+        (``adapt_threads``), ``threads``: the width of the thread pool the step ran at.
         """
         results: dict[str, GenerationResult] = {}
         ids = None

@@ -171,7 +171,7 @@ class EngineLoop:
 def name_os_thread(name: str) -> bool:
     """Give the calling thread ``name`` (first 15 bytes) in the operating system too, where ``top -H``,
     ``py-spy`` and ``/proc/<pid>/task/<tid>/comm`` show it (Linux ``prctl(PR_SET_NAME)``; threads it starts,
-    such as TVM's pool when it is made here, inherit it); returns whether that worked."""
+    such as the kernels' thread pool when it starts here, inherit it); returns whether that worked."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         return libc.prctl(15, name.encode()[:15], 0, 0, 0) == 0  # 15: PR_SET_NAME
