@@ -233,6 +233,16 @@ def test_a_saved_model_carries_the_pool_for_a_machine_without_a_compiler(tiny_co
     assert out.stdout.strip() == str(folder / parallel_pool.bundled_name())
 
 
+def test_a_pool_that_cannot_be_built_leaves_tvms_pool_with_a_warning(tmp_path):
+    """A C compiler that fails (here: one that only exits 1) must not make the runtime unusable."""
+    script = ("import logging, llmir_tvm.runtime as r\n"
+              "print(r.parallel_pool.library_path())\n")
+    env = dict(os.environ, CC="false", LLMIR_TVM_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    assert "could not be built" in out.stderr
+
+
 def test_tvms_pool_stays_when_the_user_asks_for_it():
     script = "import llmir_tvm.runtime as r; print(r.parallel_pool.library_path())"
     env = dict(os.environ, **{parallel_pool.POOL_ENV: "tvm"})

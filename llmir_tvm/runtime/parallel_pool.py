@@ -141,13 +141,22 @@ def install(bundled: Path | None = None) -> bool:
             return True
         if os.environ.get(POOL_ENV, "").strip().lower() == "tvm":
             return False
-        path = build_library()
+        try:
+            path = build_library()
+        except (OSError, RuntimeError) as err:  # a broken compiler, an unwritable cache: run, on TVM's pool
+            logger.warning("the thread pool could not be built (%s); parallel kernels run on TVM's pool", err)
+            path = None
         if path is None and bundled is not None and bundled.exists():
             path = bundled
         if path is None:
             logger.info("no C compiler and no bundled thread pool: parallel kernels run on TVM's pool")
             return False
-        _library, _library_path = _load(path), path
+        try:
+            _library, _library_path = _load(path), path
+        except (OSError, AttributeError, RuntimeError, ValueError) as err:  # e.g. a bundled copy for another libc
+            logger.warning("the thread pool library %s could not be loaded (%s); parallel kernels run on TVM's pool",
+                           path, err)
+            return False
         return True
 
 
