@@ -14,8 +14,8 @@
  * the small share the scheduler gives it) for a bounded time, then sleeps on a condition
  * variable, so a waiting thread never gives its core away while work is imminent and never
  * burns a core for long while none is. The spin must outlast a low-priority job's time slice
-(a few ms): a thread that sleeps while the job holds the other core wakes late, or on the core
-of the thread it waits for, and the two then take turns on one core.
+ * (a few ms): a thread that sleeps while the job holds the other core wakes late, or on the core
+ * of the thread it waits for, and the two then take turns on one core.
  *
  * Semantics follow TVMBackendParallelLaunch: num_task == 0 means one task per pool thread; the
  * calling thread runs task 0; a task returning nonzero makes the launch return -1 with that
