@@ -507,20 +507,23 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     run_outer = parallel_tasks(tiles.threads, outer_work) if OUTER else None
 
     @T.macro
+    def row_dots(n, x, quantized, out):  # quantized: (xq, xd, xs, planes)
+        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        run(nch * TASKS, n, x, quantized, out)
+
+    @T.macro
     def products(n, x, planes, out):
         xq = T.alloc_buffer((n, KP), XQ, align=64)
         xd = T.alloc_buffer((n, G), "float32")
         xs = T.alloc_buffer((n, G), "float32")
         quantize_rows(n, x, xq, xd, xs)
-        if OUTER:
+        if OUTER:  # (a Python bool: fixed when the kernel is built)
             if n >= OUTER_MIN_ROWS:
                 run_outer((n + OUTER_CHUNK - 1) // OUTER_CHUNK * OUTER_TASKS, n, x, (xq, xd, xs, planes), out)
             else:
-                nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-                run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
+                row_dots(n, x, (xq, xd, xs, planes), out)
         else:
-            nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
-            run(nch * TASKS, n, x, (xq, xd, xs, planes), out)
+            row_dots(n, x, (xq, xd, xs, planes), out)
 
     return products
 
