@@ -22,10 +22,11 @@ from .frontend.import_memo import import_model_reusing
 from .kernel_library import cache_kernels_irmodule
 from .kv_dtypes import is_quantized, kernel_name
 from .model import CompiledModel, ModelInfo
-from .passes import KV_ATTR, DenseToTIR, OffloadDenseToBLAS, kv_pipeline
+from .passes import KV_ATTR, DenseToTIR, FuseParallelLinear, OffloadDenseToBLAS, kv_pipeline
 from .passes.allreduce_stages import SplitAtAllReduce, stage_counts
 from .passes.clip_take_indices import ClipTakeIndices
 from .passes.dense_tir import PACKED_WEIGHTS_ATTR, packed_weights
+from .passes.fuse_parallel_linear import STACKED_WEIGHTS_ATTR, stack_weights, stacked_weights
 from .passes.kv_attrs import KVCacheAttrs
 from .passes.gpu_pipeline import gpu_build_pipeline
 from .passes.host_pipeline import host_build_pipeline
@@ -341,7 +342,13 @@ def _build(
     if num_shards > 1:
         _check_shardable(info)
         mod = _sharded_info(mod, info, target)
+    weight_sources = None
     if target.kind.name == "llvm":
+        if num_shards == 1:  # (sharding splits the query, key and value heads apart)
+            note("FuseParallelLinear")
+            mod = FuseParallelLinear()(mod)
+            weight_sources = stacked_weights(mod)
+            mod = mod.without_attr(STACKED_WEIGHTS_ATTR)
         if cpu_dense != "blas":
             note("DenseToTIR")
             plans = DensePlans(cpu_dense, target)
@@ -363,6 +370,6 @@ def _build(
     executable = tvm.compile(ClipTakeIndices()(tvm.IRModule(funcs, attrs=mod.attrs)), target=target, relax_pipeline=pipeline)
     note.finish()
     params = [pack_weight(w, info.packed_weights[str(i)]) if str(i) in info.packed_weights else w
-              for i, w in enumerate(imported.params)]
+              for i, w in enumerate(stack_weights(imported.params, weight_sources))]
     return CompiledModel(executable, params, info, imported.tokenizer)
 

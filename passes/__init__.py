@@ -4,6 +4,8 @@
 - :class:`BlockifyKVCache` — paged functions → ``prefill`` / ``decode`` entry points for the runtime;
 - :class:`KVCacheAllocationOptimization` — the memory plan (weights, workspace, pool blocks, page size) from a budget;
 - :class:`KVCachePruning` — dead K/V appends and pools dropped, per-layer windows / sinks, hybrid window groups;
+- :class:`FuseParallelLinear` — ``Linear`` layers sharing an input (query/key/value, gate/up) → one product over
+  their stacked weights (CPU targets, before :class:`DenseToTIR`);
 - :class:`DenseToTIR` — a model's float32 ``Linear`` layers → our CPU dense kernel on TVM's thread pool;
 - :class:`QuantizeWeights` — quantized ``Linear`` / embedding weights (int8, int4, GGUF blocks) → planes read by
   our dequantizing kernels (CPU targets, ``compile(..., quantization=...)``);
@@ -24,6 +26,7 @@ from .blockify_kv_cache import BlockifyKVCache
 from .clip_take_indices import ClipTakeIndices
 from .dense_offload import OffloadDenseToBLAS
 from .dense_tir import DenseToTIR
+from .fuse_parallel_linear import FuseParallelLinear
 from .kv_allocation_optimization import KVCacheAllocationOptimization
 from .kv_cache_pruning import KVCachePruning, KVCachePruningError
 from .kv_cache_sharding import KVCacheSharding, ShardingError
@@ -37,6 +40,6 @@ from .pipeline import kv_pipeline
 from .quantize_weights import QuantizeWeights
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "DenseToTIR", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "DenseToTIR", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "QuantizeWeights", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]
