@@ -65,6 +65,32 @@ def test_a_probe_compares_only_batches_it_has_a_baseline_for():
     assert other_kinds.current == 2 and not other_kinds.probing
 
 
+def test_a_probe_runs_only_decode_steps_at_the_other_width():
+    applied: list[int] = []
+    sizer = PoolSizer(2, probe_every=4, probe_steps=2, set_threads=applied.append)
+    _drive(sizer, IDLE, 4)
+    assert sizer.probing
+    assert sizer.before_step(decode_only=False) == 2  # a prefill step during the probe: the current width
+    assert sizer.before_step() == 1 and applied == [2, 1]  # the probe's decode steps: the other width
+
+
+def test_score_runs_at_the_current_width_during_a_probe(tiny_compiled):
+    _, compiled = tiny_compiled("llama_gqa")
+    engine = llmir_tvm.Engine(compiled)
+    applied: list[int] = []
+    engine.pool_sizer = PoolSizer(2, probe_every=2, probe_steps=3, set_threads=applied.append)
+    before = pool_threads()
+    try:
+        engine.generate([[5, 9, 17, 3]], max_new_tokens=4)  # 3 decode steps: a probe starts after the second
+        assert engine.pool_sizer.probing and applied[-1] == 1
+        engine.score([5, 9, 17, 3, 44, 2])
+        assert applied[-1] == 2
+        prefill = engine.generate([[7, 7, 120, 31]], max_new_tokens=1)  # a prefill step, still during the probe
+        assert prefill[0].token_ids and engine.step_stats[-1]["threads"] == 2
+    finally:
+        set_pool_threads(before)
+
+
 def test_the_width_is_applied_again_on_a_new_thread():
     applied: list[tuple[int, int]] = []
     sizer = PoolSizer(3, set_threads=lambda n: applied.append((threading.get_ident(), n)))

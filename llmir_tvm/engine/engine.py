@@ -218,8 +218,7 @@ class Engine:
         if not self.scheduler.has_work():
             return events
         sizer = self.pool_sizer
-        if sizer is not None:
-            sizer.before_step()
+        width = sizer.before_step(self.scheduler.decodes_only()) if sizer is not None else None
         start = time.perf_counter()
         self._text_deltas = text_deltas and self.tokenizer is not None
         try:
@@ -229,7 +228,7 @@ class Engine:
                 self.cache.end_forward()
         record.update(step=self._step_no, seconds=time.perf_counter() - start)
         if sizer is not None:
-            record["threads"] = sizer.threads_now()
+            record["threads"] = width
             sizer.after_step(record["kind"], record["decode_tokens"], record["seconds"])
         self._step_no += 1
         self.step_stats.append(record)
@@ -343,6 +342,8 @@ class Engine:
             raise ValueError(problem)
         seq = 1 << 40  # outside the scheduler's ids
         rows = []
+        if self.pool_sizer is not None:  # the pool's current width, even if a probe of decode steps is under way
+            self.pool_sizer.before_step(decode_only=False)
         try:
             self.cache.add_sequence(seq)
             step = self.cache.begin_forward([seq], [prefill_len])

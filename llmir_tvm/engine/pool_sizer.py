@@ -9,7 +9,10 @@ measured, not guessed: the sizer runs at its current width, and every ``probe_ev
 steps it runs a few at the other candidate width (all threads, or one fewer), compares the time
 per token with the current width's recent steps of the same batch size, and keeps the faster.
 A probe that confirms the current width doubles the interval to the next (up to
-``max_probe_every``), so an idle machine pays a probe rarely; a switch resets it.
+``max_probe_every``), so an idle machine pays a probe rarely; a switch resets it. Only decode
+steps run at the probe's width: a step that prefills a prompt, and ``Engine.score``, run at the
+current one (before, a probe left over at the end of one ``generate`` ran the next call's prefill, or
+a 512-token score, on one thread fewer: half the speed).
 
 TVM's pool is per thread (``runtime.config_threadpool`` configures the calling thread's pool),
 so the width is applied on the thread that runs the steps, whichever that is.
@@ -65,16 +68,20 @@ class PoolSizer:
         """Whether the steps now run at the other width to time it."""
         return self._probe is not None
 
-    def threads_now(self) -> int:
-        """The width the next step runs at."""
-        return self.other if self.probing else self.current
+    def threads_now(self, decode_only: bool = True) -> int:
+        """The width the next step runs at: the other width during a probe, but only for a step of
+        decodes (what a probe times); a step that prefills a prompt, or a teacher-forced score, runs
+        at the current width (a 512-token prefill at one thread fewer took twice as long)."""
+        return self.other if self.probing and decode_only else self.current
 
-    def before_step(self) -> None:
-        """Apply the width of the next step to the calling thread's pool (only when it changed)."""
-        wanted = (threading.get_ident(), self.threads_now())
+    def before_step(self, decode_only: bool = True) -> int:
+        """Apply the width of the next step (:meth:`threads_now`) to the calling thread's pool (only
+        when it changed); returns it."""
+        wanted = (threading.get_ident(), self.threads_now(decode_only))
         if self._applied != wanted:
             self._set_threads(wanted[1])
             self._applied = wanted
+        return wanted[1]
 
     def after_step(self, kind: str, batch: int, seconds: float) -> None:
         """Record a step: ``kind`` ("decode" steps are timed), ``batch`` tokens, wall ``seconds``."""

@@ -115,6 +115,11 @@ class Scheduler:
         """Whether any sequence waits or runs."""
         return bool(self.waiting or self.running)
 
+    def decodes_only(self) -> bool:
+        """Whether the next step can only be decodes: nothing waits to be admitted and every running
+        sequence has exactly its next token to compute."""
+        return not self.waiting and all(len(s.tokens) - s.computed == 1 for s in self.running)
+
     def schedule(self, phases: dict[str, float]) -> ScheduledStep:
         """Admit waiting sequences, plan this step's tokens and begin it in the cache (preempting on a full pool)."""
         clock = time.perf_counter
