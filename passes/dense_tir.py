@@ -41,7 +41,7 @@ from tvm.sym.analyzer import Analyzer
 from ..target import vector_shape
 from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
 from ..tir_kernels.dense_packed import packed_shape, packed_tiles
-from .relax_helpers import is_weight_matrix
+from .relax_helpers import is_weight_matrix, weight_params
 
 _DTYPE = "float32"
 #: Module attribute the pass sets: ``{str(weight index): panel}`` of the weights to pack.
@@ -119,20 +119,13 @@ def packed_weights(mod: tvm.IRModule) -> dict[str, int]:
     return {str(i): int(p) for i, p in attrs[PACKED_WEIGHTS_ATTR].items()}
 
 
-def _weights(func: relax.Function) -> list[relax.Var] | None:
-    """The model's weights among ``func``'s parameters (after ``num_input``), or None without it."""
-    if func.attrs is None or "num_input" not in func.attrs:
-        return None
-    return list(func.params[int(func.attrs["num_input"]):])
-
-
 def _packable_weights(functions, plan) -> dict[int, int]:
     """``{weight index: panel}`` of the weights every function uses only as ``Linear`` weights of
     a packed plan. Found by rewriting each function as if they were all packed and seeing which
     weight parameters the result still uses otherwise."""
     candidates: dict[int, int] = {}
     for _, func in functions:
-        weights = _weights(func)
+        weights = weight_params(func)
         for i, w in enumerate(weights or []):
             if is_weight_matrix(w, set(weights), _DTYPE, static_shape=True):
                 n, k = (int(d) for d in w.ty.shape.values)
@@ -142,7 +135,7 @@ def _packable_weights(functions, plan) -> dict[int, int]:
     # A typed stand-in kernel: call_tir needs a PrimFunc callee, and the probe is thrown away.
     probe_kernel = relax.BlockBuilder().add_func(tvm.tirx.PrimFunc([], tvm.tirx.Evaluate(0)), "probe")
     for _, func in functions:
-        weights = _weights(func)
+        weights = weight_params(func)
         if weights is None:  # weights not indexed here: nothing can be packed safely
             return {}
         probe = _rewrite(func, lambda k, n, rank, packed: probe_kernel, candidates)
@@ -155,7 +148,7 @@ def _rewrite(func: relax.Function, kernel, packed: dict[int, int]) -> relax.Func
     """``func`` with its ``Linear`` products on ``kernel(K, N, rank, packed)``; the weights at the
     indices of ``packed`` (``{weight index: panel}``) become packed parameters."""
     params = set(func.params)
-    weights = _weights(func) or []
+    weights = weight_params(func) or []
     swaps = {w: relax.Var(w.name, relax.TensorType(relax.ShapeExpr(list(packed_shape(*_k_n(w), packed[i]))), _DTYPE))
              for i, w in enumerate(weights) if i in packed and is_weight_matrix(w, params, _DTYPE, static_shape=True)}
     x, w = wildcard(), wildcard()

@@ -31,17 +31,11 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.sym.analyzer import Analyzer
 
-from .relax_helpers import bindings, bound_values, op_name
+from .relax_helpers import bindings, bound_values, op_name, weight_params
 
 #: Module attribute the pass sets: for each weight parameter of the result, the original weight
 #: indices it stacks (a list of one index for a weight left alone).
 STACKED_WEIGHTS_ATTR = "llmir.stacked_weights"
-
-
-def _weights(func: relax.Function) -> list[relax.Var] | None:
-    if func.attrs is None or "num_input" not in func.attrs:
-        return None
-    return list(func.params[int(func.attrs["num_input"]):])
 
 
 def _static_matrix(var: relax.Var) -> tuple[int, int] | None:
@@ -209,15 +203,15 @@ class FuseParallelLinear:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         functions = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
         signatures = {tuple((str(w.ty.dtype), _static_matrix(w)) for w in ws)
-                      for ws in (_weights(f) for _, f in functions) if ws is not None}
-        if len(signatures) != 1 or any(_weights(f) is None for _, f in functions):
+                      for ws in (weight_params(f) for _, f in functions) if ws is not None}
+        if len(signatures) != 1 or any(weight_params(f) is None for _, f in functions):
             return mod  # weights not aligned by position across the functions: nothing is safe to stack
         accepted = self._accepted(functions)
         if not accepted:
             return mod
         first = {group[0]: group for group in accepted}
         stacked_away = {i for group in accepted for i in group[1:]}
-        count = len(_weights(functions[0][1]))
+        count = len(weight_params(functions[0][1]))
         sources = [list(first.get(i, (i,))) for i in range(count) if i not in stacked_away]
         funcs = dict(mod.functions_items())
         funcs.update((gv, self._rewrite(mod, func, accepted)) for gv, func in functions)
@@ -228,7 +222,7 @@ class FuseParallelLinear:
         """Groups that every function using any of their weights forms alike."""
         seen: dict[int, set] = defaultdict(set)
         for _, func in functions:
-            groups, used = _groups(func, _weights(func))
+            groups, used = _groups(func, weight_params(func))
             for i in used:
                 seen[i].add(groups.get(i))
         accepted = set()
@@ -241,7 +235,7 @@ class FuseParallelLinear:
 
     @staticmethod
     def _rewrite(mod: tvm.IRModule, func: relax.Function, accepted: list[tuple[int, ...]]) -> relax.Function:
-        weights = _weights(func)
+        weights = weight_params(func)
         uses = _linear_uses(func, weights)
         stacked: dict[tuple[int, ...], relax.Var] = {}
         outputs = {}

@@ -17,7 +17,7 @@ from tvm.relax.dpl import rewrite_call
 from .kv_attrs import KV_ATTR, KVCacheAttrs
 
 __all__ = ["bindings", "bound_values", "emit_like", "is_paged", "is_weight_matrix", "kv_attrs_of", "map_relax_functions", "op_name", "paged_functions",
-           "rewrite_calls", "scalar_constant"]
+           "rewrite_calls", "scalar_constant", "weight_params"]
 
 
 def op_name(expr: relax.Expr | None) -> str | None:
@@ -51,6 +51,13 @@ def emit_like(bb: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> rel
     if isinstance(like, relax.DataflowVar):
         return bb.emit(value, name_hint=like.name)
     return bb.emit_output(value, name_hint=like.name)
+
+
+def weight_params(func: relax.Function) -> list[relax.Var] | None:
+    """The model's weights among ``func``'s parameters (those after ``num_input``), or None without that attribute."""
+    if func.attrs is None or "num_input" not in func.attrs:
+        return None
+    return list(func.params[int(func.attrs["num_input"]):])
 
 
 def is_weight_matrix(expr: relax.Expr, params: set, dtype: str, static_shape: bool = False) -> bool:
