@@ -16,7 +16,8 @@ format (Q8_0 for int8, Q4_1 for int4 and gguf; ``--gguf-file``: that file, for b
 and mean KL vs our float32 model (``bench/weight_quality.py``), with llama.cpp's own perplexity
 change on the same formats when ``--llama-perplexity`` is given.
 The decode's yardstick is recorded too: the rate of a plain stream read (``bench/bandwidth.py``) over the
-weight bytes a token reads, and each side's decode rate over it.
+weight bytes a token reads, and each side's decode rate over it; so is the prefill's: the target's
+float32 FMA peak (``bench/fma_peak.py``) and our prefill's GFLOP/s as a share of it.
 The sides run interleaved, repeat after repeat (llama-bench once per round, after ours), and the
 medians are kept, so load from other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
@@ -200,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
     out["decode_batch1"].update(_stream_rate(out["weights_bytes"], out["decode_batch1"]))
+    out["prefill"].update(_fma_share(hf.config, len(long_prompt), out["prefill"], ISA_TARGETS[args.isa]))
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
     print(json.dumps(out, indent=2))
@@ -235,6 +237,30 @@ def _stream_rate(weights_bytes: int, decode: dict) -> dict:
     ratios = {f"{key[:-len('_tokens_per_s')]}_vs_stream_rate": value / rate
               for key, value in decode.items() if key.endswith("_tokens_per_s")}
     return {"stream_read_gbps": gbps, "stream_rate_tokens_per_s": rate, **ratios}
+
+
+def prefill_flops(config, tokens: int, logit_rows: int) -> float:
+    """FLOPs of a ``tokens``-token causal prefill of a decoder with a Hugging Face ``config`` (Llama-like:
+    every layer's Linear layers, causal attention over the prompt, the vocabulary projection of
+    ``logit_rows`` rows); a multiply-add counts 2."""
+    hidden, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = getattr(config, "num_key_value_heads", heads) * head_dim
+    per_layer = hidden * heads * head_dim + 2 * hidden * kv_dim + heads * head_dim * hidden + 3 * hidden * config.intermediate_size
+    attention = 4.0 * layers * heads * head_dim * tokens * (tokens + 1) / 2  # QK and PV, key t+1 for query t
+    return 2.0 * tokens * layers * per_layer + attention + 2.0 * logit_rows * hidden * config.vocab_size
+
+
+def _fma_share(config, tokens: int, prefill: dict, target) -> dict:
+    """The prefill's yardstick: the target's float32 FMA peak on the host's threads (``bench/fma_peak.py``,
+    measured now), our two prefill rates in GFLOP/s (:func:`prefill_flops`) and their share of it."""
+    from .fma_peak import fma_peak_gflops
+
+    peak = fma_peak_gflops(target)
+    last = prefill_flops(config, tokens, 1) * prefill["ours_last_logits_tokens_per_s"] / tokens / 1e9
+    every = prefill_flops(config, tokens, tokens) * prefill["ours_tokens_per_s"] / tokens / 1e9
+    return {"fma_peak_gflops": peak, "ours_last_logits_gflops": last, "ours_gflops": every,
+            "ours_last_logits_vs_fma_peak": last / peak, "ours_vs_fma_peak": every / peak}
 
 
 def _plot(out: dict, path: Path) -> None:

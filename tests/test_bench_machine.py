@@ -179,6 +179,45 @@ def test_read_bandwidth_probe_reads_every_element_and_the_decode_yardstick_follo
     assert set(out) == {"stream_read_gbps", "stream_rate_tokens_per_s", "ours_vs_stream_rate", "llama_cpp_vs_stream_rate"}
 
 
+def test_fma_peak_probe_runs_its_chains_and_the_prefill_share_follows(monkeypatch):
+    """The FMA probe's chains reach their fixed point (it raises otherwise), on the host's vectors and on
+    AVX2's where the host runs them; the prefill's GFLOP/s and its share of the peak follow the counts."""
+    import bench.fma_peak as fma_peak
+    import bench.model as model
+    from llmir_tvm.dense_choice import runs_on_host
+    from llmir_tvm.target import resolve_target
+
+    assert fma_peak.fma_peak_gflops("llvm", iterations=2000, repeats=1) > 0
+    if runs_on_host(resolve_target(ISA_TARGETS["avx2"])):
+        assert fma_peak.fma_peak_gflops(ISA_TARGETS["avx2"], iterations=2000, repeats=1) > 0
+    config = type("Config", (), {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100})()
+    monkeypatch.setattr(fma_peak, "fma_peak_gflops", lambda target: 100.0)
+    flops = model.prefill_flops(config, 8, 1)
+    out = model._fma_share(config, 8, {"ours_last_logits_tokens_per_s": 8e9 / flops * 50, "ours_tokens_per_s": 1.0}, "llvm")
+    assert out["ours_last_logits_gflops"] == pytest.approx(50.0) and out["ours_last_logits_vs_fma_peak"] == pytest.approx(0.5)
+
+
+def test_prefill_flops_counts_the_linear_layers_attention_and_head_of_a_real_model():
+    """Against a tiny transformers Llama: its Linear weights, one multiply-add per weight per token,
+    causal attention summed key by key, the head on the rows asked for."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bench.model as model
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config)
+    linear = sum(p.numel() for name, p in hf.named_parameters() if p.ndim == 2 and ".layers." in name)
+    tokens, head_dim = 10, 24
+    attention = sum(4 * config.num_attention_heads * head_dim * (t + 1) for t in range(tokens)) * config.num_hidden_layers
+    for rows in (1, tokens):
+        expected = 2 * tokens * linear + attention + 2 * rows * config.hidden_size * config.vocab_size
+        assert model.prefill_flops(config, tokens, rows) == pytest.approx(expected)
+
+
 def test_llama_bench_round_runs_one_repetition_of_the_compared_gguf(tmp_path):
     """``benchmark.py model`` runs llama-bench once per repeat round (``-r 1``) on the GGUF it compares
     with, and refuses a missing binary or GGUF before measuring anything."""
