@@ -2,7 +2,8 @@
 register tiles on ``W [N, K]``) vs numpy's BLAS, interleaved, from 1 to 2048 rows.
 
 ``out = x @ W.T`` in float32 for the default model's layer shapes (SmolLM2-135M: q/o 576x576,
-k/v 576->192, gate/up 576->1536, down 1536->576, the tied vocabulary projection 576->49152) at
+k/v 576->192, gate/up 576->1536, down 1536->576, the tied vocabulary projection 576->49152, and the
+stacked q/k/v 576->960 and gate/up 576->3072 that ``FuseParallelLinear`` makes of them) at
 ``--rows`` rows of ``x`` (1 = batch-1 decode, 16-64 = batched decode, 512+ = prefill). Each
 candidate's calls rotate over copies of ``W`` totalling at least ``--working-set`` bytes, so the
 weights come from DRAM as in a model step (the vocabulary projection's copies are capped by
@@ -32,7 +33,7 @@ from .common import save_result
 from .machine import ISA_TARGETS, add_isa_argument
 
 HELP = "CPU dense kernels (packed and register tiles) vs numpy's BLAS, interleaved, 1 to 2048 rows"
-SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152))
+SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152), (576, 960), (576, 3072))
 ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
