@@ -344,11 +344,10 @@ def _build(
         mod = _sharded_info(mod, info, target)
     weight_sources = None
     if target.kind.name == "llvm":
-        if num_shards == 1:  # (sharding splits the query, key and value heads apart)
-            note("FuseParallelLinear")
-            mod = FuseParallelLinear()(mod)
-            weight_sources = stacked_weights(mod)
-            mod = mod.without_attr(STACKED_WEIGHTS_ATTR)
+        note("FuseParallelLinear")
+        mod = FuseParallelLinear()(mod)
+        weight_sources = stacked_weights(mod)
+        mod = mod.without_attr(STACKED_WEIGHTS_ATTR)
         if cpu_dense != "blas":
             note("DenseToTIR")
             plans = DensePlans(cpu_dense, target)

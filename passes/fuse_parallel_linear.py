@@ -10,7 +10,8 @@ default model's shapes at batch 1, weights from DRAM (2-core Xeon, AVX-512, 2026
 576->576 + 2 x 576->192 in 124 us against 112 us stacked; 2 x 576->1536 in 366 us against 328 us.
 Each output element is the same dot product, summed in the same order, as before.
 
-For the CPU build (``llmir_tvm.compile`` runs it before ``DenseToTIR``). A group is the weights
+For the CPU build (``llmir_tvm.compile`` runs it before ``DenseToTIR``); a module sharded over KV
+heads (``KVCacheSharding``) is left as it is. A group is the weights
 ``W [N_i, K]`` (parameters after ``num_input``) that ``matmul(x, permute_dims(W))`` bindings
 multiply with the same ``x``, each weight used nowhere else, and the same group in every function
 that uses any of them. The first weight's parameter becomes the stack ``[sum N_i, K]`` and the
@@ -31,6 +32,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.sym.analyzer import Analyzer
 
+from .kv_cache_sharding import SHARD_ATTR
 from .relax_helpers import bindings, bound_values, op_name, weight_params
 
 #: Module attribute the pass sets: for each weight parameter of the result, the original weight
@@ -49,17 +51,13 @@ def _static_matrix(var: relax.Var) -> tuple[int, int] | None:
     return int(dims[0]), int(dims[1])
 
 
-def _reference_counts(func: relax.Function) -> dict[relax.Var, int]:
-    """How many bindings (and the function's result) read each variable."""
-    return defaultdict(int, {var: len(found) for var, found in _readers(func).items()})
-
-
-def _linear_uses(func: relax.Function, weights: list[relax.Var]) -> dict[int, list[tuple[relax.Var, relax.Var]]]:
+def _linear_uses(func: relax.Function, weights: list[relax.Var], readers: dict) -> dict[int, list[tuple[relax.Var, relax.Var]]]:
     """``{weight index: [(output var, x var), ...]}`` of the ``matmul(x, permute_dims(W, [1, 0]))``
-    bindings; a weight read any other way (or its transpose read by anything else) gets no entry."""
+    bindings; a weight read any other way (or its transpose read by anything else) gets no entry.
+    ``readers``: :func:`_readers` of ``func``."""
     index = {w: i for i, w in enumerate(weights)}
     values = bound_values(func)
-    counts = _reference_counts(func)
+    counts = {var: len(found) for var, found in readers.items()}
     uses: dict[int, list[tuple[relax.Var, relax.Var]]] = defaultdict(list)
     linear_reads: dict[relax.Var, int] = defaultdict(int)
     for b in bindings(func):
@@ -67,21 +65,21 @@ def _linear_uses(func: relax.Function, weights: list[relax.Var]) -> dict[int, li
             continue
         x, rhs = b.value.args
         transposed = values.get(rhs)
-        if op_name(transposed) != "relax.permute_dims" or not isinstance(x, relax.Var) or counts[rhs] != 1:
+        if op_name(transposed) != "relax.permute_dims" or not isinstance(x, relax.Var) or counts.get(rhs) != 1:
             continue
         axes = transposed.attrs.axes
         w = transposed.args[0]
         if w in index and (axes is None or [int(a) for a in axes] == [1, 0]) and _static_matrix(w) is not None:
             uses[index[w]].append((b.var, x))
             linear_reads[w] += 1
-    return {i: found for i, found in uses.items() if counts[weights[i]] == linear_reads[weights[i]]}
+    return {i: found for i, found in uses.items() if counts.get(weights[i]) == linear_reads[weights[i]]}
 
 
 def _groups(func: relax.Function, weights: list[relax.Var]) -> tuple[dict[int, tuple[int, ...]], set[int]]:
     """The function's stackable groups ``{weight index: group}`` (weights used once, as a ``Linear``
     of an ``x`` shared with others of the same dtype) and every weight index it reads at all."""
-    uses = _linear_uses(func, weights)
-    counts = _reference_counts(func)
+    readers = _readers(func)
+    uses = _linear_uses(func, weights, readers)
     by_x: dict[relax.Var, list[int]] = defaultdict(list)
     for i, found in uses.items():
         if len(found) == 1:
@@ -92,7 +90,7 @@ def _groups(func: relax.Function, weights: list[relax.Var]) -> tuple[dict[int, t
             continue
         group = tuple(sorted(members))  # stacked in parameter order, whatever order the products come in
         groups.update((i, group) for i in group)
-    return groups, {i for i, w in enumerate(weights) if counts[w]}
+    return groups, {i for i, w in enumerate(weights) if readers.get(w)}
 
 
 def _readers(func: relax.Function) -> dict[relax.Var, list]:
@@ -147,9 +145,9 @@ class _Stacker(PyExprMutator):
     stay a copy kernel of its own, while a slice after it joins the kernel that reads it.
     """
 
-    def __init__(self, mod, func: relax.Function, outputs: dict, stacked: dict):
+    def __init__(self, mod, readers: dict, outputs: dict, stacked: dict):
         super().__init__(mod)
-        self.readers = _readers(func)
+        self.readers = readers  # _readers of the function rewritten
         self.outputs = outputs  # output var -> (group, offset, width, x, call)
         self.stacked = stacked  # group -> stacked weight var
         self.products: dict[tuple[int, ...], relax.Var] = {}
@@ -202,6 +200,8 @@ class FuseParallelLinear:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         functions = [(gv, f) for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        if any(f.attrs is not None and SHARD_ATTR in f.attrs for _, f in functions):
+            return mod  # sharded over KV heads (KVCacheSharding): the q/k/v products are split by heads, not stacked
         signatures = {tuple((str(w.ty.dtype), _static_matrix(w)) for w in ws)
                       for ws in (weight_params(f) for _, f in functions) if ws is not None}
         if len(signatures) != 1 or any(weight_params(f) is None for _, f in functions):
@@ -236,7 +236,8 @@ class FuseParallelLinear:
     @staticmethod
     def _rewrite(mod: tvm.IRModule, func: relax.Function, accepted: list[tuple[int, ...]]) -> relax.Function:
         weights = weight_params(func)
-        uses = _linear_uses(func, weights)
+        readers = _readers(func)
+        uses = _linear_uses(func, weights, readers)
         stacked: dict[tuple[int, ...], relax.Var] = {}
         outputs = {}
         values = bound_values(func)
@@ -254,7 +255,7 @@ class FuseParallelLinear:
             k = _static_matrix(weights[group[0]])[1]
             name = f"{weights[group[0]].name}_stacked{len(group)}"
             stacked[group] = relax.Var(name, relax.TensorType([n_total, k], str(weights[group[0]].ty.dtype)))
-        body = _Stacker(mod, func, outputs, stacked).visit_expr(func).body
+        body = _Stacker(mod, readers, outputs, stacked).visit_expr(func).body
         first = {group[0]: stacked[group] for group in accepted}
         away = {i for group in accepted for i in group[1:]}
         num_input = int(func.attrs["num_input"])

@@ -50,7 +50,6 @@ from llmir_tvm.memory_plan import (
 from .dense_offload import OffloadDenseToBLAS
 from .fuse_parallel_linear import FuseParallelLinear
 from .kv_attrs import KV_ATTR
-from .kv_cache_sharding import sharding_of
 from .relax_helpers import bindings, kv_attrs_of, op_name, paged_functions
 
 _APPEND = "relax.llm.append_kv"
@@ -130,7 +129,7 @@ def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens:
     """Bytes of intermediate tensors each paged function of ``mod`` allocates per call, by function name.
 
     The functions are lowered the way the build lowers them (on CPU targets the stacked parallel
-    ``Linear`` layers of ``FuseParallelLinear`` unless sharded, and the BLAS offload; legalization —
+    ``Linear`` layers of ``FuseParallelLinear`` and the BLAS offload; legalization —
     the ``llm.*`` ops to calls with their kernels' allocations, not the kernels —, operator fusion, then the VM's
     static memory planning, ``StaticPlanBlockMemory``, which packs intermediates
     into storages sized at the token axis's ``tir_var_upper_bound``); the workspace is the
@@ -144,9 +143,7 @@ def activation_workspace_bytes(mod: tvm.IRModule, target: Any, max_batch_tokens:
     subset = tvm.IRModule({**kernels, **{gv: f for gv, f in funcs}}, attrs=mod.attrs)
     target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
     if target.kind.name == "llvm":  # as llmir_tvm.compile does for CPU targets
-        if not any(sharding_of(f) for _, f in funcs):  # (a sharded build keeps q/k/v apart)
-            subset = FuseParallelLinear()(subset)
-        subset = OffloadDenseToBLAS()(subset)
+        subset = OffloadDenseToBLAS()(FuseParallelLinear()(subset))
     passes = [_LOWER_TO_MEMORY_PLAN[0](customize_legalize_map=_PLANNING_LEGALIZATION)]
     passes += [make() for make in _LOWER_TO_MEMORY_PLAN[1:]]
     with target:

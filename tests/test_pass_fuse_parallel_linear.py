@@ -11,6 +11,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
+from llmir_tvm.passes.kv_cache_sharding import SHARD_ATTR
 from llmir_tvm.passes.fuse_parallel_linear import (
     STACKED_WEIGHTS_ATTR,
     FuseParallelLinear,
@@ -160,6 +161,14 @@ def test_leaves_unsafe_groups_alone(mod):
     after = FuseParallelLinear()(mod)
     assert stacked_weights(after) is None
     tvm.ir.assert_structural_equal(after, mod)
+
+
+def test_leaves_a_module_sharded_over_kv_heads_alone():
+    """KVCacheSharding splits q/k/v by heads: the pass itself keeps their products apart."""
+    sharded = tvm.IRModule({gv: f.with_attr(SHARD_ATTR, {"num_shards": 2}) for gv, f in Before.functions_items()})
+    after = FuseParallelLinear()(sharded)
+    assert stacked_weights(after) is None
+    tvm.ir.assert_structural_equal(after, sharded)
 
 
 def test_stack_weights_checks_the_groups():
