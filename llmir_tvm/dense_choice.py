@@ -14,6 +14,8 @@ that switches variant by row count. The plans are recorded in the compiled model
 
 from __future__ import annotations
 
+import functools
+import glob
 import logging
 import re
 import statistics
@@ -38,6 +40,12 @@ ROW_BUCKETS = (1, 4, 16, 64, 256, 1024)
 MAX_FLOPS = 1e9
 #: Timed calls per (variant, rows); the median is kept. Candidates are interleaved call by call.
 REPEATS = 3
+#: Cheap buckets get more samples: rounds go on (up to :data:`MAX_REPEATS`) until a variant has
+#: :data:`SAMPLE_SECONDS` of samples. A memory-bound call of a few rows takes well under a millisecond,
+#: and three such samples on a VM whose memory other tenants share chose the layout by noise (a
+#: 2-core AVX2 EPYC, 2026-12-07: the same shape's plan flipped between compiles).
+MAX_REPEATS = 15
+SAMPLE_SECONDS = 0.005
 #: Tilings tried per target (best on paper first).
 TILINGS = 2
 #: Another variant replaces the first (the target's best tiling on paper) only when its median is
@@ -53,7 +61,8 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
                 margin: float = MARGIN) -> DensePlan:
     """The fastest of ``variants`` at each row bucket of a ``K x N`` product, as a plan.
 
-    Every variant is timed ``repeats`` times per bucket, interleaved (so a burst of background
+    Every variant is timed ``repeats`` times per bucket (more, up to :data:`MAX_REPEATS`, while the
+    first variant's samples add up to less than :data:`SAMPLE_SECONDS`), interleaved (so a burst of background
     load hits all of them alike), and the medians compared; ties keep the earlier variant, and
     the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
     Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
@@ -70,9 +79,12 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
         if medians and 2.0 * rows * k * n > max_flops:
             break
         samples: dict[int, list[float]] = {i: [] for i in range(len(variants))}
-        for _ in range(repeats):
+        while True:
             for i, variant in enumerate(variants):
                 samples[i].append(float(measure(variant, rows)))
+            done = len(samples[0])
+            if done >= max(repeats, MAX_REPEATS) or (done >= repeats and sum(samples[0]) >= SAMPLE_SECONDS):
+                break
         medians.append((rows, [statistics.median(samples[i]) for i in range(len(variants))]))
         log.debug("dense %dx%d at %d rows: %s", k, n, rows,
                   ", ".join(f"{_label(v)} {m * 1e3:.3f} ms" for v, m in zip(variants, medians[-1][1])))
@@ -124,15 +136,21 @@ class HostTimer:
     """Times one call of each tiling of a ``K x N`` product on this machine (a :data:`Timer`).
 
     Tilings are built once for ``target``; packed ones get ``W`` packed as the compiled model holds
-    it. ``W`` is one random copy (it stays in cache for small shapes, as between consecutive calls of
-    a layer in a batched step).
+    it. Measured as the model runs it:
 
-    Measured as the model runs it: each call is followed by a call of the layer on the thread pool (the
-    target's unpacked tiles, :attr:`follow`), the kernel the next layer of a step runs, and the
-    pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
-    kernel takes beyond its own time after itself is charged to the variant (a kernel that leaves
-    threads busy pays for them). CPU seconds rather than wall time also keep other processes'
-    load (which takes cores, not CPU seconds, from this one) from deciding the plan.
+    - The weights come from memory, not from cache: a model step reads every layer's weights once,
+      so by the next call of a layer the others have pushed its ``W`` out of the last-level cache.
+      Every timed call comes after a read of :func:`cache_flush_bytes` of other memory. (Timed with
+      ``W`` left in cache, the 1-row products of ``W [N, K]`` tiles looked up to 2x faster than the
+      packed kernel's, which in a model, weights from DRAM, ran as fast or faster; that put ``W [N, K]``
+      tiles in the plans of three of five SmolLM2 shapes and cost its 512-token prefill 7-11% on an
+      AVX2 EPYC, 2026-12-07.)
+    - Each call is followed by a call of the layer on the thread pool (the target's unpacked tiles,
+      :attr:`follow`, on a weight of its own), the kernel the next layer of a step runs, and the
+      pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
+      kernel takes beyond its own time after itself is charged to the variant (a kernel that leaves
+      threads busy pays for them). CPU seconds rather than wall time also keep other processes'
+      load (which takes cores, not CPU seconds, from this one) from deciding the plan.
     """
 
     def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):
@@ -140,6 +158,9 @@ class HostTimer:
         rng = np.random.default_rng(seed)
         self.w = rng.standard_normal((n, k), dtype=np.float32)
         self._weights: dict[int | None, tvm.runtime.Tensor] = {None: tvm.runtime.tensor(self.w)}
+        # The next layer's weight is another tensor: reading the variant's own W there would warm it
+        # for the W [N, K] variants only.
+        self._follow_w = tvm.runtime.tensor(rng.standard_normal((n, k), dtype=np.float32))
         self._kernels: dict[Variant, Callable] = {}
         self._inputs: dict[int, tuple] = {}
         self._rng = rng
@@ -175,14 +196,15 @@ class HostTimer:
         x_dev, out_dev = self._io(rows)
         fn, w_dev = self._kernel(variant), self._weight(variant)
         call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
-        follow = lambda: self._kernel(self.follow)(x_dev, self._weights[None], out_dev)  # noqa: E731
+        follow = lambda: self._kernel(self.follow)(x_dev, self._follow_w, out_dev)  # noqa: E731
         if rows not in self._follow_alone:  # the next layer's own CPU seconds, after itself
             follow()
-            self._follow_alone[rows] = min(_cpu_seconds(follow) for _ in range(3))
+            self._follow_alone[rows] = min(_flushed_then(follow) for _ in range(3))
         if (variant, rows) not in self._warm:  # first-touch, instruction cache; later samples follow a follow()
             self._warm.add((variant, rows))
             call()
             follow()
+        flush_cache()
         start = time.process_time()
         call()
         mid = time.process_time()
@@ -190,11 +212,43 @@ class HostTimer:
         return mid - start + max(0.0, time.process_time() - mid - self._follow_alone[rows])
 
 
-def _cpu_seconds(call: Callable[[], object]) -> float:
-    """The process's CPU seconds (all threads) one ``call()`` took."""
+def _flushed_then(call: Callable[[], object]) -> float:
+    """The process's CPU seconds (all threads) one ``call()`` took, run after :func:`flush_cache`."""
+    flush_cache()
     start = time.process_time()
     call()
     return time.process_time() - start
+
+
+#: Bounds of :func:`cache_flush_bytes`: enough to evict where the cache size cannot be read, and a cap
+#: where the last-level cache is huge (300 MB on the Xeon VMs: a part of a model's weights does stay
+#: there between steps, and each flush costs a pass over the buffer).
+FLUSH_BYTES_DEFAULT = 64 << 20
+FLUSH_BYTES_MAX = 256 << 20
+
+
+def cache_flush_bytes() -> int:
+    """Bytes read to push a kernel's weights out of cache: twice the host's last-level cache (from
+    sysfs), within :data:`FLUSH_BYTES_MAX`; :data:`FLUSH_BYTES_DEFAULT` where sysfs does not tell."""
+    largest = 0
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(index).read().strip().upper()
+            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return min(2 * largest, FLUSH_BYTES_MAX) if largest else FLUSH_BYTES_DEFAULT
+
+
+@functools.lru_cache(maxsize=1)
+def _flush_buffer() -> np.ndarray:
+    return np.ones(cache_flush_bytes() // 8, np.float64)
+
+
+def flush_cache() -> None:
+    """Read :func:`cache_flush_bytes` of memory, so that what a kernel reads next comes from DRAM, as
+    a model step's weights do. The buffer lives until :func:`host_plans` is done."""
+    float(_flush_buffer().sum())
 
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
@@ -222,9 +276,12 @@ def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
         log.info("dense plans: %s does not run on this CPU; using its default tiles unmeasured", target)
         return {shape: DensePlan.tiles_only(variants[0]) for shape in shapes}
     plans, start = {}, time.perf_counter()
-    for k, n in dict.fromkeys(shapes):
-        plans[(k, n)] = choose_plan(k, n, variants, timer_factory(target, k, n))
-        log.info("dense %dx%d: %s", k, n, plans[(k, n)].to_json())
+    try:
+        for k, n in dict.fromkeys(shapes):
+            plans[(k, n)] = choose_plan(k, n, variants, timer_factory(target, k, n))
+            log.info("dense %dx%d: %s", k, n, plans[(k, n)].to_json())
+    finally:
+        _flush_buffer.cache_clear()
     log.info("dense plans measured in %.1f s", time.perf_counter() - start)
     return plans
 

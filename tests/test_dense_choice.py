@@ -130,6 +130,49 @@ def test_host_timer_charges_a_variant_what_the_next_pool_kernel_loses_after_it()
     assert timer(A, 5) < 0.045
 
 
+def test_host_timer_reads_the_weights_from_memory_and_the_next_layer_has_its_own(monkeypatch):
+    """Every timed call comes right after a cache flush (a model step's weights come from DRAM), and
+    the next layer's kernel reads another weight than the variant's (else it warms W [N, K] for the
+    W [N, K] variants only)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if not runs_on_host(target):
+        pytest.skip("this CPU cannot run AVX2 code")
+    timer = dense_choice.HostTimer(target, 40, 48)
+    timer(P, 3), timer(A, 3)  # builds the kernels, measures the next layer alone, warms up
+    events = []
+    monkeypatch.setattr(dense_choice, "flush_cache", lambda: events.append("flush"))
+    for variant in (A, P):
+        timer._kernels[variant] = lambda x, w, out, variant=variant: events.append((variant, w))
+    for variant in (P, A):
+        events.clear()
+        timer(variant, 3)
+        assert events[0] == "flush" and events[1][0] == variant and events[2][0] == A  # flush, variant, next layer
+        assert events[1][1] is timer._weight(variant) and events[2][1] is not timer._weights[None]
+
+
+def test_cache_flush_reads_twice_the_last_level_cache(monkeypatch, tmp_path):
+    """The flush size comes from sysfs' largest cache (2x, capped); without sysfs, a default."""
+    for index, size in enumerate(("48K", "1024K", "32768K")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    real_glob = dense_choice.glob.glob
+    monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
+    assert dense_choice.cache_flush_bytes() == 64 << 20
+    (tmp_path / "index2" / "size").write_text("300M\n")
+    assert dense_choice.cache_flush_bytes() == dense_choice.FLUSH_BYTES_MAX
+    monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: [])
+    assert dense_choice.cache_flush_bytes() == dense_choice.FLUSH_BYTES_DEFAULT
+
+
+def test_cheap_buckets_get_more_samples():
+    """A bucket whose calls take microseconds is sampled until the first variant has SAMPLE_SECONDS
+    of samples (at most MAX_REPEATS rounds); an expensive one gets ``repeats``."""
+    seconds, calls = {1: 1e-4, 64: 1.0}, []
+    choose_plan(64, 64, [A, B], lambda v, r: calls.append((v, r)) or seconds[r], buckets=(1, 64), repeats=3, max_flops=1e12)
+    rounds = {rows: sum(1 for v, r in calls if v == A and r == rows) for rows in (1, 64)}
+    assert rounds == {1: dense_choice.MAX_REPEATS, 64: 3}
+
+
 def test_saved_plans_are_reused_unmeasured_and_bad_ones_rejected(monkeypatch):
     monkeypatch.setattr(dense_choice, "host_plans", lambda *a, **k: pytest.fail("saved plans must not be re-timed"))
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
