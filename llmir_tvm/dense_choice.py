@@ -147,10 +147,12 @@ class HostTimer:
       AVX2 EPYC, 2026-12-07.)
     - Each call is followed by a call of the layer on the thread pool (the target's unpacked tiles,
       :attr:`follow`, on a weight of its own), the kernel the next layer of a step runs, and the
-      pair is timed in the process's CPU seconds (every thread's, spinning included); what the next
-      kernel takes beyond its own time after itself is charged to the variant (a kernel that leaves
-      threads busy pays for them). CPU seconds rather than wall time also keep other processes'
-      load (which takes cores, not CPU seconds, from this one) from deciding the plan.
+      pair is timed; what the next kernel takes beyond its own time after itself is charged to the
+      variant (a kernel that leaves threads busy pays for them).
+    - Wall time, not the process's CPU seconds: Linux books a thread that runs on another core into
+      the process's CPU clock at its next scheduler tick, so a pool thread that spun through the
+      flush had up to a tick (4 ms) of it booked into the timed call. Other processes' load is met by
+      interleaving the variants call by call and keeping medians (:func:`choose_plan`).
     """
 
     def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):
@@ -197,7 +199,7 @@ class HostTimer:
         fn, w_dev = self._kernel(variant), self._weight(variant)
         call = lambda: fn(x_dev, w_dev, out_dev)  # noqa: E731
         follow = lambda: self._kernel(self.follow)(x_dev, self._follow_w, out_dev)  # noqa: E731
-        if rows not in self._follow_alone:  # the next layer's own CPU seconds, after itself
+        if rows not in self._follow_alone:  # the next layer's own time, after itself
             follow()
             self._follow_alone[rows] = min(_flushed_then(follow) for _ in range(3))
         if (variant, rows) not in self._warm:  # first-touch, instruction cache; later samples follow a follow()
@@ -205,19 +207,19 @@ class HostTimer:
             call()
             follow()
         flush_cache()
-        start = time.process_time()
+        start = time.perf_counter()
         call()
-        mid = time.process_time()
+        mid = time.perf_counter()
         follow()
-        return mid - start + max(0.0, time.process_time() - mid - self._follow_alone[rows])
+        return mid - start + max(0.0, time.perf_counter() - mid - self._follow_alone[rows])
 
 
 def _flushed_then(call: Callable[[], object]) -> float:
-    """The process's CPU seconds (all threads) one ``call()`` took, run after :func:`flush_cache`."""
+    """Seconds one ``call()`` took, run after :func:`flush_cache`."""
     flush_cache()
-    start = time.process_time()
+    start = time.perf_counter()
     call()
-    return time.process_time() - start
+    return time.perf_counter() - start
 
 
 #: Bounds of :func:`cache_flush_bytes`: enough to evict where the cache size cannot be read, and a cap
