@@ -3,8 +3,8 @@
 Which is faster for ``x @ Wᵀ`` — our register-tiled kernel (which tiling) or the host's BLAS —
 depends on the CPU, the layer's shape and the number of rows, and a choice measured on one
 machine is wrong on the next (AVX-512 tiles spill on AVX2). So ``llmir_tvm.compile`` times the
-candidates for each layer shape ``(K, N)`` at a few row counts (:data:`ROW_BUCKETS`), a few
-hundred milliseconds per shape, and compiles a :class:`~llmir_tvm.tir_kernels.dense.DensePlan`
+candidates for each layer shape ``(K, N)`` at a few row counts (:data:`ROW_BUCKETS`), two to five
+seconds per shape (SmolLM2-135M's five: about 15 s on 2 cores), and compiles a :class:`~llmir_tvm.tir_kernels.dense.DensePlan`
 that switches variant by row count. The plans are recorded in the compiled model
 (``ModelInfo.dense_plans``) and can be passed back to ``compile(cpu_dense=...)`` to skip timing.
 
@@ -235,7 +235,8 @@ def cache_flush_bytes() -> int:
     largest = 0
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
-            text = open(index).read().strip().upper()
+            with open(index) as file:
+                text = file.read().strip().upper()
             largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
         except (OSError, ValueError):
             continue
