@@ -14,7 +14,6 @@ that switches variant by row count. The plans are recorded in the compiled model
 
 from __future__ import annotations
 
-import functools
 import glob
 import logging
 import re
@@ -140,7 +139,8 @@ class HostTimer:
 
     - The weights come from memory, not from cache: a model step reads every layer's weights once,
       so by the next call of a layer the others have pushed its ``W`` out of the last-level cache.
-      Every timed call comes after a read of :func:`cache_flush_bytes` of other memory. (Timed with
+      The timer rotates over copies of ``W`` totalling :func:`cold_weight_bytes`, so each call reads
+      one that the others have pushed out. (Timed with
       ``W`` left in cache, the 1-row products of ``W [N, K]`` tiles looked up to 2x faster than the
       packed kernel's, which in a model, weights from DRAM, ran as fast or faster; that put ``W [N, K]``
       tiles in the plans of three of five SmolLM2 shapes and cost its 512-token prefill 7-11% on an
@@ -150,8 +150,9 @@ class HostTimer:
       pair is timed; what the next kernel takes beyond its own time after itself is charged to the
       variant (a kernel that leaves threads busy pays for them).
     - Wall time, not the process's CPU seconds: Linux books a thread that runs on another core into
-      the process's CPU clock at its next scheduler tick, so a pool thread that spun through the
-      flush had up to a tick (4 ms) of it booked into the timed call. Other processes' load is met by
+      the process's CPU clock at its next scheduler tick, so a pool thread that spun before the call
+      had up to a tick (4 ms) of it booked into the timed call (inside a compile, medians of 0.1-0.3 ms
+      calls read 4 ms). Other processes' load is met by
       interleaving the variants call by call and keeping medians (:func:`choose_plan`).
     """
 
@@ -159,7 +160,10 @@ class HostTimer:
         self.target, self.k, self.n = target, k, n
         rng = np.random.default_rng(seed)
         self.w = rng.standard_normal((n, k), dtype=np.float32)
-        self._weights: dict[int | None, tvm.runtime.Tensor] = {None: tvm.runtime.tensor(self.w)}
+        #: Copies of W per layout (None: W [N, K]; a panel width: packed) the calls rotate over.
+        self.copies = max(1, -(-cold_weight_bytes() // (4 * k * n)))
+        self._weights: dict[int | None, list[tvm.runtime.Tensor]] = {}
+        self._turn: dict[int | None, int] = {}
         # The next layer's weight is another tensor: reading the variant's own W there would warm it
         # for the W [N, K] variants only.
         self._follow_w = tvm.runtime.tensor(rng.standard_normal((n, k), dtype=np.float32))
@@ -169,11 +173,16 @@ class HostTimer:
         self._follow_alone: dict[int, float] = {}
         self._warm: set[tuple[Variant, int]] = set()
 
-    def _weight(self, variant: Variant):
+    def _weight(self, variant: Variant) -> tvm.runtime.Tensor:
+        """The next copy of ``W`` in the layout ``variant`` reads."""
         layout = _layout(variant)
         if layout not in self._weights:
-            self._weights[layout] = tvm.runtime.tensor(pack_weight(self.w, layout))
-        return self._weights[layout]
+            host = self.w if layout is None else pack_weight(self.w, layout)
+            self._weights[layout] = [tvm.runtime.tensor(host) for _ in range(self.copies)]
+            self._turn[layout] = 0
+        turn = self._turn[layout]
+        self._turn[layout] = (turn + 1) % self.copies
+        return self._weights[layout][turn]
 
     def _kernel(self, tiles: DenseTiles | PackedTiles):
         if tiles not in self._kernels:
@@ -201,12 +210,11 @@ class HostTimer:
         follow = lambda: self._kernel(self.follow)(x_dev, self._follow_w, out_dev)  # noqa: E731
         if rows not in self._follow_alone:  # the next layer's own time, after itself
             follow()
-            self._follow_alone[rows] = min(_flushed_then(follow) for _ in range(3))
+            self._follow_alone[rows] = min(_seconds(follow) for _ in range(3))
         if (variant, rows) not in self._warm:  # first-touch, instruction cache; later samples follow a follow()
             self._warm.add((variant, rows))
             call()
             follow()
-        flush_cache()
         start = time.perf_counter()
         call()
         mid = time.perf_counter()
@@ -214,24 +222,24 @@ class HostTimer:
         return mid - start + max(0.0, time.perf_counter() - mid - self._follow_alone[rows])
 
 
-def _flushed_then(call: Callable[[], object]) -> float:
-    """Seconds one ``call()`` took, run after :func:`flush_cache`."""
-    flush_cache()
+def _seconds(call: Callable[[], object]) -> float:
+    """Seconds one ``call()`` took."""
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
 
 
-#: Bounds of :func:`cache_flush_bytes`: enough to evict where the cache size cannot be read, and a cap
-#: where the last-level cache is huge (300 MB on the Xeon VMs: a part of a model's weights does stay
-#: there between steps, and each flush costs a pass over the buffer).
-FLUSH_BYTES_DEFAULT = 64 << 20
-FLUSH_BYTES_MAX = 256 << 20
+#: Bounds of :func:`cold_weight_bytes`: enough where the cache size cannot be read, and a cap where
+#: the last-level cache is huge (300 MB on the Xeon VMs: a part of a model's weights does stay there
+#: between steps, and the copies cost memory while a shape is timed).
+COLD_BYTES_DEFAULT = 64 << 20
+COLD_BYTES_MAX = 256 << 20
 
 
-def cache_flush_bytes() -> int:
-    """Bytes read to push a kernel's weights out of cache: twice the host's last-level cache (from
-    sysfs), within :data:`FLUSH_BYTES_MAX`; :data:`FLUSH_BYTES_DEFAULT` where sysfs does not tell."""
+def cold_weight_bytes() -> int:
+    """Bytes of weight copies a :class:`HostTimer` rotates over so that each call reads its ``W`` from
+    memory: twice the host's last-level cache (from sysfs), within :data:`COLD_BYTES_MAX`;
+    :data:`COLD_BYTES_DEFAULT` where sysfs does not tell."""
     largest = 0
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
@@ -240,18 +248,7 @@ def cache_flush_bytes() -> int:
             largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
         except (OSError, ValueError):
             continue
-    return min(2 * largest, FLUSH_BYTES_MAX) if largest else FLUSH_BYTES_DEFAULT
-
-
-@functools.lru_cache(maxsize=1)
-def _flush_buffer() -> np.ndarray:
-    return np.ones(cache_flush_bytes() // 8, np.float64)
-
-
-def flush_cache() -> None:
-    """Read :func:`cache_flush_bytes` of memory, so that what a kernel reads next comes from DRAM, as
-    a model step's weights do. The buffer lives until :func:`host_plans` is done."""
-    float(_flush_buffer().sum())
+    return min(2 * largest, COLD_BYTES_MAX) if largest else COLD_BYTES_DEFAULT
 
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
@@ -279,12 +276,9 @@ def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],
         log.info("dense plans: %s does not run on this CPU; using its default tiles unmeasured", target)
         return {shape: DensePlan.tiles_only(variants[0]) for shape in shapes}
     plans, start = {}, time.perf_counter()
-    try:
-        for k, n in dict.fromkeys(shapes):
-            plans[(k, n)] = choose_plan(k, n, variants, timer_factory(target, k, n))
-            log.info("dense %dx%d: %s", k, n, plans[(k, n)].to_json())
-    finally:
-        _flush_buffer.cache_clear()
+    for k, n in dict.fromkeys(shapes):
+        plans[(k, n)] = choose_plan(k, n, variants, timer_factory(target, k, n))
+        log.info("dense %dx%d: %s", k, n, plans[(k, n)].to_json())
     log.info("dense plans measured in %.1f s", time.perf_counter() - start)
     return plans
 

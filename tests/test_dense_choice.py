@@ -15,7 +15,7 @@ import llmir_tvm
 from llmir_tvm import dense_choice
 from llmir_tvm.dense_choice import DensePlans, choose_plan, host_plans, host_variants, runs_on_host
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles
-from llmir_tvm.tir_kernels.dense_packed import PackedTiles
+from llmir_tvm.tir_kernels.dense_packed import PackedTiles, pack_weight
 
 A, B = DenseTiles(8, 2, 4, 8), DenseTiles(8, 4, 2, 8)
 #: AVX2's packed tiling (6 x 16, the default), and another panel width.
@@ -131,37 +131,44 @@ def test_host_timer_charges_a_variant_what_the_next_pool_kernel_loses_after_it()
 
 
 def test_host_timer_reads_the_weights_from_memory_and_the_next_layer_has_its_own(monkeypatch):
-    """Every timed call comes right after a cache flush (a model step's weights come from DRAM), and
-    the next layer's kernel reads another weight than the variant's (else it warms W [N, K] for the
-    W [N, K] variants only)."""
+    """Calls rotate over copies of W totalling cold_weight_bytes (a model step's weights come from
+    DRAM), and the next layer's kernel reads another weight than the variant's (else it warms
+    W [N, K] for the W [N, K] variants only)."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     if not runs_on_host(target):
         pytest.skip("this CPU cannot run AVX2 code")
+    monkeypatch.setattr(dense_choice, "cold_weight_bytes", lambda: 3 * 40 * 48 * 4 - 1)
     timer = dense_choice.HostTimer(target, 40, 48)
+    assert timer.copies == 3
     timer(P, 3), timer(A, 3)  # builds the kernels, measures the next layer alone, warms up
     events = []
-    monkeypatch.setattr(dense_choice, "flush_cache", lambda: events.append("flush"))
     for variant in (A, P):
         timer._kernels[variant] = lambda x, w, out, variant=variant: events.append((variant, w))
     for variant in (P, A):
         events.clear()
-        timer(variant, 3)
-        assert events[0] == "flush" and events[1][0] == variant and events[2][0] == A  # flush, variant, next layer
-        assert events[1][1] is timer._weight(variant) and events[2][1] is not timer._weights[None]
+        for _ in range(4):
+            timer(variant, 3)
+        used = [w for _, w in events[0::2]]  # the timed calls (the next layer's in between)
+        assert [v for v, _ in events] == [variant, A] * 4  # each call, then the next layer
+        assert len({id(w) for w in used}) == 3 and used[0] is used[3]  # three copies in turn
+        assert all(w is not timer._follow_w for w in used) and events[1][1] is timer._follow_w
+    for layout, copies in timer._weights.items():  # every copy holds W in its layout
+        expect = timer.w if layout is None else pack_weight(timer.w, layout)
+        assert all(np.array_equal(c.numpy(), expect) for c in copies)
 
 
-def test_cache_flush_reads_twice_the_last_level_cache(monkeypatch, tmp_path):
-    """The flush size comes from sysfs' largest cache (2x, capped); without sysfs, a default."""
+def test_cold_weight_bytes_are_twice_the_last_level_cache(monkeypatch, tmp_path):
+    """The copies' total comes from sysfs' largest cache (2x, capped); without sysfs, a default."""
     for index, size in enumerate(("48K", "1024K", "32768K")):
         (tmp_path / f"index{index}").mkdir()
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
     real_glob = dense_choice.glob.glob
     monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
-    assert dense_choice.cache_flush_bytes() == 64 << 20
+    assert dense_choice.cold_weight_bytes() == 64 << 20
     (tmp_path / "index2" / "size").write_text("300M\n")
-    assert dense_choice.cache_flush_bytes() == dense_choice.FLUSH_BYTES_MAX
+    assert dense_choice.cold_weight_bytes() == dense_choice.COLD_BYTES_MAX
     monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: [])
-    assert dense_choice.cache_flush_bytes() == dense_choice.FLUSH_BYTES_DEFAULT
+    assert dense_choice.cold_weight_bytes() == dense_choice.COLD_BYTES_DEFAULT
 
 
 def test_cheap_buckets_get_more_samples():
