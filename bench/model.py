@@ -165,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         "gguf_file": str(args.gguf_file) if args.gguf_file else None,
         "quant_activations": args.quant_activations if quantization else None,
         "weights_bytes": sum(int(p.nbytes) for p in compiled.params),
+        "token_read_bytes": token_read_bytes(compiled.params, hf.config.vocab_size, hf.config.hidden_size),
         "decode_batch1": {"prompt_tokens": len(prompt), "new_tokens": new,
                           "tokens_identical_to_hf": same},
         "prefill": {"prompt_tokens": len(long_prompt), "logits": "every position",
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
-    out["decode_batch1"].update(_stream_rate(out["weights_bytes"], out["decode_batch1"]))
+    out["decode_batch1"].update(_stream_rate(out["token_read_bytes"], out["decode_batch1"]))
     out["prefill"].update(_fma_share(hf.config, len(long_prompt), out["prefill"], ISA_TARGETS[args.isa]))
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
@@ -225,9 +226,19 @@ def _llama_bench_round(args: argparse.Namespace, quantization: str | None, promp
     return lambda: run_llama_bench(args.llama_bench, gguf, args.threads, prompt_tokens, new, 1)
 
 
+def token_read_bytes(params, vocab_size: int, hidden_size: int) -> int:
+    """Bytes of weights a decoded token reads: every parameter but the embedding table, of which the
+    token's gather reads one row (a float ``[vocab, hidden]`` parameter; a tied vocabulary projection
+    is a packed copy of its own, or, unpacked, the same size, so one such table is left out)."""
+    total = sum(int(p.nbytes) for p in params)
+    tables = [p for p in params if tuple(p.shape) == (vocab_size, hidden_size) and "float" in str(p.dtype)]
+    return total - (int(tables[0].nbytes) if tables else 0)
+
+
 def _stream_rate(weights_bytes: int, decode: dict) -> dict:
     """The decode's yardstick: the rate of a plain 512 MB stream read on TVM's pool (``bench/bandwidth.py``,
-    measured now), the tokens/s at which the weights would stream at that rate, and each side's decode
+    measured now), the tokens/s at which a token's ``weights_bytes`` (:func:`token_read_bytes`; before
+    2026-12-07 all parameters, the embedding table included) would stream at that rate, and each side's decode
     rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
     tokens (the 2-core Xeon's 300 MB L3 lets both llama.cpp and us exceed it at float32)."""
     from .bandwidth import read_bandwidth_gbps

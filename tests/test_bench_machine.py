@@ -251,3 +251,17 @@ def test_dense_benchmark_runs_openblas_on_the_isa_it_compiles_for():
     assert blas_coretype_env("avx2", env) is None  # already set: no second restart
     assert blas_coretype_env("host", {"PATH": "/bin"}) is None
     assert blas_coretype_env("avx512", {})["OPENBLAS_CORETYPE"] == "SkylakeX"
+
+
+def test_a_token_reads_every_weight_but_the_embedding_table():
+    """The decode yardstick's bytes: all parameters less one float [vocab, hidden] table (the gather's;
+    an unpacked tied head of the same shape stays counted), whatever their order."""
+    import numpy as np
+
+    import bench.model as model
+
+    table, packed_head, layer = np.zeros((10, 4), np.float32), np.zeros((3, 4, 4), np.float32), np.zeros((4, 4), np.float32)
+    assert model.token_read_bytes([table, packed_head, layer], 10, 4) == packed_head.nbytes + layer.nbytes
+    assert model.token_read_bytes([layer, table, table.copy()], 10, 4) == table.nbytes + layer.nbytes
+    quantized = np.zeros((10, 4), np.int8)  # no float table: nothing left out
+    assert model.token_read_bytes([quantized, layer], 10, 4) == quantized.nbytes + layer.nbytes
