@@ -164,9 +164,9 @@ class HostTimer:
         self.copies = max(1, -(-cold_weight_bytes() // (4 * k * n)))
         self._weights: dict[int | None, list[tvm.runtime.Tensor]] = {}
         self._turn: dict[int | None, int] = {}
-        # The next layer's weight is another tensor: reading the variant's own W there would warm it
-        # for the W [N, K] variants only.
-        self._follow_w = tvm.runtime.tensor(rng.standard_normal((n, k), dtype=np.float32))
+        # The next layer's weight is a tensor of its own (the same values): reading the variant's own
+        # W there would warm it for the W [N, K] variants only.
+        self._follow_w = tvm.runtime.tensor(self.w)
         self._kernels: dict[Variant, Callable] = {}
         self._inputs: dict[int, tuple] = {}
         self._rng = rng
