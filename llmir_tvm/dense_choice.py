@@ -140,11 +140,10 @@ class HostTimer:
     - The weights come from memory, not from cache: a model step reads every layer's weights once,
       so by the next call of a layer the others have pushed its ``W`` out of the last-level cache.
       The timer rotates over copies of ``W`` totalling :func:`cold_weight_bytes`, so each call reads
-      one that the others have pushed out. (Timed with
-      ``W`` left in cache, the 1-row products of ``W [N, K]`` tiles looked up to 2x faster than the
-      packed kernel's, which in a model, weights from DRAM, ran as fast or faster; that put ``W [N, K]``
-      tiles in the plans of three of five SmolLM2 shapes and cost its 512-token prefill 7-11% on an
-      AVX2 EPYC, 2026-12-07.)
+      one that the others have pushed out. (Timed with ``W`` left in cache, the 1-row products of
+      ``W [N, K]`` tiles looked up to 2x faster than the packed kernel's, which in a model, weights
+      from DRAM, ran as fast or faster; that put ``W [N, K]`` tiles in the plans of three of five
+      SmolLM2 shapes and cost its 512-token prefill 7-11% on an AVX2 EPYC, 2026-12-07.)
     - Each call is followed by a call of the layer on the thread pool (the target's unpacked tiles,
       :attr:`follow`, on a weight of its own), the kernel the next layer of a step runs, and the
       pair is timed; what the next kernel takes beyond its own time after itself is charged to the
@@ -152,8 +151,8 @@ class HostTimer:
     - Wall time, not the process's CPU seconds: Linux books a thread that runs on another core into
       the process's CPU clock at its next scheduler tick, so a pool thread that spun before the call
       had up to a tick (4 ms) of it booked into the timed call (inside a compile, medians of 0.1-0.3 ms
-      calls read 4 ms). Other processes' load is met by
-      interleaving the variants call by call and keeping medians (:func:`choose_plan`).
+      calls read 4 ms). Other processes' load is met by interleaving the variants call by call and
+      keeping medians (:func:`choose_plan`).
     """
 
     def __init__(self, target: tvm.target.Target, k: int, n: int, seed: int = 0):

@@ -213,7 +213,9 @@ class PagedKVCache:
         self.num_blocks = int(num_blocks)
         self.dtype = dtype
         self.layer_dtypes = layer_dtypes
-        self._bytes_per_token: int | None = None
+        # Pool bytes of one token slot over all layers (``bytes_per_token``; ``stats()`` reads it every step).
+        self._bytes_per_token = sum(self.kv_planes * self.num_kv_heads * pool_row_bytes(d, self.head_dim)
+                                    for d in layer_dtypes)
         self.device = _as_device(device)
         self.sliding_window, self.sink_tokens = self._check_window(sliding_window, sink_tokens)
         self.enable_prefix_caching = bool(enable_prefix_caching)
@@ -274,10 +276,7 @@ class PagedKVCache:
     @property
     def bytes_per_token(self) -> int:
         """Pool bytes one token slot takes over all layers: ``kv_planes x kv_heads x`` row bytes per layer
-        (a latent pool: the latent row alone). Computed once (``stats()``, every step, reads it)."""
-        if self._bytes_per_token is None:
-            self._bytes_per_token = sum(self.kv_planes * self.num_kv_heads * pool_row_bytes(d, self.head_dim)
-                                        for d in self.layer_dtypes)
+        (a latent pool: the latent row alone)."""
         return self._bytes_per_token
 
     @property
