@@ -79,16 +79,19 @@ def test_decode_and_prefill_on_odd_shapes(isa, dtype, compute, rng):
 
 
 def test_tiles_follow_the_target():
-    """AVX2: 8-lane partial dot products and at most 6 score chains of two ymm each (16 registers);
-    AVX-512 keeps 16 lanes and 10 chains; NEON 4 lanes."""
+    """Decode: AVX2 8-lane partial dot products, AVX-512 16, NEON 4. Prefill: the tile's 30 query
+    vectors lie along the lanes (4 ymm, 2 zmm, 8 NEON vectors) and a QK register tile scores as many
+    keys as the registers hold with them: 2 keys on AVX2 (8 accumulators of 16 registers), 8 on
+    AVX-512 (16 of 32), 2 on NEON (16 of 32)."""
     cfg = _config((9, 3), 64, 16, "float32")  # decode: one KV head (3 query vectors) per task
     avx2, avx512 = tvm.target.Target(ISAS["avx2"][0]), tvm.target.Target(ISAS["avx512"][0])
     for target, lanes in ((avx2, 8), (avx512, 16), (AARCH64, 4)):
         script = tir_kernels.paged_decode_attention(cfg, target).script()
         assert f"part = T.alloc_local((3, 16, {lanes}))" in script  # partial sums per key: one vector
-    for target, chains in ((avx2, 6), (avx512, 10), (AARCH64, 6)):
+    for target, lanes, chains in ((avx2, 8, 8), (avx512, 16, 16), (AARCH64, 4, 16)):
         script = tir_kernels.paged_prefill_attention(cfg, target).script()
-        assert f'sacc = T.alloc_local(({chains},), "float32x16")' in script
+        assert f'sacc = T.alloc_local(({chains},), "float32x{lanes}")' in script
+        assert "qt = T.alloc_local((64, 32))" in script  # 10 rows x 3 heads, padded to whole vectors
     assert paged_attention._vector_lanes(24, 16) == 8 and paged_attention._vector_lanes(64, 4) == 4
 
 

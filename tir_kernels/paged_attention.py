@@ -13,10 +13,10 @@ Semantics (shared by every form and target):
 
 Work split (prefill): a task of the parallel loop is a *tile* of consecutive query rows of one
 sequence times one KV head; its query vectors are ``rows x group_size`` (the query heads that
-share the KV head). Per chunk of ``KV_CHUNK`` positions the task transposes K into fp32
-``[head_dim, KV_CHUNK]`` once and computes every score with broadcast FMAs along the chunk
-(no horizontal sums), then accumulates V rows along head_dim. Each K/V row is thus read once
-per tile. Decode: a task is one query row times :func:`decode_heads_per_task` KV heads, reading
+share the KV head). The query vectors lie along the vector lanes (the query is transposed once
+per tile); per chunk of ``KV_CHUNK`` positions each key's scores are broadcasts of its K elements
+times the transposed query, straight from the pool, the online softmax runs down the lanes, and V
+rows accumulate along head_dim. Each K/V row is thus read once per tile. Decode: a task is one query row times :func:`decode_heads_per_task` KV heads, reading
 K/V rows straight from the pool (see :func:`_decode_body`). Only slots below ``seq_len`` are
 ever read: unused slots may hold anything.
 """
@@ -371,129 +371,140 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
     return body
 
 
+def _qk_keys(vectors: int, registers: int) -> int:
+    """Keys whose scores one QK register tile computes: ``keys x vectors`` accumulators, the
+    ``vectors`` query vectors of one ``d`` and a broadcast key element in the target's registers."""
+    return next((u for u in (8, 4, 2) if KV_CHUNK % u == 0 and u * vectors + vectors + 1 <= registers), 1)
+
+
 def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int = DEFAULT_REGISTERS):
     """The T.macro attending rows ``[row0, row0 + nrows)`` of sequence ``b`` with KV head ``hk``.
 
-    Compute-bound: K of a chunk is transposed once into fp32 ``[head_dim, KV_CHUNK]``; each
-    query vector's scores are a vector accumulator of broadcast FMAs (``UNROLL`` vectors at a
-    time to hide FMA latency); masks and exp run along the chunk; V rows accumulate along
+    Compute-bound. The tile's query vectors (rows x group heads) lie along the vector lanes: the
+    query is transposed once per tile into ``qT [head_dim, vectors]``, and a chunk's scores are
+    ``sc [KV_CHUNK, vectors]``, each key's row a broadcast of its K elements times ``qT`` (FMAs on
+    ``UK`` keys x the lanes' vectors at a time, K read straight from the pool: no per-chunk
+    transpose). The online softmax then runs down the lanes (running max, denominators and
+    masks per query vector are vectors; no horizontal reductions), and V rows accumulate along
     head_dim into every query vector of the tile.
     """
     lay = cfg.layout
-    G, D, BS, CH = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK
+    G, D, BS, CH, L = cfg.group_size, lay.head_dim, lay.block_size, KV_CHUNK, lanes
     NV = rows_per_tile(cfg) * G
-    per_vector = max(1, CH // lanes)  # registers one CH-lane score vector takes on this target
-    fit = (registers - 1 - per_vector) // per_vector  # chains + the K row vector + the broadcast query
-    # independent FMA chains (latency x 2 pipes), as many as the target's registers hold
-    U = next(u for u in (10, 8, 7, 6, 5, 4, 3, 2, 1) if NV % u == 0 and u <= max(1, fit))
+    VW = -(-NV // L)  # vectors of query-vector lanes
+    NVP = VW * L
+    UK = _qk_keys(VW, registers)
     causal, W, S, scale = cfg.causal, cfg.sliding_window, cfg.sink_tokens, float(cfg.scale)
     dt, quant = lay.dtype, lay.quantized
     ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
+    MODS = quant or bool(cfg.logit_softcap or ALIBI)  # scores change after the QK products
     VP, DV = (0, cfg.latent_v_dim) if lay.latent else (1, D)  # the plane V is read from, and its columns
 
     @T.macro
     def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, cache_b, block_table, b, hk):
-        slope = T.alloc_buffer((G,), "float32", scope="local")  # ALiBi slope / sink logit per group head
-        sink = T.alloc_buffer((G,), "float32", scope="local")
-        for g in range(G):
-            slope[g] = head_value(cfg.alibi_slopes, hk * G + g) if ALIBI else T.float32(0)
-            sink[g] = head_value(cfg.sink_logits, hk * G + g) if SINKS else T.float32(0)
-        qf = T.alloc_buffer((NV, D), "float32", scope="local")
+        slope = T.alloc_buffer((NVP,), "float32", scope="local")  # ALiBi slope per query vector
+        sink = T.alloc_buffer((G,), "float32", scope="local")  # sink logit per group head
+        qt = T.alloc_buffer((D, NVP), "float32", scope="local")
         acc = T.alloc_buffer((NV, D), "float32", scope="local")
-        kt = T.alloc_buffer((D, CH), "float32", scope="local")
-        prob = T.alloc_buffer((NV, CH), "float32", scope="local")
-        sacc = T.alloc_buffer((U,), f"float32x{CH}", scope="local")
-        mx = T.alloc_buffer((NV,), "float32", scope="local")
-        den = T.alloc_buffer((NV, CH), "float32", scope="local")  # per-lane partial sums of the softmax denominators
-        total = T.alloc_buffer((NV,), "float32", scope="local")
+        sc = T.alloc_buffer((CH, NVP), "float32", scope="local")  # a chunk's scores, then probabilities
+        sacc = T.alloc_buffer((UK * VW,), f"float32x{L}", scope="local")
+        mx = T.alloc_buffer((NVP,), "float32", scope="local")
+        den = T.alloc_buffer((NVP,), "float32", scope="local")
+        fix = T.alloc_buffer((NVP,), "float32", scope="local")
+        top = T.alloc_buffer((NVP,), "float32", scope="local")
+        vpos = T.alloc_buffer((NVP,), "int32", scope="local")  # query position per vector (-1: padding)
         blk = T.alloc_buffer((CH,), "int64", scope="local")
         off = T.alloc_buffer((CH,), "int64", scope="local")
-        kpos = T.alloc_buffer((CH,), "int64", scope="local")
-        vsc = T.alloc_buffer((CH,), "float32", scope="local")  # V row scales (quantized pools only)
+        kpos = T.alloc_buffer((CH,), "int32", scope="local")  # key position (-1: past the visible range)
+        ksc = T.alloc_buffer((CH,), "float32", scope="local")  # K / V row scales (quantized pools only)
+        vsc = T.alloc_buffer((CH,), "float32", scope="local")
         nv: T.int64 = nrows * G
-        for r in range(nrows):
-            for g in range(G):
-                for d in T.vectorized(D):
-                    qf[r * G + g, d] = T.Cast("float32", q_rows[row0 + r, hk * G + g, d]) * T.float32(scale)
-        for v in range(nv, (nv + U - 1) // U * U):  # padding vectors of the last unrolled group
-            for d in T.vectorized(D):
-                qf[v, d] = T.float32(0)
+        for g in range(G):
+            sink[g] = head_value(cfg.sink_logits, hk * G + g) if SINKS else T.float32(0)
+        for v in range(T.int64(NVP)):
+            slope[v] = head_value(cfg.alibi_slopes, hk * G + v % G) if ALIBI else T.float32(0)
+            vpos[v] = T.if_then_else(v < nv, T.Cast("int32", pos0 + v // G), T.int32(-1))
+            mx[v] = T.float32(_NEG_INF)
+            den[v] = T.float32(0)
+        for d in range(D):
+            for v in range(T.int64(NVP)):
+                qt[d, v] = T.if_then_else(
+                    v < nv, T.Cast("float32", q_rows[row0 + v // G, hk * G + v % G, d]) * T.float32(scale), T.float32(0)
+                )
         for v in range(nv):
             for d in T.vectorized(D):
                 acc[v, d] = T.float32(0)
-            mx[v] = T.float32(_NEG_INF)
-            for i in T.vectorized(CH):
-                den[v, i] = T.float32(0)
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos0, pos0 + nrows - 1, seq_len)
         for c in range((n_vis + CH - 1) // CH):
             cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
-            for i in range(T.int64(CH)):
-                t: T.int64 = c * CH + i
-                kpos[i] = T.if_then_else(i < cnt, T.if_then_else(t < n_sink, t, lo + t - n_sink), T.int64(-1))
-            for i in range(cnt):
-                blk[i] = T.Cast("int64", block_table[b, kpos[i] // BS])
-                off[i] = kpos[i] % BS
+            for i in range(T.int64(CH)):  # keys past cnt read key 0's row (defined) and are masked
+                t: T.int64 = c * CH + T.if_then_else(i < cnt, i, T.int64(0))
+                p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+                kpos[i] = T.if_then_else(i < cnt, T.Cast("int32", p), T.int32(-1))
+                blk[i] = T.Cast("int64", block_table[b, p // BS])
+                off[i] = p % BS
                 if quant:
-                    ks: T.float32 = row_scale(cache_b, blk[i], 0, hk, off[i], D)
+                    ksc[i] = row_scale(cache_b, blk[i], 0, hk, off[i], D)
                     vsc[i] = row_scale(cache_b, blk[i], 1, hk, off[i], D)
-                    for d in range(D):
-                        kt[d, i] = element(dt, cache, cache_b, blk[i], 0, hk, off[i], d) * ks
-                else:
-                    for d in range(D):
-                        kt[d, i] = T.Cast("float32", cache[blk[i], 0, hk, off[i], d])
-            for i in range(cnt, T.int64(CH)):
+            for ig in range((cnt + UK - 1) // UK):
+                for u in T.unroll(UK * VW):
+                    sacc[u] = T.Broadcast(T.float32(0), L)
                 for d in range(D):
-                    kt[d, i] = T.float32(0)
-            for vu in range((nv + U - 1) // U):
-                for u in T.unroll(U):
-                    sacc[u] = T.Broadcast(T.float32(0), CH)
-                for d in range(D):
-                    for u in T.unroll(U):
-                        sacc[u] = sacc[u] + T.Broadcast(qf[vu * U + u, d], CH) * kt[d, T.Ramp(0, 1, CH)]
-                for u in T.unroll(U):
-                    prob[vu * U + u, T.Ramp(0, 1, CH)] = sacc[u]
-            for v in range(nv):
-                pos: T.int64 = pos0 + v // G
-                for i in T.vectorized(CH):  # Select, not if_then_else: a lane-wise condition in
-                    prob[v, i] = T.Select(  # if_then_else makes TVM scalarize the loop into branches
-                        kpos[i] >= 0
-                        and (not causal or kpos[i] <= pos)
-                        and (W == 0 or kpos[i] > pos - W or kpos[i] < S),
-                        modify_score(cfg, prob[v, i], slope[v % G], kpos[i], pos),
-                        T.float32(_NEG_INF),
-                    )
-                top: T.float32 = lanes_max(prob[v, T.Ramp(0, 1, CH)], CH)  # the chunk's max, in registers
-                if top > mx[v]:  # the running max grew: rescale (rare once a long context is under way)
-                    fix: T.float32 = exp_nonpositive(mx[v] - top)
-                    mx[v] = top
+                    for uk in T.unroll(UK):
+                        for w in T.unroll(VW):
+                            sacc[uk * VW + w] = sacc[uk * VW + w] + T.Broadcast(
+                                element(dt, cache, cache_b, blk[ig * UK + uk], 0, hk, off[ig * UK + uk], d), L
+                            ) * qt[d, T.Ramp(w * L, 1, L)]
+                for uk in T.unroll(UK):
+                    for w in T.unroll(VW):
+                        sc[ig * UK + uk, T.Ramp(w * L, 1, L)] = sacc[uk * VW + w]
+            if W == 0 and cnt == CH and (not causal or T.Cast("int64", kpos[CH - 1]) <= pos0):
+                if MODS:  # every row sees every key of the chunk: no masks
+                    for i in range(T.int64(CH)):
+                        for v in T.vectorized(NVP):
+                            sc[i, v] = modify_score(cfg, sc[i, v] * (ksc[i] if quant else T.float32(1)), slope[v], kpos[i], vpos[v])
+            else:
+                for i in range(cnt):
+                    for v in T.vectorized(NVP):  # Select, not if_then_else: a lane-wise condition in
+                        sc[i, v] = T.Select(  # if_then_else makes TVM scalarize the loop into branches
+                            (not causal or vpos[v] >= kpos[i]) and (W == 0 or vpos[v] - W < kpos[i] or kpos[i] < S),
+                            modify_score(cfg, sc[i, v] * (ksc[i] if quant else T.float32(1)), slope[v], kpos[i], vpos[v]),
+                            T.float32(_NEG_INF),
+                        )
+                for i in range(cnt, T.int64(CH)):  # keys past the visible range
+                    for v in T.vectorized(NVP):
+                        sc[i, v] = T.float32(_NEG_INF)
+            for v in T.vectorized(NVP):  # the chunk's max per query vector, then the running max
+                top[v] = mx[v]
+            for i in range(T.int64(CH)):
+                for v in T.vectorized(NVP):
+                    top[v] = T.max(top[v], sc[i, v])
+            for v in T.vectorized(NVP):
+                fix[v] = exp_nonpositive(mx[v] - top[v])
+                mx[v] = top[v]
+                den[v] = den[v] * fix[v]
+            for i in range(T.int64(CH)):  # masked keys (a row may see none of the chunk yet) weigh 0
+                for v in T.vectorized(NVP):
+                    sc[i, v] = T.Select(sc[i, v] > T.float32(_NEG_INF), exp_nonpositive(sc[i, v] - mx[v]), T.float32(0))
+                    den[v] = den[v] + sc[i, v]
+            for v in range(nv):  # the running max grew: rescale (rare once a long context is under way)
+                if fix[v] < T.float32(1):
                     for d in T.vectorized(D):
-                        acc[v, d] = acc[v, d] * fix
-                    for i in T.vectorized(CH):
-                        den[v, i] = den[v, i] * fix
-                for i in T.vectorized(CH):  # masked keys (a row may see none of the chunk yet) weigh 0
-                    prob[v, i] = T.Select(prob[v, i] > T.float32(_NEG_INF), exp_nonpositive(prob[v, i] - mx[v]), T.float32(0))
-                    den[v, i] = den[v, i] + prob[v, i]
+                        acc[v, d] = acc[v, d] * fix[v]
             if quant:
-                for v in range(nv):
-                    for i in range(cnt):
-                        prob[v, i] = prob[v, i] * vsc[i]
+                for i in range(cnt):
+                    for v in T.vectorized(NVP):
+                        sc[i, v] = sc[i, v] * vsc[i]
             for v in range(nv):
                 for i in range(cnt):
                     for d in T.vectorized(DV):
-                        acc[v, d] = acc[v, d] + prob[v, i] * element(dt, cache, cache_b, blk[i], VP, hk, off[i], d)
+                        acc[v, d] = acc[v, d] + sc[i, v] * element(dt, cache, cache_b, blk[i], VP, hk, off[i], d)
         for v in range(nv):
-            total[v] = T.float32(0)
-            for i in range(CH):
-                total[v] = total[v] + den[v, i]
-            if SINKS:
-                total[v] = total[v] + sink_weight(sink[v % G], mx[v])
-        for r in range(nrows):
-            for g in range(G):
-                for d in T.vectorized(D):
-                    out_rows[row0 + r, hk * G + g, d] = T.Cast(
-                        out_rows.dtype,
-                        T.if_then_else(total[r * G + g] > T.float32(0), acc[r * G + g, d] / total[r * G + g], T.float32(0)),
-                    )
+            total: T.float32 = den[v] + (sink_weight(sink[v % G], mx[v]) if SINKS else T.float32(0))
+            for d in T.vectorized(D):
+                out_rows[row0 + v // G, hk * G + v % G, d] = T.Cast(
+                    out_rows.dtype, T.if_then_else(total > T.float32(0), acc[v, d] / total, T.float32(0))
+                )
 
     return body
 
