@@ -333,8 +333,9 @@ class DensePlans:
         return plan
 
     def measured_plan(self, k: int, n: int) -> DensePlan:
-        """The host's plan of a ``K x N`` product: this process's (``_measured``), else the plan
-        store's (``None`` when ``LLMIR_TVM_DENSE_PLANS=off``), else measured now and stored in both."""
+        """The host's plan of a ``K x N`` product: the one this process measured or loaded
+        (``_measured``), else the plan store's (:attr:`store`; None with ``LLMIR_TVM_DENSE_PLANS=off``),
+        else one measured now (:func:`host_plans`), kept in both."""
         key = (str(self.target), k, n)
         if key not in _measured:
             plan = self.store.get(*key) if self.store is not None else None
