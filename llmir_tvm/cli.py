@@ -4,7 +4,8 @@
 ``scripts/generate.py`` (``llmir_tvm.cli_compile``, ``llmir_tvm.cli_generate``); ``serve`` hands
 its arguments to ``llmir_tvm.serve.cli.main``, ``bench`` to the benchmarks' ``bench.cli.main``
 (``scripts/benchmark.py``, in a source checkout); ``cache list`` / ``cache clear`` manage the
-compiled-model cache (``llmir_tvm.compile_cache``). ``-v`` (before or after the command) or
+compiled-model cache (``llmir_tvm.compile_cache``) and the measured dense plans
+(``llmir_tvm.dense_plan_store``). ``-v`` (before or after the command) or
 ``LLMIR_TVM_LOG=debug`` shows every log line, warning and third-party progress bar.
 """
 
@@ -30,9 +31,12 @@ DELEGATED = {
 def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     actions.add_parser("list", help="the cached compiled models with their sizes",
-                       description="List the compiled models in $LLMIR_TVM_CACHE/compiled, newest first.")
-    actions.add_parser("clear", help="remove every cached compiled model",
-                       description="Remove every compiled model (and leftover temporary folders) from the cache.")
+                       description="List the compiled models in $LLMIR_TVM_CACHE/compiled, newest first, and "
+                                   "count the measured dense plans.")
+    actions.add_parser("clear", help="remove every cached compiled model and the measured dense plans",
+                       description="Remove every compiled model (and leftover temporary folders) from the cache, "
+                                   "and the store of measured dense plans ($LLMIR_TVM_CACHE/dense_plans.json or "
+                                   "$LLMIR_TVM_DENSE_PLANS), so the next compile measures them again.")
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show debug logs")
 
 
@@ -45,14 +49,20 @@ def _size(num_bytes: int) -> str:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    """``llmir-tvm cache list`` (a table of entries with sizes) and ``cache clear``."""
-    from . import compile_cache
+    """``llmir-tvm cache list`` (a table of entries with sizes, and the number of measured dense
+    plans) and ``cache clear`` (both, with the dense plan store)."""
+    from . import compile_cache, dense_plan_store
 
     root = compile_cache.cache_root()
+    plans = dense_plan_store.store_path()
     if args.cache_command == "clear":
         removed, freed = compile_cache.clear(root)
         print(f"removed {removed} compiled model(s), {_size(freed)}, from {root}")
+        if plans is not None and dense_plan_store.clear(plans):
+            print(f"removed the measured dense plans, {plans}")
         return 0
+    if plans is not None and plans.exists():
+        print(f"{len(dense_plan_store.PlanStore(plans).entries())} measured dense plan(s) in {plans}")
     entries = compile_cache.list_entries(root)
     if not entries:
         print(f"no compiled models in {root}")
@@ -85,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_generate.add_arguments(chat, chat=True)
     for name, text in DELEGATED.items():
         commands.add_parser(name, help=text, add_help=False)
-    cache = commands.add_parser("cache", help="list or clear the compiled-model cache",
+    cache = commands.add_parser("cache", help="list or clear the compiled-model cache and the measured dense plans",
                                 description="The compiled-model cache: $LLMIR_TVM_CACHE/compiled (default "
-                                            "~/.cache/llmir-tvm/compiled).")
+                                            "~/.cache/llmir-tvm/compiled), and the dense plans compiles "
+                                            "measured on this host ($LLMIR_TVM_CACHE/dense_plans.json).")
     _cache_arguments(cache)
     return parser
 

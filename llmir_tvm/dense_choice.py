@@ -6,7 +6,9 @@ machine is wrong on the next (AVX-512 tiles spill on AVX2). So ``llmir_tvm.compi
 candidates for each layer shape ``(K, N)`` at a few row counts (:data:`ROW_BUCKETS`), two to five
 seconds per shape (SmolLM2-135M's five: about 15 s on 2 cores), and compiles a :class:`~llmir_tvm.tir_kernels.dense.DensePlan`
 that switches variant by row count. The plans are recorded in the compiled model
-(``ModelInfo.dense_plans``) and can be passed back to ``compile(cpu_dense=...)`` to skip timing.
+(``ModelInfo.dense_plans``) and can be passed back to ``compile(cpu_dense=...)`` to skip timing;
+measured plans are also kept on disk (:mod:`llmir_tvm.dense_plan_store`), so a later compile on
+the same host, target and kernel sources reuses them.
 
 :func:`choose_plan` is the decision, independent of any clock (tests give it a fake timer);
 :class:`HostTimer` times real kernels; :func:`host_plans` wires them together.
@@ -24,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tvm
 
+from .dense_plan_store import PlanStore
 from .target import cpu_features, resolve_target, vector_shape
 from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
 from .tir_kernels.dense_packed import PackedTiles, pack_weight, packed_candidates
@@ -296,7 +299,8 @@ class DensePlans:
     """The dense plans of one compile, by ``(K, N)``: ``DenseToTIR``'s ``plans`` callable.
 
     ``mode`` ``"auto"``: timed on the host (:func:`host_plans`; once per process per target and
-    shape; layers under :data:`MIN_MEASURED_WEIGHTS` get the unpacked tiles); ``"tir"``: the target's packed tiling; a dict ``{"KxN": [[min_rows, variant], ...]}``
+    shape, and kept in the plan store for later processes, :meth:`measured_plan`; layers under
+    :data:`MIN_MEASURED_WEIGHTS` get the unpacked tiles); ``"tir"``: the target's packed tiling; a dict ``{"KxN": [[min_rows, variant], ...]}``
     (``ModelInfo.dense_plans`` of a compiled model): those plans, unmeasured. :attr:`chosen`
     records every plan handed out, for ``ModelInfo.dense_plans``.
     """
@@ -313,22 +317,34 @@ class DensePlans:
             raise ValueError(f"cpu_dense must be one of {CPU_DENSE} or a dict of saved dense plans, got {mode!r}")
         self.mode, self.target = mode, target
         self.measure = mode == "auto" and runs_on_host(target)
+        self.store = PlanStore.from_env() if self.measure else None
         self.chosen: dict[tuple[int, int], DensePlan] = {}
 
     def __call__(self, k: int, n: int) -> DensePlan:
         if (k, n) in self.saved:
             plan = self.saved[(k, n)]
         elif self.measure and k * n >= MIN_MEASURED_WEIGHTS:
-            key = (str(self.target), k, n)
-            if key not in _measured:
-                _measured.update({(key[0], *shape): p for shape, p in host_plans(self.target, [(k, n)]).items()})
-            plan = _measured[key]
+            plan = self.measured_plan(k, n)
         elif self.measure:  # too small to time: the quickest to compile of the target's tilings
             plan = DensePlan.tiles_only(host_variants(self.target, 1)[1])
         else:
             plan = DensePlan.tiles_only(host_variants(self.target, 1)[0])
         self.chosen[(k, n)] = plan
         return plan
+
+    def measured_plan(self, k: int, n: int) -> DensePlan:
+        """The host's plan of a ``K x N`` product: the one this process measured or loaded
+        (``_measured``), else the plan store's (:attr:`store`; None with ``LLMIR_TVM_DENSE_PLANS=off``),
+        else one measured now (:func:`host_plans`), kept in both."""
+        key = (str(self.target), k, n)
+        if key not in _measured:
+            plan = self.store.get(*key) if self.store is not None else None
+            if plan is None:
+                plan = host_plans(self.target, [(k, n)])[(k, n)]
+                if self.store is not None:
+                    self.store.put(*key, plan)
+            _measured[key] = plan
+        return _measured[key]
 
     def to_json(self) -> dict:
         """``{"KxN": plan.to_json()}`` of every plan handed out."""

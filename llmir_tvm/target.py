@@ -8,7 +8,10 @@ so host-tuned code accepts any array (no 64-byte alignment is assumed).
 
 from __future__ import annotations
 
+import functools
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from tvm.target import Target, codegen
 from tvm.target.codegen import llvm_get_system_cpu
@@ -65,6 +68,26 @@ def vector_shape(target: Target | str | dict | None = None) -> VectorShape:
     if "neon" in features or "sve" in features:
         return NEON
     return SSE
+
+
+@functools.cache
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
+    """This machine's CPU: (model name, feature flags) from ``/proc/cpuinfo`` (the platform's
+    processor name and no flags where that file does not exist). The same reading as the
+    benchmarks' machine stamp (``bench/machine.py``, which stays free of TVM imports)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), frozenset()
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+    return model or platform.machine(), flags
 
 
 def _as_target(target: Target | str | dict | None) -> Target:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +15,20 @@ import pytest
 # fill the user's ~/.cache: every compile in the tests (and in the scripts they start) builds.
 # tests/test_compile_cache.py turns the cache on against a temporary LLMIR_TVM_CACHE.
 os.environ["LLMIR_TVM_NO_CACHE"] = "1"
+
+# The dense plans that compile(cpu_dense="auto") measures (~3 s a layer shape) are kept for the
+# session in a store of its own (llmir_tvm.dense_plan_store), not the user's: the pytest-xdist
+# workers and the scripts the tests start inherit the controller's LLMIR_TVM_DENSE_PLANS, set here
+# before it starts them, and share its measurements. A worker whose controller did not import this
+# file takes a folder named by the run's id, the same for every worker of the run.
+if "LLMIR_TVM_DENSE_PLANS" not in os.environ:
+    _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if _RUN:
+        _PLANS = Path(tempfile.gettempdir()) / f"llmir-tvm-test-plans-{_RUN}"
+    else:
+        _PLANS = Path(tempfile.mkdtemp(prefix="llmir-tvm-test-plans-"))
+        atexit.register(shutil.rmtree, _PLANS, True)
+    os.environ["LLMIR_TVM_DENSE_PLANS"] = str(_PLANS / "dense_plans.json")
 
 # Under pytest-xdist (the test command's ``-n auto``) the workers share the cores: each gets its
 # share of threads for TVM's pool, BLAS and torch (set before any of them starts), so that no

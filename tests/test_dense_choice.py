@@ -25,6 +25,13 @@ P, P4 = PackedTiles(8, 6, 2), PackedTiles(8, 2, 4)
 COST = {A: lambda r: 1.0 * r, B: lambda r: 0.8 * r + 2.0, "blas": lambda r: 0.5 * r + 10.0, P: lambda r: 1.2 * r}
 
 
+@pytest.fixture(autouse=True)
+def own_plan_store(tmp_path, monkeypatch):
+    """Each test measures against a store of its own: plans from a fake timer must not reach the
+    session's store, and a plan stored earlier must not stand in for a measurement."""
+    monkeypatch.setenv("LLMIR_TVM_DENSE_PLANS", str(tmp_path / "dense_plans.json"))
+
+
 class FakeTimer:
     """Deterministic ``measure(variant, rows)``: ``COST`` plus one huge outlier per variant and bucket."""
 
