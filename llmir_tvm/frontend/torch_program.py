@@ -32,7 +32,28 @@ def import_exported_program(program: Any, *, name: str = "exported_program", **m
     sources = _param_sources(program, detached)
     if sources is not None:
         sources += [None] * (len(weights) - len(detached))
+    mod, weights, sources = _without_unread_weights(mod, weights, sources)
     return ImportedModel(mod=mod, params=weights, name=name, param_sources=sources, **meta)
+
+
+def _without_unread_weights(mod: Any, weights: list, sources: list | None) -> tuple[Any, list, list | None]:
+    """``mod``'s ``main`` without the weight parameters it never reads, and the weights (and their
+    sources) left. A model whose embedding table is its output projection (tied weights) exports
+    the table under both names, and TVM's importer reads one of them only: the other would be
+    compiled, packed and held in memory for nothing (113 MB of SmolLM2-135M's 651)."""
+    import tvm
+    from tvm import relax
+
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    read = set(relax.analysis.free_vars(func.body))
+    keep = [i for i, param in enumerate(func.params[num_input:]) if param in read]
+    if len(keep) == len(weights):
+        return mod, weights, sources
+    params = list(func.params[:num_input]) + [func.params[num_input + i] for i in keep]
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)  # a copy: the caller's module stays whole
+    mod.update_func(mod.get_global_var("main"), relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs, func.span))
+    return mod, [weights[i] for i in keep], None if sources is None else [sources[i] for i in keep]
 
 
 def _param_sources(program: Any, detached: list) -> list[str] | None:
