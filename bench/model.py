@@ -227,9 +227,10 @@ def _llama_bench_round(args: argparse.Namespace, quantization: str | None, promp
 
 
 def token_read_bytes(params, vocab_size: int, hidden_size: int) -> int:
-    """Bytes of weights a decoded token reads: every parameter but the embedding table, of which the
-    token's gather reads one row (a float ``[vocab, hidden]`` parameter; a tied vocabulary projection
-    is a packed copy of its own, or, unpacked, the same size, so one such table is left out)."""
+    """Bytes of weights a decoded token reads: every parameter but an embedding table only gathered
+    (a float ``[vocab, hidden]`` parameter, of which the token reads one row). A tied table that is
+    also the vocabulary projection is held packed (``[vocab / P, hidden, P]``) and read whole, so it
+    counts; an untied model's projection is a parameter of its own."""
     total = sum(int(p.nbytes) for p in params)
     tables = [p for p in params if tuple(p.shape) == (vocab_size, hidden_size) and "float" in str(p.dtype)]
     return total - (int(tables[0].nbytes) if tables else 0)

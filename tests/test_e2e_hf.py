@@ -76,8 +76,8 @@ def test_windowed_models_hold_at_most_the_window_in_blocks(family):
 
 def test_default_model_first_layers_generate_like_transformers():
     """The built-in SmolLM2-135M-Instruct's real weights (embeddings, head, tokenizer and its first two
-    decoder layers: 9 query / 3 KV heads of 64, tied embeddings): batch of 3 tokenized prompts, up to
-    32 greedy tokens each, token-identical with transformers. The whole 30-layer model runs in
+    decoder layers: 9 query / 3 KV heads of 64, tied embeddings, held once as one packed table): batch
+    of 3 tokenized prompts, up to 32 greedy tokens each, token-identical with transformers. The whole 30-layer model runs in
     ``test_default_model_generates_like_transformers`` (--run-slow)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +90,11 @@ def test_default_model_first_layers_generate_like_transformers():
     # The packed dense kernels, untimed: timing the five real-size layer shapes would add ~15 s here; the
     # timed choice is covered by tests/test_dense_choice.py, a timed plan against transformers included.
     compiled = llmir_tvm.compile(hf, kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=32), cpu_dense="tir")
+    # the tied table is held once, packed: the output projection's GEMM and the gather both read it
+    tables = [tuple(p.shape) for p in compiled.params if p.size == hf.config.vocab_size * hf.config.hidden_size]
+    assert tables == [(hf.config.vocab_size // 16, hf.config.hidden_size, 16)]
+    extra = sum(p.size for p in compiled.params) - sum(p.numel() for p in hf.parameters())
+    assert 0 <= extra < hf.config.hidden_size  # only the small constants lifted from the graph (RoPE's)
     engine = llmir_tvm.Engine(compiled)
     prompts = [tokenizer(p)["input_ids"] for p in ("Once upon a time, there was a little", "The capital of France is",
                                                    "def fibonacci(n):")]

@@ -15,6 +15,7 @@ import llmir_tvm
 from llmir_tvm.passes import DenseToTIR
 from llmir_tvm.target import resolve_target, vector_shape
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, split_threads
+from llmir_tvm.tir_kernels.packed_take import packed_take
 
 KERNELS = {"llmir_dense_nt_37x53_3d": 3, "llmir_dense_nt_37x53": 2}
 
@@ -136,14 +137,17 @@ def test_bad_shapes_and_options():
 class BeforeWeights:
     @R.function
     def main(x: R.Tensor(("n", 37), "float32"), ids: R.Tensor(("n",), "int64"), w: R.Tensor((53, 37), "float32"),
-             e: R.Tensor((53, 37), "float32")):
+             e: R.Tensor((53, 37), "float32"), u: R.Tensor((53, 37), "float32"), z: R.Tensor((53, 37), "float32")):
         R.func_attr({"num_input": 2})
         with R.dataflow():
             y = R.matmul(x, R.permute_dims(w, axes=[1, 0]))  # only a Linear weight: packed
             t = R.matmul(x, R.permute_dims(e, axes=[1, 0]))  # tied: also an embedding table below
             g = R.take(e, ids, axis=0)
-            R.output(y, t, g)
-        return (y, t, g)
+            v = R.matmul(x, R.permute_dims(u, axes=[1, 0]))  # also used otherwise: stays [N, K]
+            s = R.add(u, u)
+            h = R.take(z, ids, axis=0)  # only gathered (an untied embedding): stays [N, K]
+            R.output(y, t, g, v, s, h)
+        return (y, t, g, v, s, h)
 
 
 @I.ir_module
@@ -153,21 +157,28 @@ class ExpectedWeights:
         T.evaluate(0)  # stand-in body: swapped for the generated kernel
 
     @T.prim_func
+    def llmir_packed_take_37x53_p16_1d_int64(w_h: T.handle, ids_h: T.handle, out_h: T.handle):
+        T.evaluate(0)  # stand-in body: swapped for the generated kernel
+
+    @T.prim_func
     def llmir_dense_nt_37x53(x_h: T.handle, w_h: T.handle, out_h: T.handle):
         T.evaluate(0)  # stand-in body: swapped for the generated kernel
 
     @R.function
     def main(x: R.Tensor(("n", 37), "float32"), ids: R.Tensor(("n",), "int64"), w: R.Tensor((4, 37, 16), "float32"),
-             e: R.Tensor((53, 37), "float32")):
+             e: R.Tensor((4, 37, 16), "float32"), u: R.Tensor((53, 37), "float32"), z: R.Tensor((53, 37), "float32")):
         R.func_attr({"num_input": 2})
         n = T.int64()
         cls = ExpectedWeights
         with R.dataflow():
             y = R.call_tir(cls.llmir_dense_nt_37x53_packed, (x, w), out_ty=R.Tensor((n, 53), "float32"))
-            t = R.call_tir(cls.llmir_dense_nt_37x53, (x, e), out_ty=R.Tensor((n, 53), "float32"))
-            g = R.take(e, ids, axis=0)
-            R.output(y, t, g)
-        return (y, t, g)
+            t = R.call_tir(cls.llmir_dense_nt_37x53_packed, (x, e), out_ty=R.Tensor((n, 53), "float32"))
+            g = R.call_tir(cls.llmir_packed_take_37x53_p16_1d_int64, (e, ids), out_ty=R.Tensor((n, 37), "float32"))
+            v = R.call_tir(cls.llmir_dense_nt_37x53, (x, u), out_ty=R.Tensor((n, 53), "float32"))
+            s = R.add(u, u)
+            h = R.take(z, ids, axis=0)
+            R.output(y, t, g, v, s, h)
+        return (y, t, g, v, s, h)
 
 
 AVX2 = {"kind": "llvm", "mcpu": "haswell"}
@@ -175,33 +186,39 @@ AVX2 = {"kind": "llvm", "mcpu": "haswell"}
 
 def test_weights_packed_unless_used_otherwise():
     """AVX2: a weight used only by Linear layers becomes a packed [4, 37, 16] parameter (6 x 16
-    tiles) and the module records it; a tied weight (also gathered) keeps [N, K] and 2 x 4 tiles."""
+    tiles) and the module records it; so does a tied weight, whose row gather reads the packed
+    tensor (``llmir_packed_take``); a weight used otherwise keeps [N, K] and 2 x 4 tiles, and a
+    table only gathered is left alone."""
     from llmir_tvm.passes.dense_tir import PACKED_WEIGHTS_ATTR, packed_weights
     from llmir_tvm.tir_kernels.dense_packed import PackedTiles
 
     avx2 = AVX2
     got = DenseToTIR(target=avx2)(BeforeWeights)
-    assert packed_weights(got) == {"0": 16}
-    expected = tvm.IRModule(dict(ExpectedWeights.functions_items())).with_attr(PACKED_WEIGHTS_ATTR, {"0": 16})
+    assert packed_weights(got) == {"0": 16, "1": 16}
+    expected = tvm.IRModule(dict(ExpectedWeights.functions_items())).with_attr(PACKED_WEIGHTS_ATTR, {"0": 16, "1": 16})
     for name, plan in (("llmir_dense_nt_37x53_packed", PackedTiles(8, 6, 2)), ("llmir_dense_nt_37x53", DenseTiles(8, 2, 4, 8))):
         expected.update_func(expected.get_global_var(name), dense_nt(37, 53, 2, plan, split_threads("avx2")).with_attr("global_symbol", name))
+    take = "llmir_packed_take_37x53_p16_1d_int64"
+    expected.update_func(expected.get_global_var(take), packed_take(37, 53, 16, 1, "int64").with_attr("global_symbol", take))
     tvm.ir.assert_structural_equal(got, expected)
     assert packed_weights(DenseToTIR(target=avx2, pack_weights=False)(BeforeWeights)) == {}
 
 
 @pytest.mark.slow
 def test_packed_weights_numerics(rng):
-    """The rewritten function, compiled and given the packed weight, matches numpy (and the tied
-    weight's products and gather too)."""
+    """The rewritten function, compiled and given the packed weights, matches numpy: products on
+    packed, tied and unpacked weights, and the tied table's gather from its packed tensor."""
     from llmir_tvm.passes.dense_tir import PACKED_WEIGHTS_ATTR
     from llmir_tvm.tir_kernels.dense_packed import pack_weight
 
     got = DenseToTIR(target=AVX2)(BeforeWeights)
     x = rng.standard_normal((17, 37)).astype("float32")
-    w, e = (rng.standard_normal((53, 37)).astype("float32") for _ in range(2))
+    w, e, u, z = (rng.standard_normal((53, 37)).astype("float32") for _ in range(4))
     ids = np.array([3, 52] * 8 + [0], "int64")
     vm = relax.VirtualMachine(tvm.compile(got.without_attr(PACKED_WEIGHTS_ATTR), target=tvm.target.Target(AVX2)), tvm.cpu())
-    y, t, g = vm["main"](*[tvm.runtime.tensor(a) for a in (x, ids, pack_weight(w, 16), e)])
-    tvm.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
-    tvm.testing.assert_allclose(t.numpy(), x.astype(np.float64) @ e.T.astype(np.float64), rtol=1e-5, atol=1e-4)
-    tvm.testing.assert_allclose(g.numpy(), e[ids])
+    y, t, g, v, s, h = vm["main"](*[tvm.runtime.tensor(a) for a in (x, ids, pack_weight(w, 16), pack_weight(e, 16), u, z)])
+    for out, weight in ((y, w), (t, e), (v, u)):
+        tvm.testing.assert_allclose(out.numpy(), x.astype(np.float64) @ weight.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(g.numpy(), e[ids])
+    np.testing.assert_array_equal(s.numpy(), u + u)
+    np.testing.assert_array_equal(h.numpy(), z[ids])
