@@ -76,10 +76,13 @@ class _PrefillLogits(PyExprMutator):
         num = self.positions.ty.shape[0]
         if self.head is not None:
             hidden = self.visit_expr(self.head.args[0])
-            rows = bb.emit(relax.op.take(hidden, self.positions, axis=_token_axis(hidden)))
-            logits = bb.emit(relax.op.matmul(rows, self.visit_expr(self.head.args[1]), out_dtype=self.head.attrs.out_dtype))
-            vocab = logits.ty.shape[-1]
-            new = relax.op.reshape(logits, [1, num, vocab])
+            # rows [1, num, hidden] straight from the take (positions as [1, num] on [tokens, hidden]
+            # states), so the head writes the returned [1, num, vocab] itself: reshaping its output
+            # into the returned shape would be a copy (100 MB for 512 rows of a 49152-word vocabulary)
+            token_axis = _token_axis(hidden)
+            index = self.positions if token_axis == 1 else bb.emit(relax.op.reshape(self.positions, [1, num]))
+            rows = bb.emit(relax.op.take(hidden, index, axis=token_axis))
+            new = relax.op.matmul(rows, self.visit_expr(self.head.args[1]), out_dtype=self.head.attrs.out_dtype)
         else:  # unknown head: compute all rows, then select
             full = self.visit_expr(binding.value)
             new = relax.op.take(full, self.positions, axis=1)

@@ -56,9 +56,9 @@ class Expected:
             kv = R.llm.append_kv(kv_cache_0, q, q, slot_mapping)
             a = R.llm.paged_attention(q, kv, block_table, seq_lens, q_indptr, scale=0.25, causal=True, sliding_window=0, sink_tokens=0)
             h = R.reshape(a, R.shape([n, 16]))
-            rows = R.take(h, logit_positions, axis=0)
-            logits = R.matmul(rows, w_head)
-            out = R.reshape(logits, R.shape([1, num_logits, 10]))
+            index = R.reshape(logit_positions, R.shape([1, num_logits]))
+            rows = R.take(h, index, axis=0)
+            out = R.matmul(rows, w_head)
             R.output(out)
         return out
 
