@@ -426,11 +426,13 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
             vpos[v] = T.if_then_else(v < nv, T.Cast("int32", pos0 + v // G), T.int32(-1))
             mx[v] = T.float32(_NEG_INF)
             den[v] = T.float32(0)
-        for d in range(D):
-            for v in range(T.int64(NVP)):
-                qt[d, v] = T.if_then_else(
-                    v < nv, T.Cast("float32", q_rows[row0 + v // G, hk * G + v % G, d]) * T.float32(scale), T.float32(0)
-                )
+        for r in range(nrows):  # query vector r * G + g (row r, group head g) becomes lane column v of qt
+            for g in range(G):
+                for d in range(D):
+                    qt[d, r * G + g] = T.Cast("float32", q_rows[row0 + r, hk * G + g, d]) * T.float32(scale)
+        for v in range(nv, T.int64(NVP)):  # lanes past the tile's vectors score zeros (never used)
+            for d in range(D):
+                qt[d, v] = T.float32(0)
         for v in range(nv):
             for d in T.vectorized(D):
                 acc[v, d] = T.float32(0)
