@@ -16,6 +16,8 @@
 - :class:`LowBatchGemvSpecialize` — small-batch matmuls as GEMV kernels picked at run time (CUDA,
   ``compile(..., low_batch_gemv=True)``); :func:`gpu_build_pipeline`, the Relax build pipeline of GPU targets;
 - :class:`SimplifyPower` — ``power(x, 2)`` and friends → multiplications (exact under fast math);
+- :class:`CollapseLayoutChains` — ``permute_dims`` / ``reshape`` chains that keep the element order → one
+  ``reshape`` (run first by both build pipelines: an imported attention output's layout round trip);
 - :class:`ClipTakeIndices` — ``take`` in ``"fast"`` mode → ``"clip"`` mode (bounds-safe, no TOPI
   warning; ``llmir_tvm.compile`` runs it after the import, after every KV pass and before the build);
 - :func:`kv_pipeline` — the KV passes composed as ``llmir_tvm.compile`` runs them.
@@ -24,6 +26,7 @@
 from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .clip_take_indices import ClipTakeIndices
+from .collapse_layout_chains import CollapseLayoutChains
 from .dense_offload import OffloadDenseToBLAS
 from .dense_tir import DenseToTIR
 from .fuse_parallel_linear import FuseParallelLinear
@@ -40,6 +43,6 @@ from .pipeline import kv_pipeline
 from .quantize_weights import QuantizeWeights
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "DenseToTIR", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "CollapseLayoutChains", "DenseToTIR", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "QuantizeWeights", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

@@ -23,6 +23,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.relax.transform.fuse_transpose_matmul import FuseTransposeMatmul
 from tvm.s_tir import dlight as dl
 
+from .collapse_layout_chains import CollapseLayoutChains
 from .low_batch_gemv import DEFAULT_GPU_RULES, LowBatchGemvSpecialize
 
 
@@ -82,7 +83,7 @@ def gpu_build_pipeline(target: tvm.target.Target, low_batch_gemv: bool = False,
     @tvm.transform.module_pass(opt_level=0, name="llmir_gpu_build_pipeline")
     def _pipeline(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = FuseTransposeMatmul()(mod)
+            mod = FuseTransposeMatmul()(CollapseLayoutChains()(mod))
             if not cuda_graph:
                 return default(mod)
             mod = AnnotateDecodeGraphCapture(mod)

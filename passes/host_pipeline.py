@@ -4,7 +4,8 @@ TVM 0.27's default ``tvm.compile`` pipeline legalizes every operator into its ow
 and schedules none of them: a decoder layer runs ~20 scalar kernels plus copies per step.
 This pipeline is the same lowering with operator fusion (``FuseOps`` + ``FuseTIR``, as TVM's
 CPU backend pipeline has) and :class:`ScheduleHostOps` on the fused functions before the
-usual VM lowering; float32 ``sigmoid`` is legalized to vectorisable arithmetic.
+usual VM lowering; float32 ``sigmoid`` is legalized to vectorisable arithmetic, and layout
+round trips that move no element are collapsed first (:class:`CollapseLayoutChains`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tvm.relax import backend, transform
 from tvm.script import tirx as T
 
 from ..tir_kernels.fast_math import exp_nonpositive
+from .collapse_layout_chains import CollapseLayoutChains
 from .host_schedule import ScheduleHostOps
 
 
@@ -49,6 +51,7 @@ def host_build_pipeline() -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="llmir_host_build_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         seq = tvm.transform.Sequential([
+            CollapseLayoutChains(),  # before legalizing: the round trips' transposes would be copy kernels
             backend.DispatchSampling(),
             backend.DispatchSortScan(),
             transform.LegalizeOps({"relax.sigmoid": legalize_fast_sigmoid}),
