@@ -17,6 +17,7 @@ from tvm.script import tirx as T
 
 from ..tir_kernels.fast_math import exp_nonpositive
 from .collapse_layout_chains import CollapseLayoutChains
+from .relax_helpers import emit_like, op_name
 from .host_schedule import ScheduleHostOps
 
 
@@ -41,6 +42,50 @@ def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Exp
     return bb.call_te(topi.sigmoid, x, primfunc_name_hint="sigmoid")
 
 
+def _mean_of_squares(x: te.Tensor, axis, keepdims: bool) -> te.Tensor:
+    """``mean(x * x)`` over ``axis`` with the square inside the reduction (TOPI's sum, then the
+    division by the count, as ``relax.mean`` legalizes)."""
+    count = 1
+    for a in axis:
+        count = count * x.shape[int(a)]
+    squares = te.compute(x.shape, lambda *i: x(*i) * x(*i), name="square")
+    return topi.divide(topi.sum(squares, axis, keepdims), count)
+
+
+@relax.expr_functor.mutator
+class _MeanOfSquares(relax.expr_functor.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.values: dict = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        self.values[binding.var] = binding.value
+        call = binding.value
+        square = self.values.get(call.args[0]) if op_name(call) == "relax.mean" else None
+        if (op_name(square) == "relax.multiply" and square.args[0].same_as(square.args[1])
+                and square.ty == call.args[0].ty and call.attrs.axis is not None):
+            x = self.visit_expr(square.args[0])
+            value = self.builder_.call_te(_mean_of_squares, x, [int(a) for a in call.attrs.axis],
+                                          bool(call.attrs.keepdims), primfunc_name_hint="mean_square")
+            self.set_var_remap(binding.var, emit_like(self.builder_, value, binding.var))
+            return
+        super().visit_var_binding_(binding)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseMeanOfSquares")
+def fuse_mean_of_squares(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``mean(multiply(x, x))`` (an RMS norm's variance) → one function reading ``x``, which ``FuseOps``
+    then fuses with the norm's epilogue into one kernel: TVM's ``FuseOps`` does not fuse a producer
+    into a reduction, so the square was a kernel of its own, a pass over the activations before
+    every norm (61 a step of SmolLM2-135M). The square becomes dead and goes."""
+    mutator = _MeanOfSquares(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.values = {}
+            mutator.builder_.update_func(gv, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
+    return mutator.builder_.get()
+
+
 def host_build_pipeline() -> tvm.transform.Pass:
     """Legalize, fuse, schedule (:class:`ScheduleHostOps`) and lower a Relax module for the CPU VM.
 
@@ -54,6 +99,7 @@ def host_build_pipeline() -> tvm.transform.Pass:
             CollapseLayoutChains(),  # before legalizing: the round trips' transposes would be copy kernels
             backend.DispatchSampling(),
             backend.DispatchSortScan(),
+            fuse_mean_of_squares,
             transform.LegalizeOps({"relax.sigmoid": legalize_fast_sigmoid}),
             transform.AnnotateTIROpPattern(),
             transform.FoldConstant(),
