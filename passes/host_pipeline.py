@@ -43,13 +43,11 @@ def legalize_fast_sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Exp
 
 
 def _mean_of_squares(x: te.Tensor, axis, keepdims: bool) -> te.Tensor:
-    """``mean(x * x)`` over ``axis`` with the square inside the reduction (TOPI's sum, then the
-    division by the count, as ``relax.mean`` legalizes)."""
-    count = 1
-    for a in axis:
-        count = count * x.shape[int(a)]
-    squares = te.compute(x.shape, lambda *i: x(*i) * x(*i), name="square")
-    return topi.divide(topi.sum(squares, axis, keepdims), count)
+    """``mean(x * x)`` over ``axis`` with the square inside the reduction: TVM's legalization of
+    ``relax.mean`` (TOPI's sum, then the division by the count) applied to the squares."""
+    from tvm.relax.transform.legalize_ops.statistical import _te_mean
+
+    return _te_mean(te.compute(x.shape, lambda *i: x(*i) * x(*i), name="square"), axis, keepdims)
 
 
 @relax.expr_functor.mutator
@@ -62,8 +60,7 @@ class _MeanOfSquares(relax.expr_functor.PyExprMutator):
         self.values[binding.var] = binding.value
         call = binding.value
         square = self.values.get(call.args[0]) if op_name(call) == "relax.mean" else None
-        if (op_name(square) == "relax.multiply" and square.args[0].same_as(square.args[1])
-                and square.ty == call.args[0].ty and call.attrs.axis is not None):
+        if op_name(square) == "relax.multiply" and square.args[0].same_as(square.args[1]) and call.attrs.axis is not None:
             x = self.visit_expr(square.args[0])
             value = self.builder_.call_te(_mean_of_squares, x, [int(a) for a in call.attrs.axis],
                                           bool(call.attrs.keepdims), primfunc_name_hint="mean_square")
