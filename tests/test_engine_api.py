@@ -150,16 +150,26 @@ def test_profile_mode_gives_the_same_tokens(engine, reference):
     assert all(s["phases"]["model"] > 0 for s in engine.step_stats)
 
 
-def test_reused_device_input_buffers_give_the_same_tokens(engine, reference):
-    """The GPU path (token/position buffers reused across steps) exercised on the CPU."""
-    engine._reuse_inputs = True
-    try:
-        results = engine.generate(PROMPTS, max_new_tokens=8)
-        assert engine._input_buffers  # the buffers were really used
-    finally:
-        engine._reuse_inputs = False
-        engine._input_buffers.clear()
-    assert [r.token_ids for r in results] == [r.token_ids[:8] for r in reference]
+def test_input_buffers_reused_or_not_give_the_same_tokens(engine, reference):
+    """Token and position inputs written into buffers reused across steps (the default; on the CPU
+    through a numpy view of the buffer, the GPU path's copy exercised by turning the view off) or
+    passed as fresh tensors every step: the same tokens."""
+    runner = engine.runner
+    assert runner.reuse_inputs and runner.on_cpu
+    results = {}
+    for mode in ("view", "copy", "fresh"):
+        runner.input_buffers.clear()
+        runner.reuse_inputs, runner.on_cpu = mode != "fresh", mode == "view"
+        try:
+            results[mode] = engine.generate(PROMPTS, max_new_tokens=8)
+            buffers = list(runner.input_buffers.values())
+            assert (not buffers) if mode == "fresh" else all((view is not None) == (mode == "view") for _, view in buffers)
+            assert mode == "fresh" or buffers  # the buffers were really used
+        finally:
+            runner.reuse_inputs, runner.on_cpu = True, True
+            runner.input_buffers.clear()
+    for mode, got in results.items():
+        assert [r.token_ids for r in got] == [r.token_ids[:8] for r in reference], mode
 
 
 def test_logits_viewed_in_host_memory_stay_valid_across_calls(engine):

@@ -60,3 +60,21 @@ def test_hybrid_stats_count_the_scale_bytes_of_quantized_rows():
     full, local = stats["blocks_used_g0"], stats["blocks_used_g1"]
     assert full == 4 and local >= 1  # 13 tokens in pages of 4; the window group holds what 8 tokens need
     assert stats["kv_bytes_used"] == (full * 1 + local * 2) * 80  # group 0 has one pool, group 1 two
+
+
+def test_cpu_step_tensors_are_rewritten_in_place_for_steps_of_the_same_shapes():
+    """On the CPU a step's tensors view a host buffer kept per combination of shapes: the next
+    step of the same shapes gets the same tensors holding its own values (valid until the next
+    begin_forward, as documented); other shapes get their own."""
+    cache = PagedKVCache(1, 1, 8, 4, 8, "float32", enable_prefix_caching=False)
+    cache.add_sequence(0)
+    seen = []
+    for _ in range(3):
+        step = cache.begin_forward([0], [1])
+        seen.append((step, step.seq_lens.numpy().tolist(), step.slot_mapping.numpy().tolist()))
+        cache.end_forward()
+    assert seen[1][0].seq_lens is seen[0][0].seq_lens and seen[2][0].slot_mapping is seen[0][0].slot_mapping
+    assert [s[1] for s in seen] == [[1], [2], [3]] and [s[2] for s in seen] == [[0], [1], [2]]
+    longer = cache.begin_forward([0], [3])  # another slot count: a buffer of its own
+    assert longer.slot_mapping is not seen[0][0].slot_mapping and longer.seq_lens.numpy().tolist() == [6]
+    cache.end_forward()

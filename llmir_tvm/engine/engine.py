@@ -136,18 +136,6 @@ class Engine:
     def profile(self, value: bool) -> None:
         self.runner.profile = bool(value)
 
-    @property
-    def _reuse_inputs(self) -> bool:
-        return self.runner.reuse_inputs
-
-    @_reuse_inputs.setter
-    def _reuse_inputs(self, value: bool) -> None:
-        self.runner.reuse_inputs = value
-
-    @property
-    def _input_buffers(self) -> dict:
-        return self.runner.input_buffers
-
     # ------------------------------------------------------------------ long-lived core
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, index: int | None = None) -> str:
