@@ -17,22 +17,16 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
 
 
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, set[str]]:
-    """(CPU model name, feature flags) from ``/proc/cpuinfo`` (empty where it does not exist)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    model, flags = "", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "cpu model", "hardware") and not model:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
+    """(CPU model name, feature flags) from ``/proc/cpuinfo`` (``llmir_tvm.target.host_cpu``, the one
+    reading of it; the dense plan store keys its measurements by the same), ``neon`` added where
+    aarch64 says ``asimd``."""
+    from llmir_tvm.target import host_cpu
+
+    model, found = host_cpu(path)
+    flags = set(found)
     if "asimd" in flags:
         flags.add("neon")
-    return model or platform.machine(), flags
+    return model, flags
 
 
 def git_commit(repo: Path = REPO) -> str:

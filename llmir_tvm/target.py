@@ -73,8 +73,8 @@ def vector_shape(target: Target | str | dict | None = None) -> VectorShape:
 @functools.cache
 def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
     """This machine's CPU: (model name, feature flags) from ``/proc/cpuinfo`` (the platform's
-    processor name and no flags where that file does not exist). The same reading as the
-    benchmarks' machine stamp (``bench/machine.py``, which stays free of TVM imports)."""
+    processor name and no flags where that file does not exist); the benchmarks' machine stamp
+    (``bench/machine.py``) reads it here too."""
     try:
         text = cpuinfo.read_text()
     except OSError:
