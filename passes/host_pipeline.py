@@ -17,7 +17,7 @@ from tvm.script import tirx as T
 
 from ..tir_kernels.fast_math import exp_nonpositive
 from .collapse_layout_chains import CollapseLayoutChains
-from .relax_helpers import emit_like, op_name
+from .relax_helpers import bound_values, emit_like, op_name
 from .host_schedule import ScheduleHostOps
 
 
@@ -57,7 +57,6 @@ class _MeanOfSquares(relax.expr_functor.PyExprMutator):
         self.values: dict = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        self.values[binding.var] = binding.value
         call = binding.value
         square = self.values.get(call.args[0]) if op_name(call) == "relax.mean" else None
         if op_name(square) == "relax.multiply" and square.args[0].same_as(square.args[1]) and call.attrs.axis is not None:
@@ -78,7 +77,7 @@ def fuse_mean_of_squares(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     mutator = _MeanOfSquares(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            mutator.values = {}
+            mutator.values = bound_values(func)
             mutator.builder_.update_func(gv, relax.analysis.remove_all_unused(mutator.visit_expr(func)))
     return mutator.builder_.get()
 
