@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tvm
 import tvm.testing
+from tvm.script import tirx as T
 
 import llmir_tvm.runtime  # noqa: F401 - registers llmir.blas.matmul_nt, which "blas" segments call
 from llmir_tvm.target import cpu_features, vector_shape
@@ -15,6 +16,7 @@ from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_t
 from llmir_tvm.tir_kernels import dense_packed
 from llmir_tvm.tir_kernels.dense_packed import (PackedTiles, pack_weight, packed_candidates, packed_shape,
                                                  unpack_weight)
+from llmir_tvm.tir_kernels.task_split import parallel_tasks
 
 HOST = cpu_features()
 #: ISA name -> (LLVM target, whether this machine runs its code)
@@ -128,20 +130,93 @@ def test_self_balancing_split(isa, rng):
         _check(dense_nt(37, 53, 2, tiles, threads), target, (0, 1, 5, 17), 37, 53, rng)
     _check(dense_nt(1000, 40, 2, tiles, 2), target, (203,), 1000, 40, rng)
     lib = tvm.tirx.build(dense_nt(37, 53, 2, tiles, 2).with_attr("global_symbol", "dense"), tvm.target.Target(target))
-    assert lib.inspect_source("ll").count("lfence") >= 3  # before the own-range loop and after each task
+    assert lib.inspect_source("ll").count("mfence") >= 3  # between each claim and the read of the other side's word
     with pytest.raises(ValueError, match="threads must be >= 0"):
         dense_nt(8, 8, 2, tiles, -1)
+
+
+def _task_counter(threads: int, total: int) -> tvm.tirx.PrimFunc:
+    """``(counts [total] int32)``: every task of :func:`parallel_tasks` adds 1 to its count after
+    busy work that grows with the task (so the ranges end unevenly and their thieves take tasks)."""
+
+    @T.macro
+    def task_work(task, n, x, w, out):
+        acc = T.alloc_buffer((1,), "float32", scope="local")
+        acc[0] = T.float32(0)
+        for i in range((task % 7) * n):
+            acc[0] = acc[0] * T.float32(0.5) + T.Cast("float32", i)
+        x[task] = acc[0]
+        out[task] = out[task] + 1
+
+    run = parallel_tasks(threads, task_work)
+
+    @T.prim_func
+    def count(scratch: T.Buffer((total,), "float32"), counts: T.Buffer((total,), "int32")):
+        run(total, 2000, scratch, scratch, counts)
+
+    return count
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_self_balancing_split_runs_every_task_exactly_once(threads):
+    """Counting tasks (not idempotent: a task run twice, or lost, shows): over 300 calls of 37 uneven
+    tasks, where threads meet in the middle of ranges and steal, every task ran once a call."""
+    lib = tvm.tirx.build(_task_counter(threads, 37).with_attr("global_symbol", "count"), tvm.target.Target("llvm"))
+    scratch = tvm.runtime.tensor(np.zeros(37, "float32"))
+    counts = tvm.runtime.tensor(np.zeros(37, "int32"))
+    for _ in range(300):
+        lib["count"](scratch, counts)
+    np.testing.assert_array_equal(counts.numpy(), np.full(37, 300, "int32"))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_packed_kernel_on_odd_shapes(isa, rng):
     """The packed-weight kernel, its preferred tiling split self-balancing over 2 ranges: K = 600,
     N = 53 ends in a partial panel; rows 1, 3 (below a
-    register tile), 16, 17 and 257 (whole tiles plus leftover rows, over many x chunks), and 0."""
+    register tile), 16, 17 and 257 (whole tiles plus leftover rows, over several x chunks, each
+    serving several panel groups: packed before the tasks), 1000 (so many chunks that each task
+    takes all panels of one chunk and packs it itself), and 0."""
     target = _isa(isa)
     shape = vector_shape(target)
     tiles = packed_candidates(shape.lanes, shape.registers)[0]
-    _check(dense_nt(600, 53, 2, tiles, 2), target, (0, 1, 3, 16, 17, 257), 600, 53, rng, tiles.panel)
+    _check(dense_nt(600, 53, 2, tiles, 2), target, (0, 1, 3, 16, 17, 257, 1000), 600, 53, rng, tiles.panel)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_packed_epilogues(isa, rng):
+    """The packed kernel's epilogues against numpy (float64): ``"add"`` (``res + x @ W.T``, 2-D) at
+    K = 600, N = 53 (a partial last panel) and ``"silu_mul"`` (``silu(x @ gate.T) * (x @ up.T)`` of
+    a stacked ``[gate; up]``, 3 panels each, 3-D as the model calls it) at K = 37; rows 0, 1, 3, 17,
+    257 and 1000 (tasks that pack their own chunk). A gate/up split off panel boundaries, or a plan
+    that is not all packed tiles, is refused."""
+    target = tvm.target.Target(_isa(isa))
+    shape = vector_shape(target)
+    tiles = packed_candidates(shape.lanes, shape.registers)[0]
+    for k, n, epilogue, rank in ((600, 53, "add", 2), (37, 6 * tiles.panel, "silu_mul", 3)):
+        w = rng.standard_normal((n, k)).astype("float32")
+        wp = tvm.runtime.tensor(pack_weight(w, tiles.panel))
+        lib = tvm.tirx.build(dense_nt(k, n, rank, tiles, 2, epilogue).with_attr("global_symbol", "dense"), target)
+        for rows in (0, 1, 3, 17, 257, 1000):
+            lead = (rows,) if rank == 2 else (1, rows)
+            x = rng.standard_normal((*lead, k)).astype("float32")
+            y = x.astype(np.float64) @ w.T.astype(np.float64)
+            if epilogue == "add":
+                res = rng.standard_normal((*lead, n)).astype("float32")
+                out = tvm.runtime.tensor(np.full((*lead, n), np.nan, "float32"))
+                lib["dense"](tvm.runtime.tensor(x), wp, tvm.runtime.tensor(res), out)
+                want = y + res
+            else:
+                out = tvm.runtime.tensor(np.full((*lead, n // 2), np.nan, "float32"))
+                lib["dense"](tvm.runtime.tensor(x), wp, out)
+                gate, up = y[..., : n // 2], y[..., n // 2:]
+                want = gate / (1 + np.exp(-gate)) * up
+            tvm.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="whole"):
+        dense_nt(37, 3 * tiles.panel, 2, tiles, 2, "silu_mul")
+    with pytest.raises(ValueError, match="packed tiles only"):
+        dense_nt(37, 64, 2, dense_tiles(shape.lanes, shape.registers), 2, "add")
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        dense_nt(37, 64, 2, tiles, 2, "relu")
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])

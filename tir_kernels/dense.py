@@ -41,7 +41,7 @@ from typing import Union
 import tvm
 from tvm.script import tirx as T
 
-from .dense_packed import PackedTiles, packed_products, packed_shape
+from .dense_packed import EPILOGUES, PackedTiles, packed_products, packed_shape
 from .task_split import X86_FENCE, fence, parallel_tasks, pool_threads, split_threads  # noqa: F401 - public here too
 from .vector_reduce import butterfly_indices, butterfly_macro
 
@@ -282,36 +282,42 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
     return products
 
 
-def _dispatch(K: int, N: int, segments: tuple, threads: int):
-    """T.macro ``(n, x, w, out)`` running the plan segment that ``n`` rows fall in (last segment first)."""
+def _dispatch(K: int, N: int, segments: tuple, threads: int, epilogue: str):
+    """T.macro ``(n, x, w, out, res)`` running the plan segment that ``n`` rows fall in (last segment
+    first); ``res`` is read by the ``"add"`` epilogue only (packed segments: ``dense_packed.EPILOGUES``)."""
     (start, variant), earlier = segments[-1], segments[:-1]
-    if isinstance(variant, DenseTiles):
-        run_variant = _products(K, N, variant, threads)
-    elif isinstance(variant, PackedTiles):
-        run_variant = packed_products(K, N, variant, threads)
+    if isinstance(variant, PackedTiles):
+        run_variant = packed_products(K, N, variant, threads, epilogue)
+    elif isinstance(variant, DenseTiles):
+        products = _products(K, N, variant, threads)
+
+        @T.macro
+        def run_variant(n, x, w, out, res):
+            products(n, x, w, out)
+
     else:
 
         @T.macro
-        def run_variant(n, x, w, out):
+        def run_variant(n, x, w, out, res):
             T.evaluate(T.call_packed(BLAS_MATMUL_NT, x, w, out))
 
     if not earlier:
         return run_variant
-    run_earlier = _dispatch(K, N, earlier, threads)
+    run_earlier = _dispatch(K, N, earlier, threads, epilogue)
 
     @T.macro
-    def dispatch(n, x, w, out):
+    def dispatch(n, x, w, out, res):
         if n >= start:
-            run_variant(n, x, w, out)
+            run_variant(n, x, w, out, res)
         else:
-            run_earlier(n, x, w, out)
+            run_earlier(n, x, w, out, res)
 
     return dispatch
 
 
 @functools.lru_cache(maxsize=None)
 def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan | DenseTiles = AVX512_TILES,
-             threads: int = 0) -> tvm.tirx.PrimFunc:
+             threads: int = 0, epilogue: str = "none") -> tvm.tirx.PrimFunc:
     """The PrimFunc ``(x [n, K], w [N, K], out [n, N])``, float32, ``out = x @ w.T``; ``n`` symbolic.
 
     ``rank=3``: ``x [b, s, K]`` and ``out [b, s, N]`` (both symbolic), no reshape needed around it.
@@ -321,6 +327,9 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
     ``wp = pack_weight(w, plan.panel)`` of shape ``packed_shape(K, N, plan.panel)``.
     ``threads``: ranges of the self-balancing split (:func:`pool_threads`: one per thread of TVM's
     pool); 0 or 1: TVM's static split of the parallel loop.
+    ``epilogue`` (plans of packed tiles only; ``dense_packed.EPILOGUES``): ``"add"``: the PrimFunc
+    is ``(x, w, res, out)`` with ``out = res + x @ w.T`` (a residual add); ``"silu_mul"``: ``w``
+    stacks gate and up (``N / 2`` rows each), ``out [..., N / 2] = silu(x @ gate.T) * (x @ up.T)``.
     Cached: parsing the kernel's TVMScript costs ~0.7 s, and a model has a few shapes that recur
     over compiles (PrimFuncs are immutable, so sharing them is safe).
     """
@@ -335,8 +344,27 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         raise ValueError(f"dense_nt: plan must be DenseTiles or DensePlan, got {plan!r}")
     if int(threads) < 0:
         raise ValueError(f"dense_nt: threads must be >= 0, got {threads}")
-    products = _dispatch(K, N, plan.segments, int(threads))
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"dense_nt: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if epilogue != "none" and not all(isinstance(v, PackedTiles) for _, v in plan.segments):
+        raise ValueError(f"dense_nt: the {epilogue!r} epilogue needs a plan of packed tiles only, got {plan.to_json()}")
+    products = _dispatch(K, N, plan.segments, int(threads), epilogue)
     W = (N, K) if plan.panel is None else packed_shape(K, N, plan.panel)
+    N_OUT = N // 2 if epilogue == "silu_mul" else N
+
+    if rank == 2 and epilogue == "add":
+
+        @T.prim_func
+        def dense_add(x_h: T.handle, w_h: T.handle, res_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            n = T.int64()
+            x = T.match_buffer(x_h, (n, K), "float32", align=4)
+            w = T.match_buffer(w_h, W, "float32", align=4)
+            res = T.match_buffer(res_h, (n, N), "float32", align=4)
+            out = T.match_buffer(out_h, (n, N), "float32", align=4)
+            products(n, x, w, out, res)
+
+        return dense_add
 
     if rank == 2:
 
@@ -346,10 +374,28 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
             n = T.int64()
             x = T.match_buffer(x_h, (n, K), "float32", align=4)
             w = T.match_buffer(w_h, W, "float32", align=4)
-            out = T.match_buffer(out_h, (n, N), "float32", align=4)
-            products(n, x, w, out)
+            out = T.match_buffer(out_h, (n, N_OUT), "float32", align=4)
+            products(n, x, w, out, out)
 
         return dense
+
+    if epilogue == "add":
+
+        @T.prim_func
+        def dense_add_3d(x_h: T.handle, w_h: T.handle, res_h: T.handle, out_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
+            w = T.match_buffer(w_h, W, "float32", align=4)
+            res3 = T.match_buffer(res_h, (b, s, N), "float32", align=4)
+            out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
+            x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
+            res = T.decl_buffer((b * s, N), "float32", data=res3.data, align=4)
+            out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
+            products(b * s, x, w, out, res)
+
+        return dense_add_3d
 
     @T.prim_func
     def dense_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
@@ -358,9 +404,9 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         s = T.int64()
         x3 = T.match_buffer(x_h, (b, s, K), "float32", align=4)
         w = T.match_buffer(w_h, W, "float32", align=4)
-        out3 = T.match_buffer(out_h, (b, s, N), "float32", align=4)
+        out3 = T.match_buffer(out_h, (b, s, N_OUT), "float32", align=4)
         x = T.decl_buffer((b * s, K), "float32", data=x3.data, align=4)
-        out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
-        products(b * s, x, w, out)
+        out = T.decl_buffer((b * s, N_OUT), "float32", data=out3.data, align=4)
+        products(b * s, x, w, out, out)
 
     return dense_3d

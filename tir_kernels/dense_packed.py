@@ -14,12 +14,13 @@ features per panel, zero-padded past ``N``; a panel's ``K x P`` block is contigu
 micro-kernel streams it. Register tiles (:class:`PackedTiles`, sized from the ISA by
 :func:`packed_candidates`): ``rows x vectors`` accumulators + ``vectors`` loaded ``W`` vectors
 + one broadcast fit the vector registers (AVX2: 6 x 2 of 8 lanes in 16; AVX-512: 14 x 2 or
-6 x 4 of 16 lanes in 32; NEON: 14 x 2 of 4 lanes in 32). Rows of ``x`` are packed per chunk
-(``[tile][k][row]``, the chunk stays in L2) and a panel (``K x P``: L1 or L2) passes over every
-row tile of the chunk. ``K`` is not blocked: a tile's accumulators finish in registers and are
-stored once, which keeps a task idempotent for the self-balancing split (a K-blocked kernel
-accumulates partial sums in ``out``, which a task run twice would corrupt), and streaming a
-panel from L2 feeds these tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
+6 x 4 of 16 lanes in 32; NEON: 14 x 2 of 4 lanes in 32). Whole row tiles of ``x`` are packed
+(``[tile][k][row]``) and a panel (``K x P``: L1 or L2) passes over every row tile of a chunk of
+rows. A chunk that one task uses is packed by that task (it then stays in L2); where each chunk
+serves several tasks (groups of panels), all are packed once before the tasks start (packing
+in every task took 7-15% of the products of 64-512 rows, AVX2 EPYC, 2026-12-07). ``K`` is not blocked: a tile's accumulators finish in registers and are
+stored once (no partial sums pass through ``out``), and streaming a panel from L2 feeds these
+tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
 a multiple of ``rows`` use tiles of 8, 4, 2 and 1 rows (the binary digits of their count: few
 micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously.
 Parallel tasks are ``(chunk of x rows, group of panels)``, chunk-major (group-major for a W that
@@ -36,6 +37,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from .fast_math import exp_nonpositive
 from .task_split import parallel_tasks
 
 #: Bytes of packed ``x`` rows a chunk holds: stays in L2 while the panels pass over it.
@@ -53,6 +55,9 @@ TASKS_PER_THREAD = 4
 #: projection 0.91x -> 1.08x; 2-core Xeon, 2026-12-06.)
 W_STREAM_BYTES = 16 << 20
 W_GROUP_BYTES = 1 << 20
+#: Elements of ``x`` from which the packing before the tasks runs on the pool (below, on the calling
+#: thread: a pool launch costs more than packing ~16 rows; 576->192 at 16 rows was 0.82x OpenBLAS).
+PACK_PARALLEL_ELEMENTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -138,29 +143,56 @@ def unpack_weight(wp: np.ndarray, out_features: int) -> np.ndarray:
     return np.ascontiguousarray(wp.transpose(0, 2, 1).reshape(panels * panel, k)[: int(out_features)])
 
 
-def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
-    """T.macro ``(n, x, wp, out)``: ``out = x @ W.T`` from the packed ``wp`` (:func:`pack_weight`),
-    ``n`` rows; ``threads``: ranges of the self-balancing split (0 or 1: TVM's static split)."""
+#: What a packed product does with its results (:func:`packed_products`): stores them; adds
+#: ``res`` (a residual stream) to them; or, for ``W = [gate; up]`` stacked, stores
+#: ``silu(gate) * up`` (a SwiGLU MLP's activation: half as many features as ``W`` has rows).
+EPILOGUES = ("none", "add", "silu_mul")
+
+
+def silu_mul_elementwise(g, u):
+    """``silu(g) * u`` of fp32 expressions as plain arithmetic (vectorises): the sigmoid as the host
+    pipeline's (``e = exp(-|g|)``; ``1 / (1 + e)`` or ``e / (1 + e)`` by the sign of ``g``)."""
+    e = exp_nonpositive(-T.abs(g))
+    return g * (T.Select(g >= T.float32(0), T.float32(1), e) / (T.float32(1) + e)) * u
+
+
+def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: str = "none"):
+    """T.macro ``(n, x, wp, out, res)``: ``out = x @ W.T`` from the packed ``wp`` (:func:`pack_weight`),
+    ``n`` rows; ``threads``: ranges of the self-balancing split (0 or 1: TVM's static split).
+    ``epilogue`` (:data:`EPILOGUES`): ``"add"``: ``out = res + x @ W.T``; ``"silu_mul"``: ``W``'s
+    ``N`` rows are ``[gate; up]`` (``N / 2`` each, whole panels), ``out [n, N / 2] = silu(x @
+    gate.T) * (x @ up.T)``: a task takes a group of gate panels, then their up panels (``j + N /
+    (2P)``) for its rows, the gate's results stored in ``out`` and multiplied in place by the up
+    panels', so neither the ``[n, N]`` product nor a separate pass over it exists. ``res`` is read only by
+    ``"add"``."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"packed dense: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     LANES, ROWS, VECS, P = tiles.lanes, tiles.rows, tiles.vectors, tiles.panel
     PANELS = -(-N // P)
     FULL_PANELS = N // P  # panels whose P features are all stored (the last may be partial)
+    if epilogue == "silu_mul" and N % (2 * P):
+        raise ValueError(f"packed dense: silu_mul needs gate and up of whole {P}-feature panels, got N = {N}")
+    GATE_PANELS = PANELS // 2 if epilogue == "silu_mul" else PANELS  # panels a task's group counts
     CHUNK = max(1, X_CHUNK_BYTES // (4 * K * ROWS)) * ROWS  # rows of x per chunk, whole tiles
     # Panels per task: with few chunks of rows, narrow enough that every thread gets a few tasks;
     # with many chunks, all panels (the chunk's packed x then serves the whole layer) or, for a W
     # beyond W_STREAM_BYTES, groups of W_GROUP_BYTES with the tasks group-major (a thread's
     # consecutive tasks share the panels and take the chunks in turn).
-    NARROW = max(1, min(TASK_FEATURES // P, PANELS // (TASKS_PER_THREAD * max(1, threads))))
+    NARROW = max(1, min(TASK_FEATURES // P, GATE_PANELS // (TASKS_PER_THREAD * max(1, threads))))
     MANY_CHUNKS = TASKS_PER_THREAD * max(1, threads)
-    WIDE = PANELS if K * PANELS * P * 4 <= W_STREAM_BYTES else max(1, min(PANELS, W_GROUP_BYTES // (K * P * 4)))
+    WIDE = GATE_PANELS if K * PANELS * P * 4 <= W_STREAM_BYTES else max(1, min(GATE_PANELS, W_GROUP_BYTES // (K * P * 4)))
 
-    def micro(rows: int, full: bool, packed_x: bool):
-        """``rows x P`` outputs of x rows ``i0..`` and panel ``jp``: x read from the chunk's packed
-        copy ``xs`` (``packed_x``: tile ``it`` of the chunk, ``[k][row]``) or from ``x`` itself
-        (leftover rows); ``full``: all ``P`` features exist (else the last panel)."""
+    def micro(rows: int, full: bool, packed_x: bool, store: str):
+        """``rows x P`` outputs of x rows ``i0..`` and panel ``jp``: x read from the packed tiles
+        ``ops[1]`` (``packed_x``: tile ``it``, ``[k][row]``) or from ``x = ops[0]`` itself
+        (leftover rows); ``full``: all ``P`` features exist (else the last panel). ``store``:
+        ``"none"`` / ``"add"`` (plus ``res = ops[2]``) / ``"up"`` (an up panel: ``out`` at the
+        matching gate panel's columns becomes ``silu(out) * acc``)."""
         V = T.Ramp(0, 1, LANES)
+        col0 = -GATE_PANELS * P if store == "up" else 0  # out's column of the panel's first feature, less jp * P
 
         @T.macro
-        def tile(acc, x, xs, wp, out, i0, it, jp):
+        def tile(acc, ops, wp, out, i0, it, jp):
             for t in T.unroll(rows * VECS):
                 acc[t, V] = T.Broadcast(T.float32(0), LANES)
             for k in range(K):
@@ -168,14 +200,28 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
                     for v in T.unroll(VECS):
                         if packed_x:
                             acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
-                                xs[(it * K + k) * ROWS + r], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
+                                ops[1][(it * K + k) * ROWS + r], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
                         else:
                             acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
-                                x[i0 + r, k], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
-            if full:
+                                ops[0][i0 + r, k], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
+            if store == "up":
+                for r in T.unroll(rows):
+                    for c in T.vectorized(P):
+                        out[i0 + r, col0 + jp * P + c] = silu_mul_elementwise(
+                            out[i0 + r, col0 + jp * P + c], acc[r * VECS + c // LANES, c % LANES])
+            elif full and store == "add":
+                for r in T.unroll(rows):
+                    for v in T.unroll(VECS):
+                        out[i0 + r, T.Ramp(jp * P + v * LANES, 1, LANES)] = acc[r * VECS + v, V] + ops[2][
+                            i0 + r, T.Ramp(jp * P + v * LANES, 1, LANES)]
+            elif full:
                 for r in T.unroll(rows):
                     for v in T.unroll(VECS):
                         out[i0 + r, T.Ramp(jp * P + v * LANES, 1, LANES)] = acc[r * VECS + v, V]
+            elif store == "add":
+                for r in T.unroll(rows):
+                    for c in range(N - jp * P):
+                        out[i0 + r, jp * P + c] = acc[r * VECS + c // LANES, c % LANES] + ops[2][i0 + r, jp * P + c]
             else:
                 for r in T.unroll(rows):
                     for c in range(N - jp * P):
@@ -183,61 +229,96 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int):
 
         return tile
 
-    def rows_tile(rows: int, packed_x: bool = False):
-        full_tile = micro(rows, True, packed_x)
-        tail_tile = micro(rows, False, packed_x) if FULL_PANELS < PANELS else None
+    def rows_tile(rows: int, packed_x: bool = False, store: str = "none"):
+        full_tile = micro(rows, True, packed_x, store)
+        tail_tile = micro(rows, False, packed_x, store) if FULL_PANELS < PANELS else None
 
         @T.macro
-        def run(acc, x, xs, wp, out, i0, it, jp):
+        def run(acc, ops, wp, out, i0, it, jp):
             if tail_tile is None or jp < FULL_PANELS:
-                full_tile(acc, x, xs, wp, out, i0, it, jp)
+                full_tile(acc, ops, wp, out, i0, it, jp)
             else:
-                tail_tile(acc, x, xs, wp, out, i0, it, jp)
+                tail_tile(acc, ops, wp, out, i0, it, jp)
 
         return run
 
-    main = rows_tile(ROWS, True)
-    left = _leftover(ROWS, rows_tile)
+    first = "add" if epilogue == "add" else "none"  # the store of a panel's results ("none": as they are)
+    main = rows_tile(ROWS, True, first)
+    left = _leftover(ROWS, lambda rows: rows_tile(rows, False, first))
+    if epilogue == "silu_mul":
+        main_up = rows_tile(ROWS, True, "up")
+        left_up = _leftover(ROWS, lambda rows: rows_tile(rows, False, "up"))
 
     @T.macro
-    def task_work(task, n, x, wp, out):
-        """Chunk ``task // groups`` of x rows times panel group ``task % groups``: the chunk's whole
-        row tiles are packed (``xs``, stays in L2), then each panel stays in L1/L2 while every row
-        tile passes over it; leftover rows read ``x`` directly. Every output is written once, from
-        registers (never accumulated in ``out``), so a task the split runs twice is harmless."""
+    def pack_tiles(x, xs, t_begin, t_end):
+        """Whole row tiles ``t_begin..t_end`` of ``x`` into ``xs``, ``[tile][k][row]``."""
+        for t in range(t_begin, t_end):
+            for r in T.unroll(ROWS):
+                for k in range(K):
+                    xs[(t * K + k) * ROWS + r] = x[t * ROWS + r, k]
+
+    @T.macro
+    def panel_products(acc, ops, wp, out, i_start, tiles_n, whole_end, left_n, t0, jp):
+        """Panel ``jp`` over the chunk's rows."""
+        for it in range(tiles_n):
+            main(acc, ops, wp, out, i_start + it * ROWS, t0 + it, jp)
+        left(left_n, acc, ops, wp, out, whole_end, 0, jp)
+
+    @T.macro
+    def up_panel_products(acc, ops, wp, out, i_start, tiles_n, whole_end, left_n, t0, jp):
+        """Up panel ``jp`` over the chunk's rows (``"silu_mul"``), after its gate panel's."""
+        for it in range(tiles_n):
+            main_up(acc, ops, wp, out, i_start + it * ROWS, t0 + it, jp)
+        left_up(left_n, acc, ops, wp, out, whole_end, 0, jp)
+
+    @T.macro
+    def task_work(task, n, ops, wp, out):
+        """Chunk ``task // groups`` of x rows times panel group ``task % groups`` (group-major with
+        many chunks): each panel stays in L1/L2 while every whole row tile of the chunk, packed in
+        ``xs = ops[1]`` (tile ``t`` at ``xs[t * K * ROWS:]``, ``[k][row]``), passes over it; leftover
+        rows read ``x`` directly. A chunk that only this task uses is packed here (it then stays in
+        L2); with several panel groups the chunks were packed once before the tasks. Every output
+        is written once, from registers (never accumulated in ``out``; ``"silu_mul"`` multiplies the
+        gate's results in place, within the task)."""
         acc = T.alloc_buffer((ROWS * VECS, LANES), "float32", scope="local")
         chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
         many: T.bool = chunks >= MANY_CHUNKS
         group: T.int64 = T.Select(many, T.int64(WIDE), T.int64(NARROW))
-        groups: T.int64 = (PANELS + group - 1) // group
+        groups: T.int64 = (GATE_PANELS + group - 1) // group
         i_start: T.int64 = T.Select(many, task % chunks, task // groups) * CHUNK
         i_end: T.int64 = T.min(n, i_start + CHUNK)
         tiles_n: T.int64 = (i_end - i_start) // ROWS
         whole_end: T.int64 = i_start + tiles_n * ROWS
         p0: T.int64 = T.Select(many, task // chunks, task % groups) * group
-        xs = T.alloc_buffer((CHUNK * K,), "float32")
-        for it in range(tiles_n):
-            for r in T.unroll(ROWS):
-                for k in range(K):
-                    xs[(it * K + k) * ROWS + r] = x[i_start + it * ROWS + r, k]
-        for jp in range(p0, T.min(p0 + group, PANELS)):
-            for it in range(tiles_n):
-                main(acc, x, xs, wp, out, i_start + it * ROWS, it, jp)
-            left(i_end - whole_end, acc, x, xs, wp, out, whole_end, 0, jp)
+        t0: T.int64 = i_start // ROWS
+        if groups == 1:
+            pack_tiles(ops[0], ops[1], t0, t0 + tiles_n)
+        for jp in range(p0, T.min(p0 + group, GATE_PANELS)):
+            panel_products(acc, ops, wp, out, i_start, tiles_n, whole_end, i_end - whole_end, t0, jp)
+        if epilogue == "silu_mul":  # then the up panels of the group: W read as two runs, not alternating
+            for jp in range(p0 + GATE_PANELS, T.min(p0 + group, GATE_PANELS) + GATE_PANELS):
+                up_panel_products(acc, ops, wp, out, i_start, tiles_n, whole_end, i_end - whole_end, t0, jp)
 
     run_tasks = parallel_tasks(threads, task_work)
 
     @T.macro
-    def products(n, x, wp, out):
+    def products(n, x, wp, out, res):
         chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
         group: T.int64 = T.Select(chunks >= MANY_CHUNKS, T.int64(WIDE), T.int64(NARROW))
-        run_tasks(chunks * ((PANELS + group - 1) // group), n, x, wp, out)
+        groups: T.int64 = (GATE_PANELS + group - 1) // group
+        xs = T.alloc_buffer((T.max(n // ROWS, T.int64(1)) * ROWS * K,), "float32")
+        if groups > 1 and n * K >= PACK_PARALLEL_ELEMENTS:  # every chunk serves several tasks: pack it once, here
+            for t in T.parallel(n // ROWS):
+                pack_tiles(x, xs, t, t + 1)
+        elif groups > 1 and n >= ROWS:  # a small x: a pool launch would cost more than the packing
+            pack_tiles(x, xs, T.int64(0), n // ROWS)
+        run_tasks(chunks * groups, n, (x, xs, res), wp, out)
 
     return products
 
 
 def _leftover(rows_max: int, rows_tile):
-    """T.macro ``(left, acc, x, xs, wp, out, i0, it, jp)``: ``left`` (< ``rows_max`` <= 16) rows by
+    """T.macro ``(left, acc, ops, wp, out, i0, it, jp)``: ``left`` (< ``rows_max`` <= 16) rows by
     tiles of 8, 4, 2 and 1 rows, the binary digits of ``left`` (13 = 8 + 4 + 1). Why not one tile
     per leftover count: those ``rows_max - 1`` unrolled micro-kernels were most of the code LLVM
     built (4-8 s a layer shape on AVX-512); four cost a few passes over the panel for odd counts."""
@@ -246,7 +327,7 @@ def _leftover(rows_max: int, rows_tile):
     sizes = [size for size in (8, 4, 2, 1) if size < rows_max]
 
     @T.macro
-    def nothing(left, acc, x, xs, wp, out, i0, it, jp):
+    def nothing(left, acc, ops, wp, out, i0, it, jp):
         T.evaluate(0)
 
     def chain(index: int):
@@ -255,10 +336,10 @@ def _leftover(rows_max: int, rows_tile):
         size, this, rest = sizes[index], rows_tile(sizes[index]), chain(index + 1)
 
         @T.macro
-        def step(left, acc, x, xs, wp, out, i0, it, jp):
+        def step(left, acc, ops, wp, out, i0, it, jp):
             if left // size % 2 == 1:  # this binary digit of left: the rows after the larger digits'
-                this(acc, x, xs, wp, out, i0 + left // (2 * size) * (2 * size), it, jp)
-            rest(left, acc, x, xs, wp, out, i0, it, jp)
+                this(acc, ops, wp, out, i0 + left // (2 * size) * (2 * size), it, jp)
+            rest(left, acc, ops, wp, out, i0, it, jp)
 
         return step
 
