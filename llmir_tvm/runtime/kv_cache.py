@@ -652,16 +652,7 @@ class PagedKVCache:
         a = self.allocator
         bs = self.block_size
         rows = list(self._row_of.values())
-        fill = np.zeros(self.num_blocks, dtype=np.int64)
-        if rows:  # every row's held entries at once (the engine calls this every step)
-            r = np.asarray(rows, dtype=np.int64)
-            n = self._nblk[r][:, None]
-            col = np.arange(max(int(n.max()), 1))[None, :]
-            released = (col >= self._sb[r][:, None]) & (col < self._live[r][:, None])
-            held = (col < n) & ~released
-            counts = np.minimum(bs, self._len[r][:, None] - col * bs)
-            np.maximum.at(fill, self._table[r, : col.shape[1]][held], counts[held])
-        stored = int(fill.sum())
+        stored = self._tokens_stored(rows)
         slots = a.num_used * bs
         return {
             "blocks_total": a.num_blocks,
@@ -684,6 +675,28 @@ class PagedKVCache:
             "cow_copies": self._cow_copies,
             "evictions": a.evictions,
         }
+
+    def _tokens_stored(self, rows: list[int]) -> int:
+        """Distinct slots of used blocks holding a token, over ``rows`` (the engine asks every step).
+
+        Where no block is held twice (one sequence, or none shares a block), each row stores its
+        length less its released window blocks (full ones: a window never releases the block
+        holding its last token), a few scalar reads; else the fill of every held block, a block
+        shared by several rows counted once."""
+        if not rows:
+            return 0
+        r = np.asarray(rows, dtype=np.int64)
+        bs = self.block_size
+        if len(rows) == 1 or not (self.allocator.ref_counts > 1).any():
+            return int((self._len[r] - (self._live[r] - self._sb[r]) * bs).sum())
+        fill = np.zeros(self.num_blocks, dtype=np.int64)
+        n = self._nblk[r][:, None]
+        col = np.arange(max(int(n.max()), 1))[None, :]
+        released = (col >= self._sb[r][:, None]) & (col < self._live[r][:, None])
+        held = (col < n) & ~released
+        counts = np.minimum(bs, self._len[r][:, None] - col * bs)
+        np.maximum.at(fill, self._table[r, : col.shape[1]][held], counts[held])
+        return int(fill.sum())
 
     def debug_get_kv(self, seq_id: int, layer: int) -> tuple[tvm.runtime.Tensor, tvm.runtime.Tensor]:
         """A sequence's contiguous K and V of one layer, ``[len, num_kv_heads, head_dim]`` each, via the lookup kernel.
