@@ -7,6 +7,8 @@
 - :class:`FuseParallelLinear` — ``Linear`` layers sharing an input (query/key/value, gate/up) → one product over
   their stacked weights (CPU targets, before :class:`DenseToTIR`);
 - :class:`DenseToTIR` — a model's float32 ``Linear`` layers → our CPU dense kernel on TVM's thread pool;
+- :class:`FuseDenseEpilogues` — residual adds and SwiGLU activations after a packed dense product → its
+  epilogue (run by :func:`host_build_pipeline` after :class:`CollapseLayoutChains`);
 - :class:`QuantizeWeights` — quantized ``Linear`` / embedding weights (int8, int4, GGUF blocks) → planes read by
   our dequantizing kernels (CPU targets, ``compile(..., quantization=...)``);
 - :class:`OffloadDenseToBLAS` — a model's (remaining) float32 weight matmuls → the host BLAS (CPU targets);
@@ -27,6 +29,7 @@ from .attention_match import AttentionMatchError
 from .blockify_kv_cache import BlockifyKVCache
 from .clip_take_indices import ClipTakeIndices
 from .collapse_layout_chains import CollapseLayoutChains
+from .dense_epilogues import FuseDenseEpilogues
 from .dense_offload import OffloadDenseToBLAS
 from .dense_tir import DenseToTIR
 from .fuse_parallel_linear import FuseParallelLinear
@@ -43,6 +46,6 @@ from .pipeline import kv_pipeline
 from .quantize_weights import QuantizeWeights
 from .simplify_power import SimplifyPower
 
-__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "CollapseLayoutChains", "DenseToTIR", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
+__all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "CollapseLayoutChains", "DenseToTIR", "FuseDenseEpilogues", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
            "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "QuantizeWeights", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

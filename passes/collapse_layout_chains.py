@@ -8,6 +8,11 @@ although the chain as a whole leaves every element where it was. A chain ending 
 row-major order is its source's is replaced by ``reshape(source, y.shape)``, a view; the
 intermediate bindings go when nothing else reads them.
 
+Chains of reshapes alone always keep the order: two or more become one reshape, and a dataflow
+value reshaped back to its source's shape is the source itself (a Linear that ``DenseToTIR``
+runs on ``[b, s, K]`` leaves the importer's flattening of its output and the way back: two VM
+instructions a product, 150 a decode step of SmolLM2-135M).
+
 The check follows the source's non-unit axes through the chain: ``permute_dims`` reorders them,
 ``reshape`` may only add or drop unit axes and merge or split whole runs of them (symbolic
 extents compared with TVM's analyzer); anything else leaves the chain as it is.
@@ -20,7 +25,7 @@ from tvm import relax
 from tvm.sym.analyzer import Analyzer
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_helpers import bound_values, emit_like, map_relax_functions, op_name
+from .relax_helpers import bound_values, emit_like, map_relax_functions, op_name, same_shape
 
 _LAYOUT_OPS = ("relax.permute_dims", "relax.reshape")
 
@@ -45,7 +50,9 @@ def _source_order(y: relax.Var, values: dict, analyzer: Analyzer) -> relax.Expr 
         chain.append(values[expr])
         expr = values[expr].args[0]
     if not any(op_name(call) == "relax.permute_dims" for call in chain):
-        return None
+        # reshapes only: row-major order always kept; worth a rewrite when two or more fold into
+        # one, or one leaves the shape as it was
+        return expr if len(chain) >= 2 or same_shape(expr, y, analyzer) else None
     dims = _dims(expr)
     if dims is None:
         return None
@@ -79,16 +86,21 @@ def _source_order(y: relax.Var, values: dict, analyzer: Analyzer) -> relax.Expr 
 
 @mutator
 class _Collapse(PyExprMutator):
-    def __init__(self, sources: dict):
+    def __init__(self, sources: dict, analyzer: Analyzer):
         super().__init__()
         self.sources = sources
+        self.analyzer = analyzer
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         source = self.sources.get(binding.var)
         if source is None:
             super().visit_var_binding_(binding)
             return
-        value = relax.op.reshape(self.visit_expr(source), binding.var.ty.shape)
+        source = self.visit_expr(source)
+        if isinstance(binding.var, relax.DataflowVar) and same_shape(source, binding.var, self.analyzer):
+            self.set_var_remap(binding.var, source)  # back to the source's own shape: the source itself
+            return
+        value = relax.op.reshape(source, binding.var.ty.shape)
         self.set_var_remap(binding.var, emit_like(self.builder_, value, binding.var))
 
 
@@ -103,7 +115,7 @@ def _collapse(func: relax.Function) -> relax.Function:
                 sources[var] = source
     if not sources:
         return func
-    rewritten = _Collapse(sources).visit_expr(func)
+    rewritten = _Collapse(sources, analyzer).visit_expr(func)
     return relax.analysis.remove_all_unused(rewritten)
 
 

@@ -5,8 +5,10 @@ For LLVM CPU targets. ``matmul(x, permute_dims(W, [1, 0]))`` with a 2-D float32 
 
     call_tir(llmir_dense_nt_KxN[_3d], (x, W))      # x [n, K] or [b, s, K]
 
-(higher ranks are reshaped to ``[rows, K]`` and back), with one PrimFunc per ``(K, N, rank)``
-added to the module. The weight is never transposed or
+(higher ranks are reshaped to ``[rows, K]`` and back; an ``x [b * s, K]`` that is a reshape of
+``[b, s, K]``, as the importer flattens a Linear's input, goes to the rank-3 kernel as ``[b, s, K]``:
+the flattening and the reshape back around each product were VM instructions of every decode step),
+with one PrimFunc per ``(K, N, rank)`` added to the module. The weight is never transposed or
 copied, and the product runs on TVM's thread pool like every other kernel of the model, so
 no BLAS worker threads compete with it for the cores.
 
@@ -46,7 +48,8 @@ from ..target import vector_shape
 from ..tir_kernels.dense import DensePlan, dense_nt, dense_tiles, split_threads
 from ..tir_kernels.dense_packed import packed_shape, packed_tiles
 from ..tir_kernels.packed_take import packed_take
-from .relax_helpers import is_weight_matrix, weight_params
+from .dense_epilogues import DENSE_ATTR, dense_attr
+from .relax_helpers import bound_values, is_weight_matrix, op_name, weight_params
 
 _DTYPE = "float32"
 #: Module attribute the pass sets: ``{str(weight index): panel}`` of the weights to pack.
@@ -99,7 +102,8 @@ class DenseToTIR:
             if (k, n, rank, packed) not in kernels:
                 name = f"llmir_dense_nt_{k}x{n}" + ("" if rank == 2 else f"_{rank}d") + ("_packed" if packed else "")
                 chosen = plan(k, n) if packed or plan(k, n).panel is None else unpacked
-                prim = dense_nt(k, n, rank, chosen, threads).with_attr("global_symbol", name)
+                prim = dense_nt(k, n, rank, chosen, threads).with_attr("global_symbol", name).with_attr(
+                    DENSE_ATTR, dense_attr(k, n, rank, chosen, threads))  # what FuseDenseEpilogues rebuilds it from
                 kernels[(k, n, rank, packed)] = builder.add_func(prim, name)
             return kernels[(k, n, rank, packed)]
 
@@ -176,6 +180,21 @@ def _rewrite(func: relax.Function, kernel, packed: dict[int, int], take_kernel,
     x, w = wildcard(), wildcard()
     weight_t = is_op("relax.permute_dims")(w)
     pattern = is_op("relax.matmul")(x, weight_t)
+    values = bound_values(func)
+    analyzer = Analyzer()
+
+    def unflattened(x_expr: relax.Expr, rows) -> relax.Expr | None:
+        """The ``[b, s, K]`` tensor that ``x_expr`` (``[rows, K]``) is a reshape of, if any: the
+        kernel then takes it as it is (the importer flattens a Linear's input and unflattens its
+        output: two VM reshapes a product, which the rank-3 kernel leaves out)."""
+        source = values.get(x_expr) if isinstance(x_expr, relax.Var) else x_expr  # the matcher may hand the bound value
+        if op_name(source) != "relax.reshape":
+            return None
+        ty = source.args[0].ty
+        if not (isinstance(ty, relax.TensorType) and ty.shape is not None and ty.ndim == 3 and str(ty.dtype) == _DTYPE):
+            return None
+        b, s_len, k = ty.shape.values
+        return source.args[0] if analyzer.can_prove_equal(b * s_len, rows) else None
 
     def to_tir(call: relax.Call, m: dict) -> relax.Expr:
         axes = m[weight_t].attrs.axes
@@ -190,6 +209,12 @@ def _rewrite(func: relax.Function, kernel, packed: dict[int, int], take_kernel,
             linear.add(m[w])
         is_packed = m[w] in swaps
         weight = swaps.get(m[w], m[w])
+        source = unflattened(m[x], lead[0]) if len(lead) == 1 else None
+        if source is not None:  # [b * s, K] = reshape([b, s, K]): the rank-3 kernel on the source
+            b, s_len, _ = source.ty.shape.values
+            product = relax.call_tir(kernel(k_in, n_out, 3, is_packed), [source, weight],
+                                     out_ty=relax.TensorType(relax.ShapeExpr([b, s_len, n_out]), _DTYPE))
+            return relax.op.reshape(product, relax.ShapeExpr([lead[0], n_out]))  # the importer's reshape back folds into it
         if len(lead) in (1, 2):  # [n, K] or [b, s, K]: the kernel takes it as it is
             return relax.call_tir(kernel(k_in, n_out, len(lead) + 1, is_packed), [m[x], weight],
                                   out_ty=relax.TensorType(relax.ShapeExpr([*lead, n_out]), _DTYPE))
@@ -202,6 +227,8 @@ def _rewrite(func: relax.Function, kernel, packed: dict[int, int], take_kernel,
         return relax.op.reshape(product, relax.ShapeExpr([*lead, n_out]))
 
     rewritten = rewrite_call(pattern, to_tir, func)
+    if not rewritten.same_as(func):
+        rewritten = relax.analysis.remove_all_unused(rewritten)  # flattenings the rank-3 kernel left unread
     if not swaps:
         return rewritten
     table, ids = wildcard(), wildcard()

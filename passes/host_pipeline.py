@@ -4,8 +4,9 @@ TVM 0.27's default ``tvm.compile`` pipeline legalizes every operator into its ow
 and schedules none of them: a decoder layer runs ~20 scalar kernels plus copies per step.
 This pipeline is the same lowering with operator fusion (``FuseOps`` + ``FuseTIR``, as TVM's
 CPU backend pipeline has) and :class:`ScheduleHostOps` on the fused functions before the
-usual VM lowering; float32 ``sigmoid`` is legalized to vectorisable arithmetic, and layout
-round trips that move no element are collapsed first (:class:`CollapseLayoutChains`).
+usual VM lowering; float32 ``sigmoid`` is legalized to vectorisable arithmetic, layout
+round trips that move no element are collapsed first (:class:`CollapseLayoutChains`), and residual
+adds and SwiGLU activations go into the packed dense kernels before them (:class:`FuseDenseEpilogues`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tvm.script import tirx as T
 
 from ..tir_kernels.fast_math import exp_nonpositive
 from .collapse_layout_chains import CollapseLayoutChains
+from .dense_epilogues import FuseDenseEpilogues
 from .relax_helpers import bound_values, emit_like, op_name
 from .host_schedule import ScheduleHostOps
 
@@ -93,6 +95,7 @@ def host_build_pipeline() -> tvm.transform.Pass:
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         seq = tvm.transform.Sequential([
             CollapseLayoutChains(),  # before legalizing: the round trips' transposes would be copy kernels
+            FuseDenseEpilogues(),  # after it: no reshape between a product and its add / activation
             backend.DispatchSampling(),
             backend.DispatchSortScan(),
             fuse_mean_of_squares,

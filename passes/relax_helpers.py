@@ -17,7 +17,7 @@ from tvm.relax.dpl import rewrite_call
 from .kv_attrs import KV_ATTR, KVCacheAttrs
 
 __all__ = ["bindings", "bound_values", "emit_like", "is_paged", "is_weight_matrix", "kv_attrs_of", "map_relax_functions", "op_name", "paged_functions",
-           "rewrite_calls", "scalar_constant", "weight_params"]
+           "rewrite_calls", "same_shape", "scalar_constant", "weight_params"]
 
 
 def op_name(expr: relax.Expr | None) -> str | None:
@@ -44,6 +44,16 @@ def bindings(func: relax.Function) -> list[relax.VarBinding]:
 def bound_values(func: relax.Function) -> dict[relax.Var, relax.Expr]:
     """Var -> the value bound to it, for every binding of ``func``."""
     return {b.var: b.value for b in bindings(func)}
+
+
+def same_shape(a: relax.Expr, b: relax.Expr, analyzer) -> bool:
+    """Whether tensors ``a`` and ``b`` provably have the same shape (symbolic extents by ``analyzer``)."""
+    ta, tb = a.ty, b.ty
+    if not (isinstance(ta, relax.TensorType) and isinstance(tb, relax.TensorType) and ta.shape is not None
+            and tb.shape is not None):
+        return False
+    da, db = list(ta.shape.values), list(tb.shape.values)
+    return len(da) == len(db) and all(analyzer.can_prove_equal(x, y) for x, y in zip(da, db))
 
 
 def emit_like(bb: relax.BlockBuilder, value: relax.Expr, like: relax.Var) -> relax.Var:

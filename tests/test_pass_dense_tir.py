@@ -13,6 +13,7 @@ from tvm.script import tirx as T
 
 import llmir_tvm
 from llmir_tvm.passes import DenseToTIR
+from llmir_tvm.passes.dense_epilogues import DENSE_ATTR, dense_attr
 from llmir_tvm.target import resolve_target, vector_shape
 from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, dense_nt, dense_tiles, split_threads
 from llmir_tvm.tir_kernels.packed_take import packed_take
@@ -25,16 +26,20 @@ class Before:
     @R.function
     def main(x: R.Tensor((1, "n", 37), "float32"), w: R.Tensor((53, 37), "float32"), u: R.Tensor((53, 19), "float32"),
              x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16"),
-             x4: R.Tensor((2, "n", 3, 37), "float32")):
+             x4: R.Tensor((2, "n", 3, 37), "float32"), x3: R.Tensor((2, "n", 37), "float32")):
+        n = T.int64()
         with R.dataflow():
             y = R.matmul(x, R.permute_dims(w, axes=[1, 0]))  # Linear: our kernel, [1, n, 37] as it is
             y2 = R.matmul(x2, R.permute_dims(w, axes=[1, 0]))  # already 2-D: no reshapes, same kernel
             y4 = R.matmul(x4, R.permute_dims(w, axes=[1, 0]))  # 4-D: reshaped to rows and back
+            flat3 = R.reshape(x3, R.shape([n * 2, 37]))  # the importer's flattening of [b, s, K] ...
+            rows3 = R.matmul(flat3, R.permute_dims(w, axes=[1, 0]))  # ... the rank-3 kernel takes x3 itself
+            y3 = R.reshape(rows3, R.shape([2, n, 53]))
             z = R.matmul(y, u)  # plain weight layout: left alone (OffloadDenseToBLAS takes it)
             s = R.matmul(z, R.permute_dims(z, axes=[0, 2, 1]))  # activations only: left alone
             f = R.matmul(h, R.permute_dims(w16, axes=[1, 0]))  # fp16: left alone
-            R.output(y2, y4, s, f)
-        return (y2, y4, s, f)
+            R.output(y2, y4, y3, s, f)
+        return (y2, y4, y3, s, f)
 
 
 @I.ir_module
@@ -50,7 +55,7 @@ class Expected:
     @R.function
     def main(x: R.Tensor((1, "n", 37), "float32"), w: R.Tensor((53, 37), "float32"), u: R.Tensor((53, 19), "float32"),
              x2: R.Tensor(("m", 37), "float32"), h: R.Tensor((1, "n", 19), "float16"), w16: R.Tensor((7, 19), "float16"),
-             x4: R.Tensor((2, "n", 3, 37), "float32")):
+             x4: R.Tensor((2, "n", 3, 37), "float32"), x3: R.Tensor((2, "n", 37), "float32")):
         n, m = T.int64(), T.int64()
         cls = Expected
         with R.dataflow():
@@ -59,18 +64,23 @@ class Expected:
             flat = R.reshape(x4, R.shape([n * 6, 37]))
             rows = R.call_tir(cls.llmir_dense_nt_37x53, (flat, w), out_ty=R.Tensor((n * 6, 53), "float32"))
             y4 = R.reshape(rows, R.shape([2, n, 3, 53]))
+            out3 = R.call_tir(cls.llmir_dense_nt_37x53_3d, (x3, w), out_ty=R.Tensor((2, n, 53), "float32"))
+            rows3 = R.reshape(out3, R.shape([n * 2, 53]))  # CollapseLayoutChains folds it with the next
+            y3 = R.reshape(rows3, R.shape([2, n, 53]))
             z = R.matmul(y, u)
             s = R.matmul(z, R.permute_dims(z, axes=[0, 2, 1]))
             f = R.matmul(h, R.permute_dims(w16, axes=[1, 0]))
-            R.output(y2, y4, s, f)
-        return (y2, y4, s, f)
+            R.output(y2, y4, y3, s, f)
+        return (y2, y4, y3, s, f)
 
 
 def _expected(plan, isa: str) -> tvm.IRModule:
     mod = tvm.IRModule(dict(Expected.functions_items()), attrs=Expected.attrs)
     for name, rank in KERNELS.items():
         prim = dense_nt(37, 53, rank, plan, split_threads(isa))
-        mod.update_func(mod.get_global_var(name), prim.with_attr("global_symbol", name))
+        mod.update_func(mod.get_global_var(name), prim.with_attr("global_symbol", name).with_attr(
+            DENSE_ATTR, dense_attr(37, 53, rank, DensePlan.tiles_only(plan) if not isinstance(plan, DensePlan) else plan,
+                                   split_threads(isa))))
     return mod
 
 
@@ -98,12 +108,14 @@ def test_model_numerics_on_odd_shapes(n, rng):
     h = rng.standard_normal((1, n, 19)).astype("float16")
     w16 = rng.standard_normal((7, 19)).astype("float16")
     x4 = rng.standard_normal((2, n, 3, 37)).astype("float32")
+    x3 = rng.standard_normal((2, n, 37)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(DenseToTIR()(Before), target=resolve_target()), tvm.cpu())
-    y2, y4, s, f = vm["main"](*[tvm.runtime.tensor(a) for a in (x, w, u, x2, h, w16, x4)])
+    y2, y4, y3, s, f = vm["main"](*[tvm.runtime.tensor(a) for a in (x, w, u, x2, h, w16, x4, x3)])
     w64 = w.T.astype(np.float64)
     z = (x.astype(np.float64) @ w64) @ u
     tvm.testing.assert_allclose(y2.numpy(), x2 @ w64, rtol=1e-5, atol=1e-5)
     tvm.testing.assert_allclose(y4.numpy(), x4 @ w64, rtol=1e-5, atol=1e-5)
+    tvm.testing.assert_allclose(y3.numpy(), x3 @ w64, rtol=1e-5, atol=1e-5)
     tvm.testing.assert_allclose(s.numpy(), z @ z.transpose(0, 2, 1), rtol=1e-4, atol=1e-3)
     tvm.testing.assert_allclose(f.numpy().astype(np.float32), h.astype(np.float32) @ w16.T.astype(np.float32), rtol=2e-2, atol=2e-2)
 
@@ -197,7 +209,8 @@ def test_weights_packed_unless_used_otherwise():
     assert packed_weights(got) == {"0": 16, "1": 16}
     expected = tvm.IRModule(dict(ExpectedWeights.functions_items())).with_attr(PACKED_WEIGHTS_ATTR, {"0": 16, "1": 16})
     for name, plan in (("llmir_dense_nt_37x53_packed", PackedTiles(8, 6, 2)), ("llmir_dense_nt_37x53", DenseTiles(8, 2, 4, 8))):
-        expected.update_func(expected.get_global_var(name), dense_nt(37, 53, 2, plan, split_threads("avx2")).with_attr("global_symbol", name))
+        expected.update_func(expected.get_global_var(name), dense_nt(37, 53, 2, plan, split_threads("avx2")).with_attr(
+            "global_symbol", name).with_attr(DENSE_ATTR, dense_attr(37, 53, 2, DensePlan.tiles_only(plan), split_threads("avx2"))))
     take = "llmir_packed_take_37x53_p16_1d_int64"
     expected.update_func(expected.get_global_var(take), packed_take(37, 53, 16, 1, "int64").with_attr("global_symbol", take))
     tvm.ir.assert_structural_equal(got, expected)
