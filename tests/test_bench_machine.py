@@ -126,13 +126,14 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
     seen: list[tuple[str, bool]] = []
 
     def busy_job_running() -> bool:
-        """Whether a running child of this process has niceness 19 (fields after the name: state, ppid...)."""
+        """Whether a live child of this process has niceness 19 (fields after the name: state, ppid...;
+        a child still loading Python may be in disk sleep, D, on a loaded machine)."""
         for stat_file in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat_file.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == os.getpid() and fields[0] in "RS" and int(fields[16]) == 19:
+            if int(fields[1]) == os.getpid() and fields[0] in ("R", "S", "D") and int(fields[16]) == 19:
                 return True
         return False
 

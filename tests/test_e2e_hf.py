@@ -13,6 +13,8 @@ import torch
 import tvm.testing
 
 import llmir_tvm
+from llmir_tvm.target import vector_shape
+from llmir_tvm.tir_kernels.dense_packed import packed_tiles
 
 from helpers.models import hf_greedy
 
@@ -91,8 +93,11 @@ def test_default_model_first_layers_generate_like_transformers():
     # timed choice is covered by tests/test_dense_choice.py, a timed plan against transformers included.
     compiled = llmir_tvm.compile(hf, kv=llmir_tvm.KVCacheConfig(page_size=16, num_blocks=32), cpu_dense="tir")
     # the tied table is held once, packed: the output projection's GEMM and the gather both read it
+    # (panels of the host ISA's packed tiling: 16 features on AVX2, 32 on AVX-512)
+    shape = vector_shape()
+    panel = packed_tiles(shape.lanes, shape.registers).panel
     tables = [tuple(p.shape) for p in compiled.params if p.size == hf.config.vocab_size * hf.config.hidden_size]
-    assert tables == [(hf.config.vocab_size // 16, hf.config.hidden_size, 16)]
+    assert tables == [(hf.config.vocab_size // panel, hf.config.hidden_size, panel)]
     extra = sum(p.size for p in compiled.params) - sum(p.numel() for p in hf.parameters())
     assert 0 <= extra < hf.config.hidden_size  # only the small constants lifted from the graph (RoPE's)
     engine = llmir_tvm.Engine(compiled)
