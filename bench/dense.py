@@ -11,8 +11,14 @@ weights come from DRAM as in a model step (the vocabulary projection's copies ar
 its copies in turn, the order rotating from round to round, so load from other processes hits
 all alike; medians of the rounds are kept. OpenBLAS's worker threads keep spinning for a while
 after a call and would slow the TVM pass that follows (the contention ``DenseToTIR`` removes from
-compiled models), so a pause (``--blas-pause``) follows every BLAS pass. Threads: TVM's pool
-(``TVM_NUM_THREADS``) and OpenBLAS's, both the usable cores unless set. Outputs are checked against
+compiled models), so a pause (``--blas-pause``) follows every BLAS pass; our pool's workers spin
+for ``parallel_pool.spin_seconds()`` after a kernel (10 ms by default) and slowed the BLAS pass that
+followed 1.5-2x, so twice that pause follows each of our passes. Threads that slept in a pause wake
+late (4-12 ms for the first calls after one on a 2-core KVM guest: a tenth of a millisecond on each
+of 64 short calls), so :data:`PRIME_CALLS` untimed calls run just before every timed pass. Threads: the pool a compiled
+model runs its kernels on (``llmir_tvm.runtime.parallel_pool``, installed before any kernel is built;
+``LLMIR_THREAD_POOL=tvm`` keeps TVM's: recorded as ``thread_pool``), ``TVM_NUM_THREADS`` wide, and
+OpenBLAS's, both the usable cores unless set. Outputs are checked against
 float64 numpy first. Ratio: numpy's time / the candidate's (> 1: ours faster). With ``--isa avx2`` /
 ``avx512`` numpy's OpenBLAS runs that ISA's kernels too (``OPENBLAS_CORETYPE``, :data:`BLAS_CORETYPES`):
 the process starts again with it set, since OpenBLAS reads it when it loads.
@@ -35,6 +41,8 @@ from .machine import ISA_TARGETS, add_isa_argument
 HELP = "CPU dense kernels (packed and register tiles) vs numpy's BLAS, interleaved, 1 to 2048 rows"
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152), (576, 960), (576, 3072))
 ROWS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+#: Untimed calls on the first W copy before each timed pass (the pass's threads awake, its code warm).
+PRIME_CALLS = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     import tvm
 
+    from llmir_tvm.runtime import parallel_pool  # our pool, as compiled models run (before any kernel is built)
     from llmir_tvm.target import resolve_target, vector_shape
     from llmir_tvm.tir_kernels.dense import DensePlan, dense_nt, split_threads
     from llmir_tvm.tir_kernels.dense_packed import PackedTiles, pack_weight
@@ -115,12 +124,16 @@ def run(args: argparse.Namespace) -> int:
             xt, out_dev, out = tvm.runtime.tensor(x), tvm.runtime.empty((m, n), "float32"), np.empty((m, n), np.float32)
             passes = {label: (lambda fn=fn, ws=ws: [fn(xt, a, out_dev) for a in ws]) for label, (fn, ws) in kernels.items()}
             passes["numpy"] = lambda: [np.matmul(x, a.T, out=out) for a in host]
+            primes = {label: (lambda fn=fn, ws=ws: [fn(xt, ws[0], out_dev) for _ in range(PRIME_CALLS)])
+                      for label, (fn, ws) in kernels.items()}
+            primes["numpy"] = lambda: [np.matmul(x, host[0].T, out=out) for _ in range(PRIME_CALLS)]
             for label, (fn, ws) in kernels.items():
                 fn(xt, ws[0], out_dev)
                 err = float(np.abs(out_dev.numpy() - reference).max())
                 if err > 1e-3 * max(1.0, float(np.sqrt(k))):
                     raise AssertionError(f"dense {label} {k}x{n} at {m} rows differs from numpy by {err}")
-            seconds = _interleaved(passes, args.repeats, copies, args.blas_pause)
+            pauses = {label: 2 * parallel_pool.spin_seconds() for label in kernels} | {"numpy": args.blas_pause}
+            seconds = _interleaved(passes, primes, args.repeats, copies, pauses)
             case = {"in_features": k, "out_features": n, "rows": m, "copies": copies,
                     "numpy_ms": seconds["numpy"] * 1e3}
             for label in ours:
@@ -135,27 +148,28 @@ def run(args: argparse.Namespace) -> int:
         rows_out.append({"in_features": k, "out_features": n, "build_seconds": build_seconds})
     result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "candidates": list(ours),
               "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-              "pool_threads": threads, "working_set_bytes": args.working_set, "repeats": args.repeats,
+              "pool_threads": threads, "thread_pool": "tvm" if parallel_pool.library_path() is None else "llmir", "working_set_bytes": args.working_set, "repeats": args.repeats,
               "timing": "interleaved rounds, rotating order, median per call", "cases": rows_out}
     path = save_result("dense_cpu", result, args.out)
     print(f"wrote {path}")
     return 0
 
 
-def _interleaved(passes: dict, repeats: int, per_pass: int, blas_pause: float) -> dict[str, float]:
+def _interleaved(passes: dict, primes: dict, repeats: int, per_pass: int, pauses: dict[str, float]) -> dict[str, float]:
     """Median seconds per call of each pass (``per_pass`` calls each): one warm-up pass each, then
-    ``repeats`` rounds timing every pass in turn, the order rotating by one each round."""
+    ``repeats`` rounds timing every pass in turn, the order rotating by one each round; ``pauses[label]``
+    seconds of sleep follow each pass of ``label`` (its threads' spinning ends before the next pass),
+    and ``primes[label]()`` runs untimed just before each timed pass (its threads are awake)."""
     labels = list(passes)
     for label in labels:
         passes[label]()
-        if label == "numpy":
-            time.sleep(blas_pause)
+        time.sleep(pauses.get(label, 0.0))
     times: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(repeats):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            primes[label]()
             start = time.perf_counter()
             passes[label]()
             times[label].append((time.perf_counter() - start) / per_pass)
-            if label == "numpy":
-                time.sleep(blas_pause)
+            time.sleep(pauses.get(label, 0.0))
     return {label: statistics.median(t) for label, t in times.items()}

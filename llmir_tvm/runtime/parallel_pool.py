@@ -96,6 +96,12 @@ def _spin_ns() -> int:
     return int(micros * 1000)
 
 
+def spin_seconds() -> float:
+    """How long a waiting worker of our pool spins after a parallel kernel before it sleeps: its
+    core stays busy that long (a benchmark timing another library after our kernels waits it out)."""
+    return _spin_ns() / 1e9
+
+
 def _default_threads() -> int:
     """The pool's starting width: ``TVM_NUM_THREADS`` when set, else the cores this process may use."""
     raw = os.environ.get("TVM_NUM_THREADS", "").strip()
