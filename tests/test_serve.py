@@ -345,17 +345,20 @@ def test_bad_requests_get_an_openai_error_and_the_next_request_is_answered(serve
 def test_an_overfull_waiting_queue_answers_503_with_retry_after(tiny_chat_model):
     srv = Server(tiny_chat_model, "--max-num-seqs", "1", "--max-waiting", "1")
     try:
-        long = {"model": NAME, "prompt": "a long one", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+        # As long as the context allows: the tiny model decodes ~1000 tokens/s on a fast core, and a
+        # 150-token request once finished before the queued one arrived (no queue, 200, not 503).
+        long = {"model": NAME, "prompt": "a long one", "max_tokens": CONTEXT - 32, "temperature": 0, "ignore_eos": True}
         results: list = []
         running = threading.Thread(target=lambda: results.append(srv.post("/v1/completions", long)))
         running.start()
         deadline = time.time() + 30
         while srv.metrics()["llmir_requests_running"] == 0 and time.time() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.01)
         queued = threading.Thread(target=lambda: results.append(srv.post("/v1/completions", {**long, "max_tokens": 2})))
         queued.start()
         while srv.metrics()["llmir_requests_waiting"] == 0 and time.time() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.01)
+        assert srv.metrics()["llmir_requests_waiting"] == 1, "the long request ended before the queue filled"
         status, headers, body = srv.post("/v1/completions", {**long, "max_tokens": 2})
         assert status == 503 and headers.get("retry-after") == "1" and body["error"]["code"] == "overloaded"
         running.join(120)
