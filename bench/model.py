@@ -19,7 +19,10 @@ The decode's yardstick is recorded too: the rate of a plain stream read (``bench
 weight bytes a token reads, and each side's decode rate over it; so is the prefill's: the target's
 float32 FMA peak (``bench/fma_peak.py``) and our prefill's GFLOP/s as a share of it.
 The sides run interleaved, repeat after repeat (llama-bench once per round, after ours), and the
-medians are kept, so load from other processes hits all sides alike. Figures are given as ratios ours / Hugging Face and
+medians are kept, so load from other processes hits all sides alike. Each side's short prefill runs
+untimed just before its timed runs of a round, as llama-bench warms up before its own: thread pools
+that slept while the other sides ran wake late (4-12 ms for the first kernels on a 2-core KVM guest,
+``bench/dense.py``), and that belongs to no side's decode. Figures are given as ratios ours / Hugging Face and
 ours / onnxruntime.
 """
 
@@ -147,9 +150,11 @@ def run(args: argparse.Namespace) -> int:
             same["ort"] = ort.generate(prompt, new) == hf_tokens
         for _ in tqdm(range(args.repeats), desc="repeats", unit="round", file=sys.stderr, disable=False):
             for side, (decode, prefill, prefill_long) in sides.items():
+                prefill()  # untimed: this side's threads awake
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))
                 long[side].append(_timed(prefill_long))
+            sides["ours"][1]()  # untimed, as above
             last_only.append(_timed(ours_prefill_last))
             if llama_round is not None:  # in every round too: the machine's drift hits both sides alike
                 llama_rounds.append(llama_round())
