@@ -15,8 +15,8 @@ compiled models), so a pause (``--blas-pause``) follows every BLAS pass; our poo
 for ``parallel_pool.spin_seconds()`` after a kernel (10 ms by default) and slowed the BLAS pass that
 followed 1.5-2x, so twice that pause follows each of our passes. Threads that slept in a pause wake
 late (4-12 ms for the first calls after one on a 2-core KVM guest: a tenth of a millisecond on each
-of 64 short calls), so :data:`PRIME_CALLS` untimed calls run just before every timed pass. Threads: the pool a compiled
-model runs its kernels on (``llmir_tvm.runtime.parallel_pool``, installed before any kernel is built;
+of 64 short calls), so :data:`PRIME_CALLS` untimed calls run just before every timed pass.
+Threads: the pool a compiled model runs its kernels on (``llmir_tvm.runtime.parallel_pool``, installed before any kernel is built;
 ``LLMIR_THREAD_POOL=tvm`` keeps TVM's: recorded as ``thread_pool``), ``TVM_NUM_THREADS`` wide, and
 OpenBLAS's, both the usable cores unless set. Outputs are checked against
 float64 numpy first. Ratio: numpy's time / the candidate's (> 1: ours faster). With ``--isa avx2`` /
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         rows_out.append({"in_features": k, "out_features": n, "build_seconds": build_seconds})
     result = {"target": str(target), "numpy": np.__version__, "isa": args.isa, "candidates": list(ours),
               "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-              "pool_threads": threads, "thread_pool": "tvm" if parallel_pool.library_path() is None else "llmir", "working_set_bytes": args.working_set, "repeats": args.repeats,
+              "pool_threads": threads, "thread_pool": "tvm" if parallel_pool.library_path() is None else "llmir",
+              "working_set_bytes": args.working_set, "repeats": args.repeats,
               "timing": "interleaved rounds, rotating order, median per call", "cases": rows_out}
     path = save_result("dense_cpu", result, args.out)
     print(f"wrote {path}")
