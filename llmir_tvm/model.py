@@ -23,6 +23,7 @@ import tvm.runtime
 from .kv_dtypes import kernel_name
 from .memory_plan import MemoryPlan, kv_block_bytes
 from .runtime import parallel_pool
+from .runtime.host_memory import read_weights
 
 #: Global symbols of the cache kernels embedded in every compiled model.
 CACHE_KERNELS = ("llmir_append_kv", "llmir_lookup_kv", "llmir_copy_blocks")
@@ -242,8 +243,7 @@ def load(directory: str | Path) -> CompiledModel:
         info = ModelInfo.from_dict(json.loads((path / "model.json").read_text()))
     except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"cannot load {path}: {err}") from err
-    with np.load(path / "params.npz") as archive:
-        params = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    params = read_weights(path / "params.npz")
     tokenizer = None
     if (path / "tokenizer").exists():
         try:

@@ -10,6 +10,7 @@ import tvm.runtime
 from tvm.runtime.vm import VirtualMachine
 
 from ..model import CompiledModel
+from ..runtime.host_memory import host_weights
 
 #: Reused device input buffers kept at most (one per role and shape).
 _MAX_INPUT_BUFFERS = 64
@@ -35,7 +36,7 @@ class ModelRunner:
             self.vm, self.params = self.executor, []
         else:
             self.vm = VirtualMachine(compiled.module, device)
-            self.params = [tvm.runtime.tensor(p, device) for p in compiled.params]
+            self.params = host_weights(compiled.params, device)
         self.cache: Any = None  # set by the engine once the cache exists
         self._functions: dict[str, Any] = {}
         # Model inputs reused from step to step, keyed by (role, shape), with a host view where the
