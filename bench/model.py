@@ -242,10 +242,10 @@ def token_read_bytes(params, vocab_size: int, hidden_size: int) -> int:
 
 
 def _stream_rate(weights_bytes: int, decode: dict) -> dict:
-    """The decode's yardstick: the rate of a plain 512 MB stream read on TVM's pool (``bench/bandwidth.py``,
-    measured now), the tokens/s at which a token's ``weights_bytes`` (:func:`token_read_bytes`; before
-    2026-12-07 all parameters, the embedding table included) would stream at that rate, and each side's decode
-    rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
+    """The decode's yardstick: the rate of a plain 512 MB stream read laid out as our weights are
+    (``bench/bandwidth.py``, measured now; on 4 KiB pages before 2026-12-07 13:00), the tokens/s at
+    which a token's ``weights_bytes`` (:func:`token_read_bytes`; before 2026-12-07 all parameters,
+    the embedding table included) would stream at that rate, and each side's decode rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
     tokens (the 2-core Xeon's 300 MB L3 lets both llama.cpp and us exceed it at float32)."""
     from .bandwidth import read_bandwidth_gbps
 
