@@ -26,7 +26,8 @@ def parse_llama_bench(text: str, prompt_tokens: int, gen_tokens: int) -> dict:
     """Prefill and decode tokens/s (means over repeats) from ``llama-bench -o json`` output.
 
     Each test is an object with ``n_prompt``, ``n_gen`` and ``avg_ts``; the prefill test has
-    ``n_prompt == prompt_tokens, n_gen == 0``, the decode test the reverse.
+    ``n_prompt == prompt_tokens, n_gen == 0``, the decode test the reverse. ``prompt_tokens == 0``
+    (``-p 0``): a decode-only run, no prefill test expected.
     """
     try:
         tests = json.loads(text)
@@ -45,7 +46,7 @@ def parse_llama_bench(text: str, prompt_tokens: int, gen_tokens: int) -> dict:
             out[key] = float(test["avg_ts"])
             out[key.replace("tokens_per_s", "stddev")] = float(test.get("stddev_ts", 0.0))
             out.update({k: test[k] for k in ("build_commit", "cpu_info", "n_threads", "model_type") if k in test})
-    missing = {"prefill_tokens_per_s", "decode_tokens_per_s"} - set(out)
+    missing = {"decode_tokens_per_s"} - set(out) | ({"prefill_tokens_per_s"} - set(out) if prompt_tokens else set())
     if missing:
         raise ValueError(f"llama-bench output lacks the pp{prompt_tokens} / tg{gen_tokens} tests ({sorted(missing)})")
     return out

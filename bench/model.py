@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     totals, short, long = ({side: [] for side in sides} for _ in range(3))
     last_only: list[float] = []
     llama_rounds: list[dict] = []
+    llama_paired: list[float] = []  # llama.cpp's decode-only runs, each right after ours
     llama_round = _llama_bench_round(args, quantization, len(long_prompt), new)
     with torch.no_grad():
         for decode, prefill, prefill_long in sides.values():  # warm-up
@@ -153,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
                 prefill()  # untimed: this side's threads awake
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))
+                if side == "ours" and llama_round is not None:  # llama.cpp's decode seconds after ours: the same memory
+                    llama_paired.append(llama_round(0)["decode_tokens_per_s"])
                 long[side].append(_timed(prefill_long))
             sides["ours"][1]()  # untimed, as above
             last_only.append(_timed(ours_prefill_last))
@@ -204,9 +207,12 @@ def run(args: argparse.Namespace) -> int:
         out["llama_cpp"] = llama
         out["decode_batch1"]["llama_cpp_tokens_per_s"] = llama["decode_tokens_per_s"]
         out["decode_batch1"]["ratio_vs_llama_cpp"] = decode["ours"] / llama["decode_tokens_per_s"]
-        # The memory's rate drifts within minutes on shared machines: each round's own ratio, whose sides ran seconds apart.
-        out["decode_batch1"]["ratio_vs_llama_cpp_by_round"] = [
-            (new - 1) / t / r["decode_tokens_per_s"] for t, r in zip(decode_times["ours"], llama_rounds)]
+        # The memory's rate drifts within seconds on shared machines: each round's decode of ours against
+        # llama.cpp's run right after it (its decode-only llama-bench), and their median.
+        paired = [(new - 1) / t / rate for t, rate in zip(decode_times["ours"], llama_paired)]
+        out["decode_batch1"]["llama_cpp_paired_rates"] = llama_paired
+        out["decode_batch1"]["ratio_vs_llama_cpp_by_round"] = paired
+        out["decode_batch1"]["ratio_vs_llama_cpp_paired"] = float(np.median(paired))
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
@@ -220,8 +226,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _llama_bench_round(args: argparse.Namespace, quantization: str | None, prompt_tokens: int, new: int):
-    """A callable running ``llama-bench`` once (prefill and decode, one repetition each) on the GGUF of
-    the compared weights, returning its parsed result; None without ``--llama-bench``."""
+    """A callable running ``llama-bench`` once (prefill and decode, one repetition each; decode only
+    when called with 0 prompt tokens) on the GGUF of the compared weights, returning its parsed
+    result; None without ``--llama-bench``."""
     if args.llama_bench is None:
         return None
     from .llama_cpp import BASELINES, DEFAULT_GGUF, run_llama_bench
@@ -232,7 +239,7 @@ def _llama_bench_round(args: argparse.Namespace, quantization: str | None, promp
     for what, path in (("--llama-bench", Path(args.llama_bench)), ("the llama.cpp GGUF", gguf)):
         if not path.exists():  # before any measurement, not after the first round
             raise FileNotFoundError(f"{what} {path} does not exist (../shared/baselines/build_llama_cpp.sh builds it)")
-    return lambda: run_llama_bench(args.llama_bench, gguf, args.threads, prompt_tokens, new, 1)
+    return lambda prompt=prompt_tokens: run_llama_bench(args.llama_bench, gguf, args.threads, prompt, new, 1)
 
 
 def token_read_bytes(params, vocab_size: int, hidden_size: int) -> int:

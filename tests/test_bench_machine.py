@@ -79,6 +79,15 @@ print(json.dumps({json.dumps(_llama_bench_json(512, 64, 2))}))
         run_llama_bench(fake, gguf, 2, 128, 64, 1)  # the fake asserts -p 512: exits non-zero
 
 
+def test_parse_llama_bench_reads_a_decode_only_run():
+    """``-p 0`` prints the decode test only (the paired runs after each of our decodes)."""
+    decode_only = _llama_bench_json(512, 64, 2)[1:]
+    result = parse_llama_bench(json.dumps(decode_only), 0, 64)
+    assert result["decode_tokens_per_s"] == 46.0 and "prefill_tokens_per_s" not in result
+    with pytest.raises(ValueError, match="lacks the pp512 / tg64"):
+        parse_llama_bench(json.dumps(decode_only), 512, 64)  # a full run must have both
+
+
 def test_parse_llama_bench_rejects_other_output():
     with pytest.raises(ValueError, match="did not print JSON"):
         parse_llama_bench("| model | size |", 512, 64)
