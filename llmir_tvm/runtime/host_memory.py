@@ -64,8 +64,8 @@ def make_resident(pool: tvm.runtime.Tensor) -> tvm.runtime.Tensor:
 
 def _weight_pool(nbytes: int) -> tuple[np.ndarray, int]:
     """An untouched byte buffer for ``nbytes`` of weights and the offset in it where they start: on
-    a 2 MiB boundary, advised to huge pages from :data:`MIN_HUGE_POOL_BYTES`. Registered so that :func:`host_weights` wraps arrays
-    laid out in it instead of copying them."""
+    a 2 MiB boundary, advised to huge pages from :data:`MIN_HUGE_POOL_BYTES` on. Registered, so
+    that :func:`host_weights` wraps the arrays laid out in it instead of copying them."""
     raw = np.empty(nbytes + _HUGE_PAGE, dtype=np.uint8)  # no page is faulted in before the advice
     start = -raw.ctypes.data % _HUGE_PAGE
     if nbytes >= MIN_HUGE_POOL_BYTES:
@@ -80,6 +80,7 @@ def _weight_offsets(sizes: Sequence[int]) -> list[int]:
 
 
 def _in_weight_pool(array: np.ndarray) -> bool:
+    """Whether ``array`` is a contiguous view of a pool :func:`_weight_pool` made (and that still lives)."""
     return array.base is not None and _WEIGHT_POOLS.get(id(array.base)) is array.base and array.flags.c_contiguous
 
 
