@@ -141,6 +141,7 @@ RUNTIME_DIR = pathlib.Path(__file__).resolve().parents[1] / "llmir_tvm" / "runti
 ALLOWED_IMPORTS = {"numpy", "tvm.runtime", "tvm_ffi", "__future__", "typing", "collections", "dataclasses", "hashlib",
                    "importlib", "os", "tempfile",  # these three: the Disco executor (stdlib)
                    "ctypes", "ctypes.util", "sys",  # host_memory's madvise (stdlib)
+                   "collections.abc", "weakref", "zipfile",  # host_memory's weight pools, read from params.npz (stdlib)
                    # parallel_pool: builds its C library and registers it with tvm_ffi (stdlib, tvm_ffi's own)
                    "logging", "platform", "shutil", "subprocess", "threading", "pathlib", "tvm_ffi.libinfo"}
 
