@@ -29,7 +29,8 @@ import tvm
 from .dense_plan_store import PlanStore
 from .target import cpu_features, resolve_target, vector_shape
 from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
-from .tir_kernels.dense_packed import PackedTiles, pack_weight, packed_candidates
+from .runtime.host_memory import host_weights
+from .tir_kernels.dense_packed import PackedTiles, half_width_twin, pack_weight, packed_candidates
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ TILINGS = 2
 #: Another variant replaces the first (the target's best tiling on paper) only when its median is
 #: this much faster: timing noise on a busy machine must not flip the plan from bucket to bucket.
 MARGIN = 0.1
+#: Among packed tilings of one panel width, another replaces the layout's first at a bucket when
+#: this much faster (at most ``margin``): no layout changes with it, and a memory-bound bucket's real
+#: differences are a few percent (the half-width twin of AVX-512's packed tiling at 1 row: 1.6-8.5%).
+VARIANT_MARGIN = 0.02
 
 #: ``measure(variant, rows) -> seconds`` of one call.
 Timer = Callable[[Variant, int], float]
@@ -60,14 +65,15 @@ Timer = Callable[[Variant, int], float]
 
 def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
                 buckets: Sequence[int] = ROW_BUCKETS, repeats: int = REPEATS, max_flops: float = MAX_FLOPS,
-                margin: float = MARGIN) -> DensePlan:
+                margin: float = MARGIN, variant_margin: float = VARIANT_MARGIN) -> DensePlan:
     """The fastest of ``variants`` at each row bucket of a ``K x N`` product, as a plan.
 
     Every variant is timed ``repeats`` times per bucket (more, up to :data:`MAX_REPEATS`, while the
     first variant's samples add up to less than :data:`SAMPLE_SECONDS`), interleaved (so a burst of background
     load hits all of them alike), and the medians compared; ties keep the earlier variant, and
-    the first variant stays unless the fastest beats it by ``margin`` (a fraction of its time).
-    Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
+    a layout's first variant stays unless the fastest of that layout beats it by ``margin`` (a
+    fraction of its time; packed tilings of one panel width: by ``variant_margin``, at most
+    ``margin``). Buckets above ``max_flops`` keep the previous choice. Adjacent equal choices merge.
 
     A plan's variants share one weight layout (packed panels of one width, or ``W [N, K]``), so
     when ``variants`` span several, each layout's best plan is scored by its mean slowdown
@@ -98,7 +104,8 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
         slowdown = 0.0
         for rows, times in medians:
             fastest = min(members, key=lambda i: (times[i], i))
-            best = fastest if times[fastest] < (1.0 - margin) * times[members[0]] else members[0]
+            needed = min(margin, variant_margin) if _layout(variants[members[0]]) else margin  # packed twins
+            best = fastest if times[fastest] < (1.0 - needed) * times[members[0]] else members[0]
             slowdown += times[best] / max(min(times), 1e-30)
             if not chosen or chosen[-1][1] != variants[best]:
                 chosen.append((0 if not chosen else rows, variants[best]))
@@ -180,7 +187,7 @@ class HostTimer:
         layout = _layout(variant)
         if layout not in self._weights:
             host = self.w if layout is None else pack_weight(self.w, layout)
-            self._weights[layout] = [tvm.runtime.tensor(host) for _ in range(self.copies)]
+            self._weights[layout] = host_weights([host] * self.copies, tvm.cpu())  # as a model holds them
             self._turn[layout] = 0
         turn = self._turn[layout]
         self._turn[layout] = (turn + 1) % self.copies
@@ -255,7 +262,8 @@ def cold_weight_bytes() -> int:
 
 def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Variant]:
     """The candidates compiled for ``target``: its preferred packed tiling (the default), then its
-    best ``tilings`` register tilings on ``W [N, K]``.
+    best ``tilings`` register tilings on ``W [N, K]``, then (AVX-512) the packed tiling's
+    half-width twin on the same panels (``dense_packed.half_width_twin``: few rows may run faster).
 
     Not the BLAS (``compile(cpu_dense="blas")`` still asks for it): inside the model its worker
     threads keep spinning on the cores the thread pool computes on next, which no timing of one layer,
@@ -264,7 +272,9 @@ def host_variants(target: tvm.target.Target, tilings: int = TILINGS) -> list[Var
     the same plan and ``OPENBLAS_NUM_THREADS=1`` (2-core Xeon, 2026-12-06); the timing had still
     put the BLAS in 2 of 5 shapes' plans."""
     shape = vector_shape(target)
-    return [packed_candidates(shape.lanes, shape.registers)[0], *tile_candidates(shape.lanes, shape.registers)[:tilings]]
+    packed = packed_candidates(shape.lanes, shape.registers)[0]
+    twin = half_width_twin(packed, shape.registers)
+    return [packed, *tile_candidates(shape.lanes, shape.registers)[:tilings], *([twin] if twin else [])]
 
 
 def host_plans(target: tvm.target.Target, shapes: Sequence[tuple[int, int]],

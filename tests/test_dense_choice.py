@@ -14,7 +14,7 @@ import tvm
 import llmir_tvm
 from llmir_tvm import dense_choice
 from llmir_tvm.dense_choice import DensePlans, choose_plan, host_plans, host_variants, runs_on_host
-from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles
+from llmir_tvm.tir_kernels.dense import DensePlan, DenseTiles, tile_candidates
 from llmir_tvm.tir_kernels.dense_packed import PackedTiles, pack_weight
 
 A, B = DenseTiles(8, 2, 4, 8), DenseTiles(8, 4, 2, 8)
@@ -82,6 +82,26 @@ def test_one_weight_layout_per_plan():
     # the other panel width is its own layout: P4 (never fastest) does not join P's plan
     slow_p = {**fast_p, P: lambda r: 0.76 * r}
     assert choose_plan(576, 576, [P, P4], FakeTimer(slow_p), buckets=buckets, repeats=3, max_flops=1e12) == DensePlan(((0, P),))
+
+
+def test_packed_twins_switch_by_bucket_at_a_smaller_margin():
+    """Two packed tilings of one panel width (AVX-512's and its half-width twin): the twin, 4% faster
+    at 1 row (under the 10% margin, over VARIANT_MARGIN) and slower from 4 rows, takes the 1-row
+    bucket; W [N, K] tilings still need the full margin (B 7.5% faster at 16 rows: A stays)."""
+    full, twin = PackedTiles(16, 14, 2), PackedTiles(8, 6, 4)
+    cost = {full: lambda r: 1.0 * r + 10.0, twin: lambda r: (0.96 * 11.0) if r == 1 else 1.3 * r + 10.0}
+    plan = choose_plan(576, 576, [full, twin], FakeTimer(cost), buckets=(1, 4, 16, 64), repeats=3, max_flops=1e12)
+    assert plan == DensePlan(((0, twin), (4, full)))
+    assert dense_choice.VARIANT_MARGIN < 0.04 < dense_choice.MARGIN
+    plan = choose_plan(576, 576, [A, B], FakeTimer(), buckets=(1, 16), repeats=3, max_flops=1e12)
+    assert plan == DensePlan(((0, A),))
+
+
+def test_avx512_targets_also_offer_the_half_width_twin():
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    variants = host_variants(avx512)
+    assert variants[0] == PackedTiles(16, 14, 2) and variants[-1] == PackedTiles(8, 6, 4)
+    assert variants[1:-1] == tile_candidates(16, 32)[:2]  # index 1: the unpacked tiling small layers get
 
 
 def test_ties_keep_the_earlier_variant_and_no_variants_is_an_error():

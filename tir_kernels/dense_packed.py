@@ -114,6 +114,22 @@ def packed_candidates(lanes: int, registers: int) -> list[PackedTiles]:
     return found
 
 
+def half_width_twin(tiles: PackedTiles, registers: int) -> PackedTiles | None:
+    """The tiling of the same panel in vectors of half the lanes (256-bit vectors on an AVX-512
+    target: AVX-512VL gives them all 32 registers), with the most rows that fit; None below 16 lanes.
+
+    Both read the same packed weight, so a plan can switch between them by row count. Why: a
+    batch-1 product streams its weight at a few bytes per FMA, and on a Zen 4 EPYC (which runs a
+    512-bit operation as two 256-bit halves) SmolLM2-135M's 121 decode products ran 8.5% faster with
+    ``p8l6x4`` than with ``p16l14x2`` when the memory was fast (1.6% when it was slow), while 4 rows
+    and more ran 15-40% slower: ``llmir_tvm.dense_choice`` times both."""
+    if tiles.lanes < 16:
+        return None
+    lanes, vectors = tiles.lanes // 2, tiles.vectors * 2
+    rows = min(16, (registers - vectors - 1) // vectors)
+    return PackedTiles(lanes, rows, vectors) if rows >= 1 else None
+
+
 def packed_tiles(lanes: int, registers: int) -> PackedTiles:
     """The best-on-paper packed tiling for ``registers`` vectors of ``lanes`` float32."""
     return packed_candidates(lanes, registers)[0]
