@@ -219,34 +219,47 @@ def test_packed_epilogues(isa, rng):
         dense_nt(37, 64, 2, tiles, 2, "relu")
 
 
-def test_half_width_twin_reads_the_same_panels_in_a_plan_with_the_full_width_tiling(rng):
-    """AVX-512's packed tiling and its 256-bit twin (``p8l6x4``: 8 lanes x 4 vectors, the same
-    32-feature panels) in one plan: the twin below 4 rows, ``p16l14x2`` from 4 on, with the ``add``
-    and ``silu_mul`` epilogues; rows 0-5 and 17, 257 against numpy (float64). AVX2 has no twin."""
+def test_half_width_twin_reads_the_full_width_tilings_panels(rng):
+    """AVX-512's packed tiling's 256-bit twin (``p8l6x4``: 8 lanes x 4 vectors) reads the same
+    32-feature panels: its ``add`` epilogue at rows 0-5, 17 and 257 and ``silu_mul`` at 1, 3 and 17
+    (K = 37, 4 panels: a partial last one for ``add``) against numpy (float64). (A plan switching
+    between them by rows: ``test_a_plan_switches_packed_tilings_of_one_panel_by_rows``; building
+    ``p16l14x2`` beside it here took 30 s.) AVX2 has no twin."""
     target = tvm.target.Target(_isa("avx512"))
     shape = vector_shape(target)
     full = packed_candidates(shape.lanes, shape.registers)[0]
     twin = dense_packed.half_width_twin(full, shape.registers)
     assert twin == PackedTiles(8, 6, 4) and twin.panel == full.panel and twin.registers <= shape.registers
     assert dense_packed.half_width_twin(PackedTiles(8, 6, 2), 16) is None
-    plan = DensePlan(((0, twin), (4, full)))
-    _check(dense_nt(600, 53, 2, plan, 2), target, (0, 1, 2, 3, 4, 5, 17, 257), 600, 53, rng, full.panel)
-    k, n = 37, 4 * full.panel
-    w = rng.standard_normal((n, k)).astype("float32")
-    wp = tvm.runtime.tensor(pack_weight(w, full.panel))
-    add = tvm.tirx.build(dense_nt(k, n, 3, plan, 2, "add").with_attr("global_symbol", "dense"), target)["dense"]
-    silu = tvm.tirx.build(dense_nt(k, n, 3, plan, 2, "silu_mul").with_attr("global_symbol", "dense"), target)["dense"]
-    for rows in (1, 3, 17):
-        x = rng.standard_normal((1, rows, k)).astype("float32")
-        res = rng.standard_normal((1, rows, n)).astype("float32")
-        y = x.astype(np.float64) @ w.T.astype(np.float64)
-        out = tvm.runtime.tensor(np.full((1, rows, n), np.nan, "float32"))
-        add(tvm.runtime.tensor(x), wp, tvm.runtime.tensor(res), out)
-        tvm.testing.assert_allclose(out.numpy(), y + res, rtol=1e-5, atol=1e-4)
-        out = tvm.runtime.tensor(np.full((1, rows, n // 2), np.nan, "float32"))
-        silu(tvm.runtime.tensor(x), wp, out)
-        gate, up = y[..., : n // 2], y[..., n // 2:]
-        tvm.testing.assert_allclose(out.numpy(), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-4)
+    plan = DensePlan.tiles_only(twin)
+    k = 37
+    for n, epilogue, rows_list in ((4 * full.panel - 11, "add", (0, 1, 2, 3, 4, 5, 17, 257)), (4 * full.panel, "silu_mul", (1, 3, 17))):
+        w = rng.standard_normal((n, k)).astype("float32")
+        wp = tvm.runtime.tensor(pack_weight(w, full.panel))
+        run = tvm.tirx.build(dense_nt(k, n, 3, plan, 2, epilogue).with_attr("global_symbol", "dense"), target)["dense"]
+        for rows in rows_list:
+            x = rng.standard_normal((1, rows, k)).astype("float32")
+            y = x.astype(np.float64) @ w.T.astype(np.float64)
+            if epilogue == "add":
+                res = rng.standard_normal((1, rows, n)).astype("float32")
+                out = tvm.runtime.tensor(np.full((1, rows, n), np.nan, "float32"))
+                run(tvm.runtime.tensor(x), wp, tvm.runtime.tensor(res), out)
+                want = y + res
+            else:
+                out = tvm.runtime.tensor(np.full((1, rows, n // 2), np.nan, "float32"))
+                run(tvm.runtime.tensor(x), wp, out)
+                gate, up = y[..., : n // 2], y[..., n // 2:]
+                want = gate / (1 + np.exp(-gate)) * up
+            tvm.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_plan_switches_packed_tilings_of_one_panel_by_rows(rng):
+    """Two packed tilings of one panel width in one plan (as a measured plan puts AVX-512's twin
+    below its full-width tiling): AVX2's ``p8l6x2`` below 4 rows, ``p8l4x2`` from 4 on, on the same
+    packed weight; rows 0-5, 9 and 17 against numpy (float64)."""
+    target = _isa("avx2")
+    plan = DensePlan(((0, PackedTiles(8, 6, 2)), (4, PackedTiles(8, 4, 2))))
+    _check(dense_nt(37, 40, 2, plan, 2), target, (0, 1, 2, 3, 4, 5, 9, 17), 37, 40, rng, plan.panel)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
