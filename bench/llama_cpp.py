@@ -46,7 +46,8 @@ def parse_llama_bench(text: str, prompt_tokens: int, gen_tokens: int) -> dict:
             out[key] = float(test["avg_ts"])
             out[key.replace("tokens_per_s", "stddev")] = float(test.get("stddev_ts", 0.0))
             out.update({k: test[k] for k in ("build_commit", "cpu_info", "n_threads", "model_type") if k in test})
-    missing = {"decode_tokens_per_s"} - set(out) | ({"prefill_tokens_per_s"} - set(out) if prompt_tokens else set())
+    required = {"decode_tokens_per_s"} | ({"prefill_tokens_per_s"} if prompt_tokens else set())
+    missing = required - set(out)
     if missing:
         raise ValueError(f"llama-bench output lacks the pp{prompt_tokens} / tg{gen_tokens} tests ({sorted(missing)})")
     return out

@@ -100,11 +100,11 @@ def choose_plan(k: int, n: int, variants: Sequence[Variant], measure: Timer,
     plans, scores = {}, {}
     for layout in layouts:
         members = [i for i, v in enumerate(variants) if _layout(v) == layout]
+        needed = margin if layout is None else min(margin, variant_margin)  # packed tilings of one panel: twins
         chosen: list[tuple[int, Variant]] = []
         slowdown = 0.0
         for rows, times in medians:
             fastest = min(members, key=lambda i: (times[i], i))
-            needed = min(margin, variant_margin) if _layout(variants[members[0]]) else margin  # packed twins
             best = fastest if times[fastest] < (1.0 - needed) * times[members[0]] else members[0]
             slowdown += times[best] / max(min(times), 1e-30)
             if not chosen or chosen[-1][1] != variants[best]:

@@ -107,11 +107,17 @@ def packed_candidates(lanes: int, registers: int) -> list[PackedTiles]:
     ``llmir_tvm.dense_choice`` times the first few on the host."""
     found = []
     for vectors in (2, 4, 3):
-        rows = min(16, (registers - vectors - 1) // vectors)
+        rows = _most_rows(vectors, registers)
         if rows < 1:
             continue
         found.append(PackedTiles(lanes, rows, vectors))
     return found
+
+
+def _most_rows(vectors: int, registers: int) -> int:
+    """Rows of a packed tile of ``vectors`` vectors that fit ``registers`` (accumulators, the loaded
+    W vectors and a broadcast: :attr:`PackedTiles.registers`), at most 16."""
+    return min(16, (registers - vectors - 1) // vectors)
 
 
 def half_width_twin(tiles: PackedTiles, registers: int) -> PackedTiles | None:
@@ -125,9 +131,9 @@ def half_width_twin(tiles: PackedTiles, registers: int) -> PackedTiles | None:
     and more ran 15-40% slower: ``llmir_tvm.dense_choice`` times both."""
     if tiles.lanes < 16:
         return None
-    lanes, vectors = tiles.lanes // 2, tiles.vectors * 2
-    rows = min(16, (registers - vectors - 1) // vectors)
-    return PackedTiles(lanes, rows, vectors) if rows >= 1 else None
+    vectors = tiles.vectors * 2
+    rows = _most_rows(vectors, registers)
+    return PackedTiles(tiles.lanes // 2, rows, vectors) if rows >= 1 else None
 
 
 def packed_tiles(lanes: int, registers: int) -> PackedTiles:

@@ -95,7 +95,7 @@ def host_weights(arrays: Sequence[np.ndarray], device: tvm.runtime.Device) -> li
     if device.dlpack_device_type() != tvm.runtime.cpu().dlpack_device_type():
         return [tvm.runtime.tensor(a, device) for a in arrays]
     if arrays and all(_in_weight_pool(a) for a in arrays):
-        return [_wrap(a) for a in arrays]
+        return [host_view(a) for a in arrays]
     offsets = _weight_offsets([a.nbytes for a in arrays])
     if offsets[-1] < MIN_HUGE_POOL_BYTES:
         return [tvm.runtime.tensor(a, device) for a in arrays]
@@ -104,13 +104,13 @@ def host_weights(arrays: Sequence[np.ndarray], device: tvm.runtime.Device) -> li
     for array, offset in zip(arrays, offsets):
         view = raw[start + offset : start + offset + array.nbytes].view(array.dtype).reshape(array.shape)
         np.copyto(view, array)
-        tensors.append(_wrap(view))
+        tensors.append(host_view(view))
     return tensors
 
 
-def _wrap(array: np.ndarray) -> tvm.runtime.Tensor:
-    """A host tensor viewing ``array`` (numpy places an empty slice off the 64-byte alignment
-    ``from_dlpack`` asks for: an empty tensor stands in for it)."""
+def host_view(array: np.ndarray) -> tvm.runtime.Tensor:
+    """A host tensor viewing ``array`` (64-byte aligned), no copy. numpy gives an empty slice its
+    base's pointer, which may miss the alignment ``from_dlpack`` asks for: an empty tensor stands in."""
     return tvm.runtime.from_dlpack(array) if array.size else tvm.runtime.empty(array.shape, str(array.dtype))
 
 

@@ -28,7 +28,7 @@ import tvm_ffi
 from ..kv_dtypes import CPU_KV_DTYPES, check_kv_dtype, is_quantized, kernel_name, lookup_dtype, pool_row_bytes, pool_row_elems
 from .allocator import BlockAllocator
 from .cache_interface import KVCacheCapabilities
-from .host_memory import make_resident
+from .host_memory import host_view, make_resident
 
 __all__ = ["PagedKVCache", "PoolProvider", "StepTensors", "block_hash", "prefix_block_hashes"]
 
@@ -971,10 +971,7 @@ class PagedKVCache:
             views.append(view)
             off += size
         if on_cpu:
-            # (numpy gives empty slices the base pointer, which may be unaligned)
-            tensors = StepTensors(
-                *(tvm.runtime.from_dlpack(v) if v.size else tvm.runtime.empty(v.shape, "int32", self.device) for v in views)
-            )
+            tensors = StepTensors(*(host_view(v) for v in views))
             if len(self._step_buffers) >= _MAX_STEP_BUFFERS:
                 self._step_buffers.clear()
             self._step_buffers[key] = (views, tensors)
