@@ -87,11 +87,11 @@ def test_tiles_follow_the_target():
     avx2, avx512 = tvm.target.Target(ISAS["avx2"][0]), tvm.target.Target(ISAS["avx512"][0])
     for target, lanes in ((avx2, 8), (avx512, 16), (AARCH64, 4)):
         script = tir_kernels.paged_decode_attention(cfg, target).script()
-        assert f"part = T.alloc_local((3, 16, {lanes}))" in script  # partial sums per key: one vector
+        assert f"part = T.alloc_buffer((3, 16, {lanes}))" in script  # partial sums per key: one vector
     for target, lanes, chains in ((avx2, 8, 8), (avx512, 16, 16), (AARCH64, 4, 16)):
         script = tir_kernels.paged_prefill_attention(cfg, target).script()
-        assert f'sacc = T.alloc_local(({chains},), "float32x{lanes}")' in script
-        assert "qt = T.alloc_local((64, 32))" in script  # 10 rows x 3 heads, padded to whole vectors
+        assert f'sacc = T.alloc_buffer(({chains},), "float32x{lanes}")' in script
+        assert "qt = T.alloc_buffer((64, 32))" in script  # 10 rows x 3 heads, padded to whole vectors
     assert paged_attention._vector_lanes(24, 16) == 8 and paged_attention._vector_lanes(64, 4) == 4
 
 

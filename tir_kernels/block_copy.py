@@ -44,9 +44,9 @@ def copy_blocks(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         dst = T.match_buffer(dst_h, (N,), "int32", align=4)
         cache_b = T.decl_buffer((NB, P, H, BS, RB), "uint8", data=cache.data, align=1)
         for task in T.parallel(N * P * H):
-            i: T.int64 = task // (P * H)
-            kv: T.int64 = task // H % P
-            h: T.int64 = task % H
+            i: T.let[T.int64] = task // (P * H)
+            kv: T.let[T.int64] = task // H % P
+            h: T.let[T.int64] = task % H
             for o in range(BS):
                 for d in T.vectorized(RB):
                     cache_b[T.Cast("int64", dst[i]), kv, h, o, d] = cache_b[T.Cast("int64", src[i]), kv, h, o, d]
@@ -82,10 +82,10 @@ def cuda_copy_blocks(layout: CacheLayout, target: Target) -> tvm.tirx.PrimFunc:
             for i in T.thread_binding(N, thread="blockIdx.x"):
                 for bx in T.thread_binding(NX, thread="blockIdx.y"):
                     for tx in T.thread_binding(NTH, thread="threadIdx.x"):
-                        c: T.int32 = bx * NTH + tx
+                        c: T.let[T.int32] = bx * NTH + tx
                         if c < CB:
-                            blk_s: T.int64 = T.Cast("int64", src[i])
-                            blk_d: T.int64 = T.Cast("int64", dst[i])
+                            blk_s: T.let[T.int64] = T.Cast("int64", src[i])
+                            blk_d: T.let[T.int64] = T.Cast("int64", dst[i])
                             for v in T.vectorized(LANES):
                                 flat[blk_d * BLOCK + c * LANES + v] = flat[blk_s * BLOCK + c * LANES + v]
 

@@ -32,8 +32,8 @@ def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     @T.macro
     def append_token(t, cache, keys, values, slot_mapping):
         if slot_mapping[t] >= 0:
-            blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
-            off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
+            blk: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) // BS
+            off: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) % BS
             for h in range(H):
                 for d in T.vectorized(D):
                     cache[blk, 0, h, off, d] = keys[t, h, d]
@@ -67,8 +67,8 @@ def _append_latent(layout: CacheLayout) -> tvm.tirx.PrimFunc:
     @T.macro
     def append_token(t, cache, keys, slot_mapping):
         if slot_mapping[t] >= 0:
-            blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
-            off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
+            blk: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) // BS
+            off: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) % BS
             for h in range(H):
                 for d in T.vectorized(D):
                     cache[blk, 0, h, off, d] = keys[t, h, d]
@@ -114,11 +114,11 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         out_k = T.match_buffer(ok_h, (B, MB * BS, H, D), dtype, align=ALIGN)
         out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), dtype, align=ALIGN)
         for task in T.parallel(B * MB):
-            b: T.int64 = task // MB
-            i: T.int64 = task % MB
+            b: T.let[T.int64] = task // MB
+            i: T.let[T.int64] = task % MB
             for o in range(BS):
                 if i * BS + o < T.Cast("int64", seq_lens[b]):
-                    blk: T.int64 = T.Cast("int64", block_table[b, i])
+                    blk: T.let[T.int64] = T.Cast("int64", block_table[b, i])
                     for h in range(H):
                         for d in T.vectorized(D):
                             out_k[b, i * BS + o, h, d] = cache[blk, 0, h, o, d]

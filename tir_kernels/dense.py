@@ -242,9 +242,9 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
     @T.macro
     def full_task(ic, nch, jt, n, x, w, out):
         """W rows ``jt*TASK_COLS..`` times the x rows of chunk ``ic`` (the leftover rows in the last chunk)."""
-        acc = T.alloc_buffer((1, ACC, LANES), "float32", scope="local")
-        res = T.alloc_buffer((ACC,), "float32", scope="local")
-        j0: T.int64 = jt * TASK_COLS
+        acc = T.alloc_buffer((1, ACC, LANES), "float32")
+        res = T.alloc_buffer((ACC,), "float32")
+        j0: T.let[T.int64] = jt * TASK_COLS
         for js in range(TASK_COLS // TILE_C):  # a TILE_C-row slice of W stays in L1 over the chunk
             for ib in range(ic * CHUNK_TILES, T.min(n // TILE_R, ic * CHUNK_TILES + CHUNK_TILES)):
                 tile(acc, res, x, w, out, ib * TILE_R, j0 + js * TILE_C, TILE_R, TILE_C, ib == ic * CHUNK_TILES)
@@ -256,7 +256,7 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
     @T.macro
     def rest_task(n, x, w, out):
         """The last ``N % TASK_COLS`` output features, one dot product at a time."""
-        s = T.alloc_buffer((1,), "float32", scope="local")
+        s = T.alloc_buffer((1,), "float32")
         for i in range(n):
             for c in range(REST):
                 s[0] = T.float32(0)
@@ -266,7 +266,7 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
 
     @T.macro
     def task_work(task, n, x, w, out):
-        nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        nch: T.let[T.int64] = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         if task % TASKS < FULL_TASKS:
             full_task(task // TASKS, nch, task % TASKS, n, x, w, out)
         elif task // TASKS == 0:
@@ -276,7 +276,7 @@ def _products(K: int, N: int, tiles: DenseTiles, threads: int):
 
     @T.macro
     def products(n, x, w, out):
-        nch: T.int64 = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        nch: T.let[T.int64] = T.max((n // TILE_R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         run_tasks(nch * TASKS, n, x, w, out)  # chunk-major: a thread's consecutive tasks share x rows
 
     return products

@@ -302,17 +302,17 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
         L2); with several panel groups the chunks were packed once before the tasks. Every output
         is written once, from registers (never accumulated in ``out``; ``"silu_mul"`` multiplies the
         gate's results in place, within the task)."""
-        acc = T.alloc_buffer((ROWS * VECS, LANES), "float32", scope="local")
-        chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
-        many: T.bool = chunks >= MANY_CHUNKS
-        group: T.int64 = T.Select(many, T.int64(WIDE), T.int64(NARROW))
-        groups: T.int64 = (GATE_PANELS + group - 1) // group
-        i_start: T.int64 = T.Select(many, task % chunks, task // groups) * CHUNK
-        i_end: T.int64 = T.min(n, i_start + CHUNK)
-        tiles_n: T.int64 = (i_end - i_start) // ROWS
-        whole_end: T.int64 = i_start + tiles_n * ROWS
-        p0: T.int64 = T.Select(many, task // chunks, task % groups) * group
-        t0: T.int64 = i_start // ROWS
+        acc = T.alloc_buffer((ROWS * VECS, LANES), "float32")
+        chunks: T.let[T.int64] = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
+        many: T.let[T.bool] = chunks >= MANY_CHUNKS
+        group: T.let[T.int64] = T.Select(many, T.int64(WIDE), T.int64(NARROW))
+        groups: T.let[T.int64] = (GATE_PANELS + group - 1) // group
+        i_start: T.let[T.int64] = T.Select(many, task % chunks, task // groups) * CHUNK
+        i_end: T.let[T.int64] = T.min(n, i_start + CHUNK)
+        tiles_n: T.let[T.int64] = (i_end - i_start) // ROWS
+        whole_end: T.let[T.int64] = i_start + tiles_n * ROWS
+        p0: T.let[T.int64] = T.Select(many, task // chunks, task % groups) * group
+        t0: T.let[T.int64] = i_start // ROWS
         if groups == 1:
             pack_tiles(ops[0], ops[1], t0, t0 + tiles_n)
         for jp in range(p0, T.min(p0 + group, GATE_PANELS)):
@@ -325,9 +325,9 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
 
     @T.macro
     def products(n, x, wp, out, res):
-        chunks: T.int64 = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
-        group: T.int64 = T.Select(chunks >= MANY_CHUNKS, T.int64(WIDE), T.int64(NARROW))
-        groups: T.int64 = (GATE_PANELS + group - 1) // group
+        chunks: T.let[T.int64] = T.max((n + CHUNK - 1) // CHUNK, T.int64(1))
+        group: T.let[T.int64] = T.Select(chunks >= MANY_CHUNKS, T.int64(WIDE), T.int64(NARROW))
+        groups: T.let[T.int64] = (GATE_PANELS + group - 1) // group
         xs = T.alloc_buffer((T.max(n // ROWS, T.int64(1)) * ROWS * K,), "float32")
         if groups > 1 and n * K >= PACK_PARALLEL_ELEMENTS:  # every chunk serves several tasks: pack it once, here
             for t in T.parallel(n // ROWS):

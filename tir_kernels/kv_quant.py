@@ -127,13 +127,13 @@ def quantize_row_macro(dtype: str, head_dim: int):
         amax[0] = T.float32(0)
         for d in range(D):
             amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", src[t, h, d])))
-        scale16: T.float16 = T.Cast("float16", T.min(amax[0] / T.float32(qmax), T.float32(_FP16_MAX)))
-        scale: T.float32 = T.Cast("float32", scale16)
+        scale16: T.let[T.float16] = T.Cast("float16", T.min(amax[0] / T.float32(qmax), T.float32(_FP16_MAX)))
+        scale: T.let[T.float32] = T.Cast("float32", scale16)
         bits: T.uint16 = T.reinterpret("uint16", scale16)
         pool_bytes[blk, kv, h, off, D] = T.Cast("uint8", bits & T.uint16(255))
         pool_bytes[blk, kv, h, off, D + 1] = T.Cast("uint8", T.shift_right(bits, T.uint16(8)))
         for d in range(D):
-            x: T.float32 = T.if_then_else(scale > T.float32(0), T.Cast("float32", src[t, h, d]) / scale, T.float32(0))
+            x: T.let[T.float32] = T.if_then_else(scale > T.float32(0), T.Cast("float32", src[t, h, d]) / scale, T.float32(0))
             if dtype == "int8":
                 pool[blk, kv, h, off, d] = T.Cast("int8", T.max(T.min(T.round(x), T.float32(127)), T.float32(-127)))
             else:

@@ -35,7 +35,7 @@ def packed_take(in_features: int, out_features: int, panel: int, index_rank: int
 
     @T.macro
     def gather_row(t, idf, wpf, outf):
-        n: T.int64 = T.max(T.min(T.Cast("int64", idf[t]), T.int64(N - 1)), T.int64(0))
+        n: T.let[T.int64] = T.max(T.min(T.Cast("int64", idf[t]), T.int64(N - 1)), T.int64(0))
         for k in range(K):
             outf[t * K + k] = wpf[((n // P) * K + k) * P + n % P]
 

@@ -117,8 +117,8 @@ def _prefetch_macros(cfg: AttentionConfig, CH: int):
 
     @T.macro
     def prefetch_key(t, n_sink, lo, cache_fb, block_table, b, hk0):
-        p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
-        row: T.int64 = ((T.Cast("int64", block_table[b, p // BS]) * P * H + hk0) * BS + p % BS) * RB
+        p: T.let[T.int64] = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+        row: T.let[T.int64] = ((T.Cast("int64", block_table[b, p // BS]) * P * H + hk0) * BS + p % BS) * RB
         for kv in range(P):
             for h in T.unroll(HT):
                 for j in T.unroll(NL):
@@ -249,26 +249,26 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
 
     @T.macro
     def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk0):
-        slope = T.alloc_buffer((NG,), "float32", scope="local")  # ALiBi slope / sink logit per query vector
-        sink = T.alloc_buffer((NG,), "float32", scope="local")
+        slope = T.alloc_buffer((NG,), "float32")  # ALiBi slope / sink logit per query vector
+        sink = T.alloc_buffer((NG,), "float32")
         for g in range(NG):
             slope[g] = head_value(cfg.alibi_slopes, hk0 * G + g) if ALIBI else T.float32(0)
             sink[g] = head_value(cfg.sink_logits, hk0 * G + g) if SINKS else T.float32(0)
-        qf = T.alloc_buffer((NG, D), "float32", scope="local")
-        acc = T.alloc_buffer((NG, D), "float32", scope="local")
-        part = T.alloc_buffer((NG, CH, VL), PART, scope="local")  # per key: VL partial sums of its dot product
-        qi = T.alloc_buffer((NG, D), "int16", scope="local")  # int_dot: the query in int16 ...
-        qsc = T.alloc_buffer((NG,), "float32", scope="local")  # ... and its scale per head
-        kw = T.alloc_buffer((32,), "int16", scope="local")  # int_dot: 32 key elements widened
-        score = T.alloc_buffer((NG, CH), "float32", scope="local")
-        mx = T.alloc_buffer((NG,), "float32", scope="local")
-        den = T.alloc_buffer((NG, CH), "float32", scope="local")  # per-lane partial denominators
-        fix = T.alloc_buffer((NG,), "float32", scope="local")
-        rk = T.alloc_buffer((CH,), "int64", scope="local")  # flat pool index of each key's K row (head hk0)
-        ksc = T.alloc_buffer((HT, CH), "float32", scope="local")  # row scales (quantized pools only) ...
-        vsc = T.alloc_buffer((HT, CH), "float32", scope="local")
-        ksw = T.alloc_buffer((HT, CH), "uint16", scope="local")  # ... staged as float16 bits, converted 16 at once
-        vsw = T.alloc_buffer((HT, CH), "uint16", scope="local")
+        qf = T.alloc_buffer((NG, D), "float32")
+        acc = T.alloc_buffer((NG, D), "float32")
+        part = T.alloc_buffer((NG, CH, VL), PART)  # per key: VL partial sums of its dot product
+        qi = T.alloc_buffer((NG, D), "int16")  # int_dot: the query in int16 ...
+        qsc = T.alloc_buffer((NG,), "float32")  # ... and its scale per head
+        kw = T.alloc_buffer((32,), "int16")  # int_dot: 32 key elements widened
+        score = T.alloc_buffer((NG, CH), "float32")
+        mx = T.alloc_buffer((NG,), "float32")
+        den = T.alloc_buffer((NG, CH), "float32")  # per-lane partial denominators
+        fix = T.alloc_buffer((NG,), "float32")
+        rk = T.alloc_buffer((CH,), "int64")  # flat pool index of each key's K row (head hk0)
+        ksc = T.alloc_buffer((HT, CH), "float32")  # row scales (quantized pools only) ...
+        vsc = T.alloc_buffer((HT, CH), "float32")
+        ksw = T.alloc_buffer((HT, CH), "uint16")  # ... staged as float16 bits, converted 16 at once
+        vsw = T.alloc_buffer((HT, CH), "uint16")
         for h in range(HT):
             for i in T.vectorized(CH):
                 ksw[h, i] = T.uint16(0)
@@ -291,10 +291,10 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
         for c in range(PREFETCH_CHUNKS):
             prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk0)
         for c in range((n_vis + CH - 1) // CH):
-            cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
+            cnt: T.let[T.int64] = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(cnt):
-                t: T.int64 = c * CH + i
-                p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+                t: T.let[T.int64] = c * CH + i
+                p: T.let[T.int64] = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                 rk[i] = ((T.Cast("int64", block_table[b, p // BS]) * P * H + hk0) * BS + p % BS) * RW
                 if quant:
                     for h in range(HT):
@@ -336,7 +336,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
                     )
                 fix[g] = lanes_max(score[g, T.Ramp(0, 1, CH)], CH)  # the chunk's max, in registers
                 if fix[g] > mx[g]:  # the running max grew: rescale (rare once a long context is under way)
-                    m_new: T.float32 = fix[g]
+                    m_new: T.let[T.float32] = fix[g]
                     fix[g] = exp_nonpositive(mx[g] - m_new)
                     mx[g] = m_new
                     for i in T.vectorized(CH):
@@ -402,23 +402,23 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
 
     @T.macro
     def body(q_rows, out_rows, row0, nrows, pos0, seq_len, cache, cache_b, block_table, b, hk):
-        slope = T.alloc_buffer((NVP,), "float32", scope="local")  # ALiBi slope per query vector
-        sink = T.alloc_buffer((G,), "float32", scope="local")  # sink logit per group head
-        qt = T.alloc_buffer((D, NVP), "float32", scope="local")
-        acc = T.alloc_buffer((NV, D), "float32", scope="local")
-        sc = T.alloc_buffer((CH, NVP), "float32", scope="local")  # a chunk's scores, then probabilities
-        sacc = T.alloc_buffer((UK * VW,), f"float32x{L}", scope="local")
-        mx = T.alloc_buffer((NVP,), "float32", scope="local")
-        den = T.alloc_buffer((NVP,), "float32", scope="local")
-        fix = T.alloc_buffer((NVP,), "float32", scope="local")
-        top = T.alloc_buffer((NVP,), "float32", scope="local")
-        vpos = T.alloc_buffer((NVP,), "int32", scope="local")  # query position per vector (-1: padding)
-        blk = T.alloc_buffer((CH,), "int64", scope="local")
-        off = T.alloc_buffer((CH,), "int64", scope="local")
-        kpos = T.alloc_buffer((CH,), "int32", scope="local")  # key position (-1: past the visible range)
-        ksc = T.alloc_buffer((CH,), "float32", scope="local")  # K / V row scales (quantized pools only)
-        vsc = T.alloc_buffer((CH,), "float32", scope="local")
-        nv: T.int64 = nrows * G
+        slope = T.alloc_buffer((NVP,), "float32")  # ALiBi slope per query vector
+        sink = T.alloc_buffer((G,), "float32")  # sink logit per group head
+        qt = T.alloc_buffer((D, NVP), "float32")
+        acc = T.alloc_buffer((NV, D), "float32")
+        sc = T.alloc_buffer((CH, NVP), "float32")  # a chunk's scores, then probabilities
+        sacc = T.alloc_buffer((UK * VW,), f"float32x{L}")
+        mx = T.alloc_buffer((NVP,), "float32")
+        den = T.alloc_buffer((NVP,), "float32")
+        fix = T.alloc_buffer((NVP,), "float32")
+        top = T.alloc_buffer((NVP,), "float32")
+        vpos = T.alloc_buffer((NVP,), "int32")  # query position per vector (-1: padding)
+        blk = T.alloc_buffer((CH,), "int64")
+        off = T.alloc_buffer((CH,), "int64")
+        kpos = T.alloc_buffer((CH,), "int32")  # key position (-1: past the visible range)
+        ksc = T.alloc_buffer((CH,), "float32")  # K / V row scales (quantized pools only)
+        vsc = T.alloc_buffer((CH,), "float32")
+        nv: T.let[T.int64] = nrows * G
         for g in range(G):
             sink[g] = head_value(cfg.sink_logits, hk * G + g) if SINKS else T.float32(0)
         for v in range(T.int64(NVP)):
@@ -438,10 +438,10 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                 acc[v, d] = T.float32(0)
         n_sink, lo, n_vis = _visible_range(causal, W, S, pos0, pos0 + nrows - 1, seq_len)
         for c in range((n_vis + CH - 1) // CH):
-            cnt: T.int64 = T.min(T.int64(CH), n_vis - c * CH)
+            cnt: T.let[T.int64] = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(T.int64(CH)):  # keys past cnt read key 0's row (defined) and are masked
-                t: T.int64 = c * CH + T.if_then_else(i < cnt, i, T.int64(0))
-                p: T.int64 = T.if_then_else(t < n_sink, t, lo + t - n_sink)
+                t: T.let[T.int64] = c * CH + T.if_then_else(i < cnt, i, T.int64(0))
+                p: T.let[T.int64] = T.if_then_else(t < n_sink, t, lo + t - n_sink)
                 kpos[i] = T.if_then_else(i < cnt, T.Cast("int32", p), T.int32(-1))
                 blk[i] = T.Cast("int64", block_table[b, p // BS])
                 off[i] = p % BS
@@ -502,7 +502,7 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
                     for d in T.vectorized(DV):
                         acc[v, d] = acc[v, d] + sc[i, v] * element(dt, cache, cache_b, blk[i], VP, hk, off[i], d)
         for v in range(nv):
-            total: T.float32 = den[v] + (sink_weight(sink[v % G], mx[v]) if SINKS else T.float32(0))
+            total: T.let[T.float32] = den[v] + (sink_weight(sink[v % G], mx[v]) if SINKS else T.float32(0))
             for d in T.vectorized(D):
                 out_rows[row0 + v // G, hk * G + v % G, d] = T.Cast(
                     out_rows.dtype, T.if_then_else(total > T.float32(0), acc[v, d] / total, T.float32(0))
@@ -530,10 +530,10 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
 
     @T.macro
     def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
-        b: T.int64 = task // (L * NHT)
-        j: T.int64 = task // NHT % L
-        seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-        hk0: T.int64 = task % NHT * HT
+        b: T.let[T.int64] = task // (L * NHT)
+        j: T.let[T.int64] = task // NHT % L
+        seq_len: T.let[T.int64] = T.Cast("int64", seq_lens[b])
+        hk0: T.let[T.int64] = task % NHT * HT
         body(q_rows, out_rows, task // NHT, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, hk0)
 
     @T.prim_func
@@ -596,24 +596,24 @@ def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
         q_indptr = T.match_buffer(indptr_h, (B1,), "int32", align=4)
         out = T.match_buffer(out_h, (NQ, Hq, D), dtype, align=ALIGN)
         cache_b = T.decl_buffer((NB, P, H, BS, RW * CA), "uint8", data=cache.data, align=1)
-        NT: T.int64 = (NQ + QT - 1) // QT * H
+        NT: T.let[T.int64] = (NQ + QT - 1) // QT * H
         for task in T.parallel(NT):
             # Causal tiles cost more the later they are and the pool hands each thread one contiguous
             # range of tasks: interleave first and last tiles (0, n-1, 1, n-2, ...) to balance them.
-            tile: T.int64 = T.if_then_else(task % 2 == 0, task // 2, NT - 1 - task // 2)
-            t0: T.int64 = tile // H * QT
-            t1: T.int64 = T.min(t0 + QT, NQ)
-            hk: T.int64 = tile % H
+            tile: T.let[T.int64] = T.if_then_else(task % 2 == 0, task // 2, NT - 1 - task // 2)
+            t0: T.let[T.int64] = tile // H * QT
+            t1: T.let[T.int64] = T.min(t0 + QT, NQ)
+            hk: T.let[T.int64] = tile % H
             for r in range(t0, t1):  # rows outside every sequence stay zero
                 for g in range(Hq // H):
                     for d in T.vectorized(D):
                         out[r, hk * (Hq // H) + g, d] = T.Cast(dtype, T.float32(0))
             for b in range(B):
-                s0: T.int64 = T.max(T.Cast("int64", q_indptr[b]), t0)
-                s1: T.int64 = T.min(T.Cast("int64", q_indptr[b + 1]), t1)
+                s0: T.let[T.int64] = T.max(T.Cast("int64", q_indptr[b]), t0)
+                s1: T.let[T.int64] = T.min(T.Cast("int64", q_indptr[b + 1]), t1)
                 if s0 < s1:
-                    seq_len: T.int64 = T.Cast("int64", seq_lens[b])
-                    first_pos: T.int64 = seq_len - T.Cast("int64", q_indptr[b + 1] - q_indptr[b])
+                    seq_len: T.let[T.int64] = T.Cast("int64", seq_lens[b])
+                    first_pos: T.let[T.int64] = seq_len - T.Cast("int64", q_indptr[b + 1] - q_indptr[b])
                     body(q, out, s0, s1 - s0, first_pos + s0 - T.Cast("int64", q_indptr[b]), seq_len,
                          cache, cache_b, block_table, b, hk)
 

@@ -38,9 +38,9 @@ def append_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data, align=1)
         for t in T.parallel(NT):
             if slot_mapping[t] >= 0:
-                amax = T.alloc_buffer((1,), "float32", scope="local")
-                blk: T.int64 = T.Cast("int64", slot_mapping[t]) // BS
-                off: T.int64 = T.Cast("int64", slot_mapping[t]) % BS
+                amax = T.alloc_buffer((1,), "float32")
+                blk: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) // BS
+                off: T.let[T.int64] = T.Cast("int64", slot_mapping[t]) % BS
                 for h in range(H):
                     write_row(cache, cache_b, keys, t, h, blk, 0, off, amax)
                     write_row(cache, cache_b, values, t, h, blk, 1, off, amax)
@@ -69,14 +69,14 @@ def lookup_kv(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         out_v = T.match_buffer(ov_h, (B, MB * BS, H, D), "float32", align=4)
         cache_b = T.decl_buffer((NB, 2, H, BS, RW), "uint8", data=cache.data, align=1)
         for task in T.parallel(B * MB):
-            b: T.int64 = task // MB
-            i: T.int64 = task % MB
+            b: T.let[T.int64] = task // MB
+            i: T.let[T.int64] = task % MB
             for o in range(BS):
                 if i * BS + o < T.Cast("int64", seq_lens[b]):
-                    blk: T.int64 = T.Cast("int64", block_table[b, i])
+                    blk: T.let[T.int64] = T.Cast("int64", block_table[b, i])
                     for h in range(H):
-                        ks: T.float32 = row_scale(cache_b, blk, 0, h, o, D)
-                        vs: T.float32 = row_scale(cache_b, blk, 1, h, o, D)
+                        ks: T.let[T.float32] = row_scale(cache_b, blk, 0, h, o, D)
+                        vs: T.let[T.float32] = row_scale(cache_b, blk, 1, h, o, D)
                         for d in T.vectorized(D):
                             out_k[b, i * BS + o, h, d] = element(dtype, cache, cache_b, blk, 0, h, o, d, exact=True) * ks
                         for d in T.vectorized(D):

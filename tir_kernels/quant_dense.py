@@ -149,13 +149,13 @@ def _products(fmt: str, K: int, N: int, tiles: QuantTiles):
         for g in range(GROUPS):
             for v in T.unroll(VPG):
                 for c in T.unroll(cols):
-                    w = T.decl_buffer((L,), "float32", scope="local")
+                    w = T.decl_buffer((L,), "float32")
                     w[V] = load(planes, j0 + c, g, v)
                     for r in T.unroll(rows):
                         acc[r * cols + c, V] = acc[r * cols + c, V] + x[i0 + r, T.Ramp(g * GROUP + v * L, 1, L)] * w[V]
         for r in T.unroll(rows):
             for c in T.unroll(cols):
-                s = T.decl_buffer((1,), "float32", scope="local")
+                s = T.decl_buffer((1,), "float32")
                 s[0] = T.float32(0)
                 for l in T.unroll(L):
                     s[0] = s[0] + acc[r * cols + c, l]
@@ -165,7 +165,7 @@ def _products(fmt: str, K: int, N: int, tiles: QuantTiles):
 
     @T.macro
     def full_task(ic, nch, jt, n, x, planes, out):
-        acc = T.alloc_buffer((ACC, L), "float32", scope="local")
+        acc = T.alloc_buffer((ACC, L), "float32")
         for jc in range(TASK // C):
             for ib in range(ic * CHUNK_TILES, T.min(n // R, ic * CHUNK_TILES + CHUNK_TILES)):
                 tile(acc, x, planes, out, ib * R, jt * TASK + jc * C, R, C)
@@ -175,14 +175,14 @@ def _products(fmt: str, K: int, N: int, tiles: QuantTiles):
 
     @T.macro
     def rest_task(n, x, planes, out):
-        acc = T.alloc_buffer((ACC, L), "float32", scope="local")
+        acc = T.alloc_buffer((ACC, L), "float32")
         for i in range(n):
             for c in range(REST):
                 tile(acc, x, planes, out, i, FULL_TASKS * TASK + c, 1, 1)
 
     @T.macro
     def products(n, x, planes, out):
-        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        nch: T.let[T.int64] = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         for task in T.parallel(nch * TASKS):  # chunk-major: a thread's consecutive tasks share x rows
             if task % TASKS < FULL_TASKS:
                 full_task(task // TASKS, nch, task % TASKS, n, x, planes, out)

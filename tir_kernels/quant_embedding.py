@@ -38,7 +38,7 @@ def quant_take(fmt: str, vocab: int, dim: int, id_dtype: str = "int64") -> tvm.t
         ids = T.match_buffer(ids_h, (n,), id_dtype, align=1)
         out = T.match_buffer(out_h, (n, D), "float32", align=4)
         for t in T.parallel(n):
-            row = T.decl_buffer((1,), "int64", scope="local")
+            row = T.decl_buffer((1,), "int64")
             row[0] = T.max(T.min(T.Cast("int64", ids[t]), T.int64(V - 1)), T.int64(0))
             for k in range(D):
                 out[t, k] = scalar(planes, row[0], k) * row_scale(planes, row[0])

@@ -277,15 +277,15 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def quantize_block_vector(x, i, g, xq, xd, xs, paired):  # a whole block of 32, as vectors
-        v = T.decl_buffer((BLOCK,), "float32", scope="local")
-        m = T.decl_buffer((2,), "float32", scope="local")  # 127 / max |x|, then the sum of quants
+        v = T.decl_buffer((BLOCK,), "float32")
+        m = T.decl_buffer((2,), "float32")  # 127 / max |x|, then the sum of quants
         v[T.Ramp(0, 1, BLOCK)] = x[i, T.Ramp(g * BLOCK, 1, BLOCK)]
         m[1] = tree(T.max, T.abs(v[T.Ramp(0, 1, BLOCK)]), BLOCK)
         m[0] = T.Select(m[1] > T.float32(0), T.float32(127) / m[1], T.float32(0))
         xd[i, g] = T.Cast("float32", T.Cast("float16", m[1] / T.float32(127)))
         v[T.Ramp(0, 1, BLOCK)] = T.nearbyint(v[T.Ramp(0, 1, BLOCK)] * T.Broadcast(m[0], BLOCK))
         if paired:  # first halves of blocks 2p, 2p+1, then their second halves (:func:`paired_dot`)
-            q = T.decl_buffer((BLOCK,), XQ, scope="local")
+            q = T.decl_buffer((BLOCK,), XQ)
             q[T.Ramp(0, 1, BLOCK)] = T.Cast(f"{XQ}x{BLOCK}", v[T.Ramp(0, 1, BLOCK)])
             xq[i, T.Ramp(g // 2 * 2 * BLOCK + g % 2 * HALF, 1, HALF)] = q[T.Ramp(0, 1, HALF)]
             xq[i, T.Ramp(g // 2 * 2 * BLOCK + g % 2 * HALF + BLOCK, 1, HALF)] = q[T.Ramp(HALF, 1, HALF)]
@@ -296,7 +296,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def quantize_block_scalar(x, i, g, xq, xd, xs):  # int4's zero-padded last block
-        m = T.decl_buffer((3,), "float32", scope="local")  # max |x|, 127 / max |x|, sum of quants
+        m = T.decl_buffer((3,), "float32")  # max |x|, 127 / max |x|, sum of quants
         m[0] = T.float32(0)
         for e in range(BLOCK):
             m[0] = T.max(m[0], T.abs(x_at(x, i, g * BLOCK + e)))
@@ -343,7 +343,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
         """Blocks ``2p, 2p + 1`` at once (nibble formats): one 32-byte load of W gives both blocks' low
         and high nibbles, two integer dots fill int32 lanes 0-3 (block 2p) and 4-7 (2p + 1), and the
         two block scales are converted and applied as one vector."""
-        sacc2 = T.decl_buffer((R * C, 2), "float32", scope="local")
+        sacc2 = T.decl_buffer((R * C, 2), "float32")
         for t in T.unroll(rows * cols):
             sacc2[t, T.Ramp(0, 1, 2)] = T.Broadcast(T.float32(0), 2)
         for p in range(PAIRS):
@@ -351,7 +351,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
                 if pf:
                     prefetch_task_ahead(planes, j0 + c, 2 * p)
                 for r in T.unroll(rows):
-                    q = T.decl_buffer((LANES,), "int32", scope="local")
+                    q = T.decl_buffer((LANES,), "int32")
                     q[T.Ramp(0, 1, LANES)] = paired_dot(tiles.isa, planes, j0 + c, p, xq, i0 + r)
                     s2 = pair_scale(planes, j0 + c, T.Ramp(2 * p, 1, 2)) * xd[i0 + r, T.Ramp(2 * p, 1, 2)]
                     acc[r * cols + c, V] = acc[r * cols + c, V] + T.Cast(f"float32x{L}", q[T.Ramp(0, 1, LANES)]) * T.Shuffle(
@@ -375,11 +375,11 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
             for c in T.unroll(cols):
                 if pf:
                     prefetch_task_ahead(planes, j0 + c, g)
-                corr = T.decl_buffer((LANES,), "int32", scope="local")
+                corr = T.decl_buffer((LANES,), "int32")
                 if biased:
                     corr[T.Ramp(0, 1, LANES)] = correction(planes, j0 + c, g)
                 for r in T.unroll(rows):
-                    p = T.decl_buffer((LANES,), "int32", scope="local")
+                    p = T.decl_buffer((LANES,), "int32")
                     if biased:
                         p[T.Ramp(0, 1, LANES)] = biased_block_dot(planes, j0 + c, g, xq, i0 + r, corr[T.Ramp(0, 1, LANES)])
                     else:
@@ -395,11 +395,11 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def _task(task, n, xq, xd, xs, planes, out):
-        acc = T.alloc_buffer((R * C, L), "float32", scope="local")
-        sacc = T.alloc_buffer((R * C,), "float32", scope="local")
-        ic: T.int64 = task // TASKS
-        jt: T.int64 = task % TASKS
-        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        acc = T.alloc_buffer((R * C, L), "float32")
+        sacc = T.alloc_buffer((R * C,), "float32")
+        ic: T.let[T.int64] = task // TASKS
+        jt: T.let[T.int64] = task % TASKS
+        nch: T.let[T.int64] = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         if jt < FULL_TASKS:
             for jc in range(TASK // C):
                 for ib in range(ic * CHUNK_TILES, T.min(n // R, ic * CHUNK_TILES + CHUNK_TILES)):
@@ -443,7 +443,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
             for jj in T.vectorized(OL):
                 wp[k4, jj] = qs32[j0 + jj, k4]
         for g in range(G):
-            c = T.decl_buffer((OL,), "int32", scope="local")
+            c = T.decl_buffer((OL,), "int32")
             c[OV] = T.Broadcast(T.int32(0), OL)
             for e in T.unroll(STEPS):
                 c[OV] = _intrin(f"int32x{OL}", dpbusd, c[OV], T.Broadcast(T.uint8(128), 4 * OL),
@@ -456,8 +456,8 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
     def outer_tile(xq32, xd, wp, corr, ds, planes, out, i0, j0, rows):
         """``rows x OL`` outputs: x rows ``i0..``, W rows ``j0..``; every block's int32 sums are scaled
         into the float32 accumulators once, for all ``OL`` outputs of a row in one FMA."""
-        iacc = T.decl_buffer((ORT, OL), "int32", scope="local")
-        facc = T.decl_buffer((ORT, OL), "float32", scope="local")
+        iacc = T.decl_buffer((ORT, OL), "int32")
+        facc = T.decl_buffer((ORT, OL), "float32")
         for r in T.unroll(rows):
             facc[r, OV] = T.Broadcast(T.float32(0), OL)
         for g in range(G):
@@ -480,22 +480,22 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def outer_task(task, n, xq, xd, xs, planes, out):
-        ic: T.int64 = task // OUTER_TASKS
-        jt: T.int64 = task % OUTER_TASKS
+        ic: T.let[T.int64] = task // OUTER_TASKS
+        jt: T.let[T.int64] = task % OUTER_TASKS
         if jt < OUTER_BLOCKS:
             wp = T.alloc_buffer((K4, OL), "int32", align=64)
             corr = T.alloc_buffer((G, OL), "int32", align=64)
             ds = T.alloc_buffer((G, OL), "float32", align=64)
             xq32 = T.decl_buffer((n, K4), "int32", data=xq.data)
             outer_pack(planes, jt * OL, wp, corr, ds)
-            i_end: T.int64 = T.min(n, ic * OUTER_CHUNK + OUTER_CHUNK)
+            i_end: T.let[T.int64] = T.min(n, ic * OUTER_CHUNK + OUTER_CHUNK)
             for it in range((i_end - ic * OUTER_CHUNK) // ORT):
                 outer_tile(xq32, xd, wp, corr, ds, planes, out, ic * OUTER_CHUNK + it * ORT, jt * OL, ORT)
             for i in range(ic * OUTER_CHUNK + (i_end - ic * OUTER_CHUNK) // ORT * ORT, i_end):
                 outer_tile(xq32, xd, wp, corr, ds, planes, out, i, jt * OL, 1)
         else:  # the last N % OL W rows: one row-dot tile per output
-            acc = T.alloc_buffer((R * C, L), "float32", scope="local")
-            sacc = T.alloc_buffer((R * C,), "float32", scope="local")
+            acc = T.alloc_buffer((R * C, L), "float32")
+            sacc = T.alloc_buffer((R * C,), "float32")
             for i in range(ic * OUTER_CHUNK, T.min(n, ic * OUTER_CHUNK + OUTER_CHUNK)):
                 for c in range(OUTER_REST):
                     tile(acc, sacc, xq, xd, xs, planes, out, i, OUTER_BLOCKS * OL + c, 1, 1, False)
@@ -508,7 +508,7 @@ def _products(fmt: str, K: int, N: int, tiles: IntDotTiles):
 
     @T.macro
     def row_dots(n, x, quantized, out):  # quantized: (xq, xd, xs, planes)
-        nch: T.int64 = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
+        nch: T.let[T.int64] = T.max((n // R + CHUNK_TILES - 1) // CHUNK_TILES, T.int64(1))
         run(nch * TASKS, n, x, quantized, out)
 
     @T.macro

@@ -32,10 +32,10 @@ def copy_slots(layout: CacheLayout) -> tvm.tirx.PrimFunc:
         dst = T.match_buffer(dst_h, (N,), "int32", align=4)
         rows = T.decl_buffer((NB, P, H, BS, RB), "uint8", data=cache.data, align=1)
         for i in range(N):
-            sb: T.int64 = T.Cast("int64", src[i]) // BS
-            so: T.int64 = T.Cast("int64", src[i]) % BS
-            db: T.int64 = T.Cast("int64", dst[i]) // BS
-            do: T.int64 = T.Cast("int64", dst[i]) % BS
+            sb: T.let[T.int64] = T.Cast("int64", src[i]) // BS
+            so: T.let[T.int64] = T.Cast("int64", src[i]) % BS
+            db: T.let[T.int64] = T.Cast("int64", dst[i]) // BS
+            do: T.let[T.int64] = T.Cast("int64", dst[i]) % BS
             for kv in range(P):
                 for h in range(H):
                     for e in T.vectorized(RB):

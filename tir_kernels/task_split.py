@@ -73,9 +73,9 @@ def parallel_tasks(threads: int, task_work):
             prog[t * 16] = total * t // VT  # front of range t
             prog[t * 16 + 8] = total * (t + 1) // VT * 2  # back of range t: the thief has nothing yet
         for t in T.parallel(VT):
-            cur = T.alloc_buffer((1,), "int64", scope="local")
-            more = T.alloc_buffer((1,), "int32", scope="local")
-            end: T.int64 = total * (t + 1) // VT
+            cur = T.alloc_buffer((1,), "int64")
+            more = T.alloc_buffer((1,), "int32")
+            end: T.let[T.int64] = T.Cast("int64", total * (t + 1) // VT)
             cur[0] = total * t // VT
             more[0] = T.int32(cur[0] < end)
             while more[0] == 1:  # own range, forward
@@ -89,8 +89,8 @@ def parallel_tasks(threads: int, task_work):
                     more[0] = T.int32(cur[0] < end)
                 else:  # the thief has cur and the rest
                     more[0] = 0
-            u: T.int64 = (t + 1) % VT
-            start: T.int64 = total * u // VT
+            u: T.let[T.int64] = T.Cast("int64", (t + 1) % VT)
+            start: T.let[T.int64] = total * u // VT
             cur[0] = total * (u + 1) // VT - 1
             more[0] = T.int32(cur[0] >= start)
             while more[0] == 1:  # the neighbour's range, backward
