@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from llmir_tvm.target import resolve_target
     from llmir_tvm.frontend.default_model import cache_dir, default_model_path
 
+    from .bandwidth import StreamReader
     from .onnx_baseline import OrtDecoder, export_with_cache
 
     quantization = None if args.quantization == "none" else args.quantization
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     llama_rounds: list[dict] = []
     llama_paired: list[float] = []  # llama.cpp's decode-only runs, each right after ours
     llama_round = _llama_bench_round(args, quantization, len(long_prompt), new)
+    stream = StreamReader()
+    stream_gbps: list[float] = []  # the memory's read rate in each round, right after its decodes
     with torch.no_grad():
         for decode, prefill, prefill_long in sides.values():  # warm-up
             decode(), prefill(), prefill_long()
@@ -156,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
                 short[side].append(_timed(prefill))
                 if side == "ours" and llama_round is not None:  # llama.cpp's decode seconds after ours: the same memory
                     llama_paired.append(llama_round(0)["decode_tokens_per_s"])
+                if side == "ours":
+                    stream_gbps.append(stream.gbps(repeats=3))
                 long[side].append(_timed(prefill_long))
             sides["ours"][1]()  # untimed, as above
             last_only.append(_timed(ours_prefill_last))
@@ -216,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         out["prefill"]["llama_cpp_tokens_per_s"] = llama["prefill_tokens_per_s"]
         out["prefill"]["llama_cpp_logits"] = "last position"
         out["prefill"]["ratio_vs_llama_cpp"] = out["prefill"]["ours_last_logits_tokens_per_s"] / llama["prefill_tokens_per_s"]
-    out["decode_batch1"].update(_stream_rate(out["token_read_bytes"], out["decode_batch1"]))
+    out["decode_batch1"].update(_stream_rate(out["token_read_bytes"], out["decode_batch1"], stream.gbps()))
+    out["decode_batch1"].update(_stream_rounds(out["token_read_bytes"], out["decode_batch1"], stream_gbps))
     out["prefill"].update(_fma_share(hf.config, len(long_prompt), out["prefill"], ISA_TARGETS[args.isa]))
     path = save_result("model", out, args.out)
     _plot(out, args.plot or path.with_suffix(".png"))
@@ -252,19 +258,36 @@ def token_read_bytes(params, vocab_size: int, hidden_size: int) -> int:
     return total - (int(tables[0].nbytes) if tables else 0)
 
 
-def _stream_rate(weights_bytes: int, decode: dict) -> dict:
-    """The decode's yardstick: the rate of a plain 512 MB stream read laid out as our weights are
-    (``bench/bandwidth.py``, measured now; on 4 KiB pages before 2026-12-07 13:00), the tokens/s at
-    which a token's ``weights_bytes`` (:func:`token_read_bytes`; before 2026-12-07 all parameters,
-    the embedding table included) would stream at that rate, and each side's decode rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
+def _stream_rate(weights_bytes: int, decode: dict, gbps: float) -> dict:
+    """The decode's yardstick: the rate ``gbps`` of a plain 512 MB stream read laid out as our weights
+    are (``bench/bandwidth.py``, measured after the rounds; on 4 KiB pages before 2026-12-07 13:00), the
+    tokens/s at which a token's ``weights_bytes`` (:func:`token_read_bytes`; before 2026-12-07 all
+    parameters, the embedding table included) would stream at that rate, and each side's median decode
+    rate over it. Not a hard roof: part of the weights may stay in a large last-level cache between
     tokens (the 2-core Xeon's 300 MB L3 lets both llama.cpp and us exceed it at float32)."""
-    from .bandwidth import read_bandwidth_gbps
-
-    gbps = read_bandwidth_gbps()
     rate = gbps * 1e9 / weights_bytes
     ratios = {f"{key[:-len('_tokens_per_s')]}_vs_stream_rate": value / rate
               for key, value in decode.items() if key.endswith("_tokens_per_s")}
     return {"stream_read_gbps": gbps, "stream_rate_tokens_per_s": rate, **ratios}
+
+
+def _stream_rounds(weights_bytes: int, decode: dict, gbps: list[float]) -> dict:
+    """The yardstick of every round (the stream read right after that round's decodes): our decode and
+    llama.cpp's paired one over that round's stream rate, and ``ratio_vs_llama_cpp_at_stream_rate``:
+    the ratio to llama.cpp's paired decode that a decode reading its weights at the stream's rate would
+    have. Where both sides read the same bytes and llama.cpp is near the memory's rate (a slow memory
+    phase), that bounds what any ratio can be; with medians."""
+    rates = [g * 1e9 / weights_bytes for g in gbps]
+    out = {"stream_read_gbps_by_round": gbps,
+           "ours_vs_stream_rate_by_round": [r / s for r, s in zip(decode["tokens_per_s_by_round"]["ours"], rates)]}
+    if "llama_cpp_paired_rates" in decode:
+        llama = decode["llama_cpp_paired_rates"]
+        out["llama_cpp_vs_stream_rate_by_round"] = [r / s for r, s in zip(llama, rates)]
+        out["ratio_vs_llama_cpp_at_stream_rate_by_round"] = [s / r for s, r in zip(rates, llama)]
+    for key in list(out):
+        if key.endswith("_by_round") and key != "stream_read_gbps_by_round":
+            out[key[:-len("_by_round")] + "_median"] = float(np.median(out[key]))
+    return out
 
 
 def prefill_flops(config, tokens: int, logit_rows: int) -> float:

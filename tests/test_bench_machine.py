@@ -174,19 +174,38 @@ def test_serve_background_load_compares_the_loaded_run_with_the_mean_idle_run(mo
     assert out["hf_padded_loaded_vs_idle"] == pytest.approx(1.0)
 
 
-def test_read_bandwidth_probe_reads_every_element_and_the_decode_yardstick_follows(monkeypatch):
-    """The probe's kernel sums every element (it raises otherwise); the stream rate is bandwidth / weight bytes."""
+def test_read_bandwidth_probe_reads_every_element_and_the_decode_yardstick_follows():
+    """The probe's kernel sums every element (it raises otherwise), also when a reader compiled once
+    measures again; the stream rate is bandwidth / weight bytes."""
     import bench.bandwidth as bandwidth
     import bench.model as model
 
     assert bandwidth.read_bandwidth_gbps(read_bytes=8 * 1024 * 1024, repeats=2) > 0
-    monkeypatch.setattr(bandwidth, "read_bandwidth_gbps", lambda: 25.0)
+    reader = bandwidth.StreamReader(read_bytes=8 * 1024 * 1024)
+    assert reader.gbps(repeats=1) > 0 and reader.gbps(repeats=1) > 0
     out = model._stream_rate(500_000_000, {"ours_tokens_per_s": 40.0, "llama_cpp_tokens_per_s": 45.0,
-                                           "ratio_vs_llama_cpp": 0.89})
+                                           "ratio_vs_llama_cpp": 0.89}, 25.0)
     assert out["stream_rate_tokens_per_s"] == pytest.approx(50.0)
     assert out["ours_vs_stream_rate"] == pytest.approx(0.8)
     assert out["llama_cpp_vs_stream_rate"] == pytest.approx(0.9)
     assert set(out) == {"stream_read_gbps", "stream_rate_tokens_per_s", "ours_vs_stream_rate", "llama_cpp_vs_stream_rate"}
+
+
+def test_stream_yardstick_of_every_round_bounds_the_paired_ratio():
+    """Per round: each side's decode over that round's stream rate, and the ratio to llama.cpp a decode
+    at the stream rate would have (stream rate / llama.cpp's paired rate); medians of each."""
+    import bench.model as model
+
+    decode = {"tokens_per_s_by_round": {"ours": [40.0, 60.0, 45.0]}, "llama_cpp_paired_rates": [45.0, 50.0, 40.0]}
+    out = model._stream_rounds(500_000_000, decode, [25.0, 40.0, 25.0])  # stream rates 50, 80, 50 tok/s
+    assert out["stream_read_gbps_by_round"] == [25.0, 40.0, 25.0]
+    assert out["ours_vs_stream_rate_by_round"] == pytest.approx([0.8, 0.75, 0.9])
+    assert out["llama_cpp_vs_stream_rate_by_round"] == pytest.approx([0.9, 0.625, 0.8])
+    assert out["ratio_vs_llama_cpp_at_stream_rate_by_round"] == pytest.approx([50 / 45, 1.6, 1.25])
+    assert out["ours_vs_stream_rate_median"] == pytest.approx(0.8)
+    assert out["ratio_vs_llama_cpp_at_stream_rate_median"] == pytest.approx(1.25)
+    without_llama = model._stream_rounds(500_000_000, {"tokens_per_s_by_round": {"ours": [40.0]}}, [25.0])
+    assert set(without_llama) == {"stream_read_gbps_by_round", "ours_vs_stream_rate_by_round", "ours_vs_stream_rate_median"}
 
 
 def test_fma_peak_probe_runs_its_chains_and_the_prefill_share_follows(monkeypatch):
