@@ -129,7 +129,7 @@ def quantize_row_macro(dtype: str, head_dim: int):
             amax[0] = T.max(amax[0], T.fabs(T.Cast("float32", src[t, h, d])))
         scale16: T.let[T.float16] = T.Cast("float16", T.min(amax[0] / T.float32(qmax), T.float32(_FP16_MAX)))
         scale: T.let[T.float32] = T.Cast("float32", scale16)
-        bits: T.uint16 = T.reinterpret("uint16", scale16)
+        bits: T.let[T.uint16] = T.reinterpret("uint16", scale16)
         pool_bytes[blk, kv, h, off, D] = T.Cast("uint8", bits & T.uint16(255))
         pool_bytes[blk, kv, h, off, D + 1] = T.Cast("uint8", T.shift_right(bits, T.uint16(8)))
         for d in range(D):

@@ -62,16 +62,24 @@ def rows_per_tile(cfg: AttentionConfig) -> int:
     return max(1, MAX_QUERY_VECTORS // cfg.group_size)
 
 
-def _visible_range(causal: bool, W: int, S: int, first_pos, last_pos, seq_len):
-    """Positions rows ``first_pos..last_pos`` may see, as (n_sink, lo, n_visible).
+def _visible_low(W: int, first_pos):
+    """The first position rows from ``first_pos`` on may see past the sinks: the sliding window's
+    start (``W > 0``), else 0. With :func:`_sink_count` and :func:`_visible_count`: the virtual
+    index ``t`` of ``[0, n_visible)`` is position ``t`` while ``t < n_sink`` (sink tokens), then
+    ``lo + t - n_sink``: sinks ``[0, n_sink)`` followed by ``[lo, hi)``. Three expressions, each
+    bound with ``T.let`` by the kernels (a tuple assigned in TVMScript becomes heap scalars)."""
+    return T.max(first_pos - W + 1, T.int64(0)) if W > 0 else T.int64(0)
 
-    The virtual index ``t`` of ``[0, n_visible)`` is position ``t`` while ``t < n_sink`` (sink
-    tokens), then ``lo + t - n_sink``: sinks ``[0, n_sink)`` followed by ``[lo, hi)``.
-    """
+
+def _sink_count(W: int, S: int, lo):
+    """Sink tokens visible before the window that starts at ``lo`` (:func:`_visible_low`)."""
+    return T.min(T.int64(S), lo) if W > 0 else T.int64(0)
+
+
+def _visible_count(causal: bool, last_pos, seq_len, lo, n_sink):
+    """Positions rows up to ``last_pos`` may see in all: the sinks and ``[lo, hi)`` (:func:`_visible_low`)."""
     hi = T.min(last_pos + 1, seq_len) if causal else seq_len
-    lo = T.max(first_pos - W + 1, T.int64(0)) if W > 0 else T.int64(0)
-    n_sink = T.min(T.int64(S), lo) if W > 0 else T.int64(0)
-    return n_sink, lo, n_sink + T.max(hi - lo, T.int64(0))
+    return n_sink + T.max(hi - lo, T.int64(0))
 
 
 def cpu_has_int16_dot(target) -> bool:
@@ -287,7 +295,9 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
                 qsc[g] = T.if_then_else(qsc[g] > T.float32(0), qsc[g] / T.float32(_Q_INT16_MAX), T.float32(1))
                 for d in T.vectorized(D):
                     qi[g, d] = T.Cast("int16", T.round(qf[g, d] / qsc[g]))
-        n_sink, lo, n_vis = _visible_range(causal, W, S, pos, pos, seq_len)
+        lo: T.let[T.int64] = _visible_low(W, pos)
+        n_sink: T.let[T.int64] = _sink_count(W, S, lo)
+        n_vis: T.let[T.int64] = _visible_count(causal, pos, seq_len, lo, n_sink)
         for c in range(PREFETCH_CHUNKS):
             prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk0)
         for c in range((n_vis + CH - 1) // CH):
@@ -436,7 +446,9 @@ def _tile_body(cfg: AttentionConfig, lanes: int = DEFAULT_LANES, registers: int 
         for v in range(nv):
             for d in T.vectorized(D):
                 acc[v, d] = T.float32(0)
-        n_sink, lo, n_vis = _visible_range(causal, W, S, pos0, pos0 + nrows - 1, seq_len)
+        lo: T.let[T.int64] = _visible_low(W, pos0)
+        n_sink: T.let[T.int64] = _sink_count(W, S, lo)
+        n_vis: T.let[T.int64] = _visible_count(causal, pos0 + nrows - 1, seq_len, lo, n_sink)
         for c in range((n_vis + CH - 1) // CH):
             cnt: T.let[T.int64] = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(T.int64(CH)):  # keys past cnt read key 0's row (defined) and are masked
