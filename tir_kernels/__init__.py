@@ -3,6 +3,12 @@
 Every public factory here picks the variant scheduled for the target's kind: LLVM CPU
 (``cache_ops``, ``paged_attention``) or CUDA sm_80+ (``cuda_cache_ops``, ``cuda_attention``),
 through :func:`_variants_for`. Kernels know nothing of models.
+
+CPU kernels bind their scalars with ``x: T.let[T.int64] = e`` and give scratch buffers the
+default global scope: TVM 0.27 makes ``x: T.int64 = e`` (and a tuple assigned in TVMScript) a
+one-element buffer, and lowers every CPU allocation not of the global scope to a heap workspace
+(``TVMBackendAllocWorkspace``), while a global one of constant size below 1 KiB stays on the
+stack (``tests/test_kernels_scratch.py``).
 """
 
 from __future__ import annotations
