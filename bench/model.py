@@ -157,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
                 prefill()  # untimed: this side's threads awake
                 totals[side].append(_timed(decode))
                 short[side].append(_timed(prefill))
-                if side == "ours" and llama_round is not None:  # llama.cpp's decode seconds after ours: the same memory
-                    llama_paired.append(llama_round(0)["decode_tokens_per_s"])
-                if side == "ours":
+                if side == "ours":  # llama.cpp's decode and the memory's rate seconds after ours: the same memory
+                    if llama_round is not None:
+                        llama_paired.append(llama_round(0)["decode_tokens_per_s"])
                     stream_gbps.append(stream.gbps(repeats=3))
                 long[side].append(_timed(prefill_long))
             sides["ours"][1]()  # untimed, as above
@@ -284,10 +284,8 @@ def _stream_rounds(weights_bytes: int, decode: dict, gbps: list[float]) -> dict:
         llama = decode["llama_cpp_paired_rates"]
         out["llama_cpp_vs_stream_rate_by_round"] = [r / s for r, s in zip(llama, rates)]
         out["ratio_vs_llama_cpp_at_stream_rate_by_round"] = [s / r for s, r in zip(rates, llama)]
-    for key in list(out):
-        if key.endswith("_by_round") and key != "stream_read_gbps_by_round":
-            out[key[:-len("_by_round")] + "_median"] = float(np.median(out[key]))
-    return out
+    ratios = [key for key in out if key != "stream_read_gbps_by_round"]
+    return {**out, **{key[:-len("_by_round")] + "_median": float(np.median(out[key])) for key in ratios}}
 
 
 def prefill_flops(config, tokens: int, logit_rows: int) -> float:

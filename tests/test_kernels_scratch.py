@@ -17,11 +17,12 @@ import pytest
 import tvm
 
 import llmir_tvm.tir_kernels as tir_kernels
+from bench.machine import ISA_TARGETS
 from llmir_tvm.target import vector_shape
 from llmir_tvm.tir_kernels.dense import dense_nt, tile_candidates
 from llmir_tvm.tir_kernels.dense_packed import packed_candidates
 
-TARGETS = {"avx2": {"kind": "llvm", "mcpu": "haswell"}, "avx512": {"kind": "llvm", "mcpu": "skylake-avx512"}}
+TARGETS = {isa: ISA_TARGETS[isa] for isa in ("avx2", "avx512")}  # built, not run: any x86 host checks both
 #: The lowering's stack limit (TVM's runtime::kMaxStackAlloca): smaller constant allocations stay on the stack.
 STACK_BYTES = 1024
 _ALLOC = re.compile(r"%([\w.]+) = (?:tail )?call ptr %\d+\(i32 1, i32 %dev_id, i64 (%?\w+)")
@@ -29,7 +30,7 @@ _ALLOC = re.compile(r"%([\w.]+) = (?:tail )?call ptr %\d+\(i32 1, i32 %dev_id, i
 
 def _small_workspace_allocations(func: tvm.tirx.PrimFunc, target: dict) -> list[str]:
     """``function: buffer (bytes)`` of every workspace allocation of constant size below :data:`STACK_BYTES`
-    in ``func`` built for ``target`` (the build is not run: any x86 host checks both ISAs)."""
+    in ``func`` built for ``target``."""
     lib = tvm.tirx.build(func.with_attr("global_symbol", "kernel"), tvm.target.Target(target))
     found, function = [], None
     for line in lib.inspect_source("ll").splitlines():
