@@ -13,6 +13,8 @@
   our dequantizing kernels (CPU targets, ``compile(..., quantization=...)``);
 - :class:`OffloadDenseToBLAS` — a model's (remaining) float32 weight matmuls → the host BLAS (CPU targets);
 - :class:`KVCacheSharding` — the per-shard module for tensor parallelism over KV heads (Disco);
+- :class:`PrefetchStreamedWeights` — after each dense product of a lowered CPU function, the thread pool's
+  prefetch of the next product's weight (run by :func:`host_build_pipeline`);
 - :class:`ScheduleHostOps` — vectorised/parallel schedules for the unscheduled PrimFuncs of a CPU module
   (run by :func:`host_build_pipeline`, the Relax build pipeline of ``llvm`` targets);
 - :class:`LowBatchGemvSpecialize` — small-batch matmuls as GEMV kernels picked at run time (CUDA,
@@ -43,9 +45,10 @@ from .host_schedule import ScheduleHostOps
 from .kv_attrs import KV_ATTR, KVCacheAttrs
 from .paged_attention_rewrite import PagedAttentionRewrite
 from .pipeline import kv_pipeline
+from .prefetch_weights import PrefetchStreamedWeights
 from .quantize_weights import QuantizeWeights
 from .simplify_power import SimplifyPower
 
 __all__ = ["AttentionMatchError", "BlockifyKVCache", "ClipTakeIndices", "CollapseLayoutChains", "DenseToTIR", "FuseDenseEpilogues", "FuseParallelLinear", "KV_ATTR", "KVCacheAllocationOptimization", "KVCacheAttrs", "KVCachePruning",
-           "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "QuantizeWeights", "ScheduleHostOps",
+           "KVCachePruningError", "KVCacheSharding", "LowBatchGemvSpecialize", "OffloadDenseToBLAS", "PagedAttentionRewrite", "PrefetchStreamedWeights", "QuantizeWeights", "ScheduleHostOps",
            "ShardingError", "SimplifyPower", "gpu_build_pipeline", "host_build_pipeline", "kv_pipeline"]

@@ -6,7 +6,8 @@ This pipeline is the same lowering with operator fusion (``FuseOps`` + ``FuseTIR
 CPU backend pipeline has) and :class:`ScheduleHostOps` on the fused functions before the
 usual VM lowering; float32 ``sigmoid`` is legalized to vectorisable arithmetic, layout
 round trips that move no element are collapsed first (:class:`CollapseLayoutChains`), and residual
-adds and SwiGLU activations go into the packed dense kernels before them (:class:`FuseDenseEpilogues`).
+adds and SwiGLU activations go into the packed dense kernels before them (:class:`FuseDenseEpilogues`),
+and each dense product is followed by a prefetch of the next one's weight (:class:`PrefetchStreamedWeights`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tvm.script import tirx as T
 from ..tir_kernels.fast_math import exp_nonpositive
 from .collapse_layout_chains import CollapseLayoutChains
 from .dense_epilogues import FuseDenseEpilogues
+from .prefetch_weights import PrefetchStreamedWeights
 from .relax_helpers import bound_values, emit_like, op_name
 from .host_schedule import ScheduleHostOps
 
@@ -110,6 +112,7 @@ def host_build_pipeline() -> tvm.transform.Pass:
             transform.ToNonDataflow(),
             transform.RemovePurityChecking(),
             transform.CallTIRRewrite(),
+            PrefetchStreamedWeights(),  # on plain kernel calls: after CallTIRRewrite
             transform.StaticPlanBlockMemory(),
             transform.LowerAllocTensor(),
             transform.KillAfterLastUse(),

@@ -2,21 +2,26 @@
 
 Kernels compiled by TVM run on it once ``llmir_tvm.runtime`` is imported; these tests check the
 launch contract TVM's code relies on (every task once, ``num_task == 0`` = one per thread, the
-barrier, errors raised on the caller, nested launches, fork) against results computed here.
+barrier, errors raised on the caller, nested launches, fork) against results computed here, and
+the weight prefetch's contract (a posted tensor stays alive until the next launch, a bad argument
+is named, posts interleaved with launches change no result).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
 import pytest
 import tvm
 import tvm.testing
+import tvm_ffi
 import tvm_ffi.libinfo
 from tvm.script import tirx as T
 
@@ -205,6 +210,74 @@ def test_a_forked_child_starts_its_own_workers(kernel, width, rng):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.fixture
+def prefetch():
+    """The pool's prefetch function, with the size per worker restored after the test."""
+    yield tvm_ffi.get_global_func(parallel_pool.PREFETCH_FUNCTION)
+    parallel_pool.set_prefetch_bytes(parallel_pool._prefetch_bytes())
+
+
+def test_the_pool_holds_a_posted_tensor_until_the_next_launch(kernel, width, rng, prefetch):
+    """The workers read a posted weight with plain loads: freeing it under them would crash."""
+    width(2)
+    parallel_pool.set_prefetch_bytes(1 << 20)
+    kernel(tvm.runtime.tensor(rng.random(N, dtype=np.float32)), tvm.runtime.tensor(np.zeros(N, np.float32)))
+    weight = np.ones(1 << 20, np.float32)  # 4 MB: its own mapping, unmapped when freed
+    alive = weakref.ref(weight)
+    posts = parallel_pool.stats()["prefetch_posts"]
+    prefetch(tvm_ffi.from_dlpack(weight))
+    del weight
+    gc.collect()
+    assert parallel_pool.stats()["prefetch_posts"] == posts + 1
+    assert alive() is not None, "the pool must keep the posted tensor alive"
+    kernel(tvm.runtime.tensor(rng.random(N, dtype=np.float32)), tvm.runtime.tensor(np.zeros(N, np.float32)))
+    gc.collect()
+    assert alive() is None, "the next launch must drop the posted tensor"
+
+
+def test_a_post_is_a_no_op_on_one_thread_or_with_the_prefetch_off(kernel, width, rng, prefetch):
+    kernel(tvm.runtime.tensor(rng.random(N, dtype=np.float32)), tvm.runtime.tensor(np.zeros(N, np.float32)))
+    weight = tvm.runtime.tensor(np.ones(4096, np.float32))
+    for threads, nbytes in ((1, 1 << 20), (2, 0)):
+        width(threads)
+        parallel_pool.set_prefetch_bytes(nbytes)
+        posts = parallel_pool.stats()["prefetch_posts"]
+        assert prefetch(weight) is None
+        assert parallel_pool.stats()["prefetch_posts"] == posts
+    with pytest.raises(ValueError, match=">= 0 bytes"):
+        parallel_pool.set_prefetch_bytes(-1)
+
+
+def test_the_prefetch_names_a_bad_argument(prefetch):
+    with pytest.raises(TypeError, match="weight prefetch takes exactly one tensor"):
+        prefetch(3)
+    with pytest.raises(TypeError, match="weight prefetch takes exactly one tensor"):
+        prefetch(tvm.runtime.tensor(np.ones(4, np.float32)), tvm.runtime.tensor(np.ones(4, np.float32)))
+
+
+def test_posts_between_launches_from_two_threads_change_no_result(kernel, width, rng, prefetch):
+    width(3)
+    parallel_pool.set_prefetch_bytes(1 << 20)
+    inputs = [rng.random(N, dtype=np.float32) for _ in range(2)]
+    weights = [tvm.runtime.tensor(rng.random(1 << 18, dtype=np.float32)) for _ in range(2)]
+    failures: list[str] = []
+
+    def run(x: np.ndarray, weight) -> None:
+        y = tvm.runtime.tensor(np.zeros(N, np.float32))
+        for _ in range(200):
+            prefetch(weight)
+            kernel(tvm.runtime.tensor(x), y)
+            if not np.array_equal(y.numpy(), _expected(x)):
+                failures.append("wrong result")
+
+    threads = [threading.Thread(target=run, args=args) for args in zip(inputs, weights)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
 def test_bad_settings_are_named_and_change_nothing(monkeypatch):
     before = parallel_pool.pool_threads()
     with monkeypatch.context() as patch:
@@ -244,10 +317,21 @@ def test_a_pool_that_cannot_be_built_leaves_tvms_pool_with_a_warning(tmp_path):
 
 
 def test_tvms_pool_stays_when_the_user_asks_for_it():
-    script = "import llmir_tvm.runtime as r; print(r.parallel_pool.library_path())"
+    """... and a compiled model's prefetch calls are no-ops there (TVM's pool has no idle workers to ask)."""
+    script = ("import numpy as np, tvm, tvm_ffi, llmir_tvm.runtime as r\n"
+              "print(r.parallel_pool.library_path())\n"
+              "print(tvm_ffi.get_global_func(r.parallel_pool.PREFETCH_FUNCTION)(tvm.runtime.tensor(np.ones(8, 'float32'))))\n")
     env = dict(os.environ, **{parallel_pool.POOL_ENV: "tvm"})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "None"]
+
+
+def test_a_bad_prefetch_size_is_named(tmp_path):
+    script = "import llmir_tvm.runtime as r; print(r.parallel_pool.library_path())"
+    env = dict(os.environ, **{parallel_pool.PREFETCH_ENV: "lots"}, LLMIR_TVM_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
+    assert f"{parallel_pool.PREFETCH_ENV} must be a number of KiB" in out.stderr
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .dense_packed import EPILOGUES, PackedTiles, packed_products, packed_shape
-from .task_split import X86_FENCE, fence, parallel_tasks, pool_threads, split_threads  # noqa: F401 - public here too
+from .task_split import X86_FENCE, fence, parallel_tasks, pool_threads, split_threads, streams_weights  # noqa: F401 - public here too
 from .vector_reduce import butterfly_indices, butterfly_macro
 
 #: Bytes of ``x`` rows a task works through before moving to the next slice of W (fits in L2).
@@ -364,7 +364,7 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
             out = T.match_buffer(out_h, (n, N), "float32", align=4)
             products(n, x, w, out, res)
 
-        return dense_add
+        return streams_weights(dense_add)
 
     if rank == 2:
 
@@ -377,7 +377,7 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
             out = T.match_buffer(out_h, (n, N_OUT), "float32", align=4)
             products(n, x, w, out, out)
 
-        return dense
+        return streams_weights(dense)
 
     if epilogue == "add":
 
@@ -395,7 +395,7 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
             out = T.decl_buffer((b * s, N), "float32", data=out3.data, align=4)
             products(b * s, x, w, out, res)
 
-        return dense_add_3d
+        return streams_weights(dense_add_3d)
 
     @T.prim_func
     def dense_3d(x_h: T.handle, w_h: T.handle, out_h: T.handle):
@@ -409,4 +409,4 @@ def dense_nt(in_features: int, out_features: int, rank: int = 2, plan: DensePlan
         out = T.decl_buffer((b * s, N_OUT), "float32", data=out3.data, align=4)
         products(b * s, x, w, out, out)
 
-    return dense_3d
+    return streams_weights(dense_3d)

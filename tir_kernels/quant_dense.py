@@ -30,6 +30,7 @@ import tvm
 from tvm.script import tirx as T
 
 from ..quant.formats import FORMATS, SUPER_BLOCK, check_shape, plane_specs
+from .task_split import streams_weights
 
 #: Bytes of ``x`` rows a task works through before moving to the next slice of W (fits in L2).
 X_CHUNK_BYTES = 128 * 1024
@@ -210,7 +211,7 @@ def quant_dense_nt(fmt: str, in_features: int, out_features: int, tiles: QuantTi
     def bind(handles) -> dict:
         return {name: T.match_buffer(h, specs[name][0], specs[name][1], align=1) for name, h in zip(names, handles)}
 
-    return _entry(len(names), rank, K, N)(products, bind)
+    return streams_weights(_entry(len(names), rank, K, N)(products, bind))
 
 
 def _entry(planes: int, rank: int, K: int, N: int):

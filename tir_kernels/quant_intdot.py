@@ -53,7 +53,7 @@ from tvm.script import tirx as T
 from ..quant.formats import FORMATS, QuantizedWeight, check_shape, plane_specs, unpack_nibbles
 from .dense import prefetch_next
 from .quant_dense import X_CHUNK_BYTES, _entry
-from .task_split import parallel_tasks
+from .task_split import parallel_tasks, streams_weights
 
 #: Activation block (elements of x sharing one int8 scale) = weight group.
 BLOCK = 32
@@ -548,7 +548,7 @@ def quant_intdot_nt(fmt: str, in_features: int, out_features: int, tiles: IntDot
     def bind(handles) -> dict:
         return {name: T.match_buffer(h, specs[name][0], specs[name][1], align=1) for name, h in zip(names, handles)}
 
-    return _entry(len(names), rank, K, N)(_products(fmt, K, N, tiles), bind)
+    return streams_weights(_entry(len(names), rank, K, N)(_products(fmt, K, N, tiles), bind))
 
 
 # ---------------------------------------------------------------------------------------------

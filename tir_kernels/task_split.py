@@ -17,6 +17,17 @@ from tvm.script import tirx as T
 #: claims of :func:`parallel_tasks` need; LLVM treats it as reading and writing all memory, so the
 #: progress words are re-read); the self-balancing split is used on x86 only (elsewhere TVM's static split).
 X86_FENCE = "llvm.x86.sse2.mfence"
+#: The PrimFunc attribute of kernels whose parallel tasks stream their weights (parameters of static
+#: shape) in one contiguous range per thread, as :func:`parallel_tasks` and TVM's static split both
+#: hand out tasks: the dense products. ``passes.PrefetchStreamedWeights`` has the thread pool's idle
+#: workers prefetch the next such kernel's weight while the small kernels before it run.
+STREAMS_WEIGHTS_ATTR = "llmir.streams_weights"
+
+
+def streams_weights(func):
+    """``func`` marked with :data:`STREAMS_WEIGHTS_ATTR`."""
+    return func.with_attr(STREAMS_WEIGHTS_ATTR, True)
+
 
 
 def fence():

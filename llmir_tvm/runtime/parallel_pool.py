@@ -7,12 +7,16 @@ waits by spinning on ``pause`` for a bounded time, then sleeps. :func:`install` 
 per machine with the C compiler (cached under ``$LLMIR_TVM_CACHE/pool``; a saved model folder
 carries a copy for machines without one) and registers it with tvm_ffi as the
 ``__TVMBackendParallelLaunch`` / ``__TVMBackendParallelBarrier`` of every library loaded or
-JIT-compiled afterwards.
+JIT-compiled afterwards. It also registers :data:`PREFETCH_FUNCTION`, the packed function a
+compiled CPU model calls after each weight-streaming product with the next product's weight
+(``passes.PrefetchStreamedWeights``): the idle workers prefetch their shares of it while the
+calling thread runs the small kernels between the two products.
 
 Settings (environment): ``LLMIR_THREAD_POOL=tvm`` keeps TVM's pool; ``LLMIR_POOL_SPIN_US``
-(default 10000) is how long a waiting thread spins before it sleeps; the pool's width is
-``TVM_NUM_THREADS`` (which ``llmir_tvm`` defaults to the usable cores), changeable with
-:func:`set_pool_threads`.
+(default 10000) is how long a waiting thread spins before it sleeps; ``LLMIR_PREFETCH_KB``
+(default: half the L2 cache) is the most a worker prefetches per product, 0 turns it off; the
+pool's width is ``TVM_NUM_THREADS`` (which ``llmir_tvm`` defaults to the usable cores),
+changeable with :func:`set_pool_threads`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ SOURCE = Path(__file__).with_name("parallel_pool.c")
 POOL_ENV = "LLMIR_THREAD_POOL"
 #: The environment variable with the spin time of a waiting thread, in microseconds.
 SPIN_ENV = "LLMIR_POOL_SPIN_US"
+#: The environment variable with the most KiB a worker prefetches of the next product's weight (0: off).
+PREFETCH_ENV = "LLMIR_PREFETCH_KB"
+#: The packed function ``(weight tensor) -> None`` that asks the idle workers to prefetch their
+#: shares of a weight (a no-op where our pool does not run the kernels).
+PREFETCH_FUNCTION = "llmir.pool_prefetch"
+#: A worker's prefetch per product where the L2 size is unknown: what the shortest gaps between
+#: products can fill, and far below any L2.
+DEFAULT_PREFETCH_BYTES = 256 * 1024
 #: 10 ms: longer than a low-priority job's time slice. With 2 ms, a decode step beside a nice-19
 #: job slept ~180 times in 64 tokens (each sleep gives the core away and can wake on the core of
 #: the thread it waits for) and ran at 0.7-0.8 of idle; with 10 ms it never slept (0.94-0.95).
@@ -64,19 +76,33 @@ def _compiler() -> str | None:
     return None
 
 
+def _ffi_include_paths() -> tuple[str, ...]:
+    """tvm_ffi's C header folders (its wheel ships them): the pool includes ``tvm/ffi/c_api.h`` for its types."""
+    import tvm_ffi.libinfo
+
+    return tuple(dict.fromkeys((tvm_ffi.libinfo.find_include_path(), tvm_ffi.libinfo.find_dlpack_include_path())))
+
+
+def _ffi_version() -> str:
+    import tvm_ffi
+
+    return str(getattr(tvm_ffi, "__version__", ""))
+
+
 def build_library() -> Path | None:
     """Build the pool library for this machine once (cached by source digest); None without a C compiler."""
     compiler = _compiler()
     if compiler is None:
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *_CFLAGS)).encode()).hexdigest()[:16]
+    flags = (*_CFLAGS, *(f"-I{path}" for path in _ffi_include_paths()))
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags, _ffi_version())).encode()).hexdigest()[:16]
     target = cache_base() / "pool" / f"parallel_pool-{platform.machine()}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [*compiler.split(), *_CFLAGS, str(SOURCE), "-o", str(built)]
+        command = [*compiler.split(), *flags, str(SOURCE), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building the thread pool failed ({' '.join(command)}):\n{result.stderr}")
@@ -102,6 +128,34 @@ def spin_seconds() -> float:
     return _spin_ns() / 1e9
 
 
+def _prefetch_bytes() -> int:
+    """Most bytes a worker prefetches per product: ``LLMIR_PREFETCH_KB``, else half this core's L2."""
+    raw = os.environ.get(PREFETCH_ENV, "")
+    if raw.strip():
+        try:
+            kib = float(raw)
+        except ValueError:
+            raise ValueError(f"{PREFETCH_ENV} must be a number of KiB, got {raw!r}") from None
+        if kib < 0:
+            raise ValueError(f"{PREFETCH_ENV} must be >= 0, got {raw!r}")
+        return int(kib * 1024)
+    l2 = _l2_bytes()
+    return l2 // 2 if l2 else DEFAULT_PREFETCH_BYTES
+
+
+def _l2_bytes() -> int | None:
+    """This machine's L2 cache per core in bytes (Linux sysfs), None where unknown."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
 def _default_threads() -> int:
     """The pool's starting width: ``TVM_NUM_THREADS`` when set, else the cores this process may use."""
     raw = os.environ.get("TVM_NUM_THREADS", "").strip()
@@ -111,20 +165,28 @@ def _default_threads() -> int:
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    """Load the pool library, hand it tvm_ffi's error functions and register it with tvm_ffi."""
+    """Load the pool library, hand it the tvm_ffi functions it calls, register it (and its prefetch) with tvm_ffi."""
     import tvm.runtime  # noqa: F401 - TVM's runtime registers its own pool when it loads: ours must come after
     import tvm_ffi.libinfo
 
     library = ctypes.CDLL(str(path))
     ffi = ctypes.CDLL(tvm_ffi.libinfo.find_libtvm_ffi())
-    library.llmir_pool_set_error_api(
+    library.llmir_pool_set_ffi_api(
         ctypes.cast(ffi.TVMFFIErrorMoveFromRaised, ctypes.c_void_p),
         ctypes.cast(ffi.TVMFFIErrorSetRaised, ctypes.c_void_p),
-        ctypes.cast(ffi.TVMFFIObjectDecRef, ctypes.c_void_p))
+        ctypes.cast(ffi.TVMFFIObjectDecRef, ctypes.c_void_p),
+        ctypes.cast(ffi.TVMFFIObjectIncRef, ctypes.c_void_p),
+        ctypes.cast(ffi.TVMFFIErrorSetRaisedFromCStr, ctypes.c_void_p))
     library.llmir_pool_configure.argtypes = (ctypes.c_int, ctypes.c_int64)
-    library.llmir_pool_stats.argtypes = (ctypes.POINTER(ctypes.c_uint64 * 3),)
+    library.llmir_pool_set_prefetch_bytes.argtypes = (ctypes.c_int64,)
+    library.llmir_pool_stats.argtypes = (ctypes.POINTER(ctypes.c_uint64 * 4),)
+    library.llmir_pool_register_prefetch.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p)
     if library.llmir_pool_configure(_default_threads(), _spin_ns()) != 0:
         raise ValueError(f"invalid thread pool settings: {_default_threads()} threads, {_spin_ns()} ns of spin")
+    library.llmir_pool_set_prefetch_bytes(_prefetch_bytes())
+    if library.llmir_pool_register_prefetch(PREFETCH_FUNCTION.encode(), ctypes.cast(ffi.TVMFFIFunctionCreate, ctypes.c_void_p),
+                                            ctypes.cast(ffi.TVMFFIFunctionSetGlobal, ctypes.c_void_p)) != 0:
+        raise RuntimeError(f"tvm_ffi refused to register {PREFETCH_FUNCTION}")
     register = ffi.TVMFFIEnvModRegisterContextSymbol
     register.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
     for symbol, function in (("__TVMBackendParallelLaunch", library.llmir_pool_launch),
@@ -139,31 +201,47 @@ def install(bundled: Path | None = None) -> bool:
 
     Builds the library with the C compiler (once per machine and source), else takes ``bundled``
     (a saved model folder's copy) when given. Without either, or with ``LLMIR_THREAD_POOL=tvm``,
-    TVM's pool stays. Libraries already loaded keep the pool they were loaded with.
+    TVM's pool stays (and :data:`PREFETCH_FUNCTION` is a no-op). Libraries already loaded keep
+    the pool they were loaded with.
     """
-    global _library, _library_path
     with _lock:
         if _library is not None:
             return True
-        if os.environ.get(POOL_ENV, "").strip().lower() == "tvm":
-            return False
-        try:
-            path = build_library()
-        except (OSError, RuntimeError) as err:  # a broken compiler, an unwritable cache: run, on TVM's pool
-            logger.warning("the thread pool could not be built (%s); parallel kernels run on TVM's pool", err)
-            path = None
-        if path is None and bundled is not None and bundled.exists():
-            path = bundled
-        if path is None:
-            logger.info("no C compiler and no bundled thread pool: parallel kernels run on TVM's pool")
-            return False
-        try:
-            _library, _library_path = _load(path), path
-        except (OSError, AttributeError, RuntimeError, ValueError) as err:  # e.g. a bundled copy for another libc
-            logger.warning("the thread pool library %s could not be loaded (%s); parallel kernels run on TVM's pool",
-                           path, err)
-            return False
-        return True
+        if _install_library(bundled):
+            return True
+        _register_prefetch_noop()
+        return False
+
+
+def _install_library(bundled: Path | None) -> bool:
+    global _library, _library_path
+    if os.environ.get(POOL_ENV, "").strip().lower() == "tvm":
+        return False
+    try:
+        path = build_library()
+    except (OSError, RuntimeError) as err:  # a broken compiler, an unwritable cache: run, on TVM's pool
+        logger.warning("the thread pool could not be built (%s); parallel kernels run on TVM's pool", err)
+        path = None
+    if path is None and bundled is not None and bundled.exists():
+        path = bundled
+    if path is None:
+        logger.info("no C compiler and no bundled thread pool: parallel kernels run on TVM's pool")
+        return False
+    try:
+        _library, _library_path = _load(path), path
+    except (OSError, AttributeError, RuntimeError, ValueError) as err:  # e.g. a bundled copy for another libc
+        logger.warning("the thread pool library %s could not be loaded (%s); parallel kernels run on TVM's pool",
+                       path, err)
+        return False
+    return True
+
+
+def _register_prefetch_noop() -> None:
+    """:data:`PREFETCH_FUNCTION` where our pool does not run: TVM's pool has no idle workers to ask."""
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func(PREFETCH_FUNCTION, allow_missing=True) is None:
+        tvm_ffi.register_global_func(PREFETCH_FUNCTION, lambda weight: None)
 
 
 def library_path() -> Path | None:
@@ -174,11 +252,12 @@ def library_path() -> Path | None:
 def stats() -> dict[str, int]:
     """Our pool's counters in this process (zeros while it is not installed): ``launches``
     (parallel kernels run), ``worker_sleeps`` and ``launcher_sleeps`` (waits that outlasted the
-    spin and slept: frequent ones mean the spin is shorter than the gaps between kernels)."""
-    counters = (ctypes.c_uint64 * 3)()
+    spin and slept: frequent ones mean the spin is shorter than the gaps between kernels),
+    ``prefetch_posts`` (weights posted to the workers to prefetch)."""
+    counters = (ctypes.c_uint64 * 4)()
     if _library is not None:
         _library.llmir_pool_stats(ctypes.byref(counters))
-    return dict(zip(("launches", "worker_sleeps", "launcher_sleeps"), map(int, counters)))
+    return dict(zip(("launches", "worker_sleeps", "launcher_sleeps", "prefetch_posts"), map(int, counters)))
 
 
 def pool_threads() -> int:
@@ -201,3 +280,11 @@ def set_pool_threads(threads: int) -> None:
     import tvm_ffi
 
     tvm_ffi.get_global_func("runtime.config_threadpool")(_AFFINITY_BIG, int(threads))
+
+
+def set_prefetch_bytes(nbytes: int) -> None:
+    """Let each worker prefetch at most ``nbytes`` of the next product's weight (0 turns it off)."""
+    if nbytes < 0:
+        raise ValueError(f"the prefetch size must be >= 0 bytes, got {nbytes}")
+    if _library is not None:
+        _library.llmir_pool_set_prefetch_bytes(int(nbytes))
