@@ -214,7 +214,7 @@ def test_a_forked_child_starts_its_own_workers(kernel, width, rng):
 def prefetch():
     """The pool's prefetch function, with the size per worker restored after the test."""
     yield tvm_ffi.get_global_func(parallel_pool.PREFETCH_FUNCTION)
-    parallel_pool.set_prefetch_bytes(parallel_pool._prefetch_bytes())
+    parallel_pool.set_prefetch_bytes(parallel_pool.configured_prefetch_bytes())
 
 
 def test_the_pool_holds_a_posted_tensor_until_the_next_launch(kernel, width, rng, prefetch):
@@ -247,6 +247,21 @@ def test_a_post_is_a_no_op_on_one_thread_or_with_the_prefetch_off(kernel, width,
     with pytest.raises(ValueError, match=">= 0 bytes"):
         parallel_pool.set_prefetch_bytes(-1)
 
+
+def test_the_prefetch_size_is_the_settings_or_half_the_l2(monkeypatch):
+    monkeypatch.setenv(parallel_pool.PREFETCH_ENV, "48")
+    assert parallel_pool.configured_prefetch_bytes() == 48 * 1024
+    monkeypatch.setenv(parallel_pool.PREFETCH_ENV, "0")
+    assert parallel_pool.configured_prefetch_bytes() == 0
+    monkeypatch.setenv(parallel_pool.PREFETCH_ENV, "-1")
+    with pytest.raises(ValueError, match=parallel_pool.PREFETCH_ENV):
+        parallel_pool.configured_prefetch_bytes()
+    monkeypatch.delenv(parallel_pool.PREFETCH_ENV)
+    getconf = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True)
+    l2 = int(getconf.stdout) if getconf.returncode == 0 and getconf.stdout.strip().isdigit() else 0
+    if l2 <= 0:
+        pytest.skip("getconf does not know this machine's L2 size")
+    assert parallel_pool.configured_prefetch_bytes() == l2 // 2
 
 def test_the_prefetch_names_a_bad_argument(prefetch):
     with pytest.raises(TypeError, match="weight prefetch takes exactly one tensor"):

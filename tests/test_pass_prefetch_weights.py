@@ -98,7 +98,7 @@ def two_threads():
     parallel_pool.set_pool_threads(2)
     yield
     parallel_pool.set_pool_threads(before)
-    parallel_pool.set_prefetch_bytes(parallel_pool._prefetch_bytes())
+    parallel_pool.set_prefetch_bytes(parallel_pool.configured_prefetch_bytes())
 
 
 def test_a_compiled_model_posts_its_weights_and_decodes_the_same_tokens_with_or_without(tiny_compiled, two_threads):

@@ -128,7 +128,7 @@ def spin_seconds() -> float:
     return _spin_ns() / 1e9
 
 
-def _prefetch_bytes() -> int:
+def configured_prefetch_bytes() -> int:
     """Most bytes a worker prefetches per product: ``LLMIR_PREFETCH_KB``, else half this core's L2."""
     raw = os.environ.get(PREFETCH_ENV, "")
     if raw.strip():
@@ -183,7 +183,7 @@ def _load(path: Path) -> ctypes.CDLL:
     library.llmir_pool_register_prefetch.argtypes = (ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p)
     if library.llmir_pool_configure(_default_threads(), _spin_ns()) != 0:
         raise ValueError(f"invalid thread pool settings: {_default_threads()} threads, {_spin_ns()} ns of spin")
-    library.llmir_pool_set_prefetch_bytes(_prefetch_bytes())
+    library.llmir_pool_set_prefetch_bytes(configured_prefetch_bytes())
     if library.llmir_pool_register_prefetch(PREFETCH_FUNCTION.encode(), ctypes.cast(ffi.TVMFFIFunctionCreate, ctypes.c_void_p),
                                             ctypes.cast(ffi.TVMFFIFunctionSetGlobal, ctypes.c_void_p)) != 0:
         raise RuntimeError(f"tvm_ffi refused to register {PREFETCH_FUNCTION}")
