@@ -341,9 +341,9 @@ def test_tvms_pool_stays_when_the_user_asks_for_it():
     assert out.stdout.split() == ["None", "None"]
 
 
-def test_a_bad_prefetch_size_is_named(tmp_path):
+def test_a_bad_prefetch_size_is_named():
     script = "import llmir_tvm.runtime as r; print(r.parallel_pool.library_path())"
-    env = dict(os.environ, **{parallel_pool.PREFETCH_ENV: "lots"}, LLMIR_TVM_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, **{parallel_pool.PREFETCH_ENV: "lots"})
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
     assert f"{parallel_pool.PREFETCH_ENV} must be a number of KiB" in out.stderr
