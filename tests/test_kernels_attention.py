@@ -109,6 +109,25 @@ def test_sliding_window_with_sinks(rng, window, sinks, page, dtype):
     run_prefill(rng, cfg, [1, 17, 97, 300], [1, 10, 40, 300])
 
 
+@pytest.mark.parametrize("kv_len,on_pool", [(300, False), (700, True)], ids=["short: serial", "long: on the pool"])
+def test_batch1_decode_runs_long_contexts_on_the_pool(rng, kv_len, on_pool):
+    """One query row: serial while the row's keys x KV heads stay below PARALLEL_DECODE_KEYS, its
+    heads on the thread pool beyond (at 2000 tokens the serial attention was 30% of a step)."""
+    from llmir_tvm.runtime import parallel_pool
+    from llmir_tvm.tir_kernels.paged_attention import PARALLEL_DECODE_KEYS
+
+    cfg = _config((6, 2), 64, 16, "float32")
+    assert (kv_len * 2 >= PARALLEL_DECODE_KEYS) == on_pool
+    before = parallel_pool.pool_threads()
+    parallel_pool.set_pool_threads(2)
+    try:
+        launches = parallel_pool.stats()["launches"]
+        run_decode(rng, cfg, [kv_len])
+        assert (parallel_pool.stats()["launches"] > launches) == on_pool
+    finally:
+        parallel_pool.set_pool_threads(before)
+
+
 def test_uniform_multi_token_queries(rng):
     # Uniform form with q_len > 1 (speculative verification / fixed-size chunks).
     run_decode(rng, _config((8, 2), 64, 16, "float32"), [4, 17, 54], q_len=4)
