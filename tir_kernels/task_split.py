@@ -29,7 +29,6 @@ def streams_weights(func):
     return func.with_attr(STREAMS_WEIGHTS_ATTR, True)
 
 
-
 def fence():
     """A full fence: this thread's earlier stores are visible to others before its later loads run,
     and LLVM keeps no memory value in registers across it."""
