@@ -279,7 +279,7 @@ def test_posts_between_launches_from_two_threads_change_no_result(kernel, width,
 
     def run(x: np.ndarray, weight) -> None:
         y = tvm.runtime.tensor(np.zeros(N, np.float32))
-        for _ in range(200):
+        for _ in range(60):
             prefetch(weight)
             kernel(tvm.runtime.tensor(x), y)
             if not np.array_equal(y.numpy(), _expected(x)):
