@@ -16,7 +16,6 @@ the same host, target and kernel sources reuses them.
 
 from __future__ import annotations
 
-import glob
 import logging
 import re
 import statistics
@@ -29,7 +28,7 @@ import tvm
 from .dense_plan_store import PlanStore
 from .target import cpu_features, resolve_target, vector_shape
 from .tir_kernels.dense import DensePlan, DenseTiles, Variant, dense_nt, split_threads, tile_candidates
-from .runtime.host_memory import host_weights
+from .runtime.host_memory import cpu_cache_bytes, host_weights
 from .tir_kernels.dense_packed import PackedTiles, half_width_twin, pack_weight, packed_candidates
 
 log = logging.getLogger(__name__)
@@ -249,14 +248,7 @@ def cold_weight_bytes() -> int:
     """Bytes of weight copies a :class:`HostTimer` rotates over so that each call reads its ``W`` from
     memory: twice the host's last-level cache (from sysfs), within :data:`COLD_BYTES_MAX`;
     :data:`COLD_BYTES_DEFAULT` where sysfs does not tell."""
-    largest = 0
-    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            with open(index) as file:
-                text = file.read().strip().upper()
-            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
-        except (OSError, ValueError):
-            continue
+    largest = max(cpu_cache_bytes().values(), default=0)
     return min(2 * largest, COLD_BYTES_MAX) if largest else COLD_BYTES_DEFAULT
 
 

@@ -10,7 +10,8 @@ work between steps, comes first); each worker then prefetches the front of its s
 weight until the next parallel launch. The kernels' values are untouched: it only moves reads
 earlier. Runs in :func:`host_build_pipeline` on the lowered functions (after ``ToNonDataflow`` and
 ``CallTIRRewrite``, where a kernel call is a plain call of its PrimFunc with the weight, a
-parameter of the function, among its arguments; calls in dataflow blocks are left alone).
+parameter after the function's ``num_input``, among its arguments; calls in dataflow blocks are
+left alone).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tvm import relax, tirx
 
 from ..runtime.parallel_pool import PREFETCH_FUNCTION
 from ..tir_kernels.task_split import STREAMS_WEIGHTS_ATTR
+from .relax_helpers import map_relax_functions, weight_params
 
 
 def _streaming_kernels(mod: tvm.IRModule) -> set[tvm.ir.GlobalVar]:
@@ -42,8 +44,8 @@ def _static_bytes(expr: relax.Expr) -> int:
 
 
 def _streamed_weight(call: relax.Expr, kernels: set, weights: set) -> relax.Expr | None:
-    """The weight a call of a streaming kernel streams: its largest argument among ``weights``
-    (the function's parameters: a model's weights) and constants, None if it has none."""
+    """The weight a call of a streaming kernel streams: its largest argument among ``weights`` and
+    constants, None if it has none."""
     if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.GlobalVar) or call.op not in kernels:
         return None
     candidates = [a for a in call.args if (isinstance(a, relax.Var) and a in weights) or isinstance(a, tvm.ir.GenericConst)]
@@ -61,7 +63,7 @@ def _with_prefetches(func: relax.Function, kernels: set, builder: relax.BlockBui
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         return func
-    weights = set(func.params)
+    weights = set(weight_params(func) or func.params)  # without num_input: any parameter may be one
     found = [(b, i, weight) for b, block in enumerate(body.blocks) if not isinstance(block, relax.DataflowBlock)
              for i, binding in enumerate(block.bindings) if isinstance(binding, relax.VarBinding)
              and (weight := _streamed_weight(binding.value, kernels, weights)) is not None]  # a call is impure
@@ -90,10 +92,4 @@ class PrefetchStreamedWeights:
         if not kernels:
             return mod
         builder = relax.BlockBuilder()
-        result = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewritten = _with_prefetches(func, kernels, builder)
-                if not rewritten.same_as(func):
-                    result[gv] = rewritten
-        return result
+        return map_relax_functions(mod, lambda func: _with_prefetches(func, kernels, builder))

@@ -186,15 +186,17 @@ def test_host_timer_reads_the_weights_from_memory_and_the_next_layer_has_its_own
 
 def test_cold_weight_bytes_are_twice_the_last_level_cache(monkeypatch, tmp_path):
     """The copies' total comes from sysfs' largest cache (2x, capped); without sysfs, a default."""
-    for index, size in enumerate(("48K", "1024K", "32768K")):
+    from llmir_tvm.runtime import host_memory
+
+    for index, (level, size) in enumerate(((1, "48K"), (2, "1024K"), (3, "32768K"))):
         (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
-    real_glob = dense_choice.glob.glob
-    monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
+    monkeypatch.setattr(host_memory, "CPU0_CACHES", tmp_path)
     assert dense_choice.cold_weight_bytes() == 64 << 20
     (tmp_path / "index2" / "size").write_text("300M\n")
     assert dense_choice.cold_weight_bytes() == dense_choice.COLD_BYTES_MAX
-    monkeypatch.setattr(dense_choice.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(host_memory, "CPU0_CACHES", tmp_path / "absent")
     assert dense_choice.cold_weight_bytes() == dense_choice.COLD_BYTES_DEFAULT
 
 

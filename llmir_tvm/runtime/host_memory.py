@@ -22,6 +22,8 @@ import numpy as np
 import tvm.runtime
 
 _MADV_HUGEPAGE = 14
+#: Where Linux describes CPU 0's caches (one ``index*`` folder with ``level`` and ``size`` per cache).
+CPU0_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 _HUGE_PAGE = 2 << 20
 #: Each weight starts on a cache line of its own (TVM's allocation alignment).
 _WEIGHT_ALIGN = 64
@@ -33,6 +35,21 @@ _WEIGHT_POOLS: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueD
 #: faulting huge pages in costs more (measured: engine tests creating many small caches ran 1.3x
 #: slower with every pool advised).
 MIN_HUGE_POOL_BYTES = 16 << 20
+
+
+def cpu_cache_bytes() -> dict[int, int]:
+    """This machine's caches as sysfs lists them for CPU 0 (:data:`CPU0_CACHES`): level -> bytes (the
+    larger of a level's caches, e.g. L1 data vs instruction); empty where sysfs does not tell."""
+    sizes: dict[int, int] = {}
+    for index in CPU0_CACHES.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+        except (OSError, ValueError):
+            continue
+        sizes[level] = max(sizes.get(level, 0), size)
+    return sizes
 
 
 def advise_huge_pages(address: int, nbytes: int) -> bool:

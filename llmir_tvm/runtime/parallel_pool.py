@@ -139,21 +139,10 @@ def configured_prefetch_bytes() -> int:
         if kib < 0:
             raise ValueError(f"{PREFETCH_ENV} must be >= 0, got {raw!r}")
         return int(kib * 1024)
-    l2 = _l2_bytes()
+    from .host_memory import cpu_cache_bytes
+
+    l2 = cpu_cache_bytes().get(2, 0)
     return l2 // 2 if l2 else DEFAULT_PREFETCH_BYTES
-
-
-def _l2_bytes() -> int | None:
-    """This machine's L2 cache per core in bytes (Linux sysfs), None where unknown."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip().upper()
-                units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except (OSError, ValueError):
-            return None
-    return None
 
 
 def _default_threads() -> int:
