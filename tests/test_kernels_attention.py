@@ -7,7 +7,6 @@ shapes and KV lengths around block boundaries with the last sequence at the maxi
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import numpy as np
@@ -35,7 +34,6 @@ PAIRWISE = {0, 4, 9, 14, 17, 18, 25, 26, 34, 38, 40, 43}
 GRID_PARAMS = [pytest.param(*entry, marks=() if i in PAIRWISE else pytest.mark.slow) for i, entry in enumerate(GRID)]
 
 
-@functools.cache
 def _build(factory, cfg):
     return tvm.tirx.build(factory(cfg, HOST), target=HOST)
 
@@ -113,9 +111,8 @@ def test_sliding_window_with_sinks(rng, window, sinks, page, dtype):
 
 @pytest.mark.parametrize("kv_len,on_pool", [(300, False), (700, True)], ids=["short: serial", "long: on the pool"])
 def test_batch1_decode_runs_long_contexts_on_the_pool(rng, kv_len, on_pool):
-    """One query row: serial while the row's keys x KV heads stay below PARALLEL_DECODE_KEYS; beyond,
-    its keys in ranges of DECODE_SPLIT_KEYS (here 3), each KV head's ranges as tasks on the thread
-    pool, merged after (at 2000 tokens the serial attention was 30% of a step)."""
+    """One query row: serial while the row's keys x KV heads stay below PARALLEL_DECODE_KEYS, its
+    heads on the thread pool beyond (at 2000 tokens the serial attention was 30% of a step)."""
     from llmir_tvm.runtime import parallel_pool
     from llmir_tvm.tir_kernels.paged_attention import PARALLEL_DECODE_KEYS
 
@@ -129,16 +126,6 @@ def test_batch1_decode_runs_long_contexts_on_the_pool(rng, kv_len, on_pool):
         assert (parallel_pool.stats()["launches"] > launches) == on_pool
     finally:
         parallel_pool.set_pool_threads(before)
-
-
-@pytest.mark.parametrize("dtype,window,sinks", [("float32", 0, 0), ("float16", 300, 4), ("float32", 40, 2)])
-def test_few_long_rows_split_their_keys(rng, dtype, window, sinks):
-    """Few rows of long sequences (key-range tasks, merged): ranges of unequal fill, windows over
-    several ranges (the others empty), a sequence too short for all but its first range (the
-    empty ones weigh 0 in the merge), and two query rows of one sequence."""
-    cfg = _config((8, 2), 64, 8, dtype, window=window, sinks=sinks)
-    run_decode(rng, cfg, [2100, 5, 900])
-    run_decode(rng, cfg, [1300], q_len=2)
 
 
 def test_uniform_multi_token_queries(rng):

@@ -16,13 +16,9 @@ sequence times one KV head; its query vectors are ``rows x group_size`` (the que
 share the KV head). The query vectors lie along the vector lanes (the query is transposed once
 per tile); per chunk of ``KV_CHUNK`` positions each key's scores are broadcasts of its K elements
 times the transposed query, straight from the pool, the online softmax runs down the lanes, and V
-rows accumulate along head_dim. Each K/V row is thus read once per tile. Decode: a task is one
-query row times :func:`decode_heads_per_task` KV heads, reading K/V rows straight from the pool
-(see :func:`_decode_body`). A few rows of long sequences (batch-1 decode past
-``PARALLEL_DECODE_KEYS``) would leave most threads idle: their keys are split into ranges of
-``DECODE_SPLIT_KEYS``, a task per range writes its unnormalised V sums, max and denominator,
-and the ranges are merged after (flash-decoding; :func:`_merge_splits`). Only slots below
-``seq_len`` are ever read: unused slots may hold anything.
+rows accumulate along head_dim. Each K/V row is thus read once per tile. Decode: a task is one query row times :func:`decode_heads_per_task` KV heads, reading
+K/V rows straight from the pool (see :func:`_decode_body`). Only slots below ``seq_len`` are
+ever read: unused slots may hold anything.
 """
 
 from __future__ import annotations
@@ -47,14 +43,6 @@ PREFETCH_CHUNKS = 4
 #: heads on the thread pool: a launch costs a few microseconds, the attention of ~1000 keys about as much.
 #: At 2000 tokens of context SmolLM2-135M's serial attention took 7.6 ms of a 25 ms decode step.
 PARALLEL_DECODE_KEYS = 1024
-#: There, each row's keys are split into ``ceil(first sequence's length / DECODE_SPLIT_KEYS)`` ranges
-#: (at most ``MAX_DECODE_SPLITS``; whole chunks), attended by separate tasks and merged (flash-decoding):
-#: a row has only ``num_kv_heads / heads-per-task`` tasks otherwise, 3 for SmolLM2 (a 2:1 split on 2
-#: threads, 3 of 8 threads busy on 8). Zen 4, 2 threads, SmolLM2's layer: 1.7x faster at 1000 tokens,
-#: 1.15x at 2000; from 4000 on both forms stream the pool at the memory's rate.
-DECODE_SPLIT_KEYS = 256
-#: Most key ranges per row and task of the few-row decode kernel (see ``DECODE_SPLIT_KEYS``).
-MAX_DECODE_SPLITS = 16
 #: Upper bound on query vectors (rows x group heads) per task, keeping its fp32 state in L1.
 MAX_QUERY_VECTORS = 32
 #: Bytes of contiguous K rows a decode task should read per block (see :func:`decode_heads_per_task`).
@@ -272,7 +260,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
     ALIBI, SINKS = bool(cfg.alibi_slopes), bool(cfg.sink_logits)  # score modifiers (see score_mods)
 
     @T.macro
-    def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk0, split, nsplit, part_acc, part_stat, slot):
+    def body(q_rows, out_rows, row, pos, seq_len, cache_f, cache_fb, block_table, b, hk0):
         slope = T.alloc_buffer((NG,), "float32")  # ALiBi slope / sink logit per query vector
         sink = T.alloc_buffer((NG,), "float32")
         for g in range(NG):
@@ -314,15 +302,9 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
         lo: T.let[T.int64] = _visible_low(W, pos)
         n_sink: T.let[T.int64] = _sink_count(W, S, lo)
         n_vis: T.let[T.int64] = _visible_count(causal, pos, seq_len, lo, n_sink)
-        # key range ``split`` of ``nsplit``: whole chunks [c_lo, c_hi), visible keys below n_hi; kept in
-        # memory, not as let-bound expressions: over a window's bounds those made lowering take 30 s
-        span = T.alloc_buffer((3,), "int64")
-        span[0] = ((n_vis + CH - 1) // CH + nsplit - 1) // nsplit * split
-        span[1] = T.max(T.min(span[0] + ((n_vis + CH - 1) // CH + nsplit - 1) // nsplit, (n_vis + CH - 1) // CH), span[0])
-        span[2] = T.min(n_vis, span[1] * CH)
         for c in range(PREFETCH_CHUNKS):
-            prefetch_chunk(span[0] + c, n_sink, lo, span[2], cache_fb, block_table, b, hk0)
-        for c in range(span[0], span[1]):
+            prefetch_chunk(T.int64(c), n_sink, lo, n_vis, cache_fb, block_table, b, hk0)
+        for c in range((n_vis + CH - 1) // CH):
             cnt: T.let[T.int64] = T.min(T.int64(CH), n_vis - c * CH)
             for i in range(cnt):
                 t: T.let[T.int64] = c * CH + i
@@ -338,7 +320,7 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
                         ksc[h, i] = scale_bits_to_float(ksw[h, i]) * T.float32(HALF)
                         vsc[h, i] = scale_bits_to_float(vsw[h, i]) * T.float32(HALF)
             for i in range(cnt):  # one key PREFETCH_CHUNKS chunks ahead per key computed
-                if (c + PREFETCH_CHUNKS) * CH + i < span[2]:
+                if (c + PREFETCH_CHUNKS) * CH + i < n_vis:
                     prefetch_key((c + PREFETCH_CHUNKS) * CH + i, n_sink, lo, cache_fb, block_table, b, hk0)
                 for h in range(HT):
                     key_dots(part, qf, qi, kw, cache_f, cache_fb, rk[i] + h * HOFF, i, h)
@@ -392,58 +374,15 @@ def _decode_body(cfg: AttentionConfig, int_dot: bool = False, max_lanes: int = D
             fix[g] = T.float32(0)
             for i in range(CH):
                 fix[g] = fix[g] + den[g, i]
-            if nsplit > 1:  # one key range of several: its state, merged by merge_splits
-                part_stat[slot, g, 0] = mx[g]
-                part_stat[slot, g, 1] = fix[g]
-                for d in T.vectorized(D):
-                    part_acc[slot, g, d] = acc[g, d] * T.float32(HALF)
-            else:
-                if SINKS:
-                    fix[g] = fix[g] + sink_weight(sink[g], mx[g])
-                for d in T.vectorized(D):
-                    out_rows[row, hk0 * G + g, d] = T.Cast(
-                        out_rows.dtype,
-                        T.if_then_else(fix[g] > T.float32(0), acc[g, d] * T.float32(HALF) / fix[g], T.float32(0)),
-                    )
-
-    return body
-
-
-def _merge_splits(cfg: AttentionConfig):
-    """The T.macro merging the ``nsplit`` key ranges of one decode task (rows ``slot0 ..
-    slot0 + nsplit`` of ``part_acc`` / ``part_stat``: unnormalised V sums, running max and
-    denominator of each range) into its output rows: each range's sums weigh
-    ``exp(max_range - max_all)``; a learned sink joins the denominator once, at the overall max."""
-    lay = cfg.layout
-    G, D = cfg.group_size, lay.head_dim
-    NG = decode_heads_per_task(cfg) * G
-    SINKS = bool(cfg.sink_logits)
-
-    @T.macro
-    def merge(out_rows, row, hk0, nsplit, part_acc, part_stat, slot0):
-        acc = T.alloc_buffer((D,), "float32")
-        top = T.alloc_buffer((1,), "float32")
-        total = T.alloc_buffer((1,), "float32")
-        for g in range(NG):
-            top[0] = T.float32(_NEG_INF)
-            for s in range(nsplit):
-                top[0] = T.max(top[0], part_stat[slot0 + s, g, 0])
-            total[0] = T.float32(0)
-            for d in T.vectorized(D):
-                acc[d] = T.float32(0)
-            for s in range(nsplit):
-                w: T.let[T.float32] = exp_nonpositive(part_stat[slot0 + s, g, 0] - top[0])
-                total[0] = total[0] + w * part_stat[slot0 + s, g, 1]
-                for d in T.vectorized(D):
-                    acc[d] = acc[d] + w * part_acc[slot0 + s, g, d]
             if SINKS:
-                total[0] = total[0] + sink_weight(head_value(cfg.sink_logits, hk0 * G + g), top[0])
+                fix[g] = fix[g] + sink_weight(sink[g], mx[g])
             for d in T.vectorized(D):
                 out_rows[row, hk0 * G + g, d] = T.Cast(
-                    out_rows.dtype, T.if_then_else(total[0] > T.float32(0), acc[d] / total[0], T.float32(0))
+                    out_rows.dtype,
+                    T.if_then_else(fix[g] > T.float32(0), acc[g, d] * T.float32(HALF) / fix[g], T.float32(0)),
                 )
 
-    return merge
+    return body
 
 
 def _qk_keys(vectors: int, registers: int) -> int:
@@ -601,23 +540,17 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
     ALIGN = element_bytes(dtype)  # no 64-byte alignment assumed: callers pass any numpy array
     cdtype, RW, CA, P = lay.dtype, lay.row_elems, element_bytes(lay.dtype), lay.kv_planes  # the pool's storage
     body = _decode_body(cfg, int_dot, lanes)
-    merge = _merge_splits(cfg)
 
     HT = decode_heads_per_task(cfg)
     NHT = H // HT  # tasks per query row
-    NG = HT * cfg.group_size
-    # key-range partials of the few-row kernel (see DECODE_SPLIT_KEYS): at most SERIAL_BELOW_ROWS - 1 rows
-    SLOTS = (SERIAL_BELOW_ROWS - 1) * NHT * MAX_DECODE_SPLITS
 
     @T.macro
-    def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table, nsplit, part_acc, part_stat):
-        rt: T.let[T.int64] = task // nsplit  # (row, head task)
-        b: T.let[T.int64] = rt // (L * NHT)
-        j: T.let[T.int64] = rt // NHT % L
+    def decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table):
+        b: T.let[T.int64] = task // (L * NHT)
+        j: T.let[T.int64] = task // NHT % L
         seq_len: T.let[T.int64] = T.Cast("int64", seq_lens[b])
-        hk0: T.let[T.int64] = rt % NHT * HT
-        body(q_rows, out_rows, rt // NHT, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, hk0,
-             task % nsplit, nsplit, part_acc, part_stat, task)
+        hk0: T.let[T.int64] = task % NHT * HT
+        body(q_rows, out_rows, task // NHT, seq_len - L + j, seq_len, cache_f, cache_fb, block_table, b, hk0)
 
     @T.prim_func
     def paged_decode(q_h: T.handle, cache_h: T.handle, table_h: T.handle, lens_h: T.handle, out_h: T.handle):
@@ -635,23 +568,15 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
         out_rows = T.decl_buffer((B * L, Hq, D), dtype, data=out.data, align=ALIGN)
         cache_f = T.decl_buffer((NB * P * H * BS * RW,), cdtype, data=cache.data, align=CA)  # flat views
         cache_fb = T.decl_buffer((NB * P * H * BS * RW * CA,), "uint8", data=cache.data, align=1)
-        part_acc = T.alloc_buffer((SLOTS, NG, D), "float32")
-        part_stat = T.alloc_buffer((SLOTS, NG, 2), "float32")
         # A few rows of short sequences (batch-1 decode) cost less than a thread-pool launch; the first
         # sequence's length stands for the others' there (at most SERIAL_BELOW_ROWS - 1 rows).
         first_len: T.let[T.int64] = T.if_then_else(B > 0, T.Cast("int64", seq_lens[0]), T.int64(0))
-        if B * L >= SERIAL_BELOW_ROWS:
+        if B * L >= SERIAL_BELOW_ROWS or first_len * H >= PARALLEL_DECODE_KEYS:
             for task in T.parallel(B * L * NHT):
-                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table, T.int64(1), part_acc, part_stat)
-        elif first_len * H >= PARALLEL_DECODE_KEYS:  # long: each task's keys in ranges, then merged
-            nsplit: T.let[T.int64] = T.max(T.min((first_len + DECODE_SPLIT_KEYS - 1) // DECODE_SPLIT_KEYS, T.int64(MAX_DECODE_SPLITS)), T.int64(1))
-            for task in T.parallel(B * L * NHT * nsplit):
-                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table, nsplit, part_acc, part_stat)
-            for rt in T.serial(B * L * NHT):
-                merge(out_rows, rt // NHT, rt % NHT * HT, nsplit, part_acc, part_stat, rt * nsplit)
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
         else:
             for task in T.serial(B * L * NHT):
-                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table, T.int64(1), part_acc, part_stat)
+                decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
 
     return paged_decode
 
