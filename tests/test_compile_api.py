@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from llmir_tvm.frontend import ModelImportError
 from llmir_tvm.passes import AttentionMatchError
 
 from helpers.models import tiny_llama
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +39,11 @@ def test_dump_ir_writes_every_stage_and_each_parses_back(compiled_with_dumps):
 
 
 def test_compile_model_script_saves_a_loadable_model(tmp_path, capsys):
-    """``scripts/compile_model.py`` (its ``main(argv)``, in this process: a new interpreter would spend
-    more on imports than the tiny compile takes; ``tests/test_cli.py`` runs the scripts as processes)."""
-    import importlib.util
-
+    """``scripts/compile_model.py --dump-ir``: the stages parse back, the saved folder loads and generates."""
     model_dir = tmp_path / "hf"
     tiny_llama().save_pretrained(model_dir)
     out, dumps = tmp_path / "compiled", tmp_path / "ir"
-    spec = importlib.util.spec_from_file_location("compile_model", REPO / "scripts/compile_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    code = script.main(["--model", str(model_dir), "--page-size", "8", "--num-blocks", "64", "--dump-ir", str(dumps),
+    code = load_script("compile_model").main(["--model", str(model_dir), "--page-size", "8", "--num-blocks", "64", "--dump-ir", str(dumps),
                         "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     for stage in ("0_imported", "1_PagedAttentionRewrite", "2_BlockifyKVCache", "3_KVCachePruning", "4_SimplifyPower",

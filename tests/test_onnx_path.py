@@ -26,6 +26,7 @@ from llmir_tvm.frontend.cache_export import with_flat_kv_cache
 from llmir_tvm.passes import PagedAttentionRewrite
 
 from helpers.models import hf_greedy
+from helpers.scripts import load_script
 
 LAYERS, KV_HEADS, HEAD_DIM, VOCAB = 2, 2, 16, 256
 CONFIG = dict(
@@ -331,13 +332,7 @@ def test_corrupt_and_missing_onnx_files_are_refused(tmp_path, cache_onnx):
 
 
 def test_compile_script_rejects_onnx_with_model(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    script_path = Path(__file__).parents[1] / "scripts" / "compile_model.py"
-    spec = importlib.util.spec_from_file_location("compile_model", script_path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("compile_model")
     with pytest.raises(SystemExit):  # argparse: the two sources are mutually exclusive
         script.main(["--model", "default", "--onnx", str(tmp_path / "m.onnx")])
     assert "not allowed with argument" in capsys.readouterr().err

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +31,8 @@ from llmir_tvm.memory_plan import (
 from llmir_tvm.passes import KVCacheAllocationOptimization
 from llmir_tvm.passes.kv_allocation_optimization import allocated_bytes, module_memory_plan
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.scripts import load_script
+
 KV = {"causal": [1], "dtype": "float32", "head_dim": [16], "num_kv_heads": [1], "num_layers": 1,
       "num_qo_heads": [1], "page_size": 16, "sliding_window": [0]}
 KV32 = dict(KV, page_size=32)
@@ -385,12 +384,7 @@ def test_plan_matches_what_the_compiled_model_and_the_runtime_allocate(compiled,
 def test_compile_model_script_prints_the_plan(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     _tiny_llama().save_pretrained(model_dir)
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import compile_model
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    code = compile_model.main(["--model", str(model_dir), "--memory-budget", "50%", "--device-memory", "8MB",
+    code = load_script("compile_model").main(["--model", str(model_dir), "--memory-budget", "50%", "--device-memory", "8MB",
                                "--page-size", "auto", "--expected-seq-len", "32", "64", "-o", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0

@@ -24,6 +24,7 @@ from llmir_tvm.runtime.disco_executor import start_session
 from llmir_tvm.shard_memory import shard_memory_plan
 
 from helpers.models import tiny_model
+from helpers.scripts import load_script
 
 SHARDS = 2
 #: Mixed: a quantized and a float layer, each with its own dtype's kernels on the workers; with
@@ -135,17 +136,6 @@ def test_memory_plan_counts_a_shards_quantized_rows(models):
     assert plan.bytes_per_block_unsharded == reference.info.bytes_per_block == 2 * per_device
 
 
-def _compile_script():
-    """scripts/compile_model.py as a module (its ``main(argv)``)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("compile_model", Path(__file__).parents[1] / "scripts/compile_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 @pytest.mark.slow
 def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
     """``compile_model.py --num-shards 2 --kv-dtype int8``: the saved folder runs on the workers with the
@@ -153,7 +143,7 @@ def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
     model_dir, out = tmp_path / "hf", tmp_path / "compiled"
     tiny_model("llama_gqa").save_pretrained(model_dir)
     args = ["--model", str(model_dir), "--page-size", "4", "--num-blocks", "32", "--kv-dtype", "int8", "--num-shards", "2"]
-    assert _compile_script().main([*args, "-o", str(out)]) == 0
+    assert load_script("compile_model").main([*args, "-o", str(out)]) == 0
     assert "tensor parallel: 2 shards, 1 KV head(s) and 2 query heads each" in capsys.readouterr().out
     loaded = llmir_tvm.load(out)
     assert (loaded.info.num_shards, loaded.info.kv_dtype) == (2, "int8")
@@ -167,5 +157,5 @@ def test_compile_script_builds_a_sharded_int8_model(tmp_path, session, capsys):
 def test_compile_script_reports_a_shard_count_the_heads_cannot_take(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     tiny_model("llama_gqa").save_pretrained(model_dir)
-    assert _compile_script().main(["--model", str(model_dir), "--num-shards", "3", "-o", str(tmp_path / "out")]) == 2
+    assert load_script("compile_model").main(["--model", str(model_dir), "--num-shards", "3", "-o", str(tmp_path / "out")]) == 2
     assert "4 query heads do not divide evenly over 3 shards" in capsys.readouterr().err
