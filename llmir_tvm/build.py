@@ -377,7 +377,8 @@ def _build(
     host = target.kind.name == "llvm"
     pipeline = host_build_pipeline() if host else gpu_build_pipeline(target, low_batch_gemv, cuda_graph)
     executable = relax.build(ClipTakeIndices()(tvm.IRModule(funcs, attrs=mod.attrs)), target=target,
-                             relax_pipeline=pipeline, exec_mode=HOST_EXEC_MODE if host else "bytecode")
+                             relax_pipeline=pipeline, tir_pipeline=tir_kernels.TIR_PIPELINE,
+                             exec_mode=HOST_EXEC_MODE if host else "bytecode")
     note.finish()
     params = [pack_weight(w, info.packed_weights[str(i)]) if str(i) in info.packed_weights else w
               for i, w in enumerate(stack_weights(imported.params, weight_sources))]

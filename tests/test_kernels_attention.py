@@ -35,7 +35,7 @@ GRID_PARAMS = [pytest.param(*entry, marks=() if i in PAIRWISE else pytest.mark.s
 
 
 def _build(factory, cfg):
-    return tvm.tirx.build(factory(cfg, HOST), target=HOST)
+    return tir_kernels.build(factory(cfg, HOST), target=HOST)
 
 
 def _config(heads, head_dim, page, dtype, causal=True, window=0, sinks=0):

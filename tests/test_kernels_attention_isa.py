@@ -65,7 +65,7 @@ def test_decode_and_prefill_on_odd_shapes(isa, dtype, compute, rng):
         pool = cache.pool
     q = rng.standard_normal((len(kv_lens), 1, cfg.num_qo_heads, lay.head_dim)).astype(cdt)
     out = np.full_like(q, np.nan)
-    decode = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, target), target=target)
+    decode = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, target), target=target)
     decode(q, pool, cache.block_table, cache.seq_lens_array, out)
     _check(out, [(b, q[b]) for b in range(len(kv_lens))], cache, cfg, TOL[dtype])
 
@@ -73,7 +73,7 @@ def test_decode_and_prefill_on_odd_shapes(isa, dtype, compute, rng):
     indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     qp = rng.standard_normal((int(indptr[-1]), cfg.num_qo_heads, lay.head_dim)).astype(cdt)
     outp = np.full_like(qp, np.nan)
-    prefill = tvm.tirx.build(tir_kernels.paged_prefill_attention(cfg, target), target=target)
+    prefill = tir_kernels.build(tir_kernels.paged_prefill_attention(cfg, target), target=target)
     prefill(qp, pool, cache.block_table, cache.seq_lens_array, indptr, outp)
     _check(outp, [(slice(indptr[b], indptr[b + 1]), qp[indptr[b]:indptr[b + 1]]) for b in range(3)], cache, cfg, TOL[dtype])
 
@@ -99,5 +99,5 @@ def test_aarch64_attention_builds():
     """Decode and prefill for NEON cross-compile (built, not run)."""
     cfg = _config((9, 3), 64, 16, "float16")
     for factory in (tir_kernels.paged_decode_attention, tir_kernels.paged_prefill_attention):
-        lib = tvm.tirx.build(factory(cfg, AARCH64), target=AARCH64)
+        lib = tir_kernels.build(factory(cfg, AARCH64), target=AARCH64)
         assert "fmla" in lib.inspect_source("asm")

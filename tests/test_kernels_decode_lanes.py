@@ -85,7 +85,7 @@ def test_decode_on_every_lane_width(rng, dtype, dim, heads, page, window, sinks)
     pool.copyfrom(np.ascontiguousarray(cache.pool).view(pool_dtype(dtype)))
     q = rng.standard_normal((len(KV_LENS), 1, heads[0], dim)).astype(compute)
     out = np.full_like(q, np.nan)
-    decode = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
+    decode = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
     decode(q, pool, cache.block_table, cache.seq_lens_array, out)
     tol = 1e-2 if compute == "float16" else 1e-3
     for b in range(len(KV_LENS)):

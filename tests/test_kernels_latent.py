@@ -48,7 +48,7 @@ def test_latent_decode_matches_reference(rng, head_dim, v_dim, dtype):
     cache, pool = _latent_cache(rng, cfg)
     q = rng.standard_normal((len(KV_LENS), 1, cfg.num_qo_heads, head_dim)).astype(dtype)
     out = np.full_like(q, np.nan)
-    kernel = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
+    kernel = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
     kernel(q, pool, cache.block_table, cache.seq_lens_array, out)
     for b in range(len(KV_LENS)):
         ref = _reference(q[b], cache.keys[b], cfg)
@@ -63,7 +63,7 @@ def test_latent_prefill_matches_reference(rng, head_dim, v_dim):
     indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     q = rng.standard_normal((int(indptr[-1]), cfg.num_qo_heads, head_dim)).astype("float32")
     out = np.full_like(q, np.nan)
-    kernel = tvm.tirx.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)
+    kernel = tir_kernels.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)
     kernel(q, pool, cache.block_table, cache.seq_lens_array, indptr, out)
     for b in range(len(KV_LENS)):
         rows = slice(indptr[b], indptr[b + 1])

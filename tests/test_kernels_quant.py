@@ -162,11 +162,11 @@ def test_paged_attention_on_quantized_pool(rng, dtype, heads, dim, page, kv_lens
     cache = QuantizedPagedCache(rng, kv_lens, heads[1], dim, page, dtype)  # unused slots: NaN scales
     pool = _pool(cache.pool, dtype)
     tol = 1e-3 if compute == "float32" else 1e-2  # float16 queries/outputs round to 2**-11
-    decode = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
+    decode = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
     q = rng.standard_normal((len(kv_lens), 1, heads[0], dim)).astype(compute)
     out = np.full_like(q, np.nan)
     decode(q, pool, cache.block_table, cache.seq_lens_array, out)
-    prefill = tvm.tirx.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)
+    prefill = tir_kernels.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)
     q_lens = [min(n, 1 + 7 * b) for b, n in enumerate(kv_lens)]
     indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     qr = rng.standard_normal((indptr[-1], heads[0], dim)).astype(compute)
@@ -196,7 +196,7 @@ def test_decode_attention_over_extreme_row_magnitudes(rng, dtype):
     deq = dequantize_rows(rows, dtype)
     q = (rng.standard_normal((len(lens), 1, heads[0], dim)) * 30).astype(np.float32)
     out = np.full_like(q, np.nan)
-    decode = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
+    decode = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)
     decode(q, _pool(rows, dtype), cache.block_table, cache.seq_lens_array, out)
     for b, n in enumerate(lens):
         pos = np.arange(n)
@@ -220,7 +220,7 @@ def test_int8_decode_dot_products_in_integers_only_where_the_cpu_has_vnni(rng):
     cache = QuantizedPagedCache(rng, [1, 33, 300], 2, 64, 16, "int8")
     q = (rng.standard_normal((3, 1, 8, 64)) * 4).astype(np.float32)
     for target in (vnni, plain):
-        lib = tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, target), target=target)
+        lib = tir_kernels.build(tir_kernels.paged_decode_attention(cfg, target), target=target)
         assert ("vpdpwssd" in lib.inspect_source("asm")) == (target is vnni)
         if target is vnni and not cpu_has_int16_dot(HOST):
             continue  # this CPU cannot run VNNI code

@@ -61,14 +61,14 @@ def test_decode_and_prefill_apply_score_modifiers(rng, dtype, mod):
     cfg = tir_kernels.AttentionConfig(layout, HQ, 0.5, **MODS[mod])
     q = rng.standard_normal((len(KV_LENS), 1, HQ, DIM)).astype(compute)
     out = np.full_like(q, np.nan)
-    tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)(
+    tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)(
         q, pool, cache.block_table, cache.seq_lens_array, out
     )
     q_lens = [min(n, 1 + 13 * b) for b, n in enumerate(KV_LENS)]
     indptr = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     qr = rng.standard_normal((int(indptr[-1]), HQ, DIM)).astype(compute)
     out_r = np.full_like(qr, np.nan)
-    tvm.tirx.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)(
+    tir_kernels.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)(
         qr, pool, cache.block_table, cache.seq_lens_array, indptr, out_r
     )
     for b in range(len(KV_LENS)):
@@ -97,7 +97,7 @@ def test_alibi_and_sinks_with_a_sliding_window(rng, form):
     if form == "decode":
         q = rng.standard_normal((len(KV_LENS), 1, HQ, DIM)).astype("float32")
         out = np.full_like(q, np.nan)
-        tvm.tirx.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)(
+        tir_kernels.build(tir_kernels.paged_decode_attention(cfg, HOST), target=HOST)(
             q, cache.pool, cache.block_table, cache.seq_lens_array, out
         )
         rows = [(out[b], q[b]) for b in range(len(KV_LENS))]
@@ -105,7 +105,7 @@ def test_alibi_and_sinks_with_a_sliding_window(rng, form):
         indptr = np.concatenate([[0], np.cumsum(KV_LENS)]).astype(np.int32)
         q = rng.standard_normal((int(indptr[-1]), HQ, DIM)).astype("float32")
         out = np.full_like(q, np.nan)
-        tvm.tirx.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)(
+        tir_kernels.build(tir_kernels.paged_prefill_attention(cfg, HOST), target=HOST)(
             q, cache.pool, cache.block_table, cache.seq_lens_array, indptr, out
         )
         rows = [(out[indptr[b] : indptr[b + 1]], q[indptr[b] : indptr[b + 1]]) for b in range(len(KV_LENS))]

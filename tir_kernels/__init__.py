@@ -27,6 +27,7 @@ from . import (  # noqa: E402
     block_copy, cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention,
     quant_cache_ops, slot_copy,
 )
+from .lowering import TIR_PIPELINE, build  # noqa: E402
 from .config import (  # noqa: E402
     CPU_KV_DTYPES, QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized,
 )
@@ -36,7 +37,9 @@ __all__ = [
     "CacheLayout",
     "QUANTIZED_CACHE_DTYPES",
     "SUPPORTED_CACHE_DTYPES",
+    "TIR_PIPELINE",
     "append_kv",
+    "build",
     "copy_blocks",
     "copy_slots",
     "lookup_kv",

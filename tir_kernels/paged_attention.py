@@ -31,6 +31,7 @@ from .config import AttentionConfig, element_bytes
 from .fast_math import exp_nonpositive
 from .score_mods import head_value, modify_score, sink_weight
 from .kv_quant import FP8_UNSCALED_FACTOR, element, element_flat, row_scale, row_scale_bits_flat, scale_bits_to_float
+from .lowering import mark_exact_scratch
 from .vector_reduce import butterfly_indices, butterfly_macro, lanes_max
 
 #: KV positions per online-softmax step: one fp32 vector of scores per query vector.
@@ -578,7 +579,7 @@ def paged_decode_attention(cfg: AttentionConfig, int_dot: bool = False, lanes: i
             for task in T.serial(B * L * NHT):
                 decode_task(task, L, q_rows, out_rows, seq_lens, cache_f, cache_fb, block_table)
 
-    return paged_decode
+    return mark_exact_scratch(paged_decode)
 
 
 def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
@@ -636,4 +637,4 @@ def paged_prefill_attention(cfg: AttentionConfig, lanes: int = DEFAULT_LANES,
                     body(q, out, s0, s1 - s0, first_pos + s0 - T.Cast("int64", q_indptr[b]), seq_len,
                          cache, cache_b, block_table, b, hk)
 
-    return paged_prefill
+    return mark_exact_scratch(paged_prefill)

@@ -289,7 +289,7 @@ class Kernels:
                     "llmir_paged_decode": tk.paged_decode_attention(cfg),
                 }
             )
-            lib = tvm.tirx.build(mod, target="llvm")
+            lib = tk.build(mod, target="llvm")
             self._attn[key] = (lib["llmir_paged_prefill"], lib["llmir_paged_decode"])
         return self._attn[key]
 
