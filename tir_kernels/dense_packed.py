@@ -58,6 +58,11 @@ W_GROUP_BYTES = 1 << 20
 #: Elements of ``x`` from which the packing before the tasks runs on the pool (below, on the calling
 #: thread: a pool launch costs more than packing ~16 rows; 576->192 at 16 rows was 0.82x OpenBLAS).
 PACK_PARALLEL_ELEMENTS = 1 << 14
+#: Below this many input features the packing walks ``k`` outside the unrolled rows: LLVM unrolls a
+#: short constant ``k`` loop fully in each of the rows' copies, and building those hundreds of
+#: strided stores took 4-18 s a kernel for K = 19-53 (0.4 s k-outer). From ~100 on it keeps the loop,
+#: and the row-contiguous reads pack 1-3% faster there (K = 576 / 1536, 512-2048 rows; Zen 4).
+PACK_K_OUTER_BELOW = 128
 
 
 @dataclass(frozen=True)
@@ -272,12 +277,22 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
         left_up = _leftover(ROWS, lambda rows: rows_tile(rows, False, "up"))
 
     @T.macro
-    def pack_tiles(x, xs, t_begin, t_end):
+    def pack_tiles_by_rows(x, xs, t_begin, t_end):
         """Whole row tiles ``t_begin..t_end`` of ``x`` into ``xs``, ``[tile][k][row]``."""
         for t in range(t_begin, t_end):
             for r in T.unroll(ROWS):
                 for k in range(K):
                     xs[(t * K + k) * ROWS + r] = x[t * ROWS + r, k]
+
+    @T.macro
+    def pack_tiles_by_k(x, xs, t_begin, t_end):
+        """As :func:`pack_tiles_by_rows`, ``k`` outside the rows (see :data:`PACK_K_OUTER_BELOW`)."""
+        for t in range(t_begin, t_end):
+            for k in range(K):
+                for r in T.unroll(ROWS):
+                    xs[(t * K + k) * ROWS + r] = x[t * ROWS + r, k]
+
+    pack_tiles = pack_tiles_by_k if K < PACK_K_OUTER_BELOW else pack_tiles_by_rows
 
     @T.macro
     def panel_products(acc, ops, wp, out, i_start, tiles_n, whole_end, left_n, t0, jp):
