@@ -27,10 +27,10 @@ from . import (  # noqa: E402
     block_copy, cache_ops, cuda_attention, cuda_cache_ops, cuda_quant_cache_ops, cuda_slot_copy, paged_attention,
     quant_cache_ops, slot_copy,
 )
-from .lowering import TIR_PIPELINE, build  # noqa: E402
 from .config import (  # noqa: E402
     CPU_KV_DTYPES, QUANTIZED_CACHE_DTYPES, SUPPORTED_CACHE_DTYPES, AttentionConfig, CacheLayout, is_quantized,
 )
+from .lowering import TIR_PIPELINE, build  # noqa: E402
 
 __all__ = [
     "AttentionConfig",

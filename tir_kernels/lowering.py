@@ -4,9 +4,10 @@ allocating exact-size scratch skip ``s_tir.CompactBufferAllocation``.
 Why: that pass shrinks each scratch buffer to the region its body touches. Our CPU attention
 kernels allocate exactly what they touch, so it changes nothing in their machine code
 (``tests/test_kernels_lowering.py`` compares the assembly), yet its region analysis of their
-expression trees is 55-65% of their build (0.3-0.7 s a kernel, in every model build). TVM 0.27
-can disable a pass only for a whole module, and the fused Relax kernels built beside ours need it,
-so :data:`TIR_PIPELINE` lowers the marked functions apart from the others and merges them.
+expression trees is half to two thirds of most of their builds (0.3-0.7 s a kernel, in every model
+build). TVM 0.27 can disable a pass only for a whole module, and the fused Relax kernels built
+beside ours need it, so :data:`TIR_PIPELINE` lowers the marked functions apart from the others and
+merges them.
 
 Use ``build(func, target)`` for a kernel alone and ``relax.build(..., tir_pipeline=TIR_PIPELINE)``
 for a model.
@@ -32,16 +33,15 @@ def mark_exact_scratch(func: PrimFunc) -> PrimFunc:
     return func.with_attr(EXACT_SCRATCH_ATTR, True)
 
 
-def _is_marked(func) -> bool:
-    return isinstance(func, PrimFunc) and func.attrs is not None and bool(func.attrs.get(EXACT_SCRATCH_ATTR, False))
+def _has_flag(func, attr: str) -> bool:
+    return isinstance(func, PrimFunc) and func.attrs is not None and bool(func.attrs.get(attr, False))
 
 
 def _entry_names(mod: tvm.IRModule) -> set[str]:
     """The functions the default pipeline's ``AnnotateEntryFunc`` marks as the module's entry in
     ``mod`` as a whole (lowering the halves apart would mark each half's lone function)."""
     annotated = tvm.tirx.transform.AnnotateEntryFunc()(mod)
-    return {gv.name_hint for gv, func in annotated.functions_items()
-            if func.attrs is not None and bool(func.attrs.get(_ENTRY_ATTR, False))}
+    return {gv.name_hint for gv, func in annotated.functions_items() if _has_flag(func, _ENTRY_ATTR)}
 
 
 def _pipeline_factory():
@@ -49,7 +49,7 @@ def _pipeline_factory():
 
     @tvm.transform.module_pass(opt_level=0, name="llmir_tir_pipeline")
     def _pipeline(mod: tvm.IRModule, ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        marked = {gv: func for gv, func in mod.functions_items() if _is_marked(func)}
+        marked = {gv: func for gv, func in mod.functions_items() if _has_flag(func, EXACT_SCRATCH_ATTR)}
         if not marked:
             return default(mod)
         rest = {gv: func for gv, func in mod.functions_items() if gv not in marked}
@@ -62,8 +62,7 @@ def _pipeline_factory():
             return lowered
         lowered.update(default(tvm.IRModule(rest, attrs=mod.attrs)))
         for gv, func in list(lowered.functions_items()):
-            is_entry = isinstance(func, PrimFunc) and func.attrs is not None and bool(func.attrs.get(_ENTRY_ATTR, False))
-            if is_entry and gv.name_hint not in entries:
+            if _has_flag(func, _ENTRY_ATTR) and gv.name_hint not in entries:
                 lowered[gv] = func.without_attr(_ENTRY_ATTR)
         return lowered
 
