@@ -8,16 +8,14 @@ import re
 
 import pytest
 import tvm
-import tvm.testing
 from tvm.script import tirx as T
 from tvm.tirx.compilation_pipeline import get_tir_pipeline
 
 from llmir_tvm import tir_kernels
 from llmir_tvm.target import resolve_target
-from llmir_tvm.tir_kernels.lowering import EXACT_SCRATCH_ATTR, mark_exact_scratch
+from llmir_tvm.tir_kernels.lowering import ENTRY_FUNC_ATTR, EXACT_SCRATCH_ATTR, mark_exact_scratch
 
 HOST = resolve_target("llvm")
-ENTRY = "tirx.is_entry_func"
 
 
 def _config(dtype, window, sinks):
@@ -62,7 +60,7 @@ def _lower(pipeline: str, funcs: dict) -> dict:
     lowered = {}
     for gv, func in get_tir_pipeline(pipeline)[0](mod).functions_items():
         shapes = re.findall(r"scratch = T\.alloc_buffer\(\((\d+),\)", func.script())
-        lowered[gv.name_hint] = shapes, bool(func.attrs.get(ENTRY, False))
+        lowered[gv.name_hint] = shapes, bool(func.attrs.get(ENTRY_FUNC_ATTR, False))
     return lowered
 
 

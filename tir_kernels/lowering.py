@@ -24,7 +24,8 @@ EXACT_SCRATCH_ATTR = "llmir.exact_scratch"
 #: The name :func:`tvm.tirx.build` and ``relax.build(tir_pipeline=...)`` know this pipeline by.
 TIR_PIPELINE = "llmir"
 _COMPACT_PASS = "s_tir.CompactBufferAllocation"
-_ENTRY_ATTR = "tirx.is_entry_func"
+#: TVM's mark of a module's entry function (its ``AnnotateEntryFunc`` sets it).
+ENTRY_FUNC_ATTR = "tirx.is_entry_func"
 
 
 def mark_exact_scratch(func: PrimFunc) -> PrimFunc:
@@ -41,7 +42,7 @@ def _entry_names(mod: tvm.IRModule) -> set[str]:
     """The functions the default pipeline's ``AnnotateEntryFunc`` marks as the module's entry in
     ``mod`` as a whole (lowering the halves apart would mark each half's lone function)."""
     annotated = tvm.tirx.transform.AnnotateEntryFunc()(mod)
-    return {gv.name_hint for gv, func in annotated.functions_items() if _has_flag(func, _ENTRY_ATTR)}
+    return {gv.name_hint for gv, func in annotated.functions_items() if _has_flag(func, ENTRY_FUNC_ATTR)}
 
 
 def _pipeline_factory():
@@ -62,8 +63,8 @@ def _pipeline_factory():
             return lowered
         lowered.update(default(tvm.IRModule(rest, attrs=mod.attrs)))
         for gv, func in list(lowered.functions_items()):
-            if _has_flag(func, _ENTRY_ATTR) and gv.name_hint not in entries:
-                lowered[gv] = func.without_attr(_ENTRY_ATTR)
+            if _has_flag(func, ENTRY_FUNC_ATTR) and gv.name_hint not in entries:
+                lowered[gv] = func.without_attr(ENTRY_FUNC_ATTR)
         return lowered
 
     return _pipeline, finalize_host, finalize_device
