@@ -43,8 +43,8 @@ def test_compile_model_script_saves_a_loadable_model(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     tiny_llama().save_pretrained(model_dir)
     out, dumps = tmp_path / "compiled", tmp_path / "ir"
-    code = load_script("compile_model").main(["--model", str(model_dir), "--page-size", "8", "--num-blocks", "64", "--dump-ir", str(dumps),
-                        "-o", str(out)])
+    code = load_script("compile_model").main(["--model", str(model_dir), "--page-size", "8", "--num-blocks", "64",
+                                              "--dump-ir", str(dumps), "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     for stage in ("0_imported", "1_PagedAttentionRewrite", "2_BlockifyKVCache", "3_KVCachePruning", "4_SimplifyPower",
                   "5_KVCacheAllocationOptimization"):

@@ -385,7 +385,8 @@ def test_compile_model_script_prints_the_plan(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     _tiny_llama().save_pretrained(model_dir)
     code = load_script("compile_model").main(["--model", str(model_dir), "--memory-budget", "50%", "--device-memory", "8MB",
-                               "--page-size", "auto", "--expected-seq-len", "32", "64", "-o", str(tmp_path / "out")])
+                                              "--page-size", "auto", "--expected-seq-len", "32", "64",
+                                              "-o", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0
     plan = llmir_tvm.load(tmp_path / "out").memory_plan()

@@ -60,8 +60,9 @@ W_GROUP_BYTES = 1 << 20
 PACK_PARALLEL_ELEMENTS = 1 << 14
 #: Below this many input features the packing walks ``k`` outside the unrolled rows: LLVM unrolls a
 #: short constant ``k`` loop fully in each of the rows' copies, and building those hundreds of
-#: strided stores took 4-18 s a kernel for K = 19-53 (0.4 s k-outer). From ~100 on it keeps the loop,
-#: and the row-contiguous reads pack 1-3% faster there (K = 576 / 1536, 512-2048 rows; Zen 4).
+#: strided stores took 6-17 s a kernel for K = 37-53 with AVX-512 code, 2-4 s with AVX2 (0.5-2 s
+#: k-outer). From ~100 on it keeps the loop; at the models' widths (K = 576 / 1536, 512-2048 rows)
+#: the two orders run within 3% of each other with either ISA's code (Zen 4).
 PACK_K_OUTER_BELOW = 128
 
 
