@@ -624,11 +624,12 @@ class PagedKVCache:
         if self._step is None:
             raise RuntimeError("end_forward called without a matching begin_forward")
         rows, old, new = self._step
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and rows.size:
             bs = self.block_size
-            for row, o, n in zip(rows.tolist(), old.tolist(), new.tolist()):
-                if n // bs > o // bs and self._tracks[row]:
-                    self._register_blocks(row, o // bs, n // bs)
+            ob, nb = old // bs, new // bs
+            mask = self._tracks[rows] & (nb > ob)
+            for row, a, b in zip(rows[mask].tolist(), ob[mask].tolist(), nb[mask].tolist()):
+                self._register_blocks(row, a, b)
         self._release_window(rows)
         self._step = None
 
@@ -865,34 +866,38 @@ class PagedKVCache:
             )
 
     def _release_window(self, rows: np.ndarray) -> None:
-        """Release blocks entirely outside each row's window (sink blocks excepted).
-
-        Row by row on Python scalars, as :meth:`_plan_cow` and :meth:`end_forward`: a decode step
-        calls these for a few rows, after the weight stream has evicted numpy's code from the caches,
-        where each numpy call on a few elements cost ~5 us (a batch-1 step's three took ~190 us, 1-2%
-        of a SmolLM2-135M step on a 2-core Zen 4)."""
-        bs = self.block_size
-        for row in rows.tolist():
-            window = int(self._window[row])
-            if window <= 0:
-                continue
-            upto, lo = max(0, (int(self._len[row]) + 1 - window) // bs), int(self._live[row])
-            if upto > lo:
-                self.allocator.decref(self._table[row, lo:upto])
-                self._table[row, lo:upto] = 0
-                self._live[row] = upto
+        """Release blocks entirely outside each row's window (sink blocks excepted)."""
+        if rows.size == 0:
+            return
+        window = self._window[rows]
+        wmask = window > 0
+        if not wmask.any():
+            return
+        r = rows[wmask]
+        dead = np.maximum(0, (self._len[r] + 1 - window[wmask]) // self.block_size)
+        moved = dead > self._live[r]
+        for row, upto in zip(r[moved].tolist(), dead[moved].tolist()):
+            lo = int(self._live[row])
+            self.allocator.decref(self._table[row, lo:upto])
+            self._table[row, lo:upto] = 0
+            self._live[row] = upto
 
     def _plan_cow(self, rows: np.ndarray, old: np.ndarray, app: np.ndarray) -> list[tuple[int, int, int]]:
         """(row, table index, shared block) for each write into a shared or hashed partial block, in batch order."""
         bs = self.block_size
+        partial = (old % bs != 0) & (app > 0)
+        if not partial.any():
+            return []
+        idx = np.nonzero(partial)[0]
+        prow, pcol = rows[idx], old[idx] // bs
+        blk = self._table[prow, pcol]
         ref, hashed = self.allocator.ref_counts, self.allocator.hashed_mask
+        cand = (ref[blk] > 1) | hashed[blk]
+        if not cand.any():
+            return []
         plan: list[tuple[int, int, int]] = []
         dropped: dict[int, int] = {}
-        for row, o, a in zip(rows.tolist(), old.tolist(), app.tolist()):
-            if a <= 0 or o % bs == 0:  # nothing written into a partial block
-                continue
-            col = o // bs
-            b = int(self._table[row, col])
+        for row, col, b in zip(prow[cand].tolist(), pcol[cand].tolist(), blk[cand].tolist()):
             # An earlier copy in this batch may have left this writer as the block's only holder.
             if ref[b] - dropped.get(b, 0) > 1 or hashed[b]:
                 plan.append((row, col, b))
