@@ -54,13 +54,13 @@ def _pipeline_factory():
         if not marked:
             return default(mod)
         rest = {gv: func for gv, func in mod.functions_items() if gv not in marked}
-        entries = _entry_names(mod)
         with tvm.transform.PassContext(opt_level=ctx.opt_level, config=dict(ctx.config),
                                        required_pass=list(ctx.required_pass),
                                        disabled_pass=[*ctx.disabled_pass, _COMPACT_PASS]):
             lowered = default(tvm.IRModule(marked, attrs=mod.attrs))
         if not rest:
             return lowered
+        entries = _entry_names(mod)
         lowered.update(default(tvm.IRModule(rest, attrs=mod.attrs)))
         for gv, func in list(lowered.functions_items()):
             if _has_flag(func, ENTRY_FUNC_ATTR) and gv.name_hint not in entries:
