@@ -22,7 +22,8 @@ in every task took 7-15% of the products of 64-512 rows, AVX2 EPYC, 2026-12-07).
 stored once (no partial sums pass through ``out``), and streaming a panel from L2 feeds these
 tiles (a few bytes per FMA) fast enough. Rows of ``x`` left below
 a multiple of ``rows`` use tiles of 8, 4, 2 and 1 rows (the binary digits of their count: few
-micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously.
+micro-kernels for LLVM to build); batch-1 decode's 1 row streams ``Wp`` once, contiguously, by
+non-temporal loads (:mod:`.streaming_load`: the panel is not read again this step).
 Parallel tasks are ``(chunk of x rows, group of panels)``, chunk-major (group-major for a W that
 L3 does not hold, :data:`W_STREAM_BYTES`), split over the pool as :mod:`.task_split` says
 (self-balancing on x86).
@@ -38,6 +39,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .fast_math import exp_nonpositive
+from .streaming_load import IMPORT_LLVM_ATTR, streaming_load, streaming_load_ir, vector_aligned
 from .task_split import parallel_tasks
 
 #: Bytes of packed ``x`` rows a chunk holds: stays in L2 while the panels pass over it.
@@ -210,14 +212,20 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
     MANY_CHUNKS = TASKS_PER_THREAD * max(1, threads)
     WIDE = GATE_PANELS if K * PANELS * P * 4 <= W_STREAM_BYTES else max(1, min(GATE_PANELS, W_GROUP_BYTES // (K * P * 4)))
 
-    def micro(rows: int, full: bool, packed_x: bool, store: str):
+    def micro(rows: int, full: bool, packed_x: bool, store: str, stream: bool = False):
         """``rows x P`` outputs of x rows ``i0..`` and panel ``jp``: x read from the packed tiles
         ``ops[1]`` (``packed_x``: tile ``it``, ``[k][row]``) or from ``x = ops[0]`` itself
         (leftover rows); ``full``: all ``P`` features exist (else the last panel). ``store``:
         ``"none"`` / ``"add"`` (plus ``res = ops[2]``) / ``"up"`` (an up panel: ``out`` at the
-        matching gate panel's columns becomes ``silu(out) * acc``)."""
+        matching gate panel's columns becomes ``silu(out) * acc``). ``stream``: the panel's
+        vectors are read by non-temporal loads (:mod:`.streaming_load`; ``wp`` vector-aligned)."""
         V = T.Ramp(0, 1, LANES)
         col0 = -GATE_PANELS * P if store == "up" else 0  # out's column of the panel's first feature, less jp * P
+
+        def w_vector(wp, jp, k, v):
+            if stream:
+                return streaming_load(T.address_of(wp[jp, k, v * LANES]), LANES)
+            return wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
 
         @T.macro
         def tile(acc, ops, wp, out, i0, it, jp):
@@ -231,7 +239,7 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
                                 ops[1][(it * K + k) * ROWS + r], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
                         else:
                             acc[r * VECS + v, V] = acc[r * VECS + v, V] + T.Broadcast(
-                                ops[0][i0 + r, k], LANES) * wp[jp, k, T.Ramp(v * LANES, 1, LANES)]
+                                ops[0][i0 + r, k], LANES) * w_vector(wp, jp, k, v)
             if store == "up":
                 for r in T.unroll(rows):
                     for c in T.vectorized(P):
@@ -260,6 +268,25 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
     def rows_tile(rows: int, packed_x: bool = False, store: str = "none"):
         full_tile = micro(rows, True, packed_x, store)
         tail_tile = micro(rows, False, packed_x, store) if FULL_PANELS < PANELS else None
+        if rows > 1 or packed_x:
+            return panel_dispatch(full_tile, tail_tile)
+        # One row (batch-1 decode): each weight vector feeds a single FMA and is not read again this
+        # step, so an aligned packed weight is read by non-temporal loads.
+        plain = panel_dispatch(full_tile, tail_tile)
+        streamed = panel_dispatch(micro(rows, True, False, store, True),
+                                   micro(rows, False, False, store, True) if tail_tile is not None else None)
+
+        @T.macro
+        def run(acc, ops, wp, out, i0, it, jp):
+            if vector_aligned(T.address_of(wp[0, 0, 0]), LANES):
+                streamed(acc, ops, wp, out, i0, it, jp)
+            else:
+                plain(acc, ops, wp, out, i0, it, jp)
+
+        return run
+
+    def panel_dispatch(full_tile, tail_tile):
+        """T.macro running ``full_tile`` on panel ``jp``, or ``tail_tile`` on the last, partial one."""
 
         @T.macro
         def run(acc, ops, wp, out, i0, it, jp):
@@ -270,6 +297,7 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
 
         return run
 
+    STREAM_IR = streaming_load_ir(LANES)
     first = "add" if epilogue == "add" else "none"  # the store of a panel's results ("none": as they are)
     main = rows_tile(ROWS, True, first)
     left = _leftover(ROWS, lambda rows: rows_tile(rows, False, first))
@@ -350,7 +378,8 @@ def packed_products(K: int, N: int, tiles: PackedTiles, threads: int, epilogue: 
                 pack_tiles(x, xs, t, t + 1)
         elif groups > 1 and n >= ROWS:  # a small x: a pool launch would cost more than the packing
             pack_tiles(x, xs, T.int64(0), n // ROWS)
-        run_tasks(chunks * groups, n, (x, xs, res), wp, out)
+        with T.attr(0, IMPORT_LLVM_ATTR, STREAM_IR):  # the one-row tiles' non-temporal loads
+            run_tasks(chunks * groups, n, (x, xs, res), wp, out)
 
     return products
 
