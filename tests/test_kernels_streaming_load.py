@@ -1,6 +1,6 @@
 """Non-temporal loads (tir_kernels.streaming_load): the alignment check against the pointer's own
 arithmetic, the loaded values, the instruction each target gets, and the packed dense kernel's
-one-row tile (batch-1 decode) using them while its wider tiles do not."""
+one-row tile (batch-1 decode) using them."""
 
 from __future__ import annotations
 
@@ -79,9 +79,8 @@ ONE_ROW_CASES = [("haswell", "p8l6x2"), ("skylake-avx512", "p16l14x2"), ("znver4
 @pytest.mark.parametrize("mcpu,tiling", ONE_ROW_CASES)
 def test_packed_one_row_tile_streams_its_weights(mcpu, tiling):
     """The packed kernel's 1-row tile (batch-1 decode) loads the panel non-temporally, in program
-    order (out of order they ran 0.90x as fast on Zen 4), in each of its variants (full / partial
-    panel, the epilogues' stores); the kernel's wider tiles (rows of prefill, whose panel stays in
-    L1/L2 for the next tile) load ordinarily. Numerics of every row count: ``tests/test_kernels_dense_isa.py``."""
+    order (out of order they ran 0.90x as fast on Zen 4), with the tiling's vector width, for each
+    epilogue (full and partial panels). Numerics of every row count: ``tests/test_kernels_dense_isa.py``."""
     target = {"kind": "llvm", "mcpu": mcpu}
     tiles = PackedTiles.parse(tiling)
     lanes = tiles.lanes

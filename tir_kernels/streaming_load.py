@@ -3,8 +3,8 @@
 Why: a batch-1 decode step reads every weight once, far more bytes than the caches hold, so no
 line it loads is read again before it is evicted. An x86 ``vmovntdqa`` tells the memory system
 so. On a 2-core Zen 4 EPYC, SmolLM2-135M's decode step ran 1.06-1.09x as fast with its one-row
-dense tiles loading the weights this way as with ordinary loads, in both of the machine's memory
-phases (~37 and ~58 GB/s), with AVX-512 and with AVX2 code (paired, 2026-12-08).
+dense tiles loading the weights this way as with ordinary loads where the memory read ~37 and ~58
+GB/s, 1.03x where it read ~33 GB/s, with AVX-512 and with AVX2 code (paired, 2026-12-08).
 
 TVM's LLVM code generator emits no non-temporal load, so the load is a small LLVM IR function
 (``load volatile ... !nontemporal``) that a kernel imports through TVM's ``pragma_import_llvm``
